@@ -1,0 +1,32 @@
+"""meteor-vlm: visual-token pruning for vision-language models.
+
+    import meteor_vlm as mv
+    model, processor = mv.testing.tiny_model()
+    method = mv.Meteor.preset("paper-242")
+    with method(model):
+        out = model.generate(**inputs, max_new_tokens=8)
+    method.stats   # tokens kept per stage, per sample
+"""
+
+from . import methods, ops, testing
+from .calibration import calibrate, load_rank_table, save_rank_table
+from .methods import Meteor, NoPruning, PruningMethod
+from .models import ExpertSpec, MultiEncoderProcessor, MultiEncoderVLM, MultiEncoderVLMConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertSpec",
+    "Meteor",
+    "MultiEncoderProcessor",
+    "MultiEncoderVLM",
+    "MultiEncoderVLMConfig",
+    "NoPruning",
+    "PruningMethod",
+    "calibrate",
+    "load_rank_table",
+    "methods",
+    "ops",
+    "save_rank_table",
+    "testing",
+]

@@ -1,0 +1,6 @@
+"""Pruning methods: one file per method, a registry by name (`get("meteor")`)."""
+
+from .base import REGISTRY, EncoderPoint, FusionPoint, NoPruning, PruningMethod, get, register
+from .meteor import Meteor, scaled_llm_layers
+
+__all__ = ["REGISTRY", "EncoderPoint", "FusionPoint", "Meteor", "NoPruning", "PruningMethod", "get", "register", "scaled_llm_layers"]

@@ -1,0 +1,161 @@
+"""The contract every pruning method follows, and the contexts the model hands it at each stage.
+
+A method is a dataclass of settings. It may act at three stages; each hook returns which tokens to
+keep, or None to keep everything:
+
+- ``prune_encoder(ctx: EncoderPoint)``: inside a vision expert, after a block (stage 1);
+- ``prune_fusion(ctx: FusionPoint)``: after the projectors, over all experts' tokens (stage 2);
+- ``prune_llm(ctx: LLMLayerContext)``: before an LLM layer listed by ``llm_layers`` (stage 3).
+
+``with method(model): ...`` attaches it to one model instance and always detaches it afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from .. import ops
+
+if TYPE_CHECKING:
+    from ..models.runtime import LLMLayerContext
+    from ..models.vlm import MultiEncoderVLM
+
+__all__ = ["PruningMethod", "EncoderPoint", "FusionPoint", "REGISTRY", "register", "get"]
+
+
+@dataclass
+class EncoderPoint:
+    """Stage-1 context: one expert, after block `block` (or at the output of a CNN).
+
+    tokens: (B, N, D) block output (CLS first when has_cls); point: 0, 1, 2 for the ends of the three
+    thirds of the expert; budget: patch tokens the plan wants kept here (None if no plan).
+    """
+
+    expert: str
+    expert_index: int
+    kind: str
+    point: int
+    block: int | None
+    tokens: torch.Tensor
+    block_input: torch.Tensor | None
+    has_cls: bool
+    runner: object = field(repr=False, default=None)
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """(B, N_patches, D) the patch tokens (CLS removed)."""
+        return self.tokens[:, 1:] if self.has_cls else self.tokens
+
+    def _qk(self):
+        return self.runner.query_key(self.block, self.block_input)
+
+    def cls_attention(self) -> torch.Tensor:
+        """(B, N_patches) head-averaged attention of CLS to each patch, from the CLS query row alone."""
+        if not self.has_cls:
+            raise ValueError(f"expert {self.expert!r} ({self.kind}) has no CLS token")
+        q, k, scale = self._qk()
+        return ops.cls_attention(q[:, :, 0], k, scale)[:, 1:]
+
+    def received_attention(self) -> torch.Tensor:
+        """(B, N_patches) mean attention each patch receives from all tokens (experts without CLS)."""
+        q, k, scale = self._qk()
+        att = ops.received_attention(q, k, scale)
+        return att[:, 1:] if self.has_cls else att
+
+
+@dataclass
+class FusionPoint:
+    """Stage-2 context: projected tokens of every expert for a batch of images.
+
+    tokens: (B, N, D) concatenated along the sequence, grouped by expert; expert_ids: (N,) long.
+    """
+
+    tokens: torch.Tensor
+    expert_ids: torch.Tensor
+    expert_names: list[str]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+
+REGISTRY: dict[str, type[PruningMethod]] = {}
+
+
+def register(cls):
+    """Class decorator: make a method reachable by name (`mv.methods.get(name)`)."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[PruningMethod]:
+    """The method class registered under `name`."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+class PruningMethod:
+    """Base class. Subclasses are dataclasses and override the hooks they need."""
+
+    name: ClassVar[str] = "base"
+
+    def __post_init__(self):
+        self.stats: list[dict] = []
+        self.validate()
+
+    # ---- hooks --------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check settings on construction; raise ValueError naming the bad one."""
+
+    def setup(self, model: MultiEncoderVLM) -> None:
+        """Check the method against a model and precompute plans (called when attached)."""
+
+    def prune_encoder(self, ctx: EncoderPoint) -> torch.Tensor | None:
+        return None
+
+    def prune_fusion(self, ctx: FusionPoint) -> torch.Tensor | None:
+        return None
+
+    def llm_layers(self, num_layers: int) -> set[int]:
+        return set()
+
+    def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor | None:
+        return None
+
+    # ---- attaching -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def __call__(self, model):
+        from ..models.vlm import MultiEncoderVLM
+
+        if not isinstance(model, MultiEncoderVLM):
+            raise ValueError(
+                f"unsupported model class {type(model).__name__}: {type(self).__name__} runs on meteor_vlm.MultiEncoderVLM"
+            )
+        self.setup(model)
+        previous = model._pruning_method
+        model._pruning_method = self
+        self.stats = []
+        try:
+            yield self
+        finally:
+            model._pruning_method = previous
+
+    def summary(self) -> dict:
+        """Means over the recorded samples: tokens per stage and the layer-averaged count."""
+        if not self.stats:
+            return {}
+        keys = ("encoder_tokens", "stage1_tokens", "fusion_tokens", "layer_avg_tokens")
+        return {k: sum(s[k] for s in self.stats) / len(self.stats) for k in keys}
+
+
+@register
+@dataclass
+class NoPruning(PruningMethod):
+    """Keeps every token; records the unpruned model's token counts (the baseline row of a benchmark)."""
+
+    name: ClassVar[str] = "none"

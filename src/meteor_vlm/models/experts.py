@@ -1,0 +1,268 @@
+"""Expert runners: walk a transformers vision model block by block so tokens can be dropped between blocks.
+
+A runner only *locates* things in one vision class (embeddings, blocks, the pre-attention norm and q/k
+projections, the final norm); the pruning decisions live in the methods. Four kinds are supported:
+
+- ``clip``: CLIPVisionModel, a ViT with a CLS token;
+- ``siglip``: SiglipVisionModel, a ViT without CLS;
+- ``pix2struct``: Pix2StructVisionModel, a patch ViT with row/column embeddings (high resolution);
+- ``convnext``: ConvNextModel, a CNN, which cannot drop tokens mid-network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    ConvNextConfig,
+    ConvNextModel,
+    Pix2StructVisionConfig,
+    Pix2StructVisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+EXPERT_KINDS = ("clip", "siglip", "pix2struct", "convnext")
+
+_CLASSES = {
+    "clip": (CLIPVisionConfig, CLIPVisionModel),
+    "siglip": (SiglipVisionConfig, SiglipVisionModel),
+    "pix2struct": (Pix2StructVisionConfig, Pix2StructVisionModel),
+    "convnext": (ConvNextConfig, ConvNextModel),
+}
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """What the VLM config stores about one expert.
+
+    name: unique label (used in stats, rank tables, processor keys); kind: one of EXPERT_KINDS;
+    image_size: square input side in pixels; patch_size: pixels per token side (pix2struct only;
+    the others read it from their config); config: kwargs of the transformers vision config.
+    """
+
+    name: str
+    kind: str
+    image_size: int
+    config: dict
+    patch_size: int | None = None
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExpertSpec:
+        d = dict(d)
+        for key in ("image_mean", "image_std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "image_size": self.image_size,
+            "config": dict(self.config),
+            "patch_size": self.patch_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
+
+
+def build_expert(spec: ExpertSpec, attn_implementation: str = "sdpa") -> nn.Module:
+    """Instantiate the transformers vision model an ExpertSpec describes (random weights)."""
+    if spec.kind not in _CLASSES:
+        raise ValueError(f"unsupported expert kind {spec.kind!r}; supported: {EXPERT_KINDS}")
+    config_cls, model_cls = _CLASSES[spec.kind]
+    config = config_cls(**spec.config)
+    if spec.kind != "convnext":
+        config._attn_implementation = attn_implementation
+    model = model_cls(config)
+    return model
+
+
+class ExpertRunner:
+    """Block-by-block access to one expert. Stateless: holds only a reference to the module."""
+
+    kind: str
+    has_cls: bool = False
+    is_transformer: bool = True
+
+    def __init__(self, module: nn.Module, spec: ExpertSpec):
+        self.module = module
+        self.spec = spec
+
+    # --- overridden per kind -------------------------------------------------------------
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the output token grid."""
+        raise NotImplementedError
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels -> (B, N0, D) tokens entering block 0 (CLS first when has_cls)."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Run block i on (B, N, D) tokens (SDPA attention, no mask: all samples keep equal counts)."""
+        raise NotImplementedError
+
+    def query_key(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Block i's own queries and keys for its input x: (B, H, N, d) each, and its softmax scale."""
+        raise NotImplementedError
+
+    def finalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block -> (B, N_patches, D_out) features (CLS dropped)."""
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks) if self.is_transformer else 0
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid()
+        return h * w
+
+    @property
+    def out_dim(self) -> int:
+        raise NotImplementedError
+
+    def pruning_points(self) -> list[int]:
+        """Blocks after which stage 1 prunes: the ends of the three equal thirds (d/3-1, 2d/3-1, d-1)."""
+        d = self.num_blocks
+        if d == 0:
+            return []
+        return sorted({max(0, round(d * b / 3) - 1) for b in (1, 2, 3)})
+
+    def _split_heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        B, N, _ = t.shape
+        return t.view(B, N, heads, -1).transpose(1, 2)
+
+
+class _ViTRunner(ExpertRunner):
+    """CLIP and SigLIP share their block layout (layer_norm1 -> self_attn.{q,k}_proj)."""
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.module.encoder.layers
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.config.hidden_size
+
+    def grid(self) -> tuple[int, int]:
+        g = self.spec.image_size // self.module.config.patch_size
+        return g, g
+
+    def run_block(self, i, x):
+        return self.blocks[i](x, attention_mask=None)
+
+    def query_key(self, i, x):
+        block = self.blocks[i]
+        h = block.layer_norm1(x)
+        heads = block.self_attn.num_heads
+        q = self._split_heads(block.self_attn.q_proj(h), heads)
+        k = self._split_heads(block.self_attn.k_proj(h), heads)
+        return q, k, block.self_attn.scale
+
+    def finalize(self, x):
+        x = self.module.post_layernorm(x)
+        return x[:, 1:] if self.has_cls else x
+
+
+class CLIPRunner(_ViTRunner):
+    kind, has_cls = "clip", True
+
+    def embed(self, pixel_values):
+        return self.module.pre_layrnorm(self.module.embeddings(pixel_values))
+
+
+class SiglipRunner(_ViTRunner):
+    kind, has_cls = "siglip", False
+
+    def embed(self, pixel_values):
+        return self.module.embeddings(pixel_values)
+
+
+class Pix2StructRunner(ExpertRunner):
+    """Pix2Struct's encoder takes flattened patches with 1-based row/col ids; we patchify a fixed grid."""
+
+    kind, has_cls = "pix2struct", False
+
+    @property
+    def blocks(self):
+        return self.module.encoder.layer
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.config.hidden_size
+
+    def grid(self):
+        g = self.spec.image_size // self.spec.patch_size
+        return g, g
+
+    def embed(self, pixel_values):
+        p = self.spec.patch_size
+        B, C, S, _ = pixel_values.shape
+        g = S // p
+        patches = pixel_values.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, p * p * C)
+        rows = torch.arange(1, g + 1, device=pixel_values.device, dtype=patches.dtype).repeat_interleave(g)
+        cols = torch.arange(1, g + 1, device=pixel_values.device, dtype=patches.dtype).repeat(g)
+        ids = torch.stack([rows, cols], -1).expand(B, -1, -1)
+        return self.module.embeddings(torch.cat([ids, patches], -1))
+
+    def run_block(self, i, x):
+        return self.blocks[i](x, attention_mask=None)[0]
+
+    def query_key(self, i, x):
+        block = self.blocks[i]
+        h = block.pre_attention_layer_norm(x)
+        heads = block.attention.n_heads
+        q = self._split_heads(block.attention.query(h), heads)
+        k = self._split_heads(block.attention.key(h), heads)
+        return q, k, block.attention.scaling
+
+    def finalize(self, x):
+        return self.module.layernorm(x)
+
+
+class ConvNextRunner(ExpertRunner):
+    """A CNN has no tokens to drop mid-network: it runs whole and is pruned once at its output."""
+
+    kind, has_cls, is_transformer = "convnext", False, False
+
+    @property
+    def blocks(self):
+        return nn.ModuleList()
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.config.hidden_sizes[-1]
+
+    def grid(self):
+        stride = 4 * 2 ** (len(self.module.config.hidden_sizes) - 1)
+        g = self.spec.image_size // stride
+        return g, g
+
+    def embed(self, pixel_values):
+        fmap = self.module.encoder(self.module.embeddings(pixel_values)).last_hidden_state  # (B, C, h, w)
+        return fmap.flatten(2).transpose(1, 2)
+
+    def finalize(self, x):
+        return self.module.layernorm(x)
+
+
+_RUNNERS = {"clip": CLIPRunner, "siglip": SiglipRunner, "pix2struct": Pix2StructRunner, "convnext": ConvNextRunner}
+
+
+def runner_for(module: nn.Module, spec: ExpertSpec) -> ExpertRunner:
+    """The runner that walks `module`, an expert of kind spec.kind."""
+    return _RUNNERS[spec.kind](module, spec)

@@ -1,0 +1,261 @@
+"""The pruning-aware LLM runtime: runs decoder layers one by one so visual tokens can leave mid-stack.
+
+What it keeps straight after tokens are dropped at layer L:
+
+- hidden states are compacted per sample and left-padded again (samples may keep different counts);
+- kept tokens keep the RoPE positions of the unpruned sequence, so dropping a token at layer L is
+  exactly masking its key from layer L on (the oracle the tests check);
+- every layer keeps running its own SDPA attention with an explicit boolean mask (causal in the
+  compacted order, which preserves the original order, and padding-aware);
+- the KV cache holds, per layer, only the tokens that layer saw; a per-layer key-validity mask and the
+  next RoPE position travel with the cache so decoding after pruning stays correct.
+
+It works on any Llama-style causal LM (Llama, Qwen2, ...) located by `DecoderParts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import ops
+
+__all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "prefill", "decode", "compact"]
+
+
+@dataclass
+class DecoderParts:
+    """Where the pieces of a decoder-only LM are. Adapters fill this; nothing else knows model classes."""
+
+    embed_tokens: nn.Module
+    layers: nn.ModuleList
+    rotary_emb: nn.Module
+    norm: nn.Module
+    lm_head: nn.Module
+
+    @classmethod
+    def of(cls, causal_lm: nn.Module) -> DecoderParts:
+        """Locate the parts of a transformers *ForCausalLM with a `.model` backbone (Llama, Qwen2, Mistral...)."""
+        backbone = getattr(causal_lm, "model", None)
+        needed = ("embed_tokens", "layers", "rotary_emb", "norm")
+        if backbone is None or not all(hasattr(backbone, n) for n in needed) or not hasattr(causal_lm, "lm_head"):
+            raise ValueError(
+                f"unsupported language model class {type(causal_lm).__name__}: expected a Llama-style "
+                "*ForCausalLM with .model.{embed_tokens,layers,rotary_emb,norm} and .lm_head"
+            )
+        return cls(backbone.embed_tokens, backbone.layers, backbone.rotary_emb, backbone.norm, causal_lm.lm_head)
+
+
+@dataclass
+class CacheState:
+    """Bookkeeping that travels with the KV cache once tokens were dropped.
+
+    key_valid[l]: (B, S_l) bool, which cached keys of layer l are real (not padding);
+    next_position: (B,) RoPE position of the next token; seen: input_ids columns consumed so far.
+    """
+
+    key_valid: list[torch.Tensor]
+    next_position: torch.Tensor
+    seen: int
+
+
+_STATE_ATTR = "_meteor_state"
+
+
+def get_state(cache) -> CacheState | None:
+    return None if cache is None else getattr(cache, _STATE_ATTR, None)
+
+
+@dataclass
+class LLMLayerContext:
+    """What a method sees before LLM layer `layer_idx` during prefill.
+
+    hidden: (B, T, D) the layer's input; valid: (B, T) real tokens; visual: (B, T) visual tokens;
+    positions: (B, T) RoPE positions; query_index: (B,) column of the text query token (the last
+    instruction token); text_query_mask: (B, T) text tokens that may serve as queries ("all text" option);
+    llm_visual_tokens: (B,) visual tokens that entered the LLM (before any stage-3 drop).
+    """
+
+    layer_idx: int
+    num_layers: int
+    layer: nn.Module
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+    positions: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    query_index: torch.Tensor
+    text_query_mask: torch.Tensor
+    llm_visual_tokens: torch.Tensor
+
+    def attention_rows(self, query_index: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-head attention of a few query rows over all current tokens, from this layer's own q/k.
+
+        Computes only the Q rows asked for (RoPE applied, GQA heads repeated, causal and padding masks),
+        never the T x T map and without switching the layer to eager attention.
+
+        Args:
+            query_index: (B, Q) long column indices of the query tokens.
+            query_valid: (B, Q) bool, False for padded query slots (their rows come back as zeros).
+        Returns:
+            (B, H, Q, T) float32 probabilities.
+        """
+        attn = self.layer.self_attn
+        normed = self.layer.input_layernorm(self.hidden)
+        B, T, _ = normed.shape
+        hd = attn.head_dim
+        cos, sin = self.position_embeddings
+        k = attn.k_proj(normed).view(B, T, -1, hd).transpose(1, 2)
+        rows = ops.gather_tokens(normed, query_index)
+        q = attn.q_proj(rows).view(B, rows.shape[1], -1, hd).transpose(1, 2)
+        qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)
+        q = q * qc.unsqueeze(1) + _rotate_half(q) * qs.unsqueeze(1)
+        k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        cols = torch.arange(T, device=normed.device)
+        key_mask = self.valid[:, None, :] & (cols[None, None, :] <= query_index[:, :, None])
+        out = ops.attention_rows(q, k, attn.scaling, key_mask)
+        if query_valid is not None:
+            out = out * query_valid[:, None, :, None]
+        return out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def positions_from_mask(valid: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE positions of a (left-)padded batch: running count of real tokens (padding gets 0)."""
+    pos = valid.long().cumsum(1) - 1
+    if start is not None:
+        pos = pos + start[:, None]
+    return pos.clamp_min(0).masked_fill(~valid, 0)
+
+
+def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal over real tokens; padded rows see themselves so softmax stays finite."""
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
+    return ((causal[None] & valid[:, None, :]) | eye[None]).unsqueeze(1)
+
+
+def compact(keep: torch.Tensor, *tensors: torch.Tensor, fill: int | float = 0) -> tuple[torch.Tensor, ...]:
+    """Drop columns per sample and left-pad again, keeping the original order.
+
+    Args:
+        keep: (B, T) bool, columns to keep (samples may keep different counts).
+        tensors: (B, T, ...) tensors to compact alike.
+    Returns:
+        (new_valid (B, T'), *compacted tensors (B, T', ...)) with T' = max kept count.
+    """
+    B, T = keep.shape
+    counts = keep.sum(1)
+    Tn = int(counts.max()) if B else 0
+    cols = torch.arange(T, device=keep.device).expand(B, T)
+    order = torch.sort(torch.where(keep, cols, -1), dim=1).values[:, T - Tn :]  # -1 = padding, at the left
+    new_valid = order >= 0
+    idx = order.clamp_min(0)
+    out = [new_valid]
+    for t in tensors:
+        g = ops.gather_tokens(t, idx)
+        if t.dtype == torch.bool:
+            g = g & new_valid.view(*new_valid.shape, *([1] * (g.dim() - 2)))
+        out.append(g)
+    return tuple(out)
+
+
+LLMHook = Callable[[LLMLayerContext], "torch.Tensor | None"]
+
+
+def prefill(
+    parts: DecoderParts,
+    embeds: torch.Tensor,
+    valid: torch.Tensor,
+    visual: torch.Tensor,
+    query_col: torch.Tensor,
+    cache=None,
+    hook_layers: set[int] | frozenset[int] = frozenset(),
+    hook: LLMHook | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """Run all decoder layers on a full sequence, letting `hook` drop visual tokens before chosen layers.
+
+    Args:
+        embeds: (B, T, D) input embeddings (text and visual tokens spliced, left-padded).
+        valid: (B, T) bool real tokens; visual: (B, T) bool visual tokens.
+        query_col: (B,) column of the text query token (never dropped).
+        cache: a transformers DynamicCache to fill, or None.
+        hook_layers: layers before which `hook` is asked for a keep mask.
+        hook: LLMLayerContext -> (B, T) bool keep mask over current columns, or None to keep all.
+    Returns:
+        hidden (B, T', D) after the final norm, cols (B, T') the original column of each output
+        (-1 for padding), and {layer: (B,) visual tokens kept from that layer on}.
+    """
+    B, T, _ = embeds.shape
+    cols = torch.arange(T, device=embeds.device).expand(B, T).masked_fill(~valid, -1)
+    pos = positions_from_mask(valid)
+    h = embeds
+    pe = parts.rotary_emb(h, position_ids=pos)
+    mask = prefill_mask(valid)
+    kept: dict[int, torch.Tensor] = {}
+    key_valid = []
+    entered = (visual & valid).sum(1)
+    for i, layer in enumerate(parts.layers):
+        if hook is not None and i in hook_layers:
+            qidx = (cols == query_col[:, None]).long().argmax(1)
+            text_q = valid & ~visual & (cols <= query_col[:, None])
+            ctx = LLMLayerContext(i, len(parts.layers), layer, h, valid, visual, pos, pe, qidx, text_q, entered)
+            keep = hook(ctx)
+            if keep is not None:
+                if (~keep & valid & ~visual).any():
+                    raise ValueError(f"layer {i}: a method tried to drop text tokens; only visual tokens may be dropped")
+                valid, h, pos, visual, cols = compact(keep & valid, h, pos, visual, cols)
+                cols = cols.masked_fill(~valid, -1)
+                pe = parts.rotary_emb(h, position_ids=pos)
+                mask = prefill_mask(valid)
+                kept[i] = (visual & valid).sum(1)
+        h = layer(
+            h,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            position_embeddings=pe,
+        )
+        key_valid.append(valid)
+    if cache is not None:
+        nxt = torch.where(valid, pos, -1).max(1).values + 1
+        setattr(cache, _STATE_ATTR, CacheState(key_valid, nxt, seen=0))
+    return parts.norm(h), cols, kept
+
+
+def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, cache) -> torch.Tensor:
+    """Run new tokens through all layers against a cache filled by `prefill` (possibly pruned).
+
+    Args:
+        embeds: (B, q, D) embeddings of the new tokens; new_valid: (B, q) bool.
+        cache: the DynamicCache that prefill filled (it carries a CacheState).
+    Returns:
+        (B, q, D) hidden states after the final norm.
+    """
+    state = get_state(cache)
+    if state is None:
+        raise ValueError("decode needs a cache filled by prefill")
+    B, q, _ = embeds.shape
+    pos = positions_from_mask(new_valid, state.next_position)
+    pe = parts.rotary_emb(embeds, position_ids=pos)
+    tri = torch.ones(q, q, dtype=torch.bool, device=embeds.device).tril()
+    eye = torch.eye(q, dtype=torch.bool, device=embeds.device)
+    new_block = (tri[None] & new_valid[:, None, :]) | eye[None]  # (B, q, q)
+    h = embeds
+    for i, layer in enumerate(parts.layers):
+        past = state.key_valid[i][:, None, :].expand(B, q, -1)
+        mask = torch.cat([past, new_block], dim=-1).unsqueeze(1)
+        h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, position_embeddings=pe)
+        state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)
+    state.next_position = state.next_position + new_valid.long().sum(1)
+    return parts.norm(h)

@@ -1,0 +1,422 @@
+"""The multi-encoder VLM: several vision experts, a projector per expert (or EAGLE's channel fusion),
+and a transformers Llama/Qwen2 decoder, as one `PreTrainedModel` with generate / save / load.
+
+Data flows one way: images -> experts (stage 1) -> projectors -> fusion (stage 2) -> LLM (stage 3).
+The prompt holds one image placeholder token per image; the model splices each image's visual
+tokens in its place, so the number of visual tokens may change with pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .. import ops
+from ..methods.base import EncoderPoint, FusionPoint, PruningMethod
+from . import runtime
+from .experts import ExpertSpec, build_expert, runner_for
+
+__all__ = ["MultiEncoderVLMConfig", "MultiEncoderVLM", "VisualTokens", "FUSIONS"]
+
+FUSIONS = ("post", "pre")
+
+
+class MultiEncoderVLMConfig(PretrainedConfig):
+    """Configuration of a MultiEncoderVLM.
+
+    Args:
+        experts: list of ExpertSpec dicts (name, kind, image_size, config, patch_size, image_mean, image_std).
+        text_config: the decoder's config (a LlamaConfig / Qwen2Config or its dict with `model_type`).
+        fusion: "post" (METEOR: one projector per expert, sequence concatenation) or "pre" (EAGLE:
+            features resized to a common grid, channel concatenation, one projector).
+        fusion_grid: side of the common grid for "pre" fusion.
+        image_token_id: id of the image placeholder token in the tokenizer.
+        rank_table: stage-1 feature ranks from `meteor calibrate` ({"experts": {name: [r1, r2, r3]}, ...}).
+    """
+
+    model_type = "meteor_multi_encoder_vlm"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        experts: list[dict] | None = None,
+        text_config: dict | PretrainedConfig | None = None,
+        fusion: str = "post",
+        fusion_grid: int | None = None,
+        image_token_id: int | None = None,
+        rank_table: dict | None = None,
+        **kwargs,
+    ):
+        self.experts = [e.to_dict() if isinstance(e, ExpertSpec) else dict(e) for e in (experts or [])]
+        if text_config is None:
+            text_config = {"model_type": "llama"}
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
+        self.text_config = text_config
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
+        self.fusion = fusion
+        self.fusion_grid = fusion_grid
+        self.image_token_id = image_token_id
+        self.rank_table = rank_table
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    @property
+    def expert_specs(self) -> list[ExpertSpec]:
+        return [ExpertSpec.from_dict(e) for e in self.experts]
+
+
+@dataclass
+class VisualTokens:
+    """Visual tokens of a batch of images, with provenance.
+
+    features: (B, N, D); expert: (B, N) long expert index of each token (-1 after channel fusion);
+    grid_index: (B, N) long flat position in that expert's grid; size: (B, N) tokens merged into each.
+    """
+
+    features: torch.Tensor
+    expert: torch.Tensor
+    grid_index: torch.Tensor
+    size: torch.Tensor
+    stage1: dict[str, int] | None = None  # per image: patch tokens each expert handed to fusion
+
+    def select(self, idx: torch.Tensor) -> VisualTokens:
+        """Keep tokens idx (B, K) (same count per image), in the given order."""
+        return VisualTokens(
+            ops.gather_tokens(self.features, idx),
+            self.expert.gather(1, idx),
+            self.grid_index.gather(1, idx),
+            self.size.gather(1, idx),
+            self.stage1,
+        )
+
+
+class Projector(nn.Sequential):
+    """Two-layer MLP from an expert's width to the LLM's (LLaVA-1.5 style)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
+    """A multi-encoder vision-language model with hooks for token pruning at every stage.
+
+    Inputs (as `MultiEncoderProcessor` returns them): input_ids (B, T) with one image placeholder per
+    image, attention_mask (B, T) (left padding), and `pixel_values_<expert>` (num_images, 3, S, S)
+    for each expert, images in prompt order.
+    """
+
+    config_class = MultiEncoderVLMConfig
+    base_model_prefix = "vlm"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = []
+
+    def __init__(self, config: MultiEncoderVLMConfig):
+        super().__init__(config)
+        specs = config.expert_specs
+        if not specs:
+            raise ValueError("a MultiEncoderVLM needs at least one expert")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"expert names must be unique, got {names}")
+        if config.image_token_id is None:
+            raise ValueError("config.image_token_id is required (the image placeholder token)")
+        self.experts = nn.ModuleList([build_expert(s) for s in specs])
+        self.runners = [runner_for(m, s) for m, s in zip(self.experts, specs)]
+        text_config = config.text_config
+        text_config._attn_implementation = "sdpa"
+        self.language_model = AutoModelForCausalLM.from_config(text_config)
+        width = text_config.hidden_size
+        if config.fusion == "post":
+            self.projectors = nn.ModuleList([Projector(r.out_dim, width) for r in self.runners])
+        else:
+            if not config.fusion_grid:
+                raise ValueError("pre-projection fusion needs config.fusion_grid")
+            self.projectors = nn.ModuleList([Projector(sum(r.out_dim for r in self.runners), width)])
+        self._pruning_method: PruningMethod | None = None
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, Projector):
+            for lin in (module[0], module[2]):
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+
+    # ---- plumbing ---------------------------------------------------------------------------
+    @property
+    def expert_names(self) -> list[str]:
+        return [r.spec.name for r in self.runners]
+
+    @property
+    def decoder(self) -> runtime.DecoderParts:
+        return runtime.DecoderParts.of(self.language_model)
+
+    @property
+    def num_llm_layers(self) -> int:
+        return self.config.text_config.num_hidden_layers
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    # ---- vision: stage 1 and 2 --------------------------------------------------------------
+    def encode_expert(self, index: int, pixel_values: torch.Tensor, method: PruningMethod | None) -> VisualTokens:
+        """Run one expert block by block, letting the method drop patch tokens (stage 1)."""
+        runner = self.runners[index]
+        x = runner.embed(pixel_values)
+        B = x.shape[0]
+        grid = torch.arange(runner.num_patches, device=x.device).expand(B, -1)
+        points = runner.pruning_points()
+        for i in range(runner.num_blocks):
+            x_in = x
+            x = runner.run_block(i, x)
+            if method is not None and i in points:
+                ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner)
+                x, grid = self._apply_encoder_keep(method.prune_encoder(ctx), x, grid, runner.has_cls)
+        feats = runner.finalize(x)
+        if method is not None and not points:  # a CNN (or too shallow a ViT) is pruned once, at its output
+            ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner)
+            feats, grid = self._apply_encoder_keep(method.prune_encoder(ctx), feats, grid, False)
+        return VisualTokens(
+            feats,
+            torch.full(grid.shape, index, dtype=torch.long, device=feats.device),
+            grid,
+            torch.ones(grid.shape, device=feats.device),
+        )
+
+    @staticmethod
+    def _apply_encoder_keep(idx, x, grid, has_cls):
+        if idx is None:
+            return x, grid
+        if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
+            raise ValueError(f"stage-1 keep indices must be (B, K), got {tuple(idx.shape)}")
+        grid = grid.gather(1, idx)
+        if has_cls:  # CLS is not a patch: always kept, in front
+            idx = torch.cat([torch.zeros_like(idx[:, :1]), idx + 1], 1)
+        return ops.gather_tokens(x, idx), grid
+
+    def encode_images(self, pixel_values: dict[str, torch.Tensor], method: PruningMethod | None = None) -> VisualTokens:
+        """Images -> fused visual tokens in the LLM's width, (num_images, N, D), after stages 1 and 2."""
+        missing = [n for n in self.expert_names if n not in pixel_values]
+        if missing:
+            raise ValueError(f"missing pixel values for experts {missing} (keys pixel_values_<expert>)")
+        counts = {n: int(p.shape[0]) for n, p in pixel_values.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"every expert needs the same number of images, got {counts}")
+        per_expert = [self.encode_expert(i, pixel_values[n], method) for i, n in enumerate(self.expert_names)]
+        stage1 = {n: int(v.features.shape[1]) for n, v in zip(self.expert_names, per_expert)}
+        if self.config.fusion == "pre":
+            fused = self._channel_fusion(per_expert)
+            fused.stage1 = stage1
+            return fused
+        projected = [p(v.features) for p, v in zip(self.projectors, per_expert)]
+        fused = VisualTokens(
+            torch.cat(projected, 1),
+            torch.cat([v.expert for v in per_expert], 1),
+            torch.cat([v.grid_index for v in per_expert], 1),
+            torch.cat([v.size for v in per_expert], 1),
+            stage1,
+        )
+        if method is not None:
+            idx = method.prune_fusion(FusionPoint(fused.features, fused.expert[0], self.expert_names))
+            if idx is not None:
+                fused = fused.select(idx)
+        return fused
+
+    def _channel_fusion(self, per_expert: list[VisualTokens]) -> VisualTokens:
+        g = self.config.fusion_grid
+        maps = []
+        for runner, v in zip(self.runners, per_expert):
+            h, w = runner.grid()
+            if v.features.shape[1] != h * w:
+                raise ValueError("pre-projection (channel) fusion needs every expert's full grid: stage-1 pruning is not possible")
+            fmap = v.features.transpose(1, 2).reshape(v.features.shape[0], -1, h, w)
+            maps.append(F.interpolate(fmap, size=(g, g), mode="bilinear", align_corners=False))
+        fused = torch.cat(maps, 1).flatten(2).transpose(1, 2)
+        B = fused.shape[0]
+        return VisualTokens(
+            self.projectors[0](fused),
+            torch.full((B, g * g), -1, dtype=torch.long, device=fused.device),
+            torch.arange(g * g, device=fused.device).expand(B, -1),
+            torch.ones(B, g * g, device=fused.device),
+        )
+
+    # ---- splicing -----------------------------------------------------------------------------
+    def _splice(self, input_ids, attention_mask, visual: VisualTokens | None):
+        """Replace each placeholder with its image's tokens; left-pad the expanded rows again.
+
+        Returns embeds (B, L, D), valid (B, L), is_visual (B, L), text_col (B, T) the expanded column of
+        each input column (for a placeholder: its image's last visual token).
+        """
+        B, T = input_ids.shape
+        is_img = input_ids == self.config.image_token_id
+        n_images = int(is_img.sum())
+        have = 0 if visual is None else visual.features.shape[0]
+        if n_images != have:
+            raise ValueError(f"the prompts hold {n_images} image placeholders but {have} images were given")
+        text_emb = self.get_input_embeddings()(input_ids.masked_fill(is_img, 0))
+        if visual is None:
+            return text_emb, attention_mask.bool(), torch.zeros_like(is_img), torch.arange(T).expand(B, T).to(input_ids.device)
+        n_vis = visual.features.shape[1]
+        extra = is_img.sum(1) * (n_vis - 1)
+        L = T + int(extra.max())
+        D = text_emb.shape[-1]
+        embeds = text_emb.new_zeros(B, L, D)
+        valid = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
+        is_vis = torch.zeros_like(valid)
+        text_col = torch.zeros(B, T, dtype=torch.long, device=input_ids.device)
+        image = 0
+        for b in range(B):
+            col = L - (T + int(extra[b]))  # left padding of the expanded row
+            for t in range(T):
+                if is_img[b, t]:
+                    embeds[b, col : col + n_vis] = visual.features[image].to(embeds.dtype)
+                    valid[b, col : col + n_vis] = bool(attention_mask[b, t])
+                    is_vis[b, col : col + n_vis] = True
+                    col += n_vis
+                    image += 1
+                    text_col[b, t] = col - 1
+                else:
+                    embeds[b, col] = text_emb[b, t]
+                    valid[b, col] = bool(attention_mask[b, t])
+                    text_col[b, t] = col
+                    col += 1
+        return embeds, valid, is_vis, text_col
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        query_positions: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits aligned with `input_ids` (B, T, V); a placeholder's column predicts the token after its image.
+
+        Args:
+            input_ids, attention_mask: the prompt, left-padded, one placeholder per image.
+            pixel_values_<expert>: (num_images, 3, S, S) per expert (prefill only).
+            past_key_values: a DynamicCache; the first call fills it (prefill), later calls decode.
+            labels: (B, T) next-token targets aligned with input_ids (-100 to ignore).
+            logits_to_keep: compute logits only for the last n columns (0 = all).
+            query_positions: (B,) input column of the text query for stage 3 (default: the last column).
+                Pass it when re-running a longer sequence without cache so decisions match the prompt's.
+        """
+        pixel_values = {k[len("pixel_values_") :]: v for k, v in kwargs.items() if k.startswith("pixel_values_")}
+        unknown = [k for k in kwargs if not k.startswith("pixel_values_") and kwargs[k] is not None]
+        unknown = [k for k in unknown if k not in ("cache_position", "position_ids", "output_attentions", "output_hidden_states")]
+        if unknown:
+            raise ValueError(f"unexpected inputs {unknown}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.bool()
+        use_cache = getattr(self.config.text_config, "use_cache", True) if use_cache is None else use_cache
+        method = self._pruning_method
+        parts = self.decoder
+        state = runtime.get_state(past_key_values)
+
+        if state is not None:  # decoding against a filled (maybe pruned) cache
+            if pixel_values:
+                raise ValueError("images can only be given with the first (prefill) call, not with a filled cache")
+            # input_ids are the new tokens only; attention_mask may span the whole sequence
+            new_valid = attention_mask[:, -input_ids.shape[1] :]
+            hidden = runtime.decode(parts, parts.embed_tokens(input_ids), new_valid, past_key_values)
+            state.seen += input_ids.shape[1]
+        else:
+            if use_cache and past_key_values is None:
+                from transformers import DynamicCache
+
+                past_key_values = DynamicCache(config=self.config.text_config)
+            cache = past_key_values if use_cache else None
+            visual = self.encode_images(pixel_values, method) if pixel_values else None
+            embeds, valid, is_vis, text_col = self._splice(input_ids, attention_mask, visual)
+            qpos = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+            if query_positions is not None:
+                qpos = torch.as_tensor(query_positions, device=input_ids.device).long().expand_as(qpos)
+            query_col = text_col.gather(1, qpos[:, None])[:, 0]
+            layers = method.llm_layers(self.num_llm_layers) if method is not None else set()
+            hook = method.prune_llm if method is not None else None
+            hidden, cols, kept = runtime.prefill(parts, embeds, valid, is_vis, query_col, cache, layers, hook)
+            if method is not None:
+                method.stats.extend(self._stats(is_vis & valid, visual, kept, input_ids))
+            # output for each input column: the last token still present at or before its expanded column
+            src = torch.searchsorted(cols.contiguous(), text_col.contiguous(), right=True) - 1
+            hidden = ops.gather_tokens(hidden, src.clamp_min(0))
+            if cache is not None:
+                runtime.get_state(cache).seen = input_ids.shape[1]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.language_model.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+    def _stats(self, vis_valid, visual, kept, input_ids) -> list[dict]:
+        """Per-sample token counts of the prefill that just ran.
+
+        encoder_tokens: patch tokens the experts produce unpruned; stage1: per expert, tokens left after
+        stage 1; fusion_tokens: after stage 2 (= visual tokens entering the LLM); stage3: {layer: kept};
+        tokens_per_layer / layer_avg_tokens: visual tokens each LLM layer saw, and their mean ("242*").
+        Counts are summed over the sample's images.
+        """
+        images = (input_ids == self.config.image_token_id).sum(1).tolist()
+        llm_in = vis_valid.sum(1).tolist()
+        unpruned = sum(r.num_patches for r in self.runners)
+        out = []
+        for b in range(vis_valid.shape[0]):
+            drops = {layer: int(n[b]) for layer, n in kept.items()}
+            counts = ops.tokens_per_layer(self.num_llm_layers, llm_in[b], drops)
+            stage1 = {n: c * images[b] for n, c in (visual.stage1 or {}).items()} if visual is not None else {}
+            out.append(
+                {
+                    "images": images[b],
+                    "encoder_tokens": unpruned * images[b],
+                    "stage1": stage1,
+                    "stage1_tokens": sum(stage1.values()),
+                    "fusion_tokens": llm_in[b],
+                    "stage3": drops,
+                    "tokens_per_layer": counts,
+                    "layer_avg_tokens": ops.layer_averaged_tokens(counts),
+                }
+            )
+        return out
+
+    # ---- generation -----------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        state = runtime.get_state(past_key_values)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values}
+        inputs["use_cache"] = kwargs.get("use_cache", True)
+        if kwargs.get("logits_to_keep") is not None:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        if state is not None:
+            inputs["input_ids"] = input_ids[:, state.seen :]
+        else:
+            inputs.update({k: v for k, v in kwargs.items() if k.startswith("pixel_values_") or k == "query_positions"})
+        return inputs
+
+    def _validate_model_kwargs(self, model_kwargs):
+        # per-expert pixel keys are named after the experts, so no fixed signature can list them
+        rest = {k: v for k, v in model_kwargs.items() if not k.startswith("pixel_values_") and k != "query_positions"}
+        super()._validate_model_kwargs(rest)

@@ -1,0 +1,40 @@
+"""Pure tensor functions behind every method: scores, selection, budgets, metrics.
+
+No nn.Module state and no transformers import: the algorithms, readable on their own.
+"""
+
+from .budgets import ALLOCATIONS, adaptive_budget, allocate_budget, allocation_weights, feature_rank
+from .metrics import diversity, layer_averaged_tokens, tokens_per_layer
+from .scores import (
+    attention_rows,
+    cls_attention,
+    cooperative_redundancy,
+    mean_similarity,
+    received_attention,
+    visual_attention_values,
+    within_redundancy,
+)
+from .selection import gather_tokens, mask_to_indices, top_heads, topk_indices, topk_mask
+
+__all__ = [
+    "ALLOCATIONS",
+    "adaptive_budget",
+    "allocate_budget",
+    "allocation_weights",
+    "attention_rows",
+    "cls_attention",
+    "cooperative_redundancy",
+    "diversity",
+    "feature_rank",
+    "gather_tokens",
+    "layer_averaged_tokens",
+    "mask_to_indices",
+    "mean_similarity",
+    "received_attention",
+    "tokens_per_layer",
+    "top_heads",
+    "topk_indices",
+    "topk_mask",
+    "visual_attention_values",
+    "within_redundancy",
+]

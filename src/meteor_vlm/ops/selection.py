@@ -1,0 +1,93 @@
+"""Selecting tokens: top-k with padding and per-sample budgets, order-preserving gathers."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["topk_mask", "topk_indices", "gather_tokens", "mask_to_indices", "top_heads"]
+
+
+def topk_mask(
+    scores: torch.Tensor,
+    k: torch.Tensor | int,
+    candidates: torch.Tensor | None = None,
+    largest: bool = True,
+) -> torch.Tensor:
+    """Boolean mask of the k best candidates per row; k may differ per row.
+
+    Ties are broken by position (earlier wins), so the result is deterministic.
+
+    Args:
+        scores: (B, N) scores.
+        k: int or (B,) long, how many to keep per row (at most the number of candidates).
+        candidates: (B, N) bool, the tokens that may be chosen (default: all).
+        largest: keep the highest scores (True) or the lowest (False).
+    Returns:
+        (B, N) bool, True for kept tokens; exactly k[b] per row.
+    """
+    B, N = scores.shape
+    cand = torch.ones_like(scores, dtype=torch.bool) if candidates is None else candidates.bool()
+    k = torch.as_tensor(k, device=scores.device).expand(B).long()
+    if (k > cand.sum(1)).any():
+        raise ValueError(f"budget {k.tolist()} is larger than the tokens available {cand.sum(1).tolist()}")
+    if (k < 0).any():
+        raise ValueError(f"budget must be >= 0, got {k.tolist()}")
+    s = scores.float() if largest else -scores.float()
+    s = s.masked_fill(~cand, float("-inf"))
+    # stable sort: equal scores keep their original order
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(N, device=scores.device).expand(B, N))
+    return (rank < k.unsqueeze(1)) & cand
+
+
+def mask_to_indices(keep: torch.Tensor) -> torch.Tensor:
+    """Indices of kept tokens in original order; every row must keep the same count.
+
+    Args:
+        keep: (B, N) bool with the same number of True per row.
+    Returns:
+        (B, K) long, ascending.
+    """
+    counts = keep.sum(1)
+    if (counts != counts[0]).any():
+        raise ValueError(f"rows keep different numbers of tokens: {counts.tolist()}")
+    return torch.sort(torch.where(keep, torch.arange(keep.shape[1], device=keep.device), keep.shape[1]), dim=1).values[
+        :, : int(counts[0])
+    ]
+
+
+def topk_indices(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Indices of the k best tokens per row, in their original order.
+
+    Args:
+        scores: (B, N); k: int.
+    Returns:
+        (B, k) long, ascending.
+    """
+    return mask_to_indices(topk_mask(scores, k, largest=largest))
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather tokens along dim 1.
+
+    Args:
+        x: (B, N, ...) any per-token tensor; idx: (B, K) long.
+    Returns:
+        (B, K, ...).
+    """
+    view = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
+    return torch.gather(x, 1, view)
+
+
+def top_heads(vav: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k heads with the highest visual attention value, per sample.
+
+    Args:
+        vav: (B, H); k: 1 <= k <= H.
+    Returns:
+        (B, H) bool.
+    """
+    if not 1 <= k <= vav.shape[1]:
+        raise ValueError(f"top-k heads needs 1 <= k <= {vav.shape[1]} heads, got k={k}")
+    return topk_mask(vav, k)

@@ -1,0 +1,103 @@
+"""Tiny random models for tests and for checking the library in seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models.experts import ExpertSpec
+from .models.processor import MultiEncoderProcessor, build_word_tokenizer
+from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
+
+__all__ = ["tiny_model", "tiny_config", "random_images", "TINY_WORDS", "TINY_EXPERTS"]
+
+TINY_WORDS = (
+    "what is in the image ? describe color shape how many are there a an of red green blue yellow circle "
+    "square triangle yes no left right word written value chart page name date total 0 1 2 3 4 5 6 7 8 9 : ."
+).split()
+
+
+def _expert(kind: str, name: str | None = None) -> ExpertSpec:
+    """A small expert of each supported kind (different widths and resolutions on purpose)."""
+    name = name or kind
+    if kind == "clip":  # ViT with CLS, low resolution: 16 patches
+        cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+        return ExpertSpec(name, "clip", 32, cfg)
+    if kind == "siglip":  # ViT without CLS: 16 patches
+        cfg = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+        return ExpertSpec(name, "siglip", 32, cfg)
+    if kind == "pix2struct":  # high-resolution patch ViT: 36 patches
+        cfg = dict(
+            hidden_size=32, d_kv=8, d_ff=64, num_hidden_layers=3, num_attention_heads=4, patch_embed_hidden_size=3 * 8 * 8, seq_len=64
+        )
+        return ExpertSpec(name, "pix2struct", 48, cfg, patch_size=8)
+    if kind == "convnext":  # CNN, stride 8: 16 tokens
+        cfg = dict(num_channels=3, hidden_sizes=[16, 40], depths=[1, 1], num_stages=2)
+        return ExpertSpec(name, "convnext", 32, cfg)
+    raise ValueError(f"unknown expert kind {kind!r}")
+
+
+TINY_EXPERTS = ("clip", "pix2struct", "convnext")
+
+
+def tiny_config(
+    experts=TINY_EXPERTS, fusion: str = "post", llm: str = "llama", num_layers: int = 6, tokenizer=None
+) -> MultiEncoderVLMConfig:
+    """Config of a tiny multi-encoder VLM: the given experts and an 8-head LLM (GQA, 4 kv heads)."""
+    tokenizer = tokenizer or build_word_tokenizer(TINY_WORDS)
+    text = dict(
+        model_type=llm,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return MultiEncoderVLMConfig(
+        experts=[_expert(k) for k in experts],
+        text_config=text,
+        fusion=fusion,
+        fusion_grid=4 if fusion == "pre" else None,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEncoderProcessor]:
+    """A tiny random multi-encoder VLM and its processor (CPU, fp32, eval mode).
+
+    Default: a CLIP-like ViT with CLS (32 px, 16 patches), a Pix2Struct patch ViT (48 px, 36 patches)
+    and a ConvNeXt CNN (32 px, 16 tokens), post-projection fusion, a 6-layer Llama with 8 heads.
+    Keyword arguments go to `tiny_config` (experts=, fusion=, llm=, num_layers=).
+    """
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    config = tiny_config(tokenizer=tokenizer, **config_kwargs)
+    torch.manual_seed(seed)
+    model = MultiEncoderVLM(config).eval()
+    # a random LLM at std 0.02 attends almost uniformly; larger weights give peaked, varied attention
+    with torch.no_grad():
+        for p in model.language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
+    processor = MultiEncoderProcessor(tokenizer, config.expert_specs, prompt_template="{prompt}")
+    return model, processor
+
+
+def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
+    """n random RGB images (blocks of colour plus noise), deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = rng.integers(0, 256, size=(4, 4, 3)).repeat(size // 4, 0).repeat(size // 4, 1)
+        noise = rng.integers(-40, 40, size=base.shape)
+        out.append(Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)))
+    return out

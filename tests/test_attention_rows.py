@@ -1,0 +1,51 @@
+"""Scores computed from one query row equal the rows of the eager attention map."""
+
+import torch
+from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+import meteor_vlm as mv
+from meteor_vlm import ops
+from meteor_vlm.methods.base import EncoderPoint
+from meteor_vlm.models.runtime import LLMLayerContext
+
+
+def test_cls_row_and_received_attention_equal_eager_map(tiny, images):
+    model, processor = tiny
+    runner = model.runners[model.expert_names.index("clip")]
+    pixels = processor(images=[images[0], images[1]], text=["a", "b"])["pixel_values_clip"]
+    eager = CLIPVisionModel(runner.module.config.__class__(**runner.module.config.to_dict()))
+    eager.config._attn_implementation = "eager"
+    eager.load_state_dict(runner.module.state_dict())
+    with torch.no_grad():
+        maps = eager(pixels, output_attentions=True).attentions  # per layer (B, H, N, N)
+        x = runner.embed(pixels)
+        for i in range(runner.num_blocks):
+            x_in, x = x, runner.run_block(i, x)
+            ctx = EncoderPoint("clip", 0, "clip", 0, i, x, x_in, True, runner)
+            torch.testing.assert_close(ctx.cls_attention(), maps[i][:, :, 0, 1:].mean(1), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(ctx.received_attention(), maps[i].mean((1, 2))[:, 1:], atol=1e-6, rtol=1e-5)
+
+
+def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny):
+    model, _ = tiny
+    lm_sdpa = model.language_model
+    cfg = lm_sdpa.config.__class__(**lm_sdpa.config.to_dict())
+    cfg._attn_implementation = "eager"
+    lm = AutoModelForCausalLM.from_config(cfg)
+    lm.load_state_dict(lm_sdpa.state_dict())
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 13, cfg.hidden_size, generator=g)
+    with torch.no_grad():
+        out = lm(inputs_embeds=embeds, output_attentions=True, output_hidden_states=True)
+        pos = torch.arange(13).expand(2, -1)
+        for layer in (0, 3):
+            h = out.hidden_states[layer]
+            pe = lm.model.rotary_emb(h, position_ids=pos)
+            valid = torch.ones(2, 13, dtype=torch.bool)
+            ctx = LLMLayerContext(layer, cfg.num_hidden_layers, lm.model.layers[layer], h, valid, valid, pos, pe,
+                                  torch.tensor([12, 12]), valid, torch.tensor([13, 13]))
+            rows = ctx.attention_rows(torch.tensor([[12, 5], [12, 7]]))  # (B, H, 2, T)
+            want = out.attentions[layer]
+            torch.testing.assert_close(rows[:, :, 0], want[:, :, 12], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(rows[0, :, 1], want[0, :, 5], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(rows[1, :, 1], want[1, :, 7], atol=1e-5, rtol=1e-4)

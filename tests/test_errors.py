@@ -1,0 +1,101 @@
+"""Bad input raises ValueError naming the problem."""
+
+import pytest
+import torch
+
+import meteor_vlm as mv
+
+from .conftest import make_inputs
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lam=-1.0), "lambda must be >= 0"),
+        (dict(lam=(50.0, -2.0, 1.0)), "lambda must be >= 0"),
+        (dict(encoder_keep=1.5), r"encoder_keep must be a ratio in \[0, 1\]"),
+        (dict(fusion_keep=-0.1), r"fusion_keep must be a ratio in \[0, 1\]"),
+        (dict(fixed_keep=(0.5, 2.0, 0.1)), r"fixed_keep must be a ratio in \[0, 1\]"),
+        (dict(allocation="rankish"), "unknown allocation"),
+        (dict(fusion_strategy="magic"), "unknown fusion_strategy"),
+        (dict(top_heads=0), "top_heads must be >= 1"),
+        (dict(fusion_tokens=0), "fusion_tokens must be a positive int"),
+    ],
+)
+def test_invalid_settings_raise_when_made(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mv.Meteor(**kwargs)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown METEOR preset 'paper-999'.*paper-242"):
+        mv.Meteor.preset("paper-999")
+    assert "paper-242" in mv.Meteor.presets()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layers=(2, 9)), r"LLM layer\(s\) \[9\] past the model's depth \(6 layers"),
+        (dict(encoder_tokens=10_000), "encoder budget 10000 is larger than the tokens available"),
+        (dict(encoder=False, fusion_tokens=500), "fusion budget 500 is larger than the tokens available"),
+        (dict(top_heads=9), "top_heads=9 but the LLM has 8 heads"),
+        (dict(lam=(1.0, 2.0)), "2 lambda values for 3 pruning layers"),
+        (dict(rank_table={"experts": {"clip": [1, 1, 1]}}), "no entry for experts"),
+    ],
+)
+def test_settings_that_do_not_fit_the_model_raise_when_attached(tiny, kwargs, message):
+    model, _ = tiny
+    method = mv.Meteor(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        with method(model):
+            pass
+    assert model._pruning_method is None
+
+
+def test_missing_rank_table_is_explained(images):
+    model, _ = mv.testing.tiny_model(seed=5)
+    with pytest.raises(ValueError, match="needs a rank table.*meteor calibrate"):
+        with mv.Meteor()(model):
+            pass
+    with mv.Meteor(allocation="average")(model):  # equal split needs no table
+        pass
+
+
+def test_image_count_must_match_placeholders(tiny, images):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="prompt 0 has 2 <image> placeholders but 1 images"):
+        processor(images=[images[0]], text=["<image> <image> what ?"])
+    inputs = make_inputs(processor, [images[0]], ["what ?"])
+    inputs["pixel_values_clip"] = inputs["pixel_values_clip"].repeat(2, 1, 1, 1)
+    with pytest.raises(ValueError, match="same number of images"):
+        model(**inputs)
+    for k in [k for k in inputs if k.startswith("pixel_values_")]:
+        inputs[k] = inputs[k].repeat(2, 1, 1, 1)[:2]
+    with pytest.raises(ValueError, match="1 image placeholders but 2 images"):
+        model(**inputs)
+
+
+def test_unsupported_model_class():
+    with pytest.raises(ValueError, match="unsupported model class Linear"):
+        with mv.Meteor()(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_stage_that_needs_sequence_fusion_is_refused_on_channel_fusion():
+    model, _ = mv.testing.tiny_model(seed=0, fusion="pre")
+    with pytest.raises(ValueError, match="stage 1 .* needs post-projection fusion"):
+        with mv.Meteor(allocation="average")(model):
+            pass
+    with mv.Meteor.preset("stage3")(model):  # stage 3 alone works on any fusion
+        pass
+
+
+def test_unreadable_image_file(tmp_path, tiny):
+    _, processor = tiny
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        processor(images=[str(bad)], text=["what ?"])
+    with pytest.raises(ValueError, match="image file not found"):
+        processor(images=[str(tmp_path / "missing.png")], text=["what ?"])

@@ -1,0 +1,120 @@
+"""The multi-encoder VLM: expert kinds, fusion modes, LLM classes, save/load, stats, calibration."""
+
+import json
+
+import pytest
+import torch
+
+import meteor_vlm as mv
+from meteor_vlm.methods import scaled_llm_layers
+
+from .conftest import make_inputs
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(experts=("clip", "siglip", "pix2struct", "convnext")),
+        dict(experts=("siglip", "convnext"), llm="qwen2"),
+        dict(experts=("clip", "pix2struct", "convnext"), fusion="pre"),
+    ],
+    ids=["four-experts", "qwen2", "channel-fusion"],
+)
+def test_variants_run_generate_and_noop_equals_unmodified(kwargs, images):
+    model, processor = mv.testing.tiny_model(seed=1, **kwargs)
+    inputs = make_inputs(processor, [images[0], [images[1], images[2]]], ["what ?", "how many circle ?"])
+    with torch.no_grad():
+        base = model(**inputs, use_cache=False).logits
+        with mv.NoPruning()(model):
+            same = model(**inputs, use_cache=False).logits
+        real = inputs["attention_mask"].bool()
+        torch.testing.assert_close(same[real], base[real], atol=1e-5, rtol=0)
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_meteor_runs_on_every_expert_kind(images):
+    model, processor = mv.testing.tiny_model(seed=2, experts=("clip", "siglip", "pix2struct", "convnext"))
+    model.config.rank_table = mv.calibrate(model, processor, images[:2], progress=False)
+    inputs = make_inputs(processor, [images[0], images[1]], ["what ?", "how many ?"])
+    method = mv.Meteor.preset("paper-242")
+    with method(model), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    s = method.stats[0]
+    plan = method._plan["encoder"]
+    assert s["stage1"] == {name: steps[-1] for name, steps in plan.items()}
+    assert s["stage1_tokens"] < s["encoder_tokens"]
+    assert s["fusion_tokens"] == method._plan["fusion"]
+    counts = s["tokens_per_layer"]
+    assert counts == sorted(counts, reverse=True) and counts[0] == s["fusion_tokens"]
+    assert s["layer_avg_tokens"] == sum(counts) / len(counts)
+
+
+def test_save_and_load_round_trip(tiny, images, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = mv.MultiEncoderVLM.from_pretrained(tmp_path).eval()
+    proc2 = mv.MultiEncoderProcessor.from_pretrained(tmp_path)
+    inputs = make_inputs(processor, [images[0]], ["what is in the image ?"])
+    inputs2 = make_inputs(proc2, [images[0]], ["what is in the image ?"])
+    assert all(torch.equal(inputs[k], inputs2[k]) for k in inputs)
+    assert loaded.config.rank_table == model.config.rank_table
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs2, use_cache=False).logits, model(**inputs, use_cache=False).logits)
+    assert "model.safetensors" in {p.name for p in tmp_path.iterdir()}
+
+
+def test_rank_allocation_follows_the_rank_table(tiny):
+    model, _ = tiny
+    table = {"experts": {"clip": [4, 4, 4], "pix2struct": [12, 12, 12], "convnext": [None, None, 8]}}
+    plans = {}
+    for alloc in ("rank", "average", "rank-reverse"):
+        m = mv.Meteor(allocation=alloc, rank_table=table, encoder_tokens=24, fusion=False, llm=False)
+        with m(model):
+            plans[alloc] = {n: p[-1] for n, p in m._plan["encoder"].items()}
+        assert sum(plans[alloc].values()) == 24
+    # final point: weights 4 / 12 / 8 over 24 tokens (each keeps >= 1): rank favours pix2struct, reverse clip
+    assert plans["rank"]["pix2struct"] > plans["average"]["pix2struct"] > plans["rank-reverse"]["pix2struct"]
+    assert plans["rank"]["clip"] < plans["rank-reverse"]["clip"]
+    assert plans["average"] == {"clip": 8, "pix2struct": 8, "convnext": 8}
+
+
+def test_fusion_strategies_keep_k_in_order(tiny, images):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0]], ["what ?"])
+    for strategy in ("cooperative", "separate", "random"):
+        m = mv.Meteor(encoder=False, llm=False, fusion_tokens=20, fusion_strategy=strategy)
+        captured = {}
+        orig = m.prune_fusion
+
+        def spy(ctx, orig=orig):
+            idx = orig(ctx)
+            captured["idx"] = idx
+            captured["ids"] = ctx.expert_ids
+            return idx
+
+        m.prune_fusion = spy
+        with m(model), torch.no_grad():
+            model(**inputs, use_cache=False)
+        idx = captured["idx"]
+        assert idx.shape == (1, 20) and torch.all(idx[:, 1:] > idx[:, :-1])  # grouped by expert, spatial order
+        if strategy == "separate":  # each expert keeps its proportional share
+            kept = torch.bincount(captured["ids"][idx[0]], minlength=3).tolist()
+            assert kept == mv.ops.allocate_budget(20, [16, 36, 16], [16, 36, 16])
+
+
+def test_calibrate_table_and_cli_json(tiny, images, tmp_path):
+    model, processor = tiny
+    table = mv.calibrate(model, processor, images[:3], progress=False)
+    assert set(table["experts"]) == set(model.expert_names)
+    assert table["experts"]["convnext"][:2] == [None, None] and table["experts"]["convnext"][2] > 0
+    assert all(r is not None and r > 0 for r in table["experts"]["clip"])
+    mv.save_rank_table(table, tmp_path / "ranks.json")
+    assert mv.load_rank_table(tmp_path / "ranks.json") == json.loads(json.dumps(table))
+
+
+def test_scaled_llm_layers():
+    assert scaled_llm_layers(32) == (4, 12, 20)
+    assert scaled_llm_layers(6) == (1, 2, 4)
+    assert scaled_llm_layers(16) == (2, 6, 10)

@@ -1,0 +1,207 @@
+"""The runtime's oracles: no-op == unmodified, drop == mask, cache == recompute, batch == one by one."""
+
+import pytest
+import torch
+
+import meteor_vlm as mv
+from meteor_vlm.methods.base import PruningMethod
+from meteor_vlm.models.runtime import LLMLayerContext
+
+from .conftest import make_inputs
+
+PROMPTS = ["what is in the image ?", "how many red circle are there in the image ?", "describe the shape ?"]
+
+
+def logits(model, inputs, **kw):
+    with torch.no_grad():
+        return model(**inputs, use_cache=False, **kw).logits
+
+
+def keep_all_meteor():
+    """Every stage on, every budget at 'keep everything'."""
+    return mv.Meteor(encoder_keep=1.0, fusion_keep=1.0, lam=1e9)
+
+
+@pytest.mark.parametrize("method_factory", [mv.NoPruning, keep_all_meteor])
+def test_noop_pruning_equals_unmodified_model_and_block_restores(tiny, images, method_factory):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], [images[1], images[2]], images[3]], PROMPTS)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    before = logits(model, inputs)
+    method = method_factory()
+    with method(model):
+        assert model._pruning_method is method
+        pruned = logits(model, inputs)
+    real = inputs["attention_mask"].bool()  # padded columns carry no prediction
+    torch.testing.assert_close(pruned[real], before[real], atol=1e-5, rtol=0)
+    assert method.stats and all(s["layer_avg_tokens"] == s["fusion_tokens"] for s in method.stats)
+    # afterwards: no method, no hooks, same weights, same outputs
+    assert model._pruning_method is None
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(logits(model, inputs), before, atol=0, rtol=0)
+
+
+def test_block_restores_model_after_an_exception(tiny, images):
+    model, processor = tiny
+    with pytest.raises(RuntimeError, match="boom"):
+        with mv.Meteor.preset("paper-242")(model):
+            raise RuntimeError("boom")
+    assert model._pruning_method is None
+
+
+class DropAt(PruningMethod):
+    """Test method: drop given expanded columns (per sample) before LLM layer `layer`."""
+
+    name = "drop-at-test"
+
+    def __init__(self, layer, drop):
+        self.layer, self.drop = layer, drop
+        self.stats = []
+
+    def llm_layers(self, num_layers):
+        return {self.layer}
+
+    def prune_llm(self, ctx: LLMLayerContext):
+        cols = torch.arange(ctx.valid.shape[1]).expand_as(ctx.valid)
+        drop = torch.zeros_like(ctx.valid)
+        for b, cs in enumerate(self.drop):  # at the first pruning layer columns are still the original ones
+            for c in cs:
+                drop[b] |= cols[b] == c
+        assert (ctx.visual | ~drop).all(), "test drops only visual tokens"
+        return ctx.valid & ~drop
+
+
+def reference_masked_logits(model, inputs, drop, layer):
+    """Unpruned model run layer by layer, with the dropped tokens' keys masked from `layer` on."""
+    pixels = {k[len("pixel_values_") :]: v for k, v in inputs.items() if k.startswith("pixel_values_")}
+    with torch.no_grad():
+        visual = model.encode_images(pixels)
+        embeds, valid, _, text_col = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+        B, T, _ = embeds.shape
+        dropped = torch.zeros(B, T, dtype=torch.bool)
+        for b, cs in enumerate(drop):
+            dropped[b, list(cs)] = True
+        pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+        lm = model.language_model.model
+        pe = lm.rotary_emb(embeds, position_ids=pos)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        eye = torch.eye(T, dtype=torch.bool)
+        h = embeds
+        for i, block in enumerate(lm.layers):
+            keys = valid & ~dropped if i >= layer else valid
+            mask = ((causal[None] & keys[:, None, :]) | eye[None]).unsqueeze(1)
+            h = block(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        out = model.language_model.lm_head(lm.norm(h))
+    return out.gather(1, text_col[:, :, None].expand(-1, -1, out.shape[-1]))
+
+
+@pytest.mark.parametrize("layer", [0, 2, 5])
+def test_dropping_at_layer_equals_masking_keys_from_that_layer_on(tiny, images, layer):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], images[1]], PROMPTS[:2])
+    with torch.no_grad():
+        visual = model.encode_images({k[13:]: v for k, v in inputs.items() if k.startswith("pixel_values_")})
+        _, valid, vis, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+    # drop a different set of visual tokens in each sample (every third / every second one)
+    drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
+    method = DropAt(layer, drop)
+    with method(model):
+        got = logits(model, inputs)
+    want = reference_masked_logits(model, inputs, drop, layer)
+    text = inputs["input_ids"] != model.config.image_token_id
+    real = inputs["attention_mask"].bool() & text
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    # and the drop really changed something (the oracle is not vacuous)
+    base = logits(model, inputs)
+    assert (got[real] - base[real]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        mv.Meteor.preset("paper-242"),
+        mv.Meteor.preset("paper-242", query="text"),
+        mv.Meteor.preset("paper-126", budget="fixed"),
+    ],
+    ids=["last-query", "text-query", "fixed-budget"],
+)
+def test_cached_generate_equals_uncached_recomputation(tiny, images, method):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], [images[1], images[2]]], PROMPTS[:2])
+    steps = 6
+    with method(model), torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            return_dict_in_generate=True, output_logits=True,
+        )
+        T0 = inputs["input_ids"].shape[1]
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        pixels = {k: v for k, v in inputs.items() if k.startswith("pixel_values_")}
+        for step in range(steps):
+            # no cache: the whole sequence again; stage-3 queries stay at the last prompt token
+            full = model(input_ids=ids, attention_mask=mask, **pixels, use_cache=False, query_positions=T0 - 1).logits[:, -1]
+            torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
+            ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(out.sequences, ids)
+    assert all(s["stage3"] for s in method.stats), "stage 3 ran"
+    assert all(s["stage1_tokens"] < s["encoder_tokens"] for s in method.stats), "stage 1 ran"
+
+
+def test_batch_equals_samples_run_alone_with_different_budgets(tiny, images):
+    model, processor = tiny
+    imgs = [images[0], [images[1], images[2]], images[3]]
+    prompts = ["what ?", "how many red circle are there in the image on the left ?", "describe the shape of it ?"]
+    method = mv.Meteor.preset("paper-242")
+    with method(model), torch.no_grad():
+        batch_in = make_inputs(processor, imgs, prompts)
+        assert (batch_in["attention_mask"] == 0).any(), "left padding is exercised"
+        batch_logits = model(**batch_in, use_cache=False).logits
+        batch_stats = list(method.stats)
+        for b in range(3):
+            alone_in = make_inputs(processor, [imgs[b]], [prompts[b]])
+            alone = model(**alone_in, use_cache=False).logits[0]
+            n = alone.shape[0]
+            torch.testing.assert_close(batch_logits[b, -n:], alone, atol=1e-4, rtol=1e-4)
+            assert method.stats[-1]["stage3"] == batch_stats[b]["stage3"]
+    kept = [tuple(s["stage3"].values()) for s in batch_stats]
+    assert len(set(kept)) == 3, f"each sample keeps a different number of tokens: {kept}"
+
+
+def test_batch_generate_equals_one_by_one(tiny, images):
+    model, processor = tiny
+    imgs, prompts = [images[4], images[5]], ["what ?", "how many circle are there in the image ?"]
+    method = mv.Meteor.preset("paper-312")
+    with method(model), torch.no_grad():
+        batch = model.generate(**make_inputs(processor, imgs, prompts), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        for b in range(2):
+            one = model.generate(**make_inputs(processor, [imgs[b]], [prompts[b]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            assert torch.equal(batch[b, -one.shape[1] :], one[0])
+
+
+def test_every_layer_keeps_running_sdpa_while_pruning(tiny, images, monkeypatch):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], images[1]], PROMPTS[:2])
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    method = mv.Meteor.preset("paper-242")
+    with method(model), torch.no_grad():
+        model(**inputs, use_cache=False)
+    transformer_blocks = sum(r.num_blocks for r in model.runners)
+    assert len(calls) == transformer_blocks + model.num_llm_layers
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(module, "q_proj" if hasattr(module, "q_proj") else "query"):
+            assert cfg._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == "sdpa"
+    # the LLM layers after pruning ran on fewer tokens
+    llm_lens = [c[2] for c in calls[transformer_blocks:]]
+    assert llm_lens[-1] < llm_lens[0]
