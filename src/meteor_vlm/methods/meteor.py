@@ -95,7 +95,6 @@ class Meteor(PruningMethod):
         "stage2": {"encoder": False, "llm": False},
         "stage3": {"encoder": False, "fusion": False},
         "stage1+3": {"fusion": False},
-        "fusion-1193-576": {"encoder": False, "llm": False, "fusion_keep": 576 / 1193},
     }
 
     # ---- construction -----------------------------------------------------------------------
