@@ -78,7 +78,7 @@ def reference_masked_logits(model, inputs, drop, layer):
     pixels = {k[len("pixel_values_") :]: v for k, v in inputs.items() if k.startswith("pixel_values_")}
     with torch.no_grad():
         visual = model.encode_images(pixels)
-        embeds, valid, _, text_col = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+        embeds, valid, _, text_col, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
         B, T, _ = embeds.shape
         dropped = torch.zeros(B, T, dtype=torch.bool)
         for b, cs in enumerate(drop):
@@ -103,7 +103,7 @@ def test_dropping_at_layer_equals_masking_keys_from_that_layer_on(tiny, images, 
     inputs = make_inputs(processor, [images[0], images[1]], PROMPTS[:2])
     with torch.no_grad():
         visual = model.encode_images({k[13:]: v for k, v in inputs.items() if k.startswith("pixel_values_")})
-        _, valid, vis, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+        _, valid, vis, _, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
     # drop a different set of visual tokens in each sample (every third / every second one)
     drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
     method = DropAt(layer, drop)

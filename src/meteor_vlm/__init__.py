@@ -10,6 +10,7 @@
 
 from . import methods, ops, testing
 from .calibration import calibrate, load_rank_table, save_rank_table
+from .default import has_default, load_default
 from .methods import Meteor, NoPruning, PruningMethod
 from .models import ExpertSpec, MultiEncoderProcessor, MultiEncoderVLM, MultiEncoderVLMConfig
 
@@ -24,6 +25,8 @@ __all__ = [
     "NoPruning",
     "PruningMethod",
     "calibrate",
+    "has_default",
+    "load_default",
     "load_rank_table",
     "methods",
     "ops",

@@ -13,9 +13,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 def _load(model_arg: str):
-    """(model, processor) from 'tiny' (random tiny model, calibrated on synthetic images) or a local path."""
+    """(model, processor) from 'default' (embedded), 'tiny' (random, calibrated on synthetic images) or a path."""
     import meteor_vlm as mv
 
+    if model_arg == "default":
+        return mv.load_default()
     if model_arg == "tiny":
         model, processor = mv.testing.tiny_model(seed=0)
         model.config.rank_table = mv.calibrate(model, processor, _synthetic_images(8, seed=1), progress=False)
@@ -67,7 +69,42 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from meteor_vlm.bench.accuracy import resolve_methods, run_bench
+    from meteor_vlm.bench.report import format_table, reading, write_results
+
+    names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    model, processor = _load(args.model)
+    size = max(128, max(s.image_size for s in processor.experts))  # synthetic images need >= 64 px
+    rows = run_bench(model, processor, names, per_family=args.samples, seed=args.seed, image_size=size)
+    print(format_table(rows))
+    print("\n" + reading(rows))
+    if args.out:
+        meta = {"model": args.model, "seed": args.seed, "samples_per_family": args.samples, "image_size": size,
+                "note": "tokens = visual tokens seen per LLM layer, averaged over layers; latency = median per sample, batch 1"}
+        for path in write_results(rows, args.out, meta):
+            print(f"written {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
+    import meteor_vlm as mv
+
+    if args.model == "default" and not mv.has_default():
+        print("the embedded default model is not in this install: showing the tiny random model instead\n")
+        args.model = "tiny"
+    if args.model != "tiny":
+        from meteor_vlm.bench.accuracy import DEMO_METHODS
+
+        args.methods = ",".join(DEMO_METHODS)
+        args.samples = args.samples_per_family
+        return cmd_bench(args)
+    return _demo_tiny(args)
+
+
+def _demo_tiny(args) -> int:
     import meteor_vlm as mv
     from meteor_vlm import synth
     from meteor_vlm.bench import count_flops, time_methods
@@ -117,6 +154,54 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from meteor_vlm.train import TrainConfig, export, train
+
+    cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      eval_every=args.eval_every, max_minutes=args.max_minutes)
+    ckpt = train(cfg, resume=not args.no_resume)
+    print(f"checkpoint: {ckpt}")
+    if args.export:
+        dest = export(ckpt, None if args.export == "package" else args.export, seed=args.seed)
+        print(f"exported to {dest}")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    import meteor_vlm as mv
+    from meteor_vlm.viz import kept_token_heatmap
+
+    image = mv.MultiEncoderProcessor._to_pil(args.image)  # ValueError for a missing or unreadable file
+    model, processor = _load(args.model)
+    method = mv.NoPruning() if args.method == "none" else mv.Meteor.preset(args.method)
+    inputs = processor(images=[image], text=[processor.format_prompt(args.question)], return_tensors="pt")
+    with method(model), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1] :]).strip()
+    s = method.stats[0]
+    print(f"answer: {answer}")
+    print(f"visual tokens: {s['encoder_tokens']} from the experts")
+    print(f"  stage 1 (in the experts): {s['stage1_tokens']}  {s['stage1']}")
+    print(f"  stage 2 (at fusion):      {s['fusion_tokens']}")
+    print(f"  stage 3 (in the LLM):     {s['stage3'] or 'off'}")
+    print(f"  layer-averaged:           {s['layer_avg_tokens']:.1f}")
+    if args.heatmap:
+        grids = {r.spec.name: r.grid() for r in model.runners}
+        kept = s["kept_grid"][0] if s["kept_grid"] else {}
+        kept_token_heatmap(image, kept, grids).save(args.heatmap)
+        print(f"heatmap written to {args.heatmap}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from meteor_vlm.bench.accuracy import method_catalog
+
+    for name, make in method_catalog().items():
+        m = make()
+        print(f"{name:22s} {type(m).__name__}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     import meteor_vlm as mv
 
@@ -129,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meteor", description="Visual-token pruning for vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="token counts, FLOPs and latency of METEOR's presets against the unpruned model")
-    d.add_argument("--model", default="tiny", help="'tiny' (random tiny model) or a local model directory")
-    d.add_argument("--samples", type=int, default=6, help="synthetic samples in the batch")
+    d = sub.add_parser("demo", help="a short bench of METEOR's presets and ablations on the embedded model")
+    d.add_argument("--model", default="default", help="'default' (embedded), 'tiny' (random tiny model) or a directory")
+    d.add_argument("--samples-per-family", type=int, default=8, help="held-out samples per family (trained model)")
+    d.add_argument("--samples", type=int, default=6, help="synthetic samples in the batch (tiny model)")
     d.add_argument("--repeats", type=int, default=5, help="timed rounds (methods interleaved)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", help="folder for demo.json")
@@ -148,6 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="rank_table.json")
     c.add_argument("--write-config", action="store_true", help="also store the table in the model's config.json")
     c.set_defaults(fn=cmd_calibrate)
+
+    b = sub.add_parser("bench", help="methods x budgets: tokens, accuracy per family, FLOPs, latency")
+    b.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a local model directory")
+    b.add_argument("--methods", default="unpruned,meteor:paper-312,meteor:paper-242,meteor:paper-126",
+                   help="comma-separated names, as in results.json's `method` field (see `meteor methods`)")
+    b.add_argument("--samples", type=int, default=20, help="held-out samples per family")
+    b.add_argument("--seed", type=int, default=90_001, help="seed of the held-out split")
+    b.add_argument("--out", help="folder for results.json, results.csv and pareto.png")
+    b.set_defaults(fn=cmd_bench)
+
+    t = sub.add_parser("train", help="train the embedded model from scratch on the synthetic benchmark")
+    t.add_argument("--out", default="runs/default", help="run folder (checkpoint, log.jsonl)")
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--eval-every", type=int, default=250)
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.add_argument("--export", nargs="?", const="package", default=None,
+                   help="after training, calibrate and copy the model to this folder ('package' = the embedded default)")
+    t.set_defaults(fn=cmd_train)
+
+    a = sub.add_parser("ask", help="answer a question about an image; show the tokens kept per stage")
+    a.add_argument("image")
+    a.add_argument("question")
+    a.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a local model directory")
+    a.add_argument("--method", default="paper-242", help="a METEOR preset, or 'none' for the unpruned model")
+    a.add_argument("--heatmap", help="write the image with each expert's kept tokens to this PNG")
+    a.add_argument("--max-new-tokens", type=int, default=8)
+    a.set_defaults(fn=cmd_ask)
+
+    m = sub.add_parser("methods", help="list the method names bench accepts")
+    m.set_defaults(fn=cmd_methods)
 
     s = sub.add_parser("presets", help="list METEOR's presets")
     s.set_defaults(fn=cmd_presets)

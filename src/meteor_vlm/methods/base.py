@@ -145,6 +145,11 @@ class PruningMethod:
         finally:
             model._pruning_method = previous
 
+    def settings(self) -> dict:
+        """The method's settings as a plain dict (for results files)."""
+        fields = getattr(self, "__dataclass_fields__", {})
+        return {k: getattr(self, k) for k in fields if not k.startswith("_")}
+
     def summary(self) -> dict:
         """Means over the recorded samples: tokens per stage and the layer-averaged count."""
         if not self.stats:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -296,12 +296,6 @@ class Meteor(PruningMethod):
         k = torch.where(available > 0, k, available)
         keep_vis = ops.topk_mask(score, k, candidates=vis)
         return (ctx.valid & ~ctx.visual) | keep_vis
-
-    def settings(self) -> dict:
-        """The settings as a plain dict (for results files)."""
-        d = asdict(self)
-        d.pop("_plan", None)
-        return d
 
 
 def _mask_to_padded_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

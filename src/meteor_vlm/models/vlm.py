@@ -260,7 +260,8 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         """Replace each placeholder with its image's tokens; left-pad the expanded rows again.
 
         Returns embeds (B, L, D), valid (B, L), is_visual (B, L), text_col (B, T) the expanded column of
-        each input column (for a placeholder: its image's last visual token).
+        each input column (for a placeholder: its image's last visual token), and vis_index (B, L): for a
+        visual column, image * N + token index into `visual` (-1 elsewhere).
         """
         B, T = input_ids.shape
         is_img = input_ids == self.config.image_token_id
@@ -270,7 +271,8 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"the prompts hold {n_images} image placeholders but {have} images were given")
         text_emb = self.get_input_embeddings()(input_ids.masked_fill(is_img, 0))
         if visual is None:
-            return text_emb, attention_mask.bool(), torch.zeros_like(is_img), torch.arange(T).expand(B, T).to(input_ids.device)
+            cols = torch.arange(T, device=input_ids.device).expand(B, T)
+            return text_emb, attention_mask.bool(), torch.zeros_like(is_img), cols, torch.full_like(cols, -1)
         n_vis = visual.features.shape[1]
         extra = is_img.sum(1) * (n_vis - 1)
         L = T + int(extra.max())
@@ -279,6 +281,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         valid = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
         is_vis = torch.zeros_like(valid)
         text_col = torch.zeros(B, T, dtype=torch.long, device=input_ids.device)
+        vis_index = torch.full((B, L), -1, dtype=torch.long, device=input_ids.device)
         image = 0
         for b in range(B):
             col = L - (T + int(extra[b]))  # left padding of the expanded row
@@ -287,6 +290,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
                     embeds[b, col : col + n_vis] = visual.features[image].to(embeds.dtype)
                     valid[b, col : col + n_vis] = bool(attention_mask[b, t])
                     is_vis[b, col : col + n_vis] = True
+                    vis_index[b, col : col + n_vis] = torch.arange(image * n_vis, (image + 1) * n_vis)
                     col += n_vis
                     image += 1
                     text_col[b, t] = col - 1
@@ -295,7 +299,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
                     valid[b, col] = bool(attention_mask[b, t])
                     text_col[b, t] = col
                     col += 1
-        return embeds, valid, is_vis, text_col
+        return embeds, valid, is_vis, text_col, vis_index
 
     # ---- forward --------------------------------------------------------------------------
     def forward(
@@ -348,7 +352,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
                 past_key_values = DynamicCache(config=self.config.text_config)
             cache = past_key_values if use_cache else None
             visual = self.encode_images(pixel_values, method) if pixel_values else None
-            embeds, valid, is_vis, text_col = self._splice(input_ids, attention_mask, visual)
+            embeds, valid, is_vis, text_col, vis_index = self._splice(input_ids, attention_mask, visual)
             qpos = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
             if query_positions is not None:
                 qpos = torch.as_tensor(query_positions, device=input_ids.device).long().expand_as(qpos)
@@ -357,7 +361,8 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             hook = method.prune_llm if method is not None else None
             hidden, cols, kept = runtime.prefill(parts, embeds, valid, is_vis, query_col, cache, layers, hook)
             if method is not None:
-                method.stats.extend(self._stats(is_vis & valid, visual, kept, input_ids))
+                survivors = torch.where(cols >= 0, vis_index.gather(1, cols.clamp_min(0)), -1)
+                method.stats.extend(self._stats(is_vis & valid, visual, kept, input_ids, survivors))
             # output for each input column: the last token still present at or before its expanded column
             src = torch.searchsorted(cols.contiguous(), text_col.contiguous(), right=True) - 1
             hidden = ops.gather_tokens(hidden, src.clamp_min(0))
@@ -373,13 +378,14 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
 
-    def _stats(self, vis_valid, visual, kept, input_ids) -> list[dict]:
+    def _stats(self, vis_valid, visual, kept, input_ids, survivors) -> list[dict]:
         """Per-sample token counts of the prefill that just ran.
 
         encoder_tokens: patch tokens the experts produce unpruned; stage1: per expert, tokens left after
         stage 1; fusion_tokens: after stage 2 (= visual tokens entering the LLM); stage3: {layer: kept};
         tokens_per_layer / layer_avg_tokens: visual tokens each LLM layer saw, and their mean ("242*").
-        Counts are summed over the sample's images.
+        Counts are summed over the sample's images. kept_grid: per image, {expert: grid cells of the
+        tokens that reached the last LLM layer} (what `meteor ask --heatmap` draws).
         """
         images = (input_ids == self.config.image_token_id).sum(1).tolist()
         llm_in = vis_valid.sum(1).tolist()
@@ -389,6 +395,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             drops = {layer: int(n[b]) for layer, n in kept.items()}
             counts = ops.tokens_per_layer(self.num_llm_layers, llm_in[b], drops)
             stage1 = {n: c * images[b] for n, c in (visual.stage1 or {}).items()} if visual is not None else {}
+            kept_grid = self._kept_grid(visual, survivors[b]) if visual is not None else []
             out.append(
                 {
                     "images": images[b],
@@ -399,9 +406,20 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
                     "stage3": drops,
                     "tokens_per_layer": counts,
                     "layer_avg_tokens": ops.layer_averaged_tokens(counts),
+                    "kept_grid": kept_grid,
                 }
             )
         return out
+
+    def _kept_grid(self, visual: VisualTokens, survivors: torch.Tensor) -> list[dict[str, list[int]]]:
+        n_vis = visual.features.shape[1]
+        idx = survivors[survivors >= 0]
+        out: dict[int, dict[str, list[int]]] = {}
+        for image, j in zip((idx // n_vis).tolist(), (idx % n_vis).tolist()):
+            e = int(visual.expert[image, j])
+            name = self.expert_names[e] if e >= 0 else "fused"
+            out.setdefault(image, {}).setdefault(name, []).append(int(visual.grid_index[image, j]))
+        return [out[i] for i in sorted(out)]
 
     # ---- generation -----------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):

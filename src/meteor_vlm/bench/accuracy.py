@@ -1,0 +1,141 @@
+"""`meteor bench`: methods x budgets on the synthetic benchmark - tokens, accuracy, FLOPs, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import synth
+from ..methods import Meteor, NoPruning
+from .flops import count_flops
+
+__all__ = ["method_catalog", "resolve_methods", "run_bench", "DEMO_METHODS"]
+
+
+def method_catalog() -> dict[str, Callable[[], object]]:
+    """Every method setting the bench knows, by the name that appears in results.json's `method` field."""
+    cat: dict[str, Callable[[], object]] = {"unpruned": NoPruning}
+    for p in Meteor.presets():
+        cat[f"meteor:{p}"] = lambda p=p: Meteor.preset(p)
+    # ablations of PAPER.md, each stage alone at a matched budget
+    for alloc in ("rank", "average", "rank-reverse"):
+        cat[f"alloc:{alloc}"] = lambda a=alloc: Meteor(allocation=a, fusion=False, llm=False, encoder_keep=0.25)
+    for strat in ("cooperative", "separate", "random"):
+        cat[f"fusion:{strat}"] = lambda s=strat: Meteor(encoder=False, llm=False, fusion_keep=0.25, fusion_strategy=s)
+    cat["stage3:adaptive"] = lambda: Meteor(encoder=False, fusion=False, lam=50.0)
+    cat["stage3:fixed"] = lambda: Meteor(encoder=False, fusion=False, budget="fixed")  # ratios matched at run time
+    return cat
+
+
+DEMO_METHODS = (
+    "unpruned",
+    "meteor:paper-312",
+    "meteor:paper-242",
+    "meteor:paper-126",
+    "alloc:rank",
+    "alloc:average",
+    "alloc:rank-reverse",
+    "fusion:cooperative",
+    "fusion:separate",
+    "fusion:random",
+    "stage3:adaptive",
+    "stage3:fixed",
+)
+
+
+def resolve_methods(names: list[str]) -> list[str]:
+    """Check method names against the catalog (ValueError listing the known ones)."""
+    cat = method_catalog()
+    bad = [n for n in names if n not in cat]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}")
+    if not names:
+        raise ValueError("no method given")
+    return names
+
+
+def _predict(model, inputs) -> torch.Tensor:
+    return model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1)
+
+
+@torch.no_grad()
+def run_bench(model, processor, names: list[str], per_family: int = 10, seed: int = 90_001,
+              image_size: int = 336, flops_samples: int = 6, progress: bool = True) -> list[dict]:
+    """Run each named method on the same held-out samples, one sample at a time, methods interleaved.
+
+    Returns one row per method: method, tokens (layer-averaged visual tokens), tokens_share (of the
+    unpruned count), stage1_tokens, fusion_tokens, accuracy {family: acc, "average": mean over
+    families}, tflops (per sample), latency_ms (median per sample, batch 1).
+    """
+    from ..train import encode_samples  # the prompt format the model was trained with
+
+    resolve_methods(names)
+    cat = method_catalog()
+    samples = synth.make_split(seed, per_family, image_size=image_size)
+    encoded = [encode_samples(processor, [s], with_answers=False) for s in samples]
+    methods = {n: cat[n]() for n in names}
+    if "stage3:fixed" in methods:  # match the adaptive budget's average kept share per layer
+        methods["stage3:fixed"] = _matched_fixed(model, encoded, methods.get("stage3:adaptive") or cat["stage3:adaptive"]())
+    model.eval()
+    times = {n: [] for n in names}
+    correct = {n: {f: 0 for f in synth.FAMILIES} for n in names}
+    stats = {n: [] for n in names}
+    counts = {f: 0 for f in synth.FAMILIES}
+    for s, inputs in tqdm(list(zip(samples, encoded)), desc="bench", disable=not progress):
+        counts[s.family] += 1
+        for n in names:
+            m = methods[n]
+            with m(model):
+                t0 = time.perf_counter()
+                pred = _predict(model, inputs)
+                times[n].append((time.perf_counter() - t0) * 1000)
+            stats[n].extend(m.stats)
+            word = processor.tokenizer.convert_ids_to_tokens(int(pred[0]))
+            correct[n][s.family] += int(synth.is_correct(word, s.answer))
+    flop_inputs = encoded[:: max(1, len(encoded) // max(1, flops_samples))][:flops_samples]
+    rows = []
+    for n in names:
+        m = methods[n]
+
+        def one(inp, m=m):
+            with m(model):
+                _predict(model, inp)
+
+        flops = statistics.mean(count_flops(one, inp) for inp in flop_inputs)
+        acc = {f: correct[n][f] / counts[f] for f in synth.FAMILIES if counts[f]}
+        acc["average"] = sum(acc.values()) / len(acc)
+        st = stats[n]
+        rows.append(
+            {
+                "method": n,
+                "tokens": statistics.mean(x["layer_avg_tokens"] for x in st),
+                "stage1_tokens": statistics.mean(x["stage1_tokens"] for x in st),
+                "fusion_tokens": statistics.mean(x["fusion_tokens"] for x in st),
+                "encoder_tokens": statistics.mean(x["encoder_tokens"] for x in st),
+                "accuracy": acc,
+                "tflops": flops / 1e12,
+                "latency_ms": statistics.median(times[n]),
+                "settings": m.settings() if hasattr(m, "settings") else {},
+            }
+        )
+    base = next((r for r in rows if r["method"] == "unpruned"), None)
+    ref = base["tokens"] if base else rows[0]["encoder_tokens"]
+    for r in rows:
+        r["tokens_share"] = r["tokens"] / ref
+    return rows
+
+
+def _matched_fixed(model, encoded, adaptive: Meteor) -> Meteor:
+    """A fixed-ratio stage 3 keeping, at each layer, the adaptive method's mean share of the LLM's input."""
+    with adaptive(model):
+        for inputs in encoded:
+            _predict(model, inputs)
+    layers = sorted(adaptive._plan["llm"])
+    shares = []
+    for layer in layers:
+        shares.append(statistics.mean(s["stage3"][layer] / s["fusion_tokens"] for s in adaptive.stats))
+    return adaptive.with_(budget="fixed", fixed_keep=tuple(shares))

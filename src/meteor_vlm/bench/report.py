@@ -1,0 +1,89 @@
+"""Bench results: printed table, results.json, results.csv, Pareto plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .. import synth
+
+__all__ = ["format_table", "write_results", "reading"]
+
+_SHORT = {"scenes": "scene", "pope": "pope", "counting": "count", "ocr": "ocr", "docs": "docs", "charts": "chart"}
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table: method, tokens and share, accuracy per family and average, TFLOPs, latency."""
+    fams = [f for f in synth.FAMILIES if f in rows[0]["accuracy"]]
+    head = ["method", "tokens", "share"] + [_SHORT[f] for f in fams] + ["avg", "GFLOPs", "ms"]
+    body = []
+    for r in rows:
+        body.append(
+            [r["method"], f"{r['tokens']:.1f}", f"{r['tokens_share']:.0%}"]
+            + [f"{100 * r['accuracy'][f]:.1f}" for f in fams]
+            + [f"{100 * r['accuracy']['average']:.1f}", f"{1000 * r['tflops']:.2f}", f"{r['latency_ms']:.1f}"]
+        )
+    cells = [head] + body
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def reading(rows: list[dict]) -> str:
+    """One line: the best METEOR setting at <= 25% of the tokens against the unpruned model."""
+    base = next((r for r in rows if r["method"] == "unpruned"), None)
+    cands = [r for r in rows if r["method"].startswith("meteor:") and r["tokens_share"] <= 0.25]
+    if base is None or not cands:
+        return "no unpruned baseline or no METEOR setting at <= 25% of the tokens in this run"
+    best = max(cands, key=lambda r: r["accuracy"]["average"])
+    kept = best["accuracy"]["average"] / max(base["accuracy"]["average"], 1e-9)
+    worst = min(
+        (100 * (best["accuracy"][f] - base["accuracy"][f]), f) for f in base["accuracy"] if f != "average"
+    )
+    return (
+        f"{best['method']} keeps {best['tokens']:.0f} of {base['tokens']:.0f} visual tokens ({best['tokens_share']:.0%}), "
+        f"{kept:.1%} of the unpruned accuracy ({100 * best['accuracy']['average']:.1f} vs "
+        f"{100 * base['accuracy']['average']:.1f}; worst family {worst[1]} {worst[0]:+.1f} points), "
+        f"{best['tflops'] / base['tflops']:.0%} of the FLOPs, {best['latency_ms'] / base['latency_ms']:.2f}x the latency"
+    )
+
+
+def write_results(rows: list[dict], out, meta: dict) -> list[Path]:
+    """results.json, results.csv and pareto.png under `out`; returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.csv", out / "pareto.png"]
+    paths[0].write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    fams = [f for f in rows[0]["accuracy"]]
+    with paths[1].open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "tokens", "tokens_share", *[f"acc_{k}" for k in fams], "tflops", "latency_ms"])
+        for r in rows:
+            w.writerow([r["method"], f"{r['tokens']:.2f}", f"{r['tokens_share']:.4f}",
+                        *[f"{r['accuracy'][k]:.4f}" for k in fams], f"{r['tflops']:.6f}", f"{r['latency_ms']:.2f}"])
+    _plot(rows, paths[2])
+    return paths
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "tokens", "layer-averaged visual tokens"), (axes[1], "latency_ms", "median latency per sample (ms)")):
+        for r in rows:
+            group = r["method"].split(":")[0]
+            marker = {"unpruned": "*", "meteor": "o", "alloc": "s", "fusion": "^", "stage3": "D"}.get(group, "x")
+            ax.scatter(r[key], 100 * r["accuracy"]["average"], marker=marker, s=60)
+            ax.annotate(r["method"], (r[key], 100 * r["accuracy"]["average"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("average accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("accuracy vs tokens and vs latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

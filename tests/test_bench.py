@@ -1,0 +1,93 @@
+"""`meteor bench`, `meteor ask` and training plumbing on the tiny model (fast; accuracy is meaningless here)."""
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import meteor_vlm as mv
+from meteor_vlm.bench.accuracy import method_catalog, run_bench
+from meteor_vlm.cli import main
+
+
+def test_bench_rows_and_files(tiny, tmp_path):
+    model, processor = tiny
+    names = ["unpruned", "meteor:paper-242", "stage3:adaptive", "stage3:fixed"]
+    rows = run_bench(model, processor, names, per_family=1, seed=5, image_size=128, flops_samples=2, progress=False)
+    assert [r["method"] for r in rows] == names
+    by = {r["method"]: r for r in rows}
+    assert by["unpruned"]["tokens_share"] == 1.0
+    assert by["meteor:paper-242"]["tokens"] < by["unpruned"]["tokens"]
+    assert by["meteor:paper-242"]["tflops"] < by["unpruned"]["tflops"]
+    # the fixed-ratio ablation is matched to the adaptive one's average count
+    assert abs(by["stage3:fixed"]["tokens"] - by["stage3:adaptive"]["tokens"]) <= 0.15 * by["stage3:adaptive"]["tokens"]
+    for r in rows:
+        assert set(r["accuracy"]) == set(mv.synth.FAMILIES) | {"average"}
+        assert r["latency_ms"] > 0
+    from meteor_vlm.bench.report import write_results
+
+    paths = write_results(rows, tmp_path, {"model": "tiny"})
+    data = json.loads(paths[0].read_text())
+    assert [r["method"] for r in data["rows"]] == names
+    assert len(list(csv.reader(paths[1].open()))) == len(names) + 1
+    assert Image.open(paths[2]).size[0] > 100
+
+
+def test_bench_method_names_round_trip(tmp_path):
+    """--methods accepts exactly the names results.json reports."""
+    assert main(["bench", "--model", "tiny", "--samples", "1", "--methods", "unpruned,alloc:average", "--out", str(tmp_path)]) == 0
+    names = [r["method"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]]
+    assert names == ["unpruned", "alloc:average"] and all(n in method_catalog() for n in names)
+    assert main(["bench", "--model", "tiny", "--methods", "meteor:nope"]) == 2
+
+
+def test_ask_prints_stages_and_writes_heatmap(tmp_path, capsys):
+    img = tmp_path / "img.png"
+    mv.testing.random_images(1, size=64)[0].save(img)
+    heat = tmp_path / "heat.png"
+    assert main(["ask", str(img), "what is in the image ?", "--model", "tiny", "--heatmap", str(heat)]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1" in out and "stage 3" in out and "layer-averaged" in out
+    assert Image.open(heat).size == (256 * 3, 256 + 18)
+
+
+def test_ask_missing_image_is_a_clear_error(tmp_path, capsys):
+    assert main(["ask", str(tmp_path / "missing.png"), "what ?", "--model", "tiny"]) == 2
+    assert "image file not found" in capsys.readouterr().err
+
+
+def test_kept_grid_matches_stage_counts(tiny, images):
+    model, processor = tiny
+    inputs = processor(images=[images[0]], text=["what is in the image ?"], return_tensors="pt")
+    method = mv.Meteor.preset("paper-312")
+    with method(model), torch.no_grad():
+        model(**inputs, use_cache=False)
+    s = method.stats[0]
+    kept = s["kept_grid"][0]
+    assert sum(len(v) for v in kept.values()) == s["tokens_per_layer"][-1]
+    for name, cells in kept.items():
+        rows, cols = model.runners[model.expert_names.index(name)].grid()
+        assert len(set(cells)) == len(cells) and all(0 <= c < rows * cols for c in cells)
+
+
+def test_training_step_lowers_the_loss_and_resumes(tmp_path, monkeypatch):
+    """Two tiny runs of the real training loop: the second resumes from the first's checkpoint."""
+    from meteor_vlm import train as tr
+
+    def small_config(tokenizer, image_size=336):
+        cfg = mv.testing.tiny_config(tokenizer=tokenizer, num_layers=2)
+        cfg.text_config.vocab_size = len(tokenizer)
+        return cfg
+
+    monkeypatch.setattr(tr, "default_model_config", small_config)
+    cfg = tr.TrainConfig(out=str(tmp_path), steps=2, batch_size=6, image_size=64, eval_every=100, eval_per_family=1,
+                         save_every=1, bf16=False)
+    tr.train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and "eval" in log[-1]
+    cfg.steps = 3
+    tr.train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]  # resumed at step 2, did one more
