@@ -247,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the embedded model from scratch on the synthetic benchmark")
     t.add_argument("--out", default="runs/default", help="run folder (checkpoint, log.jsonl)")
     t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--steps", type=int, default=1600)
     t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--eval-every", type=int, default=250)
+    t.add_argument("--lr", type=float, default=1.5e-3)
+    t.add_argument("--eval-every", type=int, default=400)
     t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
     t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     t.add_argument("--export", nargs="?", const="package", default=None,

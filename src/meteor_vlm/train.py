@@ -23,7 +23,7 @@ from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 __all__ = ["TrainConfig", "default_model_config", "build_tokenizer", "train", "evaluate", "EVAL_SEED"]
 
 EVAL_SEED = 90_001  # held-out split; training seeds must differ
-PROMPT_WORDS = ("answer", ":")
+PROMPT_WORDS = ("answer", ":", "describe")
 
 
 def build_tokenizer():
@@ -69,18 +69,19 @@ class TrainConfig:
 
     out: str = "runs/default"
     seed: int = 1
-    steps: int = 3000
+    steps: int = 1600
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     min_lr: float = 5e-5
     warmup: int = 100
     weight_decay: float = 0.05
     image_size: int = 336
     bf16: bool = True
-    eval_every: int = 500
+    eval_every: int = 400
     eval_per_family: int = 50
     save_every: int = 250
     max_minutes: float | None = None
+    describe: bool = True
 
 
 def make_batch(processor, cfg: TrainConfig, step: int, with_answers: bool = True, seed: int | None = None):
@@ -91,17 +92,44 @@ def make_batch(processor, cfg: TrainConfig, step: int, with_answers: bool = True
         k = step * cfg.batch_size + i
         fam = synth.FAMILIES[k % len(synth.FAMILIES)]
         samples.append(synth.make_sample(fam, k // len(synth.FAMILIES), seed, cfg.image_size))
-    return samples, encode_samples(processor, samples, with_answers)
+    return samples, encode_samples(processor, samples, with_answers, describe=cfg.describe)
 
 
-def encode_samples(processor, samples, with_answers: bool):
-    """Processor inputs for samples; with answers, `labels` mark the answer token and </s>."""
+def describe(sample) -> str:
+    """Everything the image shows, as words: a dense training target read from the sample's ground truth."""
+    meta = sample.meta
+    if "objects" in meta:  # scenes, pope, counting: objects left to right
+        return " ".join(f"{o['color']} {o['shape']}" for o in sorted(meta["objects"], key=lambda o: o["x"]))
+    if "word" in meta:
+        return meta["word"]
+    if "lines" in meta:
+        return " ".join(f"{line['key']} {line['value']}" for line in meta["lines"])
+    if "bars" in meta:
+        return " ".join(f"{b['label']} {b['value']}" for b in meta["bars"])
+    return sample.answer
+
+
+def encode_samples(processor, samples, with_answers: bool, describe: bool = False):
+    """Processor inputs for samples; with answers, `labels` mark everything after the prompt.
+
+    With `describe`, the sequence goes on after the answer's </s> with "describe : <contents> </s>":
+    causal attention keeps the question and answer exactly as at test time, while the description
+    supervises many more tokens per image at no extra visual cost.
+    """
     eos = processor.tokenizer.eos_token
-    prompts = [processor.format_prompt(s.question) + (f" {s.answer} {eos}" if with_answers else "") for s in samples]
-    inputs = processor(images=[s.image for s in samples], text=prompts, return_tensors="pt", padding=True)
+    prompts = [processor.format_prompt(s.question) for s in samples]
+    if with_answers:
+        suffixes = [f" {s.answer} {eos}" + (f" describe : {globals()['describe'](s)} {eos}" if describe else "") for s in samples]
+    else:
+        suffixes = ["" for _ in samples]
+    inputs = processor(images=[s.image for s in samples], text=[p + x for p, x in zip(prompts, suffixes)],
+                       return_tensors="pt", padding=True)
     if with_answers:
         labels = torch.full_like(inputs["input_ids"], -100)
-        labels[:, -2:] = inputs["input_ids"][:, -2:]  # left padding: the answer and </s> are the last two columns
+        T = labels.shape[1]
+        for b, x in enumerate(suffixes):  # left padding: the suffix is the last n columns
+            n = len(processor.tokenizer(x.strip(), add_special_tokens=False)["input_ids"])
+            labels[b, T - n :] = inputs["input_ids"][b, T - n :]
         inputs["labels"] = labels
     return inputs
 
