@@ -91,3 +91,14 @@ def test_training_step_lowers_the_loss_and_resumes(tmp_path, monkeypatch):
     tr.train(cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]  # resumed at step 2, did one more
+
+
+def test_budget_names_parse_and_reject():
+    from meteor_vlm.bench.accuracy import make_method, resolve_methods
+
+    m = make_method("meteor:e0.5-f0.6-l100")
+    assert (m.encoder_keep, m.fusion_keep, m.lam) == (0.5, 0.6, 100.0)
+    with pytest.raises(ValueError, match="ratio in"):
+        make_method("meteor:e1.5-f0.6-l100")
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve_methods(["meteor:e0.5-f0.6"])

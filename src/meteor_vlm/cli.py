@@ -199,6 +199,7 @@ def cmd_methods(args) -> int:
     for name, make in method_catalog().items():
         m = make()
         print(f"{name:22s} {type(m).__name__}")
+    print("meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>   all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100")
     return 0
 
 
@@ -219,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples-per-family", type=int, default=8, help="held-out samples per family (trained model)")
     d.add_argument("--samples", type=int, default=6, help="synthetic samples in the batch (tiny model)")
     d.add_argument("--repeats", type=int, default=5, help="timed rounds (methods interleaved)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", help="folder for demo.json")
+    d.add_argument("--seed", type=int, default=90_001, help="seed of the held-out samples")
+    d.add_argument("--out", help="folder for the results (trained model) or demo.json (tiny model)")
     d.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("calibrate", help="feature-rank table for METEOR's stage-1 allocation")

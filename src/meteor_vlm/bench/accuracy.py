@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -47,12 +48,29 @@ DEMO_METHODS = (
 )
 
 
-def resolve_methods(names: list[str]) -> list[str]:
-    """Check method names against the catalog (ValueError listing the known ones)."""
+BUDGET_NAME = re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$")
+
+
+def budget_method(name: str) -> Meteor | None:
+    """`meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>`: all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100."""
+    m = BUDGET_NAME.match(name)
+    if m is None:
+        return None
+    return Meteor(encoder_keep=float(m.group(1)), fusion_keep=float(m.group(2)), lam=float(m.group(3)))
+
+
+def make_method(name: str):
+    """The method a bench name stands for (catalog name or budget name)."""
     cat = method_catalog()
-    bad = [n for n in names if n not in cat]
+    return cat[name]() if name in cat else budget_method(name)
+
+
+def resolve_methods(names: list[str]) -> list[str]:
+    """Check method names against the catalog and the budget pattern (ValueError listing the known ones)."""
+    cat = method_catalog()
+    bad = [n for n in names if n not in cat and BUDGET_NAME.match(n) is None]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}")
+        raise ValueError(f"unknown method(s) {bad}; known: {list(cat)} or meteor:e<keep>-f<keep>-l<lambda>")
     if not names:
         raise ValueError("no method given")
     return names
@@ -77,7 +95,7 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     cat = method_catalog()
     samples = synth.make_split(seed, per_family, image_size=image_size)
     encoded = [encode_samples(processor, [s], with_answers=False) for s in samples]
-    methods = {n: cat[n]() for n in names}
+    methods = {n: make_method(n) for n in names}
     if "stage3:fixed" in methods:  # match the adaptive budget's average kept share per layer
         methods["stage3:fixed"] = _matched_fixed(model, encoded, methods.get("stage3:adaptive") or cat["stage3:adaptive"]())
     model.eval()
