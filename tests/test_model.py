@@ -29,8 +29,9 @@ def test_variants_run_generate_and_noop_equals_unmodified(kwargs, images):
             same = model(**inputs, use_cache=False).logits
         real = inputs["attention_mask"].bool()
         torch.testing.assert_close(same[real], base[real], atol=1e-5, rtol=0)
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert not (out[:, inputs["input_ids"].shape[1] :] == model.config.image_token_id).any()
 
 
 def test_meteor_runs_on_every_expert_kind(images):
@@ -118,3 +119,16 @@ def test_scaled_llm_layers():
     assert scaled_llm_layers(32) == (4, 12, 20)
     assert scaled_llm_layers(6) == (1, 2, 4)
     assert scaled_llm_layers(16) == (2, 6, 10)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "pix2struct", "convnext"])
+def test_every_fresh_expert_sees_the_image(kind, images):
+    """A model built from a config must not start blind: different images give different features."""
+    model, processor = mv.testing.tiny_model(seed=0, experts=(kind, "clip") if kind != "clip" else ("clip", "siglip"))
+    pixels = processor(images=[images[0], images[1]], text=["a", "b"])
+    name = model.expert_names[0]
+    with torch.no_grad():
+        feats = model.encode_expert(0, pixels[f"pixel_values_{name}"], None).features
+    assert (feats[0] - feats[1]).abs().mean() > 1e-2 * feats.abs().mean()
+    proj = model.projectors[0][0].weight
+    assert abs(proj.std().item() - 0.02) < 0.005  # the projector got our init, not PyTorch's default

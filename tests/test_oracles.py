@@ -143,6 +143,7 @@ def test_cached_generate_equals_uncached_recomputation(tiny, images, method):
             # no cache: the whole sequence again; stage-3 queries stay at the last prompt token
             full = model(input_ids=ids, attention_mask=mask, **pixels, use_cache=False, query_positions=T0 - 1).logits[:, -1]
             torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
+            full[:, model.config.image_token_id] = float("-inf")  # generate never emits the placeholder
             ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(out.sequences, ids)

@@ -78,7 +78,12 @@ def build_expert(spec: ExpertSpec, attn_implementation: str = "sdpa") -> nn.Modu
     if spec.kind not in _CLASSES:
         raise ValueError(f"unsupported expert kind {spec.kind!r}; supported: {EXPERT_KINDS}")
     config_cls, model_cls = _CLASSES[spec.kind]
-    config = config_cls(**spec.config)
+    kwargs = dict(spec.config)
+    if spec.kind == "pix2struct":
+        # Pix2StructVisionConfig defaults to initializer_range=1e-10, which leaves the patch projection and
+        # MLPs at ~0 in a model built from scratch: the expert would see only its position embeddings
+        kwargs.setdefault("initializer_range", 0.02)
+    config = config_cls(**kwargs)
     if spec.kind != "convnext":
         config._attn_implementation = attn_implementation
     model = model_cls(config)

@@ -144,11 +144,16 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             self.projectors = nn.ModuleList([Projector(sum(r.out_dim for r in self.runners), width)])
         self._pruning_method: PruningMethod | None = None
         self.post_init()
+        for projector in self.projectors:  # post_init does not run _init_weights on a model built from a config
+            self._init_weights(projector)
+        if self.generation_config is not None:  # a generated placeholder would be read as an image next time
+            self.generation_config.suppress_tokens = [config.image_token_id]
 
     def _init_weights(self, module):
         if isinstance(module, Projector):
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
             for lin in (module[0], module[2]):
-                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.normal_(lin.weight, std=std)
                 nn.init.zeros_(lin.bias)
 
     # ---- plumbing ---------------------------------------------------------------------------
