@@ -130,5 +130,20 @@ def test_every_fresh_expert_sees_the_image(kind, images):
     with torch.no_grad():
         feats = model.encode_expert(0, pixels[f"pixel_values_{name}"], None).features
     assert (feats[0] - feats[1]).abs().mean() > 1e-2 * feats.abs().mean()
-    proj = model.projectors[0][0].weight
+    proj = model.projectors[0].fc1.weight
     assert abs(proj.std().item() - 0.02) < 0.005  # the projector got our init, not PyTorch's default
+
+
+def test_projector_batch_norm_is_a_fixed_map_at_inference(images):
+    """With projector_norm='batch', eval mode uses running statistics: a batch equals its samples alone."""
+    model, processor = mv.testing.tiny_model(seed=3, projector_norm="batch")
+    inputs = make_inputs(processor, [images[0], images[1]], ["what ?", "how many circle are there ?"])
+    model.train()
+    with torch.no_grad():
+        model(**inputs, use_cache=False)  # one training-mode pass moves the running statistics
+    model.eval()
+    assert model.projectors[0].norm.running_mean.abs().sum() > 0
+    with torch.no_grad():
+        batch = model(**inputs, use_cache=False).logits
+        alone = model(**make_inputs(processor, [images[1]], ["how many circle are there ?"]), use_cache=False).logits[0]
+    torch.testing.assert_close(batch[1, -alone.shape[0] :], alone, atol=1e-4, rtol=1e-4)

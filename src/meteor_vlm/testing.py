@@ -42,7 +42,8 @@ TINY_EXPERTS = ("clip", "pix2struct", "convnext")
 
 
 def tiny_config(
-    experts=TINY_EXPERTS, fusion: str = "post", llm: str = "llama", num_layers: int = 6, tokenizer=None
+    experts=TINY_EXPERTS, fusion: str = "post", llm: str = "llama", num_layers: int = 6, tokenizer=None,
+    projector_norm: str | None = None,
 ) -> MultiEncoderVLMConfig:
     """Config of a tiny multi-encoder VLM: the given experts and an 8-head LLM (GQA, 4 kv heads)."""
     tokenizer = tokenizer or build_word_tokenizer(TINY_WORDS)
@@ -66,6 +67,7 @@ def tiny_config(
         fusion=fusion,
         fusion_grid=4 if fusion == "pre" else None,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_norm=projector_norm,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -77,7 +79,7 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEn
 
     Default: a CLIP-like ViT with CLS (32 px, 16 patches), a Pix2Struct patch ViT (48 px, 36 patches)
     and a ConvNeXt CNN (32 px, 16 tokens), post-projection fusion, a 6-layer Llama with 8 heads.
-    Keyword arguments go to `tiny_config` (experts=, fusion=, llm=, num_layers=).
+    Keyword arguments go to `tiny_config` (experts=, fusion=, llm=, num_layers=, projector_norm=).
     """
     tokenizer = build_word_tokenizer(TINY_WORDS)
     config = tiny_config(tokenizer=tokenizer, **config_kwargs)

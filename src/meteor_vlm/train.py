@@ -56,6 +56,7 @@ def default_model_config(tokenizer, image_size: int = 336) -> MultiEncoderVLMCon
     )
     return MultiEncoderVLMConfig(
         experts=experts, text_config=text, fusion="post", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_norm="batch",
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
 

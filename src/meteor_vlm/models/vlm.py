@@ -36,6 +36,9 @@ class MultiEncoderVLMConfig(PretrainedConfig):
             features resized to a common grid, channel concatenation, one projector).
         fusion_grid: side of the common grid for "pre" fusion.
         image_token_id: id of the image placeholder token in the tokenizer.
+        projector_norm: None, or "batch" to standardise each expert channel (BatchNorm over images and
+            tokens) before its projector. Experts trained from scratch start with features dominated by
+            an image-independent component; without this the LLM never learns to use them.
         rank_table: stage-1 feature ranks from `meteor calibrate` ({"experts": {name: [r1, r2, r3]}, ...}).
     """
 
@@ -49,6 +52,7 @@ class MultiEncoderVLMConfig(PretrainedConfig):
         fusion: str = "post",
         fusion_grid: int | None = None,
         image_token_id: int | None = None,
+        projector_norm: str | None = None,
         rank_table: dict | None = None,
         **kwargs,
     ):
@@ -64,6 +68,9 @@ class MultiEncoderVLMConfig(PretrainedConfig):
         self.fusion = fusion
         self.fusion_grid = fusion_grid
         self.image_token_id = image_token_id
+        if projector_norm not in (None, "batch"):
+            raise ValueError(f"unknown projector_norm {projector_norm!r}; choose None or 'batch'")
+        self.projector_norm = projector_norm
         self.rank_table = rank_table
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
@@ -98,11 +105,23 @@ class VisualTokens:
         )
 
 
-class Projector(nn.Sequential):
-    """Two-layer MLP from an expert's width to the LLM's (LLaVA-1.5 style)."""
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over all tokens of all images, per channel: (B, N, D) in and out."""
 
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+class Projector(nn.Module):
+    """Two-layer MLP from an expert's width to the LLM's (LLaVA-1.5 style), optionally standardising its input."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm: str | None = None):
+        super().__init__()
+        self.norm = TokenBatchNorm(in_dim) if norm == "batch" else nn.Identity()
+        self.fc1, self.act, self.fc2 = nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
 
 
 class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
@@ -137,11 +156,11 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(text_config)
         width = text_config.hidden_size
         if config.fusion == "post":
-            self.projectors = nn.ModuleList([Projector(r.out_dim, width) for r in self.runners])
+            self.projectors = nn.ModuleList([Projector(r.out_dim, width, config.projector_norm) for r in self.runners])
         else:
             if not config.fusion_grid:
                 raise ValueError("pre-projection fusion needs config.fusion_grid")
-            self.projectors = nn.ModuleList([Projector(sum(r.out_dim for r in self.runners), width)])
+            self.projectors = nn.ModuleList([Projector(sum(r.out_dim for r in self.runners), width, config.projector_norm)])
         self._pruning_method: PruningMethod | None = None
         self.post_init()
         for projector in self.projectors:  # post_init does not run _init_weights on a model built from a config
@@ -152,7 +171,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         if isinstance(module, Projector):
             std = getattr(self.config.text_config, "initializer_range", 0.02)
-            for lin in (module[0], module[2]):
+            for lin in (module.fc1, module.fc2):
                 nn.init.normal_(lin.weight, std=std)
                 nn.init.zeros_(lin.bias)
 
