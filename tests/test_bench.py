@@ -102,3 +102,14 @@ def test_budget_names_parse_and_reject():
         make_method("meteor:e1.5-f0.6-l100")
     with pytest.raises(ValueError, match="unknown method"):
         resolve_methods(["meteor:e0.5-f0.6"])
+
+
+def test_memorization_probe_reports_loss_and_gradients():
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2, projector_norm="batch")
+    rows = tr.memorization_probe("pope", samples=4, steps=2, report_every=1, config=cfg)
+    assert [r["step"] for r in rows[:-1]] == [1, 2]
+    assert rows[-1]["chance_loss"] > 0
+    assert all(r["grad_norm"]["experts"] > 0 for r in rows[:-1])  # gradients reach the experts

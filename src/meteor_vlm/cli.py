@@ -167,6 +167,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from meteor_vlm.train import memorization_probe
+
+    rows = memorization_probe(args.family, args.samples, args.steps, args.lr)
+    chance = rows.pop()["chance_loss"]
+    for r in rows:
+        g = "  ".join(f"{k} {v:.2e}" for k, v in r["grad_norm"].items())
+        print(f"step {r['step']:4d}  loss {r['loss']:.3f}  grad norms: {g}")
+    verdict = "fits the images" if rows[-1]["loss"] < 0.5 * chance else "stuck at the answer prior: the image is not used"
+    print(f"prior-only loss would be {chance:.3f}: {verdict}")
+    return 0
+
+
 def cmd_ask(args) -> int:
     import meteor_vlm as mv
     from meteor_vlm.viz import kept_token_heatmap
@@ -266,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--heatmap", help="write the image with each expert's kept tokens to this PNG")
     a.add_argument("--max-new-tokens", type=int, default=8)
     a.set_defaults(fn=cmd_ask)
+
+    pr = sub.add_parser("probe", help="can the training recipe fit a few fixed images? (vision-path check)")
+    pr.add_argument("--family", default="ocr")
+    pr.add_argument("--samples", type=int, default=12)
+    pr.add_argument("--steps", type=int, default=100)
+    pr.add_argument("--lr", type=float, default=1.5e-3)
+    pr.set_defaults(fn=cmd_probe)
 
     m = sub.add_parser("methods", help="list the method names bench accepts")
     m.set_defaults(fn=cmd_methods)
