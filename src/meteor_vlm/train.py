@@ -16,13 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import synth
+from .synth import EVAL_SEED
 from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["TrainConfig", "default_model_config", "build_tokenizer", "train", "evaluate", "EVAL_SEED"]
 
-EVAL_SEED = 90_001  # held-out split; training seeds must differ
 PROMPT_WORDS = ("answer", ":", "describe")
 
 
@@ -96,7 +96,7 @@ def make_batch(processor, cfg: TrainConfig, step: int, with_answers: bool = True
     return samples, encode_samples(processor, samples, with_answers, describe=cfg.describe)
 
 
-def describe(sample) -> str:
+def describe_sample(sample) -> str:
     """Everything the image shows, as words: a dense training target read from the sample's ground truth."""
     meta = sample.meta
     if "objects" in meta:  # scenes, pope, counting: objects left to right
@@ -120,7 +120,7 @@ def encode_samples(processor, samples, with_answers: bool, describe: bool = Fals
     eos = processor.tokenizer.eos_token
     prompts = [processor.format_prompt(s.question) for s in samples]
     if with_answers:
-        suffixes = [f" {s.answer} {eos}" + (f" describe : {globals()['describe'](s)} {eos}" if describe else "") for s in samples]
+        suffixes = [f" {s.answer} {eos}" + (f" describe : {describe_sample(s)} {eos}" if describe else "") for s in samples]
     else:
         suffixes = ["" for _ in samples]
     inputs = processor(images=[s.image for s in samples], text=[p + x for p, x in zip(prompts, suffixes)],

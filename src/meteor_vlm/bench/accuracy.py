@@ -81,7 +81,7 @@ def _predict(model, inputs) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_bench(model, processor, names: list[str], per_family: int = 10, seed: int = 90_001,
+def run_bench(model, processor, names: list[str], per_family: int = 10, seed: int = synth.EVAL_SEED,
               image_size: int = 336, flops_samples: int = 6, progress: bool = True) -> list[dict]:
     """Run each named method on the same held-out samples, one sample at a time, methods interleaved.
 

@@ -159,7 +159,6 @@ class Meteor(PruningMethod):
             if k > n_in:
                 raise ValueError(f"fusion budget {k} is larger than the tokens available after stage 1 ({n_in})")
             plan["fusion"] = k
-            plan["fusion_counts"] = counts
         if self.llm:
             depth = model.num_llm_layers
             layers = tuple(self.layers) if self.layers is not None else scaled_llm_layers(depth)

@@ -19,7 +19,10 @@ single token.  Both are covered by :func:`vocabulary`.
 from ._lexicon import is_correct, normalize_answer, tokenize, vocabulary
 from .core import FAMILIES, Sample, make_sample, make_split
 
+EVAL_SEED = 90_001  # the held-out split: training streams must use other seeds
+
 __all__ = [
+    "EVAL_SEED",
     "FAMILIES",
     "Sample",
     "is_correct",
