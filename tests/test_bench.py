@@ -82,15 +82,18 @@ def test_training_step_lowers_the_loss_and_resumes(tmp_path, monkeypatch):
         return cfg
 
     monkeypatch.setattr(tr, "default_model_config", small_config)
-    cfg = tr.TrainConfig(out=str(tmp_path), steps=2, batch_size=6, image_size=64, eval_every=100, eval_per_family=1,
-                         save_every=1, bf16=False)
+    cfg = tr.TrainConfig(out=str(tmp_path), vision_steps=2, steps=2, batch_size=6, image_size=64, eval_every=100,
+                         eval_per_family=1, save_every=1, bf16=False)
     tr.train(cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and "eval" in log[-1]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and "eval" in log[-1]
+    assert [r["phase"] for r in log] == [1, 1, 2, 2]
+    assert all(r["loss"] == 0 and r["grounding"] > 0 for r in log[:2])  # phase 1: grounding only
+    assert all(r["loss"] > 0 for r in log[2:])
     cfg.steps = 3
     tr.train(cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3]  # resumed at step 2, did one more
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]  # resumed at step 4, did one more
 
 
 def test_budget_names_parse_and_reject():
@@ -113,3 +116,45 @@ def test_memorization_probe_reports_loss_and_gradients():
     assert [r["step"] for r in rows[:-1]] == [1, 2]
     assert rows[-1]["chance_loss"] > 0
     assert all(r["grad_norm"]["experts"] > 0 for r in rows[:-1])  # gradients reach the experts
+
+
+@pytest.mark.parametrize("family", ["ocr", "docs", "scenes", "charts"])
+def test_grounding_targets_match_pixel_overlap(family):
+    """Independent oracle: a cell is labelled with a region's words iff, counted in pixels, the region
+    covers at least 10% of it."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    s = synth.make_sample(family, 5, 3, 336)
+    cell = 16
+    target = tr.grounding_targets([s], (21, 21), tok)[0]
+    expected = torch.zeros_like(target)
+    for (x0, y0, x1, y1), words in tr.region_words(s):
+        box = [v * 336 for v in (x0, y0, x1, y1)]
+        for r in range(21):
+            for c in range(21):
+                w = max(0.0, min(box[2], (c + 1) * cell) - max(box[0], c * cell))
+                h = max(0.0, min(box[3], (r + 1) * cell) - max(box[1], r * cell))
+                if w * h >= 0.1 * cell * cell - 1e-6:
+                    expected[r * 21 + c, tok.convert_tokens_to_ids(words)] = 1.0
+    assert expected.sum() > 0
+    assert torch.equal(target, expected)
+
+
+def test_grounding_loss_needs_a_forward_and_removes_its_hooks(tiny, images):
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    model, processor = tiny
+    g = tr.Grounding(model)
+    samples = [synth.make_sample("pope", i, 0, 64) for i in range(2)]
+    with pytest.raises(RuntimeError, match="run the model"):
+        g.loss(samples, processor.tokenizer)
+    inputs = processor(images=[x.image for x in samples], text=["what ?"] * 2, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+    loss = g.loss(samples, processor.tokenizer)
+    assert torch.isfinite(loss) and loss > 0
+    g.close()
+    assert all(not p._forward_hooks for p in model.projectors)

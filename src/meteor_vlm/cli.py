@@ -159,8 +159,8 @@ def _demo_tiny(args) -> int:
 def cmd_train(args) -> int:
     from meteor_vlm.train import TrainConfig, export, train
 
-    cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      eval_every=args.eval_every, max_minutes=args.max_minutes)
+    cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, vision_steps=args.vision_steps,
+                      batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, max_minutes=args.max_minutes)
     ckpt = train(cfg, resume=not args.no_resume)
     print(f"checkpoint: {ckpt}")
     if args.export:
@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the embedded model from scratch on the synthetic benchmark")
     t.add_argument("--out", default="runs/default", help="run folder (checkpoint, log.jsonl)")
     t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--steps", type=int, default=1600)
+    t.add_argument("--vision-steps", type=int, default=2500, help="phase 1: experts + projectors on the grounding target")
+    t.add_argument("--steps", type=int, default=1800, help="phase 2: question answering")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1.5e-3)
     t.add_argument("--eval-every", type=int, default=400)

@@ -32,7 +32,7 @@ COLORS: dict[str, RGB] = {
 INKS: tuple[RGB, ...] = ((0, 0, 0), (20, 30, 90), (90, 20, 20), (20, 70, 30), (60, 60, 60))
 
 # Font size as a fraction of the side: 11 px at 336 px, capitals about 8 px tall.
-TEXT_SCALE = 0.034
+TEXT_SCALE = 0.045
 
 
 def text_px(size: int) -> int:
