@@ -158,3 +158,35 @@ def test_grounding_loss_needs_a_forward_and_removes_its_hooks(tiny, images):
     assert torch.isfinite(loss) and loss > 0
     g.close()
     assert all(not p._forward_hooks for p in model.projectors)
+
+
+def test_grounding_report_equals_a_per_token_top_k_count():
+    """The vectorised read-out score = counting, token by token, target words among the top-k words."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    torch.manual_seed(0)
+    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2)
+    model = mv.MultiEncoderVLM(cfg).eval()
+    processor = mv.MultiEncoderProcessor(tok, cfg.expert_specs, tr.PROMPT_TEMPLATE)
+    report = tr.grounding_report(model, processor, per_family=2, seed=4)
+    assert set(report) == set(synth.FAMILIES)
+    assert all(not p._forward_hooks for p in model.projectors)
+
+    size = max([synth.MIN_IMAGE_SIZE] + [e.image_size for e in processor.experts])
+    samples = [synth.make_sample("scenes", i, 4, size) for i in range(2)]
+    inputs = processor(images=[s.image for s in samples], text=["<image>"] * 2, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        per_expert = [model.encode_expert(i, inputs[f"pixel_values_{n}"], None) for i, n in enumerate(model.expert_names)]
+        for i, (name, v) in enumerate(zip(model.expert_names, per_expert)):
+            logits = model.get_output_embeddings()(model.projectors[i](v.features))
+            target = tr.grounding_targets(samples, model.runners[i].grid(), tok)
+            hit = total = 0
+            for b, n in (target.sum(-1) > 0).nonzero().tolist():
+                row = logits[b, n].clone()
+                row[tok.pad_token_id] = -float("inf")
+                k = int(target[b, n].sum())
+                hit += int(target[b, n, row.topk(k).indices].sum())
+                total += k
+            assert report["scenes"][name] == pytest.approx(hit / total)

@@ -26,3 +26,17 @@ def test_demo_prints_the_table_and_writes_json(tmp_path, capsys):
     rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
     base, pruned = rows[0], next(r for r in rows if r["method"] == "meteor:paper-242")
     assert pruned["layer_avg_tokens"] < base["layer_avg_tokens"] and pruned["gflops"] < base["gflops"]
+
+
+def test_probe_checkpoint_prints_one_row_per_family(tmp_path, capsys):
+    import meteor_vlm as mv
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2)
+    mv.MultiEncoderVLM(cfg).save_pretrained(tmp_path)
+    mv.MultiEncoderProcessor(tok, cfg.expert_specs, tr.PROMPT_TEMPLATE).save_pretrained(tmp_path)
+    assert main(["probe", "--checkpoint", str(tmp_path), "--samples", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines[2:]] == list(synth.FAMILIES)

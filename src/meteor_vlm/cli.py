@@ -170,8 +170,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from meteor_vlm.train import memorization_probe
+    from meteor_vlm.train import grounding_report, memorization_probe
 
+    if args.checkpoint:
+        model, processor = _load(args.checkpoint)
+        report = grounding_report(model, processor, args.samples)
+        names = model.expert_names
+        print("grounding read-out (share of covered tokens naming what they cover), held-out images")
+        print(f"{'family':10s} " + " ".join(f"{n:>8s}" for n in names))
+        for fam, row in report.items():
+            print(f"{fam:10s} " + " ".join(f"{row[n]:8.2f}" if row[n] is not None else f"{'-':>8s}" for n in names))
+        return 0
     rows = memorization_probe(args.family, args.samples, args.steps, args.lr)
     chance = rows.pop()["chance_loss"]
     for r in rows:
@@ -288,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--samples", type=int, default=12)
     pr.add_argument("--steps", type=int, default=100)
     pr.add_argument("--lr", type=float, default=1.5e-3)
+    pr.add_argument("--checkpoint", help="instead: report how well a trained model's visual tokens name their content")
     pr.set_defaults(fn=cmd_probe)
 
     m = sub.add_parser("methods", help="list the method names bench accepts")

@@ -370,6 +370,39 @@ def export(ckpt, dest=None, seed: int = 1, calibration_images: int = 60) -> Path
     return dest
 
 
+@torch.no_grad()
+def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SEED) -> dict:
+    """How well each expert's projected tokens name what they cover, per family, on held-out images.
+
+    For every token that covers something, the fraction of its k target words found among the top-k
+    words of its read-out through the LLM's output head (pad excluded). Near 1: that expert sees the
+    content, so a wrong answer comes from the LLM; near 0: the expert does not see it.
+    """
+    tok = processor.tokenizer
+    g = Grounding(model)
+    size = max([synth.MIN_IMAGE_SIZE] + [e.image_size for e in processor.experts])
+    report = {}
+    try:
+        for fam in synth.FAMILIES:
+            samples = [synth.make_sample(fam, i, seed, size) for i in range(per_family)]
+            model.encode_images(_pixels(processor(images=[s.image for s in samples], text=["<image>"] * len(samples),
+                                                  return_tensors="pt", padding=True)))
+            row = {}
+            for i, grid in enumerate(g.grids):
+                target = grounding_targets(samples, grid, tok)
+                logits = g.head(g._captured[i].float())
+                logits[..., tok.pad_token_id] = -float("inf")
+                covered = target.sum(-1) > 0
+                k = target.sum(-1).long()
+                ranks = logits.argsort(-1, descending=True).argsort(-1)  # rank of every word, per token
+                hits = ((ranks < k[..., None]) & (target > 0)).sum(-1)
+                row[model.expert_names[i]] = float(hits[covered].sum() / k[covered].sum()) if covered.any() else None
+            report[fam] = row
+    finally:
+        g.close()
+    return report
+
+
 def memorization_probe(family: str = "ocr", samples: int = 12, steps: int = 100, lr: float = 1.5e-3,
                        seed: int = 7, report_every: int = 25, config=None) -> list[dict]:
     """Can the recipe fit a few fixed images? The quickest check that the vision path learns at all.

@@ -17,13 +17,14 @@ single token.  Both are covered by :func:`vocabulary`.
 """
 
 from ._lexicon import is_correct, normalize_answer, tokenize, vocabulary
-from .core import FAMILIES, Sample, make_sample, make_split
+from .core import FAMILIES, MIN_IMAGE_SIZE, Sample, make_sample, make_split
 
 EVAL_SEED = 90_001  # the held-out split: training streams must use other seeds
 
 __all__ = [
     "EVAL_SEED",
     "FAMILIES",
+    "MIN_IMAGE_SIZE",
     "Sample",
     "is_correct",
     "make_sample",
