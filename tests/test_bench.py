@@ -190,3 +190,21 @@ def test_grounding_report_equals_a_per_token_top_k_count():
                 hit += int(target[b, n, row.topk(k).indices].sum())
                 total += k
             assert report["scenes"][name] == pytest.approx(hit / total)
+
+
+def test_symbolic_probe_feeds_ground_truth_tokens_and_reports_accuracy(monkeypatch):
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    def no_experts(*args, **kwargs):
+        raise AssertionError("the symbolic probe must not run the experts")
+
+    monkeypatch.setattr(mv.MultiEncoderVLM, "encode_expert", no_experts)
+    tok = tr.build_tokenizer()
+    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2)
+    rows = tr.symbolic_probe(steps=2, eval_every=1, per_family=1, batch_size=6, config=cfg, progress=False)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert set(rows[0]["accuracy"]) == set(synth.FAMILIES) | {"average"}
+    assert all(0 <= v <= 1 for v in rows[0]["accuracy"].values())
+    codes = tr._position_code(3, 4, 8)
+    assert codes.shape == (12, 8) and len({tuple(c.tolist()) for c in codes}) == 12  # every cell distinct

@@ -172,6 +172,13 @@ def cmd_train(args) -> int:
 def cmd_probe(args) -> int:
     from meteor_vlm.train import grounding_report, memorization_probe
 
+    if args.symbolic:
+        from meteor_vlm.train import symbolic_probe
+
+        for r in symbolic_probe(steps=args.steps, lr=args.lr):
+            acc = "  ".join(f"{k} {v:.2f}" for k, v in r["accuracy"].items())
+            print(f"step {r['step']:5d}  loss {r['loss']:.3f}  held-out: {acc}")
+        return 0
     if args.checkpoint:
         model, processor = _load(args.checkpoint)
         report = grounding_report(model, processor, args.samples)
@@ -298,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=int, default=100)
     pr.add_argument("--lr", type=float, default=1.5e-3)
     pr.add_argument("--checkpoint", help="instead: report how well a trained model's visual tokens name their content")
+    pr.add_argument("--symbolic", action="store_true",
+                    help="instead: train the LLM alone on perfect (ground-truth) visual tokens for --steps (LLM-side check)")
     pr.set_defaults(fn=cmd_probe)
 
     m = sub.add_parser("methods", help="list the method names bench accepts")
