@@ -147,3 +147,34 @@ def test_projector_batch_norm_is_a_fixed_map_at_inference(images):
         batch = model(**inputs, use_cache=False).logits
         alone = model(**make_inputs(processor, [images[1]], ["how many circle are there ?"]), use_cache=False).logits[0]
     torch.testing.assert_close(batch[1, -alone.shape[0] :], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_splice_equals_a_token_by_token_reference(tiny, images):
+    """Each placeholder becomes its image's tokens, in order; rows are left-padded to the longest."""
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], [images[1], images[2]], images[3]],
+                         ["what is it ?", "<image> and <image> ?", "how many circle are there in the image ?"])
+    with torch.no_grad():
+        visual = model.encode_images({k[len("pixel_values_"):]: v for k, v in inputs.items() if k.startswith("pixel_")})
+        embeds, valid, is_vis, text_col, vis_index = model._splice(inputs["input_ids"], inputs["attention_mask"], visual)
+        text_emb = model.get_input_embeddings()(inputs["input_ids"])
+    n_vis, image = visual.features.shape[1], 0
+    for b in range(inputs["input_ids"].shape[0]):
+        rows = []  # (embedding, valid, is_visual, vis_index) per expanded column, built token by token
+        for t, tok in enumerate(inputs["input_ids"][b].tolist()):
+            ok = bool(inputs["attention_mask"][b, t])
+            if tok == model.config.image_token_id:
+                rows += [(visual.features[image, j], ok, True, image * n_vis + j) for j in range(n_vis)]
+                image += 1
+            else:
+                rows.append((text_emb[b, t], ok, False, -1))
+        pad = embeds.shape[1] - len(rows)
+        assert not valid[b, :pad].any() and not is_vis[b, :pad].any() and (embeds[b, :pad] == 0).all()
+        for j, (e, ok, vis, idx) in enumerate(rows):
+            assert torch.equal(embeds[b, pad + j], e)
+            assert (bool(valid[b, pad + j]), bool(is_vis[b, pad + j]), int(vis_index[b, pad + j])) == (ok, vis, idx)
+        # each input column maps to its own expanded column (a placeholder: its image's last token)
+        widths = [n_vis if tok == model.config.image_token_id else 1 for tok in inputs["input_ids"][b].tolist()]
+        ends = torch.tensor(widths).cumsum(0) - 1 + pad
+        assert torch.equal(text_col[b], ends)
+    assert image == visual.features.shape[0]

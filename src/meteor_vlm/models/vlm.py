@@ -298,31 +298,27 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             cols = torch.arange(T, device=input_ids.device).expand(B, T)
             return text_emb, attention_mask.bool(), torch.zeros_like(is_img), cols, torch.full_like(cols, -1)
         n_vis = visual.features.shape[1]
-        extra = is_img.sum(1) * (n_vis - 1)
-        L = T + int(extra.max())
-        D = text_emb.shape[-1]
-        embeds = text_emb.new_zeros(B, L, D)
-        valid = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
+        dev = input_ids.device
+        lens = torch.where(is_img, n_vis, 1)  # expanded width of each input column
+        cum = lens.cumsum(1)
+        L = int(cum[:, -1].max())
+        start = (L - cum[:, -1:]) + cum - lens  # first expanded column of each input column (left padded)
+        text_col = start + lens - 1
+        mask = attention_mask.bool()
+        embeds = text_emb.new_zeros(B, L, text_emb.shape[-1])
+        valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
         is_vis = torch.zeros_like(valid)
-        text_col = torch.zeros(B, T, dtype=torch.long, device=input_ids.device)
-        vis_index = torch.full((B, L), -1, dtype=torch.long, device=input_ids.device)
-        image = 0
-        for b in range(B):
-            col = L - (T + int(extra[b]))  # left padding of the expanded row
-            for t in range(T):
-                if is_img[b, t]:
-                    embeds[b, col : col + n_vis] = visual.features[image].to(embeds.dtype)
-                    valid[b, col : col + n_vis] = bool(attention_mask[b, t])
-                    is_vis[b, col : col + n_vis] = True
-                    vis_index[b, col : col + n_vis] = torch.arange(image * n_vis, (image + 1) * n_vis)
-                    col += n_vis
-                    image += 1
-                    text_col[b, t] = col - 1
-                else:
-                    embeds[b, col] = text_emb[b, t]
-                    valid[b, col] = bool(attention_mask[b, t])
-                    text_col[b, t] = col
-                    col += 1
+        vis_index = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        tb, tt = (~is_img).nonzero(as_tuple=True)
+        embeds[tb, start[tb, tt]] = text_emb[tb, tt]
+        valid[tb, start[tb, tt]] = mask[tb, tt]
+        ib, it = is_img.nonzero(as_tuple=True)  # row-major: the order images are given in
+        cols = start[ib, it][:, None] + torch.arange(n_vis, device=dev)
+        rows = ib[:, None].expand_as(cols)
+        embeds[rows, cols] = visual.features.to(embeds.dtype)
+        valid[rows, cols] = mask[ib, it][:, None].expand_as(cols)
+        is_vis[rows, cols] = True
+        vis_index[rows, cols] = torch.arange(n_images * n_vis, device=dev).view(n_images, n_vis)
         return embeds, valid, is_vis, text_col, vis_index
 
     # ---- forward --------------------------------------------------------------------------
