@@ -20,7 +20,7 @@ from . import synth
 from .synth import EVAL_SEED
 from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
-from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
+from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig, VisualTokens, expert_pixels
 
 __all__ = ["TrainConfig", "default_model_config", "build_tokenizer", "train", "evaluate", "EVAL_SEED"]
 
@@ -150,6 +150,18 @@ def grounding_targets(samples, grid: tuple[int, int], tokenizer, min_cover: floa
     return out
 
 
+def grounding_distribution(samples, grid: tuple[int, int], tokenizer) -> torch.Tensor:
+    """`grounding_targets` as a distribution per cell: uniform over its words, the pad token on background."""
+    target = grounding_targets(samples, grid, tokenizer)
+    target[..., tokenizer.pad_token_id] += (target.sum(-1) == 0).float()
+    return target / target.sum(-1, keepdim=True)
+
+
+def _synth_size(processor) -> int:
+    """Side at which to draw samples for a processor: its largest expert, at least synth's minimum."""
+    return max([synth.MIN_IMAGE_SIZE] + [e.image_size for e in processor.experts])
+
+
 class Grounding:
     """Training-only dense target: every projected visual token, read through the LLM's own output head,
     should name what it covers (the words of `region_words`), or the pad token on the background.
@@ -185,9 +197,7 @@ class Grounding:
             raise RuntimeError("run the model on the samples' images before asking for the grounding loss")
         total = 0.0
         for i, grid in enumerate(self.grids):
-            target = grounding_targets(samples, grid, tokenizer)
-            target[..., tokenizer.pad_token_id] += (target.sum(-1) == 0).float()
-            target = target / target.sum(-1, keepdim=True)
+            target = grounding_distribution(samples, grid, tokenizer)
             logp = F.log_softmax(self.head(self._captured[i].float()), -1)
             total = total - (target * logp).sum(-1).mean()
         self._captured = [None] * len(self.grids)
@@ -227,14 +237,19 @@ def answer_ids(model, inputs) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, processor, per_family: int = 50, seed: int = EVAL_SEED, image_size: int = 336,
-             batch_size: int = 16, method=None, progress: bool = False) -> dict:
-    """Exact-match accuracy per family and on average, on a held-out split."""
+             batch_size: int = 16, method=None, progress: bool = False, on_batch=None) -> dict:
+    """Exact-match accuracy per family and on average, on a held-out split.
+
+    on_batch(samples), when given, is called before each batch runs (the symbolic probe feeds its tokens).
+    """
     samples = synth.make_split(seed, per_family, image_size=image_size)
     correct = {f: 0 for f in synth.FAMILIES}
     total = {f: 0 for f in synth.FAMILIES}
     model.eval()
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", disable=not progress):
         batch = samples[start : start + batch_size]
+        if on_batch is not None:
+            on_batch(batch)
         inputs = encode_samples(processor, batch, with_answers=False)
         if method is not None:
             with method(model):
@@ -262,10 +277,6 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     if step < cfg.vision_steps:
         return _cosine(step, cfg.vision_steps, cfg.vision_lr, 0.1 * cfg.vision_lr, cfg.warmup)
     return _cosine(step - cfg.vision_steps, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
-
-
-def _pixels(inputs) -> dict:
-    return {k[len("pixel_values_") :]: v for k, v in inputs.items() if k.startswith("pixel_values_")}
 
 
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
@@ -312,12 +323,12 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         samples, inputs = make_batch(processor, cfg, step, with_answers=not vision)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             if vision:
-                model.encode_images(_pixels(inputs))
+                model.encode_images(expert_pixels(inputs))
                 loss = torch.zeros(())
             else:
                 loss = model(**inputs, use_cache=False).loss
-            aux = grounding.loss(samples, tokenizer) if grounding is not None else torch.zeros(())
-        weight = 1.0 if vision else cfg.grounding
+            weight = 1.0 if vision else cfg.grounding
+            aux = grounding.loss(samples, tokenizer) if weight > 0 else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -380,13 +391,13 @@ def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SE
     """
     tok = processor.tokenizer
     g = Grounding(model)
-    size = max([synth.MIN_IMAGE_SIZE] + [e.image_size for e in processor.experts])
+    size = _synth_size(processor)
     report = {}
     try:
         for fam in synth.FAMILIES:
             samples = [synth.make_sample(fam, i, seed, size) for i in range(per_family)]
-            model.encode_images(_pixels(processor(images=[s.image for s in samples], text=["<image>"] * len(samples),
-                                                  return_tensors="pt", padding=True)))
+            inputs = processor(images=[s.image for s in samples], text=["<image>"] * len(samples), return_tensors="pt")
+            model.encode_images(expert_pixels(inputs))
             row = {}
             for i, grid in enumerate(g.grids):
                 target = grounding_targets(samples, grid, tok)
@@ -433,13 +444,9 @@ def symbolic_probe(steps: int = 500, lr: float = 1.5e-3, eval_every: int = 100, 
     current: list = []
 
     def encode(pixel_values, method=None):
-        from .models.vlm import VisualTokens
-
         feats, expert, index = [], [], []
         for i, grid in enumerate(grids):
-            t = grounding_targets(current, grid, tokenizer)
-            t[..., tokenizer.pad_token_id] += (t.sum(-1) == 0).float()
-            feats.append((t / t.sum(-1, keepdim=True)) @ words + 0.5 * codes[i])
+            feats.append(grounding_distribution(current, grid, tokenizer) @ words + 0.5 * codes[i])
             n = grid[0] * grid[1]
             expert.append(torch.full((len(current), n), i))
             index.append(torch.arange(n).expand(len(current), -1))
@@ -447,9 +454,8 @@ def symbolic_probe(steps: int = 500, lr: float = 1.5e-3, eval_every: int = 100, 
         return VisualTokens(f, torch.cat(expert, 1), torch.cat(index, 1), torch.ones(f.shape[:2]))
 
     model.encode_images = encode  # this instance only; the model is local to the probe
-    size = max([synth.MIN_IMAGE_SIZE] + [e.image_size for e in processor.experts])
+    size = _synth_size(processor)
     cfg = TrainConfig(batch_size=batch_size, image_size=size, seed=seed)
-    held_out = synth.make_split(EVAL_SEED, per_family, image_size=size)
     opt = torch.optim.AdamW(model.language_model.parameters(), lr=lr, weight_decay=0.05)
     rows = []
     for step in tqdm(range(steps), desc="symbolic probe", disable=not progress):
@@ -463,18 +469,9 @@ def symbolic_probe(steps: int = 500, lr: float = 1.5e-3, eval_every: int = 100, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            model.eval()
-            correct = {f: [0, 0] for f in synth.FAMILIES}
-            for start in range(0, len(held_out), batch_size):
-                batch = held_out[start : start + batch_size]
-                current[:] = batch
-                pred = answer_ids(model, encode_samples(processor, batch, with_answers=False))
-                for s, w in zip(batch, tokenizer.convert_ids_to_tokens(pred.tolist())):
-                    correct[s.family][0] += int(synth.is_correct(w, s.answer))
-                    correct[s.family][1] += 1
+            acc = evaluate(model, processor, per_family, image_size=size, batch_size=batch_size,
+                           on_batch=lambda batch: current.__setitem__(slice(None), batch))
             model.train()
-            acc = {f: c / n for f, (c, n) in correct.items() if n}
-            acc["average"] = sum(acc.values()) / len(acc)
             rows.append({"step": step + 1, "loss": loss.item(), "accuracy": acc})
     return rows
 

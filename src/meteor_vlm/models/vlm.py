@@ -21,7 +21,14 @@ from ..methods.base import EncoderPoint, FusionPoint, PruningMethod
 from . import runtime
 from .experts import ExpertSpec, build_expert, runner_for
 
-__all__ = ["MultiEncoderVLMConfig", "MultiEncoderVLM", "VisualTokens", "FUSIONS"]
+__all__ = ["MultiEncoderVLMConfig", "MultiEncoderVLM", "VisualTokens", "FUSIONS", "expert_pixels"]
+
+PIXEL_PREFIX = "pixel_values_"
+
+
+def expert_pixels(inputs) -> dict:
+    """{expert name: pixel values} from processor outputs / forward kwargs (keys pixel_values_<expert>)."""
+    return {k[len(PIXEL_PREFIX) :]: v for k, v in inputs.items() if k.startswith(PIXEL_PREFIX)}
 
 FUSIONS = ("post", "pre")
 
@@ -345,8 +352,8 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             query_positions: (B,) input column of the text query for stage 3 (default: the last column).
                 Pass it when re-running a longer sequence without cache so decisions match the prompt's.
         """
-        pixel_values = {k[len("pixel_values_") :]: v for k, v in kwargs.items() if k.startswith("pixel_values_")}
-        unknown = [k for k in kwargs if not k.startswith("pixel_values_") and kwargs[k] is not None]
+        pixel_values = expert_pixels(kwargs)
+        unknown = [k for k in kwargs if not k.startswith(PIXEL_PREFIX) and kwargs[k] is not None]
         unknown = [k for k in unknown if k not in ("cache_position", "position_ids", "output_attentions", "output_hidden_states")]
         if unknown:
             raise ValueError(f"unexpected inputs {unknown}")
