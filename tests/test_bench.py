@@ -77,23 +77,46 @@ def test_training_step_lowers_the_loss_and_resumes(tmp_path, monkeypatch):
     from meteor_vlm import train as tr
 
     def small_config(tokenizer, image_size=336):
-        cfg = mv.testing.tiny_config(tokenizer=tokenizer, num_layers=2)
+        cfg = mv.testing.tiny_config(tokenizer=tokenizer, num_layers=2, projector="vocab")
         cfg.text_config.vocab_size = len(tokenizer)
         return cfg
 
     monkeypatch.setattr(tr, "default_model_config", small_config)
-    cfg = tr.TrainConfig(out=str(tmp_path), vision_steps=2, steps=2, batch_size=6, image_size=64, eval_every=100,
-                         eval_per_family=1, save_every=1, bf16=False)
+    cfg = tr.TrainConfig(out=str(tmp_path), word_steps=2, vision_steps=2, steps=2, batch_size=6, image_size=64,
+                         eval_every=100, eval_per_family=1, save_every=1, bf16=False, background=0.2)
     tr.train(cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and "eval" in log[-1]
-    assert [r["phase"] for r in log] == [1, 1, 2, 2]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and "eval" in log[-1]
+    assert [r["phase"] for r in log] == ["vision", "vision", "words", "words", "qa", "qa"]
+    assert "eval" in log[3]  # the end of phase 2 is evaluated (on visual words)
     assert all(r["loss"] == 0 and r["grounding"] > 0 for r in log[:2])  # phase 1: grounding only
-    assert all(r["loss"] > 0 for r in log[2:])
+    assert all(r["loss"] > 0 and r["grounding"] == 0 for r in log[2:4])  # phase 2: the LLM alone
+    assert all(r["loss"] > 0 and r["grounding"] > 0 for r in log[4:])
     cfg.steps = 3
     tr.train(cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]  # resumed at step 4, did one more
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7]  # resumed at step 6, did one more
+
+
+def test_resuming_inside_the_words_phase_feeds_visual_words_again(tmp_path, monkeypatch):
+    from meteor_vlm import train as tr
+
+    def small_config(tokenizer, image_size=336):
+        cfg = mv.testing.tiny_config(tokenizer=tokenizer, num_layers=2, projector="vocab")
+        cfg.text_config.vocab_size = len(tokenizer)
+        return cfg
+
+    def no_experts(*args, **kwargs):
+        raise AssertionError("phase 2 must not run the experts")
+
+    monkeypatch.setattr(tr, "default_model_config", small_config)
+    cfg = tr.TrainConfig(out=str(tmp_path), word_steps=3, vision_steps=0, steps=0, batch_size=6, image_size=64,
+                         eval_every=100, eval_per_family=1, save_every=1, max_minutes=0.0)
+    monkeypatch.setattr(mv.MultiEncoderVLM, "encode_expert", no_experts)
+    tr.train(cfg)  # max_minutes=0 stops after one step
+    tr.train(tr.TrainConfig(**{**cfg.__dict__, "max_minutes": None}))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["phase"] == "words" for r in log)
 
 
 def test_budget_names_parse_and_reject():
@@ -192,19 +215,53 @@ def test_grounding_report_equals_a_per_token_top_k_count():
             assert report["scenes"][name] == pytest.approx(hit / total)
 
 
-def test_symbolic_probe_feeds_ground_truth_tokens_and_reports_accuracy(monkeypatch):
+def test_visual_words_are_what_a_right_vocab_projector_outputs(images):
+    """Oracle: when every classifier outputs the grounding distribution, the real experts + projectors
+    give exactly `visual_words`; with background < 1, covered tokens all stay, in order, unchanged."""
     from meteor_vlm import synth
     from meteor_vlm import train as tr
 
-    def no_experts(*args, **kwargs):
-        raise AssertionError("the symbolic probe must not run the experts")
-
-    monkeypatch.setattr(mv.MultiEncoderVLM, "encode_expert", no_experts)
     tok = tr.build_tokenizer()
-    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2)
-    rows = tr.symbolic_probe(steps=2, eval_every=1, per_family=1, batch_size=6, config=cfg, progress=False)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert set(rows[0]["accuracy"]) == set(synth.FAMILIES) | {"average"}
-    assert all(0 <= v <= 1 for v in rows[0]["accuracy"].values())
-    codes = tr._position_code(3, 4, 8)
-    assert codes.shape == (12, 8) and len({tuple(c.tolist()) for c in codes}) == 12  # every cell distinct
+    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2, projector="vocab")
+    cfg.text_config.vocab_size = len(tok)
+    model = mv.MultiEncoderVLM(cfg).eval()
+    processor = mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE)
+    samples = [synth.make_sample(f, 0, 5, 64) for f in ("scenes", "ocr", "charts")]
+    for runner, proj in zip(model.runners, model.projectors):
+        dist = tr.grounding_distribution(samples, runner.grid(), tok)
+        proj.word_logits = lambda x, d=dist: torch.log(d.clamp_min(1e-30))  # a perfect classifier
+    inputs = processor(images=[s.image for s in samples], text=["<image>"] * 3, return_tensors="pt")
+    with torch.no_grad():
+        real = model.encode_images(mv.models.vlm.expert_pixels(inputs))
+        words = tr.visual_words(model, samples, tok)
+        torch.testing.assert_close(words.features, real.features, atol=1e-5, rtol=0)
+        assert torch.equal(words.expert, real.expert) and torch.equal(words.grid_index, real.grid_index)
+        part = tr.visual_words(model, samples, tok, background=0.05, generator=torch.Generator().manual_seed(0))
+    covered = torch.cat([tr.grounding_distribution(samples, r.grid(), tok)[..., tok.pad_token_id] < 1
+                         for r in model.runners], 1)
+    flat = part.expert * 10_000 + part.grid_index
+    assert (flat.diff(1) > 0).all()  # order kept
+    assert part.features.shape[1] < words.features.shape[1]
+    for b in range(3):
+        kept = set((real.expert[b] * 10_000 + real.grid_index[b])[covered[b]].tolist())
+        assert kept <= set(flat[b].tolist())  # every covered token kept
+        pos = {int(v): n for n, v in enumerate(real.expert[b] * 10_000 + real.grid_index[b])}
+        idx = torch.tensor([pos[int(v)] for v in flat[b]])
+        torch.testing.assert_close(part.features[b], words.features[b, idx])
+
+
+def test_token_feed_nests_and_restores(images):
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2, projector="vocab")
+    cfg.text_config.vocab_size = len(tok)
+    model = mv.MultiEncoderVLM(cfg)
+    with tr.token_feed(model, tok, background=0.1) as outer:
+        inner_fn = None
+        outer_fn = model.encode_images
+        with tr.token_feed(model, tok) as inner:
+            inner_fn = model.encode_images
+            assert inner is not outer
+        assert model.encode_images is outer_fn and inner_fn is not outer_fn
+    assert "encode_images" not in model.__dict__

@@ -17,8 +17,9 @@ from .conftest import make_inputs
         dict(experts=("clip", "siglip", "pix2struct", "convnext")),
         dict(experts=("siglip", "convnext"), llm="qwen2"),
         dict(experts=("clip", "pix2struct", "convnext"), fusion="pre"),
+        dict(projector="vocab"),
     ],
-    ids=["four-experts", "qwen2", "channel-fusion"],
+    ids=["four-experts", "qwen2", "channel-fusion", "vocab-projector"],
 )
 def test_variants_run_generate_and_noop_equals_unmodified(kwargs, images):
     model, processor = mv.testing.tiny_model(seed=1, **kwargs)
@@ -178,3 +179,37 @@ def test_splice_equals_a_token_by_token_reference(tiny, images):
         ends = torch.tensor(widths).cumsum(0) - 1 + pad
         assert torch.equal(text_col[b], ends)
     assert image == visual.features.shape[0]
+
+
+def test_vocab_projector_mixes_word_embeddings_at_each_tokens_own_cell(images):
+    """A VocabProjector token = softmax(classifier) @ input embeddings + the embedding of its grid cell;
+    a CNN pruned at its output must get the cell embeddings of the cells it kept, not of 0..K-1."""
+    from dataclasses import dataclass
+
+    from meteor_vlm.methods.base import PruningMethod
+
+    model, processor = mv.testing.tiny_model(seed=4, projector="vocab")
+    inputs = make_inputs(processor, [images[0], images[1]], ["what ?", "what ?"])
+    pixels = mv.models.vlm.expert_pixels(inputs)
+    cnn = model.expert_names.index("convnext")
+    keep = torch.tensor([[5, 1, 9], [0, 15, 7]])
+
+    @dataclass
+    class KeepCells(PruningMethod):
+        def prune_encoder(self, ctx):
+            return keep if ctx.expert == "convnext" else None
+
+    with torch.no_grad():
+        full = model.encode_images(pixels)
+        pruned = model.encode_images(pixels, KeepCells())
+    on_cnn = full.expert[0] == cnn
+    expected = full.features[:, on_cnn].gather(1, keep[..., None].expand(-1, -1, full.features.shape[-1]))
+    got = pruned.features[:, pruned.expert[0] == cnn]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # the formula itself, on one expert's raw features
+    proj = model.projectors[cnn]
+    x = torch.randn(2, 4, proj.fc1.in_features)
+    cells = torch.tensor([[3, 0, 2, 1], [1, 1, 0, 3]])
+    words = model.get_input_embeddings().weight
+    want = proj.word_logits(x).softmax(-1) @ words + proj.position.weight[cells]
+    torch.testing.assert_close(proj(x, cells, words), want, atol=1e-5, rtol=0)

@@ -160,6 +160,7 @@ def cmd_train(args) -> int:
     from meteor_vlm.train import TrainConfig, export, train
 
     cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, vision_steps=args.vision_steps,
+                      word_steps=args.word_steps,
                       batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, max_minutes=args.max_minutes)
     ckpt = train(cfg, resume=not args.no_resume)
     print(f"checkpoint: {ckpt}")
@@ -172,13 +173,6 @@ def cmd_train(args) -> int:
 def cmd_probe(args) -> int:
     from meteor_vlm.train import grounding_report, memorization_probe
 
-    if args.symbolic:
-        from meteor_vlm.train import symbolic_probe
-
-        for r in symbolic_probe(steps=args.steps, lr=args.lr):
-            acc = "  ".join(f"{k} {v:.2f}" for k, v in r["accuracy"].items())
-            print(f"step {r['step']:5d}  loss {r['loss']:.3f}  held-out: {acc}")
-        return 0
     if args.checkpoint:
         model, processor = _load(args.checkpoint)
         report = grounding_report(model, processor, args.samples)
@@ -243,6 +237,7 @@ def cmd_presets(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig  # defaults shown in --help come from the one source
     p = argparse.ArgumentParser(prog="meteor", description="Visual-token pruning for vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -279,8 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the embedded model from scratch on the synthetic benchmark")
     t.add_argument("--out", default="runs/default", help="run folder (checkpoint, log.jsonl)")
     t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--vision-steps", type=int, default=2500, help="phase 1: experts + projectors on the grounding target")
-    t.add_argument("--steps", type=int, default=1800, help="phase 2: question answering")
+    t.add_argument("--word-steps", type=int, default=TrainConfig.word_steps,
+                   help="phase 1: the LLM on ground-truth visual words (no experts)")
+    t.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps,
+                   help="phase 2: experts + projectors on the grounding target (no LLM)")
+    t.add_argument("--steps", type=int, default=TrainConfig.steps, help="phase 3: question answering on real tokens")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1.5e-3)
     t.add_argument("--eval-every", type=int, default=400)
@@ -305,8 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=int, default=100)
     pr.add_argument("--lr", type=float, default=1.5e-3)
     pr.add_argument("--checkpoint", help="instead: report how well a trained model's visual tokens name their content")
-    pr.add_argument("--symbolic", action="store_true",
-                    help="instead: train the LLM alone on perfect (ground-truth) visual tokens for --steps (LLM-side check)")
     pr.set_defaults(fn=cmd_probe)
 
     m = sub.add_parser("methods", help="list the method names bench accepts")

@@ -43,7 +43,7 @@ TINY_EXPERTS = ("clip", "pix2struct", "convnext")
 
 def tiny_config(
     experts=TINY_EXPERTS, fusion: str = "post", llm: str = "llama", num_layers: int = 6, tokenizer=None,
-    projector_norm: str | None = None,
+    projector_norm: str | None = None, projector: str = "mlp",
 ) -> MultiEncoderVLMConfig:
     """Config of a tiny multi-encoder VLM: the given experts and an 8-head LLM (GQA, 4 kv heads)."""
     tokenizer = tokenizer or build_word_tokenizer(TINY_WORDS)
@@ -68,6 +68,7 @@ def tiny_config(
         fusion_grid=4 if fusion == "pre" else None,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_norm=projector_norm,
+        projector=projector,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -79,7 +80,8 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEn
 
     Default: a CLIP-like ViT with CLS (32 px, 16 patches), a Pix2Struct patch ViT (48 px, 36 patches)
     and a ConvNeXt CNN (32 px, 16 tokens), post-projection fusion, a 6-layer Llama with 8 heads.
-    Keyword arguments go to `tiny_config` (experts=, fusion=, llm=, num_layers=, projector_norm=).
+    Keyword arguments go to `tiny_config` (experts=, fusion=, llm=, num_layers=,
+    projector_norm=, projector=).
     """
     tokenizer = build_word_tokenizer(TINY_WORDS)
     config = tiny_config(tokenizer=tokenizer, **config_kwargs)

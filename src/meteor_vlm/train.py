@@ -6,6 +6,7 @@ checkpoint without storing a dataset. Evaluation uses a split from a seed never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -20,7 +21,7 @@ from . import synth
 from .synth import EVAL_SEED
 from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
-from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig, VisualTokens, expert_pixels
+from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig, VisualTokens, VocabProjector, expert_pixels
 
 __all__ = ["TrainConfig", "default_model_config", "build_tokenizer", "train", "evaluate", "EVAL_SEED"]
 
@@ -57,7 +58,7 @@ def default_model_config(tokenizer, image_size: int = 336) -> MultiEncoderVLMCon
     )
     return MultiEncoderVLMConfig(
         experts=experts, text_config=text, fusion="post", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_norm="batch",
+        projector_norm="batch", projector="vocab",
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
 
@@ -85,18 +86,45 @@ class TrainConfig:
     max_minutes: float | None = None
     describe: bool = True
     grounding: float = 1.0  # weight of the per-token grounding loss in the QA phase (0 = off)
-    vision_steps: int = 2500  # phase 1: experts + projectors on the grounding loss alone (fast: no LLM)
+    vision_steps: int = 2500  # phase 1: experts + projectors on the grounding loss alone (no LLM)
     vision_lr: float = 2e-3
+    word_steps: int = 2500  # phase 2: the LLM on ground-truth visual words (no expert runs)
+    word_lr: float = 2e-3
+    word_image_size: int = 64  # phase 2 reads only the samples' ground truth: draw them small
+    background: float = 0.1  # share of background tokens the LLM sees in phases 2-3 (covered ones: all)
+    embed_std: float = 0.3  # init scale of the word (and cell) embeddings visual tokens are made of
+
+    @property
+    def total_steps(self) -> int:
+        return self.vision_steps + self.word_steps + self.steps
+
+    def phase(self, step: int) -> str:
+        """"vision", "words" or "qa": the phase global step `step` belongs to."""
+        if step < self.vision_steps:
+            return "vision"
+        return "words" if step < self.vision_steps + self.word_steps else "qa"
+
+    def phase_start(self, phase: str) -> int:
+        return {"vision": 0, "words": self.vision_steps, "qa": self.vision_steps + self.word_steps}[phase]
 
 
-def make_batch(processor, cfg: TrainConfig, step: int, with_answers: bool = True, seed: int | None = None):
-    """Batch `step` of the training stream: families in turn, samples drawn from (seed, family, index)."""
+def make_batch(processor, cfg: TrainConfig, step: int, with_answers: bool = True, seed: int | None = None,
+               image_size: int | None = None, one_family: bool = False):
+    """Batch `step` of the training stream, samples drawn from (seed, family, index).
+
+    Families take turns within a batch, or, with `one_family`, from batch to batch (a batch of one
+    family has a similar number of covered tokens, which keeps phase-1 sequences short).
+    """
     seed = cfg.seed if seed is None else seed
+    size = image_size or cfg.image_size
     samples = []
     for i in range(cfg.batch_size):
         k = step * cfg.batch_size + i
-        fam = synth.FAMILIES[k % len(synth.FAMILIES)]
-        samples.append(synth.make_sample(fam, k // len(synth.FAMILIES), seed, cfg.image_size))
+        if one_family:
+            fam, index = synth.FAMILIES[step % len(synth.FAMILIES)], (step // len(synth.FAMILIES)) * cfg.batch_size + i
+        else:
+            fam, index = synth.FAMILIES[k % len(synth.FAMILIES)], k // len(synth.FAMILIES)
+        samples.append(synth.make_sample(fam, index, seed, size))
     return samples, encode_samples(processor, samples, with_answers, describe=cfg.describe)
 
 
@@ -163,23 +191,30 @@ def _synth_size(processor) -> int:
 
 
 class Grounding:
-    """Training-only dense target: every projected visual token, read through the LLM's own output head,
-    should name what it covers (the words of `region_words`), or the pad token on the background.
+    """Training-only dense target: every visual token should name what it covers (the words of
+    `region_words`), or the pad token on the background.
 
     From-scratch experts learn slowly from answer tokens alone (a few labels per image, reached through
-    the whole LLM). This target gives hundreds of labels per image straight at the projectors' output and
-    stands in for the pretraining that real experts bring. Reading it through `lm_head` puts visual
-    tokens where the LLM's output head already decodes words, so copying a token's content into the
-    answer is a short path for the LLM to learn. Adds no parameters; hooks are removed by `close()`.
+    the whole LLM). This target gives hundreds of labels per image straight at the projectors and
+    stands in for the pretraining that real experts bring. A `VocabProjector` is read through its own
+    word classifier; an MLP projector through the LLM's output head, which puts visual tokens where
+    that head decodes words. Adds no parameters; hooks are removed by `close()`.
     """
 
     def __init__(self, model: MultiEncoderVLM):
         if model.config.fusion != "post":
             raise ValueError("the grounding loss reads each expert's projector: it needs fusion='post'")
-        self.head = model.get_output_embeddings()
         self.grids = [r.grid() for r in model.runners]
         self._captured: list[torch.Tensor | None] = [None] * len(self.grids)
-        self._handles = [proj.register_forward_hook(self._capture(i)) for i, proj in enumerate(model.projectors)]
+        self._handles = []
+        self._heads = []
+        for i, proj in enumerate(model.projectors):
+            if isinstance(proj, VocabProjector):  # the classifier's output is already word logits
+                self._handles.append(proj.fc2.register_forward_hook(self._capture(i)))
+                self._heads.append(torch.nn.Identity())
+            else:
+                self._handles.append(proj.register_forward_hook(self._capture(i)))
+                self._heads.append(model.get_output_embeddings())
 
     def _capture(self, i):
         def hook(module, args, output):
@@ -190,18 +225,100 @@ class Grounding:
         for h in self._handles:
             h.remove()
 
+    def logits(self, i: int) -> torch.Tensor:
+        """(B, N, V) word logits of expert i's tokens from the last forward."""
+        if self._captured[i] is None:
+            raise RuntimeError("run the model on the samples' images before asking for the grounding loss")
+        return self._heads[i](self._captured[i].float())
+
     def loss(self, samples, tokenizer) -> torch.Tensor:
         """Cross-entropy of every visual token against the words of what it covers (uniform over them),
-        the pad token for the background; mean over tokens, then over experts. Needs a forward first."""
-        if any(c is None for c in self._captured):
-            raise RuntimeError("run the model on the samples' images before asking for the grounding loss")
+        the pad token for the background. Covered and background tokens weigh half each (covered ones are
+        a few percent of an image), then experts are averaged. Needs a forward first."""
         total = 0.0
         for i, grid in enumerate(self.grids):
+            logp = F.log_softmax(self.logits(i), -1)
             target = grounding_distribution(samples, grid, tokenizer)
-            logp = F.log_softmax(self.head(self._captured[i].float()), -1)
-            total = total - (target * logp).sum(-1).mean()
+            ce = -(target * logp).sum(-1)
+            covered = target[..., tokenizer.pad_token_id] < 1
+            parts = [ce[m].mean() for m in (covered, ~covered) if m.any()]
+            total = total + sum(parts) / len(parts)
         self._captured = [None] * len(self.grids)
         return total / len(self.grids)
+
+
+def visual_words(model: MultiEncoderVLM, samples, tokenizer, background: float = 1.0,
+                 generator: torch.Generator | None = None) -> VisualTokens:
+    """The visual tokens a perfect vision side would give: per expert cell, the input embeddings of the
+    words that cover it (`grounding_distribution`, pad on background) plus the projector's cell embedding.
+
+    This is exactly what a `VocabProjector` outputs when its classifier is right, so an LLM trained on
+    these tokens is ready for the real ones. `background` < 1 keeps that share of background tokens
+    (covered tokens are always kept, every image keeps the same count, order is preserved).
+    """
+    words = model.get_input_embeddings().weight
+    feats, expert, index, covered = [], [], [], []
+    B = len(samples)
+    for i, (runner, proj) in enumerate(zip(model.runners, model.projectors)):
+        if not isinstance(proj, VocabProjector):
+            raise ValueError("visual words need projector='vocab' (a word distribution per token)")
+        dist = grounding_distribution(samples, runner.grid(), tokenizer)
+        cells = torch.arange(dist.shape[1]).expand(B, -1)
+        feats.append(dist @ words + proj.position(cells))
+        expert.append(torch.full_like(cells, i))
+        index.append(cells)
+        covered.append(dist[..., tokenizer.pad_token_id] < 1)
+    f = torch.cat(feats, 1)
+    tokens = VisualTokens(f, torch.cat(expert, 1), torch.cat(index, 1), torch.ones(f.shape[:2]))
+    return thin_background(tokens, torch.cat(covered, 1), background, generator)
+
+
+def thin_background(tokens: VisualTokens, covered: torch.Tensor, background: float,
+                    generator: torch.Generator | None = None) -> VisualTokens:
+    """Keep every covered token (covered: (B, N) bool) and about `background` of the others, in order.
+
+    Training only: most of an image is background, and thinning it makes a step several times cheaper.
+    Every image keeps the same count (the largest), topped up with more background at random.
+    """
+    if background >= 1:
+        return tokens
+    noise = torch.rand(covered.shape, generator=generator)
+    keep = covered | (noise < background)
+    idx = (keep.float() * 2 + noise).topk(int(keep.sum(1).max()), 1).indices.sort(1).values
+    return tokens.select(idx)
+
+
+@contextlib.contextmanager
+def token_feed(model: MultiEncoderVLM, tokenizer, background: float = 1.0, seed: int = 0, source: str = "words"):
+    """Within the block, the model's visual tokens for the samples put in the yielded list are
+    `visual_words` (source="words": no expert runs) or its own tokens (source="experts"), background
+    thinned by `thin_background`. On this instance only; the previous encoder is restored on exit."""
+    if source not in ("words", "experts"):
+        raise ValueError(f"source must be 'words' or 'experts', got {source!r}")
+    current: list = []
+    generator = torch.Generator().manual_seed(seed)
+    own = type(model).encode_images.__get__(model)  # the class's encoder, whatever feed is active
+
+    def encode_images(pixel_values, method=None):
+        if source == "words":
+            return visual_words(model, current, tokenizer, background, generator)
+        tokens = own(pixel_values, method)
+        if background >= 1:
+            return tokens
+        pad = tokenizer.pad_token_id
+        covered = torch.cat([grounding_distribution(current, r.grid(), tokenizer)[..., pad] < 1
+                             for r in model.runners], 1)
+        return thin_background(tokens, covered, background, generator)
+
+    previous = model.__dict__.get("encode_images")  # nested feeds restore the outer one
+    model.encode_images = encode_images
+    try:
+        yield current
+    finally:
+        if previous is None:
+            del model.encode_images
+        else:
+            model.encode_images = previous
 
 
 def encode_samples(processor, samples, with_answers: bool, describe: bool = False):
@@ -273,19 +390,29 @@ def _cosine(step: int, steps: int, peak: float, floor: float, warmup: int) -> fl
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    """Learning rate at global step `step`: phase 1 (vision) then phase 2 (QA), each warmup + cosine."""
-    if step < cfg.vision_steps:
-        return _cosine(step, cfg.vision_steps, cfg.vision_lr, 0.1 * cfg.vision_lr, cfg.warmup)
-    return _cosine(step - cfg.vision_steps, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
+    """Learning rate at global step `step`: each phase (words, vision, QA) has its own warmup + cosine."""
+    phase = cfg.phase(step)
+    at = step - cfg.phase_start(phase)
+    if phase == "vision":
+        return _cosine(at, cfg.vision_steps, cfg.vision_lr, 0.1 * cfg.vision_lr, cfg.warmup)
+    if phase == "words":
+        return _cosine(at, cfg.word_steps, cfg.word_lr, 0.05 * cfg.word_lr, cfg.warmup)
+    return _cosine(at, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
 
 
 def train(cfg: TrainConfig, resume: bool = True) -> Path:
     """Train (or resume) the embedded model; returns the folder of the final checkpoint.
 
-    Phase 1 (`vision_steps`): the experts and projectors learn the grounding target alone, ~5x faster
-    per step than a full step because the LLM does not run. Phase 2 (`steps`): question answering
-    (+ describe targets) with the grounding loss kept on. Held-out accuracy is logged every `eval_every`
-    phase-2 steps; the run stops early, saving, after `max_minutes`.
+    Three phases, each with its own learning-rate schedule:
+
+    1. vision (`vision_steps`): the experts and projectors learn the grounding target alone (no LLM).
+    2. words (`word_steps`): the LLM learns the questions from `visual_words`, the tokens a perfect
+       vision side would give (no expert runs; samples drawn small), background thinned.
+    3. qa (`steps`): everything together on the model's own tokens (QA + describe), background thinned,
+       grounding loss kept on.
+
+    Held-out accuracy (every visual token kept) is logged every `eval_every` steps of phases 2 and 3
+    and at their ends (phase 2: on visual words); the run stops early, saving, after `max_minutes`.
     """
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
@@ -301,6 +428,11 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     else:
         model = MultiEncoderVLM(default_model_config(tokenizer, cfg.image_size))
         processor = MultiEncoderProcessor(tokenizer, model.config.expert_specs, PROMPT_TEMPLATE)
+        with torch.no_grad():  # visual words are sums of these rows: large enough to stay in the residual
+            model.get_input_embeddings().weight.normal_(0.0, cfg.embed_std)
+            for proj in model.projectors:
+                if isinstance(proj, VocabProjector):
+                    proj.position.weight.normal_(0.0, cfg.embed_std / 2)
         state, start = None, 0
     grounding = Grounding(model) if cfg.grounding > 0 or cfg.vision_steps > 0 else None
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -313,43 +445,65 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     t0 = time.time()
     model.train()
-    total = cfg.vision_steps + cfg.steps
+    total = cfg.total_steps
+    feeds = contextlib.ExitStack()
+    fed_phase, current = None, None
     bar = tqdm(range(start, total), initial=start, total=total, desc="train")
-    for step in bar:
-        vision = step < cfg.vision_steps
-        bar.set_description("train (1: vision)" if vision else "train (2: QA)")
-        for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
-        samples, inputs = make_batch(processor, cfg, step, with_answers=not vision)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            if vision:
-                model.encode_images(expert_pixels(inputs))
-                loss = torch.zeros(())
+    try:
+        for step in bar:
+            phase = cfg.phase(step)
+            if phase != fed_phase:  # each phase feeds the LLM its own way
+                feeds.close()
+                current = None if phase == "vision" else feeds.enter_context(token_feed(
+                    model, tokenizer, cfg.background, seed=cfg.seed + step, source="words" if phase == "words" else "experts"))
+                fed_phase = phase
+                bar.set_description(f"train ({phase})")
+            for g in opt.param_groups:
+                g["lr"] = _lr(cfg, step)
+            if phase == "words":
+                samples, inputs = make_batch(processor, cfg, step, image_size=cfg.word_image_size, one_family=True)
             else:
-                loss = model(**inputs, use_cache=False).loss
-            weight = 1.0 if vision else cfg.grounding
-            aux = grounding.loss(samples, tokenizer) if weight > 0 else torch.zeros(())
-        opt.zero_grad(set_to_none=True)
-        (loss + weight * aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", ground=f"{aux.item():.3f}")
-        record = {"step": step + 1, "phase": 1 if vision else 2, "loss": loss.item(), "grounding": aux.item(),
-                  "lr": _lr(cfg, step), "minutes": (time.time() - t0) / 60}
-        done = step + 1 == total or (cfg.max_minutes is not None and record["minutes"] >= cfg.max_minutes)
-        qa_step = step + 1 - cfg.vision_steps
-        if (not vision and qa_step % cfg.eval_every == 0) or done:
-            record["eval"] = evaluate(model, processor, cfg.eval_per_family, image_size=cfg.image_size)
-            model.train()
-            tqdm.write(json.dumps(record))
-        with log_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if (step + 1) % cfg.save_every == 0 or done:
-            _save(model, processor, opt, step + 1, ckpt)
-        if done:
-            break
-    if grounding is not None:
-        grounding.close()
+                samples, inputs = make_batch(processor, cfg, step, with_answers=phase == "qa", one_family=phase == "qa")
+            if current is not None:
+                current[:] = samples
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                if phase == "vision":
+                    model.encode_images(expert_pixels(inputs))
+                    loss = torch.zeros(())
+                else:
+                    loss = model(**inputs, use_cache=False).loss
+                weight = {"vision": 1.0, "words": 0.0, "qa": cfg.grounding}[phase]
+                aux = grounding.loss(samples, tokenizer) if weight > 0 else torch.zeros(())
+            opt.zero_grad(set_to_none=True)
+            (loss + weight * aux).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", ground=f"{aux.item():.3f}")
+            record = {"step": step + 1, "phase": phase, "loss": loss.item(), "grounding": aux.item(),
+                      "lr": _lr(cfg, step), "minutes": (time.time() - t0) / 60}
+            done = step + 1 == total or (cfg.max_minutes is not None and record["minutes"] >= cfg.max_minutes)
+            phase_end = step + 1 == total or cfg.phase(step + 1) != phase
+            since = step + 1 - cfg.phase_start(phase)
+            if phase != "vision" and (since % cfg.eval_every == 0 or phase_end) or done:
+                if phase == "words":  # held-out accuracy on visual words, every background token kept
+                    with token_feed(model, tokenizer) as feed:
+                        record["eval"] = evaluate(model, processor, cfg.eval_per_family, image_size=cfg.word_image_size,
+                                                  on_batch=lambda batch: feed.__setitem__(slice(None), batch))
+                else:
+                    with token_feed(model, tokenizer, source="experts"):  # background 1: the real model
+                        record["eval"] = evaluate(model, processor, cfg.eval_per_family, image_size=cfg.image_size)
+                model.train()
+                tqdm.write(json.dumps(record))
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if (step + 1) % cfg.save_every == 0 or done or phase_end:
+                _save(model, processor, opt, step + 1, ckpt)
+            if done:
+                break
+    finally:
+        feeds.close()
+        if grounding is not None:
+            grounding.close()
     return ckpt
 
 
@@ -401,7 +555,7 @@ def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SE
             row = {}
             for i, grid in enumerate(g.grids):
                 target = grounding_targets(samples, grid, tok)
-                logits = g.head(g._captured[i].float())
+                logits = g.logits(i).clone()
                 logits[..., tok.pad_token_id] = -float("inf")
                 covered = target.sum(-1) > 0
                 k = target.sum(-1).long()
@@ -412,68 +566,6 @@ def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SE
     finally:
         g.close()
     return report
-
-
-def _position_code(rows: int, cols: int, dim: int) -> torch.Tensor:
-    """(rows*cols, dim) 2-D sine/cosine code of each grid cell (dim divisible by 4)."""
-    y = torch.arange(rows).float().repeat_interleave(cols) / rows
-    x = torch.arange(cols).float().repeat(rows) / cols
-    freq = 2 ** (torch.arange(dim // 4).float() * 6 / (dim // 4)) * math.pi
-    return torch.cat([torch.sin(x[:, None] * freq), torch.cos(x[:, None] * freq),
-                      torch.sin(y[:, None] * freq), torch.cos(y[:, None] * freq)], -1)
-
-
-def symbolic_probe(steps: int = 500, lr: float = 1.5e-3, eval_every: int = 100, per_family: int = 20,
-                   batch_size: int = 16, seed: int = 1, config=None, progress: bool = True) -> list[dict]:
-    """Can the LLM learn the questions from *perfect* visual tokens? The LLM-side check of the recipe.
-
-    The experts are bypassed: every grid cell of every expert becomes a fixed random vector of the words
-    that cover it (`grounding_targets`, pad on background) plus a 2-D position code, so the token count
-    and layout are the real model's. Only the LLM trains (QA + describe). Returns held-out accuracy
-    every `eval_every` steps. If this stays near chance, the bottleneck is the LLM, not the vision.
-    """
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    cfg_model = config or default_model_config(tokenizer)
-    model = MultiEncoderVLM(cfg_model).train()
-    processor = MultiEncoderProcessor(tokenizer, cfg_model.expert_specs, PROMPT_TEMPLATE)
-    dim = model.config.text_config.hidden_size
-    words = torch.randn(len(tokenizer), dim)
-    grids = [r.grid() for r in model.runners]
-    codes = [_position_code(*g, dim) for g in grids]
-    current: list = []
-
-    def encode(pixel_values, method=None):
-        feats, expert, index = [], [], []
-        for i, grid in enumerate(grids):
-            feats.append(grounding_distribution(current, grid, tokenizer) @ words + 0.5 * codes[i])
-            n = grid[0] * grid[1]
-            expert.append(torch.full((len(current), n), i))
-            index.append(torch.arange(n).expand(len(current), -1))
-        f = torch.cat(feats, 1)
-        return VisualTokens(f, torch.cat(expert, 1), torch.cat(index, 1), torch.ones(f.shape[:2]))
-
-    model.encode_images = encode  # this instance only; the model is local to the probe
-    size = _synth_size(processor)
-    cfg = TrainConfig(batch_size=batch_size, image_size=size, seed=seed)
-    opt = torch.optim.AdamW(model.language_model.parameters(), lr=lr, weight_decay=0.05)
-    rows = []
-    for step in tqdm(range(steps), desc="symbolic probe", disable=not progress):
-        samples, inputs = make_batch(processor, cfg, step)
-        current[:] = samples
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 100)
-        loss = model(**inputs, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            acc = evaluate(model, processor, per_family, image_size=size, batch_size=batch_size,
-                           on_batch=lambda batch: current.__setitem__(slice(None), batch))
-            model.train()
-            rows.append({"step": step + 1, "loss": loss.item(), "accuracy": acc})
-    return rows
 
 
 def memorization_probe(family: str = "ocr", samples: int = 12, steps: int = 100, lr: float = 1.5e-3,

@@ -31,6 +31,7 @@ def expert_pixels(inputs) -> dict:
     return {k[len(PIXEL_PREFIX) :]: v for k, v in inputs.items() if k.startswith(PIXEL_PREFIX)}
 
 FUSIONS = ("post", "pre")
+PROJECTORS = ("mlp", "vocab")
 
 
 class MultiEncoderVLMConfig(PretrainedConfig):
@@ -46,6 +47,9 @@ class MultiEncoderVLMConfig(PretrainedConfig):
         projector_norm: None, or "batch" to standardise each expert channel (BatchNorm over images and
             tokens) before its projector. Experts trained from scratch start with features dominated by
             an image-independent component; without this the LLM never learns to use them.
+        projector: "mlp" (LLaVA-1.5: a two-layer MLP into the LLM's width) or "vocab" (each token becomes a
+            distribution over the LLM's vocabulary that mixes its input-embedding rows, plus a learned
+            embedding of its grid cell; post fusion only). See `VocabProjector`.
         rank_table: stage-1 feature ranks from `meteor calibrate` ({"experts": {name: [r1, r2, r3]}, ...}).
     """
 
@@ -60,6 +64,7 @@ class MultiEncoderVLMConfig(PretrainedConfig):
         fusion_grid: int | None = None,
         image_token_id: int | None = None,
         projector_norm: str | None = None,
+        projector: str = "mlp",
         rank_table: dict | None = None,
         **kwargs,
     ):
@@ -78,6 +83,11 @@ class MultiEncoderVLMConfig(PretrainedConfig):
         if projector_norm not in (None, "batch"):
             raise ValueError(f"unknown projector_norm {projector_norm!r}; choose None or 'batch'")
         self.projector_norm = projector_norm
+        if projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {projector!r}; choose one of {PROJECTORS}")
+        if projector == "vocab" and fusion != "post":
+            raise ValueError("projector='vocab' needs fusion='post' (one projector per expert)")
+        self.projector = projector
         self.rank_table = rank_table
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
@@ -131,6 +141,32 @@ class Projector(nn.Module):
         return self.fc2(self.act(self.fc1(self.norm(x))))
 
 
+class VocabProjector(nn.Module):
+    """Projects an expert's tokens onto the LLM's own word embeddings ("visual words").
+
+    A two-layer MLP classifies every token over the LLM's vocabulary; the token becomes the
+    probability-weighted mix of the input-embedding rows, plus a learned embedding of its grid cell.
+    Question words and the visual tokens that show them then start in the same place, so a small LLM
+    trained from scratch learns to bind them quickly, and the classifier can be trained on its own
+    against per-cell word labels (`meteor_vlm.train.Grounding`). The embedded default model uses it.
+    """
+
+    def __init__(self, in_dim: int, width: int, vocab_size: int, cells: int, norm: str | None = None):
+        super().__init__()
+        self.norm = TokenBatchNorm(in_dim) if norm == "batch" else nn.Identity()
+        self.fc1, self.act, self.fc2 = nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, vocab_size)
+        self.position = nn.Embedding(cells, width)
+
+    def word_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, in_dim) expert tokens -> (B, N, V) vocabulary logits."""
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+    def forward(self, x: torch.Tensor, grid_index: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """x (B, N, in_dim), grid_index (B, N) cell of each token, words (V, D) input embeddings -> (B, N, D)."""
+        probs = self.word_logits(x).float().softmax(-1)
+        return (probs @ words.float()).to(words.dtype) + self.position(grid_index)
+
+
 class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
     """A multi-encoder vision-language model with hooks for token pruning at every stage.
 
@@ -162,7 +198,12 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         text_config._attn_implementation = "sdpa"
         self.language_model = AutoModelForCausalLM.from_config(text_config)
         width = text_config.hidden_size
-        if config.fusion == "post":
+        if config.projector == "vocab":
+            vocab = text_config.vocab_size
+            self.projectors = nn.ModuleList(
+                [VocabProjector(r.out_dim, width, vocab, r.num_patches, config.projector_norm) for r in self.runners]
+            )
+        elif config.fusion == "post":
             self.projectors = nn.ModuleList([Projector(r.out_dim, width, config.projector_norm) for r in self.runners])
         else:
             if not config.fusion_grid:
@@ -176,11 +217,13 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             self.generation_config.suppress_tokens = [config.image_token_id]
 
     def _init_weights(self, module):
-        if isinstance(module, Projector):
+        if isinstance(module, (Projector, VocabProjector)):
             std = getattr(self.config.text_config, "initializer_range", 0.02)
             for lin in (module.fc1, module.fc2):
                 nn.init.normal_(lin.weight, std=std)
                 nn.init.zeros_(lin.bias)
+        if isinstance(module, VocabProjector):
+            nn.init.normal_(module.position.weight, std=getattr(self.config.text_config, "initializer_range", 0.02))
 
     # ---- plumbing ---------------------------------------------------------------------------
     @property
@@ -254,7 +297,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             fused = self._channel_fusion(per_expert)
             fused.stage1 = stage1
             return fused
-        projected = [p(v.features) for p, v in zip(self.projectors, per_expert)]
+        projected = [self._project(i, v) for i, v in enumerate(per_expert)]
         fused = VisualTokens(
             torch.cat(projected, 1),
             torch.cat([v.expert for v in per_expert], 1),
@@ -267,6 +310,13 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             if idx is not None:
                 fused = fused.select(idx)
         return fused
+
+    def _project(self, index: int, tokens: VisualTokens) -> torch.Tensor:
+        """One expert's (stage-1 surviving) tokens in the LLM's width."""
+        projector = self.projectors[index]
+        if isinstance(projector, VocabProjector):
+            return projector(tokens.features, tokens.grid_index, self.get_input_embeddings().weight)
+        return projector(tokens.features)
 
     def _channel_fusion(self, per_expert: list[VisualTokens]) -> VisualTokens:
         g = self.config.fusion_grid
