@@ -54,7 +54,7 @@ def default_model_config(tokenizer, image_size: int = 336) -> MultiEncoderVLMCon
         model_type="llama", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=320, num_hidden_layers=8,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, rope_theta=10000.0,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,  # a visual word copied into the residual reads out as that word
     )
     return MultiEncoderVLMConfig(
         experts=experts, text_config=text, fusion="post", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
