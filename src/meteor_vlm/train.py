@@ -21,7 +21,7 @@ from . import synth
 from .synth import EVAL_SEED
 from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
-from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig, VisualTokens, VocabProjector, expert_pixels
+from .models.vlm import PIXEL_PREFIX, MultiEncoderVLM, MultiEncoderVLMConfig, VisualTokens, VocabProjector, expert_pixels
 
 __all__ = ["TrainConfig", "default_model_config", "build_tokenizer", "train", "evaluate", "EVAL_SEED"]
 
@@ -90,7 +90,6 @@ class TrainConfig:
     vision_lr: float = 2e-3
     word_steps: int = 2500  # phase 2: the LLM on ground-truth visual words (no expert runs)
     word_lr: float = 2e-3
-    word_image_size: int = 64  # phase 2 reads only the samples' ground truth: draw them small
     background: float = 0.1  # share of background tokens the LLM sees in phases 2-3 (covered ones: all)
     embed_std: float = 0.3  # init scale of the word (and cell) embeddings visual tokens are made of
 
@@ -109,14 +108,14 @@ class TrainConfig:
 
 
 def make_batch(processor, cfg: TrainConfig, step: int, with_answers: bool = True, seed: int | None = None,
-               image_size: int | None = None, one_family: bool = False):
+               one_family: bool = False, pixels: bool = True):
     """Batch `step` of the training stream, samples drawn from (seed, family, index).
 
     Families take turns within a batch, or, with `one_family`, from batch to batch (a batch of one
     family has a similar number of covered tokens, which keeps phase-1 sequences short).
     """
     seed = cfg.seed if seed is None else seed
-    size = image_size or cfg.image_size
+    size = cfg.image_size
     samples = []
     for i in range(cfg.batch_size):
         k = step * cfg.batch_size + i
@@ -125,7 +124,7 @@ def make_batch(processor, cfg: TrainConfig, step: int, with_answers: bool = True
         else:
             fam, index = synth.FAMILIES[k % len(synth.FAMILIES)], k // len(synth.FAMILIES)
         samples.append(synth.make_sample(fam, index, seed, size))
-    return samples, encode_samples(processor, samples, with_answers, describe=cfg.describe)
+    return samples, encode_samples(processor, samples, with_answers, describe=cfg.describe, pixels=pixels)
 
 
 def describe_sample(sample) -> str:
@@ -321,12 +320,13 @@ def token_feed(model: MultiEncoderVLM, tokenizer, background: float = 1.0, seed:
             model.encode_images = previous
 
 
-def encode_samples(processor, samples, with_answers: bool, describe: bool = False):
+def encode_samples(processor, samples, with_answers: bool, describe: bool = False, pixels: bool = True):
     """Processor inputs for samples; with answers, `labels` mark everything after the prompt.
 
     With `describe`, the sequence goes on after the answer's </s> with "describe : <contents> </s>":
     causal attention keeps the question and answer exactly as at test time, while the description
-    supervises many more tokens per image at no extra visual cost.
+    supervises many more tokens per image at no extra visual cost. Without `pixels` the images are not
+    preprocessed (a placeholder tensor per expert stands in): for a model fed by `token_feed`.
     """
     eos = processor.tokenizer.eos_token
     prompts = [processor.format_prompt(s.question) for s in samples]
@@ -334,8 +334,12 @@ def encode_samples(processor, samples, with_answers: bool, describe: bool = Fals
         suffixes = [f" {s.answer} {eos}" + (f" describe : {describe_sample(s)} {eos}" if describe else "") for s in samples]
     else:
         suffixes = ["" for _ in samples]
-    inputs = processor(images=[s.image for s in samples], text=[p + x for p, x in zip(prompts, suffixes)],
-                       return_tensors="pt", padding=True)
+    texts = [p + x for p, x in zip(prompts, suffixes)]
+    if pixels:
+        inputs = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
+    else:
+        inputs = dict(processor.tokenizer(texts, return_tensors="pt", padding=True))
+        inputs.update({f"{PIXEL_PREFIX}{e.name}": torch.zeros(len(samples), 1) for e in processor.experts})
     if with_answers:
         labels = torch.full_like(inputs["input_ids"], -100)
         T = labels.shape[1]
@@ -354,10 +358,11 @@ def answer_ids(model, inputs) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, processor, per_family: int = 50, seed: int = EVAL_SEED, image_size: int = 336,
-             batch_size: int = 16, method=None, progress: bool = False, on_batch=None) -> dict:
+             batch_size: int = 16, method=None, progress: bool = False, on_batch=None, pixels: bool = True) -> dict:
     """Exact-match accuracy per family and on average, on a held-out split.
 
-    on_batch(samples), when given, is called before each batch runs (the symbolic probe feeds its tokens).
+    on_batch(samples), when given, is called before each batch runs (a `token_feed` gets its samples);
+    pixels=False skips image preprocessing (for a model fed by `token_feed`).
     """
     samples = synth.make_split(seed, per_family, image_size=image_size)
     correct = {f: 0 for f in synth.FAMILIES}
@@ -367,7 +372,7 @@ def evaluate(model, processor, per_family: int = 50, seed: int = EVAL_SEED, imag
         batch = samples[start : start + batch_size]
         if on_batch is not None:
             on_batch(batch)
-        inputs = encode_samples(processor, batch, with_answers=False)
+        inputs = encode_samples(processor, batch, with_answers=False, pixels=pixels)
         if method is not None:
             with method(model):
                 pred = answer_ids(model, inputs)
@@ -407,7 +412,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
 
     1. vision (`vision_steps`): the experts and projectors learn the grounding target alone (no LLM).
     2. words (`word_steps`): the LLM learns the questions from `visual_words`, the tokens a perfect
-       vision side would give (no expert runs; samples drawn small), background thinned.
+       vision side would give (no expert runs, no image is preprocessed), background thinned.
     3. qa (`steps`): everything together on the model's own tokens (QA + describe), background thinned,
        grounding loss kept on.
 
@@ -461,7 +466,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, step)
             if phase == "words":
-                samples, inputs = make_batch(processor, cfg, step, image_size=cfg.word_image_size, one_family=True)
+                samples, inputs = make_batch(processor, cfg, step, one_family=True, pixels=False)
             else:
                 samples, inputs = make_batch(processor, cfg, step, with_answers=phase == "qa", one_family=phase == "qa")
             if current is not None:
@@ -487,8 +492,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             if phase != "vision" and (since % cfg.eval_every == 0 or phase_end) or done:
                 if phase == "words":  # held-out accuracy on visual words, every background token kept
                     with token_feed(model, tokenizer) as feed:
-                        record["eval"] = evaluate(model, processor, cfg.eval_per_family, image_size=cfg.word_image_size,
-                                                  on_batch=lambda batch: feed.__setitem__(slice(None), batch))
+                        record["eval"] = evaluate(model, processor, cfg.eval_per_family, image_size=cfg.image_size,
+                                                  on_batch=lambda batch: feed.__setitem__(slice(None), batch),
+                                                  pixels=False)
                 else:
                     with token_feed(model, tokenizer, source="experts"):  # background 1: the real model
                         record["eval"] = evaluate(model, processor, cfg.eval_per_family, image_size=cfg.image_size)
