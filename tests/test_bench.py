@@ -183,6 +183,38 @@ def test_grounding_loss_needs_a_forward_and_removes_its_hooks(tiny, images):
     assert all(not p._forward_hooks for p in model.projectors)
 
 
+def test_grounding_loss_weighs_every_image_and_both_halves_equally(images):
+    """The vectorised loss = a per-image loop: mean CE over covered and over background tokens, averaged,
+    then averaged over images and experts."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2, projector="vocab")
+    cfg.text_config.vocab_size = len(tok)
+    model = mv.MultiEncoderVLM(cfg).eval()
+    processor = mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE)
+    samples = [synth.make_sample(f, 2, 3, 64) for f in ("ocr", "charts", "scenes")]
+    g = tr.Grounding(model)
+    inputs = processor(images=[s.image for s in samples], text=["<image>"] * 3, return_tensors="pt")
+    with torch.no_grad():
+        model.encode_images(mv.models.vlm.expert_pixels(inputs))
+        logits = [g.logits(i).clone() for i in range(len(g.grids))]
+        loss = g.loss(samples, tok)
+    g.close()
+    want = 0.0
+    for i, grid in enumerate(g.grids):
+        target = tr.grounding_distribution(samples, grid, tok)
+        per_image = []
+        for b in range(3):
+            ce = -(target[b] * logits[i][b].log_softmax(-1)).sum(-1)
+            cov = target[b, :, tok.pad_token_id] < 1
+            halves = [ce[m].mean() for m in (cov, ~cov) if m.any()]
+            per_image.append(sum(halves) / len(halves))
+        want += sum(per_image) / 3
+    torch.testing.assert_close(loss, want / len(g.grids))
+
+
 def test_grounding_report_equals_a_per_token_top_k_count():
     """The vectorised read-out score = counting, token by token, target words among the top-k words."""
     from meteor_vlm import synth
@@ -265,3 +297,36 @@ def test_token_feed_nests_and_restores(images):
             assert inner is not outer
         assert model.encode_images is outer_fn and inner_fn is not outer_fn
     assert "encode_images" not in model.__dict__
+
+
+def test_token_feed_of_the_experts_thins_only_the_background(images):
+    """source='experts': background 1 is the plain encoder; below 1, the covered tokens are the plain
+    encoder's own, unchanged, and background is left out."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2, projector="vocab")
+    cfg.text_config.vocab_size = len(tok)
+    model = mv.MultiEncoderVLM(cfg).eval()
+    processor = mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE)
+    samples = [synth.make_sample(f, 1, 2, 64) for f in ("pope", "docs")]
+    pixels = mv.models.vlm.expert_pixels(processor(images=[s.image for s in samples], text=["<image>"] * 2,
+                                                   return_tensors="pt"))
+    with torch.no_grad():
+        plain = model.encode_images(pixels)
+        with tr.token_feed(model, tok, source="experts") as feed:
+            feed[:] = samples
+            same = model.encode_images(pixels)
+        with tr.token_feed(model, tok, background=0.0, source="experts") as feed:
+            feed[:] = samples
+            thin = model.encode_images(pixels)
+    torch.testing.assert_close(same.features, plain.features)
+    covered = torch.cat([tr.grounding_distribution(samples, r.grid(), tok)[..., tok.pad_token_id] < 1
+                         for r in model.runners], 1)
+    for b in range(2):  # every covered token is there, with the plain encoder's features
+        at = {k: n for n, k in enumerate((thin.expert[b] * 10_000 + thin.grid_index[b]).tolist())}
+        ref = (plain.expert[b] * 10_000 + plain.grid_index[b]).tolist()
+        idx = [at[ref[i]] for i in covered[b].nonzero()[:, 0].tolist()]
+        torch.testing.assert_close(thin.features[b, idx], plain.features[b, covered[b]])
+    assert thin.features.shape[1] == int(covered.sum(1).max())
