@@ -11,6 +11,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from . import synth
 from .synth import EVAL_SEED
 from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
+from .methods.base import PruningMethod
 from .models.vlm import PIXEL_PREFIX, MultiEncoderVLM, MultiEncoderVLMConfig, VisualTokens, VocabProjector, expert_pixels
 
 __all__ = ["TrainConfig", "default_model_config", "build_tokenizer", "train", "evaluate", "EVAL_SEED"]
@@ -248,17 +250,21 @@ class Grounding:
         return total / len(self.grids)
 
 
-def visual_words(model: MultiEncoderVLM, samples, tokenizer, background: float = 1.0,
-                 generator: torch.Generator | None = None) -> VisualTokens:
+def covered_cells(model: MultiEncoderVLM, samples, tokenizer) -> torch.Tensor:
+    """(B, N) bool over the model's full visual token sequence (experts' grids in turn): covers content."""
+    pad = tokenizer.pad_token_id
+    return torch.cat([grounding_distribution(samples, r.grid(), tokenizer)[..., pad] < 1 for r in model.runners], 1)
+
+
+def visual_words(model: MultiEncoderVLM, samples, tokenizer) -> VisualTokens:
     """The visual tokens a perfect vision side would give: per expert cell, the input embeddings of the
     words that cover it (`grounding_distribution`, pad on background) plus the projector's cell embedding.
 
     This is exactly what a `VocabProjector` outputs when its classifier is right, so an LLM trained on
-    these tokens is ready for the real ones. `background` < 1 keeps that share of background tokens
-    (covered tokens are always kept, every image keeps the same count, order is preserved).
+    these tokens is ready for the real ones.
     """
     words = model.get_input_embeddings().weight
-    feats, expert, index, covered = [], [], [], []
+    feats, expert, index = [], [], []
     B = len(samples)
     for i, (runner, proj) in enumerate(zip(model.runners, model.projectors)):
         if not isinstance(proj, VocabProjector):
@@ -268,54 +274,65 @@ def visual_words(model: MultiEncoderVLM, samples, tokenizer, background: float =
         feats.append(dist @ words + proj.position(cells))
         expert.append(torch.full_like(cells, i))
         index.append(cells)
-        covered.append(dist[..., tokenizer.pad_token_id] < 1)
     f = torch.cat(feats, 1)
-    tokens = VisualTokens(f, torch.cat(expert, 1), torch.cat(index, 1), torch.ones(f.shape[:2]))
-    return thin_background(tokens, torch.cat(covered, 1), background, generator)
+    return VisualTokens(f, torch.cat(expert, 1), torch.cat(index, 1), torch.ones(f.shape[:2]))
 
 
-def thin_background(tokens: VisualTokens, covered: torch.Tensor, background: float,
-                    generator: torch.Generator | None = None) -> VisualTokens:
-    """Keep every covered token (covered: (B, N) bool) and about `background` of the others, in order.
+@dataclass
+class ThinBackground(PruningMethod):
+    """Training only: before LLM layer 0, keep every text token, every covered visual token and about
+    `share` of the background ones. Survivors keep the RoPE positions of the full sequence, so the LLM
+    trains on the geometry it is evaluated on, at a fraction of the cost (most of an image is background).
+    `covered` (B, N) is set for each batch, over each image's full visual sequence."""
 
-    Training only: most of an image is background, and thinning it makes a step several times cheaper.
-    Every image keeps the same count (the largest), topped up with more background at random.
-    """
-    if background >= 1:
-        return tokens
-    noise = torch.rand(covered.shape, generator=generator)
-    keep = covered | (noise < background)
-    idx = (keep.float() * 2 + noise).topk(int(keep.sum(1).max()), 1).indices.sort(1).values
-    return tokens.select(idx)
+    name: ClassVar[str] = "thin-background"  # not in the bench registry
+    share: float = 0.1
+    seed: int = 0
+    covered: torch.Tensor | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    def llm_layers(self, num_layers: int) -> set[int]:
+        return {0}
+
+    def prune_llm(self, ctx) -> torch.Tensor:
+        vis = ctx.visual & ctx.valid
+        order = (vis.long().cumsum(1) - 1).clamp_min(0)  # index of each visual column in its image
+        covered = self.covered.to(vis.device).gather(1, order.clamp_max(self.covered.shape[1] - 1)) & vis
+        noise = torch.rand(vis.shape, generator=self._generator).to(vis.device)
+        return ~vis | covered | (noise < self.share)
 
 
 @contextlib.contextmanager
 def token_feed(model: MultiEncoderVLM, tokenizer, background: float = 1.0, seed: int = 0, source: str = "words"):
     """Within the block, the model's visual tokens for the samples put in the yielded list are
-    `visual_words` (source="words": no expert runs) or its own tokens (source="experts"), background
-    thinned by `thin_background`. On this instance only; the previous encoder is restored on exit."""
+    `visual_words` (source="words": no expert runs) or its own (source="experts"), and with
+    `background` < 1 the LLM sees only that share of background tokens (`ThinBackground`).
+    On this instance only; the previous encoder and pruning method are restored on exit."""
     if source not in ("words", "experts"):
         raise ValueError(f"source must be 'words' or 'experts', got {source!r}")
     current: list = []
-    generator = torch.Generator().manual_seed(seed)
+    thin = ThinBackground(share=background, seed=seed) if background < 1 else None
     own = type(model).encode_images.__get__(model)  # the class's encoder, whatever feed is active
 
     def encode_images(pixel_values, method=None):
+        if thin is not None:
+            thin.covered = covered_cells(model, current, tokenizer)
+            thin.stats.clear()  # one batch at a time: the runtime appends per-sample counts
         if source == "words":
-            return visual_words(model, current, tokenizer, background, generator)
-        tokens = own(pixel_values, method)
-        if background >= 1:
-            return tokens
-        pad = tokenizer.pad_token_id
-        covered = torch.cat([grounding_distribution(current, r.grid(), tokenizer)[..., pad] < 1
-                             for r in model.runners], 1)
-        return thin_background(tokens, covered, background, generator)
+            return visual_words(model, current, tokenizer)
+        return own(pixel_values, method)
 
     previous = model.__dict__.get("encode_images")  # nested feeds restore the outer one
+    previous_method = model._pruning_method
     model.encode_images = encode_images
+    model._pruning_method = thin
     try:
         yield current
     finally:
+        model._pruning_method = previous_method
         if previous is None:
             del model.encode_images
         else:
