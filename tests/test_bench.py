@@ -183,9 +183,10 @@ def test_grounding_loss_needs_a_forward_and_removes_its_hooks(tiny, images):
     assert all(not p._forward_hooks for p in model.projectors)
 
 
-def test_grounding_loss_weighs_every_image_and_both_halves_equally(images):
-    """The vectorised loss = a per-image loop: mean CE over covered and over background tokens, averaged,
-    then averaged over images and experts."""
+@pytest.mark.parametrize("per_image", [False, True])
+def test_grounding_loss_weighs_covered_and_background_halves(images, per_image):
+    """The vectorised loss = a loop: mean CE over covered and over background tokens, averaged, per image
+    then over images (per_image) or over the whole batch; then over experts."""
     from meteor_vlm import synth
     from meteor_vlm import train as tr
 
@@ -195,7 +196,7 @@ def test_grounding_loss_weighs_every_image_and_both_halves_equally(images):
     model = mv.MultiEncoderVLM(cfg).eval()
     processor = mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE)
     samples = [synth.make_sample(f, 2, 3, 64) for f in ("ocr", "charts", "scenes")]
-    g = tr.Grounding(model)
+    g = tr.Grounding(model, per_image=per_image)
     inputs = processor(images=[s.image for s in samples], text=["<image>"] * 3, return_tensors="pt")
     with torch.no_grad():
         model.encode_images(mv.models.vlm.expert_pixels(inputs))
@@ -205,13 +206,16 @@ def test_grounding_loss_weighs_every_image_and_both_halves_equally(images):
     want = 0.0
     for i, grid in enumerate(g.grids):
         target = tr.grounding_distribution(samples, grid, tok)
-        per_image = []
-        for b in range(3):
-            ce = -(target[b] * logits[i][b].log_softmax(-1)).sum(-1)
-            cov = target[b, :, tok.pad_token_id] < 1
-            halves = [ce[m].mean() for m in (cov, ~cov) if m.any()]
-            per_image.append(sum(halves) / len(halves))
-        want += sum(per_image) / 3
+        ce = -(target * logits[i].log_softmax(-1)).sum(-1)
+        cov = target[..., tok.pad_token_id] < 1
+        if per_image:
+            parts = []
+            for b in range(3):
+                halves = [ce[b][m].mean() for m in (cov[b], ~cov[b]) if m.any()]
+                parts.append(sum(halves) / len(halves))
+            want += sum(parts) / 3
+        else:
+            want += (ce[cov].mean() + ce[~cov].mean()) / 2
     torch.testing.assert_close(loss, want / len(g.grids))
 
 

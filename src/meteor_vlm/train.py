@@ -88,6 +88,7 @@ class TrainConfig:
     max_minutes: float | None = None
     describe: bool = True
     grounding: float = 1.0  # weight of the per-token grounding loss in the QA phase (0 = off)
+    grounding_per_image: bool = True  # weigh images equally in the grounding loss (see Grounding.loss)
     vision_steps: int = 2500  # phase 1: experts + projectors on the grounding loss alone (no LLM)
     vision_lr: float = 2e-3
     word_steps: int = 2500  # phase 2: the LLM on ground-truth visual words (no expert runs)
@@ -202,9 +203,10 @@ class Grounding:
     that head decodes words. Adds no parameters; hooks are removed by `close()`.
     """
 
-    def __init__(self, model: MultiEncoderVLM):
+    def __init__(self, model: MultiEncoderVLM, per_image: bool = False):
         if model.config.fusion != "post":
             raise ValueError("the grounding loss reads each expert's projector: it needs fusion='post'")
+        self.per_image = per_image
         self.grids = [r.grid() for r in model.runners]
         self._captured: list[torch.Tensor | None] = [None] * len(self.grids)
         self._handles = []
@@ -234,17 +236,19 @@ class Grounding:
 
     def loss(self, samples, tokenizer) -> torch.Tensor:
         """Cross-entropy of every visual token against the words of what it covers (uniform over them),
-        the pad token for the background. Within an image, covered and background tokens weigh half each;
-        then every image weighs the same (a bar chart covers ~25x more cells than an OCR word, which
-        would otherwise hardly count), then experts are averaged. Needs a forward first."""
+        the pad token for the background; covered and background tokens weigh half each, experts are
+        averaged. With `per_image`, the halves are taken within each image and every image weighs the
+        same (a bar chart covers ~25x more cells than an OCR word, which otherwise hardly counts);
+        without, over the whole batch. Needs a forward first."""
         total = 0.0
         for i, grid in enumerate(self.grids):
             logp = F.log_softmax(self.logits(i), -1)
             target = grounding_distribution(samples, grid, tokenizer)
             ce = -(target * logp).sum(-1)  # (B, N)
             covered = (target[..., tokenizer.pad_token_id] < 1).float()
-            means = [(ce * m).sum(1) / m.sum(1).clamp_min(1) for m in (covered, 1 - covered)]
-            present = (covered.sum(1) > 0).float() + ((1 - covered).sum(1) > 0).float()
+            dims = 1 if self.per_image else (0, 1)
+            means = [(ce * m).sum(dims) / m.sum(dims).clamp_min(1) for m in (covered, 1 - covered)]
+            present = (covered.sum(dims) > 0).float() + ((1 - covered).sum(dims) > 0).float()
             total = total + ((means[0] + means[1]) / present).mean()
         self._captured = [None] * len(self.grids)
         return total / len(self.grids)
@@ -458,7 +462,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 if isinstance(proj, VocabProjector):
                     proj.position.weight.normal_(0.0, cfg.embed_std / 2)
         state, start = None, 0
-    grounding = Grounding(model) if cfg.grounding > 0 or cfg.vision_steps > 0 else None
+    grounding = Grounding(model, cfg.grounding_per_image) if cfg.grounding > 0 or cfg.vision_steps > 0 else None
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
