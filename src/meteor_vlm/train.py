@@ -93,6 +93,7 @@ class TrainConfig:
     vision_lr: float = 2e-3
     word_steps: int = 2500  # phase 2: the LLM on ground-truth visual words (no expert runs)
     word_lr: float = 2e-3
+    one_family_batches: bool = True  # phases 2-3: one family per batch (similar lengths) or families mixed
     background: float = 0.1  # share of background tokens the LLM sees in phases 2-3 (covered ones: all)
     embed_std: float = 0.3  # init scale of the word (and cell) embeddings visual tokens are made of
 
@@ -489,9 +490,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, step)
             if phase == "words":
-                samples, inputs = make_batch(processor, cfg, step, one_family=True, pixels=False)
+                samples, inputs = make_batch(processor, cfg, step, one_family=cfg.one_family_batches, pixels=False)
             else:
-                samples, inputs = make_batch(processor, cfg, step, with_answers=phase == "qa", one_family=phase == "qa")
+                samples, inputs = make_batch(processor, cfg, step, with_answers=phase == "qa", one_family=phase == "qa" and cfg.one_family_batches)
             if current is not None:
                 current[:] = samples
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
