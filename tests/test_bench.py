@@ -12,6 +12,24 @@ from meteor_vlm.bench.accuracy import method_catalog, run_bench
 from meteor_vlm.cli import main
 
 
+
+def _vocab_config(tokenizer, image_size=336):
+    """A tiny vocab-projector config over the synthetic benchmark's tokenizer (stands in for the default)."""
+    cfg = mv.testing.tiny_config(tokenizer=tokenizer, num_layers=2, projector="vocab")
+    cfg.text_config.vocab_size = len(tokenizer)
+    return cfg
+
+
+def _vocab_model(seed=None):
+    """(model in eval mode, processor, tokenizer) of `_vocab_config`."""
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = mv.MultiEncoderVLM(_vocab_config(tok)).eval()
+    return model, mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE), tok
+
 def test_bench_rows_and_files(tiny, tmp_path):
     model, processor = tiny
     names = ["unpruned", "meteor:paper-242", "stage3:adaptive", "stage3:fixed"]
@@ -76,12 +94,7 @@ def test_training_step_lowers_the_loss_and_resumes(tmp_path, monkeypatch):
     """Two tiny runs of the real training loop: the second resumes from the first's checkpoint."""
     from meteor_vlm import train as tr
 
-    def small_config(tokenizer, image_size=336):
-        cfg = mv.testing.tiny_config(tokenizer=tokenizer, num_layers=2, projector="vocab")
-        cfg.text_config.vocab_size = len(tokenizer)
-        return cfg
-
-    monkeypatch.setattr(tr, "default_model_config", small_config)
+    monkeypatch.setattr(tr, "default_model_config", _vocab_config)
     cfg = tr.TrainConfig(out=str(tmp_path), word_steps=2, vision_steps=2, steps=2, batch_size=6, image_size=64,
                          eval_every=100, eval_per_family=1, save_every=1, bf16=False, background=0.2)
     tr.train(cfg)
@@ -101,15 +114,10 @@ def test_training_step_lowers_the_loss_and_resumes(tmp_path, monkeypatch):
 def test_resuming_inside_the_words_phase_feeds_visual_words_again(tmp_path, monkeypatch):
     from meteor_vlm import train as tr
 
-    def small_config(tokenizer, image_size=336):
-        cfg = mv.testing.tiny_config(tokenizer=tokenizer, num_layers=2, projector="vocab")
-        cfg.text_config.vocab_size = len(tokenizer)
-        return cfg
-
     def no_experts(*args, **kwargs):
         raise AssertionError("phase 2 must not run the experts")
 
-    monkeypatch.setattr(tr, "default_model_config", small_config)
+    monkeypatch.setattr(tr, "default_model_config", _vocab_config)
     cfg = tr.TrainConfig(out=str(tmp_path), word_steps=3, vision_steps=0, steps=0, batch_size=6, image_size=64,
                          eval_every=100, eval_per_family=1, save_every=1, max_minutes=0.0)
     monkeypatch.setattr(mv.MultiEncoderVLM, "encode_expert", no_experts)
@@ -190,11 +198,7 @@ def test_grounding_loss_weighs_covered_and_background_halves(images, per_image):
     from meteor_vlm import synth
     from meteor_vlm import train as tr
 
-    tok = tr.build_tokenizer()
-    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2, projector="vocab")
-    cfg.text_config.vocab_size = len(tok)
-    model = mv.MultiEncoderVLM(cfg).eval()
-    processor = mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE)
+    model, processor, tok = _vocab_model()
     samples = [synth.make_sample(f, 2, 3, 64) for f in ("ocr", "charts", "scenes")]
     g = tr.Grounding(model, per_image=per_image)
     inputs = processor(images=[s.image for s in samples], text=["<image>"] * 3, return_tensors="pt")
@@ -253,15 +257,11 @@ def test_grounding_report_equals_a_per_token_top_k_count():
 
 def test_visual_words_are_what_a_right_vocab_projector_outputs(images):
     """Oracle: when every classifier outputs the grounding distribution, the real experts + projectors
-    give exactly `visual_words`; with background < 1, covered tokens all stay, in order, unchanged."""
+    give exactly `visual_words`."""
     from meteor_vlm import synth
     from meteor_vlm import train as tr
 
-    tok = tr.build_tokenizer()
-    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2, projector="vocab")
-    cfg.text_config.vocab_size = len(tok)
-    model = mv.MultiEncoderVLM(cfg).eval()
-    processor = mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE)
+    model, processor, tok = _vocab_model()
     samples = [synth.make_sample(f, 0, 5, 64) for f in ("scenes", "ocr", "charts")]
     for runner, proj in zip(model.runners, model.projectors):
         dist = tr.grounding_distribution(samples, runner.grid(), tok)
@@ -281,12 +281,7 @@ def test_thinning_the_background_keeps_positions_and_every_covered_token(images)
     from meteor_vlm import synth
     from meteor_vlm import train as tr
 
-    tok = tr.build_tokenizer()
-    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2, projector="vocab")
-    cfg.text_config.vocab_size = len(tok)
-    torch.manual_seed(0)
-    model = mv.MultiEncoderVLM(cfg).eval()
-    processor = mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE)
+    model, processor, tok = _vocab_model(seed=0)
     samples = [synth.make_sample(f, 0, 5, 64) for f in ("ocr", "charts")]
     inputs = tr.encode_samples(processor, samples, with_answers=False, pixels=False)
     covered = tr.covered_cells(model, samples, tok)
@@ -318,10 +313,7 @@ def test_thinning_the_background_keeps_positions_and_every_covered_token(images)
 def test_token_feed_nests_and_restores(images):
     from meteor_vlm import train as tr
 
-    tok = tr.build_tokenizer()
-    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2, projector="vocab")
-    cfg.text_config.vocab_size = len(tok)
-    model = mv.MultiEncoderVLM(cfg)
+    model, _, tok = _vocab_model()
     with tr.token_feed(model, tok, background=0.1) as outer:
         inner_fn = None
         outer_fn = model.encode_images
@@ -336,11 +328,7 @@ def test_token_feed_of_the_experts_is_the_plain_encoder_and_restores_the_method(
     from meteor_vlm import synth
     from meteor_vlm import train as tr
 
-    tok = tr.build_tokenizer()
-    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2, projector="vocab")
-    cfg.text_config.vocab_size = len(tok)
-    model = mv.MultiEncoderVLM(cfg).eval()
-    processor = mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE)
+    model, processor, tok = _vocab_model()
     samples = [synth.make_sample(f, 1, 2, 64) for f in ("pope", "docs")]
     pixels = mv.models.vlm.expert_pixels(processor(images=[s.image for s in samples], text=["<image>"] * 2,
                                                    return_tensors="pt"))

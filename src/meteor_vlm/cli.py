@@ -274,10 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the embedded model from scratch on the synthetic benchmark")
     t.add_argument("--out", default="runs/default", help="run folder (checkpoint, log.jsonl)")
     t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--word-steps", type=int, default=TrainConfig.word_steps,
-                   help="phase 1: the LLM on ground-truth visual words (no experts)")
     t.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps,
-                   help="phase 2: experts + projectors on the grounding target (no LLM)")
+                   help="phase 1: experts + projectors on the grounding target (no LLM)")
+    t.add_argument("--word-steps", type=int, default=TrainConfig.word_steps,
+                   help="phase 2: the LLM on ground-truth visual words (no expert runs)")
     t.add_argument("--steps", type=int, default=TrainConfig.steps, help="phase 3: question answering on real tokens")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1.5e-3)

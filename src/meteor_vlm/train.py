@@ -255,26 +255,33 @@ class Grounding:
         return total / len(self.grids)
 
 
-def covered_cells(model: MultiEncoderVLM, samples, tokenizer) -> torch.Tensor:
-    """(B, N) bool over the model's full visual token sequence (experts' grids in turn): covers content."""
-    pad = tokenizer.pad_token_id
-    return torch.cat([grounding_distribution(samples, r.grid(), tokenizer)[..., pad] < 1 for r in model.runners], 1)
+def cell_distributions(model: MultiEncoderVLM, samples, tokenizer) -> list[torch.Tensor]:
+    """`grounding_distribution` of every expert's grid, in the model's expert order: [(B, N_e, V)]."""
+    return [grounding_distribution(samples, r.grid(), tokenizer) for r in model.runners]
 
 
-def visual_words(model: MultiEncoderVLM, samples, tokenizer) -> VisualTokens:
+def covered_cells(model: MultiEncoderVLM, samples, tokenizer, dists=None) -> torch.Tensor:
+    """(B, N) bool over the model's full visual token sequence (experts' grids in turn): covers content.
+    `dists` = `cell_distributions` of the samples, when already computed."""
+    dists = cell_distributions(model, samples, tokenizer) if dists is None else dists
+    return torch.cat([d[..., tokenizer.pad_token_id] < 1 for d in dists], 1)
+
+
+def visual_words(model: MultiEncoderVLM, samples, tokenizer, dists=None) -> VisualTokens:
     """The visual tokens a perfect vision side would give: per expert cell, the input embeddings of the
     words that cover it (`grounding_distribution`, pad on background) plus the projector's cell embedding.
 
     This is exactly what a `VocabProjector` outputs when its classifier is right, so an LLM trained on
-    these tokens is ready for the real ones.
+    these tokens is ready for the real ones. `dists` = `cell_distributions` of the samples, when already
+    computed.
     """
+    if not all(isinstance(p, VocabProjector) for p in model.projectors):
+        raise ValueError("visual words need projector='vocab' (a word distribution per token)")
+    dists = cell_distributions(model, samples, tokenizer) if dists is None else dists
     words = model.get_input_embeddings().weight
     feats, expert, index = [], [], []
     B = len(samples)
-    for i, (runner, proj) in enumerate(zip(model.runners, model.projectors)):
-        if not isinstance(proj, VocabProjector):
-            raise ValueError("visual words need projector='vocab' (a word distribution per token)")
-        dist = grounding_distribution(samples, runner.grid(), tokenizer)
+    for i, (proj, dist) in enumerate(zip(model.projectors, dists)):
         cells = torch.arange(dist.shape[1]).expand(B, -1)
         feats.append(dist @ words + proj.position(cells))
         expert.append(torch.full_like(cells, i))
@@ -323,11 +330,12 @@ def token_feed(model: MultiEncoderVLM, tokenizer, background: float = 1.0, seed:
     own = type(model).encode_images.__get__(model)  # the class's encoder, whatever feed is active
 
     def encode_images(pixel_values, method=None):
+        dists = cell_distributions(model, current, tokenizer) if thin is not None or source == "words" else None
         if thin is not None:
-            thin.covered = covered_cells(model, current, tokenizer)
+            thin.covered = covered_cells(model, current, tokenizer, dists)
             thin.stats.clear()  # one batch at a time: the runtime appends per-sample counts
         if source == "words":
-            return visual_words(model, current, tokenizer)
+            return visual_words(model, current, tokenizer, dists)
         return own(pixel_values, method)
 
     previous = model.__dict__.get("encode_images")  # nested feeds restore the outer one
@@ -419,7 +427,7 @@ def _cosine(step: int, steps: int, peak: float, floor: float, warmup: int) -> fl
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    """Learning rate at global step `step`: each phase (words, vision, QA) has its own warmup + cosine."""
+    """Learning rate at global step `step`: each phase (vision, words, QA) has its own warmup + cosine."""
     phase = cfg.phase(step)
     at = step - cfg.phase_start(phase)
     if phase == "vision":
@@ -489,10 +497,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 bar.set_description(f"train ({phase})")
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, step)
-            if phase == "words":
-                samples, inputs = make_batch(processor, cfg, step, one_family=cfg.one_family_batches, pixels=False)
-            else:
-                samples, inputs = make_batch(processor, cfg, step, with_answers=phase == "qa", one_family=phase == "qa" and cfg.one_family_batches)
+            llm = phase != "vision"
+            samples, inputs = make_batch(processor, cfg, step, with_answers=llm, one_family=llm and cfg.one_family_batches,
+                                         pixels=phase != "words")
             if current is not None:
                 current[:] = samples
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):

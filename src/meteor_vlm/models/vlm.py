@@ -222,8 +222,8 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             for lin in (module.fc1, module.fc2):
                 nn.init.normal_(lin.weight, std=std)
                 nn.init.zeros_(lin.bias)
-        if isinstance(module, VocabProjector):
-            nn.init.normal_(module.position.weight, std=getattr(self.config.text_config, "initializer_range", 0.02))
+            if isinstance(module, VocabProjector):
+                nn.init.normal_(module.position.weight, std=std)
 
     # ---- plumbing ---------------------------------------------------------------------------
     @property
