@@ -279,6 +279,63 @@ def test_docs_answer_is_the_value_of_the_asked_key(split):
         assert all(prev[1] < nxt[0] for prev, nxt in zip(tops, tops[1:]))
 
 
+def _answer_from_truth(s: synth.Sample, question: str) -> str:
+    """Answer to one of s's family's questions, read from the ground truth alone."""
+    words = question.split()
+    if s.family == "pope":
+        present = {(o["color"], o["shape"]) for o in s.meta["objects"]}
+        return "yes" if (words[3], words[4]) in present else "no"
+    if s.family == "counting":
+        return str(sum(o["shape"] + "s" == words[2] for o in s.meta["objects"]))
+    if s.family == "docs":
+        return {ln["key"]: ln["value"] for ln in s.meta["lines"]}[words[3]]
+    if s.family == "charts":
+        values = {b["label"]: b["value"] for b in s.meta["bars"]}
+        if words[:2] == ["which", "bar"]:
+            return max(values, key=values.get)
+        if words[0] == "is":
+            return "yes" if values[words[1]] > values[words[4]] else "no"
+        return str(values[words[5]])
+    objects = {o["shape"]: o for o in s.meta["objects"]}  # scenes: shapes are distinct
+    if words[:2] == ["what", "color"]:
+        return objects[words[4]]["color"]
+    if words[0] == "is":
+        a, b = objects[words[3]], objects[words[8]]
+        return "yes" if (a["x"] < b["x"]) == (words[4] == "left") else "no"
+    ref = objects[words[7]]["x"]
+    side = [o for o in objects.values() if (o["x"] < ref if words[3] == "left" else o["x"] > ref)]
+    assert len(side) == 1
+    return side[0]["shape"]
+
+
+@pytest.mark.parametrize("family", synth.FAMILIES)
+def test_more_questions_are_answered_by_the_ground_truth(family):
+    asked = collections.Counter()
+    for i in range(12):
+        s = synth.make_sample(family, i, SEED, image_size=96)
+        more = synth.more_questions(s, 5, seed=2)
+        assert more == synth.more_questions(s, 5, seed=2)
+        assert _answer_from_truth(s, s.question) == s.answer if family != "ocr" else s.answer == s.meta["word"]
+        if family == "ocr":
+            assert more == []
+            continue
+        assert len(more) == 5 and more != synth.more_questions(s, 5, seed=3)
+        for q, a in more:
+            assert a == _answer_from_truth(s, q), (q, a)
+            assert set(q.split()) | {a} <= set(synth.vocabulary())
+            asked[a] += 1
+        if family == "pope":  # alternates, starting opposite to the sample's own answer
+            assert [a for _, a in more][:2] == (["no", "yes"] if s.answer == "yes" else ["yes", "no"])
+    assert family == "ocr" or len(asked) >= 2
+
+
+def test_more_questions_rejects_bad_k():
+    s = synth.make_sample("pope", 0, SEED, image_size=96)
+    assert synth.more_questions(s, 0) == []
+    with pytest.raises(ValueError, match="k must be"):
+        synth.more_questions(s, -1)
+
+
 # --------------------------------------------------------------------------- errors
 
 

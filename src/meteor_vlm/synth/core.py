@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-from .families import GENERATORS
+from .families import ASKERS, GENERATORS
 
 FAMILIES: tuple[str, ...] = ("scenes", "pope", "counting", "ocr", "docs", "charts")
 
@@ -105,3 +105,21 @@ def make_split(
         raise ValueError(f"families contains duplicates: {families}")
     _check_image_size(image_size)
     return [make_sample(f, i, seed, image_size) for i in range(per_family) for f in families]
+
+
+def more_questions(sample: Sample, k: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Up to ``k`` further (question, answer) pairs about ``sample``'s image, drawn like its own question
+    from its ground truth (for training: several questions share one image's visual tokens).
+
+    Deterministic in (sample, k, seed). OCR has a single question, so it gets none; pope alternates
+    "no" and "yes" starting from the opposite of the sample's own answer; counting asks about other shapes.
+    """
+    _check_int("k", k)
+    _check_int("seed", seed)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if sample.family == "ocr":
+        return []
+    rng = _rng(sample.family, sample.index, seed ^ 0x5EED)
+    meta = dict(sample.meta, target=None) if sample.family == "counting" else sample.meta
+    return [ASKERS[sample.family](rng, meta, sample.index + 1 + j)[:2] for j in range(k)]

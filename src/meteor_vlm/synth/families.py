@@ -28,6 +28,7 @@ from ._lexicon import (
 )
 
 Generated = tuple[Image.Image, str, str, dict[str, Any]]
+Asked = tuple[str, str, dict[str, Any]]
 
 MARGIN = 0.04  # empty border, in units of the image side
 
@@ -96,8 +97,14 @@ def scenes(rng: random.Random, size: int, index: int) -> Generated:
     rng.shuffle(layout)
     objects = _objects(layout, list(zip(colors, shapes)))
     image = _render_objects(rng, size, objects)
-    by_x = sorted(objects, key=lambda o: o["x"])
+    question, answer, meta = ask_scenes(rng, {"objects": objects}, index)
+    return image, question, answer, meta
 
+
+def ask_scenes(rng: random.Random, meta: dict[str, Any], index: int) -> Asked:
+    """An attribute, relation or neighbour question about the objects of a scene."""
+    objects = meta["objects"]
+    by_x = sorted(objects, key=lambda o: o["x"])
     kind = rng.choice(("color", "relation", "neighbor"))
     if kind == "color":
         target = rng.choice(objects)
@@ -117,7 +124,7 @@ def scenes(rng: random.Random, size: int, index: int) -> Generated:
         ref, other = (by_x[1], by_x[0]) if direction == "left" else (by_x[-2], by_x[-1])
         question = TEMPLATES["scene_neighbor"].format(direction=direction, color=ref["color"], shape=ref["shape"])
         answer = other["shape"]
-    return image, question, answer, {"objects": objects, "question_type": kind}
+    return question, answer, {"objects": objects, "question_type": kind}
 
 
 def pope(rng: random.Random, size: int, index: int) -> Generated:
@@ -132,7 +139,15 @@ def pope(rng: random.Random, size: int, index: int) -> Generated:
     attrs = rng.sample(combos, n)
     objects = _objects(_column_layout(rng, n), attrs)
     image = _render_objects(rng, size, objects)
+    question, answer, meta = ask_pope(rng, {"objects": objects}, index)
+    return image, question, answer, meta
 
+
+def ask_pope(rng: random.Random, meta: dict[str, Any], index: int) -> Asked:
+    """Existence probe: "yes" for even ``index``; negatives alternate adversarial / random."""
+    objects = meta["objects"]
+    combos = [(c, s) for c in COLOR_NAMES for s in SHAPE_NAMES]
+    attrs = [(o["color"], o["shape"]) for o in objects]
     present = set(attrs)
     if index % 2 == 0:
         color, shape = rng.choice(attrs)
@@ -150,8 +165,7 @@ def pope(rng: random.Random, size: int, index: int) -> Generated:
         color, shape = rng.choice(pool)
         answer = NO
     question = TEMPLATES["pope"].format(article=_article(color), color=color, shape=shape)
-    meta = {"objects": objects, "query": {"color": color, "shape": shape}, "negative": negative}
-    return image, question, answer, meta
+    return question, answer, {"objects": objects, "query": {"color": color, "shape": shape}, "negative": negative}
 
 
 def counting(rng: random.Random, size: int, index: int) -> Generated:
@@ -165,8 +179,20 @@ def counting(rng: random.Random, size: int, index: int) -> Generated:
     rng.shuffle(attrs)
     objects = _objects(_grid_layout(rng, len(attrs)), attrs)
     image = _render_objects(rng, size, objects)
+    question, answer, meta = ask_counting(rng, {"objects": objects, "target": target}, index)
+    return image, question, answer, meta
+
+
+def ask_counting(rng: random.Random, meta: dict[str, Any], index: int) -> Asked:
+    """How many of ``meta["target"]`` the scene shows; without a target, one is drawn (a shape of the
+    scene or, as often, any shape)."""
+    objects = meta["objects"]
+    target = meta.get("target")
+    if target is None:
+        target = rng.choice([o["shape"] for o in objects] if rng.random() < 0.5 else SHAPE_NAMES)
+    count = sum(o["shape"] == target for o in objects)
     question = TEMPLATES["counting"].format(shapes=SHAPE_PLURALS[target])
-    return image, question, str(count), {"objects": objects, "target": target, "count": count}
+    return question, str(count), {"objects": objects, "target": target, "count": count}
 
 
 def _clutter(rng: random.Random, draw: ImageDraw.ImageDraw, size: int, n: int) -> None:
@@ -207,7 +233,13 @@ def ocr(rng: random.Random, size: int, index: int) -> Generated:
     label = _draw.light_color(rng)
     draw.rectangle([tx + bx0 - pad, ty + by0 - pad, tx + bx1 + pad, ty + by1 + pad], fill=label)
     box = _draw.draw_text(draw, (tx, ty), text, px, rng.choice(_draw.INKS))
-    return image, TEMPLATES["ocr"], word, {"word": word, "text_box": box, "font_px": px}
+    question, answer, meta = ask_ocr(rng, {"word": word, "text_box": box, "font_px": px}, index)
+    return image, question, answer, meta
+
+
+def ask_ocr(rng: random.Random, meta: dict[str, Any], index: int) -> Asked:
+    """The one OCR question: which word is written."""
+    return TEMPLATES["ocr"], meta["word"], meta
 
 
 def docs(rng: random.Random, size: int, index: int) -> Generated:
@@ -237,9 +269,14 @@ def docs(rng: random.Random, size: int, index: int) -> Generated:
             # Occasional faint rule under a line, a common form element.
             draw.line([0.06 * size, box[3] + 0.02 * size, 0.94 * size, box[3] + 0.02 * size], fill=(225, 225, 225))
 
-    asked = rng.randrange(n)
-    question = TEMPLATES["docs"].format(key=keys[asked])
-    return image, question, values[asked], {"lines": lines, "font_px": px}
+    question, answer, meta = ask_docs(rng, {"lines": lines, "font_px": px}, index)
+    return image, question, answer, meta
+
+
+def ask_docs(rng: random.Random, meta: dict[str, Any], index: int) -> Asked:
+    """The value of one key of the page."""
+    line = meta["lines"][rng.randrange(len(meta["lines"]))]
+    return TEMPLATES["docs"].format(key=line["key"]), line["value"], meta
 
 
 def charts(rng: random.Random, size: int, index: int) -> Generated:
@@ -283,7 +320,15 @@ def charts(rng: random.Random, size: int, index: int) -> Generated:
         bars.append({"label": label, "value": value, "color": cname, "x0": x0, "x1": x1, "top": y_top, "base": base})
     draw.line([left, top, left, base], fill=(60, 60, 60), width=line_w)
     draw.line([left, base, right, base], fill=(60, 60, 60), width=line_w)
+    question, answer, meta = ask_charts(rng, {"bars": bars, "font_px": px}, index)
+    return image, question, answer, meta
 
+
+def ask_charts(rng: random.Random, meta: dict[str, Any], index: int) -> Asked:
+    """A bar's value, the tallest bar, or whether one bar is higher than another."""
+    labels = [b["label"] for b in meta["bars"]]
+    values = [b["value"] for b in meta["bars"]]
+    n = len(labels)
     kind = rng.choice(("value", "tallest", "compare"))
     if kind == "value":
         i = rng.randrange(n)
@@ -295,8 +340,17 @@ def charts(rng: random.Random, size: int, index: int) -> Generated:
         i, j = rng.choice(pairs)  # the unique maximum guarantees a pair with different values
         question = TEMPLATES["chart_compare"].format(label1=labels[i], label2=labels[j])
         answer = YES if values[i] > values[j] else NO
-    return image, question, answer, {"bars": bars, "question_type": kind, "font_px": px}
+    return question, answer, {**meta, "question_type": kind}
 
+
+ASKERS: dict[str, Callable[[random.Random, dict[str, Any], int], Asked]] = {
+    "scenes": ask_scenes,
+    "pope": ask_pope,
+    "counting": ask_counting,
+    "ocr": ask_ocr,
+    "docs": ask_docs,
+    "charts": ask_charts,
+}
 
 GENERATORS: dict[str, Callable[[random.Random, int, int], Generated]] = {
     "scenes": scenes,
