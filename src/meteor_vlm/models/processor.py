@@ -19,12 +19,14 @@ IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
 
 
-def build_word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(words: Sequence[str], bos: bool = False) -> PreTrainedTokenizerFast:
     """A small word-level tokenizer (lowercased, '?' and punctuation split off) for models trained here.
 
-    Ids: <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4, then `words` in order. Left padding.
+    Ids: <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4, then `words` in order. Left padding. With `bos`,
+    every encoded text starts with <s> (unless add_special_tokens=False): a fixed first token that
+    attention can fall back on.
     """
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
 
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
@@ -34,6 +36,8 @@ def build_word_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
