@@ -90,25 +90,49 @@ def test_kept_grid_matches_stage_counts(tiny, images):
         assert len(set(cells)) == len(cells) and all(0 <= c < rows * cols for c in cells)
 
 
-def test_training_step_lowers_the_loss_and_resumes(tmp_path, monkeypatch):
-    """Two tiny runs of the real training loop: the second resumes from the first's checkpoint."""
+def test_training_phases_log_resume_and_freeze_the_vision_side_in_qa(tmp_path, monkeypatch):
+    """Tiny runs of the real training loop: phases 1-2, then phase 3 resumed from their checkpoint (the
+    experts and word classifiers untouched, the LLM trained), then one more step resumed again."""
+    from safetensors.torch import load_file
+
     from meteor_vlm import train as tr
 
     monkeypatch.setattr(tr, "default_model_config", _vocab_config)
-    cfg = tr.TrainConfig(out=str(tmp_path), word_steps=2, vision_steps=2, steps=2, batch_size=6, image_size=64,
-                         eval_every=100, eval_per_family=1, save_every=1, bf16=False, background=0.2)
+    cfg = tr.TrainConfig(out=str(tmp_path), word_steps=2, vision_steps=2, steps=0, batch_size=6, image_size=64,
+                         eval_every=100, eval_per_family=1, save_every=1, bf16=False, background=0.2,
+                         full_background_steps=1)
     tr.train(cfg)
+    before = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    cfg.steps = 2
+    tr.train(cfg)
+    after = load_file(tmp_path / "checkpoint" / "model.safetensors")
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and "eval" in log[-1]
     assert [r["phase"] for r in log] == ["vision", "vision", "words", "words", "qa", "qa"]
+    assert [r["background"] for r in log] == [None, None, 0.2, 1.0, 0.2, 1.0]  # last step of 2 and 3: all
     assert "eval" in log[3]  # the end of phase 2 is evaluated (on visual words)
     assert all(r["loss"] == 0 and r["grounding"] > 0 for r in log[:2])  # phase 1: grounding only
-    assert all(r["loss"] > 0 and r["grounding"] == 0 for r in log[2:4])  # phase 2: the LLM alone
-    assert all(r["loss"] > 0 and r["grounding"] > 0 for r in log[4:])
+    assert all(r["loss"] > 0 and r["grounding"] == 0 for r in log[2:]) # phases 2-3: the LLM alone
+    vision = [k for k in before if k.startswith("experts.")
+              or k.startswith("projectors.") and k.split(".")[2] in ("fc1", "fc2", "norm")]
+    assert vision and [k for k in vision if not torch.equal(before[k], after[k])] == []
+    assert not torch.equal(before["projectors.0.position.weight"], after["projectors.0.position.weight"])
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("language_model."))
     cfg.steps = 3
     tr.train(cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7]  # resumed at step 6, did one more
+
+
+def test_qa_phase_trains_the_vision_side_when_not_frozen(tmp_path, monkeypatch):
+    from meteor_vlm import train as tr
+
+    monkeypatch.setattr(tr, "default_model_config", _vocab_config)
+    cfg = tr.TrainConfig(out=str(tmp_path), word_steps=0, vision_steps=0, steps=2, batch_size=6, image_size=64,
+                         eval_every=100, eval_per_family=1, bf16=False, qa_freeze_vision=False)
+    tr.train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["phase"] == "qa" and r["loss"] > 0 and r["grounding"] > 0 for r in log)
 
 
 def test_resuming_inside_the_words_phase_feeds_visual_words_again(tmp_path, monkeypatch):
@@ -152,7 +176,7 @@ def test_memorization_probe_reports_loss_and_gradients():
 @pytest.mark.parametrize("family", ["ocr", "docs", "scenes", "charts"])
 def test_grounding_targets_match_pixel_overlap(family):
     """Independent oracle: a cell is labelled with a region's words iff, counted in pixels, the region
-    covers at least 10% of it."""
+    covers at least 10% of it, or the region is a point (an object's centre) inside the cell."""
     from meteor_vlm import synth
     from meteor_vlm import train as tr
 
@@ -163,6 +187,9 @@ def test_grounding_targets_match_pixel_overlap(family):
     expected = torch.zeros_like(target)
     for (x0, y0, x1, y1), words in tr.region_words(s):
         box = [v * 336 for v in (x0, y0, x1, y1)]
+        if x0 == x1 and y0 == y1:
+            expected[int(box[1] // cell) * 21 + int(box[0] // cell), tok.convert_tokens_to_ids(words)] = 1.0
+            continue
         for r in range(21):
             for c in range(21):
                 w = max(0.0, min(box[2], (c + 1) * cell) - max(box[0], c * cell))
@@ -171,6 +198,9 @@ def test_grounding_targets_match_pixel_overlap(family):
                     expected[r * 21 + c, tok.convert_tokens_to_ids(words)] = 1.0
     assert expected.sum() > 0
     assert torch.equal(target, expected)
+    if family == "scenes":  # one cell per object names its shape
+        shapes = [tok.convert_tokens_to_ids(o["shape"]) for o in s.meta["objects"]]
+        assert [int(target[:, i].sum()) for i in shapes] == [1] * len(shapes)
 
 
 def test_grounding_loss_needs_a_forward_and_removes_its_hooks(tiny, images):
@@ -343,3 +373,32 @@ def test_token_feed_of_the_experts_is_the_plain_encoder_and_restores_the_method(
             assert isinstance(model._pruning_method, tr.ThinBackground)
     assert model._pruning_method is None
     torch.testing.assert_close(same.features, plain.features)
+
+
+def test_extra_questions_keep_the_test_prompt_and_label_only_answers():
+    """Training sequences with follow-up turns: the first question is tokenised exactly as at test time,
+    and the labels are the answers (+ </s>) of every turn, then the description, nothing else."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    cfg = tr.default_model_config(tok, 112)
+    processor = mv.MultiEncoderProcessor(tok, cfg.expert_specs, tr.PROMPT_TEMPLATE)
+    samples = [synth.make_sample(f, 4, 9, 112) for f in ("pope", "ocr", "docs")]
+    test = tr.encode_samples(processor, samples, with_answers=False, pixels=False)
+    train = tr.encode_samples(processor, samples, with_answers=True, describe=True, pixels=False,
+                              extra_questions=3, seed=5)
+    for b, s in enumerate(samples):
+        prompt = test["input_ids"][b][test["attention_mask"][b].bool()].tolist()
+        ids = train["input_ids"][b][train["attention_mask"][b].bool()].tolist()
+        labels = train["labels"][b][train["attention_mask"][b].bool()].tolist()
+        assert ids[: len(prompt)] == prompt
+        assert all(x == -100 for x in labels[: len(prompt)])
+        turns = [(s.question, s.answer)] + synth.more_questions(s, 3, seed=5)
+        expected = " ".join(f"{a} </s>" for _, a in turns) + f" describe : {tr.describe_sample(s)} </s>"
+        assert " ".join(tok.convert_ids_to_tokens([x for x in labels if x != -100])) == expected
+        assert len(turns) == (1 if s.family == "ocr" else 4)
+        # every labelled answer follows its own question's "answer :"
+        text = tok.convert_ids_to_tokens(ids)
+        for q, a in turns[1:]:
+            assert " ".join(text).count(f"{q} answer : {a} </s>") >= 1

@@ -31,8 +31,9 @@ PROMPT_WORDS = ("answer", ":", "describe")
 
 
 def build_tokenizer():
-    """Word-level tokenizer over the synthetic benchmark's vocabulary (plus the prompt's words)."""
-    return build_word_tokenizer(list(synth.vocabulary()) + list(PROMPT_WORDS))
+    """Word-level tokenizer over the synthetic benchmark's vocabulary (plus the prompt's words); texts
+    start with <s>."""
+    return build_word_tokenizer(list(synth.vocabulary()) + list(PROMPT_WORDS), bos=True)
 
 
 def default_model_config(tokenizer, image_size: int = 336) -> MultiEncoderVLMConfig:
@@ -74,7 +75,7 @@ class TrainConfig:
 
     out: str = "runs/default"
     seed: int = 1
-    steps: int = 1800
+    steps: int = 400
     batch_size: int = 16
     lr: float = 1.5e-3
     min_lr: float = 5e-5
@@ -87,14 +88,17 @@ class TrainConfig:
     save_every: int = 250
     max_minutes: float | None = None
     describe: bool = True
+    extra_questions: int = 4  # phases 2-3: further questions about each training image (synth.more_questions)
     grounding: float = 1.0  # weight of the per-token grounding loss in the QA phase (0 = off)
     grounding_per_image: bool = True  # weigh images equally in the grounding loss (see Grounding.loss)
-    vision_steps: int = 2500  # phase 1: experts + projectors on the grounding loss alone (no LLM)
+    vision_steps: int = 2000  # phase 1: experts + projectors on the grounding loss alone (no LLM)
     vision_lr: float = 2e-3
-    word_steps: int = 2500  # phase 2: the LLM on ground-truth visual words (no expert runs)
+    word_steps: int = 2000  # phase 2: the LLM on ground-truth visual words (no expert runs)
     word_lr: float = 2e-3
     one_family_batches: bool = True  # phases 2-3: one family per batch (similar lengths) or families mixed
-    background: float = 0.1  # share of background tokens the LLM sees in phases 2-3 (covered ones: all)
+    background: float = 0.1  # share of background tokens the LLM sees in phases 2-3 (covered ones: all)...
+    full_background_steps: int = 150  # ...except in the last steps of each: all of them, as at test time
+    qa_freeze_vision: bool = True  # phase 3 trains the LLM only: the experts and word classifiers stay as phase 1 left them
     embed_std: float = 0.3  # init scale of the word (and cell) embeddings visual tokens are made of
 
     @property
@@ -106,6 +110,12 @@ class TrainConfig:
         if step < self.vision_steps:
             return "vision"
         return "words" if step < self.vision_steps + self.word_steps else "qa"
+
+    def full_background(self, step: int) -> bool:
+        """Whether global step `step` is one of the last `full_background_steps` of phase 2 or 3."""
+        phase = self.phase(step)
+        end = self.phase_start(phase) + {"vision": self.vision_steps, "words": self.word_steps, "qa": self.steps}[phase]
+        return phase != "vision" and step >= end - self.full_background_steps
 
     def phase_start(self, phase: str) -> int:
         return {"vision": 0, "words": self.vision_steps, "qa": self.vision_steps + self.word_steps}[phase]
@@ -128,7 +138,8 @@ def make_batch(processor, cfg: TrainConfig, step: int, with_answers: bool = True
         else:
             fam, index = synth.FAMILIES[k % len(synth.FAMILIES)], k // len(synth.FAMILIES)
         samples.append(synth.make_sample(fam, index, seed, size))
-    return samples, encode_samples(processor, samples, with_answers, describe=cfg.describe, pixels=pixels)
+    return samples, encode_samples(processor, samples, with_answers, describe=cfg.describe, pixels=pixels,
+                                   extra_questions=cfg.extra_questions, seed=seed)
 
 
 def describe_sample(sample) -> str:
@@ -146,11 +157,18 @@ def describe_sample(sample) -> str:
 
 
 def region_words(sample) -> list[tuple[tuple[float, float, float, float], list[str]]]:
-    """What the image shows where: (box in unit coordinates x0, y0, x1, y1, words naming its content)."""
+    """What the image shows where: (box in unit coordinates x0, y0, x1, y1, words naming its content).
+
+    An object gives its box with its colour and, as a point (a box of zero area), its centre with its
+    shape: in every token grid, one token per object names the shape, so objects can be counted."""
     meta, side = sample.meta, float(sample.image.size[0])
     if "objects" in meta:
-        return [((o["x"] - o["size"] / 2, o["y"] - o["size"] / 2, o["x"] + o["size"] / 2, o["y"] + o["size"] / 2),
-                 [o["color"], o["shape"]]) for o in meta["objects"]]
+        out = []
+        for o in meta["objects"]:
+            r = o["size"] / 2
+            out += [((o["x"] - r, o["y"] - r, o["x"] + r, o["y"] + r), [o["color"]]),
+                    ((o["x"], o["y"], o["x"], o["y"]), [o["shape"]])]
+        return out
     if "word" in meta:
         return [(tuple(v / side for v in meta["text_box"]), [meta["word"]])]
     if "lines" in meta:
@@ -164,7 +182,8 @@ def region_words(sample) -> list[tuple[tuple[float, float, float, float], list[s
 def grounding_targets(samples, grid: tuple[int, int], tokenizer, min_cover: float = 0.1) -> torch.Tensor:
     """Multi-hot (B, rows*cols, V): for every cell of an expert's token grid, the words of what covers it.
 
-    A cell gets a region's words when the region covers at least `min_cover` of the cell's area.
+    A cell gets a region's words when the region covers at least `min_cover` of the cell's area; a region
+    of zero area (a point) gives its words to the one cell that contains it.
     """
     rows, cols = grid
     V = len(tokenizer)
@@ -175,7 +194,11 @@ def grounding_targets(samples, grid: tuple[int, int], tokenizer, min_cover: floa
         for (bx0, by0, bx1, by1), words in region_words(s):
             w = ((torch.clamp(x0 + 1 / cols, max=bx1) - torch.clamp(x0, min=bx0)).clamp_min(0)) * cols
             h = ((torch.clamp(y0 + 1 / rows, max=by1) - torch.clamp(y0, min=by0)).clamp_min(0)) * rows
-            cover = (w * h).reshape(-1) >= min_cover
+            if bx0 == bx1 and by0 == by1:  # a point: the cell that contains it
+                cover = torch.zeros(rows * cols, dtype=torch.bool)
+                cover[min(int(by0 * rows), rows - 1) * cols + min(int(bx0 * cols), cols - 1)] = True
+            else:
+                cover = (w * h).reshape(-1) >= min_cover
             ids = tokenizer.convert_tokens_to_ids(words)
             out[b, cover.nonzero()[:, 0][:, None], torch.tensor(ids)[None, :]] = 1.0
     return out
@@ -186,6 +209,19 @@ def grounding_distribution(samples, grid: tuple[int, int], tokenizer) -> torch.T
     target = grounding_targets(samples, grid, tokenizer)
     target[..., tokenizer.pad_token_id] += (target.sum(-1) == 0).float()
     return target / target.sum(-1, keepdim=True)
+
+
+def grid_sincos(rows: int, cols: int, dim: int, std: float) -> torch.Tensor:
+    """(rows*cols, dim) row-major 2D sine/cosine features of each cell's centre in unit coordinates
+    (a quarter of the channels each for sin y, cos y, sin x, cos x; frequencies from 1/2 to 32 turns
+    per side), scaled to standard deviation `std`. Grids of any size place the same point alike."""
+    if dim % 4:
+        raise ValueError(f"dim must be a multiple of 4, got {dim}")
+    freqs = torch.logspace(math.log10(0.5), math.log10(32.0), dim // 4) * 2 * math.pi
+    y = (torch.arange(rows).float() + 0.5) / rows
+    x = (torch.arange(cols).float() + 0.5) / cols
+    yy, xx = (v.reshape(-1, 1) * freqs for v in torch.meshgrid(y, x, indexing="ij"))
+    return torch.cat([yy.sin(), yy.cos(), xx.sin(), xx.cos()], -1) * (std * math.sqrt(2))
 
 
 def _synth_size(processor) -> int:
@@ -352,21 +388,30 @@ def token_feed(model: MultiEncoderVLM, tokenizer, background: float = 1.0, seed:
             model.encode_images = previous
 
 
-def encode_samples(processor, samples, with_answers: bool, describe: bool = False, pixels: bool = True):
-    """Processor inputs for samples; with answers, `labels` mark everything after the prompt.
+def encode_samples(processor, samples, with_answers: bool, describe: bool = False, pixels: bool = True,
+                   extra_questions: int = 0, seed: int = 0):
+    """Processor inputs for samples; with answers, `labels` mark the answers (and what follows them).
 
-    With `describe`, the sequence goes on after the answer's </s> with "describe : <contents> </s>":
-    causal attention keeps the question and answer exactly as at test time, while the description
-    supervises many more tokens per image at no extra visual cost. Without `pixels` the images are not
-    preprocessed (a placeholder tensor per expert stands in): for a model fed by `token_feed`.
+    With `extra_questions` k, the answer's </s> is followed by up to k more "<question> answer : <answer> </s>"
+    turns about the same image (`synth.more_questions`, stream `seed`); only their answers are labelled.
+    With `describe`, the sequence then goes on with "describe : <contents> </s>". Causal attention keeps
+    the first question and answer exactly as at test time, while the later turns supervise many more
+    tokens per image at no extra visual cost. Without `pixels` the images are not preprocessed (a
+    placeholder tensor per expert stands in): for a model fed by `token_feed`.
     """
     eos = processor.tokenizer.eos_token
     prompts = [processor.format_prompt(s.question) for s in samples]
-    if with_answers:
-        suffixes = [f" {s.answer} {eos}" + (f" describe : {describe_sample(s)} {eos}" if describe else "") for s in samples]
-    else:
-        suffixes = ["" for _ in samples]
-    texts = [p + x for p, x in zip(prompts, suffixes)]
+    pieces = []  # per sample: (text, labelled) after the prompt
+    for s in samples:
+        parts = []
+        if with_answers:
+            parts.append((f" {s.answer} {eos}", True))
+            for q, a in synth.more_questions(s, extra_questions, seed) if extra_questions else ():
+                parts += [(" " + processor.prompt_template.format(prompt=q), False), (f" {a} {eos}", True)]
+            if describe:
+                parts.append((f" describe : {describe_sample(s)} {eos}", True))
+        pieces.append(parts)
+    texts = [p + "".join(x for x, _ in parts) for p, parts in zip(prompts, pieces)]
     if pixels:
         inputs = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
     else:
@@ -374,10 +419,13 @@ def encode_samples(processor, samples, with_answers: bool, describe: bool = Fals
         inputs.update({f"{PIXEL_PREFIX}{e.name}": torch.zeros(len(samples), 1) for e in processor.experts})
     if with_answers:
         labels = torch.full_like(inputs["input_ids"], -100)
-        T = labels.shape[1]
-        for b, x in enumerate(suffixes):  # left padding: the suffix is the last n columns
-            n = len(processor.tokenizer(x.strip(), add_special_tokens=False)["input_ids"])
-            labels[b, T - n :] = inputs["input_ids"][b, T - n :]
+        for b, parts in enumerate(pieces):  # left padding: the pieces are the last columns, in order
+            end = labels.shape[1]
+            for text, labelled in reversed(parts):
+                n = len(processor.tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+                if labelled:
+                    labels[b, end - n : end] = inputs["input_ids"][b, end - n : end]
+                end -= n
         inputs["labels"] = labels
     return inputs
 
@@ -426,6 +474,21 @@ def _cosine(step: int, steps: int, peak: float, floor: float, warmup: int) -> fl
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def vision_modules(model: MultiEncoderVLM) -> list[torch.nn.Module]:
+    """What phase 1 trains: the experts and each projector's word classifier (not its cell embeddings)."""
+    mods = list(model.experts)
+    for proj in model.projectors:
+        mods += [proj.norm, proj.fc1, proj.fc2] if isinstance(proj, VocabProjector) else [proj]
+    return mods
+
+
+def _freeze(modules) -> None:
+    """No gradients and inference behaviour (batch-norm running statistics) for `modules`."""
+    for m in modules:
+        m.requires_grad_(False)
+        m.eval()
+
+
 def _lr(cfg: TrainConfig, step: int) -> float:
     """Learning rate at global step `step`: each phase (vision, words, QA) has its own warmup + cosine."""
     phase = cfg.phase(step)
@@ -445,8 +508,12 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     1. vision (`vision_steps`): the experts and projectors learn the grounding target alone (no LLM).
     2. words (`word_steps`): the LLM learns the questions from `visual_words`, the tokens a perfect
        vision side would give (no expert runs, no image is preprocessed), background thinned.
-    3. qa (`steps`): everything together on the model's own tokens (QA + describe), background thinned,
-       grounding loss kept on.
+    3. qa (`steps`): the LLM on the model's own tokens (QA + describe), background thinned; with
+       `qa_freeze_vision` off, the experts and classifiers train too, the grounding loss kept on.
+
+    Phases 2 and 3 see every background token in their last `full_background_steps` steps: a model
+    trained on thinned sequences alone loses accuracy on full ones (attention spreads over the extra
+    tokens), and a short stretch on full sequences restores it.
 
     Held-out accuracy (every visual token kept) is logged every `eval_every` steps of phases 2 and 3
     and at their ends (phase 2: on visual words); the run stops early, saving, after `max_minutes`.
@@ -467,9 +534,12 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         processor = MultiEncoderProcessor(tokenizer, model.config.expert_specs, PROMPT_TEMPLATE)
         with torch.no_grad():  # visual words are sums of these rows: large enough to stay in the residual
             model.get_input_embeddings().weight.normal_(0.0, cfg.embed_std)
-            for proj in model.projectors:
-                if isinstance(proj, VocabProjector):
+            for proj, runner in zip(model.projectors, model.runners):
+                if isinstance(proj, VocabProjector):  # cells start where they are: same place, same start
+                    rows, cols = runner.grid()
                     proj.position.weight.normal_(0.0, cfg.embed_std / 2)
+                    proj.position.weight[: rows * cols] = grid_sincos(rows, cols, proj.position.embedding_dim,
+                                                                      cfg.embed_std / 2)
         state, start = None, 0
     grounding = Grounding(model, cfg.grounding_per_image) if cfg.grounding > 0 or cfg.vision_steps > 0 else None
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -489,12 +559,16 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     try:
         for step in bar:
             phase = cfg.phase(step)
-            if phase != fed_phase:  # each phase feeds the LLM its own way
+            full = cfg.full_background(step)
+            if (phase, full) != fed_phase:  # each phase feeds the LLM its own way
                 feeds.close()
                 current = None if phase == "vision" else feeds.enter_context(token_feed(
-                    model, tokenizer, cfg.background, seed=cfg.seed + step, source="words" if phase == "words" else "experts"))
-                fed_phase = phase
-                bar.set_description(f"train ({phase})")
+                    model, tokenizer, 1.0 if full else cfg.background, seed=cfg.seed + step,
+                    source="words" if phase == "words" else "experts"))
+                fed_phase = phase, full
+                bar.set_description(f"train ({phase}{', all background' if full else ''})")
+            frozen = vision_modules(model) if phase == "qa" and cfg.qa_freeze_vision else []
+            _freeze(frozen)  # each step: evaluations switch the model back to training mode
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, step)
             llm = phase != "vision"
@@ -508,7 +582,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                     loss = torch.zeros(())
                 else:
                     loss = model(**inputs, use_cache=False).loss
-                weight = {"vision": 1.0, "words": 0.0, "qa": cfg.grounding}[phase]
+                weight = {"vision": 1.0, "words": 0.0, "qa": 0.0 if frozen else cfg.grounding}[phase]
                 aux = grounding.loss(samples, tokenizer) if weight > 0 else torch.zeros(())
             opt.zero_grad(set_to_none=True)
             (loss + weight * aux).backward()
@@ -516,6 +590,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", ground=f"{aux.item():.3f}")
             record = {"step": step + 1, "phase": phase, "loss": loss.item(), "grounding": aux.item(),
+                      "background": None if phase == "vision" else 1.0 if full else cfg.background,
                       "lr": _lr(cfg, step), "minutes": (time.time() - t0) / 60}
             done = step + 1 == total or (cfg.max_minutes is not None and record["minutes"] >= cfg.max_minutes)
             phase_end = step + 1 == total or cfg.phase(step + 1) != phase
