@@ -114,8 +114,11 @@ class TrainConfig:
     def full_background(self, step: int) -> bool:
         """Whether global step `step` is one of the last `full_background_steps` of phase 2 or 3."""
         phase = self.phase(step)
-        end = self.phase_start(phase) + {"vision": self.vision_steps, "words": self.word_steps, "qa": self.steps}[phase]
+        end = self.phase_start(phase) + self.phase_steps(phase)
         return phase != "vision" and step >= end - self.full_background_steps
+
+    def phase_steps(self, phase: str) -> int:
+        return {"vision": self.vision_steps, "words": self.word_steps, "qa": self.steps}[phase]
 
     def phase_start(self, phase: str) -> int:
         return {"vision": 0, "words": self.vision_steps, "qa": self.vision_steps + self.word_steps}[phase]
@@ -482,10 +485,10 @@ def vision_modules(model: MultiEncoderVLM) -> list[torch.nn.Module]:
     return mods
 
 
-def _freeze(modules) -> None:
-    """No gradients and inference behaviour (batch-norm running statistics) for `modules`."""
-    for m in modules:
-        m.requires_grad_(False)
+def _train_mode(model: MultiEncoderVLM, frozen) -> None:
+    """Training mode, except the `frozen` modules: they keep inference behaviour (batch-norm statistics)."""
+    model.train()
+    for m in frozen:
         m.eval()
 
 
@@ -554,7 +557,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     model.train()
     total = cfg.total_steps
     feeds = contextlib.ExitStack()
-    fed_phase, current = None, None
+    fed_phase, current, frozen = None, None, []
     bar = tqdm(range(start, total), initial=start, total=total, desc="train")
     try:
         for step in bar:
@@ -567,8 +570,10 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                     source="words" if phase == "words" else "experts"))
                 fed_phase = phase, full
                 bar.set_description(f"train ({phase}{', all background' if full else ''})")
-            frozen = vision_modules(model) if phase == "qa" and cfg.qa_freeze_vision else []
-            _freeze(frozen)  # each step: evaluations switch the model back to training mode
+                frozen = vision_modules(model) if phase == "qa" and cfg.qa_freeze_vision else []
+                for m in frozen:
+                    m.requires_grad_(False)
+                _train_mode(model, frozen)
             for g in opt.param_groups:
                 g["lr"] = _lr(cfg, step)
             llm = phase != "vision"
@@ -604,7 +609,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 else:
                     with token_feed(model, tokenizer, source="experts"):  # background 1: the real model
                         record["eval"] = evaluate(model, processor, cfg.eval_per_family, image_size=cfg.image_size)
-                model.train()
+                _train_mode(model, frozen)
                 tqdm.write(json.dumps(record))
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
