@@ -185,7 +185,7 @@ def test_grounding_targets_match_pixel_overlap(family):
     cell = 16
     target = tr.grounding_targets([s], (21, 21), tok)[0]
     expected = torch.zeros_like(target)
-    for (x0, y0, x1, y1), words in tr.region_words(s):
+    for (x0, y0, x1, y1), words in tr.region_words(s, glyphs=True):
         box = [v * 336 for v in (x0, y0, x1, y1)]
         if x0 == x1 and y0 == y1:
             expected[int(box[1] // cell) * 21 + int(box[0] // cell), tok.convert_tokens_to_ids(words)] = 1.0
@@ -198,9 +198,42 @@ def test_grounding_targets_match_pixel_overlap(family):
                     expected[r * 21 + c, tok.convert_tokens_to_ids(words)] = 1.0
     assert expected.sum() > 0
     assert torch.equal(target, expected)
+    glyph_ids = tok.convert_tokens_to_ids(list(tr.GLYPH_TOKENS))
+    assert (target[:, glyph_ids].sum() > 0) == (family != "scenes")  # text families name their glyphs
+    without = tr.grounding_targets([s], (21, 21), tr.build_tokenizer(glyphs=False))[0]
+    assert without.shape[-1] == target.shape[-1] - len(glyph_ids)
     if family == "scenes":  # one cell per object names its shape
         shapes = [tok.convert_tokens_to_ids(o["shape"]) for o in s.meta["objects"]]
         assert [int(target[:, i].sum()) for i in shapes] == [1] * len(shapes)
+
+
+@pytest.mark.parametrize("anchor", ["la", "mb", "mt"])
+def test_glyph_boxes_hold_each_glyphs_ink(anchor):
+    """Oracle in pixels: the string's ink lies inside the union of its glyph boxes, and the ink glyph i
+    adds to the drawn prefix text[:i] lies inside box i (a box on the wrong letter or offset fails)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    from meteor_vlm.synth import _draw
+
+    text, px, xy = "NAME: TIGER 42", 14, (150.0, 40.0)
+
+    def ink(t, at, anc):
+        im = Image.new("L", (300, 80), 255)
+        ImageDraw.Draw(im).text(at, t, font=_draw.font(px), fill=0, anchor=anc)
+        return np.asarray(im) < 100
+
+    boxes = _draw.glyph_boxes(xy, text, px, anchor)
+    assert "".join(ch for *_, ch in boxes) == text.replace(" ", "")
+    union = np.zeros((80, 300), dtype=bool)
+    for x0, y0, x1, y1, _ in boxes:
+        union[y0 - 1 : y1 + 1, x0 - 1 : x1 + 1] = True  # a pixel of slack for rounding
+    full = ink(text, xy, anchor)
+    assert full.sum() > 100 and not (full & ~union).any()
+    if anchor == "la":  # prefixes share the origin
+        visible = [i for i, c in enumerate(text) if not c.isspace()]
+        for i, (x0, y0, x1, y1, ch) in zip(visible, boxes):
+            ys, xs = np.nonzero(ink(text[: i + 1], xy, anchor) & ~ink(text[:i], xy, anchor))
+            assert len(xs) and xs.min() >= x0 - 1 and xs.max() <= x1 and ys.min() >= y0 - 1 and ys.max() <= y1, ch
 
 
 def test_grounding_loss_needs_a_forward_and_removes_its_hooks(tiny, images):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import string
 import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -28,12 +29,21 @@ from .models.vlm import PIXEL_PREFIX, MultiEncoderVLM, MultiEncoderVLMConfig, Vi
 __all__ = ["TrainConfig", "default_model_config", "build_tokenizer", "train", "evaluate", "EVAL_SEED"]
 
 PROMPT_WORDS = ("answer", ":", "describe")
+# One token per letter and digit that text in the images is drawn with: per-glyph targets of the
+# grounding loss (`region_words(glyphs=True)`). They never occur in questions or answers.
+GLYPH_TOKENS = tuple(f"#{c}" for c in string.ascii_lowercase + string.digits)
 
 
-def build_tokenizer():
-    """Word-level tokenizer over the synthetic benchmark's vocabulary (plus the prompt's words); texts
-    start with <s>."""
-    return build_word_tokenizer(list(synth.vocabulary()) + list(PROMPT_WORDS), bos=True)
+def build_tokenizer(glyphs: bool = True):
+    """Word-level tokenizer over the synthetic benchmark's vocabulary (plus the prompt's words and,
+    with `glyphs`, `GLYPH_TOKENS`); texts start with <s>."""
+    return build_word_tokenizer(list(synth.vocabulary()) + list(PROMPT_WORDS) + list(GLYPH_TOKENS if glyphs else ()),
+                                bos=True)
+
+
+def has_glyphs(tokenizer) -> bool:
+    """Whether a tokenizer has `GLYPH_TOKENS`: then visual tokens are also trained to name the glyphs they cover."""
+    return GLYPH_TOKENS[0] in tokenizer.get_vocab()
 
 
 def default_model_config(tokenizer, image_size: int = 336) -> MultiEncoderVLMConfig:
@@ -159,12 +169,23 @@ def describe_sample(sample) -> str:
     return sample.answer
 
 
-def region_words(sample) -> list[tuple[tuple[float, float, float, float], list[str]]]:
+def region_words(sample, glyphs: bool = False) -> list[tuple[tuple[float, float, float, float], list[str]]]:
     """What the image shows where: (box in unit coordinates x0, y0, x1, y1, words naming its content).
 
     An object gives its box with its colour and, as a point (a box of zero area), its centre with its
-    shape: in every token grid, one token per object names the shape, so objects can be counted."""
+    shape: in every token grid, one token per object names the shape, so objects can be counted.
+    With `glyphs`, every drawn letter or digit also gives its ink box with its `GLYPH_TOKENS` token:
+    a local target each cell can learn from its own pixels, which words (spread over several cells)
+    are not; experts trained from scratch learn to read words much sooner with it."""
     meta, side = sample.meta, float(sample.image.size[0])
+    out = _content_regions(meta, side)
+    if glyphs:
+        out += [((x0 / side, y0 / side, x1 / side, y1 / side), [f"#{ch.lower()}"])
+                for x0, y0, x1, y1, ch in meta.get("glyphs", ()) if ch.isalnum()]
+    return out
+
+
+def _content_regions(meta, side: float) -> list[tuple[tuple[float, float, float, float], list[str]]]:
     if "objects" in meta:
         out = []
         for o in meta["objects"]:
@@ -183,18 +204,20 @@ def region_words(sample) -> list[tuple[tuple[float, float, float, float], list[s
 
 
 def grounding_targets(samples, grid: tuple[int, int], tokenizer, min_cover: float = 0.1) -> torch.Tensor:
-    """Multi-hot (B, rows*cols, V): for every cell of an expert's token grid, the words of what covers it.
+    """Multi-hot (B, rows*cols, V): for every cell of an expert's token grid, the words of what covers it
+    (`region_words`, with glyphs when the tokenizer has their tokens).
 
     A cell gets a region's words when the region covers at least `min_cover` of the cell's area; a region
     of zero area (a point) gives its words to the one cell that contains it.
     """
     rows, cols = grid
     V = len(tokenizer)
+    glyphs = has_glyphs(tokenizer)
     out = torch.zeros(len(samples), rows * cols, V)
     y0 = torch.arange(rows).float()[:, None] / rows
     x0 = torch.arange(cols).float()[None, :] / cols
     for b, s in enumerate(samples):
-        for (bx0, by0, bx1, by1), words in region_words(s):
+        for (bx0, by0, bx1, by1), words in region_words(s, glyphs):
             w = ((torch.clamp(x0 + 1 / cols, max=bx1) - torch.clamp(x0, min=bx0)).clamp_min(0)) * cols
             h = ((torch.clamp(y0 + 1 / rows, max=by1) - torch.clamp(y0, min=by0)).clamp_min(0)) * rows
             if bx0 == bx1 and by0 == by1:  # a point: the cell that contains it
@@ -657,12 +680,13 @@ def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SE
     """How well each expert's projected tokens name what they cover, per family, on held-out images.
 
     For every token that covers something, the fraction of its k target words found among the top-k
-    words of its read-out through the LLM's output head (pad excluded). Near 1: that expert sees the
+    words of its read-out through the LLM's output head (pad and glyph tokens excluded). Near 1: that expert sees the
     content, so a wrong answer comes from the LLM; near 0: the expert does not see it.
     """
     tok = processor.tokenizer
     g = Grounding(model)
     size = _synth_size(processor)
+    glyph_ids = tok.convert_tokens_to_ids(list(GLYPH_TOKENS)) if has_glyphs(tok) else []
     report = {}
     try:
         for fam in synth.FAMILIES:
@@ -674,6 +698,9 @@ def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SE
                 target = grounding_targets(samples, grid, tok)
                 logits = g.logits(i).clone()
                 logits[..., tok.pad_token_id] = -float("inf")
+                if glyph_ids:  # words only: glyphs are a training aid
+                    target[..., glyph_ids] = 0
+                    logits[..., glyph_ids] = -float("inf")
                 covered = target.sum(-1) > 0
                 k = target.sum(-1).long()
                 ranks = logits.argsort(-1, descending=True).argsort(-1)  # rank of every word, per token

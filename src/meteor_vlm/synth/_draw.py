@@ -134,3 +134,24 @@ def draw_text(
     draw.text(xy, text, font=fnt, fill=fill, anchor=anchor)
     return tuple(int(v) for v in draw.textbbox(xy, text, font=fnt, anchor=anchor))  # type: ignore[return-value]
 
+
+
+def glyph_boxes(
+    xy: tuple[float, float], text: str, px: int, anchor: str = "la"
+) -> list[tuple[int, int, int, int, str]]:
+    """Pixel ink box and character of every visible glyph of ``text`` as `draw_text` draws it
+    (spaces have no box). Ground truth for per-character targets."""
+    fnt = font(px)
+    # Where the string's "la" origin lies for this anchor (Pillow's "t"/"b"/"m" depend on the string's ink).
+    sx0, sy0, _, _ = fnt.getbbox(text, anchor=anchor)
+    lx0, ly0, _, _ = fnt.getbbox(text, anchor="la")
+    ox, oy = xy[0] + sx0 - lx0, xy[1] + sy0 - ly0
+    out = []
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            continue
+        x = ox + fnt.getlength(text[:i])
+        x0, y0, x1, y1 = fnt.getbbox(ch, anchor="la")
+        if x1 > x0 and y1 > y0:
+            out.append((int(x + x0), int(oy + y0), int(math.ceil(x + x1)), int(math.ceil(oy + y1)), ch))
+    return out

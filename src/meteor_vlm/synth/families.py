@@ -233,7 +233,8 @@ def ocr(rng: random.Random, size: int, index: int) -> Generated:
     label = _draw.light_color(rng)
     draw.rectangle([tx + bx0 - pad, ty + by0 - pad, tx + bx1 + pad, ty + by1 + pad], fill=label)
     box = _draw.draw_text(draw, (tx, ty), text, px, rng.choice(_draw.INKS))
-    question, answer, meta = ask_ocr(rng, {"word": word, "text_box": box, "font_px": px}, index)
+    glyphs = _draw.glyph_boxes((tx, ty), text, px)
+    question, answer, meta = ask_ocr(rng, {"word": word, "text_box": box, "font_px": px, "glyphs": glyphs}, index)
     return image, question, answer, meta
 
 
@@ -259,17 +260,19 @@ def docs(rng: random.Random, size: int, index: int) -> Generated:
     ink = rng.choice(_draw.INKS)
     top, bottom = 0.15, 0.9
     step = (bottom - top) / n
-    lines = []
+    lines, glyphs = [], []
     for i, (key, value) in enumerate(zip(keys, values)):
         y = (top + i * step + rng.uniform(0, step - 0.05)) * size
         x = rng.uniform(0.06, 0.35) * size
-        box = _draw.draw_text(draw, (x, y), f"{key.upper()}: {value.upper()}", px, ink)
+        text = f"{key.upper()}: {value.upper()}"
+        box = _draw.draw_text(draw, (x, y), text, px, ink)
+        glyphs += _draw.glyph_boxes((x, y), text, px)
         lines.append({"key": key, "value": value, "box": box})
         if rng.random() < 0.3:
             # Occasional faint rule under a line, a common form element.
             draw.line([0.06 * size, box[3] + 0.02 * size, 0.94 * size, box[3] + 0.02 * size], fill=(225, 225, 225))
 
-    question, answer, meta = ask_docs(rng, {"lines": lines, "font_px": px}, index)
+    question, answer, meta = ask_docs(rng, {"lines": lines, "font_px": px, "glyphs": glyphs}, index)
     return image, question, answer, meta
 
 
@@ -308,19 +311,21 @@ def charts(rng: random.Random, size: int, index: int) -> Generated:
 
     px = _draw.text_px(size)
     slot = (right - left) / n
-    bars = []
+    bars, glyphs = [], []
     for i, (label, value, cname) in enumerate(zip(labels, values, bar_colors)):
         x0 = round(left + i * slot + slot * 0.22)
         x1 = round(left + (i + 1) * slot - slot * 0.22)
         y_top = base - round(value * unit)
         draw.rectangle([x0, y_top, x1, base - 1], fill=_draw.COLORS[cname])
         xc = (x0 + x1) / 2
-        _draw.draw_text(draw, (xc, y_top - max(2, size // 110)), str(value), px, (0, 0, 0), anchor="mb")
-        _draw.draw_text(draw, (xc, base + max(3, size // 70)), label.upper(), px, (0, 0, 0), anchor="mt")
+        for xy, text, anchor in (((xc, y_top - max(2, size // 110)), str(value), "mb"),
+                                 ((xc, base + max(3, size // 70)), label.upper(), "mt")):
+            _draw.draw_text(draw, xy, text, px, (0, 0, 0), anchor=anchor)
+            glyphs += _draw.glyph_boxes(xy, text, px, anchor)
         bars.append({"label": label, "value": value, "color": cname, "x0": x0, "x1": x1, "top": y_top, "base": base})
     draw.line([left, top, left, base], fill=(60, 60, 60), width=line_w)
     draw.line([left, base, right, base], fill=(60, 60, 60), width=line_w)
-    question, answer, meta = ask_charts(rng, {"bars": bars, "font_px": px}, index)
+    question, answer, meta = ask_charts(rng, {"bars": bars, "font_px": px, "glyphs": glyphs}, index)
     return image, question, answer, meta
 
 
