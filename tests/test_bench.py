@@ -286,8 +286,10 @@ def test_grounding_loss_weighs_covered_and_background_halves(images, per_image):
     torch.testing.assert_close(loss, want / len(g.grids))
 
 
-def test_grounding_report_equals_a_per_token_top_k_count():
-    """The vectorised read-out score = counting, token by token, target words among the top-k words."""
+@pytest.mark.parametrize("family,glyphs", [("scenes", False), ("docs", False), ("docs", True)])
+def test_grounding_report_equals_a_per_token_top_k_count(family, glyphs):
+    """The vectorised read-out score = counting, token by token, target words among the top-k words
+    (words: glyph tokens and pad left out; glyphs: glyph tokens only)."""
     from meteor_vlm import synth
     from meteor_vlm import train as tr
 
@@ -296,26 +298,31 @@ def test_grounding_report_equals_a_per_token_top_k_count():
     cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2)
     model = mv.MultiEncoderVLM(cfg).eval()
     processor = mv.MultiEncoderProcessor(tok, cfg.expert_specs, tr.PROMPT_TEMPLATE)
-    report = tr.grounding_report(model, processor, per_family=2, seed=4)
+    report = tr.grounding_report(model, processor, per_family=2, seed=4, glyphs=glyphs)
     assert set(report) == set(synth.FAMILIES)
     assert all(not p._forward_hooks for p in model.projectors)
 
+    glyph_ids = set(tok.convert_tokens_to_ids(list(tr.GLYPH_TOKENS)))
+    scored = [i for i in range(len(tok)) if (i in glyph_ids) == glyphs and i != tok.pad_token_id]
     size = max([synth.MIN_IMAGE_SIZE] + [e.image_size for e in processor.experts])
-    samples = [synth.make_sample("scenes", i, 4, size) for i in range(2)]
+    samples = [synth.make_sample(family, i, 4, size) for i in range(2)]
     inputs = processor(images=[s.image for s in samples], text=["<image>"] * 2, return_tensors="pt", padding=True)
+    scores = 0
     with torch.no_grad():
         per_expert = [model.encode_expert(i, inputs[f"pixel_values_{n}"], None) for i, n in enumerate(model.expert_names)]
         for i, (name, v) in enumerate(zip(model.expert_names, per_expert)):
-            logits = model.get_output_embeddings()(model.projectors[i](v.features))
-            target = tr.grounding_targets(samples, model.runners[i].grid(), tok)
+            logits = model.get_output_embeddings()(model.projectors[i](v.features))[..., scored]
+            target = tr.grounding_targets(samples, model.runners[i].grid(), tok)[..., scored]
             hit = total = 0
             for b, n in (target.sum(-1) > 0).nonzero().tolist():
-                row = logits[b, n].clone()
-                row[tok.pad_token_id] = -float("inf")
                 k = int(target[b, n].sum())
-                hit += int(target[b, n, row.topk(k).indices].sum())
+                hit += int(target[b, n, logits[b, n].topk(k).indices].sum())
                 total += k
-            assert report["scenes"][name] == pytest.approx(hit / total)
+            assert report[family][name] == (pytest.approx(hit / total) if total else None)
+            scores += total > 0
+    assert scores > 0
+    if glyphs:
+        assert all(v is None for v in report["scenes"].values())  # no text, nothing to score
 
 
 def test_visual_words_are_what_a_right_vocab_projector_outputs(images):

@@ -28,7 +28,7 @@ def test_demo_prints_the_table_and_writes_json(tmp_path, capsys):
     assert pruned["layer_avg_tokens"] < base["layer_avg_tokens"] and pruned["gflops"] < base["gflops"]
 
 
-def test_probe_checkpoint_prints_one_row_per_family(tmp_path, capsys):
+def test_probe_checkpoint_prints_one_row_per_family_for_words_and_glyphs(tmp_path, capsys):
     import meteor_vlm as mv
     from meteor_vlm import synth
     from meteor_vlm import train as tr
@@ -39,4 +39,7 @@ def test_probe_checkpoint_prints_one_row_per_family(tmp_path, capsys):
     mv.MultiEncoderProcessor(tok, cfg.expert_specs, tr.PROMPT_TEMPLATE).save_pretrained(tmp_path)
     assert main(["probe", "--checkpoint", str(tmp_path), "--samples", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [ln.split()[0] for ln in lines[2:]] == list(synth.FAMILIES)
+    n = len(synth.FAMILIES) + 2
+    assert len(lines) == 2 * n and "words" in lines[0] and "glyphs" in lines[n]
+    for table in (lines[2:n], lines[n + 2 :]):
+        assert [ln.split()[0] for ln in table] == list(synth.FAMILIES)

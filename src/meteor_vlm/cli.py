@@ -171,16 +171,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from meteor_vlm.train import grounding_report, memorization_probe
+    from meteor_vlm.train import grounding_report, has_glyphs, memorization_probe
 
     if args.checkpoint:
         model, processor = _load(args.checkpoint)
-        report = grounding_report(model, processor, args.samples)
         names = model.expert_names
-        print("grounding read-out (share of covered tokens naming what they cover), held-out images")
-        print(f"{'family':10s} " + " ".join(f"{n:>8s}" for n in names))
-        for fam, row in report.items():
-            print(f"{fam:10s} " + " ".join(f"{row[n]:8.2f}" if row[n] is not None else f"{'-':>8s}" for n in names))
+        tables = [("words", False)] + ([("glyphs", True)] if has_glyphs(processor.tokenizer) else [])
+        for what, glyphs in tables:
+            report = grounding_report(model, processor, args.samples, glyphs=glyphs)
+            print(f"grounding read-out of {what} (share of covered tokens naming what they cover), held-out images")
+            print(f"{'family':10s} " + " ".join(f"{n:>8s}" for n in names))
+            for fam, row in report.items():
+                print(f"{fam:10s} " + " ".join(f"{row[n]:8.2f}" if row[n] is not None else f"{'-':>8s}" for n in names))
         return 0
     rows = memorization_probe(args.family, args.samples, args.steps, args.lr)
     chance = rows.pop()["chance_loss"]

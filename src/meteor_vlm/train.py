@@ -676,17 +676,25 @@ def export(ckpt, dest=None, seed: int = 1, calibration_images: int = 60) -> Path
 
 
 @torch.no_grad()
-def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SEED) -> dict:
+def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SEED, glyphs: bool = False) -> dict:
     """How well each expert's projected tokens name what they cover, per family, on held-out images.
 
     For every token that covers something, the fraction of its k target words found among the top-k
-    words of its read-out through the LLM's output head (pad and glyph tokens excluded). Near 1: that expert sees the
-    content, so a wrong answer comes from the LLM; near 0: the expert does not see it.
+    words of its read-out through the LLM's output head (pad and glyph tokens excluded). Near 1: that
+    expert sees the content, so a wrong answer comes from the LLM; near 0: the expert does not see it.
+    With `glyphs` (a tokenizer with `GLYPH_TOKENS`), the same score over glyph tokens only: whether the
+    expert reads letters, the step before words. A family or expert with nothing to score gets None.
     """
     tok = processor.tokenizer
+    if glyphs and not has_glyphs(tok):
+        raise ValueError("this model's tokenizer has no glyph tokens (build_tokenizer(glyphs=True))")
+    keep = torch.zeros(len(tok), dtype=torch.bool)
+    if has_glyphs(tok):
+        keep[tok.convert_tokens_to_ids(list(GLYPH_TOKENS))] = True
+    keep = keep if glyphs else ~keep
+    keep[tok.pad_token_id] = False
     g = Grounding(model)
     size = _synth_size(processor)
-    glyph_ids = tok.convert_tokens_to_ids(list(GLYPH_TOKENS)) if has_glyphs(tok) else []
     report = {}
     try:
         for fam in synth.FAMILIES:
@@ -695,12 +703,8 @@ def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SE
             model.encode_images(expert_pixels(inputs))
             row = {}
             for i, grid in enumerate(g.grids):
-                target = grounding_targets(samples, grid, tok)
-                logits = g.logits(i).clone()
-                logits[..., tok.pad_token_id] = -float("inf")
-                if glyph_ids:  # words only: glyphs are a training aid
-                    target[..., glyph_ids] = 0
-                    logits[..., glyph_ids] = -float("inf")
+                target = grounding_targets(samples, grid, tok) * keep
+                logits = g.logits(i).masked_fill(~keep, -float("inf"))
                 covered = target.sum(-1) > 0
                 k = target.sum(-1).long()
                 ranks = logits.argsort(-1, descending=True).argsort(-1)  # rank of every word, per token
