@@ -90,6 +90,43 @@ def test_kept_grid_matches_stage_counts(tiny, images):
         assert len(set(cells)) == len(cells) and all(0 <= c < rows * cols for c in cells)
 
 
+@pytest.mark.parametrize("one_family", [False, True])
+def test_family_mix_weights_turns_and_never_repeats_a_sample(one_family):
+    """With a mix, each family's share of the stream is its weight's share, every (family, index) is
+    drawn once, and no mix gives the plain round-robin of the families."""
+    from collections import Counter
+
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    mix = {"ocr": 3, "docs": 2, "pope": 0}
+    cycle = tr.family_cycle(mix)
+    draws = [tr._slot(cycle, k) for k in range(len(cycle) * 20)]
+    assert len(set(draws)) == len(draws)
+    counts = Counter(f for f, _ in draws)
+    assert counts == {f: 20 * mix.get(f, 1) for f in synth.FAMILIES if mix.get(f, 1)}
+    for fam in counts:  # each family's indices run 0, 1, 2, ... in order
+        assert [i for f, i in draws if f == fam] == list(range(counts[fam]))
+    plain = tr.family_cycle(None)
+    assert [tr._slot(plain, k) for k in range(30)] == [(synth.FAMILIES[k % 6], k // 6) for k in range(30)]
+
+    tok = tr.build_tokenizer()
+    cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=1)
+    processor = mv.MultiEncoderProcessor(tok, cfg.expert_specs, tr.PROMPT_TEMPLATE)
+    train_cfg = tr.TrainConfig(batch_size=2, image_size=synth.MIN_IMAGE_SIZE, extra_questions=0)
+    seen = []
+    for step in range(len(cycle)):
+        samples, _ = tr.make_batch(processor, train_cfg, step, one_family=one_family, pixels=False, mix=mix)
+        seen += [(x.family, x.index) for x in samples]
+        assert not one_family or len({x.family for x in samples}) == 1
+    assert len(set(seen)) == len(seen)
+    assert Counter(f for f, _ in seen) == {f: 2 * w for f, w in Counter(cycle).items()}
+    with pytest.raises(ValueError, match="unknown families"):
+        tr.TrainConfig(llm_mix={"ocrr": 2})
+    with pytest.raises(ValueError, match="every family"):
+        tr.family_cycle({f: 0 for f in synth.FAMILIES})
+
+
 def test_training_phases_log_resume_and_freeze_the_vision_side_in_qa(tmp_path, monkeypatch):
     """Tiny runs of the real training loop: phases 1-2, then phase 3 resumed from their checkpoint (the
     experts and word classifiers untouched, the LLM trained), then one more step resumed again."""

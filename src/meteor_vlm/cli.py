@@ -156,12 +156,25 @@ def _demo_tiny(args) -> int:
     return 0
 
 
+def _family_mix(text: str) -> dict[str, int]:
+    """'ocr=2,docs=2' -> {"ocr": 2, "docs": 2}, checked against the families."""
+    from meteor_vlm.train import family_cycle
+
+    try:
+        mix = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
+        family_cycle(mix)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad family mix {text!r}: {e}") from None
+    return mix
+
+
 def cmd_train(args) -> int:
     from meteor_vlm.train import TrainConfig, export, train
 
     cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, vision_steps=args.vision_steps,
                       word_steps=args.word_steps,
-                      batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, max_minutes=args.max_minutes)
+                      batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, max_minutes=args.max_minutes,
+                      **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
     ckpt = train(cfg, resume=not args.no_resume)
     print(f"checkpoint: {ckpt}")
     if args.export:
@@ -281,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--word-steps", type=int, default=TrainConfig.word_steps,
                    help="phase 2: the LLM on ground-truth visual words (no expert runs)")
     t.add_argument("--steps", type=int, default=TrainConfig.steps, help="phase 3: question answering on real tokens")
+    t.add_argument("--vision-mix", type=_family_mix, default=None,
+                   help="phase 1 turns per family, e.g. 'ocr=2,docs=2' (others 1, 0 leaves one out)")
+    t.add_argument("--llm-mix", type=_family_mix, default=None, help="the same for phases 2-3")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1.5e-3)
     t.add_argument("--eval-every", type=int, default=400)

@@ -110,6 +110,11 @@ class TrainConfig:
     full_background_steps: int = 150  # ...except in the last steps of each: all of them, as at test time
     qa_freeze_vision: bool = True  # phase 3 trains the LLM only: the experts and word classifiers stay as phase 1 left them
     embed_std: float = 0.3  # init scale of the word (and cell) embeddings visual tokens are made of
+    vision_mix: dict[str, int] | None = None  # phase 1: turns per family in each round of batches (None: one each)
+    llm_mix: dict[str, int] | None = None  # phases 2-3: the same for the LLM's batches
+
+    def __post_init__(self):
+        family_cycle(self.vision_mix), family_cycle(self.llm_mix)  # fail early on a bad mix
 
     @property
     def total_steps(self) -> int:
@@ -134,22 +139,47 @@ class TrainConfig:
         return {"vision": 0, "words": self.vision_steps, "qa": self.vision_steps + self.word_steps}[phase]
 
 
+def family_cycle(mix: dict[str, int] | None = None) -> list[str]:
+    """The order families take turns in: each of `synth.FAMILIES` repeated `mix[family]` times (1 when
+    not given; 0 leaves it out)."""
+    mix = mix or {}
+    unknown = set(mix) - set(synth.FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown families in mix: {sorted(unknown)} (known: {list(synth.FAMILIES)})")
+    if any(not isinstance(w, int) or w < 0 for w in mix.values()):
+        raise ValueError(f"mix weights must be integers >= 0, got {mix}")
+    cycle = [f for f in synth.FAMILIES for _ in range(mix.get(f, 1))]
+    if not cycle:
+        raise ValueError("the mix leaves out every family")
+    return cycle
+
+
+def _slot(cycle: list[str], k: int) -> tuple[str, int]:
+    """Family and per-family index of the k-th draw from a repeating `cycle`: every family's indices
+    are 0, 1, 2, ... in order, so no sample repeats."""
+    r = k % len(cycle)
+    fam = cycle[r]
+    return fam, (k // len(cycle)) * cycle.count(fam) + cycle[:r].count(fam)
+
+
 def make_batch(processor, cfg: TrainConfig, step: int, with_answers: bool = True, seed: int | None = None,
-               one_family: bool = False, pixels: bool = True):
+               one_family: bool = False, pixels: bool = True, mix: dict[str, int] | None = None):
     """Batch `step` of the training stream, samples drawn from (seed, family, index).
 
     Families take turns within a batch, or, with `one_family`, from batch to batch (a batch of one
-    family has a similar number of covered tokens, which keeps phase-1 sequences short).
+    family has a similar number of covered tokens, which keeps phase-1 sequences short); `mix` gives
+    each family that many turns per round (`family_cycle`).
     """
     seed = cfg.seed if seed is None else seed
     size = cfg.image_size
+    cycle = family_cycle(mix)
     samples = []
     for i in range(cfg.batch_size):
-        k = step * cfg.batch_size + i
         if one_family:
-            fam, index = synth.FAMILIES[step % len(synth.FAMILIES)], (step // len(synth.FAMILIES)) * cfg.batch_size + i
+            fam, batch_index = _slot(cycle, step)
+            index = batch_index * cfg.batch_size + i
         else:
-            fam, index = synth.FAMILIES[k % len(synth.FAMILIES)], k // len(synth.FAMILIES)
+            fam, index = _slot(cycle, step * cfg.batch_size + i)
         samples.append(synth.make_sample(fam, index, seed, size))
     return samples, encode_samples(processor, samples, with_answers, describe=cfg.describe, pixels=pixels,
                                    extra_questions=cfg.extra_questions, seed=seed)
@@ -601,7 +631,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 g["lr"] = _lr(cfg, step)
             llm = phase != "vision"
             samples, inputs = make_batch(processor, cfg, step, with_answers=llm, one_family=llm and cfg.one_family_batches,
-                                         pixels=phase != "words")
+                                         pixels=phase != "words", mix=cfg.llm_mix if llm else cfg.vision_mix)
             if current is not None:
                 current[:] = samples
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
