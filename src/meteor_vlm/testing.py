@@ -35,6 +35,8 @@ def _expert(kind: str, name: str | None = None) -> ExpertSpec:
     if kind == "convnext":  # CNN, stride 8: 16 tokens
         cfg = dict(num_channels=3, hidden_sizes=[16, 40], depths=[1, 1], num_stages=2)
         return ExpertSpec(name, "convnext", 32, cfg)
+    if kind == "efficientnet_lite":  # CNN, Lite0's first 5 blocks, stride 8: 16 tokens
+        return ExpertSpec(name, "efficientnet_lite", 32, dict(num_blocks=5))
     raise ValueError(f"unknown expert kind {kind!r}")
 
 
@@ -45,7 +47,8 @@ def tiny_config(
     experts=TINY_EXPERTS, fusion: str = "post", llm: str = "llama", num_layers: int = 6, tokenizer=None,
     projector_norm: str | None = None, projector: str = "mlp",
 ) -> MultiEncoderVLMConfig:
-    """Config of a tiny multi-encoder VLM: the given experts and an 8-head LLM (GQA, 4 kv heads)."""
+    """Config of a tiny multi-encoder VLM: the given experts (kind names or ExpertSpecs) and an 8-head LLM
+    (GQA, 4 kv heads)."""
     tokenizer = tokenizer or build_word_tokenizer(TINY_WORDS)
     text = dict(
         model_type=llm,
@@ -62,7 +65,7 @@ def tiny_config(
         tie_word_embeddings=False,
     )
     return MultiEncoderVLMConfig(
-        experts=[_expert(k) for k in experts],
+        experts=[k if isinstance(k, ExpertSpec) else _expert(k) for k in experts],
         text_config=text,
         fusion=fusion,
         fusion_grid=4 if fusion == "pre" else None,

