@@ -66,11 +66,11 @@ class _Block(nn.Module):
         mid = cin * expand
         if expand != 1:
             self.expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self.bn0 = nn.BatchNorm2d(mid, eps=1e-3, momentum=0.01)
+            self.bn0 = nn.BatchNorm2d(mid, eps=1e-3)
         self.depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid, eps=1e-3, momentum=0.01)
+        self.bn1 = nn.BatchNorm2d(mid, eps=1e-3)
         self.project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)
+        self.bn2 = nn.BatchNorm2d(cout, eps=1e-3)
         self.skip = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class EfficientNetLiteModel(PreTrainedModel):
     def __init__(self, config: EfficientNetLiteConfig):
         super().__init__(config)
         self.conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
-        self.bn0 = nn.BatchNorm2d(32, eps=1e-3, momentum=0.01)
+        self.bn0 = nn.BatchNorm2d(32, eps=1e-3)
         self.blocks = nn.ModuleList(_Block(*spec) for spec in LITE0_BLOCKS[: config.num_blocks])
         self.post_init()
 
