@@ -254,7 +254,7 @@ def cmd_presets(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig  # defaults shown in --help come from the one source
+    from .train import CNN_KINDS, TrainConfig  # defaults shown in --help come from the one source
     p = argparse.ArgumentParser(prog="meteor", description="Visual-token pruning for vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vision-mix", type=_family_mix, default=None,
                    help="phase 1 turns per family, e.g. 'ocr=2,docs=2' (others 1, 0 leaves one out)")
     t.add_argument("--llm-mix", type=_family_mix, default=None, help="the same for phases 2-3")
-    t.add_argument("--cnn", choices=["convnext", "efficientnet_lite"], default="convnext",
+    t.add_argument("--cnn", choices=CNN_KINDS, default="convnext",
                    help="the CNN expert: ConvNeXt from scratch, or EfficientNet-Lite0's trunk")
     t.add_argument("--cnn-size", type=int, default=None, help="the CNN expert's input side")
     t.add_argument("--cnn-pretrained", action="store_true",

@@ -64,10 +64,11 @@ def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "conv
     if cnn_kind not in CNN_KINDS:
         raise ValueError(f"cnn_kind must be one of {CNN_KINDS}, got {cnn_kind!r}")
     low = image_size // 3
-    cnn = cnn_size or (image_size * 2 // 3 if cnn_kind == "convnext" else image_size)
-    cnn_spec = (ExpertSpec("cnn", "convnext", cnn, dict(num_channels=3, hidden_sizes=[32, 64, 96], depths=[1, 1, 2],
-                                                        num_stages=3))
-                if cnn_kind == "convnext" else ExpertSpec("cnn", "efficientnet_lite", cnn, dict(num_blocks=11)))
+    if cnn_kind == "convnext":
+        cnn_spec = ExpertSpec("cnn", "convnext", cnn_size or image_size * 2 // 3,
+                              dict(num_channels=3, hidden_sizes=[32, 64, 96], depths=[1, 1, 2], num_stages=3))
+    else:
+        cnn_spec = ExpertSpec("cnn", "efficientnet_lite", cnn_size or image_size, dict(num_blocks=11))
     experts = [
         ExpertSpec("lowres", "clip", low, dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3,
                                                num_attention_heads=4, image_size=low, patch_size=14)),
@@ -132,8 +133,6 @@ class TrainConfig:
 
     def __post_init__(self):
         family_cycle(self.vision_mix), family_cycle(self.llm_mix)  # fail early on a bad mix
-        if self.cnn not in CNN_KINDS:
-            raise ValueError(f"cnn must be one of {CNN_KINDS}, got {self.cnn!r}")
         if self.cnn_pretrained and self.cnn != "efficientnet_lite":
             raise ValueError("cnn_pretrained needs cnn='efficientnet_lite' (the one CNN with installable weights)")
 

@@ -39,7 +39,6 @@ _CLASSES = {
     "convnext": (ConvNextConfig, ConvNextModel),
     "efficientnet_lite": (EfficientNetLiteConfig, EfficientNetLiteModel),
 }
-_CNN_KINDS = ("convnext", "efficientnet_lite")
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ def build_expert(spec: ExpertSpec, attn_implementation: str = "sdpa") -> nn.Modu
         # MLPs at ~0 in a model built from scratch: the expert would see only its position embeddings
         kwargs.setdefault("initializer_range", 0.02)
     config = config_cls(**kwargs)
-    if spec.kind not in _CNN_KINDS:
+    if _RUNNERS[spec.kind].is_transformer:  # CNNs have no attention to choose
         config._attn_implementation = attn_implementation
     model = model_cls(config)
     return model

@@ -135,7 +135,6 @@ def draw_text(
     return tuple(int(v) for v in draw.textbbox(xy, text, font=fnt, anchor=anchor))  # type: ignore[return-value]
 
 
-
 def glyph_boxes(
     xy: tuple[float, float], text: str, px: int, anchor: str = "la"
 ) -> list[tuple[int, int, int, int, str]]:
