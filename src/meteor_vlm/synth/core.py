@@ -111,8 +111,10 @@ def more_questions(sample: Sample, k: int, seed: int = 0) -> list[tuple[str, str
     """Up to ``k`` further (question, answer) pairs about ``sample``'s image, drawn like its own question
     from its ground truth (for training: several questions share one image's visual tokens).
 
-    Deterministic in (sample, k, seed). OCR has a single question, so it gets none; pope alternates
-    "no" and "yes" starting from the opposite of the sample's own answer; counting asks about other shapes.
+    Deterministic in (sample, k, seed). OCR has a single question, so it gets none; counting asks about
+    other shapes. Each turn's answer depends on the image alone: pope's "yes"/"no" (and adversarial/random
+    negatives) are drawn afresh per turn, so no turn can be answered from the turns before it (answers
+    that alternated let a model trained on these turns learn the pattern instead of looking).
     """
     _check_int("k", k)
     _check_int("seed", seed)
@@ -122,4 +124,4 @@ def more_questions(sample: Sample, k: int, seed: int = 0) -> list[tuple[str, str
         return []
     rng = _rng(sample.family, sample.index, seed ^ 0x5EED)
     meta = dict(sample.meta, target=None) if sample.family == "counting" else sample.meta
-    return [ASKERS[sample.family](rng, meta, sample.index + 1 + j)[:2] for j in range(k)]
+    return [ASKERS[sample.family](rng, meta, rng.randrange(1 << 30))[:2] for _ in range(k)]
