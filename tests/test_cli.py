@@ -20,7 +20,7 @@ def test_calibrate_on_a_missing_folder_fails_clearly(tmp_path):
 
 
 def test_demo_prints_the_table_and_writes_json(tmp_path, capsys):
-    assert main(["demo", "--samples", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--model", "tiny", "--samples", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "meteor:paper-242" in text and "unpruned" in text
     rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
@@ -43,3 +43,22 @@ def test_probe_checkpoint_prints_one_row_per_family_for_words_and_glyphs(tmp_pat
     assert len(lines) == 2 * n and "words" in lines[0] and "glyphs" in lines[n]
     for table in (lines[2:n], lines[n + 2 :]):
         assert [ln.split()[0] for ln in table] == list(synth.FAMILIES)
+
+
+def _has_default():
+    import meteor_vlm as mv
+
+    return mv.has_default()
+
+
+@pytest.mark.skipif(not _has_default(), reason="this install has no embedded model")
+def test_demo_on_the_embedded_model_runs_every_demo_method(tmp_path, capsys):
+    from meteor_vlm.bench.accuracy import DEMO_METHODS
+
+    assert main(["demo", "--samples-per-family", "1", "--out", str(tmp_path)]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert list(rows) == list(DEMO_METHODS)
+    assert rows["unpruned"]["tokens_share"] == 1.0
+    for name in ("meteor:paper-312", "meteor:paper-242", "meteor:paper-126"):
+        assert rows[name]["tokens"] < rows["unpruned"]["tokens"] and rows[name]["tflops"] < rows["unpruned"]["tflops"]
+    assert "meteor:paper-126" in capsys.readouterr().out

