@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from meteor_vlm import has_default
 from meteor_vlm.cli import main
 
 
@@ -45,13 +46,7 @@ def test_probe_checkpoint_prints_one_row_per_family_for_words_and_glyphs(tmp_pat
         assert [ln.split()[0] for ln in table] == list(synth.FAMILIES)
 
 
-def _has_default():
-    import meteor_vlm as mv
-
-    return mv.has_default()
-
-
-@pytest.mark.skipif(not _has_default(), reason="this install has no embedded model")
+@pytest.mark.skipif(not has_default(), reason="this install has no embedded model")
 def test_demo_on_the_embedded_model_runs_every_demo_method(tmp_path, capsys):
     from meteor_vlm.bench.accuracy import DEMO_METHODS
 
