@@ -13,23 +13,28 @@ from meteor_vlm.cli import main
 
 
 
-def _vocab_config(tokenizer, image_size=336, cnn_kind="convnext", cnn_size=None, projector_norm="batch"):
-    """A tiny vocab-projector config over the synthetic benchmark's tokenizer (stands in for the default);
-    its CNN expert is named "cnn" and of `cnn_kind`."""
+def _vocab_config(tokenizer, image_size=336, cnn_kind="convnext", cnn_size=None, projector_norm="batch",
+                  hide_glyphs=True):
+    """A tiny vocab-projector config over the synthetic benchmark's tokenizer (stands in for the default:
+    glyph tokens hidden from the LLM); its CNN expert is named "cnn" and of `cnn_kind`."""
+    from meteor_vlm import train as tr
+
     experts = [mv.testing._expert("clip"), mv.testing._expert("pix2struct"), mv.testing._expert(cnn_kind, "cnn")]
-    cfg = mv.testing.tiny_config(experts=experts, tokenizer=tokenizer, num_layers=2, projector="vocab")
+    hidden = tokenizer.convert_tokens_to_ids(list(tr.GLYPH_TOKENS)) if hide_glyphs and tr.has_glyphs(tokenizer) else None
+    cfg = mv.testing.tiny_config(experts=experts, tokenizer=tokenizer, num_layers=2, projector="vocab",
+                                 projector_hidden_ids=hidden)
     cfg.text_config.vocab_size = len(tokenizer)
     return cfg
 
 
-def _vocab_model(seed=None):
+def _vocab_model(seed=None, hide_glyphs=True):
     """(model in eval mode, processor, tokenizer) of `_vocab_config`."""
     from meteor_vlm import train as tr
 
     tok = tr.build_tokenizer()
     if seed is not None:
         torch.manual_seed(seed)
-    model = mv.MultiEncoderVLM(_vocab_config(tok)).eval()
+    model = mv.MultiEncoderVLM(_vocab_config(tok, hide_glyphs=hide_glyphs)).eval()
     return model, mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE), tok
 
 def test_bench_rows_and_files(tiny, tmp_path):
@@ -350,7 +355,7 @@ def test_grounding_loss_weighs_covered_and_background_halves(images, per_image):
     model, processor, tok = _vocab_model()
     samples = [synth.make_sample(f, 2, 3, 64) for f in ("ocr", "charts", "scenes")]
     g = tr.Grounding(model, per_image=per_image)
-    inputs = processor(images=[s.image for s in samples], text=["<image>"] * 3, return_tensors="pt")
+    inputs = processor(images=[s.image for s in samples], text=["<image>"] * len(samples), return_tensors="pt")
     with torch.no_grad():
         model.encode_images(mv.models.vlm.expert_pixels(inputs))
         logits = [g.logits(i).clone() for i in range(len(g.grids))]
@@ -411,18 +416,19 @@ def test_grounding_report_equals_a_per_token_top_k_count(family, glyphs):
         assert all(v is None for v in report["scenes"].values())  # no text, nothing to score
 
 
-def test_visual_words_are_what_a_right_vocab_projector_outputs(images):
-    """Oracle: when every classifier outputs the grounding distribution, the real experts + projectors
-    give exactly `visual_words`."""
+@pytest.mark.parametrize("hide_glyphs", [True, False])
+def test_visual_words_are_what_a_right_vocab_projector_outputs(images, hide_glyphs):
+    """Oracle: when every classifier outputs the grounding distribution (glyphs included), the real
+    experts + projectors give exactly `visual_words`, with the glyphs hidden from the LLM or not."""
     from meteor_vlm import synth
     from meteor_vlm import train as tr
 
-    model, processor, tok = _vocab_model()
-    samples = [synth.make_sample(f, 0, 5, 64) for f in ("scenes", "ocr", "charts")]
+    model, processor, tok = _vocab_model(hide_glyphs=hide_glyphs)
+    samples = [synth.make_sample(f, 0, 5, 64) for f in ("scenes", "ocr", "docs", "charts")]
     for runner, proj in zip(model.runners, model.projectors):
         dist = tr.grounding_distribution(samples, runner.grid(), tok)
         proj.word_logits = lambda x, d=dist: torch.log(d.clamp_min(1e-30))  # a perfect classifier
-    inputs = processor(images=[s.image for s in samples], text=["<image>"] * 3, return_tensors="pt")
+    inputs = processor(images=[s.image for s in samples], text=["<image>"] * len(samples), return_tensors="pt")
     with torch.no_grad():
         real = model.encode_images(mv.models.vlm.expert_pixels(inputs))
         words = tr.visual_words(model, samples, tok)

@@ -181,6 +181,37 @@ def test_splice_equals_a_token_by_token_reference(tiny, images):
     assert image == visual.features.shape[0]
 
 
+def test_vocab_projector_hides_its_hidden_ids_from_the_llm(tmp_path):
+    """With projector_hidden_ids, a token mixes the other words only, renormalised (oracle: the softmax of
+    the classifier's logits over the kept columns); the classifier itself still scores every word, and
+    the ids survive save/load. Bad ids fail clearly."""
+    from meteor_vlm.models.vlm import VocabProjector
+
+    hidden = [1, 4, 5]
+    model, _ = mv.testing.tiny_model(seed=2, projector="vocab", projector_hidden_ids=hidden)
+    proj = model.projectors[0]
+    words = model.get_input_embeddings().weight
+    V = words.shape[0]
+    kept = torch.tensor([i for i in range(V) if i not in hidden])
+    x = torch.randn(2, 3, proj.fc1.in_features)
+    cells = torch.tensor([[0, 2, 1], [3, 3, 0]])
+    with torch.no_grad():
+        logits = proj.word_logits(x)
+        assert logits.shape[-1] == V  # the grounding loss still sees the hidden words
+        want = logits[..., kept].softmax(-1) @ words[kept] + proj.position.weight[cells]
+        torch.testing.assert_close(proj(x, cells, words), want, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path)
+    loaded = mv.MultiEncoderVLM.from_pretrained(tmp_path)
+    assert loaded.config.projector_hidden_ids == hidden
+    assert all(p.hidden_ids == hidden for p in loaded.projectors)
+    with pytest.raises(ValueError, match="hidden_ids must lie"):
+        VocabProjector(8, 16, 10, 4, hidden_ids=[10])
+    with pytest.raises(ValueError, match="whole vocabulary"):
+        VocabProjector(8, 16, 3, 4, hidden_ids=[0, 1, 2])
+    with pytest.raises(ValueError, match="needs projector='vocab'"):
+        mv.testing.tiny_config(projector_hidden_ids=[1])
+
+
 def test_vocab_projector_mixes_word_embeddings_at_each_tokens_own_cell(images):
     """A VocabProjector token = softmax(classifier) @ input embeddings + the embedding of its grid cell;
     a CNN pruned at its output must get the cell embeddings of the cells it kept, not of 0..K-1."""

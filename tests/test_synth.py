@@ -279,6 +279,23 @@ def test_docs_answer_is_the_value_of_the_asked_key(split):
         assert all(prev[1] < nxt[0] for prev, nxt in zip(tops, tops[1:]))
 
 
+def test_docs_key_and_value_boxes_hold_their_ink(split):
+    """Pixel oracle: each line's key box and value box lie in its text box (to rounding), key left of value, both
+    inked; every inked column of the line outside them is the colon's (narrower than one character)."""
+    for s in _by_family(split, "docs"):
+        img = np.asarray(s.image).min(axis=2)
+        for ln in s.meta["lines"]:
+            x0, y0, x1, y1 = ln["box"]
+            (kx0, ky0, kx1, ky1), (vx0, vy0, vx1, vy1) = ln["key_box"], ln["value_box"]
+            assert x0 - 3 <= kx0 < kx1 < vx0 < vx1 <= x1 + 3  # glyph boxes round outwards
+            assert y0 - 3 <= min(ky0, vy0) and max(ky1, vy1) <= y1 + 3
+            for bx0, by0, bx1, by1 in (ln["key_box"], ln["value_box"]):
+                assert (img[by0:by1, bx0:bx1] < 160).mean() > 0.1
+            columns = (img[y0:y1, x0:x1] < 160).any(axis=0).nonzero()[0] + x0
+            outside = [c for c in columns if not (kx0 <= c < kx1 or vx0 <= c < vx1)]
+            assert 0 < len(outside) < s.meta["font_px"] / 2
+
+
 def _answer_from_truth(s: synth.Sample, question: str) -> str:
     """Answer to one of s's family's questions, read from the ground truth alone."""
     words = question.split()

@@ -45,7 +45,7 @@ TINY_EXPERTS = ("clip", "pix2struct", "convnext")
 
 def tiny_config(
     experts=TINY_EXPERTS, fusion: str = "post", llm: str = "llama", num_layers: int = 6, tokenizer=None,
-    projector_norm: str | None = None, projector: str = "mlp",
+    projector_norm: str | None = None, projector: str = "mlp", projector_hidden_ids: list[int] | None = None,
 ) -> MultiEncoderVLMConfig:
     """Config of a tiny multi-encoder VLM: the given experts (kind names or ExpertSpecs) and an 8-head LLM
     (GQA, 4 kv heads)."""
@@ -72,6 +72,7 @@ def tiny_config(
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_norm=projector_norm,
         projector=projector,
+        projector_hidden_ids=projector_hidden_ids,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

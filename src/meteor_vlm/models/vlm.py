@@ -51,6 +51,10 @@ class MultiEncoderVLMConfig(PretrainedConfig):
             distribution over the LLM's vocabulary that mixes its input-embedding rows, plus a learned
             embedding of its grid cell; post fusion only). See `VocabProjector`.
         rank_table: stage-1 feature ranks from `meteor calibrate` ({"experts": {name: [r1, r2, r3]}, ...}).
+        projector_hidden_ids: vocabulary ids a "vocab" projector still predicts (its classifier is trained on
+            them) but never passes on: each token's distribution is renormalised over the other words. The
+            embedded model hides its per-character glyph targets, which help the experts learn to read but,
+            mixed into a text cell, dilute the word the LLM has to find there.
     """
 
     model_type = "meteor_multi_encoder_vlm"
@@ -66,6 +70,7 @@ class MultiEncoderVLMConfig(PretrainedConfig):
         projector_norm: str | None = None,
         projector: str = "mlp",
         rank_table: dict | None = None,
+        projector_hidden_ids: list[int] | None = None,
         **kwargs,
     ):
         self.experts = [e.to_dict() if isinstance(e, ExpertSpec) else dict(e) for e in (experts or [])]
@@ -89,6 +94,9 @@ class MultiEncoderVLMConfig(PretrainedConfig):
             raise ValueError("projector='vocab' needs fusion='post' (one projector per expert)")
         self.projector = projector
         self.rank_table = rank_table
+        if projector_hidden_ids and projector != "vocab":
+            raise ValueError("projector_hidden_ids needs projector='vocab'")
+        self.projector_hidden_ids = sorted(int(i) for i in projector_hidden_ids) if projector_hidden_ids else None
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -151,11 +159,17 @@ class VocabProjector(nn.Module):
     against per-cell word labels (`meteor_vlm.train.Grounding`). The embedded default model uses it.
     """
 
-    def __init__(self, in_dim: int, width: int, vocab_size: int, cells: int, norm: str | None = None):
+    def __init__(self, in_dim: int, width: int, vocab_size: int, cells: int, norm: str | None = None,
+                 hidden_ids: list[int] | None = None):
         super().__init__()
         self.norm = TokenBatchNorm(in_dim) if norm == "batch" else nn.Identity()
         self.fc1, self.act, self.fc2 = nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, vocab_size)
         self.position = nn.Embedding(cells, width)
+        self.hidden_ids = sorted(set(int(i) for i in hidden_ids or ()))  # from the config, not the checkpoint
+        if self.hidden_ids and (self.hidden_ids[0] < 0 or self.hidden_ids[-1] >= vocab_size):
+            raise ValueError(f"hidden_ids must lie in [0, {vocab_size}), got {self.hidden_ids[0]}..{self.hidden_ids[-1]}")
+        if len(self.hidden_ids) >= vocab_size:
+            raise ValueError("hidden_ids hides the whole vocabulary")
 
     def word_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, in_dim) expert tokens -> (B, N, V) vocabulary logits."""
@@ -163,7 +177,10 @@ class VocabProjector(nn.Module):
 
     def forward(self, x: torch.Tensor, grid_index: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """x (B, N, in_dim), grid_index (B, N) cell of each token, words (V, D) input embeddings -> (B, N, D)."""
-        probs = self.word_logits(x).float().softmax(-1)
+        logits = self.word_logits(x).float()
+        if self.hidden_ids:
+            logits = logits.index_fill(-1, torch.tensor(self.hidden_ids, device=logits.device), float("-inf"))
+        probs = logits.softmax(-1)
         return (probs @ words.float()).to(words.dtype) + self.position(grid_index)
 
 
@@ -201,7 +218,8 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         if config.projector == "vocab":
             vocab = text_config.vocab_size
             self.projectors = nn.ModuleList(
-                [VocabProjector(r.out_dim, width, vocab, r.num_patches, config.projector_norm) for r in self.runners]
+                [VocabProjector(r.out_dim, width, vocab, r.num_patches, config.projector_norm,
+                                config.projector_hidden_ids) for r in self.runners]
             )
         elif config.fusion == "post":
             self.projectors = nn.ModuleList([Projector(r.out_dim, width, config.projector_norm) for r in self.runners])

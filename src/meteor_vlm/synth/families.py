@@ -243,8 +243,15 @@ def ask_ocr(rng: random.Random, meta: dict[str, Any], index: int) -> Asked:
     return TEMPLATES["ocr"], meta["word"], meta
 
 
+def _ink_box(glyphs: list[tuple[int, int, int, int, str]]) -> tuple[int, int, int, int]:
+    """Pixel box around the ink of some glyphs (`_draw.glyph_boxes` entries)."""
+    return (min(g[0] for g in glyphs), min(g[1] for g in glyphs), max(g[2] for g in glyphs), max(g[3] for g in glyphs))
+
+
 def docs(rng: random.Random, size: int, index: int) -> Generated:
-    """A white page of 4-8 "KEY: VALUE" lines in small text; asks for one key's value."""
+    """A white page of 4-8 "KEY: VALUE" lines in small text; asks for one key's value.
+
+    Each line's meta holds its text box and the ink boxes of its key and of its value."""
     n = rng.randint(4, 8)
     keys = rng.sample(DOC_KEYS, n)
     values = [str(rng.randint(1, 99)) if k in DOC_NUMBER_KEYS else rng.choice(WORDS) for k in keys]
@@ -266,8 +273,10 @@ def docs(rng: random.Random, size: int, index: int) -> Generated:
         x = rng.uniform(0.06, 0.35) * size
         text = f"{key.upper()}: {value.upper()}"
         box = _draw.draw_text(draw, (x, y), text, px, ink)
-        glyphs += _draw.glyph_boxes((x, y), text, px)
-        lines.append({"key": key, "value": value, "box": box})
+        line_glyphs = _draw.glyph_boxes((x, y), text, px)  # the key's letters, ":", the value's characters
+        glyphs += line_glyphs
+        lines.append({"key": key, "value": value, "box": box, "key_box": _ink_box(line_glyphs[: len(key)]),
+                      "value_box": _ink_box(line_glyphs[-len(value) :])})
         if rng.random() < 0.3:
             # Occasional faint rule under a line, a common form element.
             draw.line([0.06 * size, box[3] + 0.02 * size, 0.94 * size, box[3] + 0.02 * size], fill=(225, 225, 225))
