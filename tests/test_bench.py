@@ -215,6 +215,20 @@ def test_cnn_pretrained_starts_the_lite0_trunk_from_imagenet(tmp_path, monkeypat
     torch.testing.assert_close(saved[name[0]], imagenet["_blocks.3._depthwise_conv.weight"], atol=1e-6, rtol=0)
 
 
+def test_a_vision_only_run_does_not_evaluate_the_untrained_llm(tmp_path, monkeypatch):
+    from meteor_vlm import train as tr
+
+    def no_eval(*args, **kwargs):
+        raise AssertionError("phase 1 has no LLM to evaluate")
+
+    monkeypatch.setattr(tr, "default_model_config", _vocab_config)
+    monkeypatch.setattr(tr, "evaluate", no_eval)
+    cfg = tr.TrainConfig(out=str(tmp_path), word_steps=0, vision_steps=2, steps=0, batch_size=4, image_size=64)
+    tr.train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == ["vision", "vision"] and not any("eval" in r for r in log)
+
+
 def test_qa_phase_trains_the_vision_side_when_not_frozen(tmp_path, monkeypatch):
     from meteor_vlm import train as tr
 

@@ -644,7 +644,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     tokens), and a short stretch on full sequences restores it.
 
     Held-out accuracy (every visual token kept) is logged every `eval_every` steps of phases 2 and 3
-    and at their ends (phase 2: on visual words); the run stops early, saving, after `max_minutes`.
+    and at their ends (phase 2: on visual words), never in phase 1 (the LLM is untrained; `meteor probe`
+    reads the vision side); the run stops early, saving, after `max_minutes`.
     """
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
@@ -731,7 +732,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
             done = step + 1 == total or (cfg.max_minutes is not None and record["minutes"] >= cfg.max_minutes)
             phase_end = step + 1 == total or cfg.phase(step + 1) != phase
             since = step + 1 - cfg.phase_start(phase)
-            if phase != "vision" and (since % cfg.eval_every == 0 or phase_end) or done:
+            if phase != "vision" and (since % cfg.eval_every == 0 or phase_end or done):  # phase 1: no LLM to test
                 if phase == "words":  # held-out accuracy on visual words, every background token kept
                     with token_feed(model, tokenizer) as feed:
                         record["eval"] = evaluate(model, processor, cfg.eval_per_family, image_size=cfg.image_size,
