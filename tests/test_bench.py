@@ -20,7 +20,7 @@ def _vocab_config(tokenizer, image_size=336, cnn_kind="convnext", cnn_size=None,
     from meteor_vlm import train as tr
 
     experts = [mv.testing._expert("clip"), mv.testing._expert("pix2struct"), mv.testing._expert(cnn_kind, "cnn")]
-    hidden = tokenizer.convert_tokens_to_ids(list(tr.GLYPH_TOKENS)) if hide_glyphs and tr.has_glyphs(tokenizer) else None
+    hidden = (tr.glyph_ids(tokenizer) or None) if hide_glyphs else None
     cfg = mv.testing.tiny_config(experts=experts, tokenizer=tokenizer, num_layers=2, projector="vocab",
                                  projector_hidden_ids=hidden)
     cfg.text_config.vocab_size = len(tokenizer)

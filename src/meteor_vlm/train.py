@@ -47,6 +47,11 @@ def has_glyphs(tokenizer) -> bool:
     return GLYPH_TOKENS[0] in tokenizer.get_vocab()
 
 
+def glyph_ids(tokenizer) -> list[int]:
+    """The ids of `GLYPH_TOKENS` in a tokenizer ([] when it has none)."""
+    return tokenizer.convert_tokens_to_ids(list(GLYPH_TOKENS)) if has_glyphs(tokenizer) else []
+
+
 CNN_KINDS = ("convnext", "efficientnet_lite")
 
 
@@ -88,7 +93,7 @@ def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "conv
     return MultiEncoderVLMConfig(
         experts=experts, text_config=text, fusion="post", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_norm=projector_norm, projector="vocab",
-        projector_hidden_ids=tokenizer.convert_tokens_to_ids(list(GLYPH_TOKENS)) if has_glyphs(tokenizer) else None,
+        projector_hidden_ids=glyph_ids(tokenizer) or None,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
 
@@ -798,8 +803,7 @@ def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SE
     if glyphs and not has_glyphs(tok):
         raise ValueError("this model's tokenizer has no glyph tokens (build_tokenizer(glyphs=True))")
     keep = torch.zeros(len(tok), dtype=torch.bool)
-    if has_glyphs(tok):
-        keep[tok.convert_tokens_to_ids(list(GLYPH_TOKENS))] = True
+    keep[glyph_ids(tok)] = True
     keep = keep if glyphs else ~keep
     keep[tok.pad_token_id] = False
     g = Grounding(model)
