@@ -403,7 +403,7 @@ def test_grounding_report_equals_a_per_token_top_k_count(family, glyphs):
     cfg = mv.testing.tiny_config(tokenizer=tok, num_layers=2)
     model = mv.MultiEncoderVLM(cfg).eval()
     processor = mv.MultiEncoderProcessor(tok, cfg.expert_specs, tr.PROMPT_TEMPLATE)
-    report = tr.grounding_report(model, processor, per_family=2, seed=4, glyphs=glyphs)
+    report = tr.grounding_report(model, processor, per_family=2, seed=4, glyphs=glyphs, min_tokens=1)
     assert set(report) == set(synth.FAMILIES)
     assert all(not p._forward_hooks for p in model.projectors)
 
@@ -428,6 +428,9 @@ def test_grounding_report_equals_a_per_token_top_k_count(family, glyphs):
     assert scores > 0
     if glyphs:
         assert all(v is None for v in report["scenes"].values())  # no text, nothing to score
+    covered = [int((tr.grounding_targets(samples, r.grid(), tok)[..., scored].sum(-1) > 0).sum()) for r in model.runners]
+    few = tr.grounding_report(model, processor, per_family=2, seed=4, glyphs=glyphs, min_tokens=min(covered) + 1)
+    assert [few[family][n] is None for n in model.expert_names] == [c < min(covered) + 1 for c in covered]
 
 
 @pytest.mark.parametrize("hide_glyphs", [True, False])

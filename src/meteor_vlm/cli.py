@@ -197,7 +197,8 @@ def cmd_probe(args) -> int:
         tables = [("words", False)] + ([("glyphs", True)] if has_glyphs(processor.tokenizer) else [])
         for what, glyphs in tables:
             report = grounding_report(model, processor, args.samples, glyphs=glyphs)
-            print(f"grounding read-out of {what} (share of covered tokens naming what they cover), held-out images")
+            print(f"grounding read-out of {what} (share of covered tokens naming what they cover; "
+                  f"-: fewer than 20 such tokens), held-out images")
             print(f"{'family':10s} " + " ".join(f"{n:>8s}" for n in names))
             for fam, row in report.items():
                 print(f"{fam:10s} " + " ".join(f"{row[n]:8.2f}" if row[n] is not None else f"{'-':>8s}" for n in names))

@@ -790,14 +790,17 @@ def export(ckpt, dest=None, seed: int = 1, calibration_images: int = 60) -> Path
 
 
 @torch.no_grad()
-def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SEED, glyphs: bool = False) -> dict:
+def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SEED, glyphs: bool = False,
+                     min_tokens: int = 20) -> dict:
     """How well each expert's projected tokens name what they cover, per family, on held-out images.
 
     For every token that covers something, the fraction of its k target words found among the top-k
     words of its read-out through the LLM's output head (pad and glyph tokens excluded). Near 1: that
     expert sees the content, so a wrong answer comes from the LLM; near 0: the expert does not see it.
     With `glyphs` (a tokenizer with `GLYPH_TOKENS`), the same score over glyph tokens only: whether the
-    expert reads letters, the step before words. A family or expert with nothing to score gets None.
+    expert reads letters, the step before words. A family or expert with fewer than `min_tokens` tokens
+    to score gets None: the low-resolution ViT's cells are too large for most glyphs to cover a tenth of
+    one (`grounding_targets`), so on 24 OCR images it has ~2, and a score over those says nothing.
     """
     tok = processor.tokenizer
     if glyphs and not has_glyphs(tok):
@@ -822,7 +825,8 @@ def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SE
                 k = target.sum(-1).long()
                 ranks = logits.argsort(-1, descending=True).argsort(-1)  # rank of every word, per token
                 hits = ((ranks < k[..., None]) & (target > 0)).sum(-1)
-                row[model.expert_names[i]] = float(hits[covered].sum() / k[covered].sum()) if covered.any() else None
+                enough = int(covered.sum()) >= max(min_tokens, 1)
+                row[model.expert_names[i]] = float(hits[covered].sum() / k[covered].sum()) if enough else None
             report[fam] = row
     finally:
         g.close()
