@@ -132,6 +132,9 @@ def test_family_mix_weights_turns_and_never_repeats_a_sample(one_family):
         tr.TrainConfig(llm_mix={"ocrr": 2})
     with pytest.raises(ValueError, match="every family"):
         tr.family_cycle({f: 0 for f in synth.FAMILIES})
+    for bad in (dict(full_background_steps=-1), dict(word_steps=-5), dict(batch_size=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            tr.TrainConfig(**bad)
 
 
 def test_training_phases_log_resume_and_freeze_the_vision_side_in_qa(tmp_path, monkeypatch):

