@@ -1,4 +1,4 @@
-"""The README's Python example runs as written."""
+"""The README's Python example runs as written, and its `meteor` commands parse."""
 
 import re
 from pathlib import Path
@@ -11,3 +11,29 @@ def test_readme_python_example_runs(capsys):
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {})
     assert "paper-242" in capsys.readouterr().out
+
+
+def test_readme_meteor_commands_parse():
+    """Every concrete `meteor ...` command the README shows (not the usage lines with [options]) is
+    accepted by the CLI's parser as written, shell variables of the same page filled in."""
+    import shlex
+
+    from meteor_vlm.cli import build_parser
+
+    text = (Path(__file__).parent.parent / "README.md").read_text().replace("\\\n", " ")
+    env = dict(re.findall(r"^\s*([A-Z_]+)=(\S+)", text, flags=re.M))
+    commands = []
+    for line in text.splitlines():
+        if not line.startswith("    "):  # code lines only
+            continue
+        for piece in line.split("#")[0].split("&&"):
+            piece = re.sub(r"\$([A-Z_]+)", lambda m: env[m.group(1)], piece.strip())
+            if piece.startswith("meteor ") and "[" not in piece:
+                commands.append(piece)
+    assert any(c.startswith("meteor train") for c in commands) and "meteor demo" in commands
+    parser = build_parser()
+    for command in commands:
+        try:
+            parser.parse_args(shlex.split(command)[1:])
+        except SystemExit:
+            raise AssertionError(f"the README's command does not parse: {command}") from None
