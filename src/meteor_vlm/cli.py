@@ -189,7 +189,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from meteor_vlm.train import grounding_report, has_glyphs, memorization_probe
+    from meteor_vlm.train import READOUT_MIN_TOKENS, grounding_report, has_glyphs, memorization_probe
 
     if args.checkpoint:
         model, processor = _load(args.checkpoint)
@@ -198,7 +198,7 @@ def cmd_probe(args) -> int:
         for what, glyphs in tables:
             report = grounding_report(model, processor, args.samples, glyphs=glyphs)
             print(f"grounding read-out of {what} (share of covered tokens naming what they cover; "
-                  f"-: fewer than 20 such tokens), held-out images")
+                  f"-: fewer than {READOUT_MIN_TOKENS} such tokens), held-out images")
             print(f"{'family':10s} " + " ".join(f"{n:>8s}" for n in names))
             for fam, row in report.items():
                 print(f"{fam:10s} " + " ".join(f"{row[n]:8.2f}" if row[n] is not None else f"{'-':>8s}" for n in names))

