@@ -136,6 +136,8 @@ def test_cached_generate_equals_uncached_recomputation(tiny, images, method):
             **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
             return_dict_in_generate=True, output_logits=True,
         )
+        # one prefill per sample, then decoding on the cache (not the whole sequence again at each step)
+        assert len(method.stats) == inputs["input_ids"].shape[0]
         T0 = inputs["input_ids"].shape[1]
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         pixels = {k: v for k, v in inputs.items() if k.startswith("pixel_values_")}

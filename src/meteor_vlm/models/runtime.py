@@ -15,6 +15,8 @@ It works on any Llama-style causal LM (Llama, Qwen2, ...) located by `DecoderPar
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -222,7 +224,7 @@ def prefill(
             h,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
+            **{cache_arg(type(layer)): cache},
             use_cache=cache is not None,
             position_embeddings=pe,
         )
@@ -231,6 +233,13 @@ def prefill(
         nxt = torch.where(valid, pos, -1).max(1).values + 1
         setattr(cache, _STATE_ATTR, CacheState(key_valid, nxt, seen=0))
     return parts.norm(h), cols, kept
+
+
+@functools.cache
+def cache_arg(module_cls: type) -> str:
+    """The keyword a transformers module takes its KV cache by: `cache` from transformers 5.24 on,
+    `past_key_values` before (the old name still works there, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(module_cls.forward).parameters else "past_key_values"
 
 
 def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, cache) -> torch.Tensor:
@@ -255,7 +264,8 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
     for i, layer in enumerate(parts.layers):
         past = state.key_valid[i][:, None, :].expand(B, q, -1)
         mask = torch.cat([past, new_block], dim=-1).unsqueeze(1)
-        h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, position_embeddings=pe)
+        h = layer(h, attention_mask=mask, position_ids=pos, **{cache_arg(type(layer)): cache}, use_cache=True,
+                  position_embeddings=pe)
         state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)
     state.next_position = state.next_position + new_valid.long().sum(1)
     return parts.norm(h)

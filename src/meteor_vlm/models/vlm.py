@@ -21,6 +21,9 @@ from ..methods.base import EncoderPoint, FusionPoint, PruningMethod
 from . import runtime
 from .experts import ExpertSpec, build_expert, runner_for
 
+# transformers 5.24 renamed the outputs' and generate's `past_key_values` to `cache`; the model takes both
+_OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 __all__ = ["MultiEncoderVLMConfig", "MultiEncoderVLM", "VisualTokens", "FUSIONS", "expert_pixels"]
 
 PIXEL_PREFIX = "pixel_values_"
@@ -414,12 +417,15 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         Args:
             input_ids, attention_mask: the prompt, left-padded, one placeholder per image.
             pixel_values_<expert>: (num_images, 3, S, S) per expert (prefill only).
-            past_key_values: a DynamicCache; the first call fills it (prefill), later calls decode.
+            past_key_values (or `cache`, its name from transformers 5.24): a DynamicCache; the first call
+                fills it (prefill), later calls decode.
             labels: (B, T) next-token targets aligned with input_ids (-100 to ignore).
             logits_to_keep: compute logits only for the last n columns (0 = all).
             query_positions: (B,) input column of the text query for stage 3 (default: the last column).
                 Pass it when re-running a longer sequence without cache so decisions match the prompt's.
         """
+        if kwargs.get("cache") is not None:  # the name transformers >= 5.24 uses
+            past_key_values = kwargs.pop("cache")
         pixel_values = expert_pixels(kwargs)
         unknown = [k for k in kwargs if not k.startswith(PIXEL_PREFIX) and kwargs[k] is not None]
         unknown = [k for k in unknown if k not in ("cache_position", "position_ids", "output_attentions", "output_hidden_states")]
@@ -471,7 +477,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE: past_key_values if use_cache else None})
 
     def _stats(self, vis_valid, visual, kept, input_ids, survivors) -> list[dict]:
         """Per-sample token counts of the prefill that just ran.
@@ -517,7 +523,8 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         return [out[i] for i in sorted(out)]
 
     # ---- generation -----------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, cache=None, **kwargs):
+        past_key_values = cache if cache is not None else past_key_values  # generate's name from transformers 5.24
         state = runtime.get_state(past_key_values)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values}
         inputs["use_cache"] = kwargs.get("use_cache", True)
