@@ -67,6 +67,10 @@ def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "conv
     701 visual tokens per image before pruning (946 with the Lite0 trunk at full resolution).
     The projectors map tokens onto the LLM's words; with a tokenizer that has `GLYPH_TOKENS`, they are
     trained to name glyphs too but hide them from the LLM (`projector_hidden_ids`).
+
+    The decoder's heads are 32 wide (8 heads over a 128-wide residual, so attention works in 256
+    dimensions): with 16-wide heads the lookups the documents family needs (find a key, read the word
+    after it) were learned far more slowly.
     """
     if cnn_kind not in CNN_KINDS:
         raise ValueError(f"cnn_kind must be one of {CNN_KINDS}, got {cnn_kind!r}")
@@ -86,7 +90,8 @@ def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "conv
     ]
     text = dict(
         model_type="llama", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=320, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, rope_theta=10000.0,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=32,  # wider heads than 128/8: see the docstring
+        max_position_embeddings=1024, rope_theta=10000.0,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,  # a visual word copied into the residual reads out as that word
     )
