@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerFast
+from transformers import BatchFeature, PreTrainedTokenizerFast
 
 from .experts import ExpertSpec
 
@@ -150,5 +150,6 @@ class MultiEncoderProcessor:
         if not cfg_file.is_file():
             raise ValueError(f"no processor_config.json in {path}")
         cfg = json.loads(cfg_file.read_text())
-        tok = AutoTokenizer.from_pretrained(str(path))
+        # the fast-tokenizer class directly: AutoTokenizer would read config.json, the VLM's, and warn about it
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
         return cls(tok, [ExpertSpec.from_dict(e) for e in cfg["experts"]], cfg.get("prompt_template", "{prompt}"))
