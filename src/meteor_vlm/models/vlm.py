@@ -410,6 +410,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         query_positions: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        cache=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits aligned with `input_ids` (B, T, V); a placeholder's column predicts the token after its image.
@@ -424,8 +425,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             query_positions: (B,) input column of the text query for stage 3 (default: the last column).
                 Pass it when re-running a longer sequence without cache so decisions match the prompt's.
         """
-        if kwargs.get("cache") is not None:  # the name transformers >= 5.24 uses
-            past_key_values = kwargs.pop("cache")
+        past_key_values = cache if cache is not None else past_key_values  # cache: the name from transformers 5.24
         pixel_values = expert_pixels(kwargs)
         unknown = [k for k in kwargs if not k.startswith(PIXEL_PREFIX) and kwargs[k] is not None]
         unknown = [k for k in unknown if k not in ("cache_position", "position_ids", "output_attentions", "output_hidden_states")]
