@@ -178,7 +178,7 @@ def cmd_train(args) -> int:
                       cnn=args.cnn, cnn_size=args.cnn_size, cnn_pretrained=args.cnn_pretrained, vision_lr=args.vision_lr,
                       word_lr=args.word_lr, full_background_steps=args.full_background_steps,
                       projector_norm=None if args.projector_norm == "none" else args.projector_norm,
-                      vision_from=args.vision_from,
+                      vision_from=args.vision_from, one_family_batches=not args.mixed_batches,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
     ckpt = train(cfg, resume=not args.no_resume)
     print(f"checkpoint: {ckpt}")
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vision-mix", type=_family_mix, default=None,
                    help="phase 1 turns per family, e.g. 'ocr=2,docs=2' (others 1, 0 leaves one out)")
     t.add_argument("--llm-mix", type=_family_mix, default=None, help="the same for phases 2-3")
+    t.add_argument("--mixed-batches", action="store_true",
+                   help="phases 2-3: families take turns within each batch (default: one family per batch)")
     t.add_argument("--cnn", choices=CNN_KINDS, default="convnext",
                    help="the CNN expert: ConvNeXt from scratch, or EfficientNet-Lite0's trunk")
     t.add_argument("--cnn-size", type=int, default=None, help="the CNN expert's input side")
