@@ -37,6 +37,7 @@ DEMO_METHODS = (
     "meteor:paper-312",
     "meteor:paper-242",
     "meteor:paper-126",
+    "meteor:e0.5-f0.5-l200",  # exactly 25% of the tokens (half per expert, half at fusion): the target's budget
     "alloc:rank",
     "alloc:average",
     "alloc:rank-reverse",
