@@ -492,6 +492,35 @@ def test_thinning_the_background_keeps_positions_and_every_covered_token(images)
     assert not torch.allclose(thin, full, atol=1e-4)
 
 
+def test_a_background_range_draws_one_share_per_sample():
+    """ThinBackground with share (s, s) keeps exactly what share s keeps (same seed); (0, 0) keeps text
+    and covered tokens only; with (0, 1) the samples of one batch keep very different shares of their
+    background, each near a share of its own, and every covered token."""
+    from types import SimpleNamespace
+
+    from meteor_vlm import train as tr
+
+    g = torch.Generator().manual_seed(0)
+    visual = torch.zeros(8, 1010, dtype=torch.bool)
+    visual[:, 5:1005] = True  # 1000 visual columns between text
+    ctx = SimpleNamespace(visual=visual, valid=torch.ones_like(visual))
+    covered = torch.rand(8, 1000, generator=g) < 0.2
+
+    def keep(share, seed=4):
+        return tr.ThinBackground(share=share, seed=seed, covered=covered).prune_llm(ctx)
+
+    assert torch.equal(keep((0.3, 0.3)), keep(0.3)) and not torch.equal(keep(0.3), keep(0.6))
+    assert torch.equal(keep((0.0, 0.0)), ~visual | torch.nn.functional.pad(covered, (5, 5)))
+    k = keep((0.0, 1.0))[:, 5:1005]
+    assert k[covered].all()
+    kept = (k & ~covered).sum(1) / (~covered).sum(1)  # each sample's kept share of its background
+    assert kept.max() - kept.min() > 0.4 and (kept > 0).all() and (kept < 1).all()
+    with pytest.raises(ValueError, match="background"):
+        tr.TrainConfig(background=(0.5, 0.2))
+    with pytest.raises(ValueError, match="background"):
+        tr.TrainConfig(background=-0.1)
+
+
 def test_token_feed_nests_and_restores(images):
     from meteor_vlm import train as tr
 
@@ -504,6 +533,10 @@ def test_token_feed_nests_and_restores(images):
             assert inner is not outer
         assert model.encode_images is outer_fn and inner_fn is not outer_fn
     assert "encode_images" not in model.__dict__
+    with tr.token_feed(model, tok, background=(1.0, 2.0)):  # every share >= 1: nothing to thin
+        assert model._pruning_method is None
+    with tr.token_feed(model, tok, background=(0.5, 2.0)):
+        assert isinstance(model._pruning_method, tr.ThinBackground)
 
 
 def test_token_feed_of_the_experts_is_the_plain_encoder_and_restores_the_method(images):

@@ -168,6 +168,19 @@ def _family_mix(text: str) -> dict[str, int]:
     return mix
 
 
+def _background(text: str) -> float | tuple[float, float]:
+    """'0.1' -> 0.1; '0-1' -> (0.0, 1.0): each sample's share drawn uniformly from the range."""
+    from meteor_vlm.train import check_background
+
+    try:
+        lo, sep, hi = text.partition("-")
+        value = (float(lo), float(hi)) if sep else float(text)
+        check_background(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad background share {text!r}: {e}") from None
+    return value
+
+
 def cmd_train(args) -> int:
     from meteor_vlm.train import TrainConfig, export, train
 
@@ -176,7 +189,7 @@ def cmd_train(args) -> int:
                       word_steps=args.word_steps,
                       batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, max_minutes=args.max_minutes,
                       cnn=args.cnn, cnn_size=args.cnn_size, cnn_pretrained=args.cnn_pretrained, vision_lr=args.vision_lr,
-                      word_lr=args.word_lr, full_background_steps=args.full_background_steps,
+                      word_lr=args.word_lr, full_background_steps=args.full_background_steps, background=args.background,
                       projector_norm=None if args.projector_norm == "none" else args.projector_norm,
                       vision_from=args.vision_from, one_family_batches=not args.mixed_batches,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
@@ -317,8 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip phase 1: phase 3 starts with the experts and word classifiers of this checkpoint")
     t.add_argument("--vision-lr", type=float, default=TrainConfig.vision_lr, help="peak learning rate of phase 1")
     t.add_argument("--word-lr", type=float, default=TrainConfig.word_lr, help="peak learning rate of phase 2")
+    t.add_argument("--background", type=_background, default=TrainConfig.background, metavar="SHARE|LO-HI",
+                   help="share of background tokens the LLM sees in phases 2-3 before their last steps (default "
+                        f"{TrainConfig.background}); LO-HI draws each sample's share from that range (>= 1 keeps all)")
     t.add_argument("--full-background-steps", type=int, default=TrainConfig.full_background_steps,
-                   help="the last steps of phases 2 and 3 that show the LLM every background token (earlier: a tenth)")
+                   help="the last steps of phases 2 and 3 that show the LLM every background token")
     t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     t.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate of phase 3")
     t.add_argument("--eval-every", type=int, default=400)

@@ -133,7 +133,8 @@ class TrainConfig:
     word_steps: int = 2000  # phase 2: the LLM on ground-truth visual words (no expert runs)
     word_lr: float = 2e-3
     one_family_batches: bool = True  # phases 2-3: one family per batch (similar lengths) or families mixed
-    background: float = 0.1  # share of background tokens the LLM sees in phases 2-3 (covered ones: all)...
+    background: float | tuple[float, float] = 0.1  # share of background tokens the LLM sees in phases 2-3
+    # (covered ones: all); a pair (lo, hi) draws each sample's share uniformly from [lo, hi] (a share >= 1 keeps all)...
     full_background_steps: int = 150  # ...except in the last steps of each: all of them, as at test time
     qa_freeze_vision: bool = True  # phase 3 trains the LLM only: the experts and word classifiers stay as phase 1 left them
     embed_std: float = 0.3  # init scale of the word (and cell) embeddings visual tokens are made of
@@ -151,6 +152,7 @@ class TrainConfig:
                             ("batch_size", 1)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        check_background(self.background)
         if self.cnn_pretrained and self.cnn != "efficientnet_lite":
             raise ValueError("cnn_pretrained needs cnn='efficientnet_lite' (the one CNN with installable weights)")
         if self.vision_from is not None and self.vision_steps:
@@ -177,6 +179,17 @@ class TrainConfig:
 
     def phase_start(self, phase: str) -> int:
         return {"vision": 0, "words": self.vision_steps, "qa": self.vision_steps + self.word_steps}[phase]
+
+
+def check_background(background: float | tuple[float, float]) -> None:
+    """A background share >= 0, or a range (lo, hi) of them with lo <= hi."""
+    lo, hi = background if isinstance(background, (tuple, list)) else (background, background)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"background must be a share >= 0 or a range (lo, hi) with 0 <= lo <= hi, got {background}")
+
+
+def _keeps_all(background: float | tuple[float, float]) -> bool:
+    return min(background if isinstance(background, (tuple, list)) else (background,)) >= 1
 
 
 def family_cycle(mix: dict[str, int] | None = None) -> list[str]:
@@ -441,12 +454,14 @@ def _without(dist: torch.Tensor, ids: list[int], pad: int) -> torch.Tensor:
 @dataclass
 class ThinBackground(PruningMethod):
     """Training only: before LLM layer 0, keep every text token, every covered visual token and about
-    `share` of the background ones. Survivors keep the RoPE positions of the full sequence, so the LLM
+    `share` of the background ones; with `share` a range (lo, hi), each sample's share is drawn uniformly
+    from it (a share >= 1 keeps every token), so the LLM also learns from images pruning left almost no
+    background in (it otherwise takes the background as its cue to end the answer). Survivors keep the RoPE positions of the full sequence, so the LLM
     trains on the geometry it is evaluated on, at a fraction of the cost (most of an image is background).
     `covered` (B, N) is set for each batch, over each image's full visual sequence."""
 
     name: ClassVar[str] = "thin-background"  # not in the bench registry
-    share: float = 0.1
+    share: float | tuple[float, float] = 0.1
     seed: int = 0
     covered: torch.Tensor | None = None
 
@@ -462,19 +477,25 @@ class ThinBackground(PruningMethod):
         order = (vis.long().cumsum(1) - 1).clamp_min(0)  # index of each visual column in its image
         covered = self.covered.to(vis.device).gather(1, order.clamp_max(self.covered.shape[1] - 1)) & vis
         noise = torch.rand(vis.shape, generator=self._generator).to(vis.device)
-        return ~vis | covered | (noise < self.share)
+        share = self.share
+        if isinstance(share, (tuple, list)):  # one share per sample
+            lo, hi = share
+            share = (lo + (hi - lo) * torch.rand(vis.shape[0], 1, generator=self._generator)).to(vis.device)
+        return ~vis | covered | (noise < share)
 
 
 @contextlib.contextmanager
 def token_feed(model: MultiEncoderVLM, tokenizer, background: float = 1.0, seed: int = 0, source: str = "words"):
     """Within the block, the model's visual tokens for the samples put in the yielded list are
     `visual_words` (source="words": no expert runs) or its own (source="experts"), and with
-    `background` < 1 the LLM sees only that share of background tokens (`ThinBackground`).
+    `background` < 1 (or a range reaching below 1) the LLM sees only that share of background tokens
+    (`ThinBackground`).
     On this instance only; the previous encoder and pruning method are restored on exit."""
     if source not in ("words", "experts"):
         raise ValueError(f"source must be 'words' or 'experts', got {source!r}")
     current: list = []
-    thin = ThinBackground(share=background, seed=seed) if background < 1 else None
+    check_background(background)
+    thin = None if _keeps_all(background) else ThinBackground(share=background, seed=seed)
     own = type(model).encode_images.__get__(model)  # the class's encoder, whatever feed is active
 
     def encode_images(pixel_values, method=None):
