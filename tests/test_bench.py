@@ -37,6 +37,36 @@ def _vocab_model(seed=None, hide_glyphs=True):
     model = mv.MultiEncoderVLM(_vocab_config(tok, hide_glyphs=hide_glyphs)).eval()
     return model, mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE), tok
 
+@pytest.mark.parametrize("name", ["unpruned", "alloc:rank"])
+def test_answer_ends_reads_the_second_greedy_token(tiny, name):
+    """answer_ends (cached generation under the method) is True exactly when the second greedy token of
+    the uncached oracle (a full forward of prompt + first token) is the end token: tried with that
+    token as the end token, and with another. alloc:rank prunes inside the experts (text-independent)."""
+    from meteor_vlm import synth
+    from meteor_vlm.bench.accuracy import answer_ends, make_method
+    from meteor_vlm.train import encode_samples
+
+    model, processor = tiny
+    method = make_method(name)
+    checked = 0
+    for s in synth.make_split(5, 1, image_size=128):
+        inputs = encode_samples(processor, [s], with_answers=False)
+        with torch.no_grad(), method(model):
+            first = model(**inputs, use_cache=False).logits[0, -1].argmax()
+            if first == model.config.image_token_id:  # a random model may "answer" with a placeholder
+                continue
+            longer = dict(inputs, input_ids=torch.cat([inputs["input_ids"], first.view(1, 1)], 1),
+                          attention_mask=torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1))
+            second = model(**longer, use_cache=False).logits[0, -1].argmax()
+            if first == second:
+                continue
+            other = next(i for i in range(5) if i not in (first, second))
+            assert answer_ends(model, inputs, int(second)) and not answer_ends(model, inputs, other)
+            assert not answer_ends(model, inputs, int(first))  # an empty answer does not count
+            checked += 1
+    assert checked >= 3
+
+
 def test_bench_rows_and_files(tiny, tmp_path):
     model, processor = tiny
     names = ["unpruned", "meteor:paper-242", "stage3:adaptive", "stage3:fixed"]
@@ -50,8 +80,10 @@ def test_bench_rows_and_files(tiny, tmp_path):
     assert abs(by["stage3:fixed"]["tokens"] - by["stage3:adaptive"]["tokens"]) <= 0.15 * by["stage3:adaptive"]["tokens"]
     for r in rows:
         assert set(r["accuracy"]) == set(mv.synth.FAMILIES) | {"average"}
-        assert r["latency_ms"] > 0
-    from meteor_vlm.bench.report import write_results
+        assert r["latency_ms"] > 0 and 0 <= r["ends"] <= 1
+    from meteor_vlm.bench.report import format_table, write_results
+
+    assert "ends" in format_table(rows).splitlines()[0]
 
     paths = write_results(rows, tmp_path, {"model": "tiny"})
     data = json.loads(paths[0].read_text())

@@ -81,6 +81,15 @@ def _predict(model, inputs) -> torch.Tensor:
     return model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1)
 
 
+def answer_ends(model, inputs, eos_id: int) -> bool:
+    """Whether greedy generation (KV cache, the active pruning method) stops right after the one-word
+    answer: its second token is `eos_id`. Answers are one word; a model that runs on ("red circle
+    square ...") is wrong as generated text even when its first word is right."""
+    new = model.generate(**inputs, max_new_tokens=2, do_sample=False, eos_token_id=eos_id,
+                         pad_token_id=eos_id)[0, inputs["input_ids"].shape[1] :]
+    return len(new) >= 2 and int(new[0]) != eos_id and int(new[1]) == eos_id
+
+
 @torch.no_grad()
 def run_bench(model, processor, names: list[str], per_family: int = 10, seed: int = synth.EVAL_SEED,
               image_size: int = 336, flops_samples: int = 6, progress: bool = True) -> list[dict]:
@@ -88,7 +97,9 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
 
     Returns one row per method: method, tokens (layer-averaged visual tokens), tokens_share (of the
     unpruned count), stage1_tokens, fusion_tokens, accuracy {family: acc, "average": mean over
-    families}, tflops (per sample), latency_ms (median per sample, batch 1).
+    families} of the first answer word, ends (share of answers that stop after that word, see
+    `answer_ends`), tflops (per sample), latency_ms (median per sample, batch 1, the prefill that
+    gives the first word).
     """
     from ..train import encode_samples  # the prompt format the model was trained with
 
@@ -103,6 +114,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     times = {n: [] for n in names}
     correct = {n: {f: 0 for f in synth.FAMILIES} for n in names}
     stats = {n: [] for n in names}
+    ends = {n: 0 for n in names}
+    eos_id = processor.tokenizer.eos_token_id
     counts = {f: 0 for f in synth.FAMILIES}
     for s, inputs in tqdm(list(zip(samples, encoded)), desc="bench", disable=not progress):
         counts[s.family] += 1
@@ -113,6 +126,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
                 pred = _predict(model, inputs)
                 times[n].append((time.perf_counter() - t0) * 1000)
             stats[n].extend(m.stats)
+            with m(model):  # untimed: does the generated answer stop after its word?
+                ends[n] += int(answer_ends(model, inputs, eos_id))
             word = processor.tokenizer.convert_ids_to_tokens(int(pred[0]))
             correct[n][s.family] += int(synth.is_correct(word, s.answer))
     flop_inputs = encoded[:: max(1, len(encoded) // max(1, flops_samples))][:flops_samples]
@@ -136,6 +151,7 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
                 "fusion_tokens": statistics.mean(x["fusion_tokens"] for x in st),
                 "encoder_tokens": statistics.mean(x["encoder_tokens"] for x in st),
                 "accuracy": acc,
+                "ends": ends[n] / len(samples),
                 "tflops": flops / 1e12,
                 "latency_ms": statistics.median(times[n]),
                 "settings": m.settings() if hasattr(m, "settings") else {},

@@ -14,15 +14,17 @@ _SHORT = {"scenes": "scene", "pope": "pope", "counting": "count", "ocr": "ocr", 
 
 
 def format_table(rows: list[dict]) -> str:
-    """Plain-text table: method, tokens and share, accuracy per family and average, TFLOPs, latency."""
+    """Plain-text table: method, tokens and share, accuracy per family and average, answers that end, TFLOPs,
+    latency."""
     fams = [f for f in synth.FAMILIES if f in rows[0]["accuracy"]]
-    head = ["method", "tokens", "share"] + [_SHORT[f] for f in fams] + ["avg", "GFLOPs", "ms"]
+    head = ["method", "tokens", "share"] + [_SHORT[f] for f in fams] + ["avg", "ends", "GFLOPs", "ms"]
     body = []
     for r in rows:
         body.append(
             [r["method"], f"{r['tokens']:.1f}", f"{r['tokens_share']:.0%}"]
             + [f"{100 * r['accuracy'][f]:.1f}" for f in fams]
-            + [f"{100 * r['accuracy']['average']:.1f}", f"{1000 * r['tflops']:.2f}", f"{r['latency_ms']:.1f}"]
+            + [f"{100 * r['accuracy']['average']:.1f}", f"{r['ends']:.0%}", f"{1000 * r['tflops']:.2f}",
+               f"{r['latency_ms']:.1f}"]
         )
     cells = [head] + body
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
@@ -59,10 +61,10 @@ def write_results(rows: list[dict], out, meta: dict) -> list[Path]:
     fams = [f for f in rows[0]["accuracy"]]
     with paths[1].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "tokens", "tokens_share", *[f"acc_{k}" for k in fams], "tflops", "latency_ms"])
+        w.writerow(["method", "tokens", "tokens_share", *[f"acc_{k}" for k in fams], "ends", "tflops", "latency_ms"])
         for r in rows:
             w.writerow([r["method"], f"{r['tokens']:.2f}", f"{r['tokens_share']:.4f}",
-                        *[f"{r['accuracy'][k]:.4f}" for k in fams], f"{r['tflops']:.6f}", f"{r['latency_ms']:.2f}"])
+                        *[f"{r['accuracy'][k]:.4f}" for k in fams], f"{r['ends']:.4f}", f"{r['tflops']:.6f}", f"{r['latency_ms']:.2f}"])
     _plot(rows, paths[2])
     return paths
 
