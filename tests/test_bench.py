@@ -37,6 +37,7 @@ def _vocab_model(seed=None, hide_glyphs=True):
     model = mv.MultiEncoderVLM(_vocab_config(tok, hide_glyphs=hide_glyphs)).eval()
     return model, mv.MultiEncoderProcessor(tok, model.config.expert_specs, tr.PROMPT_TEMPLATE), tok
 
+
 @pytest.mark.parametrize("name", ["unpruned", "alloc:rank"])
 def test_answer_ends_reads_the_second_greedy_token(tiny, name):
     """answer_ends (cached generation under the method) is True exactly when the second greedy token of
@@ -527,7 +528,7 @@ def test_thinning_the_background_keeps_positions_and_every_covered_token(images)
 def test_a_background_range_draws_one_share_per_sample():
     """ThinBackground with share (s, s) keeps exactly what share s keeps (same seed); (0, 0) keeps text
     and covered tokens only; with (0, 1) the samples of one batch keep very different shares of their
-    background, each near a share of its own, and every covered token."""
+    background (each some but not all of it), and every covered token."""
     from types import SimpleNamespace
 
     from meteor_vlm import train as tr

@@ -455,9 +455,10 @@ def _without(dist: torch.Tensor, ids: list[int], pad: int) -> torch.Tensor:
 class ThinBackground(PruningMethod):
     """Training only: before LLM layer 0, keep every text token, every covered visual token and about
     `share` of the background ones; with `share` a range (lo, hi), each sample's share is drawn uniformly
-    from it (a share >= 1 keeps every token), so the LLM also learns from images pruning left almost no
-    background in (it otherwise takes the background as its cue to end the answer). Survivors keep the RoPE positions of the full sequence, so the LLM
-    trains on the geometry it is evaluated on, at a fraction of the cost (most of an image is background).
+    from it (a share >= 1 keeps every token), so the LLM also learns from images that pruning left with
+    almost no background (it otherwise takes the background as its cue to end the answer). Survivors
+    keep the RoPE positions of the full sequence, so the LLM trains on the geometry it is evaluated on,
+    at a fraction of the cost (most of an image is background).
     `covered` (B, N) is set for each batch, over each image's full visual sequence."""
 
     name: ClassVar[str] = "thin-background"  # not in the bench registry
@@ -485,7 +486,8 @@ class ThinBackground(PruningMethod):
 
 
 @contextlib.contextmanager
-def token_feed(model: MultiEncoderVLM, tokenizer, background: float = 1.0, seed: int = 0, source: str = "words"):
+def token_feed(model: MultiEncoderVLM, tokenizer, background: float | tuple[float, float] = 1.0, seed: int = 0,
+               source: str = "words"):
     """Within the block, the model's visual tokens for the samples put in the yielded list are
     `visual_words` (source="words": no expert runs) or its own (source="experts"), and with
     `background` < 1 (or a range reaching below 1) the LLM sees only that share of background tokens
