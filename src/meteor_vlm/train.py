@@ -181,15 +181,16 @@ class TrainConfig:
         return {"vision": 0, "words": self.vision_steps, "qa": self.vision_steps + self.word_steps}[phase]
 
 
+def background_range(background: float | tuple[float, float]) -> tuple[float, float]:
+    """(lo, hi) of a background share or range of shares; a share s is (s, s)."""
+    return tuple(background) if isinstance(background, (tuple, list)) else (background, background)
+
+
 def check_background(background: float | tuple[float, float]) -> None:
     """A background share >= 0, or a range (lo, hi) of them with lo <= hi."""
-    lo, hi = background if isinstance(background, (tuple, list)) else (background, background)
+    lo, hi = background_range(background)
     if not 0 <= lo <= hi:
         raise ValueError(f"background must be a share >= 0 or a range (lo, hi) with 0 <= lo <= hi, got {background}")
-
-
-def _keeps_all(background: float | tuple[float, float]) -> bool:
-    return min(background if isinstance(background, (tuple, list)) else (background,)) >= 1
 
 
 def family_cycle(mix: dict[str, int] | None = None) -> list[str]:
@@ -497,7 +498,7 @@ def token_feed(model: MultiEncoderVLM, tokenizer, background: float | tuple[floa
         raise ValueError(f"source must be 'words' or 'experts', got {source!r}")
     current: list = []
     check_background(background)
-    thin = None if _keeps_all(background) else ThinBackground(share=background, seed=seed)
+    thin = None if background_range(background)[0] >= 1 else ThinBackground(share=background, seed=seed)
     own = type(model).encode_images.__get__(model)  # the class's encoder, whatever feed is active
 
     def encode_images(pixel_values, method=None):
