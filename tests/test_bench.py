@@ -326,7 +326,7 @@ def test_grounding_targets_match_pixel_overlap(family):
     cell = 16
     target = tr.grounding_targets([s], (21, 21), tok)[0]
     expected = torch.zeros_like(target)
-    for (x0, y0, x1, y1), words in tr.region_words(s, glyphs=True):
+    for (x0, y0, x1, y1), words in tr.region_words(s, glyphs=True, centres=True):
         box = [v * 336 for v in (x0, y0, x1, y1)]
         if x0 == x1 and y0 == y1:
             expected[int(box[1] // cell) * 21 + int(box[0] // cell), tok.convert_tokens_to_ids(words)] = 1.0
@@ -343,9 +343,22 @@ def test_grounding_targets_match_pixel_overlap(family):
     assert (target[:, glyph_ids].sum() > 0) == (family != "scenes")  # text families name their glyphs
     without = tr.grounding_targets([s], (21, 21), tr.build_tokenizer(glyphs=False))[0]
     assert without.shape[-1] == target.shape[-1] - len(glyph_ids)
-    if family == "scenes":  # one cell per object names its shape
-        shapes = [tok.convert_tokens_to_ids(o["shape"]) for o in s.meta["objects"]]
-        assert [int(target[:, i].sum()) for i in shapes] == [1] * len(shapes)
+    if family == "scenes":  # every cell of an object names its shape and colour; one cell its centre
+        objects = s.meta["objects"]
+        shapes = [tok.convert_tokens_to_ids(o["shape"]) for o in objects]
+        colors = [tok.convert_tokens_to_ids(o["color"]) for o in objects]
+        assert len(set(shapes)) == len(shapes) and len(set(colors)) == len(colors)  # this sample: all differ
+        assert all(torch.equal(target[:, sh], target[:, co]) for sh, co in zip(shapes, colors))
+        assert all(target[:, sh].sum() > 1 for sh in shapes)
+        centres = target[:, tok.convert_tokens_to_ids(tr.CENTRE_TOKEN)]
+        assert int(centres.sum()) == len(objects)
+        assert all(target[int(o["y"] * 21) * 21 + int(o["x"] * 21), sh] == 1 for o, sh in zip(objects, shapes))
+        # a tokenizer without the centre token (models trained before it): the centre's cell alone names the shape
+        old = tr.build_tokenizer(centres=False)
+        assert not tr.has_centres(old) and tr.has_centres(tok)
+        before = tr.grounding_targets([s], (21, 21), old)[0]
+        assert before.shape[-1] == target.shape[-1] - 1
+        assert [int(before[:, old.convert_tokens_to_ids(o["shape"])].sum()) for o in objects] == [1] * len(objects)
 
 
 @pytest.mark.parametrize("anchor", ["la", "mb", "mt"])

@@ -33,18 +33,28 @@ PROMPT_WORDS = ("answer", ":", "describe")
 # One token per letter and digit that text in the images is drawn with: per-glyph targets of the
 # grounding loss (`region_words(glyphs=True)`). They never occur in questions or answers.
 GLYPH_TOKENS = tuple(f"#{c}" for c in string.ascii_lowercase + string.digits)
+# Names the one cell of each token grid that holds an object's centre (`region_words(centres=True)`):
+# the count cue once every cell of an object names its shape. Never occurs in questions or answers.
+CENTRE_TOKEN = "#centre"
 
 
-def build_tokenizer(glyphs: bool = True):
-    """Word-level tokenizer over the synthetic benchmark's vocabulary (plus the prompt's words and,
-    with `glyphs`, `GLYPH_TOKENS`); texts start with <s>."""
-    return build_word_tokenizer(list(synth.vocabulary()) + list(PROMPT_WORDS) + list(GLYPH_TOKENS if glyphs else ()),
-                                bos=True)
+def build_tokenizer(glyphs: bool = True, centres: bool = True):
+    """Word-level tokenizer over the synthetic benchmark's vocabulary (plus the prompt's words, with
+    `glyphs` the `GLYPH_TOKENS` and with `centres` the `CENTRE_TOKEN`); texts start with <s>."""
+    extra = list(GLYPH_TOKENS if glyphs else ()) + ([CENTRE_TOKEN] if centres else [])
+    return build_word_tokenizer(list(synth.vocabulary()) + list(PROMPT_WORDS) + extra, bos=True)
 
 
 def has_glyphs(tokenizer) -> bool:
     """Whether a tokenizer has `GLYPH_TOKENS`: then visual tokens are also trained to name the glyphs they cover."""
     return GLYPH_TOKENS[0] in tokenizer.get_vocab()
+
+
+def has_centres(tokenizer) -> bool:
+    """Whether a tokenizer has `CENTRE_TOKEN`: then every cell of an object names its shape and the cell
+    holding its centre also `CENTRE_TOKEN` (without it, as the models before it were trained, only the
+    centre's cell names the shape)."""
+    return CENTRE_TOKEN in tokenizer.get_vocab()
 
 
 def glyph_ids(tokenizer) -> list[int]:
@@ -253,11 +263,15 @@ def describe_sample(sample) -> str:
     return sample.answer
 
 
-def region_words(sample, glyphs: bool = False) -> list[tuple[tuple[float, float, float, float], list[str]]]:
+def region_words(sample, glyphs: bool = False, centres: bool = False
+                 ) -> list[tuple[tuple[float, float, float, float], list[str]]]:
     """What the image shows where: (box in unit coordinates x0, y0, x1, y1, words naming its content).
 
     An object gives its box with its colour and, as a point (a box of zero area), its centre with its
     shape: in every token grid, one token per object names the shape, so objects can be counted.
+    With `centres`, the box names colour and shape and the centre `CENTRE_TOKEN`: every token of an
+    object then says what it is, so pruning that keeps any of them keeps the shape, and the centre
+    cells still count the objects.
     A document line gives its key's ink box the key and its value's the value: cells name one word each,
     so the LLM finds a key where the question's word is and its value in the cells that follow (with
     every cell of a line naming both words, the LLM's documents loss came down ~250 steps later).
@@ -265,20 +279,22 @@ def region_words(sample, glyphs: bool = False) -> list[tuple[tuple[float, float,
     a local target each cell can learn from its own pixels, which words (spread over several cells)
     are not; experts trained from scratch learn to read words much sooner with it."""
     meta, side = sample.meta, float(sample.image.size[0])
-    out = _content_regions(meta, side)
+    out = _content_regions(meta, side, centres)
     if glyphs:
         out += [((x0 / side, y0 / side, x1 / side, y1 / side), [f"#{ch.lower()}"])
                 for x0, y0, x1, y1, ch in meta.get("glyphs", ()) if ch.isalnum()]
     return out
 
 
-def _content_regions(meta, side: float) -> list[tuple[tuple[float, float, float, float], list[str]]]:
+def _content_regions(meta, side: float, centres: bool = False
+                     ) -> list[tuple[tuple[float, float, float, float], list[str]]]:
     if "objects" in meta:
         out = []
         for o in meta["objects"]:
             r = o["size"] / 2
-            out += [((o["x"] - r, o["y"] - r, o["x"] + r, o["y"] + r), [o["color"]]),
-                    ((o["x"], o["y"], o["x"], o["y"]), [o["shape"]])]
+            box, centre = (o["x"] - r, o["y"] - r, o["x"] + r, o["y"] + r), (o["x"], o["y"], o["x"], o["y"])
+            out += ([(box, [o["color"], o["shape"]]), (centre, [CENTRE_TOKEN])] if centres
+                    else [(box, [o["color"]]), (centre, [o["shape"]])])
         return out
     if "word" in meta:
         return [(tuple(v / side for v in meta["text_box"]), [meta["word"]])]
@@ -293,19 +309,19 @@ def _content_regions(meta, side: float) -> list[tuple[tuple[float, float, float,
 
 def grounding_targets(samples, grid: tuple[int, int], tokenizer, min_cover: float = 0.1) -> torch.Tensor:
     """Multi-hot (B, rows*cols, V): for every cell of an expert's token grid, the words of what covers it
-    (`region_words`, with glyphs when the tokenizer has their tokens).
+    (`region_words`, with glyphs and centres when the tokenizer has their tokens).
 
     A cell gets a region's words when the region covers at least `min_cover` of the cell's area; a region
     of zero area (a point) gives its words to the one cell that contains it.
     """
     rows, cols = grid
     V = len(tokenizer)
-    glyphs = has_glyphs(tokenizer)
+    glyphs, centres = has_glyphs(tokenizer), has_centres(tokenizer)
     out = torch.zeros(len(samples), rows * cols, V)
     y0 = torch.arange(rows).float()[:, None] / rows
     x0 = torch.arange(cols).float()[None, :] / cols
     for b, s in enumerate(samples):
-        for (bx0, by0, bx1, by1), words in region_words(s, glyphs):
+        for (bx0, by0, bx1, by1), words in region_words(s, glyphs, centres):
             w = ((torch.clamp(x0 + 1 / cols, max=bx1) - torch.clamp(x0, min=bx0)).clamp_min(0)) * cols
             h = ((torch.clamp(y0 + 1 / rows, max=by1) - torch.clamp(y0, min=by0)).clamp_min(0)) * rows
             if bx0 == bx1 and by0 == by1:  # a point: the cell that contains it
@@ -640,7 +656,8 @@ def load_vision(model: MultiEncoderVLM, ckpt) -> int:
     bad = [k for k in keys if k not in src or src[k].shape != own[k].shape]
     if bad:
         raise ValueError(f"{ckpt} has another vision side than this model (e.g. {bad[:3]}): "
-                         "train both with the same --cnn, --cnn-size and --projector-norm")
+                         "train both with the same --cnn, --cnn-size and --projector-norm "
+                         "(and tokenizer: runs from before CENTRE_TOKEN have one word fewer)")
     model.load_state_dict({k: src[k] for k in keys}, strict=False)
     return len(keys)
 
@@ -694,6 +711,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     if resume and (ckpt / "trainer.pt").is_file():
         model = MultiEncoderVLM.from_pretrained(ckpt)
         processor = MultiEncoderProcessor.from_pretrained(ckpt)
+        tokenizer = processor.tokenizer  # the run's own (a run begun before `CENTRE_TOKEN` lacks it)
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
         start = state["step"]
     else:
