@@ -71,7 +71,7 @@ def test_answer_ends_reads_the_second_greedy_token(tiny, name):
 def test_bench_rows_and_files(tiny, tmp_path):
     model, processor = tiny
     names = ["unpruned", "meteor:paper-242", "stage3:adaptive", "stage3:fixed"]
-    rows = run_bench(model, processor, names, per_family=1, seed=5, image_size=128, flops_samples=2, progress=False)
+    rows = run_bench(model, processor, names, per_family=2, seed=5, image_size=128, flops_samples=2, progress=False)
     assert [r["method"] for r in rows] == names
     by = {r["method"]: r for r in rows}
     assert by["unpruned"]["tokens_share"] == 1.0
@@ -82,9 +82,16 @@ def test_bench_rows_and_files(tiny, tmp_path):
     for r in rows:
         assert set(r["accuracy"]) == set(mv.synth.FAMILIES) | {"average"}
         assert r["latency_ms"] > 0 and 0 <= r["ends"] <= 1
-    from meteor_vlm.bench.report import format_table, write_results
+        # the kinds split each family: their samples add up to it, their correct answers to its accuracy
+        for f in mv.synth.FAMILIES:
+            mine = [k for k in r["samples_by_kind"] if k.split("/")[0] == f]
+            n = sum(r["samples_by_kind"][k] for k in mine)
+            assert n == 2
+            assert sum(r["accuracy_by_kind"][k] * r["samples_by_kind"][k] for k in mine) == pytest.approx(r["accuracy"][f] * n)
+    from meteor_vlm.bench.report import format_kinds, format_table, write_results
 
     assert "ends" in format_table(rows).splitlines()[0]
+    assert format_kinds(rows).splitlines()[0].startswith("method")
 
     paths = write_results(rows, tmp_path, {"model": "tiny"})
     data = json.loads(paths[0].read_text())
@@ -93,9 +100,11 @@ def test_bench_rows_and_files(tiny, tmp_path):
     assert Image.open(paths[2]).size[0] > 100
 
 
-def test_bench_method_names_round_trip(tmp_path):
+def test_bench_method_names_round_trip(tmp_path, capsys):
     """--methods accepts exactly the names results.json reports."""
-    assert main(["bench", "--model", "tiny", "--samples", "1", "--methods", "unpruned,alloc:average", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--model", "tiny", "--samples", "1", "--methods", "unpruned,alloc:average", "--out", str(tmp_path),
+                 "--by-kind"]) == 0
+    assert "scene/" in capsys.readouterr().out.split("by kind of question")[1]
     names = [r["method"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]]
     assert names == ["unpruned", "alloc:average"] and all(n in method_catalog() for n in names)
     assert main(["bench", "--model", "tiny", "--methods", "meteor:nope"]) == 2

@@ -185,6 +185,25 @@ def test_scenes_answers_follow_the_drawn_objects(split):
     assert kinds == {"color", "relation", "neighbor"}
 
 
+def test_question_kind_names_what_each_question_asks(split):
+    """Read from the question's own words, not from the meta the kind is taken from."""
+    expected = {"scenes": {"color", "relation", "neighbor"}, "pope": {"present", "adversarial", "random"},
+                "counting": {"counting"}, "ocr": {"ocr"}, "docs": {"docs"}, "charts": {"value", "tallest", "compare"}}
+    seen = {f: set() for f in synth.FAMILIES}
+    for s in split:
+        kind = synth.question_kind(s)
+        seen[s.family].add(kind)
+        words = s.question.split()
+        if s.family == "scenes":  # "what color is the X", "is the A B left of ...", "what shape is left of ..."
+            assert kind == {"color": "color", "shape": "neighbor"}.get(words[1], "relation")
+        if s.family == "pope":
+            assert (kind == "present") == (s.answer == "yes")
+        if s.family == "charts":
+            assert (kind == "compare") == (s.answer in ("yes", "no"))
+            assert (kind == "value") == s.answer.isdigit()
+    assert seen == expected
+
+
 def test_pope_is_balanced_and_has_adversarial_negatives(split):
     pope = _by_family(split, "pope")
     assert len(pope) == 40

@@ -73,7 +73,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_bench(args) -> int:
     from meteor_vlm.bench.accuracy import resolve_methods, run_bench
-    from meteor_vlm.bench.report import format_table, reading, write_results
+    from meteor_vlm.bench.report import format_kinds, format_table, reading, write_results
 
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
     if args.samples < 1:
@@ -82,6 +82,8 @@ def cmd_bench(args) -> int:
     size = max(128, max(s.image_size for s in processor.experts))  # synthetic images need >= 64 px
     rows = run_bench(model, processor, names, per_family=args.samples, seed=args.seed, image_size=size)
     print(format_table(rows))
+    if getattr(args, "by_kind", False):
+        print("\naccuracy (%) by kind of question (samples):\n" + format_kinds(rows))
     print("\n" + reading(rows))
     if args.out:
         meta = {"model": args.model, "seed": args.seed, "samples_per_family": args.samples, "image_size": size,
@@ -303,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=20, help="held-out samples per family")
     b.add_argument("--seed", type=int, default=_EVAL_SEED, help="seed of the held-out split")
     b.add_argument("--out", help="folder for results.json, results.csv and pareto.png")
+    b.add_argument("--by-kind", action="store_true",
+                   help="also print accuracy per kind of question (scenes: color/relation/neighbor, ...)")
     b.set_defaults(fn=cmd_bench)
 
     t = sub.add_parser("train", help="train the embedded model from scratch on the synthetic benchmark")

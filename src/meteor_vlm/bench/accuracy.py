@@ -97,7 +97,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
 
     Returns one row per method: method, tokens (layer-averaged visual tokens), tokens_share (of the
     unpruned count), stage1_tokens, fusion_tokens, accuracy {family: acc, "average": mean over
-    families} of the first answer word, ends (share of answers that stop after that word, see
+    families} of the first answer word, accuracy_by_kind and samples_by_kind {"family/kind": ...} per
+    kind of question (`synth.question_kind`; e.g. scenes/neighbor, whose answer is a shape), ends (share of answers that stop after that word, see
     `answer_ends`), tflops (per sample), latency_ms (median per sample, batch 1, the prefill that
     gives the first word).
     """
@@ -117,8 +118,12 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     ends = {n: 0 for n in names}
     eos_id = processor.tokenizer.eos_token_id
     counts = {f: 0 for f in synth.FAMILIES}
+    kinds = {n: {} for n in names}  # "family/kind" -> correct
+    kind_counts: dict[str, int] = {}
     for s, inputs in tqdm(list(zip(samples, encoded)), desc="bench", disable=not progress):
         counts[s.family] += 1
+        kind = f"{s.family}/{synth.question_kind(s)}"
+        kind_counts[kind] = kind_counts.get(kind, 0) + 1
         for n in names:
             m = methods[n]
             with m(model):
@@ -129,7 +134,9 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
             with m(model):  # untimed: does the generated answer stop after its word?
                 ends[n] += int(answer_ends(model, inputs, eos_id))
             word = processor.tokenizer.convert_ids_to_tokens(int(pred[0]))
-            correct[n][s.family] += int(synth.is_correct(word, s.answer))
+            right = int(synth.is_correct(word, s.answer))
+            correct[n][s.family] += right
+            kinds[n][kind] = kinds[n].get(kind, 0) + right
     flop_inputs = encoded[:: max(1, len(encoded) // max(1, flops_samples))][:flops_samples]
     rows = []
     for n in names:
@@ -151,6 +158,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
                 "fusion_tokens": statistics.mean(x["fusion_tokens"] for x in st),
                 "encoder_tokens": statistics.mean(x["encoder_tokens"] for x in st),
                 "accuracy": acc,
+                "accuracy_by_kind": {k: kinds[n][k] / c for k, c in sorted(kind_counts.items())},
+                "samples_by_kind": dict(sorted(kind_counts.items())),
                 "ends": ends[n] / len(samples),
                 "tflops": flops / 1e12,
                 "latency_ms": statistics.median(times[n]),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import synth
 
-__all__ = ["format_table", "write_results", "reading"]
+__all__ = ["format_table", "format_kinds", "write_results", "reading"]
 
 _SHORT = {"scenes": "scene", "pope": "pope", "counting": "count", "ocr": "ocr", "docs": "docs", "charts": "chart"}
 
@@ -27,6 +27,21 @@ def format_table(rows: list[dict]) -> str:
                f"{r['latency_ms']:.1f}"]
         )
     cells = [head] + body
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def format_kinds(rows: list[dict]) -> str:
+    """Plain-text table of accuracy per kind of question (`synth.question_kind`), for the families that
+    ask more than one kind (scenes, pope, charts); the header gives each kind's number of samples."""
+    counts = rows[0]["samples_by_kind"]
+    kinds = [k for k in counts if k.split("/")[0] != k.split("/")[1]]  # one-kind families: "docs/docs"
+    if not kinds:
+        return "no family in this run asks more than one kind of question"
+    head = ["method"] + [f"{_SHORT[k.split('/')[0]]}/{k.split('/')[1]} ({counts[k]})" for k in kinds]
+    cells = [head] + [[r["method"]] + [f"{100 * r['accuracy_by_kind'][k]:.1f}" for k in kinds] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "-" * len(lines[0]))

@@ -17,7 +17,7 @@ single token.  Both are covered by :func:`vocabulary`.
 """
 
 from ._lexicon import is_correct, normalize_answer, tokenize, vocabulary
-from .core import FAMILIES, MIN_IMAGE_SIZE, Sample, make_sample, make_split, more_questions
+from .core import FAMILIES, MIN_IMAGE_SIZE, Sample, make_sample, make_split, more_questions, question_kind
 
 EVAL_SEED = 90_001  # the held-out split: training streams must use other seeds
 
@@ -31,6 +31,7 @@ __all__ = [
     "make_split",
     "more_questions",
     "normalize_answer",
+    "question_kind",
     "tokenize",
     "vocabulary",
 ]

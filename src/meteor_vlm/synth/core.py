@@ -107,6 +107,18 @@ def make_split(
     return [make_sample(f, i, seed, image_size) for i in range(per_family) for f in families]
 
 
+def question_kind(sample: Sample) -> str:
+    """What a sample's question asks, for accuracy within a family: ``scenes`` color / relation /
+    neighbor (the shape beside an object), ``charts`` value / tallest / compare, ``pope`` present or
+    its negative's kind (adversarial / random); families with one kind of question (counting, ocr, docs)
+    give their own name."""
+    if "question_type" in sample.meta:
+        return sample.meta["question_type"]
+    if sample.family == "pope":
+        return sample.meta["negative"] or "present"
+    return sample.family
+
+
 def more_questions(sample: Sample, k: int, seed: int = 0) -> list[tuple[str, str]]:
     """Up to ``k`` further (question, answer) pairs about ``sample``'s image, drawn like its own question
     from its ground truth (for training: several questions share one image's visual tokens).
