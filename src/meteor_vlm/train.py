@@ -658,8 +658,7 @@ def load_vision(model: MultiEncoderVLM, ckpt) -> int:
     bad = [k for k in keys if k not in src or src[k].shape != own[k].shape]
     if bad:
         raise ValueError(f"{ckpt} has another vision side than this model (e.g. {bad[:3]}): "
-                         "train both with the same --cnn, --cnn-size and --projector-norm "
-                         "(and tokenizer: runs from before CENTRE_TOKEN have one word fewer)")
+                         "train both with the same --cnn, --cnn-size, --projector-norm and --centre-token")
     model.load_state_dict({k: src[k] for k in keys}, strict=False)
     return len(keys)
 
@@ -708,15 +707,15 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     ckpt = out / "checkpoint"
     log_path = out / "log.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(centres=cfg.centre_token)
     torch.manual_seed(cfg.seed)
     if resume and (ckpt / "trainer.pt").is_file():
         model = MultiEncoderVLM.from_pretrained(ckpt)
         processor = MultiEncoderProcessor.from_pretrained(ckpt)
-        tokenizer = processor.tokenizer  # the run's own (a run begun before `CENTRE_TOKEN` lacks it)
+        tokenizer = processor.tokenizer  # the run's own, with or without `CENTRE_TOKEN` as it began
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
         start = state["step"]
     else:
+        tokenizer = build_tokenizer(centres=cfg.centre_token)
         model = MultiEncoderVLM(default_model_config(tokenizer, cfg.image_size, cfg.cnn, cfg.cnn_size,
                                                    cfg.projector_norm))
         processor = MultiEncoderProcessor(tokenizer, model.config.expert_specs, PROMPT_TEMPLATE)

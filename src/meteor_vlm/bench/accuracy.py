@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -98,8 +99,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     Returns one row per method: method, tokens (layer-averaged visual tokens), tokens_share (of the
     unpruned count), stage1_tokens, fusion_tokens, accuracy {family: acc, "average": mean over
     families} of the first answer word, accuracy_by_kind and samples_by_kind {"family/kind": ...} per
-    kind of question (`synth.question_kind`; e.g. scenes/neighbor, whose answer is a shape), ends (share of answers that stop after that word, see
-    `answer_ends`), tflops (per sample), latency_ms (median per sample, batch 1, the prefill that
+    kind of question (`synth.question_kind`; e.g. scenes/neighbor, whose answer is a shape), ends
+    (share of answers that stop after that word, see `answer_ends`), tflops (per sample), latency_ms (median per sample, batch 1, the prefill that
     gives the first word).
     """
     from ..train import encode_samples  # the prompt format the model was trained with
@@ -113,17 +114,14 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
         methods["stage3:fixed"] = _matched_fixed(model, encoded, methods.get("stage3:adaptive") or cat["stage3:adaptive"]())
     model.eval()
     times = {n: [] for n in names}
-    correct = {n: {f: 0 for f in synth.FAMILIES} for n in names}
     stats = {n: [] for n in names}
     ends = {n: 0 for n in names}
     eos_id = processor.tokenizer.eos_token_id
-    counts = {f: 0 for f in synth.FAMILIES}
-    kinds = {n: {} for n in names}  # "family/kind" -> correct
-    kind_counts: dict[str, int] = {}
+    asked: Counter = Counter()  # "family/kind" -> samples; per family, their sum
+    right = {n: Counter() for n in names}  # "family/kind" -> correct answers
     for s, inputs in tqdm(list(zip(samples, encoded)), desc="bench", disable=not progress):
-        counts[s.family] += 1
         kind = f"{s.family}/{synth.question_kind(s)}"
-        kind_counts[kind] = kind_counts.get(kind, 0) + 1
+        asked[kind] += 1
         for n in names:
             m = methods[n]
             with m(model):
@@ -134,10 +132,9 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
             with m(model):  # untimed: does the generated answer stop after its word?
                 ends[n] += int(answer_ends(model, inputs, eos_id))
             word = processor.tokenizer.convert_ids_to_tokens(int(pred[0]))
-            right = int(synth.is_correct(word, s.answer))
-            correct[n][s.family] += right
-            kinds[n][kind] = kinds[n].get(kind, 0) + right
+            right[n][kind] += int(synth.is_correct(word, s.answer))
     flop_inputs = encoded[:: max(1, len(encoded) // max(1, flops_samples))][:flops_samples]
+    counts = _by_family(asked)
     rows = []
     for n in names:
         m = methods[n]
@@ -147,7 +144,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
                 _predict(model, inp)
 
         flops = statistics.mean(count_flops(one, inp) for inp in flop_inputs)
-        acc = {f: correct[n][f] / counts[f] for f in synth.FAMILIES if counts[f]}
+        correct = _by_family(right[n])
+        acc = {f: correct[f] / counts[f] for f in synth.FAMILIES if counts[f]}
         acc["average"] = sum(acc.values()) / len(acc)
         st = stats[n]
         rows.append(
@@ -158,8 +156,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
                 "fusion_tokens": statistics.mean(x["fusion_tokens"] for x in st),
                 "encoder_tokens": statistics.mean(x["encoder_tokens"] for x in st),
                 "accuracy": acc,
-                "accuracy_by_kind": {k: kinds[n][k] / c for k, c in sorted(kind_counts.items())},
-                "samples_by_kind": dict(sorted(kind_counts.items())),
+                "accuracy_by_kind": {k: right[n][k] / c for k, c in sorted(asked.items())},
+                "samples_by_kind": dict(sorted(asked.items())),
                 "ends": ends[n] / len(samples),
                 "tflops": flops / 1e12,
                 "latency_ms": statistics.median(times[n]),
@@ -171,6 +169,14 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     for r in rows:
         r["tokens_share"] = r["tokens"] / ref
     return rows
+
+
+def _by_family(per_kind: Counter) -> Counter:
+    """Sums over each family's kinds: {"family/kind": x} -> {family: x}."""
+    out: Counter = Counter()
+    for k, v in per_kind.items():
+        out[k.split("/")[0]] += v
+    return out
 
 
 def _matched_fixed(model, encoded, adaptive: Meteor) -> Meteor:

@@ -26,8 +26,12 @@ def format_table(rows: list[dict]) -> str:
             + [f"{100 * r['accuracy']['average']:.1f}", f"{r['ends']:.0%}", f"{1000 * r['tflops']:.2f}",
                f"{r['latency_ms']:.1f}"]
         )
-    cells = [head] + body
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    return _render([head] + body)
+
+
+def _render(cells: list[list[str]]) -> str:
+    """Rows of cells as aligned text: the first column left-aligned, the others right; a rule under the head."""
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
@@ -41,11 +45,7 @@ def format_kinds(rows: list[dict]) -> str:
     if not kinds:
         return "no family in this run asks more than one kind of question"
     head = ["method"] + [f"{_SHORT[k.split('/')[0]]}/{k.split('/')[1]} ({counts[k]})" for k in kinds]
-    cells = [head] + [[r["method"]] + [f"{100 * r['accuracy_by_kind'][k]:.1f}" for k in kinds] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return _render([head] + [[r["method"]] + [f"{100 * r['accuracy_by_kind'][k]:.1f}" for k in kinds] for r in rows])
 
 
 def reading(rows: list[dict]) -> str:
