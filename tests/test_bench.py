@@ -110,6 +110,31 @@ def test_bench_method_names_round_trip(tmp_path, capsys):
     assert main(["bench", "--model", "tiny", "--methods", "meteor:nope"]) == 2
 
 
+def test_bench_positions_option_reaches_the_model_and_the_results(tmp_path, monkeypatch):
+    """--positions sets the model's `visual_positions` for the run and is recorded in results.json."""
+    from meteor_vlm import cli
+
+    seen = []
+    load = cli._load
+
+    def spy(name):
+        model, processor = load(name)
+        real = model.forward
+        model.forward = lambda *a, **k: (seen.append(model.config.visual_positions), real(*a, **k))[1]
+        return model, processor
+
+    monkeypatch.setattr(cli, "_load", spy)
+    for positions in ("compact", "original"):
+        out = tmp_path / positions
+        assert main(["bench", "--model", "tiny", "--samples", "1", "--methods", "unpruned,meteor:paper-242",
+                     "--positions", positions, "--out", str(out)]) == 0
+        assert json.loads((out / "results.json").read_text())["visual_positions"] == positions
+        assert seen and set(seen) == {positions}
+        seen.clear()
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "tiny", "--positions", "shifted"])
+
+
 def test_ask_prints_stages_and_writes_heatmap(tmp_path, capsys):
     img = tmp_path / "img.png"
     mv.testing.random_images(1, size=64)[0].save(img)
@@ -546,7 +571,7 @@ def test_thinning_the_background_keeps_positions_and_every_covered_token(images)
         with tr.token_feed(model, tok) as feed:
             feed[:] = samples
             visual = model.encode_images({})
-        embeds, valid, is_vis, _, vis_index = model._splice(inputs["input_ids"], inputs["attention_mask"], visual)
+        embeds, valid, is_vis, _, vis_index, _ = model._splice(inputs["input_ids"], inputs["attention_mask"], visual)
         hidden_keep = valid & ~(is_vis & ~covered.flatten()[vis_index.clamp_min(0)].view_as(is_vis))
         pos = mv.models.runtime.positions_from_mask(valid)
         out = model.language_model.model(inputs_embeds=embeds, attention_mask=hidden_keep.long(), position_ids=pos)

@@ -157,7 +157,7 @@ def test_splice_equals_a_token_by_token_reference(tiny, images):
                          ["what is it ?", "<image> and <image> ?", "how many circle are there in the image ?"])
     with torch.no_grad():
         visual = model.encode_images({k[len("pixel_values_"):]: v for k, v in inputs.items() if k.startswith("pixel_")})
-        embeds, valid, is_vis, text_col, vis_index = model._splice(inputs["input_ids"], inputs["attention_mask"], visual)
+        embeds, valid, is_vis, text_col, vis_index, positions = model._splice(inputs["input_ids"], inputs["attention_mask"], visual)
         text_emb = model.get_input_embeddings()(inputs["input_ids"])
     n_vis, image = visual.features.shape[1], 0
     for b in range(inputs["input_ids"].shape[0]):
@@ -171,9 +171,12 @@ def test_splice_equals_a_token_by_token_reference(tiny, images):
                 rows.append((text_emb[b, t], ok, False, -1))
         pad = embeds.shape[1] - len(rows)
         assert not valid[b, :pad].any() and not is_vis[b, :pad].any() and (embeds[b, :pad] == 0).all()
+        count = 0  # unpruned, every real token takes the next RoPE position
         for j, (e, ok, vis, idx) in enumerate(rows):
             assert torch.equal(embeds[b, pad + j], e)
             assert (bool(valid[b, pad + j]), bool(is_vis[b, pad + j]), int(vis_index[b, pad + j])) == (ok, vis, idx)
+            assert int(positions[b, pad + j]) == (count if ok else 0)
+            count += ok
         # each input column maps to its own expanded column (a placeholder: its image's last token)
         widths = [n_vis if tok == model.config.image_token_id else 1 for tok in inputs["input_ids"][b].tolist()]
         ends = torch.tensor(widths).cumsum(0) - 1 + pad

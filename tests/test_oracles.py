@@ -78,7 +78,7 @@ def reference_masked_logits(model, inputs, drop, layer):
     pixels = {k[len("pixel_values_") :]: v for k, v in inputs.items() if k.startswith("pixel_values_")}
     with torch.no_grad():
         visual = model.encode_images(pixels)
-        embeds, valid, _, text_col, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+        embeds, valid, _, text_col, _, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
         B, T, _ = embeds.shape
         dropped = torch.zeros(B, T, dtype=torch.bool)
         for b, cs in enumerate(drop):
@@ -103,7 +103,7 @@ def test_dropping_at_layer_equals_masking_keys_from_that_layer_on(tiny, images, 
     inputs = make_inputs(processor, [images[0], images[1]], PROMPTS[:2])
     with torch.no_grad():
         visual = model.encode_images({k[13:]: v for k, v in inputs.items() if k.startswith("pixel_values_")})
-        _, valid, vis, _, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+        _, valid, vis, _, _, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
     # drop a different set of visual tokens in each sample (every third / every second one)
     drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
     method = DropAt(layer, drop)
@@ -116,6 +116,60 @@ def test_dropping_at_layer_equals_masking_keys_from_that_layer_on(tiny, images, 
     # and the drop really changed something (the oracle is not vacuous)
     base = logits(model, inputs)
     assert (got[real] - base[real]).abs().max() > 1e-3
+
+
+class DropAtFusion(PruningMethod):
+    """Test method: keep tokens `keep` (per image, ascending) of the fused sequence (stage 2)."""
+
+    name = "drop-at-fusion-test"
+
+    def __init__(self, keep):
+        self.keep = keep
+        self.stats = []
+
+    def prune_fusion(self, ctx):
+        return self.keep.expand(ctx.tokens.shape[0], -1)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_pruning_before_the_llm_equals_masking_from_layer_0_with_original_positions(tiny, images, positions):
+    """Stage 2 drops tokens before the LLM; with `visual_positions="original"` the kept ones keep the
+    RoPE positions of the unpruned sequence, so the logits equal the unpruned model's with the dropped
+    tokens' keys masked from layer 0 on. "compact" renumbers the shorter sequence and does not."""
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], [images[1], images[2]]], PROMPTS[:2])
+    with torch.no_grad():
+        visual = model.encode_images({k[13:]: v for k, v in inputs.items() if k.startswith("pixel_values_")})
+        _, valid, vis, _, vis_index, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+    n_vis = visual.features.shape[1]
+    keep = torch.tensor([j for j in range(n_vis) if j % 3 and j != n_vis - 1])  # the last token goes too
+    dropped = ~torch.isin(vis_index % n_vis, keep) & vis
+    drop = [dropped[b].nonzero()[:, 0].tolist() for b in range(dropped.shape[0])]
+    model.config.visual_positions = positions
+    try:
+        with DropAtFusion(keep)(model):
+            got = logits(model, inputs)
+    finally:
+        model.config.visual_positions = "original"
+    want = reference_masked_logits(model, inputs, drop, 0)
+    real = inputs["attention_mask"].bool() & (inputs["input_ids"] != model.config.image_token_id)
+    if positions == "original":
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    else:
+        assert (got[real] - want[real]).abs().max() > 1e-3
+
+
+def test_visual_positions_must_be_known(tiny, images):
+    with pytest.raises(ValueError, match="visual_positions"):
+        mv.models.MultiEncoderVLMConfig(visual_positions="shifted")
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0]], PROMPTS[:1])
+    model.config.visual_positions = "shifted"
+    try:
+        with pytest.raises(ValueError, match="visual_positions"):
+            logits(model, inputs)
+    finally:
+        model.config.visual_positions = "original"
 
 
 @pytest.mark.parametrize(

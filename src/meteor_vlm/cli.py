@@ -79,6 +79,8 @@ def cmd_bench(args) -> int:
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     model, processor = _load(args.model)
+    positions = getattr(args, "positions", "original")  # demo: the model's default
+    model.config.visual_positions = positions
     size = max(128, max(s.image_size for s in processor.experts))  # synthetic images need >= 64 px
     rows = run_bench(model, processor, names, per_family=args.samples, seed=args.seed, image_size=size)
     print(format_table(rows))
@@ -87,6 +89,7 @@ def cmd_bench(args) -> int:
     print("\n" + reading(rows))
     if args.out:
         meta = {"model": args.model, "seed": args.seed, "samples_per_family": args.samples, "image_size": size,
+                "visual_positions": positions,
                 "note": "tokens = visual tokens seen per LLM layer, averaged over layers; latency = median per sample, batch 1"}
         for path in write_results(rows, args.out, meta):
             print(f"written {path}")
@@ -274,6 +277,7 @@ def cmd_presets(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models.vlm import VISUAL_POSITIONS
     from .train import CNN_KINDS, TrainConfig  # defaults shown in --help come from the one source
     p = argparse.ArgumentParser(prog="meteor", description="Visual-token pruning for vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -308,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="folder for results.json, results.csv and pareto.png")
     b.add_argument("--by-kind", action="store_true",
                    help="also print accuracy per kind of question (scenes: color/relation/neighbor, ...)")
+    b.add_argument("--positions", choices=VISUAL_POSITIONS, default="original",
+                   help="RoPE positions of the visual tokens kept before the LLM: those of the unpruned sequence "
+                        "(original) or renumbered from the shorter one (compact)")
     b.set_defaults(fn=cmd_bench)
 
     t = sub.add_parser("train", help="train the embedded model from scratch on the synthetic benchmark")

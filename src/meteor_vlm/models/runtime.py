@@ -183,6 +183,7 @@ def prefill(
     cache=None,
     hook_layers: set[int] | frozenset[int] = frozenset(),
     hook: LLMHook | None = None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     """Run all decoder layers on a full sequence, letting `hook` drop visual tokens before chosen layers.
 
@@ -193,13 +194,15 @@ def prefill(
         cache: a transformers DynamicCache to fill, or None.
         hook_layers: layers before which `hook` is asked for a keep mask.
         hook: LLMLayerContext -> (B, T) bool keep mask over current columns, or None to keep all.
+        positions: (B, T) RoPE positions (default: the running count of real tokens). Tokens pruned
+            before the LLM leave gaps here, so the kept ones keep their unpruned positions.
     Returns:
         hidden (B, T', D) after the final norm, cols (B, T') the original column of each output
         (-1 for padding), and {layer: (B,) visual tokens kept from that layer on}.
     """
     B, T, _ = embeds.shape
     cols = torch.arange(T, device=embeds.device).expand(B, T).masked_fill(~valid, -1)
-    pos = positions_from_mask(valid)
+    pos = positions_from_mask(valid) if positions is None else positions.masked_fill(~valid, 0)
     h = embeds
     pe = parts.rotary_emb(h, position_ids=pos)
     mask = prefill_mask(valid)

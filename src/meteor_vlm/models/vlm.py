@@ -24,7 +24,7 @@ from .experts import ExpertSpec, build_expert, runner_for
 # transformers 5.24 renamed the outputs' and generate's `past_key_values` to `cache`; the model takes both
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-__all__ = ["MultiEncoderVLMConfig", "MultiEncoderVLM", "VisualTokens", "FUSIONS", "expert_pixels"]
+__all__ = ["MultiEncoderVLMConfig", "MultiEncoderVLM", "VisualTokens", "FUSIONS", "VISUAL_POSITIONS", "expert_pixels"]
 
 PIXEL_PREFIX = "pixel_values_"
 
@@ -35,6 +35,12 @@ def expert_pixels(inputs) -> dict:
 
 FUSIONS = ("post", "pre")
 PROJECTORS = ("mlp", "vocab")
+VISUAL_POSITIONS = ("original", "compact")
+
+
+def check_visual_positions(value: str) -> None:
+    if value not in VISUAL_POSITIONS:
+        raise ValueError(f"unknown visual_positions {value!r}; choose one of {VISUAL_POSITIONS}")
 
 
 class MultiEncoderVLMConfig(PretrainedConfig):
@@ -58,6 +64,11 @@ class MultiEncoderVLMConfig(PretrainedConfig):
             them) but never passes on: each token's distribution is renormalised over the other words. The
             embedded model hides its per-character glyph targets, which help the experts learn to read but,
             mixed into a text cell, dilute the word the LLM has to find there.
+        visual_positions: RoPE positions of the visual tokens that stages 1 and 2 keep. "original" (default):
+            the positions they have in the unpruned sequence, and the text after an image where it would be
+            unpruned, as for tokens dropped inside the LLM (so fusion pruning equals masking those tokens
+            from LLM layer 0 on). "compact": consecutive positions, the pruned sequence numbered as if it
+            were the whole one (what implementations that shorten the LLM's input usually do).
     """
 
     model_type = "meteor_multi_encoder_vlm"
@@ -74,6 +85,7 @@ class MultiEncoderVLMConfig(PretrainedConfig):
         projector: str = "mlp",
         rank_table: dict | None = None,
         projector_hidden_ids: list[int] | None = None,
+        visual_positions: str = "original",
         **kwargs,
     ):
         self.experts = [e.to_dict() if isinstance(e, ExpertSpec) else dict(e) for e in (experts or [])]
@@ -100,6 +112,8 @@ class MultiEncoderVLMConfig(PretrainedConfig):
         if projector_hidden_ids and projector != "vocab":
             raise ValueError("projector_hidden_ids needs projector='vocab'")
         self.projector_hidden_ids = sorted(int(i) for i in projector_hidden_ids) if projector_hidden_ids else None
+        check_visual_positions(visual_positions)
+        self.visual_positions = visual_positions
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -362,8 +376,9 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         """Replace each placeholder with its image's tokens; left-pad the expanded rows again.
 
         Returns embeds (B, L, D), valid (B, L), is_visual (B, L), text_col (B, T) the expanded column of
-        each input column (for a placeholder: its image's last visual token), and vis_index (B, L): for a
-        visual column, image * N + token index into `visual` (-1 elsewhere).
+        each input column (for a placeholder: its image's last visual token), vis_index (B, L): for a
+        visual column, image * N + token index into `visual` (-1 elsewhere), and positions (B, L): the
+        RoPE position of each column (`config.visual_positions`; 0 on padding).
         """
         B, T = input_ids.shape
         is_img = input_ids == self.config.image_token_id
@@ -374,7 +389,9 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         text_emb = self.get_input_embeddings()(input_ids.masked_fill(is_img, 0))
         if visual is None:
             cols = torch.arange(T, device=input_ids.device).expand(B, T)
-            return text_emb, attention_mask.bool(), torch.zeros_like(is_img), cols, torch.full_like(cols, -1)
+            valid = attention_mask.bool()
+            return (text_emb, valid, torch.zeros_like(is_img), cols, torch.full_like(cols, -1),
+                    runtime.positions_from_mask(valid))
         n_vis = visual.features.shape[1]
         dev = input_ids.device
         lens = torch.where(is_img, n_vis, 1)  # expanded width of each input column
@@ -397,7 +414,25 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         valid[rows, cols] = mask[ib, it][:, None].expand_as(cols)
         is_vis[rows, cols] = True
         vis_index[rows, cols] = torch.arange(n_images * n_vis, device=dev).view(n_images, n_vis)
-        return embeds, valid, is_vis, text_col, vis_index
+        check_visual_positions(self.config.visual_positions)
+        if self.config.visual_positions == "compact":
+            return embeds, valid, is_vis, text_col, vis_index, runtime.positions_from_mask(valid)
+        # "original": an image spans its unpruned token count; each kept token sits at its unpruned offset
+        full, offset = self._unpruned_offsets(visual)
+        width = torch.where(is_img, full, 1) * mask.long()
+        first = width.cumsum(1) - width  # position of each input column's first token
+        positions = torch.zeros(B, L, dtype=torch.long, device=dev)
+        positions[tb, start[tb, tt]] = first[tb, tt]
+        positions[rows, cols] = first[ib, it][:, None] + offset
+        return embeds, valid, is_vis, text_col, vis_index, positions.masked_fill(~valid, 0)
+
+    def _unpruned_offsets(self, visual: VisualTokens) -> tuple[int, torch.Tensor]:
+        """Tokens per image before any pruning, and each kept token's (num_images, N) offset among them."""
+        if self.config.fusion == "pre":
+            return self.config.fusion_grid**2, visual.grid_index
+        sizes = torch.tensor([0] + [r.num_patches for r in self.runners], device=visual.grid_index.device)
+        starts = sizes.cumsum(0)
+        return int(starts[-1]), starts[visual.expert.clamp_min(0)] + visual.grid_index
 
     # ---- forward --------------------------------------------------------------------------
     def forward(
@@ -453,14 +488,15 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
                 past_key_values = DynamicCache(config=self.config.text_config)
             cache = past_key_values if use_cache else None
             visual = self.encode_images(pixel_values, method) if pixel_values else None
-            embeds, valid, is_vis, text_col, vis_index = self._splice(input_ids, attention_mask, visual)
+            embeds, valid, is_vis, text_col, vis_index, positions = self._splice(input_ids, attention_mask, visual)
             qpos = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
             if query_positions is not None:
                 qpos = torch.as_tensor(query_positions, device=input_ids.device).long().expand_as(qpos)
             query_col = text_col.gather(1, qpos[:, None])[:, 0]
             layers = method.llm_layers(self.num_llm_layers) if method is not None else set()
             hook = method.prune_llm if method is not None else None
-            hidden, cols, kept = runtime.prefill(parts, embeds, valid, is_vis, query_col, cache, layers, hook)
+            hidden, cols, kept = runtime.prefill(parts, embeds, valid, is_vis, query_col, cache, layers, hook,
+                                                 positions)
             if method is not None:
                 survivors = torch.where(cols >= 0, vis_index.gather(1, cols.clamp_min(0)), -1)
                 method.stats.extend(self._stats(is_vis & valid, visual, kept, input_ids, survivors))
