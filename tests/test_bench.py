@@ -124,10 +124,12 @@ def test_bench_positions_option_reaches_the_model_and_the_results(tmp_path, monk
         return model, processor
 
     monkeypatch.setattr(cli, "_load", spy)
-    for positions in ("compact", "original"):
-        out = tmp_path / positions
+    for positions in ("compact", "original", None):  # None: the model's own setting, "original"
+        out = tmp_path / str(positions)
+        flag = ["--positions", positions] if positions else []
         assert main(["bench", "--model", "tiny", "--samples", "1", "--methods", "unpruned,meteor:paper-242",
-                     "--positions", positions, "--out", str(out)]) == 0
+                     *flag, "--out", str(out)]) == 0
+        positions = positions or "original"
         assert json.loads((out / "results.json").read_text())["visual_positions"] == positions
         assert seen and set(seen) == {positions}
         seen.clear()

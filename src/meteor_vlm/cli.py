@@ -79,8 +79,9 @@ def cmd_bench(args) -> int:
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     model, processor = _load(args.model)
-    positions = getattr(args, "positions", "original")  # demo: the model's default
-    model.config.visual_positions = positions
+    if getattr(args, "positions", None):  # demo has no such option: the model's own setting
+        model.config.visual_positions = args.positions
+    positions = model.config.visual_positions
     size = max(128, max(s.image_size for s in processor.experts))  # synthetic images need >= 64 px
     rows = run_bench(model, processor, names, per_family=args.samples, seed=args.seed, image_size=size)
     print(format_table(rows))
@@ -312,9 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="folder for results.json, results.csv and pareto.png")
     b.add_argument("--by-kind", action="store_true",
                    help="also print accuracy per kind of question (scenes: color/relation/neighbor, ...)")
-    b.add_argument("--positions", choices=VISUAL_POSITIONS, default="original",
+    b.add_argument("--positions", choices=VISUAL_POSITIONS,
                    help="RoPE positions of the visual tokens kept before the LLM: those of the unpruned sequence "
-                        "(original) or renumbered from the shorter one (compact)")
+                        "(original) or renumbered from the shorter one (compact); default: the model's config "
+                        "(original unless it says otherwise)")
     b.set_defaults(fn=cmd_bench)
 
     t = sub.add_parser("train", help="train the embedded model from scratch on the synthetic benchmark")
