@@ -100,6 +100,22 @@ def test_bench_rows_and_files(tiny, tmp_path):
     assert Image.open(paths[2]).size[0] > 100
 
 
+def test_stage3_ablation_at_another_lambda(tiny):
+    """stage3:adaptive-l<lambda> is stage 3 alone at that lambda; stage3:fixed-l<lambda> is matched to it."""
+    from meteor_vlm.bench.accuracy import make_method, resolve_methods
+
+    m = make_method("stage3:adaptive-l10")
+    assert (m.lam, m.budget, m.encoder, m.fusion) == (10.0, "adaptive", False, False)
+    with pytest.raises(ValueError, match="stage3:adaptive-l<lambda>"):
+        resolve_methods(["stage3:fixed-lx"])
+    model, processor = tiny
+    names = ["stage3:adaptive", "stage3:adaptive-l10", "stage3:fixed-l10"]
+    rows = run_bench(model, processor, names, per_family=1, seed=5, image_size=128, flops_samples=1, progress=False)
+    by = {r["method"]: r for r in rows}
+    assert by["stage3:adaptive-l10"]["tokens"] < by["stage3:adaptive"]["tokens"]
+    assert abs(by["stage3:fixed-l10"]["tokens"] - by["stage3:adaptive-l10"]["tokens"]) <= 0.15 * by["stage3:adaptive-l10"]["tokens"]
+
+
 def test_bench_method_names_round_trip(tmp_path, capsys):
     """--methods accepts exactly the names results.json reports."""
     assert main(["bench", "--model", "tiny", "--samples", "1", "--methods", "unpruned,alloc:average", "--out", str(tmp_path),

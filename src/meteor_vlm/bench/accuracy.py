@@ -51,14 +51,20 @@ DEMO_METHODS = (
 
 
 BUDGET_NAME = re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$")
+STAGE3_NAME = re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$")
 
 
 def budget_method(name: str) -> Meteor | None:
-    """`meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>`: all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100."""
+    """`meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>`: all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100;
+    `stage3:adaptive-l<lambda>` / `stage3:fixed-l<lambda>`: the stage-3 ablation at another lambda (the fixed
+    ratios are matched at run time to the adaptive method of the same lambda)."""
     m = BUDGET_NAME.match(name)
-    if m is None:
-        return None
-    return Meteor(encoder_keep=float(m.group(1)), fusion_keep=float(m.group(2)), lam=float(m.group(3)))
+    if m is not None:
+        return Meteor(encoder_keep=float(m.group(1)), fusion_keep=float(m.group(2)), lam=float(m.group(3)))
+    m = STAGE3_NAME.match(name)
+    if m is not None:
+        return Meteor(encoder=False, fusion=False, lam=float(m.group(2)), budget=m.group(1))
+    return None
 
 
 def make_method(name: str):
@@ -68,11 +74,12 @@ def make_method(name: str):
 
 
 def resolve_methods(names: list[str]) -> list[str]:
-    """Check method names against the catalog and the budget pattern (ValueError listing the known ones)."""
+    """Check method names against the catalog and the budget patterns (ValueError listing the known ones)."""
     cat = method_catalog()
-    bad = [n for n in names if n not in cat and BUDGET_NAME.match(n) is None]
+    bad = [n for n in names if n not in cat and BUDGET_NAME.match(n) is None and STAGE3_NAME.match(n) is None]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; known: {list(cat)} or meteor:e<keep>-f<keep>-l<lambda>")
+        raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda> "
+                         "or stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>")
     if not names:
         raise ValueError("no method given")
     return names
@@ -106,12 +113,13 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     from ..train import encode_samples  # the prompt format the model was trained with
 
     resolve_methods(names)
-    cat = method_catalog()
     samples = synth.make_split(seed, per_family, image_size=image_size)
     encoded = [encode_samples(processor, [s], with_answers=False) for s in samples]
     methods = {n: make_method(n) for n in names}
-    if "stage3:fixed" in methods:  # match the adaptive budget's average kept share per layer
-        methods["stage3:fixed"] = _matched_fixed(model, encoded, methods.get("stage3:adaptive") or cat["stage3:adaptive"]())
+    for n in methods:  # a fixed-ratio stage 3 keeps, per layer, its adaptive twin's average share
+        if n == "stage3:fixed" or n.startswith("stage3:fixed-"):
+            twin = n.replace("fixed", "adaptive")
+            methods[n] = _matched_fixed(model, encoded, methods.get(twin) or make_method(twin))
     model.eval()
     times = {n: [] for n in names}
     stats = {n: [] for n in names}
