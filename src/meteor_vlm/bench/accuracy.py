@@ -28,9 +28,14 @@ def method_catalog() -> dict[str, Callable[[], object]]:
         cat[f"alloc:{alloc}"] = lambda a=alloc: Meteor(allocation=a, fusion=False, llm=False, encoder_keep=0.25)
     for strat in ("cooperative", "separate", "random"):
         cat[f"fusion:{strat}"] = lambda s=strat: Meteor(encoder=False, llm=False, fusion_keep=0.25, fusion_strategy=s)
-    cat["stage3:adaptive"] = lambda: Meteor(encoder=False, fusion=False, lam=50.0)
-    cat["stage3:fixed"] = lambda: Meteor(encoder=False, fusion=False, budget="fixed")  # ratios matched at run time
+    cat["stage3:adaptive"] = lambda: _stage3_alone("adaptive")
+    cat["stage3:fixed"] = lambda: _stage3_alone("fixed")  # ratios matched at run time
     return cat
+
+
+def _stage3_alone(budget: str, lam: float = 50.0) -> Meteor:
+    """The stage-3 ablation: stage 3 alone, adaptive or fixed (the paper's lambda by default)."""
+    return Meteor(encoder=False, fusion=False, lam=lam, budget=budget)
 
 
 DEMO_METHODS = (
@@ -63,7 +68,7 @@ def budget_method(name: str) -> Meteor | None:
         return Meteor(encoder_keep=float(m.group(1)), fusion_keep=float(m.group(2)), lam=float(m.group(3)))
     m = STAGE3_NAME.match(name)
     if m is not None:
-        return Meteor(encoder=False, fusion=False, lam=float(m.group(2)), budget=m.group(1))
+        return _stage3_alone(m.group(1), float(m.group(2)))
     return None
 
 
@@ -117,7 +122,7 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     encoded = [encode_samples(processor, [s], with_answers=False) for s in samples]
     methods = {n: make_method(n) for n in names}
     for n in methods:  # a fixed-ratio stage 3 keeps, per layer, its adaptive twin's average share
-        if n == "stage3:fixed" or n.startswith("stage3:fixed-"):
+        if n.startswith("stage3:fixed"):
             twin = n.replace("fixed", "adaptive")
             methods[n] = _matched_fixed(model, encoded, methods.get(twin) or make_method(twin))
     model.eval()
