@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -88,9 +89,21 @@ def test_bench_rows_and_files(tiny, tmp_path):
             n = sum(r["samples_by_kind"][k] for k in mine)
             assert n == 2
             assert sum(r["accuracy_by_kind"][k] * r["samples_by_kind"][k] for k in mine) == pytest.approx(r["accuracy"][f] * n)
+        # one "1"/"0" per sample, in make_split order: per family they give its accuracy
+        fams = [s.family for s in mv.synth.make_split(5, 2, image_size=128)]
+        assert len(r["correct"]) == len(fams) and set(r["correct"]) <= {"0", "1"}
+        for f in mv.synth.FAMILIES:
+            bits = [int(c) for c, g in zip(r["correct"], fams) if g == f]
+            assert sum(bits) / len(bits) == pytest.approx(r["accuracy"][f])
+        if r["method"] == "unpruned":
+            assert "kept" not in r
+        else:  # the interval is around the point estimate
+            assert r["kept"] == pytest.approx(r["accuracy"]["average"] / by["unpruned"]["accuracy"]["average"])
+            assert r["kept_ci95"][0] <= r["kept"] <= r["kept_ci95"][1]
+            assert set(r["delta_ci95"]) == set(mv.synth.FAMILIES)
     from meteor_vlm.bench.report import format_kinds, format_table, write_results
 
-    assert "ends" in format_table(rows).splitlines()[0]
+    assert "ends" in format_table(rows).splitlines()[0] and "kept [95% CI]" in format_table(rows).splitlines()[0]
     assert format_kinds(rows).splitlines()[0].startswith("method")
 
     paths = write_results(rows, tmp_path, {"model": "tiny"})
@@ -693,3 +706,31 @@ def test_extra_questions_keep_the_test_prompt_and_label_only_answers():
         text = tok.convert_ids_to_tokens(ids)
         for q, a in turns[1:]:
             assert " ".join(text).count(f"{q} answer : {a} </s>") >= 1
+
+
+def test_paired_bootstrap_matches_the_normal_interval_and_pairs_the_samples():
+    """A family where the method gains 40 questions and loses 10 of 400: the bootstrap interval of the gain is
+    the normal one (mean +- 1.96 se of the per-sample differences); a family where nothing changes has the
+    interval [0, 0], because both methods are scored on the same draw."""
+    from meteor_vlm.bench.stats import paired_bootstrap
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2, 400)
+    other = base.copy()
+    wrong, right = np.flatnonzero(base == 0), np.flatnonzero(base == 1)
+    other[wrong[:40]], other[right[:10]] = 1, 0
+    same = rng.integers(0, 2, 400)
+    fams = ["a"] * 400 + ["b"] * 400
+    ci = paired_bootstrap(np.r_[base, same], np.r_[other, same], fams, resamples=4000)
+    d = (other - base).astype(float)
+    se = d.std() / np.sqrt(len(d))
+    assert ci["delta"]["a"] == pytest.approx([d.mean() - 1.96 * se, d.mean() + 1.96 * se], abs=0.004)
+    assert ci["delta"]["b"] == [0.0, 0.0]
+    kept = (other.mean() + same.mean()) / (base.mean() + same.mean())
+    assert ci["kept"][0] < kept < ci["kept"][1] and ci["kept"][0] > 1.0  # a gain of 30 of 800 is sure
+    same_ci = paired_bootstrap(base, base, ["a"] * 400)
+    assert same_ci["kept"] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="one entry per sample"):
+        paired_bootstrap(base, other[:10], fams[:400])
+    with pytest.raises(ValueError, match="0 \\(wrong\\) or 1"):
+        paired_bootstrap(base * 2, other, fams[:400])

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .. import synth
 from ..methods import Meteor, NoPruning
 from .flops import count_flops
+from .stats import paired_bootstrap
 
 __all__ = ["method_catalog", "resolve_methods", "run_bench", "DEMO_METHODS"]
 
@@ -113,7 +114,10 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     families} of the first answer word, accuracy_by_kind and samples_by_kind {"family/kind": ...} per
     kind of question (`synth.question_kind`; e.g. scenes/neighbor, whose answer is a shape), ends
     (share of answers that stop after that word, see `answer_ends`), tflops (per sample), latency_ms (median per sample, batch 1, the prefill that
-    gives the first word).
+    gives the first word), correct ("1"/"0" per sample, in `synth.make_split` order). When "unpruned" is
+    among the names, every other row also has kept (its average over the unpruned one), kept_ci95 and
+    delta_ci95 ({family: [lo, hi]}, accuracy minus the unpruned one's): 95% intervals of a paired,
+    per-family bootstrap (`stats.paired_bootstrap`).
     """
     from ..train import encode_samples  # the prompt format the model was trained with
 
@@ -132,6 +136,7 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     eos_id = processor.tokenizer.eos_token_id
     asked: Counter = Counter()  # "family/kind" -> samples; per family, their sum
     right = {n: Counter() for n in names}  # "family/kind" -> correct answers
+    hits = {n: [] for n in names}  # 1 / 0 per sample, in sample order
     for s, inputs in tqdm(list(zip(samples, encoded)), desc="bench", disable=not progress):
         kind = f"{s.family}/{synth.question_kind(s)}"
         asked[kind] += 1
@@ -145,7 +150,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
             with m(model):  # untimed: does the generated answer stop after its word?
                 ends[n] += int(answer_ends(model, inputs, eos_id))
             word = processor.tokenizer.convert_ids_to_tokens(int(pred[0]))
-            right[n][kind] += int(synth.is_correct(word, s.answer))
+            hits[n].append(int(synth.is_correct(word, s.answer)))
+            right[n][kind] += hits[n][-1]
     flop_inputs = encoded[:: max(1, len(encoded) // max(1, flops_samples))][:flops_samples]
     counts = _by_family(asked)
     rows = []
@@ -175,12 +181,17 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
                 "tflops": flops / 1e12,
                 "latency_ms": statistics.median(times[n]),
                 "settings": m.settings() if hasattr(m, "settings") else {},
+                "correct": "".join(map(str, hits[n])),
             }
         )
     base = next((r for r in rows if r["method"] == "unpruned"), None)
     ref = base["tokens"] if base else rows[0]["encoder_tokens"]
     for r in rows:
         r["tokens_share"] = r["tokens"] / ref
+        if base is not None and r is not base:  # how sure the comparison with the unpruned model is
+            ci = paired_bootstrap(hits["unpruned"], hits[r["method"]], [s.family for s in samples])
+            r["kept"] = r["accuracy"]["average"] / max(base["accuracy"]["average"], 1e-12)
+            r["kept_ci95"], r["delta_ci95"] = ci["kept"], ci["delta"]
     return rows
 
 

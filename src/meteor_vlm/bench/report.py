@@ -14,19 +14,31 @@ _SHORT = {"scenes": "scene", "pope": "pope", "counting": "count", "ocr": "ocr", 
 
 
 def format_table(rows: list[dict]) -> str:
-    """Plain-text table: method, tokens and share, accuracy per family and average, answers that end, TFLOPs,
+    """Plain-text table: method, tokens and share, accuracy per family and average, the share of the unpruned
+    average kept with its 95% interval (when the run has the unpruned model), answers that end, TFLOPs,
     latency."""
     fams = [f for f in synth.FAMILIES if f in rows[0]["accuracy"]]
-    head = ["method", "tokens", "share"] + [_SHORT[f] for f in fams] + ["avg", "ends", "GFLOPs", "ms"]
+    with_kept = any("kept" in r for r in rows)
+    head = (["method", "tokens", "share"] + [_SHORT[f] for f in fams] + ["avg"]
+            + (["kept [95% CI]"] if with_kept else []) + ["ends", "GFLOPs", "ms"])
     body = []
     for r in rows:
         body.append(
             [r["method"], f"{r['tokens']:.1f}", f"{r['tokens_share']:.0%}"]
             + [f"{100 * r['accuracy'][f]:.1f}" for f in fams]
-            + [f"{100 * r['accuracy']['average']:.1f}", f"{r['ends']:.0%}", f"{1000 * r['tflops']:.2f}",
-               f"{r['latency_ms']:.1f}"]
+            + [f"{100 * r['accuracy']['average']:.1f}"]
+            + ([_kept(r)] if with_kept else [])
+            + [f"{r['ends']:.0%}", f"{1000 * r['tflops']:.2f}", f"{r['latency_ms']:.1f}"]
         )
     return _render([head] + body)
+
+
+def _kept(r: dict) -> str:
+    """"98.8% [97.3, 100.2]": the unpruned average kept and its 95% interval; "" for the unpruned row."""
+    if "kept" not in r:
+        return ""
+    lo, hi = r["kept_ci95"]
+    return f"{r['kept']:.1%} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def _render(cells: list[list[str]]) -> str:
@@ -59,10 +71,15 @@ def reading(rows: list[dict]) -> str:
     worst = min(
         (100 * (best["accuracy"][f] - base["accuracy"][f]), f) for f in base["accuracy"] if f != "average"
     )
+    ci = f", 95% CI {100 * best['kept_ci95'][0]:.1f}-{100 * best['kept_ci95'][1]:.1f}%" if "kept_ci95" in best else ""
+    wci = ""
+    if "delta_ci95" in best:
+        lo, hi = best["delta_ci95"][worst[1]]
+        wci = f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
     return (
         f"{best['method']} keeps {best['tokens']:.0f} of {base['tokens']:.0f} visual tokens ({best['tokens_share']:.0%}), "
-        f"{kept:.1%} of the unpruned accuracy ({100 * best['accuracy']['average']:.1f} vs "
-        f"{100 * base['accuracy']['average']:.1f}; worst family {worst[1]} {worst[0]:+.1f} points), "
+        f"{kept:.1%} of the unpruned accuracy{ci} ({100 * best['accuracy']['average']:.1f} vs "
+        f"{100 * base['accuracy']['average']:.1f}; worst family {worst[1]} {worst[0]:+.1f} points{wci}), "
         f"{best['tflops'] / base['tflops']:.0%} of the FLOPs, {best['latency_ms'] / base['latency_ms']:.2f}x the latency"
     )
 
@@ -76,10 +93,13 @@ def write_results(rows: list[dict], out, meta: dict) -> list[Path]:
     fams = [f for f in rows[0]["accuracy"]]
     with paths[1].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "tokens", "tokens_share", *[f"acc_{k}" for k in fams], "ends", "tflops", "latency_ms"])
+        w.writerow(["method", "tokens", "tokens_share", *[f"acc_{k}" for k in fams], "kept", "kept_lo95", "kept_hi95",
+                    "ends", "tflops", "latency_ms"])
         for r in rows:
+            ci = [f"{v:.4f}" for v in [r["kept"], *r["kept_ci95"]]] if "kept" in r else ["", "", ""]
             w.writerow([r["method"], f"{r['tokens']:.2f}", f"{r['tokens_share']:.4f}",
-                        *[f"{r['accuracy'][k]:.4f}" for k in fams], f"{r['ends']:.4f}", f"{r['tflops']:.6f}", f"{r['latency_ms']:.2f}"])
+                        *[f"{r['accuracy'][k]:.4f}" for k in fams], *ci, f"{r['ends']:.4f}", f"{r['tflops']:.6f}",
+                        f"{r['latency_ms']:.2f}"])
     _plot(rows, paths[2])
     return paths
 
