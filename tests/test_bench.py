@@ -734,3 +734,20 @@ def test_paired_bootstrap_matches_the_normal_interval_and_pairs_the_samples():
         paired_bootstrap(base, other[:10], fams[:400])
     with pytest.raises(ValueError, match="0 \\(wrong\\) or 1"):
         paired_bootstrap(base * 2, other, fams[:400])
+
+
+def test_reading_names_the_best_setting_within_the_budget_and_its_intervals():
+    from meteor_vlm.bench.report import reading
+
+    def row(method, share, scenes, pope, **extra):
+        return {"method": method, "tokens": 100 * share, "tokens_share": share, "tflops": share, "latency_ms": 10 * share,
+                "accuracy": {"scenes": scenes, "pope": pope, "average": (scenes + pope) / 2}, **extra}
+
+    ci = {"kept_ci95": [0.9, 1.02], "delta_ci95": {"scenes": [-0.15, -0.05], "pope": [-0.01, 0.03]}}
+    rows = [row("unpruned", 1.0, 0.5, 0.8), row("meteor:a", 0.2, 0.4, 0.8, **ci),
+            row("meteor:b", 0.3, 0.5, 0.8), row("meteor:c", 0.25, 0.3, 0.7)]
+    line = reading(rows)
+    assert line.startswith("meteor:a keeps 20 of 100 visual tokens (20%)")  # b is over the budget, c scores less
+    assert "92.3% of the unpruned accuracy, 95% CI 90.0-102.0%" in line
+    assert "worst family scenes -10.0 points [-15.0, -5.0]" in line
+    assert "no unpruned baseline" in reading(rows[1:])
