@@ -786,3 +786,5 @@ def test_expert_dropout_removes_one_whole_expert_from_a_share_of_the_samples():
         assert lost == 64 if expect else 10 < lost < 54
     with pytest.raises(ValueError, match="expert_dropout"):
         tr.TrainConfig(expert_dropout=1.5)
+    with pytest.raises(ValueError, match="expert_sizes"):
+        tr.ThinBackground(expert_dropout=0.5)

@@ -501,6 +501,11 @@ class ThinBackground(PruningMethod):
         super().__post_init__()
         self._generator = torch.Generator().manual_seed(self.seed)
 
+    def validate(self) -> None:
+        check_expert_dropout(self.expert_dropout)
+        if self.expert_dropout > 0 and not self.expert_sizes:
+            raise ValueError("expert_dropout needs expert_sizes (each expert's tokens per image)")
+
     def llm_layers(self, num_layers: int) -> set[int]:
         return {0}
 
