@@ -186,10 +186,11 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
         )
     base = next((r for r in rows if r["method"] == "unpruned"), None)
     ref = base["tokens"] if base else rows[0]["encoder_tokens"]
+    families = [s.family for s in samples]
     for r in rows:
         r["tokens_share"] = r["tokens"] / ref
         if base is not None and r is not base:  # how sure the comparison with the unpruned model is
-            ci = paired_bootstrap(hits["unpruned"], hits[r["method"]], [s.family for s in samples])
+            ci = paired_bootstrap(hits["unpruned"], hits[r["method"]], families)
             r["kept"] = r["accuracy"]["average"] / max(base["accuracy"]["average"], 1e-12)
             r["kept_ci95"], r["delta_ci95"] = ci["kept"], ci["delta"]
     return rows
