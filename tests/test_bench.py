@@ -101,7 +101,17 @@ def test_bench_rows_and_files(tiny, tmp_path):
             assert r["kept"] == pytest.approx(r["accuracy"]["average"] / by["unpruned"]["accuracy"]["average"])
             assert r["kept_ci95"][0] <= r["kept"] <= r["kept_ci95"][1]
             assert set(r["delta_ci95"]) == set(mv.synth.FAMILIES)
-    from meteor_vlm.bench.report import format_kinds, format_table, write_results
+    # the fixed-ratio ablation is compared with its adaptive twin on the same samples; nothing else is paired
+    ab = by["stage3:fixed"]["ablation"]
+    assert ab["against"] == "stage3:adaptive"
+    assert ab["difference"] == pytest.approx(by["stage3:fixed"]["accuracy"]["average"] - by["stage3:adaptive"]["accuracy"]["average"])
+    lo, hi = ab["difference_ci95"]
+    assert lo <= ab["difference"] <= hi
+    assert ab["verdict"] == ("holds" if hi < 0 else "reversed" if lo > 0 else "tie")
+    assert [r["method"] for r in rows if "ablation" in r] == ["stage3:fixed"]
+    from meteor_vlm.bench.report import format_ablations, format_kinds, format_table, write_results
+
+    assert format_ablations(rows).startswith("stage3:fixed vs stage3:adaptive: ")
 
     assert "ends" in format_table(rows).splitlines()[0] and "kept [95% CI]" in format_table(rows).splitlines()[0]
     assert format_kinds(rows).splitlines()[0].startswith("method")
@@ -109,7 +119,9 @@ def test_bench_rows_and_files(tiny, tmp_path):
     paths = write_results(rows, tmp_path, {"model": "tiny"})
     data = json.loads(paths[0].read_text())
     assert [r["method"] for r in data["rows"]] == names
-    assert len(list(csv.reader(paths[1].open()))) == len(names) + 1
+    table = list(csv.reader(paths[1].open()))
+    assert len(table) == len(names) + 1
+    assert dict(zip(table[0], table[-1]))["ablation_against"] == "stage3:adaptive"
     assert Image.open(paths[2]).size[0] > 100
 
 
@@ -728,12 +740,38 @@ def test_paired_bootstrap_matches_the_normal_interval_and_pairs_the_samples():
     assert ci["delta"]["b"] == [0.0, 0.0]
     kept = (other.mean() + same.mean()) / (base.mean() + same.mean())
     assert ci["kept"][0] < kept < ci["kept"][1] and ci["kept"][0] > 1.0  # a gain of 30 of 800 is sure
+    # the average over two families moves by half of a's change, b's being 0 in every draw
+    assert ci["difference"] == pytest.approx([v / 2 for v in ci["delta"]["a"]])
     same_ci = paired_bootstrap(base, base, ["a"] * 400)
     assert same_ci["kept"] == [1.0, 1.0]
     with pytest.raises(ValueError, match="one entry per sample"):
         paired_bootstrap(base, other[:10], fams[:400])
     with pytest.raises(ValueError, match="0 \\(wrong\\) or 1"):
         paired_bootstrap(base * 2, other, fams[:400])
+
+
+def test_paper_order_pairs_each_variant_with_the_one_the_paper_puts_before_it():
+    from meteor_vlm.bench.accuracy import paper_order_pairs
+    from meteor_vlm.bench.report import format_ablations
+
+    names = ["unpruned", "alloc:rank-reverse", "alloc:rank", "fusion:random", "fusion:separate", "fusion:cooperative",
+             "stage3:fixed-l10", "stage3:adaptive-l10", "stage3:fixed-l2", "stage3:adaptive"]
+    assert paper_order_pairs(names) == [
+        ("alloc:rank", "alloc:rank-reverse"),  # average is not in the run: the next one present
+        ("fusion:cooperative", "fusion:separate"), ("fusion:separate", "fusion:random"),
+        ("stage3:adaptive-l10", "stage3:fixed-l10"),  # fixed-l2 has no twin in the run
+    ]
+    assert paper_order_pairs(["unpruned", "meteor:paper-242", "alloc:rank"]) == []
+    rows = [{"method": "alloc:average", "ablation": {"against": "alloc:rank", "difference": -0.034,
+                                                     "difference_ci95": [-0.05, -0.017], "verdict": "holds"}},
+            {"method": "fusion:separate", "ablation": {"against": "fusion:cooperative", "difference": 0.0025,
+                                                       "difference_ci95": [-0.009, 0.014], "verdict": "tie"}},
+            {"method": "unpruned"}]
+    assert format_ablations(rows).splitlines() == [
+        "alloc:average vs alloc:rank: -3.4 points [-5.0, -1.7]: the paper's order holds",
+        "fusion:separate vs fusion:cooperative: +0.2 points [-0.9, +1.4]: a tie (the interval holds 0)",
+    ]
+    assert format_ablations(rows[2:]) == ""
 
 
 def test_reading_names_the_best_setting_within_the_budget_and_its_intervals():

@@ -73,7 +73,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_bench(args) -> int:
     from meteor_vlm.bench.accuracy import resolve_methods, run_bench
-    from meteor_vlm.bench.report import format_kinds, format_table, reading, write_results
+    from meteor_vlm.bench.report import format_ablations, format_kinds, format_table, reading, write_results
 
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
     if args.samples < 1:
@@ -87,6 +87,8 @@ def cmd_bench(args) -> int:
     print(format_table(rows))
     if getattr(args, "by_kind", False):
         print("\naccuracy (%) by kind of question (samples):\n" + format_kinds(rows))
+    if ablations := format_ablations(rows):
+        print("\nablations, the paper's order (95% interval of the difference):\n" + ablations)
     print("\n" + reading(rows))
     if args.out:
         meta = {"model": args.model, "seed": args.seed, "samples_per_family": args.samples, "image_size": size,

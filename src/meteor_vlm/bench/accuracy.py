@@ -16,7 +16,7 @@ from ..methods import Meteor, NoPruning
 from .flops import count_flops
 from .stats import paired_bootstrap
 
-__all__ = ["method_catalog", "resolve_methods", "run_bench", "DEMO_METHODS"]
+__all__ = ["method_catalog", "resolve_methods", "run_bench", "paper_order_pairs", "DEMO_METHODS"]
 
 
 def method_catalog() -> dict[str, Callable[[], object]]:
@@ -54,6 +54,31 @@ DEMO_METHODS = (
     "stage3:adaptive",
     "stage3:fixed",
 )
+
+
+# the ablations' variants, best first, in the order PAPER.md reports them (Tables 1 and 2 of 002)
+PAPER_ORDERS = (
+    ("alloc:rank", "alloc:average", "alloc:rank-reverse"),
+    ("fusion:cooperative", "fusion:separate", "fusion:random"),
+)
+
+
+def paper_order_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """The (better, worse) pairs whose order PAPER.md claims, among the names of one run.
+
+    Within an ablation, each variant present is paired with the one just before it in the paper's order
+    (rank > average > rank-reverse; cooperative > separate > random); a fixed-ratio stage 3 is paired with
+    its adaptive twin of the same lambda (Table 3 of 002), when the run has it.
+    """
+    pairs = []
+    for order in PAPER_ORDERS:
+        present = [n for n in order if n in names]
+        pairs += list(zip(present, present[1:]))
+    for n in names:
+        twin = n.replace("stage3:fixed", "stage3:adaptive")
+        if n.startswith("stage3:fixed") and twin in names:
+            pairs.append((twin, n))
+    return pairs
 
 
 BUDGET_NAME = re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$")
@@ -117,7 +142,10 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     gives the first word), correct ("1"/"0" per sample, in `synth.make_split` order). When "unpruned" is
     among the names, every other row also has kept (its average over the unpruned one), kept_ci95 and
     delta_ci95 ({family: [lo, hi]}, accuracy minus the unpruned one's): 95% intervals of a paired,
-    per-family bootstrap (`stats.paired_bootstrap`).
+    per-family bootstrap (`stats.paired_bootstrap`). The worse variant of each pair whose order the paper
+    claims (`paper_order_pairs`) has ablation {against (the paper's better variant), difference (its average
+    minus that one's), difference_ci95, verdict}: "holds" when the interval lies below 0, "reversed" above
+    it, "tie" when it holds 0.
     """
     from ..train import encode_samples  # the prompt format the model was trained with
 
@@ -193,6 +221,12 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
             ci = paired_bootstrap(hits["unpruned"], hits[r["method"]], families)
             r["kept"] = r["accuracy"]["average"] / max(base["accuracy"]["average"], 1e-12)
             r["kept_ci95"], r["delta_ci95"] = ci["kept"], ci["delta"]
+    by_name = {r["method"]: r for r in rows}
+    for better, worse in paper_order_pairs(names):  # does the paper's order hold, and how sure is it?
+        ci = paired_bootstrap(hits[better], hits[worse], families)["difference"]
+        diff = by_name[worse]["accuracy"]["average"] - by_name[better]["accuracy"]["average"]
+        verdict = "holds" if ci[1] < 0 else "reversed" if ci[0] > 0 else "tie"
+        by_name[worse]["ablation"] = {"against": better, "difference": diff, "difference_ci95": ci, "verdict": verdict}
     return rows
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import synth
 
-__all__ = ["format_table", "format_kinds", "write_results", "reading"]
+__all__ = ["format_table", "format_kinds", "format_ablations", "write_results", "reading"]
 
 _SHORT = {"scenes": "scene", "pope": "pope", "counting": "count", "ocr": "ocr", "docs": "docs", "charts": "chart"}
 
@@ -84,6 +84,22 @@ def reading(rows: list[dict]) -> str:
     )
 
 
+def format_ablations(rows: list[dict]) -> str:
+    """One line per ablation pair of the run (`accuracy.paper_order_pairs`): the worse variant's average minus
+    the better one's in points, its 95% interval, and whether the paper's order holds; "" when there is none."""
+    lines = []
+    for r in rows:
+        a = r.get("ablation")
+        if a is None:
+            continue
+        lo, hi = a["difference_ci95"]
+        lines.append(f"{r['method']} vs {a['against']}: {100 * a['difference']:+.1f} points [{100 * lo:+.1f}, "
+                     f"{100 * hi:+.1f}]: " + {"holds": "the paper's order holds",
+                                              "reversed": "the paper's order is reversed",
+                                              "tie": "a tie (the interval holds 0)"}[a["verdict"]])
+    return "\n".join(lines)
+
+
 def write_results(rows: list[dict], out, meta: dict) -> list[Path]:
     """results.json, results.csv and pareto.png under `out`; returns the paths written."""
     out = Path(out)
@@ -94,11 +110,13 @@ def write_results(rows: list[dict], out, meta: dict) -> list[Path]:
     with paths[1].open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "tokens", "tokens_share", *[f"acc_{k}" for k in fams], "kept", "kept_lo95", "kept_hi95",
-                    "ends", "tflops", "latency_ms"])
+                    "ablation_against", "ablation_diff", "ablation_lo95", "ablation_hi95", "ends", "tflops", "latency_ms"])
         for r in rows:
             ci = [f"{v:.4f}" for v in [r["kept"], *r["kept_ci95"]]] if "kept" in r else ["", "", ""]
+            a = r.get("ablation")
+            ab = [a["against"], *(f"{v:.4f}" for v in [a["difference"], *a["difference_ci95"]])] if a else [""] * 4
             w.writerow([r["method"], f"{r['tokens']:.2f}", f"{r['tokens_share']:.4f}",
-                        *[f"{r['accuracy'][k]:.4f}" for k in fams], *ci, f"{r['ends']:.4f}", f"{r['tflops']:.6f}",
+                        *[f"{r['accuracy'][k]:.4f}" for k in fams], *ci, *ab, f"{r['ends']:.4f}", f"{r['tflops']:.6f}",
                         f"{r['latency_ms']:.2f}"])
     _plot(rows, paths[2])
     return paths

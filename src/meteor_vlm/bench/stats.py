@@ -1,4 +1,5 @@
-"""How sure a bench comparison is: a paired, per-family bootstrap of a method against the unpruned model."""
+"""How sure a bench comparison is: a paired, per-family bootstrap of one method against another
+(a pruned setting against the unpruned model, or an ablation against the variant the paper prefers)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ def paired_bootstrap(base: Sequence[int], other: Sequence[int], families: Sequen
     scores both methods on the same draw (paired), so the noise of which questions were drawn cancels
     out of the comparison. The average is over families, as the bench's is.
 
-    Returns ``{"kept": [lo, hi]}``, the interval of other's average over base's (1.0 = no loss), and
+    Returns ``{"kept": [lo, hi]}``, the interval of other's average over base's (1.0 = no loss),
+    ``{"difference": [lo, hi]}``, the interval of other's average minus base's, and
     ``{"delta": {family: [lo, hi]}}``, the interval of other's accuracy minus base's per family
-    (fractions: -0.02 = 2 points lost).
+    (differences as fractions: -0.02 = 2 points lost).
     """
     base_a, other_a = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
     fam = np.asarray(families)
@@ -43,5 +45,6 @@ def paired_bootstrap(base: Sequence[int], other: Sequence[int], families: Sequen
     kept = other_acc.mean(1) / np.maximum(base_acc.mean(1), 1e-12)
     return {
         "kept": [float(v) for v in np.percentile(kept, q)],
+        "difference": [float(v) for v in np.percentile(other_acc.mean(1) - base_acc.mean(1), q)],
         "delta": {f: [float(v) for v in np.percentile(other_acc[:, j] - base_acc[:, j], q)] for j, f in enumerate(names)},
     }
