@@ -789,6 +789,7 @@ def test_reading_names_the_best_setting_within_the_budget_and_its_intervals():
     assert "92.3% of the unpruned accuracy, 95% CI 90.0-102.0%" in line
     assert "worst family scenes -10.0 points [-15.0, -5.0]" in line
     assert "no unpruned baseline" in reading(rows[1:])
+    assert "answers none of these questions" in reading([row("unpruned", 1.0, 0.0, 0.0), row("meteor:a", 0.2, 0.0, 0.0)])
 
 
 def test_expert_dropout_removes_one_whole_expert_from_a_share_of_the_samples():

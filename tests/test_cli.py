@@ -56,7 +56,12 @@ def test_demo_on_the_embedded_model_runs_every_demo_method(tmp_path, capsys):
     assert rows["unpruned"]["tokens_share"] == 1.0
     for name in ("meteor:paper-312", "meteor:paper-242", "meteor:paper-126"):
         assert rows[name]["tokens"] < rows["unpruned"]["tokens"] and rows[name]["tflops"] < rows["unpruned"]["tflops"]
-    assert "meteor:paper-126" in capsys.readouterr().out
+    # each ablation variant is compared with the one the paper ranks above it, and the comparison is printed
+    assert {n: r["ablation"]["against"] for n, r in rows.items() if "ablation" in r} == {
+        "alloc:average": "alloc:rank", "alloc:rank-reverse": "alloc:average", "fusion:separate": "fusion:cooperative",
+        "fusion:random": "fusion:separate", "stage3:fixed": "stage3:adaptive"}
+    out = capsys.readouterr().out
+    assert "meteor:paper-126" in out and "fusion:random vs fusion:separate: " in out
 
 
 def test_train_passes_every_option_into_the_config(tmp_path, monkeypatch):

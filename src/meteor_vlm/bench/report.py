@@ -67,7 +67,10 @@ def reading(rows: list[dict]) -> str:
     if base is None or not cands:
         return "no unpruned baseline or no METEOR setting at <= 25% of the tokens in this run"
     best = max(cands, key=lambda r: r["accuracy"]["average"])
-    kept = best["accuracy"]["average"] / max(base["accuracy"]["average"], 1e-9)
+    if base["accuracy"]["average"] == 0:  # a share of nothing would read as a loss (0%) or a gain (inf)
+        return (f"the unpruned model answers none of these questions, so there is no accuracy to keep "
+                f"({best['method']}: {100 * best['accuracy']['average']:.1f}%); train the model or run more samples")
+    kept = best["accuracy"]["average"] / base["accuracy"]["average"]
     worst = min(
         (100 * (best["accuracy"][f] - base["accuracy"][f]), f) for f in base["accuracy"] if f != "average"
     )
