@@ -827,3 +827,62 @@ def test_expert_dropout_removes_one_whole_expert_from_a_share_of_the_samples():
         tr.TrainConfig(expert_dropout=1.5)
     with pytest.raises(ValueError, match="expert_sizes"):
         tr.ThinBackground(expert_dropout=0.5)
+
+
+def test_part_timer_charges_each_part_and_leaves_nothing_behind(tiny):
+    """A sleep put into one expert's blocks and one decoder layer is charged to that expert and to the LLM
+    layers (lower bounds: a sleep never takes less); after the block, even one left by an error, the model
+    has its own encode_expert and no hooks, and gives the same logits."""
+    import time
+
+    from meteor_vlm.bench.speed import part_timer
+
+    model, processor = tiny
+    inputs = processor(images=mv.testing.random_images(1), text=["what is in the image ?"], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**inputs).logits
+    runner, layer = model.runners[1], model.decoder.layers[2]
+    slow_block, slow_layer = runner.run_block, layer.forward
+
+    def block(i, x):
+        time.sleep(0.01)
+        return slow_block(i, x)
+
+    def forward(*a, **k):
+        time.sleep(0.02)
+        return slow_layer(*a, **k)
+
+    runner.run_block, layer.forward = block, forward
+    try:
+        with torch.no_grad(), part_timer(model) as parts:
+            model(**inputs)
+    finally:
+        del runner.run_block, layer.forward
+    name = model.expert_names[1]
+    assert parts["experts"][name] >= 10 * runner.num_blocks and parts["llm_layers"] >= 20
+    assert all(ms < 10 * runner.num_blocks for n, ms in parts["experts"].items() if n != name)
+    with pytest.raises(RuntimeError), part_timer(model):
+        raise RuntimeError("inside")
+    assert "encode_expert" not in vars(model)
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in model.decoder.layers)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+
+
+def test_speed_rows_split_the_prefill_and_time_decoding(tmp_path, capsys):
+    from meteor_vlm.cli import main
+
+    names = ["unpruned", "meteor:paper-242", "stage3:fixed"]
+    assert main(["speed", "--model", "tiny", "--samples", "2", "--new-tokens", "2", "--methods", ",".join(names),
+                 "--out", str(tmp_path)]) == 0
+    assert "decode ms/token" in capsys.readouterr().out
+    data = json.loads((tmp_path / "speed.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert list(rows) == names and data["samples"] == 2
+    for r in rows.values():
+        assert set(r["experts_ms"]) == {"clip", "pix2struct", "convnext"}
+        assert r["other_ms"] >= 0 and r["llm_layers_ms"] > 0  # decode: a difference of two timings, any sign on a tiny model
+        assert r["prefill_ms"] >= r["llm_layers_ms"]
+    assert rows["meteor:paper-242"]["tokens"] < rows["unpruned"]["tokens"]
+    assert main(["speed", "--model", "tiny", "--new-tokens", "1"]) == 2
+    assert "--new-tokens must be >= 2" in capsys.readouterr().err

@@ -99,6 +99,44 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_speed(args) -> int:
+    from meteor_vlm.bench.accuracy import resolve_methods
+    from meteor_vlm.bench.speed import profile_methods
+
+    names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
+    if args.samples < 1 or args.new_tokens < 2:
+        raise ValueError(f"--samples must be >= 1 and --new-tokens must be >= 2, got {args.samples} and {args.new_tokens}")
+    model, processor = _load(args.model)
+    rows = profile_methods(model, processor, names, samples=args.samples, new_tokens=args.new_tokens, seed=args.seed)
+    base = next((r for r in rows if r["method"] == "unpruned"), rows[0])
+    experts = list(rows[0]["experts_ms"])
+    table = []
+    for r in rows:
+        table.append({"method": r["method"], "tokens": f"{r['tokens']:.0f}",
+                      "prefill": f"{r['prefill_ms']:.1f} ({r['prefill_ms'] / base['prefill_ms']:.2f}x)",
+                      **{e: f"{r['experts_ms'][e]:.1f}" for e in experts},
+                      "llm": f"{r['llm_layers_ms']:.1f}", "other": f"{r['other_ms']:.1f}",
+                      "decode": f"{r['decode_ms_per_token']:.1f} ({r['decode_ms_per_token'] / base['decode_ms_per_token']:.2f}x)"})
+    cols = ([("method", "method"), ("tokens", "tokens (layer avg)"), ("prefill", "prefill ms")]
+            + [(e, f"{e} ms") for e in experts]
+            + [("llm", "LLM layers ms"), ("other", "other ms"), ("decode", "decode ms/token")])
+    print(f"medians over {args.samples} samples, batch 1, methods interleaved, {torch_threads()} CPU threads; "
+          "the expert columns include their stage-1 pruning, other = projectors, fusion, stage-3 scoring, head")
+    print(_format_table(table, cols))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"model": args.model, "seed": args.seed, "samples": args.samples, "new_tokens": args.new_tokens,
+                "threads": torch_threads()}
+        (out / "speed.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        print(f"written {out / 'speed.json'}")
+    return 0
+
+
+def torch_threads() -> int:
+    return torch.get_num_threads()
+
+
 def cmd_demo(args) -> int:
     import meteor_vlm as mv
 
@@ -384,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", help="instead: report how well a trained model's visual tokens name their content")
     pr.set_defaults(fn=cmd_probe)
 
+    sp = sub.add_parser("speed", help="where a request's time goes, per method: prefill by part, decode per token")
+    sp.add_argument("--model", default="default", help="default (embedded), tiny, or a checkpoint folder")
+    sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
+                    help="comma-separated bench names (see `meteor methods`)")
+    sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")
+    sp.add_argument("--new-tokens", type=int, default=8, help="tokens generated to time decoding (>= 2)")
+    sp.add_argument("--seed", type=int, default=90001)
+    sp.add_argument("--out", help="folder for speed.json")
+    sp.set_defaults(fn=cmd_speed)
     m = sub.add_parser("methods", help="list the method names bench accepts")
     m.set_defaults(fn=cmd_methods)
 
