@@ -96,8 +96,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
         raise ValueError(f"need samples >= 1 and new_tokens >= 2, got {samples} and {new_tokens}")
     size = max(128, max(s.image_size for s in processor.experts))
     per_family = -(-samples // len(synth.FAMILIES))
-    split = synth.make_split(seed, per_family, image_size=size)
-    split = [split[f * per_family + i] for i in range(per_family) for f in range(len(synth.FAMILIES))][:samples]
+    split = synth.make_split(seed, per_family, image_size=size)[:samples]  # make_split gives the families in turn
     encoded = [encode_samples(processor, [s], with_answers=False) for s in split]
     methods = {n: make_method(n) for n in names}
     for n in names:  # a fixed stage 3 needs ratios matched to its adaptive twin, as in the bench
