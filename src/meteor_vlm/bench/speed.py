@@ -89,7 +89,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     """
     from .. import synth
     from ..train import encode_samples
-    from .accuracy import make_method, resolve_methods
+    from .accuracy import _matched_fixed, make_method, resolve_methods
 
     resolve_methods(list(names))
     if samples < 1 or new_tokens < 2:
@@ -101,8 +101,6 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     methods = {n: make_method(n) for n in names}
     for n in names:  # a fixed stage 3 needs ratios matched to its adaptive twin, as in the bench
         if n.startswith("stage3:fixed"):
-            from .accuracy import _matched_fixed
-
             methods[n] = _matched_fixed(model, encoded, make_method(n.replace("fixed", "adaptive")))
     eos = processor.tokenizer.eos_token_id
     rec = {n: {"prefill": [], "other": [], "llm": [], "decode": [], "tokens": [], **{e: [] for e in model.expert_names}}
