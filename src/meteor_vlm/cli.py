@@ -120,21 +120,17 @@ def cmd_speed(args) -> int:
     cols = ([("method", "method"), ("tokens", "tokens (layer avg)"), ("prefill", "prefill ms")]
             + [(e, f"{e} ms") for e in experts]
             + [("llm", "LLM layers ms"), ("other", "other ms"), ("decode", "decode ms/token")])
-    print(f"medians over {args.samples} samples, batch 1, methods interleaved, {torch_threads()} CPU threads; "
+    print(f"medians over {args.samples} samples, batch 1, methods interleaved, {torch.get_num_threads()} CPU threads; "
           "the expert columns include their stage-1 pruning, other = projectors, fusion, stage-3 scoring, head")
     print(_format_table(table, cols))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"model": args.model, "seed": args.seed, "samples": args.samples, "new_tokens": args.new_tokens,
-                "threads": torch_threads()}
+                "threads": torch.get_num_threads()}
         (out / "speed.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
         print(f"written {out / 'speed.json'}")
     return 0
-
-
-def torch_threads() -> int:
-    return torch.get_num_threads()
 
 
 def cmd_demo(args) -> int:
@@ -428,9 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")
     sp.add_argument("--new-tokens", type=int, default=8, help="tokens generated to time decoding (>= 2)")
-    sp.add_argument("--seed", type=int, default=90001)
+    sp.add_argument("--seed", type=int, default=_EVAL_SEED, help="held-out split (default: the bench's)")
     sp.add_argument("--out", help="folder for speed.json")
     sp.set_defaults(fn=cmd_speed)
+
     m = sub.add_parser("methods", help="list the method names bench accepts")
     m.set_defaults(fn=cmd_methods)
 

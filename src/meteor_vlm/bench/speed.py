@@ -76,8 +76,8 @@ def part_timer(model) -> Iterator[dict]:
             h.remove()
 
 
-def profile_methods(model, processor, names: Sequence[str], samples: int = 12, new_tokens: int = 8, seed: int = 90001,
-                    progress: bool = True) -> list[dict]:
+def profile_methods(model, processor, names: Sequence[str], samples: int = 12, new_tokens: int = 8,
+                    seed: int | None = None, progress: bool = True) -> list[dict]:
     """Where the time of one request goes, per method: prefill split by part, and decoding per new token.
 
     Runs `samples` held-out synthetic samples (families in turn) one at a time, batch 1, the methods
@@ -92,6 +92,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     from .accuracy import _matched_fixed, make_method, resolve_methods
 
     resolve_methods(list(names))
+    seed = synth.EVAL_SEED if seed is None else seed
     if samples < 1 or new_tokens < 2:
         raise ValueError(f"need samples >= 1 and new_tokens >= 2, got {samples} and {new_tokens}")
     size = max(128, max(s.image_size for s in processor.experts))
