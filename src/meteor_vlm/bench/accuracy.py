@@ -104,6 +104,17 @@ def make_method(name: str):
     return cat[name]() if name in cat else budget_method(name)
 
 
+def build_methods(model, names: list[str], encoded: list[dict]) -> dict:
+    """The method objects of a run, by name; a fixed-ratio stage 3 keeps, per layer, its adaptive twin's
+    average share over the run's inputs `encoded` (`_matched_fixed`)."""
+    methods = {n: make_method(n) for n in names}
+    for n in methods:
+        if n.startswith("stage3:fixed"):
+            twin = n.replace("fixed", "adaptive")
+            methods[n] = _matched_fixed(model, encoded, methods.get(twin) or make_method(twin))
+    return methods
+
+
 def resolve_methods(names: list[str]) -> list[str]:
     """Check method names against the catalog and the budget patterns (ValueError listing the known ones)."""
     cat = method_catalog()
@@ -152,11 +163,7 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     resolve_methods(names)
     samples = synth.make_split(seed, per_family, image_size=image_size)
     encoded = [encode_samples(processor, [s], with_answers=False) for s in samples]
-    methods = {n: make_method(n) for n in names}
-    for n in methods:  # a fixed-ratio stage 3 keeps, per layer, its adaptive twin's average share
-        if n.startswith("stage3:fixed"):
-            twin = n.replace("fixed", "adaptive")
-            methods[n] = _matched_fixed(model, encoded, methods.get(twin) or make_method(twin))
+    methods = build_methods(model, names, encoded)
     model.eval()
     times = {n: [] for n in names}
     stats = {n: [] for n in names}

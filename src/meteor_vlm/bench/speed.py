@@ -89,7 +89,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     """
     from .. import synth
     from ..train import encode_samples
-    from .accuracy import _matched_fixed, make_method, resolve_methods
+    from .accuracy import build_methods, resolve_methods
 
     resolve_methods(list(names))
     seed = synth.EVAL_SEED if seed is None else seed
@@ -99,10 +99,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     per_family = -(-samples // len(synth.FAMILIES))
     split = synth.make_split(seed, per_family, image_size=size)[:samples]  # make_split gives the families in turn
     encoded = [encode_samples(processor, [s], with_answers=False) for s in split]
-    methods = {n: make_method(n) for n in names}
-    for n in names:  # a fixed stage 3 needs ratios matched to its adaptive twin, as in the bench
-        if n.startswith("stage3:fixed"):
-            methods[n] = _matched_fixed(model, encoded, make_method(n.replace("fixed", "adaptive")))
+    methods = build_methods(model, list(names), encoded)  # a fixed stage 3 matched to its twin, as in the bench
     eos = processor.tokenizer.eos_token_id
     rec = {n: {"prefill": [], "other": [], "llm": [], "decode": [], "tokens": [], **{e: [] for e in model.expert_names}}
            for n in names}
