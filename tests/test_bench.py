@@ -873,16 +873,92 @@ def test_speed_rows_split_the_prefill_and_time_decoding(tmp_path, capsys):
     from meteor_vlm.cli import main
 
     names = ["unpruned", "meteor:paper-242", "stage3:fixed"]
-    assert main(["speed", "--model", "tiny", "--samples", "2", "--new-tokens", "2", "--methods", ",".join(names),
-                 "--out", str(tmp_path)]) == 0
-    assert "decode ms/token" in capsys.readouterr().out
+    assert main(["speed", "--model", "tiny", "--samples", "3", "--batch-size", "2", "--new-tokens", "2",
+                 "--methods", ",".join(names), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "decode ms/token" in out and "medians over 2 batches of 2" in out
     data = json.loads((tmp_path / "speed.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
-    assert list(rows) == names and data["samples"] == 2
+    assert list(rows) == names and data["samples"] == 3 and data["batch_size"] == 2
     for r in rows.values():
         assert set(r["experts_ms"]) == {"clip", "pix2struct", "convnext"}
-        assert r["other_ms"] >= 0 and r["llm_layers_ms"] > 0  # decode: a difference of two timings, any sign on a tiny model
-        assert r["prefill_ms"] >= r["llm_layers_ms"]
+        assert r["other_ms"] >= 0 and r["llm_layers_ms"] > 0 and r["decode_ms_per_token"] > 0
+        assert r["prefill_ms"] >= r["llm_layers_ms"] and r["peak_mb"] is None  # peak memory: GPU only
     assert rows["meteor:paper-242"]["tokens"] < rows["unpruned"]["tokens"]
+    assert rows["meteor:paper-242"]["kv_cache_mb"] < rows["unpruned"]["kv_cache_mb"]
     assert main(["speed", "--model", "tiny", "--new-tokens", "1"]) == 2
-    assert "--new-tokens must be >= 2" in capsys.readouterr().err
+    assert "--new-tokens >= 2" in capsys.readouterr().err
+    assert main(["speed", "--model", "tiny", "--shape", "smollm2-135m"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["speed", "--shape", "llava-70b"]) == 2
+    assert "unknown shape 'llava-70b'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["unpruned", "meteor:paper-242", "stage3:adaptive-l10"])
+def test_kv_cache_holds_what_each_layer_saw(tiny, name):
+    """The cache after a prefill holds, in every layer, the prompt's text tokens and the visual tokens that
+    layer saw by the method's own count: the bytes meteor speed reports are the tokens pruning removed."""
+    from meteor_vlm.bench.accuracy import make_method
+    from meteor_vlm.bench.speed import kv_cache_bytes
+
+    model, processor = tiny
+    inputs = processor(images=mv.testing.random_images(1, seed=5), text=["what is in the image ?"], return_tensors="pt")
+    text = int((inputs["input_ids"] != processor.image_token_id).sum())
+    cfg = model.config.text_config
+    per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4  # keys + values, fp32
+    method = make_method(name)
+    with torch.no_grad(), method(model):
+        cache = model(**inputs, use_cache=True).past_key_values
+    seen = method.stats[0]["tokens_per_layer"]
+    assert [layer.keys.shape[2] for layer in cache.layers] == [text + v for v in seen]
+    assert kv_cache_bytes(cache) == sum(text + v for v in seen) * per_token
+    if name != "unpruned":
+        assert sum(seen) < len(seen) * method.stats[0]["encoder_tokens"]
+
+
+def test_greedy_steps_equal_generate(tiny):
+    """The decoding meteor speed times gives generate()'s greedy tokens, on a left-padded batch under pruning."""
+    from meteor_vlm.bench.accuracy import make_method
+    from meteor_vlm.bench.speed import greedy_steps
+
+    model, processor = tiny
+    inputs = processor(images=mv.testing.random_images(2, seed=6), text=["what is in the image ?", "how many ?"],
+                       return_tensors="pt", padding=True)
+    assert not inputs["attention_mask"].all()  # the shorter prompt is padded
+    eos = processor.tokenizer.eos_token_id
+    method = make_method("meteor:paper-242")
+    with torch.no_grad(), method(model):
+        want = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=eos)
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        got = greedy_steps(model, out.logits, out.past_key_values, inputs["attention_mask"], 4)
+    assert torch.equal(got, want[:, -5:])
+
+
+def test_shapes_have_the_real_llms():
+    """Each shape's decoder has exactly the parameter count its real checkpoint publishes, and a shaped model
+    sees the visual tokens its experts' geometry gives: (224/16)^2 + 2 * (384/16)^2."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from meteor_vlm.bench.accuracy import make_method
+    from meteor_vlm.bench.shapes import SHAPES, shape_text_config, shaped_model
+    from meteor_vlm.train import build_tokenizer, encode_samples
+
+    published = {"smollm2-135m": 134_515_008, "qwen2-0.5b": 494_032_768}
+    assert set(SHAPES) == set(published)
+    tokenizer = build_tokenizer()
+    for shape, count in published.items():
+        text = shape_text_config(shape, tokenizer)
+        config = AutoConfig.for_model(text.pop("model_type"), **text)
+        with torch.device("meta"):
+            assert sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) == count
+    model, processor = shaped_model("smollm2-135m", dtype=torch.bfloat16, calibration_images=1)
+    assert sum(p.numel() for p in model.language_model.parameters()) == published["smollm2-135m"]
+    sample = mv.synth.make_split(seed=5, per_family=1, image_size=384)[:1]
+    inputs = encode_samples(processor, sample, with_answers=False)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    method = make_method("unpruned")
+    with torch.no_grad(), method(model):
+        model(**inputs, logits_to_keep=1)
+    assert method.stats[0]["layer_avg_tokens"] == (224 // 16) ** 2 + 2 * (384 // 16) ** 2
+    with pytest.raises(ValueError, match="unknown shape"):
+        shaped_model("llava-70b")

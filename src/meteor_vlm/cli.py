@@ -101,32 +101,55 @@ def cmd_bench(args) -> int:
 
 def cmd_speed(args) -> int:
     from meteor_vlm.bench.accuracy import resolve_methods
+    from meteor_vlm.bench.shapes import SHAPES, shaped_model
     from meteor_vlm.bench.speed import profile_methods
 
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
-    if args.samples < 1 or args.new_tokens < 2:
-        raise ValueError(f"--samples must be >= 1 and --new-tokens must be >= 2, got {args.samples} and {args.new_tokens}")
-    model, processor = _load(args.model)
-    rows = profile_methods(model, processor, names, samples=args.samples, new_tokens=args.new_tokens, seed=args.seed)
+    if args.samples < 1 or args.new_tokens < 2 or args.batch_size < 1:
+        raise ValueError(f"--samples and --batch-size must be >= 1 and --new-tokens >= 2, "
+                         f"got {args.samples}, {args.batch_size} and {args.new_tokens}")
+    if args.shape and args.model:
+        raise ValueError("give --model or --shape, not both")
+    if args.shape and args.shape not in SHAPES:
+        raise ValueError(f"unknown shape {args.shape!r}; known shapes: {', '.join(SHAPES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.shape:
+        model, processor = shaped_model(args.shape, dtype=dtype)
+    else:
+        model, processor = _load(args.model or "default")
+    model = model.to(args.device, dtype)
+    rows = profile_methods(model, processor, names, samples=args.samples, new_tokens=args.new_tokens, seed=args.seed,
+                           batch_size=args.batch_size)
     base = next((r for r in rows if r["method"] == "unpruned"), rows[0])
     experts = list(rows[0]["experts_ms"])
+    cuda = args.device == "cuda"
     table = []
     for r in rows:
         table.append({"method": r["method"], "tokens": f"{r['tokens']:.0f}",
                       "prefill": f"{r['prefill_ms']:.1f} ({r['prefill_ms'] / base['prefill_ms']:.2f}x)",
                       **{e: f"{r['experts_ms'][e]:.1f}" for e in experts},
                       "llm": f"{r['llm_layers_ms']:.1f}", "other": f"{r['other_ms']:.1f}",
-                      "decode": f"{r['decode_ms_per_token']:.1f} ({r['decode_ms_per_token'] / base['decode_ms_per_token']:.2f}x)"})
+                      "decode": f"{r['decode_ms_per_token']:.1f} ({r['decode_ms_per_token'] / base['decode_ms_per_token']:.2f}x)",
+                      "kv": f"{r['kv_cache_mb']:.2f} ({r['kv_cache_mb'] / base['kv_cache_mb']:.2f}x)",
+                      "peak": f"{r['peak_mb']:.0f}" if cuda else ""})
     cols = ([("method", "method"), ("tokens", "tokens (layer avg)"), ("prefill", "prefill ms")]
             + [(e, f"{e} ms") for e in experts]
-            + [("llm", "LLM layers ms"), ("other", "other ms"), ("decode", "decode ms/token")])
-    print(f"medians over {args.samples} samples, batch 1, methods interleaved, {torch.get_num_threads()} CPU threads; "
-          "the expert columns include their stage-1 pruning, other = projectors, fusion, stage-3 scoring, head")
+            + [("llm", "LLM layers ms"), ("other", "other ms"), ("decode", "decode ms/token"), ("kv", "KV cache MB")]
+            + ([("peak", "prefill peak MB")] if cuda else []))
+    where = f"{torch.get_num_threads()} CPU threads" if not cuda else torch.cuda.get_device_name(model.device)
+    what = f"random weights at shape {args.shape}" if args.shape else f"model {args.model or 'default'}"
+    print(f"{what}, {args.dtype}; medians over {-(-args.samples // args.batch_size)} batches of {args.batch_size}, "
+          f"methods interleaved, {where}; the expert columns include their stage-1 pruning, other = projectors, "
+          "fusion, stage-3 scoring, head; KV cache = keys and values cached by the prefill")
     print(_format_table(table, cols))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"model": args.model, "seed": args.seed, "samples": args.samples, "new_tokens": args.new_tokens,
+        meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape, "seed": args.seed,
+                "samples": args.samples, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
+                "dtype": args.dtype, "device": args.device if not cuda else torch.cuda.get_device_name(model.device),
                 "threads": torch.get_num_threads()}
         (out / "speed.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
         print(f"written {out / 'speed.json'}")
@@ -419,11 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_probe)
 
     sp = sub.add_parser("speed", help="where a request's time goes, per method: prefill by part, decode per token")
-    sp.add_argument("--model", default="default", help="default (embedded), tiny, or a checkpoint folder")
+    sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder")
+    sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
+                    "(smollm2-135m, qwen2-0.5b; see meteor_vlm.bench.shapes)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")
     sp.add_argument("--new-tokens", type=int, default=8, help="tokens generated to time decoding (>= 2)")
+    sp.add_argument("--batch-size", type=int, default=1, help="samples per request (left-padded)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--seed", type=int, default=_EVAL_SEED, help="held-out split (default: the bench's)")
     sp.add_argument("--out", help="folder for speed.json")
     sp.set_defaults(fn=cmd_speed)

@@ -10,7 +10,18 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["time_methods", "part_timer", "profile_methods"]
+__all__ = ["time_methods", "part_timer", "profile_methods", "kv_cache_bytes", "greedy_steps"]
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes a transformers DynamicCache holds in keys and values, summed over layers (padding included)."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
 
 
 def time_methods(
@@ -36,6 +47,32 @@ def time_methods(
     return [{"median_ms": statistics.median(t), "times_ms": t} for t in times]
 
 
+def greedy_steps(model, logits: torch.Tensor, cache, attention_mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding after a prefill, one forward per token against its cache, as `generate()` does it
+    (suppressed tokens included) without its bookkeeping: what `meteor speed` times as decoding.
+
+    Args:
+        logits: (B, T', V) the prefill's logits (only the last column is read); cache: the prefill's cache;
+        attention_mask: (B, T) the prompt's mask; steps: forwards to run.
+    Returns:
+        (B, steps + 1) the tokens chosen: the prefill's and one per step.
+    """
+    suppress = list(getattr(model.generation_config, "suppress_tokens", None) or [])  # as generate() does
+
+    def pick(logits):
+        last = logits[:, -1].clone()
+        last[:, suppress] = float("-inf")
+        return last.argmax(-1, keepdim=True)
+
+    ids = [pick(logits)]
+    for _ in range(steps):
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        out = model(input_ids=ids[-1], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        ids.append(pick(out.logits))
+    return torch.cat(ids, dim=1)
+
+
 @contextmanager
 def part_timer(model) -> Iterator[dict]:
     """Wall time spent in each vision expert (with its stage-1 pruning) and in the LLM's decoder layers.
@@ -48,19 +85,24 @@ def part_timer(model) -> Iterator[dict]:
     times: dict = {"experts": {n: 0.0 for n in model.expert_names}, "llm_layers": 0.0}
     names = model.expert_names
     inner = model.encode_expert
+    device = model.device  # on a GPU each reading waits for the queued work, so it is charged where it ran
 
     def encode_expert(index, pixel_values, method):
+        _sync(device)
         t0 = time.perf_counter()
         out = inner(index, pixel_values, method)
+        _sync(device)
         times["experts"][names[index]] += (time.perf_counter() - t0) * 1000
         return out
 
     start: list[float] = []
 
     def pre(module, args, kwargs):
+        _sync(device)
         start.append(time.perf_counter())
 
     def post(module, args, kwargs, output):
+        _sync(device)
         times["llm_layers"] += (time.perf_counter() - start.pop()) * 1000
 
     handles = []
@@ -77,15 +119,18 @@ def part_timer(model) -> Iterator[dict]:
 
 
 def profile_methods(model, processor, names: Sequence[str], samples: int = 12, new_tokens: int = 8,
-                    seed: int | None = None, progress: bool = True) -> list[dict]:
-    """Where the time of one request goes, per method: prefill split by part, and decoding per new token.
+                    seed: int | None = None, batch_size: int = 1, progress: bool = True) -> list[dict]:
+    """Where the time and memory of one request go, per method: prefill split by part, decoding per new
+    token, and the KV cache the prefill leaves.
 
-    Runs `samples` held-out synthetic samples (families in turn) one at a time, batch 1, the methods
-    interleaved on each sample (after one untimed warm-up round). Per method, medians over the samples:
-    prefill_ms (the forward that gives the first token), its parts experts_ms {expert: ms} (each expert with
-    its stage-1 pruning), llm_layers_ms (the decoder layers) and other_ms (the rest: projectors, fusion and
-    its pruning, stage 3's scoring, embedding, head); decode_ms_per_token (greedy generation of
-    `new_tokens` tokens, minus one token's, over new_tokens - 1); tokens (layer-averaged visual tokens).
+    Runs `samples` held-out synthetic samples (families in turn) in batches of `batch_size` (left-padded),
+    the methods interleaved on each batch (after one untimed warm-up round). Per method, medians over the
+    batches: prefill_ms (the forward that gives the first token), its parts experts_ms {expert: ms} (each
+    expert with its stage-1 pruning), llm_layers_ms (the decoder layers) and other_ms (the rest: projectors,
+    fusion and its pruning, stage 3's scoring, embedding, head); decode_ms_per_token (the mean
+    of the `new_tokens` - 1 greedy steps after the prefill, each a forward of one token against its cache);
+    kv_cache_mb (keys and values the prefill cached, read from the cache itself); peak_mb (on a GPU: the most memory the prefill allocated beyond what
+    was allocated before it; None on CPU); tokens (layer-averaged visual tokens, mean over samples).
     """
     from .. import synth
     from ..train import encode_samples
@@ -93,45 +138,58 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
 
     resolve_methods(list(names))
     seed = synth.EVAL_SEED if seed is None else seed
-    if samples < 1 or new_tokens < 2:
-        raise ValueError(f"need samples >= 1 and new_tokens >= 2, got {samples} and {new_tokens}")
+    if samples < 1 or new_tokens < 2 or batch_size < 1:
+        raise ValueError(f"need samples >= 1, new_tokens >= 2 and batch_size >= 1, got {samples}, {new_tokens} and {batch_size}")
     size = max(128, max(s.image_size for s in processor.experts))
     per_family = -(-samples // len(synth.FAMILIES))
     split = synth.make_split(seed, per_family, image_size=size)[:samples]  # make_split gives the families in turn
-    encoded = [encode_samples(processor, [s], with_answers=False) for s in split]
-    methods = build_methods(model, list(names), encoded)  # a fixed stage 3 matched to its twin, as in the bench
-    eos = processor.tokenizer.eos_token_id
-    rec = {n: {"prefill": [], "other": [], "llm": [], "decode": [], "tokens": [], **{e: [] for e in model.expert_names}}
-           for n in names}
-    model.eval()
+    dtype, device = model.dtype, model.device
 
-    def generate(inputs, n):
-        return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos)
+    def encode(batch):
+        inputs = encode_samples(processor, batch, with_answers=False)
+        return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+
+    encoded = [encode(split[i:i + batch_size]) for i in range(0, samples, batch_size)]
+    methods = build_methods(model, list(names), encoded)  # a fixed stage 3 matched to its twin, as in the bench
+    keys = ("prefill", "other", "llm", "decode", "tokens", "kv", "peak")
+    rec = {n: {**{k: [] for k in keys}, **{e: [] for e in model.expert_names}} for n in names}
+    model.eval()
+    cuda = device.type == "cuda"
+
+    def clock() -> float:
+        _sync(device)
+        return time.perf_counter()
 
     with torch.no_grad():
         for i, inputs in enumerate(tqdm([encoded[0]] + encoded, desc="speed", disable=not progress)):
             for n in names:
                 m = methods[n]
-                with m(model), part_timer(model) as parts:
-                    t0 = time.perf_counter()
-                    model(**inputs, use_cache=False, logits_to_keep=1)
-                    prefill = (time.perf_counter() - t0) * 1000
-                    tokens = m.stats[-1]["layer_avg_tokens"]
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device)
                 with m(model):
-                    t0 = time.perf_counter()
-                    generate(inputs, 1)
-                    one = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    generate(inputs, new_tokens)
-                    many = time.perf_counter() - t0
+                    with part_timer(model) as parts:
+                        t0 = clock()
+                        out = model(**inputs, use_cache=True, logits_to_keep=1)
+                        prefill = (clock() - t0) * 1000
+                    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else None
+                    cache = out.past_key_values
+                    kv = kv_cache_bytes(cache) / 2**20
+                    tokens = [s["layer_avg_tokens"] for s in m.stats]
+                    t0 = clock()
+                    greedy_steps(model, out.logits, cache, inputs["attention_mask"], new_tokens - 1)
+                    decode = (clock() - t0) * 1000 / (new_tokens - 1)
+                    del out, cache
                 if i == 0:  # warm-up
                     continue
                 r = rec[n]
                 r["prefill"].append(prefill)
                 r["llm"].append(parts["llm_layers"])
                 r["other"].append(prefill - parts["llm_layers"] - sum(parts["experts"].values()))
-                r["decode"].append((many - one) * 1000 / (new_tokens - 1))
-                r["tokens"].append(tokens)
+                r["decode"].append(decode)
+                r["tokens"] += tokens
+                r["kv"].append(kv)
+                r["peak"].append(peak)
                 for e, ms in parts["experts"].items():
                     r[e].append(ms)
     med = statistics.median
@@ -140,5 +198,6 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
         r = rec[n]
         rows.append({"method": n, "tokens": statistics.mean(r["tokens"]), "prefill_ms": med(r["prefill"]),
                      "experts_ms": {e: med(r[e]) for e in model.expert_names}, "llm_layers_ms": med(r["llm"]),
-                     "other_ms": med(r["other"]), "decode_ms_per_token": med(r["decode"])})
+                     "other_ms": med(r["other"]), "decode_ms_per_token": med(r["decode"]),
+                     "kv_cache_mb": med(r["kv"]), "peak_mb": med(r["peak"]) if cuda else None})
     return rows

@@ -1,0 +1,79 @@
+"""Random multi-encoder VLMs at the shapes of real checkpoints, for timing and memory (`meteor speed --shape`).
+
+Their weights are random, so their time, memory and FLOPs mean something and their answers do not. Every
+shape has the same three experts, sized like common real ones, and differs in its LLM:
+
+- ``lowres``: a CLIP ViT-B/16 at 224 px (12 layers, width 768; 196 patches and a CLS token);
+- ``hires``: Pix2Struct-base's vision encoder at 384 px (12 layers, width 768, patches of 16: 576 tokens);
+- ``cnn``: ConvNeXt-T's first three stages at 384 px (stride 16: 576 tokens of width 384);
+
+so the LLM sees 1348 visual tokens per image before pruning (LLaVA-1.5 sees 576, LLaVA-NeXT up to 2880).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.experts import ExpertSpec
+from ..models.processor import MultiEncoderProcessor
+from ..models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
+
+__all__ = ["SHAPES", "shape_experts", "shape_text_config", "shaped_model"]
+
+# the decoders: transformers config kwargs of real checkpoints' LLMs (vocabulary included, since the head's
+# cost per decoded token depends on it)
+SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0),
+    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0),
+}
+
+
+def shape_experts() -> list[ExpertSpec]:
+    """The three experts every shape has (see the module's docstring)."""
+    vit_b = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    return [
+        ExpertSpec("lowres", "clip", 224, dict(vit_b, image_size=224, patch_size=16)),
+        ExpertSpec("hires", "pix2struct", 384,
+                   dict(hidden_size=768, d_kv=64, d_ff=2048, num_hidden_layers=12, num_attention_heads=12,
+                        patch_embed_hidden_size=3 * 16 * 16, seq_len=576), patch_size=16),
+        ExpertSpec("cnn", "convnext", 384, dict(num_channels=3, hidden_sizes=[96, 192, 384], depths=[3, 3, 9],
+                                                 num_stages=3)),
+    ]
+
+
+def shape_text_config(shape: str, tokenizer) -> dict:
+    """The decoder config of a shape (a key of SHAPES), with the tokenizer's special ids; embeddings tied."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known shapes: {sorted(SHAPES)}")
+    return dict(SHAPES[shape], max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+
+
+def shaped_model(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 calibration_images: int = 4) -> tuple[MultiEncoderVLM, MultiEncoderProcessor]:
+    """A random model of a named shape (a key of SHAPES) and its processor, in eval mode.
+
+    The processor uses the synthetic benchmark's word tokenizer (ids below the LLM's vocabulary size), so
+    `meteor speed` can feed it the benchmark's samples. The rank table METEOR's allocation needs is
+    calibrated on `calibration_images` synthetic images.
+    """
+    from .. import synth
+    from ..calibration import calibrate
+    from ..train import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    text = shape_text_config(shape, tokenizer)
+    experts = shape_experts()
+    config = MultiEncoderVLMConfig(
+        experts=experts, text_config=text, fusion="post", projector="mlp",
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = MultiEncoderVLM(config).eval().to(dtype)
+    processor = MultiEncoderProcessor(tokenizer, experts)
+    images = [s.image for s in synth.make_split(seed, per_family=1, image_size=384)][:calibration_images]
+    model.config.rank_table = calibrate(model, processor, images, batch_size=2, progress=False)
+    return model, processor
