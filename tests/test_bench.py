@@ -886,6 +886,7 @@ def test_speed_rows_split_the_prefill_and_time_decoding(tmp_path, capsys):
         assert r["prefill_ms"] >= r["llm_layers_ms"] and r["peak_mb"] is None  # peak memory: GPU only
     assert rows["meteor:paper-242"]["tokens"] < rows["unpruned"]["tokens"]
     assert rows["meteor:paper-242"]["kv_cache_mb"] < rows["unpruned"]["kv_cache_mb"]
+    assert 0 < rows["meteor:paper-242"]["prefill_tflops"] < rows["unpruned"]["prefill_tflops"]
     assert main(["speed", "--model", "tiny", "--new-tokens", "1"]) == 2
     assert "--new-tokens >= 2" in capsys.readouterr().err
     assert main(["speed", "--model", "tiny", "--shape", "smollm2-135m"]) == 2

@@ -129,12 +129,13 @@ def cmd_speed(args) -> int:
     for r in rows:
         table.append({"method": r["method"], "tokens": f"{r['tokens']:.0f}",
                       "prefill": f"{r['prefill_ms']:.1f} ({r['prefill_ms'] / base['prefill_ms']:.2f}x)",
+                      "gflops": f"{r['prefill_tflops'] * 1e3:.3g} ({r['prefill_tflops'] / base['prefill_tflops']:.2f}x)",
                       **{e: f"{r['experts_ms'][e]:.1f}" for e in experts},
                       "llm": f"{r['llm_layers_ms']:.1f}", "other": f"{r['other_ms']:.1f}",
                       "decode": f"{r['decode_ms_per_token']:.1f} ({r['decode_ms_per_token'] / base['decode_ms_per_token']:.2f}x)",
                       "kv": f"{r['kv_cache_mb']:.2f} ({r['kv_cache_mb'] / base['kv_cache_mb']:.2f}x)",
                       "peak": f"{r['peak_mb']:.0f}" if cuda else ""})
-    cols = ([("method", "method"), ("tokens", "tokens (layer avg)"), ("prefill", "prefill ms")]
+    cols = ([("method", "method"), ("tokens", "tokens (layer avg)"), ("gflops", "prefill GFLOPs"), ("prefill", "prefill ms")]
             + [(e, f"{e} ms") for e in experts]
             + [("llm", "LLM layers ms"), ("other", "other ms"), ("decode", "decode ms/token"), ("kv", "KV cache MB")]
             + ([("peak", "prefill peak MB")] if cuda else []))

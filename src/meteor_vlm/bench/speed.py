@@ -125,7 +125,8 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
 
     Runs `samples` held-out synthetic samples (families in turn) in batches of `batch_size` (left-padded),
     the methods interleaved on each batch (after one untimed warm-up round). Per method, medians over the
-    batches: prefill_ms (the forward that gives the first token), its parts experts_ms {expert: ms} (each
+    batches: prefill_ms (the forward that gives the first token; prefill_tflops: its FLOPs, mean over the
+    batches, counted in an untimed run just before), its parts experts_ms {expert: ms} (each
     expert with its stage-1 pruning), llm_layers_ms (the decoder layers) and other_ms (the rest: projectors,
     fusion and its pruning, stage 3's scoring, embedding, head); decode_ms_per_token (the mean
     of the `new_tokens` - 1 greedy steps after the prefill, each a forward of one token against its cache);
@@ -135,6 +136,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     from .. import synth
     from ..train import encode_samples
     from .accuracy import build_methods, resolve_methods
+    from .flops import count_flops
 
     resolve_methods(list(names))
     seed = synth.EVAL_SEED if seed is None else seed
@@ -151,7 +153,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
 
     encoded = [encode(split[i:i + batch_size]) for i in range(0, samples, batch_size)]
     methods = build_methods(model, list(names), encoded)  # a fixed stage 3 matched to its twin, as in the bench
-    keys = ("prefill", "other", "llm", "decode", "tokens", "kv", "peak")
+    keys = ("prefill", "flops", "other", "llm", "decode", "tokens", "kv", "peak")
     rec = {n: {**{k: [] for k in keys}, **{e: [] for e in model.expert_names}} for n in names}
     model.eval()
     cuda = device.type == "cuda"
@@ -164,10 +166,11 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
         for i, inputs in enumerate(tqdm([encoded[0]] + encoded, desc="speed", disable=not progress)):
             for n in names:
                 m = methods[n]
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                    before = torch.cuda.memory_allocated(device)
                 with m(model):
+                    flops = count_flops(model, **inputs, use_cache=True, logits_to_keep=1)  # untimed, also a warm-up
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats(device)
+                        before = torch.cuda.memory_allocated(device)
                     with part_timer(model) as parts:
                         t0 = clock()
                         out = model(**inputs, use_cache=True, logits_to_keep=1)
@@ -184,6 +187,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
                     continue
                 r = rec[n]
                 r["prefill"].append(prefill)
+                r["flops"].append(flops)
                 r["llm"].append(parts["llm_layers"])
                 r["other"].append(prefill - parts["llm_layers"] - sum(parts["experts"].values()))
                 r["decode"].append(decode)
@@ -197,6 +201,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     for n in names:
         r = rec[n]
         rows.append({"method": n, "tokens": statistics.mean(r["tokens"]), "prefill_ms": med(r["prefill"]),
+                     "prefill_tflops": statistics.mean(r["flops"]) / 1e12,
                      "experts_ms": {e: med(r[e]) for e in model.expert_names}, "llm_layers_ms": med(r["llm"]),
                      "other_ms": med(r["other"]), "decode_ms_per_token": med(r["decode"]),
                      "kv_cache_mb": med(r["kv"]), "peak_mb": med(r["peak"]) if cuda else None})
