@@ -37,6 +37,11 @@ def _synthetic_images(n: int, seed: int):
     return [s.image for s in synth.make_split(seed=seed, per_family=per, image_size=128)][:n]
 
 
+def _short(x: float) -> str:
+    """A figure for a table: one decimal from 1 up, three significant digits below."""
+    return f"{x:.1f}" if abs(x) >= 1 else f"{x:.3g}"
+
+
 def _format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     cells = [[h for _, h in columns]] + [[str(r[k]) for k, _ in columns] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
@@ -129,7 +134,7 @@ def cmd_speed(args) -> int:
     for r in rows:
         table.append({"method": r["method"], "tokens": f"{r['tokens']:.0f}",
                       "prefill": f"{r['prefill_ms']:.1f} ({r['prefill_ms'] / base['prefill_ms']:.2f}x)",
-                      "gflops": f"{r['prefill_tflops'] * 1e3:.3g} ({r['prefill_tflops'] / base['prefill_tflops']:.2f}x)",
+                      "gflops": f"{_short(r['prefill_tflops'] * 1e3)} ({r['prefill_tflops'] / base['prefill_tflops']:.2f}x)",
                       **{e: f"{r['experts_ms'][e]:.1f}" for e in experts},
                       "llm": f"{r['llm_layers_ms']:.1f}", "other": f"{r['other_ms']:.1f}",
                       "decode": f"{r['decode_ms_per_token']:.1f} ({r['decode_ms_per_token'] / base['decode_ms_per_token']:.2f}x)",

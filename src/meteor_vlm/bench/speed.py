@@ -67,7 +67,7 @@ def greedy_steps(model, logits: torch.Tensor, cache, attention_mask: torch.Tenso
     ids = [pick(logits)]
     for _ in range(steps):
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        out = model(input_ids=ids[-1], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids[-1], attention_mask=attention_mask, cache=cache, use_cache=True,
                     logits_to_keep=1)
         ids.append(pick(out.logits))
     return torch.cat(ids, dim=1)
