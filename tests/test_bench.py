@@ -944,7 +944,7 @@ def test_shapes_have_the_real_llms():
     from meteor_vlm.bench.shapes import SHAPES, shape_text_config, shaped_model
     from meteor_vlm.train import build_tokenizer, encode_samples
 
-    published = {"smollm2-135m": 134_515_008, "qwen2-0.5b": 494_032_768}
+    published = {"smollm2-135m": 134_515_008, "qwen2-0.5b": 494_032_768, "vicuna-7b": 6_738_415_616}
     assert set(SHAPES) == set(published)
     tokenizer = build_tokenizer()
     for shape, count in published.items():

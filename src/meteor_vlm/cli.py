@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("speed", help="where a request's time goes, per method: prefill by part, decode per token")
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
-                    "(smollm2-135m, qwen2-0.5b; see meteor_vlm.bench.shapes)")
+                    "(smollm2-135m, qwen2-0.5b, vicuna-7b; see meteor_vlm.bench.shapes)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")

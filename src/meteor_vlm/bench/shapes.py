@@ -1,7 +1,8 @@
 """Random multi-encoder VLMs at the shapes of real checkpoints, for timing and memory (`meteor speed --shape`).
 
-Their weights are random, so their time, memory and FLOPs mean something and their answers do not. Every
-shape has the same three experts, sized like common real ones, and differs in its LLM:
+Their weights are random, so their time, memory and FLOPs mean something and their answers do not. A shape
+is named after its decoder (SmolLM2-135M, Qwen2-0.5B, Vicuna-7B: the layer sizes of those checkpoints'
+LLMs, vocabulary included); every shape has the same three experts, sized like common real ones:
 
 - ``lowres``: a CLIP ViT-B/16 at 224 px (12 layers, width 768; 196 patches and a CLS token);
 - ``hires``: Pix2Struct-base's vision encoder at 384 px (12 layers, width 768, patches of 16: 576 tokens);
@@ -24,9 +25,15 @@ __all__ = ["SHAPES", "shape_experts", "shape_text_config", "shaped_model"]
 # cost per decoded token depends on it)
 SHAPES: dict[str, dict] = {
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0),
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
+                         tie_word_embeddings=True),
     "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0),
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0,
+                       tie_word_embeddings=True),
+    # Vicuna-7B / Llama-2-7B: the decoder of LLaVA-1.5-7B and of the paper's METEOR numbers (about 13.5 GB in bf16)
+    "vicuna-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0,
+                      tie_word_embeddings=False),
 }
 
 
@@ -44,11 +51,11 @@ def shape_experts() -> list[ExpertSpec]:
 
 
 def shape_text_config(shape: str, tokenizer) -> dict:
-    """The decoder config of a shape (a key of SHAPES), with the tokenizer's special ids; embeddings tied."""
+    """The decoder config of a shape (a key of SHAPES), with the tokenizer's special ids."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known shapes: {sorted(SHAPES)}")
     return dict(SHAPES[shape], max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
 def shaped_model(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -72,7 +79,12 @@ def shaped_model(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
-    model = MultiEncoderVLM(config).eval().to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in `dtype` directly: a 7B decoder would not fit in memory in fp32 first
+    try:
+        model = MultiEncoderVLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     processor = MultiEncoderProcessor(tokenizer, experts)
     images = [s.image for s in synth.make_split(seed, per_family=1, image_size=384)][:calibration_images]
     model.config.rank_table = calibrate(model, processor, images, batch_size=2, progress=False)
