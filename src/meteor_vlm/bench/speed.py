@@ -126,12 +126,13 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     Runs `samples` held-out synthetic samples (families in turn) in batches of `batch_size` (left-padded),
     the methods interleaved on each batch (after one untimed warm-up round). Per method, medians over the
     batches: prefill_ms (the forward that gives the first token; prefill_tflops: its FLOPs, mean over the
-    batches, counted in an untimed run just before), its parts experts_ms {expert: ms} (each
-    expert with its stage-1 pruning), llm_layers_ms (the decoder layers) and other_ms (the rest: projectors,
-    fusion and its pruning, stage 3's scoring, embedding, head); decode_ms_per_token (the mean
-    of the `new_tokens` - 1 greedy steps after the prefill, each a forward of one token against its cache);
-    kv_cache_mb (keys and values the prefill cached, read from the cache itself); peak_mb (on a GPU: the most memory the prefill allocated beyond what
-    was allocated before it; None on CPU); tokens (layer-averaged visual tokens, mean over samples).
+    batches, counted in an untimed run just before), its parts experts_ms {expert: ms} (each expert with its
+    stage-1 pruning), llm_layers_ms (the decoder layers) and other_ms (the rest: projectors, fusion and its
+    pruning, stage 3's scoring, embedding, head); decode_ms_per_token (the mean of the `new_tokens` - 1
+    greedy steps after the prefill, each a forward of one token against its cache); kv_cache_mb (keys and
+    values the prefill cached, read from the cache itself); peak_mb (on a GPU: the most memory the prefill
+    allocated beyond what was allocated before it; None on CPU); tokens (layer-averaged visual tokens, mean
+    over samples).
     """
     from .. import synth
     from ..train import encode_samples
@@ -167,7 +168,8 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
             for n in names:
                 m = methods[n]
                 with m(model):
-                    flops = count_flops(model, **inputs, use_cache=True, logits_to_keep=1)  # untimed, also a warm-up
+                    if i:  # untimed, and a warm-up of the timed run that follows
+                        flops = count_flops(model, **inputs, use_cache=True, logits_to_keep=1)
                     if cuda:
                         torch.cuda.reset_peak_memory_stats(device)
                         before = torch.cuda.memory_allocated(device)
@@ -178,7 +180,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
                     peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else None
                     cache = out.past_key_values
                     kv = kv_cache_bytes(cache) / 2**20
-                    tokens = [s["layer_avg_tokens"] for s in m.stats]
+                    tokens = [s["layer_avg_tokens"] for s in m.stats[-len(inputs["input_ids"]):]]  # this prefill's
                     t0 = clock()
                     greedy_steps(model, out.logits, cache, inputs["attention_mask"], new_tokens - 1)
                     decode = (clock() - t0) * 1000 / (new_tokens - 1)
