@@ -121,6 +121,7 @@ def cmd_speed(args) -> int:
         raise ValueError("--device cuda: no CUDA device is available")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.shape:
+        print(f"building a random model at shape {args.shape} ({args.dtype}) and calibrating it ...", file=sys.stderr)
         model, processor = shaped_model(args.shape, dtype=dtype)
     else:
         model, processor = _load(args.model or "default")
