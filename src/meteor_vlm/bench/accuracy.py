@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import synth
-from ..methods import Meteor, NoPruning
+from ..methods import FastV, Meteor, NoPruning
 from .flops import count_flops
 from .stats import paired_bootstrap
 
@@ -83,18 +83,23 @@ def paper_order_pairs(names: list[str]) -> list[tuple[str, str]]:
 
 BUDGET_NAME = re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$")
 STAGE3_NAME = re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$")
+FASTV_NAME = re.compile(r"^fastv:k([0-9]+)-r([0-9.]+)$")
 
 
 def budget_method(name: str) -> Meteor | None:
     """`meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>`: all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100;
     `stage3:adaptive-l<lambda>` / `stage3:fixed-l<lambda>`: the stage-3 ablation at another lambda (the fixed
-    ratios are matched at run time to the adaptive method of the same lambda)."""
+    ratios are matched at run time to the adaptive method of the same lambda); `fastv:k<layer>-r<ratio>`: FastV
+    dropping that share of the visual tokens before that LLM layer, e.g. fastv:k1-r0.875."""
     m = BUDGET_NAME.match(name)
     if m is not None:
         return Meteor(encoder_keep=float(m.group(1)), fusion_keep=float(m.group(2)), lam=float(m.group(3)))
     m = STAGE3_NAME.match(name)
     if m is not None:
         return _stage3_alone(m.group(1), float(m.group(2)))
+    m = FASTV_NAME.match(name)
+    if m is not None:
+        return FastV(layer=int(m.group(1)), ratio=float(m.group(2)))
     return None
 
 
@@ -118,10 +123,11 @@ def build_methods(model, names: list[str], encoded: list[dict]) -> dict:
 def resolve_methods(names: list[str]) -> list[str]:
     """Check method names against the catalog and the budget patterns (ValueError listing the known ones)."""
     cat = method_catalog()
-    bad = [n for n in names if n not in cat and BUDGET_NAME.match(n) is None and STAGE3_NAME.match(n) is None]
+    patterns = (BUDGET_NAME, STAGE3_NAME, FASTV_NAME)
+    bad = [n for n in names if n not in cat and not any(p.match(n) for p in patterns)]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda> "
-                         "or stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>")
+        raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
+                         "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda> or fastv:k<layer>-r<ratio>")
     if not names:
         raise ValueError("no method given")
     return names

@@ -1,6 +1,7 @@
 """Pruning methods: one file per method, a registry by name (`get("meteor")`)."""
 
 from .base import REGISTRY, EncoderPoint, FusionPoint, NoPruning, PruningMethod, get, register
+from .fastv import FastV
 from .meteor import Meteor, scaled_llm_layers
 
-__all__ = ["REGISTRY", "EncoderPoint", "FusionPoint", "Meteor", "NoPruning", "PruningMethod", "get", "register", "scaled_llm_layers"]
+__all__ = ["REGISTRY", "EncoderPoint", "FastV", "FusionPoint", "Meteor", "NoPruning", "PruningMethod", "get", "register", "scaled_llm_layers"]

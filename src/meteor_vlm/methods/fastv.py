@@ -1,0 +1,60 @@
+"""FastV: once, early in the LLM, drop the visual tokens the last instruction token attends to least.
+
+Before LLM layer `layer` (K), the last prompt token's attention over the sequence, computed from that
+layer's own query/key projections with RoPE and averaged over all heads, ranks the visual tokens; the
+top (1 - ratio) share is kept for layer K and every layer after it, at its original RoPE position.
+Layers before K see every token. Nothing happens in the experts or at fusion.
+
+FastV's layer K is a position in its LLM's depth (K = 2 of 32 layers in its paper); on a shallower
+model, scale it (`scaled_layer`) to compare at the same relative depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .. import ops
+from .base import PruningMethod, register
+
+__all__ = ["FastV"]
+
+
+@register
+@dataclass
+class FastV(PruningMethod):
+    """FastV's settings: `layer` (K, the first LLM layer that sees the pruned sequence, 0-based) and
+    `ratio` (R, the share of each sample's visual tokens dropped there; kept: round((1 - R) * N))."""
+
+    name: ClassVar[str] = "fastv"
+    layer: int = 2
+    ratio: float = 0.5
+
+    def validate(self) -> None:
+        if not 0.0 <= float(self.ratio) <= 1.0:
+            raise ValueError(f"ratio must be a ratio in [0, 1], got {self.ratio}")
+        if int(self.layer) != self.layer or self.layer < 0:
+            raise ValueError(f"layer must be a layer index >= 0, got {self.layer}")
+
+    def setup(self, model) -> None:
+        depth = model.num_llm_layers
+        if self.layer >= depth:
+            raise ValueError(f"LLM layer {self.layer} past the model's depth ({depth} layers, indices 0..{depth - 1})")
+
+    @staticmethod
+    def scaled_layer(num_layers: int, layer: int = 2, reference_depth: int = 32) -> int:
+        """FastV's K (2 of 32 by default) at the same relative depth of a `num_layers`-layer LLM."""
+        return min(num_layers - 1, int(layer * num_layers / reference_depth + 0.5))
+
+    def llm_layers(self, num_layers: int) -> set[int]:
+        return {self.layer}
+
+    def prune_llm(self, ctx) -> torch.Tensor:
+        visual = ctx.visual & ctx.valid
+        rows = ctx.attention_rows(ctx.query_index[:, None])  # (B, H, 1, T)
+        score = rows.mean(1)[:, 0]  # (B, T): averaged over heads
+        available = visual.sum(1)
+        keep = torch.round((1.0 - self.ratio) * available.float()).long().clamp(max=available)
+        return (ctx.valid & ~ctx.visual) | ops.topk_mask(score, keep, candidates=visual)

@@ -1,0 +1,106 @@
+"""FastV on the shared runtime: its choice = the eager attention map's, its drop = masking, cache and batch oracles."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import meteor_vlm as mv
+
+from .conftest import make_inputs
+from .test_oracles import PROMPTS, logits, reference_masked_logits
+
+
+class RecordingFastV(mv.FastV):
+    """FastV that keeps the mask it returned (for the test to compare)."""
+
+    def prune_llm(self, ctx):
+        self.kept = super().prune_llm(ctx)
+        return self.kept
+
+
+def eager_last_row(model, inputs, layer):
+    """Head-averaged attention of the last prompt token at `layer` of an eager copy of the unpruned LLM
+    (batch 1, no padding: positions 0..T-1), over the spliced sequence; and which columns are visual."""
+    lm_sdpa = model.language_model
+    cfg = lm_sdpa.config.__class__(**lm_sdpa.config.to_dict())
+    cfg._attn_implementation = "eager"
+    lm = AutoModelForCausalLM.from_config(cfg)
+    lm.load_state_dict(lm_sdpa.state_dict())
+    pixels = {k[len("pixel_values_"):]: v for k, v in inputs.items() if k.startswith("pixel_values_")}
+    with torch.no_grad():
+        visual = model.encode_images(pixels)
+        embeds, valid, vis, _, _, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+        assert valid.all()
+        att = lm(inputs_embeds=embeds, output_attentions=True).attentions[layer]  # (1, H, T, T)
+    return att[0, :, -1].mean(0), vis[0]
+
+
+@pytest.mark.parametrize("layer,ratio", [(1, 0.75), (3, 0.5)])
+def test_fastv_keeps_the_most_attended_tokens_and_its_drop_equals_masking(tiny, images, layer, ratio):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0]], PROMPTS[:1])
+    row, vis = eager_last_row(model, inputs, layer)
+    n = int(vis.sum())
+    keep = round((1 - ratio) * n)
+    want_kept = set(torch.where(vis)[0][row[vis].topk(keep).indices].tolist())
+    method = RecordingFastV(layer=layer, ratio=ratio)
+    with method(model):
+        got = logits(model, inputs)
+    kept = set(torch.where(method.kept[0] & vis)[0].tolist())
+    assert kept == want_kept and len(kept) == keep < n
+    assert method.stats[0]["stage3"] == {layer: keep}
+    drop = [sorted(set(torch.where(vis)[0].tolist()) - kept)]
+    want = reference_masked_logits(model, inputs, drop, layer)
+    real = inputs["input_ids"] != model.config.image_token_id
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_fastv_dropping_nothing_is_the_unmodified_model(tiny, images):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], [images[1], images[2]]], PROMPTS[:2])
+    before = logits(model, inputs)
+    with mv.FastV(layer=2, ratio=0.0)(model):
+        same = logits(model, inputs)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
+
+
+def test_fastv_batch_equals_one_by_one_and_cached_generate_equals_uncached(tiny, images):
+    model, processor = tiny
+    imgs = [images[0], [images[1], images[2]], images[3]]
+    method = mv.FastV(layer=2, ratio=0.6)
+    with method(model), torch.no_grad():
+        batch_in = make_inputs(processor, imgs, PROMPTS)
+        assert (batch_in["attention_mask"] == 0).any(), "left padding is exercised"
+        batch = model(**batch_in, use_cache=False).logits
+        for b in range(3):
+            alone = model(**make_inputs(processor, [imgs[b]], [PROMPTS[b]]), use_cache=False).logits[0]
+            torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
+        out = model.generate(**batch_in, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+        ids, mask = batch_in["input_ids"], batch_in["attention_mask"]
+        pixels = {k: v for k, v in batch_in.items() if k.startswith("pixel_values_")}
+        for step in range(4):
+            full = model(input_ids=ids, attention_mask=mask, **pixels, use_cache=False,
+                         query_positions=batch_in["input_ids"].shape[1] - 1).logits[:, -1]
+            torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
+            full[:, model.config.image_token_id] = float("-inf")
+            ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(out.sequences, ids)
+
+
+def test_fastv_bad_settings_and_bench_names(tiny):
+    from meteor_vlm.bench.accuracy import make_method, resolve_methods
+
+    model, _ = tiny
+    with pytest.raises(ValueError, match="ratio must be a ratio in"):
+        mv.FastV(ratio=1.5)
+    with pytest.raises(ValueError, match="layer must be"):
+        mv.FastV(layer=-1)
+    with pytest.raises(ValueError, match="past the model's depth"), mv.FastV(layer=model.num_llm_layers)(model):
+        pass
+    assert resolve_methods(["fastv:k1-r0.875"]) == ["fastv:k1-r0.875"]
+    assert make_method("fastv:k1-r0.875") == mv.FastV(layer=1, ratio=0.875)
+    assert mv.methods.get("fastv") is mv.FastV
+    assert [mv.FastV.scaled_layer(n) for n in (32, 8, 6, 1)] == [2, 1, 0, 0]
