@@ -963,3 +963,32 @@ def test_shapes_have_the_real_llms():
     assert method.stats[0]["layer_avg_tokens"] == (224 // 16) ** 2 + 2 * (384 // 16) ** 2
     with pytest.raises(ValueError, match="unknown shape"):
         shaped_model("llava-70b")
+
+
+@pytest.mark.parametrize("folder", ["ablations", "stage3"])
+def test_compare_reproduces_the_bench_pairs_from_a_results_file(folder, capsys):
+    """`meteor compare` recomputes, from a committed results.json's per-sample answers, exactly the paired
+    intervals the bench itself wrote for its ablation pairs: the families it reconstructs are the bench's."""
+    from pathlib import Path
+
+    from meteor_vlm.bench.report import compare_rows
+
+    path = Path(__file__).parent.parent / "results" / folder / "results.json"
+    results = json.loads(path.read_text())
+    pairs = [(r["ablation"]["against"], r) for r in results["rows"] if "ablation" in r]
+    assert pairs
+    for better, row in pairs:
+        c = compare_rows(results, better, row["method"])
+        assert c["difference_ci95"] == row["ablation"]["difference_ci95"]
+        assert c["difference"] == pytest.approx(row["ablation"]["difference"])
+    unpruned = results["rows"][0]
+    c = compare_rows(results, "unpruned", row["method"])
+    assert c["delta_ci95"] == row["delta_ci95"] and c["delta"]["scenes"] == pytest.approx(
+        row["accuracy"]["scenes"] - unpruned["accuracy"]["scenes"])
+    assert main(["compare", str(path.parent), "unpruned", row["method"]]) == 0
+    assert "paired bootstrap, 95%" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no row"):
+        compare_rows(results, "unpruned", "fastv:k9-r0.1")
+    short = {**results, "samples_per_family": results["samples_per_family"] + 1}
+    with pytest.raises(ValueError, match="not 6 families"):
+        compare_rows(short, "unpruned", row["method"])

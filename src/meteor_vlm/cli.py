@@ -325,6 +325,24 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from meteor_vlm.bench.report import compare_rows
+
+    path = Path(args.results)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise ValueError(f"results file not found: {path}")
+    c = compare_rows(json.loads(path.read_text()), args.base, args.other)
+    lo, hi = c["difference_ci95"]
+    print(f"{c['other']} - {c['base']} on {path}: average {100 * c['difference']:+.1f} points [{100 * lo:+.1f}, "
+          f"{100 * hi:+.1f}] (paired bootstrap, 95%)")
+    for f, d in c["delta"].items():
+        lo, hi = c["delta_ci95"][f]
+        print(f"  {f:9s} {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from meteor_vlm.bench.accuracy import method_catalog
 
@@ -463,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=_EVAL_SEED, help="held-out split (default: the bench's)")
     sp.add_argument("--out", help="folder for speed.json")
     sp.set_defaults(fn=cmd_speed)
+
+    c = sub.add_parser("compare", help="two rows of a bench's results.json against each other, with 95%% intervals")
+    c.add_argument("results", help="a results.json (or its folder) written by meteor bench")
+    c.add_argument("base", help="the row to compare against (a method name)")
+    c.add_argument("other", help="the row compared (a method name)")
+    c.set_defaults(fn=cmd_compare)
 
     m = sub.add_parser("methods", help="list the method names bench accepts")
     m.set_defaults(fn=cmd_methods)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import synth
 
-__all__ = ["format_table", "format_kinds", "format_ablations", "write_results", "reading"]
+__all__ = ["format_table", "format_kinds", "format_ablations", "write_results", "reading", "compare_rows"]
 
 _SHORT = {"scenes": "scene", "pope": "pope", "counting": "count", "ocr": "ocr", "docs": "docs", "charts": "chart"}
 
@@ -101,6 +101,34 @@ def format_ablations(rows: list[dict]) -> str:
                                               "reversed": "the paper's order is reversed",
                                               "tie": "a tie (the interval holds 0)"}[a["verdict"]])
     return "\n".join(lines)
+
+
+def compare_rows(results: dict, base: str, other: str) -> dict:
+    """Two rows of one bench's results.json against each other, after the fact: `other`'s average and
+    per-family accuracy minus `base`'s, with the paired bootstrap's 95% intervals (`stats.paired_bootstrap`,
+    as the bench computes them), from the per-sample answers the file keeps (`correct`, in
+    `synth.make_split` order: families in turn).
+
+    Returns {"base", "other", "difference", "difference_ci95", "delta": {family: difference},
+    "delta_ci95": {family: [lo, hi]}} (fractions: -0.02 = 2 points lost).
+    """
+    from .stats import paired_bootstrap
+
+    rows = {r["method"]: r for r in results["rows"]}
+    missing = [n for n in (base, other) if n not in rows]
+    if missing:
+        raise ValueError(f"no row {missing} in these results; rows: {list(rows)}")
+    a, b = rows[base]["correct"], rows[other]["correct"]
+    fams = [f for f in synth.FAMILIES if f in rows[base]["accuracy"]]
+    if len(a) != len(b) or len(a) != len(fams) * results["samples_per_family"]:
+        raise ValueError(f"the rows hold {len(a)} and {len(b)} answers, not {len(fams)} families x "
+                         f"{results['samples_per_family']} samples")
+    families = [fams[i % len(fams)] for i in range(len(a))]
+    ci = paired_bootstrap([int(c) for c in a], [int(c) for c in b], families)
+    acc_a, acc_b = rows[base]["accuracy"], rows[other]["accuracy"]
+    return {"base": base, "other": other, "difference": acc_b["average"] - acc_a["average"],
+            "difference_ci95": ci["difference"], "delta": {f: acc_b[f] - acc_a[f] for f in fams},
+            "delta_ci95": ci["delta"]}
 
 
 def write_results(rows: list[dict], out, meta: dict) -> list[Path]:
