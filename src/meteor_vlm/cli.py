@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", help="instead: report how well a trained model's visual tokens name their content")
     pr.set_defaults(fn=cmd_probe)
 
-    sp = sub.add_parser("speed", help="where a request's time goes, per method: prefill by part, decode per token")
+    sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
                     "(smollm2-135m, qwen2-0.5b, vicuna-7b; see meteor_vlm.bench.shapes)")
