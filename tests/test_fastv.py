@@ -65,31 +65,6 @@ def test_fastv_dropping_nothing_is_the_unmodified_model(tiny, images):
     torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
 
 
-def test_fastv_batch_equals_one_by_one_and_cached_generate_equals_uncached(tiny, images):
-    model, processor = tiny
-    imgs = [images[0], [images[1], images[2]], images[3]]
-    method = mv.FastV(layer=2, ratio=0.6)
-    with method(model), torch.no_grad():
-        batch_in = make_inputs(processor, imgs, PROMPTS)
-        assert (batch_in["attention_mask"] == 0).any(), "left padding is exercised"
-        batch = model(**batch_in, use_cache=False).logits
-        for b in range(3):
-            alone = model(**make_inputs(processor, [imgs[b]], [PROMPTS[b]]), use_cache=False).logits[0]
-            torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
-        out = model.generate(**batch_in, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                             return_dict_in_generate=True, output_logits=True)
-        ids, mask = batch_in["input_ids"], batch_in["attention_mask"]
-        pixels = {k: v for k, v in batch_in.items() if k.startswith("pixel_values_")}
-        for step in range(4):
-            full = model(input_ids=ids, attention_mask=mask, **pixels, use_cache=False,
-                         query_positions=batch_in["input_ids"].shape[1] - 1).logits[:, -1]
-            torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
-            full[:, model.config.image_token_id] = float("-inf")
-            ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(out.sequences, ids)
-
-
 def test_fastv_bad_settings_and_bench_names(tiny):
     from meteor_vlm.bench.accuracy import make_method, resolve_methods
 

@@ -262,3 +262,31 @@ def test_every_layer_keeps_running_sdpa_while_pruning(tiny, images, monkeypatch)
     # the LLM layers after pruning ran on fewer tokens
     llm_lens = [c[2] for c in calls[transformer_blocks:]]
     assert llm_lens[-1] < llm_lens[0]
+
+
+@pytest.mark.parametrize("make", [lambda: mv.FastV(layer=2, ratio=0.6), lambda: mv.PyramidDrop(ratio=0.6)],
+                         ids=["fastv", "pyramiddrop"])
+def test_peers_batch_equals_one_by_one_and_cached_generate_equals_uncached(tiny, images, make):
+    """The peers on the shared runtime obey its batch and cache oracles too."""
+    model, processor = tiny
+    imgs = [images[0], [images[1], images[2]], images[3]]
+    method = make()
+    with method(model), torch.no_grad():
+        batch_in = make_inputs(processor, imgs, PROMPTS)
+        assert (batch_in["attention_mask"] == 0).any(), "left padding is exercised"
+        batch = model(**batch_in, use_cache=False).logits
+        for b in range(3):
+            alone = model(**make_inputs(processor, [imgs[b]], [PROMPTS[b]]), use_cache=False).logits[0]
+            torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
+        out = model.generate(**batch_in, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+        ids, mask = batch_in["input_ids"], batch_in["attention_mask"]
+        pixels = {k: v for k, v in batch_in.items() if k.startswith("pixel_values_")}
+        for step in range(4):
+            full = model(input_ids=ids, attention_mask=mask, **pixels, use_cache=False,
+                         query_positions=batch_in["input_ids"].shape[1] - 1).logits[:, -1]
+            torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
+            full[:, model.config.image_token_id] = float("-inf")
+            ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(out.sequences, ids)

@@ -11,7 +11,7 @@
 from . import methods, ops, testing
 from .calibration import calibrate, load_rank_table, save_rank_table
 from .default import has_default, load_default
-from .methods import FastV, Meteor, NoPruning, PruningMethod
+from .methods import FastV, Meteor, NoPruning, PruningMethod, PyramidDrop
 from .models import ExpertSpec, MultiEncoderProcessor, MultiEncoderVLM, MultiEncoderVLMConfig
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "MultiEncoderVLMConfig",
     "NoPruning",
     "PruningMethod",
+    "PyramidDrop",
     "calibrate",
     "has_default",
     "load_default",

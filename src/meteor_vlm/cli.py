@@ -352,6 +352,8 @@ def cmd_methods(args) -> int:
     print("meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>   all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100")
     print("stage3:adaptive-l<lambda>, stage3:fixed-l<lambda>   the stage-3 ablation at another lambda (default 50)")
     print("fastv:k<layer>-r<ratio>   FastV: drop that share of the visual tokens before that LLM layer, e.g. fastv:k1-r0.875")
+    print("pyramiddrop:r<ratio>   PyramidDrop: keep that share of the previous stage's visual tokens at 8/16/24 of 32 layers, "
+          "e.g. pyramiddrop:r0.5")
     return 0
 
 

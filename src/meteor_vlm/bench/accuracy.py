@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import synth
-from ..methods import FastV, Meteor, NoPruning
+from ..methods import FastV, Meteor, NoPruning, PyramidDrop
 from .flops import count_flops
 from .stats import paired_bootstrap
 
@@ -84,13 +84,15 @@ def paper_order_pairs(names: list[str]) -> list[tuple[str, str]]:
 BUDGET_NAME = re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$")
 STAGE3_NAME = re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$")
 FASTV_NAME = re.compile(r"^fastv:k([0-9]+)-r([0-9.]+)$")
+PDROP_NAME = re.compile(r"^pyramiddrop:r([0-9.]+)$")
 
 
 def budget_method(name: str) -> Meteor | None:
     """`meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>`: all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100;
     `stage3:adaptive-l<lambda>` / `stage3:fixed-l<lambda>`: the stage-3 ablation at another lambda (the fixed
     ratios are matched at run time to the adaptive method of the same lambda); `fastv:k<layer>-r<ratio>`: FastV
-    dropping that share of the visual tokens before that LLM layer, e.g. fastv:k1-r0.875."""
+    dropping that share of the visual tokens before that LLM layer, e.g. fastv:k1-r0.875; `pyramiddrop:r<ratio>`:
+    PyramidDrop keeping that share of the previous stage's visual tokens at each of its three layers."""
     m = BUDGET_NAME.match(name)
     if m is not None:
         return Meteor(encoder_keep=float(m.group(1)), fusion_keep=float(m.group(2)), lam=float(m.group(3)))
@@ -100,6 +102,9 @@ def budget_method(name: str) -> Meteor | None:
     m = FASTV_NAME.match(name)
     if m is not None:
         return FastV(layer=int(m.group(1)), ratio=float(m.group(2)))
+    m = PDROP_NAME.match(name)
+    if m is not None:
+        return PyramidDrop(ratio=float(m.group(1)))
     return None
 
 
@@ -123,11 +128,11 @@ def build_methods(model, names: list[str], encoded: list[dict]) -> dict:
 def resolve_methods(names: list[str]) -> list[str]:
     """Check method names against the catalog and the budget patterns (ValueError listing the known ones)."""
     cat = method_catalog()
-    patterns = (BUDGET_NAME, STAGE3_NAME, FASTV_NAME)
+    patterns = (BUDGET_NAME, STAGE3_NAME, FASTV_NAME, PDROP_NAME)
     bad = [n for n in names if n not in cat and not any(p.match(n) for p in patterns)]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
-                         "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda> or fastv:k<layer>-r<ratio>")
+                         "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio> or pyramiddrop:r<ratio>")
     if not names:
         raise ValueError("no method given")
     return names

@@ -3,5 +3,6 @@
 from .base import REGISTRY, EncoderPoint, FusionPoint, NoPruning, PruningMethod, get, register
 from .fastv import FastV
 from .meteor import Meteor, scaled_llm_layers
+from .pyramiddrop import PyramidDrop
 
-__all__ = ["REGISTRY", "EncoderPoint", "FastV", "FusionPoint", "Meteor", "NoPruning", "PruningMethod", "get", "register", "scaled_llm_layers"]
+__all__ = ["REGISTRY", "EncoderPoint", "FastV", "FusionPoint", "Meteor", "NoPruning", "PruningMethod", "PyramidDrop", "get", "register", "scaled_llm_layers"]
