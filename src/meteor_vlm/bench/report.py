@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .. import synth
+from .stats import paired_bootstrap
 
 __all__ = ["format_table", "format_kinds", "format_ablations", "write_results", "reading", "compare_rows"]
 
@@ -112,8 +113,6 @@ def compare_rows(results: dict, base: str, other: str) -> dict:
     Returns {"base", "other", "difference", "difference_ci95", "delta": {family: difference},
     "delta_ci95": {family: [lo, hi]}} (fractions: -0.02 = 2 points lost).
     """
-    from .stats import paired_bootstrap
-
     rows = {r["method"]: r for r in results["rows"]}
     missing = [n for n in (base, other) if n not in rows]
     if missing:

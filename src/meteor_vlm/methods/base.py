@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from ..models.runtime import LLMLayerContext
     from ..models.vlm import MultiEncoderVLM
 
-__all__ = ["PruningMethod", "EncoderPoint", "FusionPoint", "REGISTRY", "register", "get"]
+__all__ = ["PruningMethod", "EncoderPoint", "FusionPoint", "REGISTRY", "register", "get", "check_llm_layers",
+           "keep_most_attended"]
 
 
 @dataclass
@@ -97,6 +98,28 @@ def get(name: str) -> type[PruningMethod]:
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; known: {sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+def check_llm_layers(layers, depth: int | None = None) -> None:
+    """ValueError unless `layers` are distinct and increasing and, given the LLM's `depth`, all within it."""
+    layers = tuple(layers)
+    if depth is not None:
+        bad = [i for i in layers if i >= depth]
+        if bad:
+            raise ValueError(f"LLM layer(s) {bad} past the model's depth ({depth} layers, indices 0..{depth - 1})")
+    if sorted(set(layers)) != list(layers):
+        raise ValueError(f"LLM layers must be distinct and increasing, got {layers}")
+
+
+def keep_most_attended(ctx: LLMLayerContext, keep: torch.Tensor) -> torch.Tensor:
+    """The rule FastV and PyramidDrop share: keep, per sample, the `keep` (B,) visual tokens the last prompt
+    token attends to most at this layer (its own q/k with RoPE, averaged over heads), and every text token.
+    Returns the (B, T) keep mask `prune_llm` hands the runtime."""
+    visual = ctx.visual & ctx.valid
+    rows = ctx.attention_rows(ctx.query_index[:, None])  # (B, H, 1, T)
+    score = rows.mean(1)[:, 0]  # (B, T): averaged over heads
+    keep = torch.minimum(keep, visual.sum(1))
+    return (ctx.valid & ~ctx.visual) | ops.topk_mask(score, keep, candidates=visual)
 
 
 class PruningMethod:

@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from .. import ops
-from .base import PruningMethod, register
+from .base import PruningMethod, check_llm_layers, keep_most_attended, register
+from .meteor import scaled_llm_layers
 
 __all__ = ["FastV"]
 
@@ -39,22 +39,16 @@ class FastV(PruningMethod):
             raise ValueError(f"layer must be a layer index >= 0, got {self.layer}")
 
     def setup(self, model) -> None:
-        depth = model.num_llm_layers
-        if self.layer >= depth:
-            raise ValueError(f"LLM layer {self.layer} past the model's depth ({depth} layers, indices 0..{depth - 1})")
+        check_llm_layers((self.layer,), model.num_llm_layers)
 
     @staticmethod
     def scaled_layer(num_layers: int, layer: int = 2, reference_depth: int = 32) -> int:
         """FastV's K (2 of 32 by default) at the same relative depth of a `num_layers`-layer LLM."""
-        return min(num_layers - 1, int(layer * num_layers / reference_depth + 0.5))
+        return scaled_llm_layers(num_layers, (layer,), reference_depth)[0]
 
     def llm_layers(self, num_layers: int) -> set[int]:
         return {self.layer}
 
     def prune_llm(self, ctx) -> torch.Tensor:
-        visual = ctx.visual & ctx.valid
-        rows = ctx.attention_rows(ctx.query_index[:, None])  # (B, H, 1, T)
-        score = rows.mean(1)[:, 0]  # (B, T): averaged over heads
-        available = visual.sum(1)
-        keep = torch.round((1.0 - self.ratio) * available.float()).long().clamp(max=available)
-        return (ctx.valid & ~ctx.visual) | ops.topk_mask(score, keep, candidates=visual)
+        available = (ctx.visual & ctx.valid).sum(1)
+        return keep_most_attended(ctx, torch.round((1.0 - self.ratio) * available.float()).long())

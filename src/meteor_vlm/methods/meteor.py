@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from .. import ops
-from .base import EncoderPoint, FusionPoint, PruningMethod, register
+from .base import EncoderPoint, FusionPoint, PruningMethod, check_llm_layers, register
 
 __all__ = ["Meteor", "scaled_llm_layers", "PAPER_LLM_LAYERS"]
 
@@ -162,11 +162,7 @@ class Meteor(PruningMethod):
         if self.llm:
             depth = model.num_llm_layers
             layers = tuple(self.layers) if self.layers is not None else scaled_llm_layers(depth)
-            bad = [i for i in layers if i >= depth]
-            if bad:
-                raise ValueError(f"LLM layer(s) {bad} past the model's depth ({depth} layers, indices 0..{depth - 1})")
-            if sorted(set(layers)) != list(layers):
-                raise ValueError(f"LLM layers must be distinct and increasing, got {layers}")
+            check_llm_layers(layers, depth)
             heads = model.config.text_config.num_attention_heads
             if self.top_heads > heads:
                 raise ValueError(f"top_heads={self.top_heads} but the LLM has {heads} heads")

@@ -14,8 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from .. import ops
-from .base import PruningMethod, register
+from .base import PruningMethod, check_llm_layers, keep_most_attended, register
 from .meteor import scaled_llm_layers
 
 __all__ = ["PyramidDrop", "PYRAMIDDROP_LAYERS"]
@@ -40,26 +39,17 @@ class PyramidDrop(PruningMethod):
             self.layers = tuple(self.layers)
             if not self.layers or any(int(i) != i or i < 0 for i in self.layers):
                 raise ValueError(f"layers must be layer indices >= 0, got {self.layers}")
-            if sorted(set(self.layers)) != list(self.layers):
-                raise ValueError(f"layers must be distinct and increasing, got {self.layers}")
+            check_llm_layers(self.layers)
 
     def _layers(self, depth: int) -> tuple[int, ...]:
         return self.layers if self.layers is not None else scaled_llm_layers(depth, PYRAMIDDROP_LAYERS)
 
     def setup(self, model) -> None:
-        depth = model.num_llm_layers
-        bad = [i for i in self._layers(depth) if i >= depth]
-        if bad:
-            raise ValueError(f"LLM layer(s) {bad} past the model's depth ({depth} layers, indices 0..{depth - 1})")
+        check_llm_layers(self._layers(model.num_llm_layers), model.num_llm_layers)
 
     def llm_layers(self, num_layers: int) -> set[int]:
         return set(self._layers(num_layers))
 
     def prune_llm(self, ctx) -> torch.Tensor:
         stage = self._layers(ctx.num_layers).index(ctx.layer_idx) + 1
-        visual = ctx.visual & ctx.valid
-        rows = ctx.attention_rows(ctx.query_index[:, None])  # (B, H, 1, T)
-        score = rows.mean(1)[:, 0]  # (B, T): averaged over heads
-        keep = torch.round(self.ratio**stage * ctx.llm_visual_tokens.float()).long()
-        keep = torch.minimum(keep, visual.sum(1))
-        return (ctx.valid & ~ctx.visual) | ops.topk_mask(score, keep, candidates=visual)
+        return keep_most_attended(ctx, torch.round(self.ratio**stage * ctx.llm_visual_tokens.float()).long())
