@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 import meteor_vlm as mv
 
 from .conftest import make_inputs
-from .test_oracles import PROMPTS, logits, reference_masked_logits
+from .test_oracles import PROMPTS, assert_one_drop_equals_masking, logits
 
 
 class RecordingFastV(mv.FastV):
@@ -49,20 +49,7 @@ def test_fastv_keeps_the_most_attended_tokens_and_its_drop_equals_masking(tiny, 
     kept = set(torch.where(method.kept[0] & vis)[0].tolist())
     assert kept == want_kept and len(kept) == keep < n
     assert method.stats[0]["stage3"] == {layer: keep}
-    drop = [sorted(set(torch.where(vis)[0].tolist()) - kept)]
-    want = reference_masked_logits(model, inputs, drop, layer)
-    real = inputs["input_ids"] != model.config.image_token_id
-    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
-
-
-def test_fastv_dropping_nothing_is_the_unmodified_model(tiny, images):
-    model, processor = tiny
-    inputs = make_inputs(processor, [images[0], [images[1], images[2]]], PROMPTS[:2])
-    before = logits(model, inputs)
-    with mv.FastV(layer=2, ratio=0.0)(model):
-        same = logits(model, inputs)
-    real = inputs["attention_mask"].bool()
-    torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
+    assert_one_drop_equals_masking(model, inputs, got, vis, kept, layer)
 
 
 def test_fastv_bad_settings_and_bench_names(tiny):

@@ -97,6 +97,15 @@ def reference_masked_logits(model, inputs, drop, layer):
     return out.gather(1, text_col[:, :, None].expand(-1, -1, out.shape[-1]))
 
 
+def assert_one_drop_equals_masking(model, inputs, got, vis, kept, layer):
+    """A batch-1 method that dropped every visual column but `kept` before `layer`: its logits `got` equal
+    the unpruned model's with those columns' keys masked from `layer` on."""
+    drop = [sorted(set(torch.where(vis)[0].tolist()) - set(kept))]
+    want = reference_masked_logits(model, inputs, drop, layer)
+    real = inputs["input_ids"] != model.config.image_token_id
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layer", [0, 2, 5])
 def test_dropping_at_layer_equals_masking_keys_from_that_layer_on(tiny, images, layer):
     model, processor = tiny
@@ -264,8 +273,23 @@ def test_every_layer_keeps_running_sdpa_while_pruning(tiny, images, monkeypatch)
     assert llm_lens[-1] < llm_lens[0]
 
 
-@pytest.mark.parametrize("make", [lambda: mv.FastV(layer=2, ratio=0.6), lambda: mv.PyramidDrop(ratio=0.6)],
-                         ids=["fastv", "pyramiddrop"])
+@pytest.mark.parametrize("make", [lambda: mv.FastV(layer=2, ratio=0.0), lambda: mv.PyramidDrop(ratio=1.0),
+                                  lambda: mv.DART(layer=2, ratio=0.0), lambda: mv.DivPrune(keep=1.0)],
+                         ids=["fastv", "pyramiddrop", "dart", "divprune"])
+def test_peers_pruning_nothing_are_the_unmodified_model(tiny, images, make):
+    """A peer at its keep-everything setting gives the unmodified model's logits (padded batch, 1 or 2 images)."""
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], [images[1], images[2]]], PROMPTS[:2])
+    before = logits(model, inputs)
+    with make()(model):
+        same = logits(model, inputs)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: mv.FastV(layer=2, ratio=0.6), lambda: mv.PyramidDrop(ratio=0.6),
+                                  lambda: mv.DART(layer=2, ratio=0.6), lambda: mv.DivPrune(keep=0.4)],
+                         ids=["fastv", "pyramiddrop", "dart", "divprune"])
 def test_peers_batch_equals_one_by_one_and_cached_generate_equals_uncached(tiny, images, make):
     """The peers on the shared runtime obey its batch and cache oracles too."""
     model, processor = tiny

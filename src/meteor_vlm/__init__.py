@@ -11,12 +11,14 @@
 from . import methods, ops, testing
 from .calibration import calibrate, load_rank_table, save_rank_table
 from .default import has_default, load_default
-from .methods import FastV, Meteor, NoPruning, PruningMethod, PyramidDrop
+from .methods import DART, DivPrune, FastV, Meteor, NoPruning, PruningMethod, PyramidDrop
 from .models import ExpertSpec, MultiEncoderProcessor, MultiEncoderVLM, MultiEncoderVLMConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DART",
+    "DivPrune",
     "ExpertSpec",
     "FastV",
     "Meteor",

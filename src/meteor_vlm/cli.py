@@ -352,6 +352,10 @@ def cmd_methods(args) -> int:
     print("fastv:k<layer>-r<ratio>   FastV: drop that share of the visual tokens before that LLM layer, e.g. fastv:k1-r0.875")
     print("pyramiddrop:r<ratio>   PyramidDrop: keep that share of the previous stage's visual tokens at 8/16/24 of 32 layers, "
           "e.g. pyramiddrop:r0.5")
+    print("dart:k<layer>-r<ratio>   DART: before that LLM layer, drop that share, keeping the tokens least duplicated with "
+          "4 + 4 key-norm pivots, e.g. dart:k1-r0.875")
+    print("divprune:keep<share>   DivPrune: keep that share of the projected tokens by greedy max-min diversity, "
+          "e.g. divprune:keep0.23")
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import synth
-from ..methods import FastV, Meteor, NoPruning, PyramidDrop
+from ..methods import DART, DivPrune, FastV, Meteor, NoPruning, PyramidDrop
 from .flops import count_flops
 from .stats import paired_bootstrap
 
@@ -85,6 +85,9 @@ BUDGET_NAME = re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$")
 STAGE3_NAME = re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$")
 FASTV_NAME = re.compile(r"^fastv:k([0-9]+)-r([0-9.]+)$")
 PDROP_NAME = re.compile(r"^pyramiddrop:r([0-9.]+)$")
+DART_NAME = re.compile(r"^dart:k([0-9]+)-r([0-9.]+)$")
+DIVPRUNE_NAME = re.compile(r"^divprune:keep([0-9.]+)$")
+PEER_PATTERNS = (FASTV_NAME, PDROP_NAME, DART_NAME, DIVPRUNE_NAME)
 
 
 def budget_method(name: str) -> Meteor | None:
@@ -92,7 +95,9 @@ def budget_method(name: str) -> Meteor | None:
     `stage3:adaptive-l<lambda>` / `stage3:fixed-l<lambda>`: the stage-3 ablation at another lambda (the fixed
     ratios are matched at run time to the adaptive method of the same lambda); `fastv:k<layer>-r<ratio>`: FastV
     dropping that share of the visual tokens before that LLM layer, e.g. fastv:k1-r0.875; `pyramiddrop:r<ratio>`:
-    PyramidDrop keeping that share of the previous stage's visual tokens at each of its three layers."""
+    PyramidDrop keeping that share of the previous stage's visual tokens at each of its three layers;
+    `dart:k<layer>-r<ratio>`: DART dropping that share before that LLM layer (4 + 4 pivots);
+    `divprune:keep<share>`: DivPrune keeping that share of the projected tokens."""
     m = BUDGET_NAME.match(name)
     if m is not None:
         return Meteor(encoder_keep=float(m.group(1)), fusion_keep=float(m.group(2)), lam=float(m.group(3)))
@@ -105,6 +110,12 @@ def budget_method(name: str) -> Meteor | None:
     m = PDROP_NAME.match(name)
     if m is not None:
         return PyramidDrop(ratio=float(m.group(1)))
+    m = DART_NAME.match(name)
+    if m is not None:
+        return DART(layer=int(m.group(1)), ratio=float(m.group(2)))
+    m = DIVPRUNE_NAME.match(name)
+    if m is not None:
+        return DivPrune(keep=float(m.group(1)))
     return None
 
 
@@ -128,11 +139,12 @@ def build_methods(model, names: list[str], encoded: list[dict]) -> dict:
 def resolve_methods(names: list[str]) -> list[str]:
     """Check method names against the catalog and the budget patterns (ValueError listing the known ones)."""
     cat = method_catalog()
-    patterns = (BUDGET_NAME, STAGE3_NAME, FASTV_NAME, PDROP_NAME)
+    patterns = (BUDGET_NAME, STAGE3_NAME, *PEER_PATTERNS)
     bad = [n for n in names if n not in cat and not any(p.match(n) for p in patterns)]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
-                         "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio> or pyramiddrop:r<ratio>")
+                         "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio>, pyramiddrop:r<ratio>, "
+                         "dart:k<layer>-r<ratio> or divprune:keep<share>")
     if not names:
         raise ValueError("no method given")
     return names

@@ -1,8 +1,10 @@
 """Pruning methods: one file per method, a registry by name (`get("meteor")`)."""
 
 from .base import REGISTRY, EncoderPoint, FusionPoint, NoPruning, PruningMethod, get, register
+from .dart import DART
+from .divprune import DivPrune
 from .fastv import FastV
 from .meteor import Meteor, scaled_llm_layers
 from .pyramiddrop import PyramidDrop
 
-__all__ = ["REGISTRY", "EncoderPoint", "FastV", "FusionPoint", "Meteor", "NoPruning", "PruningMethod", "PyramidDrop", "get", "register", "scaled_llm_layers"]
+__all__ = ["DART", "DivPrune", "REGISTRY", "EncoderPoint", "FastV", "FusionPoint", "Meteor", "NoPruning", "PruningMethod", "PyramidDrop", "get", "register", "scaled_llm_layers"]

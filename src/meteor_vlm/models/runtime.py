@@ -77,7 +77,8 @@ class LLMLayerContext:
 
     hidden: (B, T, D) the layer's input; valid: (B, T) real tokens; visual: (B, T) visual tokens;
     positions: (B, T) RoPE positions; query_index: (B,) column of the text query token (the last
-    instruction token); text_query_mask: (B, T) text tokens that may serve as queries ("all text" option);
+    instruction token); text_query_mask: (B, T) real text tokens up to and including the query token
+    (methods that want only the text after the first image, like METEOR's "text" query, restrict it);
     llm_visual_tokens: (B,) visual tokens that entered the LLM (before any stage-3 drop).
     """
 
@@ -92,6 +93,10 @@ class LLMLayerContext:
     query_index: torch.Tensor
     text_query_mask: torch.Tensor
     llm_visual_tokens: torch.Tensor
+
+    def key_states(self) -> torch.Tensor:
+        """(B, T, KV_heads * head_dim) this layer's key projection of its normed input, before RoPE."""
+        return self.layer.self_attn.k_proj(self.layer.input_layernorm(self.hidden))
 
     def attention_rows(self, query_index: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head attention of a few query rows over all current tokens, from this layer's own q/k.
@@ -110,7 +115,7 @@ class LLMLayerContext:
         B, T, _ = normed.shape
         hd = attn.head_dim
         cos, sin = self.position_embeddings
-        k = attn.k_proj(normed).view(B, T, -1, hd).transpose(1, 2)
+        k = self.key_states().view(B, T, -1, hd).transpose(1, 2)
         rows = ops.gather_tokens(normed, query_index)
         q = attn.q_proj(rows).view(B, rows.shape[1], -1, hd).transpose(1, 2)
         qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)

@@ -14,7 +14,7 @@ from .scores import (
     visual_attention_values,
     within_redundancy,
 )
-from .selection import gather_tokens, mask_to_indices, top_heads, topk_indices, topk_mask
+from .selection import gather_tokens, mask_to_indices, max_min_diverse, top_heads, topk_indices, topk_mask
 
 __all__ = [
     "ALLOCATIONS",
@@ -29,6 +29,7 @@ __all__ = [
     "gather_tokens",
     "layer_averaged_tokens",
     "mask_to_indices",
+    "max_min_diverse",
     "mean_similarity",
     "received_attention",
     "tokens_per_layer",

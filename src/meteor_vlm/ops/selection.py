@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["topk_mask", "topk_indices", "gather_tokens", "mask_to_indices", "top_heads"]
+__all__ = ["topk_mask", "topk_indices", "gather_tokens", "mask_to_indices", "top_heads", "max_min_diverse"]
 
 
 def topk_mask(
@@ -91,3 +92,36 @@ def top_heads(vav: torch.Tensor, k: int) -> torch.Tensor:
     if not 1 <= k <= vav.shape[1]:
         raise ValueError(f"top-k heads needs 1 <= k <= {vav.shape[1]} heads, got k={k}")
     return topk_mask(vav, k)
+
+
+def max_min_diverse(z: torch.Tensor, k: torch.Tensor | int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy max-min diversity selection (DivPrune), in cosine distance d(i, j) = 1 - cos(z_i, z_j).
+
+    The first token is the one whose nearest other token is farthest; each next one is the token
+    farthest from its nearest already-chosen token. Ties go to the earlier position.
+
+    Args:
+        z: (B, N, D) tokens; k: int or (B,) long, how many to choose per row;
+        mask: (B, N) bool, the tokens that may be chosen (default: all).
+    Returns:
+        (B, N) bool, exactly k[b] True per row.
+    """
+    B, N, _ = z.shape
+    valid = torch.ones(B, N, dtype=torch.bool, device=z.device) if mask is None else mask.bool()
+    k = torch.as_tensor(k, device=z.device).expand(B).long()
+    if (k > valid.sum(1)).any() or (k < 0).any():
+        raise ValueError(f"budget {k.tolist()} must be in [0, tokens available {valid.sum(1).tolist()}]")
+    u = F.normalize(z.float(), dim=-1)
+    dist = 1.0 - u @ u.transpose(1, 2)  # (B, N, N)
+    others = dist.masked_fill(~valid[:, None, :], float("inf"))
+    others.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    score = others.min(-1).values  # the first pick: distance to the nearest other token
+    chosen = torch.zeros(B, N, dtype=torch.bool, device=z.device)
+    rows = torch.arange(B, device=z.device)
+    for step in range(int(k.max()) if B else 0):
+        pick = score.masked_fill(~valid | chosen, float("-inf")).argmax(1)  # first maximum on ties
+        active = step < k
+        chosen[rows[active], pick[active]] = True
+        to_pick = dist[rows, pick]  # (B, N) distance of every token to the new pick
+        score = to_pick if step == 0 else torch.minimum(score, to_pick)
+    return chosen
