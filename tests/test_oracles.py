@@ -209,6 +209,7 @@ def test_cached_generate_equals_uncached_recomputation(tiny, images, method):
             full = model(input_ids=ids, attention_mask=mask, **pixels, use_cache=False, query_positions=T0 - 1).logits[:, -1]
             torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
             full[:, model.config.image_token_id] = float("-inf")  # generate never emits the placeholder
+            full[:, processor.tokenizer.eos_token_id] = float("-inf")  # nor, under min_new_tokens, the end
             ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(out.sequences, ids)
@@ -274,8 +275,9 @@ def test_every_layer_keeps_running_sdpa_while_pruning(tiny, images, monkeypatch)
 
 
 @pytest.mark.parametrize("make", [lambda: mv.FastV(layer=2, ratio=0.0), lambda: mv.PyramidDrop(ratio=1.0),
-                                  lambda: mv.DART(layer=2, ratio=0.0), lambda: mv.DivPrune(keep=1.0)],
-                         ids=["fastv", "pyramiddrop", "dart", "divprune"])
+                                  lambda: mv.DART(layer=2, ratio=0.0), lambda: mv.DivPrune(keep=1.0),
+                                  lambda: mv.VisionZip(keep=1.0)],
+                         ids=["fastv", "pyramiddrop", "dart", "divprune", "visionzip"])
 def test_peers_pruning_nothing_are_the_unmodified_model(tiny, images, make):
     """A peer at its keep-everything setting gives the unmodified model's logits (padded batch, 1 or 2 images)."""
     model, processor = tiny
@@ -288,8 +290,9 @@ def test_peers_pruning_nothing_are_the_unmodified_model(tiny, images, make):
 
 
 @pytest.mark.parametrize("make", [lambda: mv.FastV(layer=2, ratio=0.6), lambda: mv.PyramidDrop(ratio=0.6),
-                                  lambda: mv.DART(layer=2, ratio=0.6), lambda: mv.DivPrune(keep=0.4)],
-                         ids=["fastv", "pyramiddrop", "dart", "divprune"])
+                                  lambda: mv.DART(layer=2, ratio=0.6), lambda: mv.DivPrune(keep=0.4),
+                                  lambda: mv.VisionZip(keep=0.4)],
+                         ids=["fastv", "pyramiddrop", "dart", "divprune", "visionzip"])
 def test_peers_batch_equals_one_by_one_and_cached_generate_equals_uncached(tiny, images, make):
     """The peers on the shared runtime obey its batch and cache oracles too."""
     model, processor = tiny
@@ -311,6 +314,7 @@ def test_peers_batch_equals_one_by_one_and_cached_generate_equals_uncached(tiny,
                          query_positions=batch_in["input_ids"].shape[1] - 1).logits[:, -1]
             torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
             full[:, model.config.image_token_id] = float("-inf")
+            full[:, processor.tokenizer.eos_token_id] = float("-inf")  # min_new_tokens
             ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(out.sequences, ids)

@@ -356,6 +356,8 @@ def cmd_methods(args) -> int:
           "4 + 4 key-norm pivots, e.g. dart:k1-r0.875")
     print("divprune:keep<share>   DivPrune: keep that share of the projected tokens by greedy max-min diversity, "
           "e.g. divprune:keep0.23")
+    print("visionzip:keep<share>   VisionZip: each expert hands on that share of its tokens, dominant ones and "
+          "10/64 of them merged contextual ones, e.g. visionzip:keep0.23")
     return 0
 
 

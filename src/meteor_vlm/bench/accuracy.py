@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import synth
-from ..methods import DART, DivPrune, FastV, Meteor, NoPruning, PyramidDrop
+from ..methods import DART, DivPrune, FastV, Meteor, NoPruning, PyramidDrop, VisionZip
 from .flops import count_flops
 from .stats import paired_bootstrap
 
@@ -87,7 +87,8 @@ FASTV_NAME = re.compile(r"^fastv:k([0-9]+)-r([0-9.]+)$")
 PDROP_NAME = re.compile(r"^pyramiddrop:r([0-9.]+)$")
 DART_NAME = re.compile(r"^dart:k([0-9]+)-r([0-9.]+)$")
 DIVPRUNE_NAME = re.compile(r"^divprune:keep([0-9.]+)$")
-PEER_PATTERNS = (FASTV_NAME, PDROP_NAME, DART_NAME, DIVPRUNE_NAME)
+VISIONZIP_NAME = re.compile(r"^visionzip:keep([0-9.]+)$")
+PEER_PATTERNS = (FASTV_NAME, PDROP_NAME, DART_NAME, DIVPRUNE_NAME, VISIONZIP_NAME)
 
 
 def budget_method(name: str) -> Meteor | None:
@@ -97,7 +98,8 @@ def budget_method(name: str) -> Meteor | None:
     dropping that share of the visual tokens before that LLM layer, e.g. fastv:k1-r0.875; `pyramiddrop:r<ratio>`:
     PyramidDrop keeping that share of the previous stage's visual tokens at each of its three layers;
     `dart:k<layer>-r<ratio>`: DART dropping that share before that LLM layer (4 + 4 pivots);
-    `divprune:keep<share>`: DivPrune keeping that share of the projected tokens."""
+    `divprune:keep<share>`: DivPrune keeping that share of the projected tokens; `visionzip:keep<share>`:
+    VisionZip handing on that share of each expert's tokens (dominant + contextual)."""
     m = BUDGET_NAME.match(name)
     if m is not None:
         return Meteor(encoder_keep=float(m.group(1)), fusion_keep=float(m.group(2)), lam=float(m.group(3)))
@@ -116,6 +118,9 @@ def budget_method(name: str) -> Meteor | None:
     m = DIVPRUNE_NAME.match(name)
     if m is not None:
         return DivPrune(keep=float(m.group(1)))
+    m = VISIONZIP_NAME.match(name)
+    if m is not None:
+        return VisionZip(keep=float(m.group(1)))
     return None
 
 
@@ -144,7 +149,7 @@ def resolve_methods(names: list[str]) -> list[str]:
     if bad:
         raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
                          "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio>, pyramiddrop:r<ratio>, "
-                         "dart:k<layer>-r<ratio> or divprune:keep<share>")
+                         "dart:k<layer>-r<ratio>, divprune:keep<share> or visionzip:keep<share>")
     if not names:
         raise ValueError("no method given")
     return names

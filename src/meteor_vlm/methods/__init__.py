@@ -1,10 +1,11 @@
 """Pruning methods: one file per method, a registry by name (`get("meteor")`)."""
 
-from .base import REGISTRY, EncoderPoint, FusionPoint, NoPruning, PruningMethod, get, register
+from .base import REGISTRY, EncoderMerge, EncoderPoint, FusionPoint, NoPruning, PruningMethod, get, register
 from .dart import DART
 from .divprune import DivPrune
 from .fastv import FastV
 from .meteor import Meteor, scaled_llm_layers
 from .pyramiddrop import PyramidDrop
+from .visionzip import VisionZip
 
-__all__ = ["DART", "DivPrune", "REGISTRY", "EncoderPoint", "FastV", "FusionPoint", "Meteor", "NoPruning", "PruningMethod", "PyramidDrop", "get", "register", "scaled_llm_layers"]
+__all__ = ["DART", "DivPrune", "REGISTRY", "EncoderMerge", "EncoderPoint", "FastV", "FusionPoint", "Meteor", "NoPruning", "PruningMethod", "PyramidDrop", "VisionZip", "get", "register", "scaled_llm_layers"]

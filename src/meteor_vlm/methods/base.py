@@ -3,7 +3,8 @@
 A method is a dataclass of settings. It may act at three stages; each hook returns which tokens to
 keep, or None to keep everything:
 
-- ``prune_encoder(ctx: EncoderPoint)``: inside a vision expert, after a block (stage 1);
+- ``prune_encoder(ctx: EncoderPoint)``: inside a vision expert, after a block (stage 1); besides keep
+  indices it may return an ``EncoderMerge`` to hand on merged tokens too;
 - ``prune_fusion(ctx: FusionPoint)``: after the projectors, over all experts' tokens (stage 2);
 - ``prune_llm(ctx: LLMLayerContext)``: before an LLM layer listed by ``llm_layers`` (stage 3).
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from ..models.runtime import LLMLayerContext
     from ..models.vlm import MultiEncoderVLM
 
-__all__ = ["PruningMethod", "EncoderPoint", "FusionPoint", "REGISTRY", "register", "get", "check_llm_layers",
+__all__ = ["PruningMethod", "EncoderPoint", "EncoderMerge", "FusionPoint", "REGISTRY", "register", "get", "check_llm_layers",
            "keep_most_attended"]
 
 
@@ -61,11 +62,32 @@ class EncoderPoint:
         q, k, scale = self._qk()
         return ops.cls_attention(q[:, :, 0], k, scale)[:, 1:]
 
+    def patch_keys(self) -> torch.Tensor:
+        """(B, H, N_patches, d) this block's own keys of the patch tokens (CLS removed)."""
+        _, k, _ = self._qk()
+        return k[:, :, 1:] if self.has_cls else k
+
     def received_attention(self) -> torch.Tensor:
         """(B, N_patches) mean attention each patch receives from all tokens (experts without CLS)."""
         q, k, scale = self._qk()
         att = ops.received_attention(q, k, scale)
         return att[:, 1:] if self.has_cls else att
+
+
+@dataclass
+class EncoderMerge:
+    """A stage-1 answer that merges tokens as well as keeping some (VisionZip's contextual tokens).
+
+    keep: (B, K) patch indices kept as they are; merged: (B, M, D) new tokens, in the block's output
+    space; at: (B, M) long patch index each merged token stands at (its grid position and RoPE place;
+    not among keep); group: (B, N_patches) long, the merged token (0..M-1) each patch went into, -1 for
+    the kept and the dropped ones (the model adds up the merged sizes from it).
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor
+    at: torch.Tensor
+    group: torch.Tensor
 
 
 @dataclass
@@ -138,7 +160,7 @@ class PruningMethod:
     def setup(self, model: MultiEncoderVLM) -> None:
         """Check the method against a model and precompute plans (called when attached)."""
 
-    def prune_encoder(self, ctx: EncoderPoint) -> torch.Tensor | None:
+    def prune_encoder(self, ctx: EncoderPoint) -> torch.Tensor | EncoderMerge | None:
         return None
 
     def prune_fusion(self, ctx: FusionPoint) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import ops
-from ..methods.base import EncoderPoint, FusionPoint, PruningMethod
+from ..methods.base import EncoderMerge, EncoderPoint, FusionPoint, PruningMethod
 from . import runtime
 from .experts import ExpertSpec, build_expert, runner_for
 
@@ -289,34 +289,45 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         x = runner.embed(pixel_values)
         B = x.shape[0]
         grid = torch.arange(runner.num_patches, device=x.device).expand(B, -1)
+        size = torch.ones(grid.shape, device=x.device)
         points = runner.pruning_points()
         for i in range(runner.num_blocks):
             x_in = x
             x = runner.run_block(i, x)
             if method is not None and i in points:
                 ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner)
-                x, grid = self._apply_encoder_keep(method.prune_encoder(ctx), x, grid, runner.has_cls)
+                x, grid, size = self._apply_encoder_keep(method.prune_encoder(ctx), x, grid, size, runner.has_cls)
         feats = runner.finalize(x)
         if method is not None and not points:  # a CNN (or too shallow a ViT) is pruned once, at its output
             ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner)
-            feats, grid = self._apply_encoder_keep(method.prune_encoder(ctx), feats, grid, False)
-        return VisualTokens(
-            feats,
-            torch.full(grid.shape, index, dtype=torch.long, device=feats.device),
-            grid,
-            torch.ones(grid.shape, device=feats.device),
-        )
+            feats, grid, size = self._apply_encoder_keep(method.prune_encoder(ctx), feats, grid, size, False)
+        return VisualTokens(feats, torch.full(grid.shape, index, dtype=torch.long, device=feats.device), grid, size)
 
     @staticmethod
-    def _apply_encoder_keep(idx, x, grid, has_cls):
-        if idx is None:
-            return x, grid
+    def _apply_encoder_keep(answer, x, grid, size, has_cls):
+        """A stage-1 answer (keep indices, an EncoderMerge or None) applied to the tokens x (CLS first when
+        has_cls) and to each patch token's grid position and merged size (B, N)."""
+        if answer is None:
+            return x, grid, size
+        merge = answer if isinstance(answer, EncoderMerge) else None
+        idx = merge.keep if merge is not None else answer
         if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
             raise ValueError(f"stage-1 keep indices must be (B, K), got {tuple(idx.shape)}")
-        grid = grid.gather(1, idx)
+        patches = x[:, 1:] if has_cls else x
+        out, new_grid, new_size = ops.gather_tokens(patches, idx), grid.gather(1, idx), size.gather(1, idx)
+        if merge is not None:
+            if merge.merged.shape[:2] != merge.at.shape or merge.group.shape != grid.shape:
+                raise ValueError("an EncoderMerge needs merged (B, M, D), at (B, M) and group (B, N_patches)")
+            merged_size = torch.zeros(merge.at.shape, device=size.device).scatter_add_(
+                1, merge.group.clamp_min(0), size * (merge.group >= 0))
+            out = torch.cat([out, merge.merged.to(out.dtype)], 1)
+            new_grid = torch.cat([new_grid, grid.gather(1, merge.at)], 1)
+            new_size = torch.cat([new_size, merged_size], 1)
+            order = new_grid.argsort(1)  # every token at its place in the grid
+            out, new_grid, new_size = ops.gather_tokens(out, order), new_grid.gather(1, order), new_size.gather(1, order)
         if has_cls:  # CLS is not a patch: always kept, in front
-            idx = torch.cat([torch.zeros_like(idx[:, :1]), idx + 1], 1)
-        return ops.gather_tokens(x, idx), grid
+            out = torch.cat([x[:, :1], out], 1)
+        return out, new_grid, new_size
 
     def encode_images(self, pixel_values: dict[str, torch.Tensor], method: PruningMethod | None = None) -> VisualTokens:
         """Images -> fused visual tokens in the LLM's width, (num_images, N, D), after stages 1 and 2."""

@@ -1,0 +1,44 @@
+"""Merging tokens instead of dropping them: each merged token stands for a group of the originals."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .selection import gather_tokens, mask_to_indices
+
+__all__ = ["merge_into_targets"]
+
+
+def merge_into_targets(
+    x: torch.Tensor, metric: torch.Tensor, rest: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual tokens: among each row's `rest` tokens, `count` targets spread evenly over
+    them (every (R // count)-th, from the first) each take in the other rest tokens most cosine-similar
+    to them in `metric`; a merged token is the plain mean of its target and the tokens it took in.
+
+    Args:
+        x: (B, N, D) tokens; metric: (B, N, C) what similarity is measured on (e.g. keys);
+        rest: (B, N) bool, the tokens to merge, the same number R in every row; count: 1 <= count <= R.
+    Returns:
+        merged (B, count, D); at (B, count) long, each target's index; group (B, N) long, the merged token
+        (0..count-1) each rest token went into (a target into its own), -1 for the others.
+    """
+    B, N, D = x.shape
+    sizes = rest.sum(1)
+    R = int(sizes[0]) if B else 0
+    if (sizes != R).any():
+        raise ValueError(f"every row needs the same number of tokens to merge, got {sizes.tolist()}")
+    if not 1 <= count <= R:
+        raise ValueError(f"merging into {count} tokens needs 1 <= count <= the {R} tokens to merge")
+    cols = mask_to_indices(rest)  # (B, R) ascending
+    targets = torch.arange(count, device=x.device) * (R // count)  # positions among the rest
+    at = cols[:, targets]
+    unit = F.normalize(gather_tokens(metric, cols).float(), dim=-1)  # (B, R, C)
+    assign = (unit @ unit[:, targets].transpose(1, 2)).argmax(-1)  # (B, R): the most similar target
+    assign[:, targets] = torch.arange(count, device=x.device)
+    group = torch.full((B, N), -1, dtype=torch.long, device=x.device).scatter(1, cols, assign)
+    sums = torch.zeros(B, count, D, device=x.device).scatter_add_(
+        1, assign[..., None].expand(-1, -1, D), gather_tokens(x, cols).float())
+    counts = torch.zeros(B, count, device=x.device).scatter_add_(1, assign, torch.ones_like(assign, dtype=torch.float))
+    return (sums / counts[..., None]).to(x.dtype), at, group
