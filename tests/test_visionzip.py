@@ -117,3 +117,18 @@ def test_visionzip_bad_settings_and_bench_names(tiny, images):
     assert resolve_methods(["visionzip:keep0.23"]) == ["visionzip:keep0.23"]
     assert make_method("visionzip:keep0.23") == mv.VisionZip(keep=0.23)
     assert mv.methods.get("visionzip") is mv.VisionZip
+
+
+def test_a_malformed_merge_is_refused(tiny, images):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0]], PROMPTS[:1])
+
+    class Malformed(mv.VisionZip):
+        def prune_encoder(self, ctx):
+            answer = super().prune_encoder(ctx)
+            if isinstance(answer, mv.methods.EncoderMerge):
+                answer.group = answer.group[:, :-1]  # one patch short
+            return answer
+
+    with pytest.raises(ValueError, match="EncoderMerge needs"), Malformed(keep=0.5)(model):
+        logits(model, inputs)
