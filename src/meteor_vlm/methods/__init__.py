@@ -8,4 +8,20 @@ from .meteor import Meteor, scaled_llm_layers
 from .pyramiddrop import PyramidDrop
 from .visionzip import VisionZip
 
-__all__ = ["DART", "DivPrune", "REGISTRY", "EncoderMerge", "EncoderPoint", "FastV", "FusionPoint", "Meteor", "NoPruning", "PruningMethod", "PyramidDrop", "VisionZip", "get", "register", "scaled_llm_layers"]
+__all__ = [
+    "DART",
+    "DivPrune",
+    "REGISTRY",
+    "EncoderMerge",
+    "EncoderPoint",
+    "FastV",
+    "FusionPoint",
+    "Meteor",
+    "NoPruning",
+    "PruningMethod",
+    "PyramidDrop",
+    "VisionZip",
+    "get",
+    "register",
+    "scaled_llm_layers",
+]

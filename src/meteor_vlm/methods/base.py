@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from ..models.runtime import LLMLayerContext
     from ..models.vlm import MultiEncoderVLM
 
-__all__ = ["PruningMethod", "EncoderPoint", "EncoderMerge", "FusionPoint", "REGISTRY", "register", "get", "check_llm_layers",
-           "keep_most_attended"]
+__all__ = ["PruningMethod", "EncoderPoint", "EncoderMerge", "FusionPoint", "REGISTRY", "register", "get",
+           "check_llm_layers", "keep_most_attended"]
 
 
 @dataclass
