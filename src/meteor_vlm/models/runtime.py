@@ -94,9 +94,10 @@ class LLMLayerContext:
     text_query_mask: torch.Tensor
     llm_visual_tokens: torch.Tensor
 
-    def key_states(self) -> torch.Tensor:
-        """(B, T, KV_heads * head_dim) this layer's key projection of its normed input, before RoPE."""
-        return self.layer.self_attn.k_proj(self.layer.input_layernorm(self.hidden))
+    def key_states(self, normed: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, KV_heads * head_dim) this layer's key projection of its normed input (`normed`, if the
+        caller has it), before RoPE."""
+        return self.layer.self_attn.k_proj(self.layer.input_layernorm(self.hidden) if normed is None else normed)
 
     def attention_rows(self, query_index: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head attention of a few query rows over all current tokens, from this layer's own q/k.
@@ -115,7 +116,7 @@ class LLMLayerContext:
         B, T, _ = normed.shape
         hd = attn.head_dim
         cos, sin = self.position_embeddings
-        k = self.key_states().view(B, T, -1, hd).transpose(1, 2)
+        k = self.key_states(normed).view(B, T, -1, hd).transpose(1, 2)
         rows = ops.gather_tokens(normed, query_index)
         q = attn.q_proj(rows).view(B, rows.shape[1], -1, hd).transpose(1, 2)
         qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)
