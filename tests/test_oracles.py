@@ -274,10 +274,17 @@ def test_every_layer_keeps_running_sdpa_while_pruning(tiny, images, monkeypatch)
     assert llm_lens[-1] < llm_lens[0]
 
 
-@pytest.mark.parametrize("make", [lambda: mv.FastV(layer=2, ratio=0.0), lambda: mv.PyramidDrop(ratio=1.0),
-                                  lambda: mv.DART(layer=2, ratio=0.0), lambda: mv.DivPrune(keep=1.0),
-                                  lambda: mv.VisionZip(keep=1.0)],
-                         ids=["fastv", "pyramiddrop", "dart", "divprune", "visionzip"])
+# every peer: (its keep-everything setting, a setting that prunes)
+PEERS = {
+    "fastv": (lambda: mv.FastV(layer=2, ratio=0.0), lambda: mv.FastV(layer=2, ratio=0.6)),
+    "pyramiddrop": (lambda: mv.PyramidDrop(ratio=1.0), lambda: mv.PyramidDrop(ratio=0.6)),
+    "dart": (lambda: mv.DART(layer=2, ratio=0.0), lambda: mv.DART(layer=2, ratio=0.6)),
+    "divprune": (lambda: mv.DivPrune(keep=1.0), lambda: mv.DivPrune(keep=0.4)),
+    "visionzip": (lambda: mv.VisionZip(keep=1.0), lambda: mv.VisionZip(keep=0.4)),
+}
+
+
+@pytest.mark.parametrize("make", [noop for noop, _ in PEERS.values()], ids=list(PEERS))
 def test_peers_pruning_nothing_are_the_unmodified_model(tiny, images, make):
     """A peer at its keep-everything setting gives the unmodified model's logits (padded batch, 1 or 2 images)."""
     model, processor = tiny
@@ -289,10 +296,7 @@ def test_peers_pruning_nothing_are_the_unmodified_model(tiny, images, make):
     torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("make", [lambda: mv.FastV(layer=2, ratio=0.6), lambda: mv.PyramidDrop(ratio=0.6),
-                                  lambda: mv.DART(layer=2, ratio=0.6), lambda: mv.DivPrune(keep=0.4),
-                                  lambda: mv.VisionZip(keep=0.4)],
-                         ids=["fastv", "pyramiddrop", "dart", "divprune", "visionzip"])
+@pytest.mark.parametrize("make", [prune for _, prune in PEERS.values()], ids=list(PEERS))
 def test_peers_batch_equals_one_by_one_and_cached_generate_equals_uncached(tiny, images, make):
     """The peers on the shared runtime obey its batch and cache oracles too."""
     model, processor = tiny

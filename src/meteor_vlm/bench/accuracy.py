@@ -81,46 +81,33 @@ def paper_order_pairs(names: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-BUDGET_NAME = re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$")
-STAGE3_NAME = re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$")
-FASTV_NAME = re.compile(r"^fastv:k([0-9]+)-r([0-9.]+)$")
-PDROP_NAME = re.compile(r"^pyramiddrop:r([0-9.]+)$")
-DART_NAME = re.compile(r"^dart:k([0-9]+)-r([0-9.]+)$")
-DIVPRUNE_NAME = re.compile(r"^divprune:keep([0-9.]+)$")
-VISIONZIP_NAME = re.compile(r"^visionzip:keep([0-9.]+)$")
-PEER_PATTERNS = (FASTV_NAME, PDROP_NAME, DART_NAME, DIVPRUNE_NAME, VISIONZIP_NAME)
+# bench names with settings in them: (pattern, the method its match stands for)
+NAME_PATTERNS = (
+    (re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$"),
+     lambda e, f, lam: Meteor(encoder_keep=float(e), fusion_keep=float(f), lam=float(lam))),
+    (re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$"), lambda budget, lam: _stage3_alone(budget, float(lam))),
+    (re.compile(r"^fastv:k([0-9]+)-r([0-9.]+)$"), lambda k, r: FastV(layer=int(k), ratio=float(r))),
+    (re.compile(r"^pyramiddrop:r([0-9.]+)$"), lambda r: PyramidDrop(ratio=float(r))),
+    (re.compile(r"^dart:k([0-9]+)-r([0-9.]+)$"), lambda k, r: DART(layer=int(k), ratio=float(r))),
+    (re.compile(r"^divprune:keep([0-9.]+)$"), lambda keep: DivPrune(keep=float(keep))),
+    (re.compile(r"^visionzip:keep([0-9.]+)$"), lambda keep: VisionZip(keep=float(keep))),
+)
 
 
-def budget_method(name: str) -> Meteor | None:
-    """`meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>`: all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100;
-    `stage3:adaptive-l<lambda>` / `stage3:fixed-l<lambda>`: the stage-3 ablation at another lambda (the fixed
-    ratios are matched at run time to the adaptive method of the same lambda); `fastv:k<layer>-r<ratio>`: FastV
-    dropping that share of the visual tokens before that LLM layer, e.g. fastv:k1-r0.875; `pyramiddrop:r<ratio>`:
-    PyramidDrop keeping that share of the previous stage's visual tokens at each of its three layers;
-    `dart:k<layer>-r<ratio>`: DART dropping that share before that LLM layer (4 + 4 pivots);
-    `divprune:keep<share>`: DivPrune keeping that share of the projected tokens; `visionzip:keep<share>`:
-    VisionZip handing on that share of each expert's tokens (dominant + contextual)."""
-    m = BUDGET_NAME.match(name)
-    if m is not None:
-        return Meteor(encoder_keep=float(m.group(1)), fusion_keep=float(m.group(2)), lam=float(m.group(3)))
-    m = STAGE3_NAME.match(name)
-    if m is not None:
-        return _stage3_alone(m.group(1), float(m.group(2)))
-    m = FASTV_NAME.match(name)
-    if m is not None:
-        return FastV(layer=int(m.group(1)), ratio=float(m.group(2)))
-    m = PDROP_NAME.match(name)
-    if m is not None:
-        return PyramidDrop(ratio=float(m.group(1)))
-    m = DART_NAME.match(name)
-    if m is not None:
-        return DART(layer=int(m.group(1)), ratio=float(m.group(2)))
-    m = DIVPRUNE_NAME.match(name)
-    if m is not None:
-        return DivPrune(keep=float(m.group(1)))
-    m = VISIONZIP_NAME.match(name)
-    if m is not None:
-        return VisionZip(keep=float(m.group(1)))
+def budget_method(name: str):
+    """The method a bench name with settings stands for, or None. `meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>`:
+    all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100; `stage3:adaptive-l<lambda>` /
+    `stage3:fixed-l<lambda>`: the stage-3 ablation at another lambda (the fixed ratios are matched at run time
+    to the adaptive method of the same lambda); `fastv:k<layer>-r<ratio>`: FastV dropping that share of the
+    visual tokens before that LLM layer, e.g. fastv:k1-r0.875; `pyramiddrop:r<ratio>`: PyramidDrop keeping that
+    share of the previous stage's visual tokens at each of its three layers; `dart:k<layer>-r<ratio>`: DART
+    dropping that share before that LLM layer (4 + 4 pivots); `divprune:keep<share>`: DivPrune keeping that
+    share of the projected tokens; `visionzip:keep<share>`: VisionZip handing on that share of each expert's
+    tokens (dominant + contextual)."""
+    for pattern, make in NAME_PATTERNS:
+        m = pattern.match(name)
+        if m is not None:
+            return make(*m.groups())
     return None
 
 
@@ -144,8 +131,7 @@ def build_methods(model, names: list[str], encoded: list[dict]) -> dict:
 def resolve_methods(names: list[str]) -> list[str]:
     """Check method names against the catalog and the budget patterns (ValueError listing the known ones)."""
     cat = method_catalog()
-    patterns = (BUDGET_NAME, STAGE3_NAME, *PEER_PATTERNS)
-    bad = [n for n in names if n not in cat and not any(p.match(n) for p in patterns)]
+    bad = [n for n in names if n not in cat and not any(p.match(n) for p, _ in NAME_PATTERNS)]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
                          "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio>, pyramiddrop:r<ratio>, "

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..models.vlm import MultiEncoderVLM
 
 __all__ = ["PruningMethod", "EncoderPoint", "EncoderMerge", "FusionPoint", "REGISTRY", "register", "get",
-           "check_llm_layers", "keep_most_attended"]
+           "check_ratio", "check_layer_index", "check_llm_layers", "keep_most_attended"]
 
 
 @dataclass
@@ -120,6 +120,18 @@ def get(name: str) -> type[PruningMethod]:
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; known: {sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+def check_ratio(name: str, value: float) -> None:
+    """ValueError unless the setting `name` is a ratio in [0, 1]."""
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a ratio in [0, 1], got {value}")
+
+
+def check_layer_index(name: str, value) -> None:
+    """ValueError unless the setting `name` is an int layer index >= 0."""
+    if int(value) != value or value < 0:
+        raise ValueError(f"{name} must be a layer index >= 0, got {value}")
 
 
 def check_llm_layers(layers, depth: int | None = None) -> None:

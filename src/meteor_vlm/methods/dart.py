@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .base import PruningMethod, check_llm_layers, register
+from .base import PruningMethod, check_layer_index, check_llm_layers, check_ratio, register
 
 __all__ = ["DART"]
 
@@ -41,10 +41,8 @@ class DART(PruningMethod):
     text_pivots: int = 4
 
     def validate(self) -> None:
-        if not 0.0 <= float(self.ratio) <= 1.0:
-            raise ValueError(f"ratio must be a ratio in [0, 1], got {self.ratio}")
-        if int(self.layer) != self.layer or self.layer < 0:
-            raise ValueError(f"layer must be a layer index >= 0, got {self.layer}")
+        check_ratio("ratio", self.ratio)
+        check_layer_index("layer", self.layer)
         if int(self.image_pivots) != self.image_pivots or self.image_pivots < 1:
             raise ValueError(f"image_pivots must be an int >= 1, got {self.image_pivots}")
         if int(self.text_pivots) != self.text_pivots or self.text_pivots < 0:

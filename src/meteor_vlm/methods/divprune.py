@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from .. import ops
-from .base import FusionPoint, PruningMethod, register
+from .base import FusionPoint, PruningMethod, check_ratio, register
 
 __all__ = ["DivPrune"]
 
@@ -30,8 +30,7 @@ class DivPrune(PruningMethod):
     tokens: int | None = None
 
     def validate(self) -> None:
-        if not 0.0 <= float(self.keep) <= 1.0:
-            raise ValueError(f"keep must be a ratio in [0, 1], got {self.keep}")
+        check_ratio("keep", self.keep)
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise ValueError(f"tokens must be a positive int, got {self.tokens!r}")
 

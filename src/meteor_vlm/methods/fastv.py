@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import PruningMethod, check_llm_layers, keep_most_attended, register
+from .base import PruningMethod, check_layer_index, check_llm_layers, check_ratio, keep_most_attended, register
 from .meteor import scaled_llm_layers
 
 __all__ = ["FastV"]
@@ -33,10 +33,8 @@ class FastV(PruningMethod):
     ratio: float = 0.5
 
     def validate(self) -> None:
-        if not 0.0 <= float(self.ratio) <= 1.0:
-            raise ValueError(f"ratio must be a ratio in [0, 1], got {self.ratio}")
-        if int(self.layer) != self.layer or self.layer < 0:
-            raise ValueError(f"layer must be a layer index >= 0, got {self.layer}")
+        check_ratio("ratio", self.ratio)
+        check_layer_index("layer", self.layer)
 
     def setup(self, model) -> None:
         check_llm_layers((self.layer,), model.num_llm_layers)

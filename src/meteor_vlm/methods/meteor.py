@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from .. import ops
-from .base import EncoderPoint, FusionPoint, PruningMethod, check_llm_layers, register
+from .base import EncoderPoint, FusionPoint, PruningMethod, check_llm_layers, check_ratio, register
 
 __all__ = ["Meteor", "scaled_llm_layers", "PAPER_LLM_LAYERS"]
 
@@ -35,11 +35,6 @@ def scaled_llm_layers(num_layers: int, reference=PAPER_LLM_LAYERS, reference_dep
     """The paper's pruning layers (4, 12, 20 of 32) scaled to another depth, distinct and in range."""
     layers = sorted({min(num_layers - 1, int(math.floor(r * num_layers / reference_depth + 0.5))) for r in reference})
     return tuple(layers)
-
-
-def _check_ratio(name: str, value: float) -> None:
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a ratio in [0, 1], got {value}")
 
 
 @register
@@ -115,10 +110,10 @@ class Meteor(PruningMethod):
         return replace(self, **changes)
 
     def validate(self) -> None:
-        _check_ratio("encoder_keep", self.encoder_keep)
-        _check_ratio("fusion_keep", self.fusion_keep)
+        check_ratio("encoder_keep", self.encoder_keep)
+        check_ratio("fusion_keep", self.fusion_keep)
         for r in self.fixed_keep:
-            _check_ratio("fixed_keep", r)
+            check_ratio("fixed_keep", r)
         for name in ("encoder_tokens", "fusion_tokens"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):

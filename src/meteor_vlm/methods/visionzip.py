@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import ops
-from .base import EncoderMerge, EncoderPoint, PruningMethod, register
+from .base import EncoderMerge, EncoderPoint, PruningMethod, check_ratio, register
 
 __all__ = ["VisionZip"]
 
@@ -35,9 +35,8 @@ class VisionZip(PruningMethod):
     contextual: float = 10 / 64
 
     def validate(self) -> None:
-        for name in ("keep", "contextual"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
-                raise ValueError(f"{name} must be a ratio in [0, 1], got {getattr(self, name)}")
+        check_ratio("keep", self.keep)
+        check_ratio("contextual", self.contextual)
 
     def prune_encoder(self, ctx: EncoderPoint):
         if ctx.block is not None and ctx.block != ctx.runner.num_blocks - 1:
