@@ -281,6 +281,7 @@ PEERS = {
     "dart": (lambda: mv.DART(layer=2, ratio=0.0), lambda: mv.DART(layer=2, ratio=0.6)),
     "divprune": (lambda: mv.DivPrune(keep=1.0), lambda: mv.DivPrune(keep=0.4)),
     "visionzip": (lambda: mv.VisionZip(keep=1.0), lambda: mv.VisionZip(keep=0.4)),
+    "evoprune": (lambda: mv.EvoPrune(keep=1.0), lambda: mv.EvoPrune(keep=0.4)),
 }
 
 

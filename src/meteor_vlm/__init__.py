@@ -11,7 +11,7 @@
 from . import methods, ops, testing
 from .calibration import calibrate, load_rank_table, save_rank_table
 from .default import has_default, load_default
-from .methods import DART, DivPrune, FastV, Meteor, NoPruning, PruningMethod, PyramidDrop, VisionZip
+from .methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruningMethod, PyramidDrop, VisionZip
 from .models import ExpertSpec, MultiEncoderProcessor, MultiEncoderVLM, MultiEncoderVLMConfig
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DART",
     "DivPrune",
+    "EvoPrune",
     "ExpertSpec",
     "FastV",
     "Meteor",

@@ -358,6 +358,8 @@ def cmd_methods(args) -> int:
           "e.g. divprune:keep0.23")
     print("visionzip:keep<share>   VisionZip: each expert hands on that share of its tokens, dominant ones and "
           "10/64 of them merged contextual ones, e.g. visionzip:keep0.23")
+    print("evoprune:keep<share>   EvoPrune: inside each expert, at the ends of its thirds, keep important, "
+          "non-redundant, diverse tokens and merge the rest into them, down to that share, e.g. evoprune:keep0.23")
     return 0
 
 

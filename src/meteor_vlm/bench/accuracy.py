@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import synth
-from ..methods import DART, DivPrune, FastV, Meteor, NoPruning, PyramidDrop, VisionZip
+from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PyramidDrop, VisionZip
 from .flops import count_flops
 from .stats import paired_bootstrap
 
@@ -91,6 +91,7 @@ NAME_PATTERNS = (
     (re.compile(r"^dart:k([0-9]+)-r([0-9.]+)$"), lambda k, r: DART(layer=int(k), ratio=float(r))),
     (re.compile(r"^divprune:keep([0-9.]+)$"), lambda keep: DivPrune(keep=float(keep))),
     (re.compile(r"^visionzip:keep([0-9.]+)$"), lambda keep: VisionZip(keep=float(keep))),
+    (re.compile(r"^evoprune:keep([0-9.]+)$"), lambda keep: EvoPrune(keep=float(keep))),
 )
 
 
@@ -103,7 +104,8 @@ def budget_method(name: str):
     share of the previous stage's visual tokens at each of its three layers; `dart:k<layer>-r<ratio>`: DART
     dropping that share before that LLM layer (4 + 4 pivots); `divprune:keep<share>`: DivPrune keeping that
     share of the projected tokens; `visionzip:keep<share>`: VisionZip handing on that share of each expert's
-    tokens (dominant + contextual)."""
+    tokens (dominant + contextual); `evoprune:keep<share>`: EvoPrune leaving that share of each expert's tokens,
+    pruned and merged at the ends of its thirds."""
     for pattern, make in NAME_PATTERNS:
         m = pattern.match(name)
         if m is not None:
@@ -135,7 +137,7 @@ def resolve_methods(names: list[str]) -> list[str]:
     if bad:
         raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
                          "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio>, pyramiddrop:r<ratio>, "
-                         "dart:k<layer>-r<ratio>, divprune:keep<share> or visionzip:keep<share>")
+                         "dart:k<layer>-r<ratio>, divprune:keep<share>, visionzip:keep<share> or evoprune:keep<share>")
     if not names:
         raise ValueError("no method given")
     return names

@@ -3,6 +3,7 @@
 from .base import REGISTRY, EncoderMerge, EncoderPoint, FusionPoint, NoPruning, PruningMethod, get, register
 from .dart import DART
 from .divprune import DivPrune
+from .evoprune import EvoPrune
 from .fastv import FastV
 from .meteor import Meteor, scaled_llm_layers
 from .pyramiddrop import PyramidDrop
@@ -14,6 +15,7 @@ __all__ = [
     "REGISTRY",
     "EncoderMerge",
     "EncoderPoint",
+    "EvoPrune",
     "FastV",
     "FusionPoint",
     "Meteor",

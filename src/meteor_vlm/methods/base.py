@@ -34,7 +34,8 @@ class EncoderPoint:
     """Stage-1 context: one expert, after block `block` (or at the output of a CNN).
 
     tokens: (B, N, D) block output (CLS first when has_cls); point: 0, 1, 2 for the ends of the three
-    thirds of the expert; budget: patch tokens the plan wants kept here (None if no plan).
+    thirds of the expert; size: (B, N_patches) how many of the expert's patches each patch token stands
+    for (1 until a method merges tokens).
     """
 
     expert: str
@@ -46,6 +47,7 @@ class EncoderPoint:
     block_input: torch.Tensor | None
     has_cls: bool
     runner: object = field(repr=False, default=None)
+    size: torch.Tensor | None = field(repr=False, default=None)
 
     @property
     def patches(self) -> torch.Tensor:

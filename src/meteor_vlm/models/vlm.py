@@ -295,11 +295,12 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             x_in = x
             x = runner.run_block(i, x)
             if method is not None and i in points:
-                ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner)
+                ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner,
+                                   size)
                 x, grid, size = self._apply_encoder_keep(method.prune_encoder(ctx), x, grid, size, runner.has_cls)
         feats = runner.finalize(x)
         if method is not None and not points:  # a CNN (or too shallow a ViT) is pruned once, at its output
-            ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner)
+            ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner, size)
             feats, grid, size = self._apply_encoder_keep(method.prune_encoder(ctx), feats, grid, size, False)
         return VisualTokens(feats, torch.full(grid.shape, index, dtype=torch.long, device=feats.device), grid, size)
 

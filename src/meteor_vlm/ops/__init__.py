@@ -4,7 +4,7 @@ No nn.Module state and no transformers import: the algorithms, readable on their
 """
 
 from .budgets import ALLOCATIONS, adaptive_budget, allocate_budget, allocation_weights, feature_rank
-from .merging import merge_into_targets
+from .merging import merge_into_kept, merge_into_targets
 from .metrics import diversity, layer_averaged_tokens, tokens_per_layer
 from .scores import (
     attention_rows,
@@ -30,6 +30,7 @@ __all__ = [
     "gather_tokens",
     "layer_averaged_tokens",
     "mask_to_indices",
+    "merge_into_kept",
     "merge_into_targets",
     "max_min_diverse",
     "mean_similarity",

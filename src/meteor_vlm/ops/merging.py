@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .selection import gather_tokens, mask_to_indices
 
-__all__ = ["merge_into_targets"]
+__all__ = ["merge_into_targets", "merge_into_kept"]
 
 
 def merge_into_targets(
@@ -42,3 +42,36 @@ def merge_into_targets(
         1, assign[..., None].expand(-1, -1, D), gather_tokens(x, cols).float())
     counts = torch.zeros(B, count, device=x.device).scatter_add_(1, assign, torch.ones_like(assign, dtype=torch.float))
     return (sums / counts[..., None]).to(x.dtype), at, group
+
+
+def merge_into_kept(
+    x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token merging onto a chosen set: every token not `kept` goes into the kept token most
+    cosine-similar to it in `metric` (first on ties), and each kept token becomes the size-weighted mean
+    of itself and what it took in (a kept token that took in nothing stays exactly as it was).
+
+    Args:
+        x: (B, N, D) tokens; metric: (B, N, C) what similarity is measured on (e.g. keys);
+        size: (B, N) how many original tokens each already stands for; kept: (B, N) bool, the same number
+        K >= 1 in every row.
+    Returns:
+        merged (B, K, D), the kept tokens in ascending order of index; group (B, N) long, the merged token
+        (0..K-1) each token went into (a kept token into its own).
+    """
+    B, N, D = x.shape
+    cols = mask_to_indices(kept)  # (B, K) ascending; checks the equal counts
+    K = cols.shape[1]
+    if K < 1:
+        raise ValueError("merging needs at least one kept token per row")
+    unit = F.normalize(metric.float(), dim=-1)
+    assign = (unit @ gather_tokens(unit, cols).transpose(1, 2)).argmax(-1)  # (B, N): most similar kept token
+    assign.scatter_(1, cols, torch.arange(K, device=x.device).expand(B, -1))
+    target = gather_tokens(gather_tokens(x, cols), assign).float()  # (B, N, D): each token's kept token
+    w = size.float()[..., None]
+    index = assign[..., None].expand(-1, -1, D)
+    pull = torch.zeros(B, K, D, device=x.device).scatter_add_(1, index, w * (x.float() - target))
+    total = torch.zeros(B, K, 1, device=x.device).scatter_add_(1, assign[..., None], w)
+    # the weighted mean written as "kept token + weighted pull of its group": exact for a group of one
+    merged = gather_tokens(x, cols).float() + pull / total
+    return merged.to(x.dtype), assign
