@@ -844,9 +844,9 @@ def test_part_timer_charges_each_part_and_leaves_nothing_behind(tiny):
     runner, layer = model.runners[1], model.decoder.layers[2]
     slow_block, slow_layer = runner.run_block, layer.forward
 
-    def block(i, x):
+    def block(i, x, bias=None):
         time.sleep(0.01)
-        return slow_block(i, x)
+        return slow_block(i, x, bias)
 
     def forward(*a, **k):
         time.sleep(0.02)

@@ -73,6 +73,19 @@ def plain_choice(importance, metric, n, alpha, candidates):
     return plain_max_min(metric, n, valid)
 
 
+def encode_watching_blocks(model, pixels, method, make_hook):
+    """encode_images under `method` with make_hook(expert name, block index) as a forward pre-hook (with
+    kwargs) on every expert block; the hooks are removed afterwards."""
+    hooks = [block.register_forward_pre_hook(make_hook(r.spec.name, i), with_kwargs=True)
+             for r in model.runners for i, block in enumerate(r.blocks)]
+    try:
+        with torch.no_grad(), method(model):
+            return model.encode_images(pixels, method)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class RecordingEvoPrune(mv.EvoPrune):
     """EvoPrune that records, at each point where it prunes, what it saw and what it answered."""
 
@@ -96,14 +109,8 @@ def test_evoprune_prunes_during_encoding_and_its_choice_equals_a_plain_reference
     method = RecordingEvoPrune(keep=keep, alpha=0.4, candidates=candidates)
     method.seen = []
     lengths = {}  # expert -> the token counts its blocks ran on
-    hooks = [block.register_forward_pre_hook(lambda mod, args, name=r.spec.name: lengths.setdefault(name, []).append(
-        args[0].shape[1])) for r in model.runners for block in r.blocks]
-    try:
-        with torch.no_grad(), method(model):
-            visual = model.encode_images(pixels, method)
-    finally:
-        for h in hooks:
-            h.remove()
+    visual = encode_watching_blocks(model, pixels, method, lambda name, i: lambda module, args, kwargs: lengths.setdefault(
+        name, []).append(args[0].shape[1]))
     for e, runner in enumerate(model.runners):
         name, n0, cls = runner.spec.name, runner.num_patches, int(runner.has_cls)
         calls = [s for s in method.seen if s[0] == name]

@@ -282,6 +282,7 @@ PEERS = {
     "divprune": (lambda: mv.DivPrune(keep=1.0), lambda: mv.DivPrune(keep=0.4)),
     "visionzip": (lambda: mv.VisionZip(keep=1.0), lambda: mv.VisionZip(keep=0.4)),
     "evoprune": (lambda: mv.EvoPrune(keep=1.0), lambda: mv.EvoPrune(keep=0.4)),
+    "tome": (lambda: mv.ToMe(keep=1.0), lambda: mv.ToMe(keep=0.4)),
 }
 
 

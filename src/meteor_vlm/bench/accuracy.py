@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import synth
-from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PyramidDrop, VisionZip
+from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PyramidDrop, ToMe, VisionZip
 from .flops import count_flops
 from .stats import paired_bootstrap
 
@@ -92,6 +92,7 @@ NAME_PATTERNS = (
     (re.compile(r"^divprune:keep([0-9.]+)$"), lambda keep: DivPrune(keep=float(keep))),
     (re.compile(r"^visionzip:keep([0-9.]+)$"), lambda keep: VisionZip(keep=float(keep))),
     (re.compile(r"^evoprune:keep([0-9.]+)$"), lambda keep: EvoPrune(keep=float(keep))),
+    (re.compile(r"^tome:keep([0-9.]+)$"), lambda keep: ToMe(keep=float(keep))),
 )
 
 
@@ -105,7 +106,8 @@ def budget_method(name: str):
     dropping that share before that LLM layer (4 + 4 pivots); `divprune:keep<share>`: DivPrune keeping that
     share of the projected tokens; `visionzip:keep<share>`: VisionZip handing on that share of each expert's
     tokens (dominant + contextual); `evoprune:keep<share>`: EvoPrune leaving that share of each expert's tokens,
-    pruned and merged at the ends of its thirds."""
+    pruned and merged at the ends of its thirds; `tome:keep<share>`: ToMe merging each expert down to that share
+    over its blocks (proportional attention)."""
     for pattern, make in NAME_PATTERNS:
         m = pattern.match(name)
         if m is not None:
@@ -137,7 +139,7 @@ def resolve_methods(names: list[str]) -> list[str]:
     if bad:
         raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
                          "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio>, pyramiddrop:r<ratio>, "
-                         "dart:k<layer>-r<ratio>, divprune:keep<share>, visionzip:keep<share> or evoprune:keep<share>")
+                         "dart:k<layer>-r<ratio>, divprune:keep<share>, visionzip:keep<share>, evoprune:keep<share> or tome:keep<share>")
     if not names:
         raise ValueError("no method given")
     return names

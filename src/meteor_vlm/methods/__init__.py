@@ -7,6 +7,7 @@ from .evoprune import EvoPrune
 from .fastv import FastV
 from .meteor import Meteor, scaled_llm_layers
 from .pyramiddrop import PyramidDrop
+from .tome import ToMe
 from .visionzip import VisionZip
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "NoPruning",
     "PruningMethod",
     "PyramidDrop",
+    "ToMe",
     "VisionZip",
     "get",
     "register",

@@ -3,8 +3,10 @@
 A method is a dataclass of settings. It may act at three stages; each hook returns which tokens to
 keep, or None to keep everything:
 
-- ``prune_encoder(ctx: EncoderPoint)``: inside a vision expert, after a block (stage 1); besides keep
-  indices it may return an ``EncoderMerge`` to hand on merged tokens too;
+- ``prune_encoder(ctx: EncoderPoint)``: inside a vision expert, after a block (stage 1; the blocks are
+  the ends of the expert's thirds unless ``encoder_blocks`` names others); besides keep indices it may
+  return an ``EncoderMerge`` to hand on merged tokens too (with ``proportional_attention`` the expert's
+  later blocks then weigh each token's attention by its size);
 - ``prune_fusion(ctx: FusionPoint)``: after the projectors, over all experts' tokens (stage 2);
 - ``prune_llm(ctx: LLMLayerContext)``: before an LLM layer listed by ``llm_layers`` (stage 3).
 
@@ -33,8 +35,8 @@ __all__ = ["PruningMethod", "EncoderPoint", "EncoderMerge", "FusionPoint", "REGI
 class EncoderPoint:
     """Stage-1 context: one expert, after block `block` (or at the output of a CNN).
 
-    tokens: (B, N, D) block output (CLS first when has_cls); point: 0, 1, 2 for the ends of the three
-    thirds of the expert; size: (B, N_patches) how many of the expert's patches each patch token stands
+    tokens: (B, N, D) block output (CLS first when has_cls); point: the index of this block among those
+    the method acts after (by default the ends of the expert's three thirds: 0, 1, 2); size: (B, N_patches) how many of the expert's patches each patch token stands
     for (1 until a method merges tokens).
     """
 
@@ -176,6 +178,15 @@ class PruningMethod:
 
     def prune_encoder(self, ctx: EncoderPoint) -> torch.Tensor | EncoderMerge | None:
         return None
+
+    def encoder_blocks(self, num_blocks: int) -> list[int] | None:
+        """The blocks of a `num_blocks`-deep vision expert after which `prune_encoder` is called, in
+        increasing order; None: the ends of its three thirds (`ExpertRunner.pruning_points`)."""
+        return None
+
+    # ToMe's proportional attention: after merging, an expert's later blocks add log(size) to the attention
+    # logits of each key, so a merged token counts as the tokens it stands for (subclasses may override)
+    proportional_attention: ClassVar[bool] = False
 
     def prune_fusion(self, ctx: FusionPoint) -> torch.Tensor | None:
         return None

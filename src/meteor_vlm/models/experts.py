@@ -119,8 +119,9 @@ class ExpertRunner:
     def blocks(self) -> nn.ModuleList:
         raise NotImplementedError
 
-    def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Run block i on (B, N, D) tokens (SDPA attention, no mask: all samples keep equal counts)."""
+    def run_block(self, i: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Run block i on (B, N, D) tokens (SDPA attention; no padding mask: all samples keep equal counts).
+        bias: (B, N) added to every query's attention logit for each key (proportional attention)."""
         raise NotImplementedError
 
     def query_key(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -172,8 +173,8 @@ class _ViTRunner(ExpertRunner):
         g = self.spec.image_size // self.module.config.patch_size
         return g, g
 
-    def run_block(self, i, x):
-        return self.blocks[i](x, attention_mask=None)
+    def run_block(self, i, x, bias=None):
+        return self.blocks[i](x, attention_mask=None if bias is None else bias[:, None, None, :].to(x.dtype))
 
     def query_key(self, i, x):
         block = self.blocks[i]
@@ -229,8 +230,8 @@ class Pix2StructRunner(ExpertRunner):
         ids = torch.stack([rows, cols], -1).expand(B, -1, -1)
         return self.module.embeddings(torch.cat([ids, patches], -1))
 
-    def run_block(self, i, x):
-        return self.blocks[i](x, attention_mask=None)[0]
+    def run_block(self, i, x, bias=None):
+        return self.blocks[i](x, attention_mask=None if bias is None else bias[:, None, None, :].to(x.dtype))[0]
 
     def query_key(self, i, x):
         block = self.blocks[i]

@@ -38,6 +38,15 @@ PROJECTORS = ("mlp", "vocab")
 VISUAL_POSITIONS = ("original", "compact")
 
 
+def _check_blocks(blocks, runner) -> list[int]:
+    """A method's `encoder_blocks` answer, checked against the expert it is for."""
+    blocks = list(blocks)
+    if sorted(set(blocks)) != blocks or any(not 0 <= b < runner.num_blocks for b in blocks):
+        raise ValueError(f"encoder blocks must be distinct, increasing and within expert {runner.spec.name!r}'s "
+                         f"{runner.num_blocks} blocks, got {blocks}")
+    return blocks
+
+
 def check_visual_positions(value: str) -> None:
     if value not in VISUAL_POSITIONS:
         raise ValueError(f"unknown visual_positions {value!r}; choose one of {VISUAL_POSITIONS}")
@@ -290,16 +299,21 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         B = x.shape[0]
         grid = torch.arange(runner.num_patches, device=x.device).expand(B, -1)
         size = torch.ones(grid.shape, device=x.device)
-        points = runner.pruning_points()
+        chosen = None if method is None or not runner.is_transformer else method.encoder_blocks(runner.num_blocks)
+        points = runner.pruning_points() if chosen is None else _check_blocks(chosen, runner)
+        proportional = method is not None and method.proportional_attention
         for i in range(runner.num_blocks):
             x_in = x
-            x = runner.run_block(i, x)
+            bias = None
+            if proportional and bool((size != 1).any()):  # log(size) for every key; CLS stands for itself
+                bias = size.log() if not runner.has_cls else torch.cat([torch.zeros_like(size[:, :1]), size.log()], 1)
+            x = runner.run_block(i, x, bias)
             if method is not None and i in points:
                 ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner,
                                    size)
                 x, grid, size = self._apply_encoder_keep(method.prune_encoder(ctx), x, grid, size, runner.has_cls)
         feats = runner.finalize(x)
-        if method is not None and not points:  # a CNN (or too shallow a ViT) is pruned once, at its output
+        if method is not None and runner.num_blocks == 0:  # a CNN is pruned once, at its output
             ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner, size)
             feats, grid, size = self._apply_encoder_keep(method.prune_encoder(ctx), feats, grid, size, False)
         return VisualTokens(feats, torch.full(grid.shape, index, dtype=torch.long, device=feats.device), grid, size)

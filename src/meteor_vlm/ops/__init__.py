@@ -4,7 +4,7 @@ No nn.Module state and no transformers import: the algorithms, readable on their
 """
 
 from .budgets import ALLOCATIONS, adaptive_budget, allocate_budget, allocation_weights, feature_rank
-from .merging import merge_into_kept, merge_into_targets
+from .merging import bipartite_soft_matching, merge_groups, merge_into_kept, merge_into_targets
 from .metrics import diversity, layer_averaged_tokens, tokens_per_layer
 from .scores import (
     attention_rows,
@@ -23,6 +23,7 @@ __all__ = [
     "allocate_budget",
     "allocation_weights",
     "attention_rows",
+    "bipartite_soft_matching",
     "cls_attention",
     "cooperative_redundancy",
     "diversity",
@@ -30,6 +31,7 @@ __all__ = [
     "gather_tokens",
     "layer_averaged_tokens",
     "mask_to_indices",
+    "merge_groups",
     "merge_into_kept",
     "merge_into_targets",
     "max_min_diverse",

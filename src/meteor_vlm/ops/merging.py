@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .selection import gather_tokens, mask_to_indices
 
-__all__ = ["merge_into_targets", "merge_into_kept"]
+__all__ = ["merge_into_targets", "merge_groups", "merge_into_kept", "bipartite_soft_matching"]
 
 
 def merge_into_targets(
@@ -44,12 +44,46 @@ def merge_into_targets(
     return (sums / counts[..., None]).to(x.dtype), at, group
 
 
+def merge_groups(x: torch.Tensor, size: torch.Tensor, into: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge tokens into the tokens they are sent to: each kept token (one sent into itself) becomes the
+    size-weighted mean of itself and the tokens sent into it; a kept token that took in nothing stays
+    exactly as it was.
+
+    Args:
+        x: (B, N, D) tokens; size: (B, N) how many original tokens each already stands for;
+        into: (B, N) long, the index of the kept token each token goes into (into[i] == i: i is kept),
+        the same number K >= 1 of kept tokens in every row.
+    Returns:
+        merged (B, K, D), the kept tokens in ascending order of index; group (B, N) long, the merged token
+        (0..K-1) each token went into (a kept token into its own).
+    """
+    B, N, D = x.shape
+    kept = into == torch.arange(N, device=x.device)
+    cols = mask_to_indices(kept)  # (B, K) ascending; checks the equal counts
+    K = cols.shape[1]
+    if K < 1:
+        raise ValueError("merging needs at least one kept token per row")
+    slot = torch.full((B, N), -1, dtype=torch.long, device=x.device).scatter(
+        1, cols, torch.arange(K, device=x.device).expand(B, -1))
+    group = slot.gather(1, into)
+    if (group < 0).any():
+        raise ValueError("every token must be sent into a kept token")
+    target = x.gather(1, into[..., None].expand(-1, -1, D)).float()  # (B, N, D): each token's kept token
+    w = size.float()[..., None]
+    index = group[..., None].expand(-1, -1, D)
+    pull = torch.zeros(B, K, D, device=x.device).scatter_add_(1, index, w * (x.float() - target))
+    total = torch.zeros(B, K, 1, device=x.device).scatter_add_(1, group[..., None], w)
+    # the weighted mean written as "kept token + weighted pull of its group": exact for a group of one
+    merged = gather_tokens(x, cols).float() + pull / total
+    return merged.to(x.dtype), group
+
+
 def merge_into_kept(
     x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, kept: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token merging onto a chosen set: every token not `kept` goes into the kept token most
     cosine-similar to it in `metric` (first on ties), and each kept token becomes the size-weighted mean
-    of itself and what it took in (a kept token that took in nothing stays exactly as it was).
+    of itself and what it took in (`merge_groups`).
 
     Args:
         x: (B, N, D) tokens; metric: (B, N, C) what similarity is measured on (e.g. keys);
@@ -59,19 +93,36 @@ def merge_into_kept(
         merged (B, K, D), the kept tokens in ascending order of index; group (B, N) long, the merged token
         (0..K-1) each token went into (a kept token into its own).
     """
-    B, N, D = x.shape
+    B, N, _ = x.shape
     cols = mask_to_indices(kept)  # (B, K) ascending; checks the equal counts
-    K = cols.shape[1]
-    if K < 1:
+    if cols.shape[1] < 1:
         raise ValueError("merging needs at least one kept token per row")
     unit = F.normalize(metric.float(), dim=-1)
-    assign = (unit @ gather_tokens(unit, cols).transpose(1, 2)).argmax(-1)  # (B, N): most similar kept token
-    assign.scatter_(1, cols, torch.arange(K, device=x.device).expand(B, -1))
-    target = gather_tokens(gather_tokens(x, cols), assign).float()  # (B, N, D): each token's kept token
-    w = size.float()[..., None]
-    index = assign[..., None].expand(-1, -1, D)
-    pull = torch.zeros(B, K, D, device=x.device).scatter_add_(1, index, w * (x.float() - target))
-    total = torch.zeros(B, K, 1, device=x.device).scatter_add_(1, assign[..., None], w)
-    # the weighted mean written as "kept token + weighted pull of its group": exact for a group of one
-    merged = gather_tokens(x, cols).float() + pull / total
-    return merged.to(x.dtype), assign
+    best = (unit @ gather_tokens(unit, cols).transpose(1, 2)).argmax(-1)  # (B, N): most similar kept token
+    into = torch.where(kept, torch.arange(N, device=x.device).expand(B, -1), cols.gather(1, best))
+    return merge_groups(x, size, into)
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int) -> torch.Tensor:
+    """ToMe's matching: tokens alternate into sets A (even positions) and B (odd); each A token's edge is
+    its most cosine-similar B token in `metric`, and the r A tokens with the strongest edges (ties: the
+    earlier) are sent into their B token. Every other token stays.
+
+    Args:
+        metric: (B, N, C) what similarity is measured on (ToMe: the block's keys, averaged over heads);
+        r: how many tokens to merge away, 0 <= r <= the ceil(N / 2) tokens of A.
+    Returns:
+        into (B, N) long: the index of the token each token goes into (its own index when it stays).
+    """
+    B, N, _ = metric.shape
+    a, b = torch.arange(0, N, 2, device=metric.device), torch.arange(1, N, 2, device=metric.device)
+    if not 0 <= r <= len(a) or (r and not len(b)):
+        raise ValueError(f"bipartite matching merges at most {len(a) if len(b) else 0} of {N} tokens, got r={r}")
+    into = torch.arange(N, device=metric.device).expand(B, -1).clone()
+    if r == 0:
+        return into
+    unit = F.normalize(metric.float(), dim=-1)
+    edge, match = (unit[:, a] @ unit[:, b].transpose(1, 2)).max(-1)  # (B, |A|): strongest B for each A
+    order = torch.sort(edge, dim=1, descending=True, stable=True).indices[:, :r]  # the r strongest edges
+    into.scatter_(1, a[order], b[match.gather(1, order)])
+    return into

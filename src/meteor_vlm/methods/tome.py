@@ -1,0 +1,74 @@
+"""ToMe (token merging): merge similar tokens after every block of each vision expert, never drop them.
+
+After each block of a ViT expert, bipartite soft matching (`ops.bipartite_soft_matching`) on that
+block's keys, averaged over heads, sends the tokens of set A (even positions) with the strongest edges
+into their most similar token of set B (odd positions); a merged token is the size-weighted mean of what
+went into it (`ops.merge_groups`) and stands at its B token's grid position. With proportional
+attention (ToMe's default) the later blocks add log(size) to every key's attention logit, so a merged
+token weighs as the patches it stands for. CLS is never merged.
+
+Differences from ToMe, ours: ToMe merges inside each block, between attention and MLP, r tokens per
+block; here the merge follows the block (the runner's unit), and the counts follow a geometric schedule
+to a share `keep` of each expert's patches after its last block, round(N0 * keep^(i/L)) after block i
+of L, so experts of any size end at the same share. A CNN, which runs whole, has its output merged in
+successive bipartite rounds (each at most half) down to round(N0 * keep), on its features. Nothing
+happens at fusion or in the LLM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .. import ops
+from .base import EncoderMerge, EncoderPoint, PruningMethod, check_ratio, register
+
+__all__ = ["ToMe"]
+
+
+@register
+@dataclass
+class ToMe(PruningMethod):
+    """ToMe's settings: `keep`, the share of each expert's patch tokens left after its last block, and
+    `proportional_attention`, whether the later blocks weigh merged tokens by their size."""
+
+    name: ClassVar[str] = "tome"
+    keep: float = 0.25
+    proportional_attention: bool = True
+
+    def validate(self) -> None:
+        check_ratio("keep", self.keep)
+        if self.keep == 0:
+            raise ValueError("keep must be > 0: ToMe hands on at least one token of every expert")
+
+    def encoder_blocks(self, num_blocks: int) -> list[int]:
+        return list(range(num_blocks))
+
+    def prune_encoder(self, ctx: EncoderPoint):
+        patches = ctx.patches
+        n0 = ctx.runner.num_patches
+        if ctx.block is None:  # a CNN: the whole reduction at its output, on its features
+            n, metric = round(n0 * self.keep), patches
+        else:
+            depth = ctx.runner.num_blocks
+            n, metric = round(n0 * self.keep ** ((ctx.block + 1) / depth)), ctx.patch_keys().mean(1)
+        if n >= patches.shape[1]:
+            return None
+        if n < 1:
+            raise ValueError(f"ToMe keeps no token of expert {ctx.expert!r} ({n0} patches, keep={self.keep})")
+        size = ctx.size if ctx.size is not None else torch.ones(patches.shape[:2], device=patches.device)
+        x, at = patches, torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[0], -1)
+        group = at
+        while x.shape[1] > n:  # a round merges at most half (set A): a larger step takes several rounds
+            r = min(x.shape[1] - n, math.ceil(x.shape[1] / 2))
+            into = ops.bipartite_soft_matching(metric, r)
+            merged, step = ops.merge_groups(torch.cat([x, metric], -1), size, into)
+            x, metric = merged[..., : x.shape[-1]], merged[..., x.shape[-1]:]
+            kept = ops.mask_to_indices(into == torch.arange(into.shape[1], device=into.device))
+            size = torch.zeros(kept.shape, device=size.device).scatter_add_(1, step, size)
+            at, group = at.gather(1, kept), step.gather(1, group)
+        none = torch.empty(patches.shape[0], 0, dtype=torch.long, device=patches.device)
+        return EncoderMerge(none, x, at, group)
