@@ -153,6 +153,27 @@ def test_evoprune_without_merging_drops_and_keeps_sizes_at_one(tiny, images):
     assert (dropped.size == 1).all() and merged.size.sum() > dropped.size.sum()
 
 
+@pytest.mark.parametrize("proportional", [False, True])
+def test_evoprune_weighs_merged_tokens_by_size_only_when_asked(tiny, images, proportional):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0]], PROMPTS[:1])
+    pixels = {k[len("pixel_values_"):]: v for k, v in inputs.items() if k.startswith("pixel_values_")}
+    method = RecordingEvoPrune(keep=0.3, proportional_attention=proportional)
+    method.seen = []
+    masks = {}
+    encode_watching_blocks(model, pixels, method, lambda name, i: lambda module, args, kwargs: masks.__setitem__(
+        (name, i), kwargs.get("attention_mask")))
+    clip = model.runners[0]  # with CLS: the bias of CLS is 0
+    sizes = [s[3] for s in method.seen if s[0] == clip.spec.name]  # the sizes blocks 0, 1, 2 ran on
+    assert masks[(clip.spec.name, 0)] is None
+    for block in (1, 2):
+        if proportional:
+            bias = torch.cat([torch.zeros(1, 1), sizes[block].log()], 1)
+            torch.testing.assert_close(masks[(clip.spec.name, block)], bias[:, None, None, :])
+        else:
+            assert masks[(clip.spec.name, block)] is None
+
+
 def test_evoprune_points_choose_where_it_prunes(tiny, images):
     model, processor = tiny
     inputs = make_inputs(processor, [images[0]], PROMPTS[:1])

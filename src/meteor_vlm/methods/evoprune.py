@@ -16,8 +16,9 @@ by token similarity, diversity and attention importance, with token merging. Our
 
 A CNN, which cannot drop tokens mid-network, is pruned once at its output, with the distance from its
 mean token as importance and its features in place of keys. Open choices, ours: the schedule (every
-point of `points`, geometric), the rank mix and the candidate pool; no proportional attention after
-a merge (the expert's blocks run unchanged; the sizes are recorded, not fed back). Nothing happens at
+point of `points`, geometric), the rank mix and the candidate pool; by default no proportional
+attention after a merge (the abstract names none: the sizes are recorded, not fed back; set
+`proportional_attention=True` to weigh merged tokens by their size, as ToMe does). Nothing happens at
 fusion or in the LLM.
 """
 
@@ -49,7 +50,8 @@ class EvoPrune(PruningMethod):
     """EvoPrune's settings: `keep`, the share of each expert's patch tokens left after its last scheduled
     point; `points`, which of the expert's three pruning points (ends of its thirds) prune; `alpha`, the
     weight of non-redundancy against attention importance; `candidates`, how many times the target count
-    the diversity selection chooses from; `merge`, whether dropped tokens are merged into kept ones."""
+    the diversity selection chooses from; `merge`, whether dropped tokens are merged into kept ones;
+    `proportional_attention`, whether the expert's later blocks weigh merged tokens by their size."""
 
     name: ClassVar[str] = "evoprune"
     keep: float = 0.25
@@ -57,6 +59,7 @@ class EvoPrune(PruningMethod):
     alpha: float = 0.5
     candidates: float = 2.0
     merge: bool = True
+    proportional_attention: bool = False
 
     def validate(self) -> None:
         check_ratio("keep", self.keep)
