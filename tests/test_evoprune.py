@@ -188,6 +188,27 @@ def test_evoprune_points_choose_where_it_prunes(tiny, images):
         (0, round(n0 * 0.5)), (2, round(n0 * 0.25))]
 
 
+def test_evoprune_rank_allocation_follows_meteors_stage1_plan(tiny, images):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], images[1]], PROMPTS[:2])
+    pixels = {k[len("pixel_values_"):]: v for k, v in inputs.items() if k.startswith("pixel_values_")}
+    meteor = mv.Meteor(encoder_keep=0.3, fusion=False, llm=False)
+    meteor.setup(model)
+    plan = meteor._plan["encoder"]
+    assert len({tuple(steps) for steps in plan.values()}) == 3 and plan["clip"][-1] != round(0.3 * 16)
+    method = RecordingEvoPrune(keep=0.3, allocation="rank")
+    method.seen = []
+    with torch.no_grad(), method(model):
+        visual = model.encode_images(pixels, method)
+    for e, runner in enumerate(model.runners):
+        counts = [s[-1].merged.shape[1] for s in method.seen if s[0] == runner.spec.name]
+        assert counts == plan[runner.spec.name]
+        assert int((visual.expert[0] == e).sum()) == plan[runner.spec.name][-1]
+    bare, _ = mv.testing.tiny_model(seed=0)  # no rank table
+    with pytest.raises(ValueError, match="allocation='rank' needs a rank table"), method(bare):
+        pass
+
+
 def test_evoprune_bad_settings_and_bench_names(tiny, images):
     from meteor_vlm.bench.accuracy import make_method, resolve_methods
 
@@ -200,6 +221,7 @@ def test_evoprune_bad_settings_and_bench_names(tiny, images):
         (dict(points=(0, 3)), "points must be distinct, increasing"),
         (dict(points=()), "points must be distinct, increasing"),
         (dict(candidates=0.5), "candidates must be >= 1"),
+        (dict(allocation="average"), "unknown allocation 'average'"),
     ):
         with pytest.raises(ValueError, match=message):
             mv.EvoPrune(**kwargs)
@@ -208,4 +230,5 @@ def test_evoprune_bad_settings_and_bench_names(tiny, images):
         logits(model, inputs)
     assert resolve_methods(["evoprune:keep0.23"]) == ["evoprune:keep0.23"]
     assert make_method("evoprune:keep0.23") == mv.EvoPrune(keep=0.23)
+    assert make_method("evoprune:keep0.23-rank") == mv.EvoPrune(keep=0.23, allocation="rank")
     assert mv.methods.get("evoprune") is mv.EvoPrune

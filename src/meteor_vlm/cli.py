@@ -359,7 +359,8 @@ def cmd_methods(args) -> int:
     print("visionzip:keep<share>   VisionZip: each expert hands on that share of its tokens, dominant ones and "
           "10/64 of them merged contextual ones, e.g. visionzip:keep0.23")
     print("evoprune:keep<share>   EvoPrune: inside each expert, at the ends of its thirds, keep important, "
-          "non-redundant, diverse tokens and merge the rest into them, down to that share, e.g. evoprune:keep0.23")
+          "non-redundant, diverse tokens and merge the rest into them, down to that share, e.g. evoprune:keep0.23; "
+          "evoprune:keep0.23-rank splits that share of all tokens over the experts by METEOR's rank allocation")
     print("tome:keep<share>   ToMe: after every block of each expert, merge the most similar tokens (bipartite "
           "matching on keys, proportional attention) down to that share, e.g. tome:keep0.23")
     return 0

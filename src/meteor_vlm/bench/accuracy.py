@@ -91,7 +91,8 @@ NAME_PATTERNS = (
     (re.compile(r"^dart:k([0-9]+)-r([0-9.]+)$"), lambda k, r: DART(layer=int(k), ratio=float(r))),
     (re.compile(r"^divprune:keep([0-9.]+)$"), lambda keep: DivPrune(keep=float(keep))),
     (re.compile(r"^visionzip:keep([0-9.]+)$"), lambda keep: VisionZip(keep=float(keep))),
-    (re.compile(r"^evoprune:keep([0-9.]+)$"), lambda keep: EvoPrune(keep=float(keep))),
+    (re.compile(r"^evoprune:keep([0-9.]+)(-rank)?$"),
+     lambda keep, rank: EvoPrune(keep=float(keep), allocation="rank" if rank else "same")),
     (re.compile(r"^tome:keep([0-9.]+)$"), lambda keep: ToMe(keep=float(keep))),
 )
 
@@ -106,7 +107,8 @@ def budget_method(name: str):
     dropping that share before that LLM layer (4 + 4 pivots); `divprune:keep<share>`: DivPrune keeping that
     share of the projected tokens; `visionzip:keep<share>`: VisionZip handing on that share of each expert's
     tokens (dominant + contextual); `evoprune:keep<share>`: EvoPrune leaving that share of each expert's tokens,
-    pruned and merged at the ends of its thirds; `tome:keep<share>`: ToMe merging each expert down to that share
+    pruned and merged at the ends of its thirds (`evoprune:keep<share>-rank`: that share of all experts'
+    tokens, split by METEOR's rank allocation); `tome:keep<share>`: ToMe merging each expert down to that share
     over its blocks (proportional attention)."""
     for pattern, make in NAME_PATTERNS:
         m = pattern.match(name)
@@ -139,7 +141,7 @@ def resolve_methods(names: list[str]) -> list[str]:
     if bad:
         raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
                          "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio>, pyramiddrop:r<ratio>, "
-                         "dart:k<layer>-r<ratio>, divprune:keep<share>, visionzip:keep<share>, evoprune:keep<share> or tome:keep<share>")
+                         "dart:k<layer>-r<ratio>, divprune:keep<share>, visionzip:keep<share>, evoprune:keep<share>[-rank] or tome:keep<share>")
     if not names:
         raise ValueError("no method given")
     return names

@@ -16,7 +16,9 @@ keep, or None to keep everything:
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from ..models.vlm import MultiEncoderVLM
 
 __all__ = ["PruningMethod", "EncoderPoint", "EncoderMerge", "FusionPoint", "REGISTRY", "register", "get",
-           "check_ratio", "check_layer_index", "check_llm_layers", "keep_most_attended"]
+           "check_ratio", "check_layer_index", "check_llm_layers", "expert_ranks", "keep_most_attended"]
 
 
 @dataclass
@@ -147,6 +149,24 @@ def check_llm_layers(layers, depth: int | None = None) -> None:
             raise ValueError(f"LLM layer(s) {bad} past the model's depth ({depth} layers, indices 0..{depth - 1})")
     if sorted(set(layers)) != list(layers):
         raise ValueError(f"LLM layers must be distinct and increasing, got {layers}")
+
+
+def expert_ranks(model: MultiEncoderVLM, table=None, needed_by: str = "rank allocation") -> dict:
+    """{expert: [feature rank at each pruning point]} from `table` (a dict or a JSON path; None: the
+    model's `config.rank_table`); ValueError naming `needed_by` if there is none or an expert is missing."""
+    table = table if table is not None else model.config.rank_table
+    if isinstance(table, (str, Path)):
+        table = json.loads(Path(table).read_text())
+    if table is None:
+        raise ValueError(
+            f"{needed_by} needs a rank table: pass rank_table=, or run "
+            "`meteor calibrate` / mv.calibrate(model, images) and store it in model.config.rank_table"
+        )
+    ranks = table.get("experts", table)
+    missing = [n for n in model.expert_names if n not in ranks]
+    if missing:
+        raise ValueError(f"the rank table has no entry for experts {missing}")
+    return ranks
 
 
 def keep_most_attended(ctx: LLMLayerContext, keep: torch.Tensor) -> torch.Tensor:

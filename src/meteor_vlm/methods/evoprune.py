@@ -25,17 +25,18 @@ fusion or in the LLM.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from .. import ops
-from .base import EncoderMerge, EncoderPoint, PruningMethod, check_ratio, register
+from .base import EncoderMerge, EncoderPoint, PruningMethod, check_ratio, expert_ranks, register
 
 __all__ = ["EvoPrune"]
 
 POINTS = (0, 1, 2)  # the ends of the three thirds of an expert (`ExpertRunner.pruning_points`)
+ALLOCATIONS = ("same", "rank")
 
 
 def _rank_share(score: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,10 @@ class EvoPrune(PruningMethod):
     point; `points`, which of the expert's three pruning points (ends of its thirds) prune; `alpha`, the
     weight of non-redundancy against attention importance; `candidates`, how many times the target count
     the diversity selection chooses from; `merge`, whether dropped tokens are merged into kept ones;
-    `proportional_attention`, whether the expert's later blocks weigh merged tokens by their size."""
+    `proportional_attention`, whether the expert's later blocks weigh merged tokens by their size;
+    `allocation`, "same" (every expert keeps the share `keep`) or "rank" (METEOR's stage-1 schedule: the
+    experts share round(keep * all their patches) by the feature ranks of the model's rank table,
+    `ops.staged_budgets`; not in EvoPrune's abstract: METEOR's allocation with EvoPrune's choice)."""
 
     name: ClassVar[str] = "evoprune"
     keep: float = 0.25
@@ -60,6 +64,8 @@ class EvoPrune(PruningMethod):
     candidates: float = 2.0
     merge: bool = True
     proportional_attention: bool = False
+    allocation: str = "same"
+    _plan: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
         check_ratio("keep", self.keep)
@@ -69,8 +75,18 @@ class EvoPrune(PruningMethod):
         self.points = tuple(self.points)
         if not self.points or sorted(set(self.points)) != list(self.points) or not set(self.points) <= set(POINTS):
             raise ValueError(f"points must be distinct, increasing and among {POINTS}, got {self.points}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {ALLOCATIONS}")
         if not self.candidates >= 1:
             raise ValueError(f"candidates must be >= 1 (a multiple of the target count), got {self.candidates}")
+
+    def setup(self, model) -> None:
+        self._plan = {}
+        if self.allocation == "rank":
+            sizes = {r.spec.name: r.num_patches for r in model.runners}
+            staged = [r.spec.name for r in model.runners if len(r.pruning_points()) == len(POINTS)]
+            ranks = expert_ranks(model, None, "allocation='rank'")
+            self._plan = ops.staged_budgets(sizes, staged, ranks, round(self.keep * sum(sizes.values())), "rank")
 
     def schedule(self, ctx: EncoderPoint) -> tuple[int, int] | None:
         """(j, J): this is the j-th of the expert's J scheduled points, or None if it does not prune here.
@@ -94,7 +110,11 @@ class EvoPrune(PruningMethod):
         at = self.schedule(ctx)
         if at is None:
             return None
-        n = self.target(ctx.runner.num_patches, *at)
+        if self._plan:  # rank allocation: the staged plan's count at this point (a single-point expert: its one)
+            steps = self._plan[ctx.expert]
+            n = steps[ctx.point] if len(steps) == len(POINTS) and ctx.block is not None else steps[-1]
+        else:
+            n = self.target(ctx.runner.num_patches, *at)
         if n >= n_now:
             return None
         if n < 1:

@@ -12,16 +12,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from .. import ops
-from .base import EncoderPoint, FusionPoint, PruningMethod, check_llm_layers, check_ratio, register
+from .base import EncoderPoint, FusionPoint, PruningMethod, check_llm_layers, check_ratio, expert_ranks, register
 
 __all__ = ["Meteor", "scaled_llm_layers", "PAPER_LLM_LAYERS"]
 
@@ -171,49 +169,15 @@ class Meteor(PruningMethod):
         self._plan = plan
 
     def _ranks(self, model) -> dict:
-        table = self.rank_table if self.rank_table is not None else model.config.rank_table
-        if isinstance(table, (str, Path)):
-            table = json.loads(Path(table).read_text())
-        if table is None:
-            raise ValueError(
-                f"allocation={self.allocation!r} needs a rank table: pass rank_table=, or run "
-                "`meteor calibrate` / mv.calibrate(model, images) and store it in model.config.rank_table"
-            )
-        ranks = table.get("experts", table)
-        missing = [n for n in model.expert_names if n not in ranks]
-        if missing:
-            raise ValueError(f"the rank table has no entry for experts {missing}")
-        return ranks
+        return expert_ranks(model, self.rank_table, f"allocation={self.allocation!r}")
 
     def _plan_encoder(self, model) -> dict[str, list[int]]:
         """Patch tokens each expert keeps after each of its pruning points: {expert: [n1, n2, n3]}."""
-        runners = model.runners
-        names = [r.spec.name for r in runners]
-        n0 = {r.spec.name: r.num_patches for r in runners}
-        total = sum(n0.values())
-        final = self.encoder_tokens if self.encoder_tokens is not None else round(self.encoder_keep * total)
-        if final > total:
-            raise ValueError(f"encoder budget {final} is larger than the tokens available ({total})")
-        if final < len(runners):
-            raise ValueError(f"encoder budget {final} leaves an expert with no token ({len(runners)} experts)")
-        ranks = self._ranks(model) if self.allocation != "average" else {n: [1.0, 1.0, 1.0] for n in names}
-        staged = [r.spec.name for r in runners if len(r.pruning_points()) == 3]
-        cur = dict(n0)
-        plan = {n: [] for n in names}
-        rho = final / total
-        for b in range(3):
-            members = staged if b < 2 else names
-            if not members:
-                continue
-            target = final if b == 2 else round(rho ** ((b + 1) / 3) * sum(n0[n] for n in members))
-            target = max(target, len(members))
-            weights = ops.allocation_weights([float(ranks[n][b]) for n in members], self.allocation)
-            # every expert keeps at least one token; the rest follows the weights
-            extra = ops.allocate_budget(target - len(members), weights, [cur[n] - 1 for n in members])
-            for n, e in zip(members, extra):
-                cur[n] = e + 1
-                plan[n].append(cur[n])
-        return plan
+        sizes = {r.spec.name: r.num_patches for r in model.runners}
+        final = self.encoder_tokens if self.encoder_tokens is not None else round(self.encoder_keep * sum(sizes.values()))
+        ranks = self._ranks(model) if self.allocation != "average" else None
+        staged = [r.spec.name for r in model.runners if len(r.pruning_points()) == 3]
+        return ops.staged_budgets(sizes, staged, ranks, final, self.allocation)
 
     # ---- stage 1 ---------------------------------------------------------------------------------
     def prune_encoder(self, ctx: EncoderPoint) -> torch.Tensor | None:

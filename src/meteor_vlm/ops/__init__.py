@@ -3,7 +3,7 @@
 No nn.Module state and no transformers import: the algorithms, readable on their own.
 """
 
-from .budgets import ALLOCATIONS, adaptive_budget, allocate_budget, allocation_weights, feature_rank
+from .budgets import ALLOCATIONS, adaptive_budget, allocate_budget, allocation_weights, feature_rank, staged_budgets
 from .merging import bipartite_soft_matching, merge_groups, merge_into_kept, merge_into_targets
 from .metrics import diversity, layer_averaged_tokens, tokens_per_layer
 from .scores import (
@@ -37,6 +37,7 @@ __all__ = [
     "max_min_diverse",
     "mean_similarity",
     "received_attention",
+    "staged_budgets",
     "tokens_per_layer",
     "top_heads",
     "topk_indices",

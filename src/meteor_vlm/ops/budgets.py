@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["feature_rank", "allocation_weights", "allocate_budget", "adaptive_budget", "ALLOCATIONS"]
+__all__ = ["feature_rank", "allocation_weights", "allocate_budget", "staged_budgets", "adaptive_budget", "ALLOCATIONS"]
 
 ALLOCATIONS = ("rank", "average", "rank-reverse")
 
@@ -99,6 +99,48 @@ def allocate_budget(total: int, weights: Sequence[float], capacity: Sequence[int
             short -= 1
     assert sum(out) == total
     return out
+
+
+def staged_budgets(sizes: dict[str, int], staged: Sequence[str], ranks: dict[str, Sequence[float]] | None,
+                   final: int, strategy: str = "rank") -> dict[str, list[int]]:
+    """METEOR's stage-1 schedule: the patch tokens each expert keeps after each of its pruning points.
+
+    The total shrinks geometrically to `final` over three points (rho^(b/3) of the experts' tokens after
+    point b, rho = final / total). The `staged` experts (three pruning points) share the first two
+    targets, every expert the last (a CNN prunes once, at its output), each by `allocation_weights` of
+    its rank at that point, keeping at least one token and at most what it has.
+
+    Args:
+        sizes: {expert: patch tokens before pruning}; staged: the experts with three pruning points;
+        ranks: {expert: [rank at point 0, 1, 2]} (unused, may be None, for strategy "average");
+        final: tokens left after the last point, len(sizes) <= final <= the total; strategy: see
+        `allocation_weights`.
+    Returns:
+        {expert: [tokens after each of its points]} (three entries for a staged expert, one otherwise).
+    """
+    names, total = list(sizes), sum(sizes.values())
+    if final > total:
+        raise ValueError(f"encoder budget {final} is larger than the tokens available ({total})")
+    if final < len(names):
+        raise ValueError(f"encoder budget {final} leaves an expert with no token ({len(names)} experts)")
+    if strategy == "average" or ranks is None:
+        ranks = {n: [1.0, 1.0, 1.0] for n in names}
+    cur = dict(sizes)
+    plan: dict[str, list[int]] = {n: [] for n in names}
+    rho = final / total
+    for b in range(3):
+        members = list(staged) if b < 2 else names
+        if not members:
+            continue
+        target = final if b == 2 else round(rho ** ((b + 1) / 3) * sum(sizes[n] for n in members))
+        target = max(target, len(members))
+        weights = allocation_weights([float(ranks[n][b]) for n in members], strategy)
+        # every expert keeps at least one token; the rest follows the weights
+        extra = allocate_budget(target - len(members), weights, [cur[n] - 1 for n in members])
+        for n, e in zip(members, extra):
+            cur[n] = e + 1
+            plan[n].append(cur[n])
+    return plan
 
 
 def adaptive_budget(vav_selected: torch.Tensor, lam: float, available: torch.Tensor | int) -> torch.Tensor:
