@@ -115,13 +115,19 @@ def max_min_diverse(z: torch.Tensor, k: torch.Tensor | int, mask: torch.Tensor |
     dist = 1.0 - u @ u.transpose(1, 2)  # (B, N, N)
     others = dist.masked_fill(~valid[:, None, :], float("inf"))
     others.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    score = others.min(-1).values  # the first pick: distance to the nearest other token
-    chosen = torch.zeros(B, N, dtype=torch.bool, device=z.device)
+    # a token that may not (or no longer) be chosen scores -inf, and minimum() keeps it there: the loop
+    # runs few ops per pick, which matters as it is sequential (k picks)
+    score = others.min(-1).values.masked_fill(~valid, float("-inf"))  # the first pick: nearest other token
+    K = int(k.max()) if B else 0
+    picks = torch.zeros(B, K, dtype=torch.long, device=z.device)
     rows = torch.arange(B, device=z.device)
-    for step in range(int(k.max()) if B else 0):
-        pick = score.masked_fill(~valid | chosen, float("-inf")).argmax(1)  # first maximum on ties
-        active = step < k
-        chosen[rows[active], pick[active]] = True
+    for step in range(K):
+        pick = score.argmax(1)  # first maximum on ties
+        picks[:, step] = pick
         to_pick = dist[rows, pick]  # (B, N) distance of every token to the new pick
-        score = to_pick if step == 0 else torch.minimum(score, to_pick)
-    return chosen
+        score = to_pick.masked_fill(~valid, float("-inf")) if step == 0 else torch.minimum(score, to_pick)
+        score[rows, pick] = float("-inf")
+    # a row that needs fewer than K picks sends the rest to a spare column, dropped
+    wanted = torch.arange(K, device=z.device) < k[:, None]
+    chosen = torch.zeros(B, N + 1, dtype=torch.bool, device=z.device)
+    return chosen.scatter_(1, picks.masked_fill(~wanted, N), True)[:, :N]
