@@ -38,8 +38,9 @@ class EncoderPoint:
     """Stage-1 context: one expert, after block `block` (or at the output of a CNN).
 
     tokens: (B, N, D) block output (CLS first when has_cls); point: the index of this block among those
-    the method acts after (by default the ends of the expert's three thirds: 0, 1, 2); size: (B, N_patches) how many of the expert's patches each patch token stands
-    for (1 until a method merges tokens).
+    the method acts after (by default the ends of the expert's three thirds: 0, 1, 2); size:
+    (B, N_patches) how many of the expert's patches each patch token stands for (1 until a method
+    merges tokens).
     """
 
     expert: str
