@@ -188,6 +188,18 @@ def test_ask_prints_stages_and_writes_heatmap(tmp_path, capsys):
     assert Image.open(heat).size == (256 * 3, 256 + 18)
 
 
+def test_ask_runs_any_bench_method_and_refuses_an_unknown_one(tmp_path, capsys):
+    img = tmp_path / "img.png"
+    mv.testing.random_images(1, size=64)[0].save(img)
+    heat = tmp_path / "heat.png"
+    assert main(["ask", str(img), "what ?", "--model", "tiny", "--method", "tome:keep0.5", "--heatmap", str(heat)]) == 0
+    out = capsys.readouterr().out
+    counts = {r.spec.name: round(0.5 * r.num_patches) for r in mv.testing.tiny_model(seed=0)[0].runners}
+    assert f"stage 1 (in the experts): {sum(counts.values())}  {counts}" in out and heat.is_file()
+    assert main(["ask", str(img), "what ?", "--model", "tiny", "--method", "tome:half"]) == 2
+    assert "unknown method(s) ['tome:half']" in capsys.readouterr().err
+
+
 def test_ask_missing_image_is_a_clear_error(tmp_path, capsys):
     assert main(["ask", str(tmp_path / "missing.png"), "what ?", "--model", "tiny"]) == 2
     assert "image file not found" in capsys.readouterr().err

@@ -297,13 +297,27 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def _ask_method(name: str):
+    """The method `meteor ask --method` names: 'none', a METEOR preset, or any name `meteor methods` lists
+    (ValueError listing them otherwise)."""
+    import meteor_vlm as mv
+    from meteor_vlm.bench.accuracy import make_method, resolve_methods
+
+    if name == "none":
+        return mv.NoPruning()
+    if name in mv.Meteor.presets():
+        return mv.Meteor.preset(name)
+    resolve_methods([name])
+    return make_method(name)
+
+
 def cmd_ask(args) -> int:
     import meteor_vlm as mv
     from meteor_vlm.viz import kept_token_heatmap
 
     image = mv.MultiEncoderProcessor._to_pil(args.image)  # ValueError for a missing or unreadable file
     model, processor = _load(args.model)
-    method = mv.NoPruning() if args.method == "none" else mv.Meteor.preset(args.method)
+    method = _ask_method(args.method)
     inputs = processor(images=[image], text=[processor.format_prompt(args.question)], return_tensors="pt")
     with method(model), torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -465,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("image")
     a.add_argument("question")
     a.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a local model directory")
-    a.add_argument("--method", default="paper-242", help="a METEOR preset, or 'none' for the unpruned model")
+    a.add_argument("--method", default="paper-242",
+                   help="a METEOR preset, 'none' for the unpruned model, or any name `meteor methods` lists "
+                        "(e.g. evoprune:keep0.23, tome:keep0.23, fastv:k1-r0.875)")
     a.add_argument("--heatmap", help="write the image with each expert's kept tokens to this PNG")
     a.add_argument("--max-new-tokens", type=int, default=8)
     a.set_defaults(fn=cmd_ask)
