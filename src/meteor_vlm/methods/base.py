@@ -16,6 +16,7 @@ keep, or None to keep everything:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,17 @@ class EncoderPoint:
         """(B, N_patches, D) the patch tokens (CLS removed)."""
         return self.tokens[:, 1:] if self.has_cls else self.tokens
 
+    @property
+    def patch_sizes(self) -> torch.Tensor:
+        """(B, N_patches) `size`, or ones when the context was made without it."""
+        return self.size if self.size is not None else torch.ones(self.patches.shape[:2], device=self.tokens.device)
+
+    @functools.cached_property
+    def _query_key(self):
+        return self.runner.query_key(self.block, self.block_input)  # once per point, whichever score asks
+
     def _qk(self):
-        return self.runner.query_key(self.block, self.block_input)
+        return self._query_key
 
     def cls_attention(self) -> torch.Tensor:
         """(B, N_patches) head-averaged attention of CLS to each patch, from the CLS query row alone."""
@@ -80,6 +90,19 @@ class EncoderPoint:
         att = ops.received_attention(q, k, scale)
         return att[:, 1:] if self.has_cls else att
 
+    def importance(self) -> torch.Tensor:
+        """(B, N_patches) how much each patch token matters, for methods that rank by attention: the
+        attention from CLS (a ViT with CLS), the attention it receives (a ViT without), or, at a CNN's
+        output, which has no attention, its distance from the mean token."""
+        if self.block is None:
+            return -ops.mean_similarity(self.patches)
+        return self.cls_attention() if self.has_cls else self.received_attention()
+
+    def merge_metric(self) -> torch.Tensor:
+        """(B, N_patches, C) what token similarity is measured on: this block's keys averaged over heads
+        (a ViT), or the features themselves (a CNN's output)."""
+        return self.patches if self.block is None else self.patch_keys().mean(1)
+
 
 @dataclass
 class EncoderMerge:
@@ -95,6 +118,12 @@ class EncoderMerge:
     merged: torch.Tensor
     at: torch.Tensor
     group: torch.Tensor
+
+    @classmethod
+    def every_patch_merged(cls, merged: torch.Tensor, at: torch.Tensor, group: torch.Tensor) -> EncoderMerge:
+        """A merge that keeps no patch as it is: each goes into one of the merged tokens (group >= 0
+        everywhere), as token-merging methods answer (a token that took in nothing is its own group)."""
+        return cls(torch.empty(merged.shape[0], 0, dtype=torch.long, device=merged.device), merged, at, group)
 
 
 @dataclass

@@ -120,18 +120,11 @@ class EvoPrune(PruningMethod):
         if n < 1:
             raise ValueError(f"EvoPrune keeps no token of expert {ctx.expert!r} ({ctx.runner.num_patches} "
                              f"patches, keep={self.keep})")
-        if ctx.block is None:  # no attention, no keys
-            importance, metric = -ops.mean_similarity(patches), patches
-        else:
-            importance = ctx.cls_attention() if ctx.has_cls else ctx.received_attention()
-            metric = ctx.patch_keys().mean(1)  # (B, N, d) head-averaged keys
-        score = (1 - self.alpha) * _rank_share(importance) + self.alpha * _rank_share(-ops.within_redundancy(metric))
+        metric = ctx.merge_metric()
+        score = (1 - self.alpha) * _rank_share(ctx.importance()) + self.alpha * _rank_share(-ops.within_redundancy(metric))
         pool = ops.topk_mask(score, min(n_now, math.ceil(self.candidates * n)))
         kept = ops.max_min_diverse(metric, n, mask=pool)
         if not self.merge:
             return ops.mask_to_indices(kept)
-        size = ctx.size if ctx.size is not None else torch.ones(patches.shape[:2], device=patches.device)
-        merged, group = ops.merge_into_kept(patches, metric, size, kept)
-        B = patches.shape[0]
-        none = torch.empty(B, 0, dtype=torch.long, device=patches.device)
-        return EncoderMerge(none, merged, ops.mask_to_indices(kept), group)
+        merged, group = ops.merge_into_kept(patches, metric, ctx.patch_sizes, kept)
+        return EncoderMerge.every_patch_merged(merged, ops.mask_to_indices(kept), group)

@@ -50,16 +50,14 @@ class ToMe(PruningMethod):
     def prune_encoder(self, ctx: EncoderPoint):
         patches = ctx.patches
         n0 = ctx.runner.num_patches
-        if ctx.block is None:  # a CNN: the whole reduction at its output, on its features
-            n, metric = round(n0 * self.keep), patches
-        else:
-            depth = ctx.runner.num_blocks
-            n, metric = round(n0 * self.keep ** ((ctx.block + 1) / depth)), ctx.patch_keys().mean(1)
+        # the share of the schedule done after this block; a CNN does all of it at its output, on its features
+        share = 1.0 if ctx.block is None else (ctx.block + 1) / ctx.runner.num_blocks
+        n = round(n0 * self.keep ** share)
         if n >= patches.shape[1]:
             return None
         if n < 1:
             raise ValueError(f"ToMe keeps no token of expert {ctx.expert!r} ({n0} patches, keep={self.keep})")
-        size = ctx.size if ctx.size is not None else torch.ones(patches.shape[:2], device=patches.device)
+        size, metric = ctx.patch_sizes, ctx.merge_metric()
         x, at = patches, torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[0], -1)
         group = at
         while x.shape[1] > n:  # a round merges at most half (set A): a larger step takes several rounds
@@ -70,5 +68,4 @@ class ToMe(PruningMethod):
             kept = ops.mask_to_indices(into == torch.arange(into.shape[1], device=into.device))
             size = torch.zeros(kept.shape, device=size.device).scatter_add_(1, step, size)
             at, group = at.gather(1, kept), step.gather(1, group)
-        none = torch.empty(patches.shape[0], 0, dtype=torch.long, device=patches.device)
-        return EncoderMerge(none, x, at, group)
+        return EncoderMerge.every_patch_merged(x, at, group)

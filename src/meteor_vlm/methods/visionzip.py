@@ -49,13 +49,8 @@ class VisionZip(PruningMethod):
         if k < 1:
             raise ValueError(f"VisionZip keeps no token of expert {ctx.expert!r} ({n} tokens, keep={self.keep})")
         contextual = round(self.contextual * k)
-        if ctx.block is None:  # a CNN: no attention, no keys
-            score, metric = -ops.mean_similarity(patches), patches
-        else:
-            score = ctx.cls_attention() if ctx.has_cls else ctx.received_attention()
-            metric = ctx.patch_keys().mean(1)  # (B, N, d) head-averaged keys
-        dominant = ops.topk_mask(score, k - contextual)
+        dominant = ops.topk_mask(ctx.importance(), k - contextual)
         if contextual == 0:
             return ops.mask_to_indices(dominant)
-        merged, at, group = ops.merge_into_targets(patches, metric, ~dominant, contextual)
+        merged, at, group = ops.merge_into_targets(patches, ctx.merge_metric(), ~dominant, contextual)
         return EncoderMerge(ops.mask_to_indices(dominant), merged, at, group)
