@@ -140,6 +140,78 @@ class DropAtFusion(PruningMethod):
         return self.keep.expand(ctx.tokens.shape[0], -1)
 
 
+class GapsAtOutput(PruningMethod):
+    """Test method: at each expert's output, keep the patch tokens whose first feature is above `cut` (a
+    different count per image: the shorter ones padded with -1 slots), and the first token always."""
+
+    name = "gaps-at-output-test"
+
+    def __init__(self, cut=0.0):
+        self.cut = cut
+        self.kept = {}
+        self.stats = []
+
+    def encoder_blocks(self, num_blocks):
+        return [num_blocks - 1]
+
+    def prune_encoder(self, ctx):
+        keep = ctx.patches[..., 0] > self.cut
+        keep[:, 0] = True
+        self.kept[ctx.expert] = keep
+        return mv.ops.mask_to_padded_indices(keep)
+
+
+def test_a_different_count_per_image_before_the_llm_equals_masking_from_layer_0(tiny, images):
+    """Stage 1 may keep a different number of tokens per image (empty slots, -1, in the shorter ones): the
+    logits equal the unpruned model's with each image's dropped tokens masked from LLM layer 0 on, at the
+    original positions; and a batch equals its samples run alone."""
+    model, processor = tiny
+    imgs = [images[0], [images[1], images[2]], images[3]]
+    inputs = make_inputs(processor, imgs, PROMPTS)
+    method = GapsAtOutput()
+    with method(model):
+        got = logits(model, inputs)
+    counts = torch.stack([k.sum(1) for k in method.kept.values()])  # (experts, images)
+    assert (counts != counts[:, :1]).any(), "images keep different counts"
+    with torch.no_grad():
+        visual = model.encode_images({k[13:]: v for k, v in inputs.items() if k.startswith("pixel_values_")})
+        _, _, vis, _, vis_index, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+    n_vis = visual.features.shape[1]
+    image, j = (vis_index // n_vis).clamp_min(0), vis_index % n_vis
+    kept = torch.stack([torch.stack([method.kept[model.expert_names[e]][i, g]
+                                     for e, g in zip(visual.expert[i], visual.grid_index[i])])
+                        for i in range(visual.features.shape[0])])  # (images, n_vis)
+    dropped = vis & ~kept[image, j]
+    drop = [dropped[b].nonzero()[:, 0].tolist() for b in range(dropped.shape[0])]
+    want = reference_masked_logits(model, inputs, drop, 0)
+    real = inputs["attention_mask"].bool() & (inputs["input_ids"] != model.config.image_token_id)
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    assert [s["fusion_tokens"] for s in method.stats] == [int(n) for n in (vis & ~dropped).sum(1)]
+    for b in range(3):
+        with method(model):
+            alone = logits(model, make_inputs(processor, [imgs[b]], [PROMPTS[b]]))[0]
+        torch.testing.assert_close(got[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_empty_slots_only_at_an_experts_output_and_never_before_fusion_pruning(tiny, images):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], images[1], images[3]], PROMPTS)
+
+    class EarlyGaps(GapsAtOutput):
+        def encoder_blocks(self, num_blocks):
+            return [0, num_blocks - 1]
+
+    with pytest.raises(ValueError, match="only possible after the expert's last block"), EarlyGaps()(model):
+        logits(model, inputs)
+
+    class ThenFusion(GapsAtOutput):
+        def prune_fusion(self, ctx):
+            return torch.arange(2).expand(ctx.tokens.shape[0], -1)
+
+    with pytest.raises(ValueError, match="different token count per image"), ThenFusion()(model):
+        logits(model, inputs)
+
+
 @pytest.mark.parametrize("positions", ["original", "compact"])
 def test_pruning_before_the_llm_equals_masking_from_layer_0_with_original_positions(tiny, images, positions):
     """Stage 2 drops tokens before the LLM; with `visual_positions="original"` the kept ones keep the

@@ -6,7 +6,10 @@ keep, or None to keep everything:
 - ``prune_encoder(ctx: EncoderPoint)``: inside a vision expert, after a block (stage 1; the blocks are
   the ends of the expert's thirds unless ``encoder_blocks`` names others); besides keep indices it may
   return an ``EncoderMerge`` to hand on merged tokens too (with ``proportional_attention`` the expert's
-  later blocks then weigh each token's attention by its size);
+  later blocks then weigh each token's attention by its size). After the expert's last block (or at a
+  CNN's output) the images of a batch may keep different counts: -1 marks an empty slot in the keep
+  indices (and in an EncoderMerge's ``at``), and the LLM receives each image's own tokens only
+  (``ops.mask_to_padded_indices`` turns a per-image mask into such indices);
 - ``prune_fusion(ctx: FusionPoint)``: after the projectors, over all experts' tokens (stage 2);
 - ``prune_llm(ctx: LLMLayerContext)``: before an LLM layer listed by ``llm_layers`` (stage 3).
 
@@ -111,7 +114,8 @@ class EncoderMerge:
     keep: (B, K) patch indices kept as they are; merged: (B, M, D) new tokens, in the block's output
     space; at: (B, M) long patch index each merged token stands at (its grid position and RoPE place;
     not among keep); group: (B, N_patches) long, the merged token (0..M-1) each patch went into, -1 for
-    the kept and the dropped ones (the model adds up the merged sizes from it).
+    the kept and the dropped ones (the model adds up the merged sizes from it). After the expert's last
+    block, -1 in keep or at marks an empty slot of an image that hands on fewer tokens than others.
     """
 
     keep: torch.Tensor

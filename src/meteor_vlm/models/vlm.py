@@ -136,14 +136,24 @@ class VisualTokens:
     """Visual tokens of a batch of images, with provenance.
 
     features: (B, N, D); expert: (B, N) long expert index of each token (-1 after channel fusion);
-    grid_index: (B, N) long flat position in that expert's grid; size: (B, N) tokens merged into each.
+    grid_index: (B, N) long flat position in that expert's grid; size: (B, N) tokens merged into each;
+    valid: (B, N) bool, False on the empty slots of images that kept fewer tokens than others (a method
+    that keeps a different count per image), or None when every slot holds a token.
     """
 
     features: torch.Tensor
     expert: torch.Tensor
     grid_index: torch.Tensor
     size: torch.Tensor
-    stage1: dict[str, int] | None = None  # per image: patch tokens each expert handed to fusion
+    stage1: dict[str, list[int]] | None = None  # per expert: patch tokens it handed to fusion, per image
+    valid: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, N) bool: `valid`, or all True."""
+        if self.valid is not None:
+            return self.valid
+        return torch.ones(self.grid_index.shape, dtype=torch.bool, device=self.grid_index.device)
 
     def select(self, idx: torch.Tensor) -> VisualTokens:
         """Keep tokens idx (B, K) (same count per image), in the given order."""
@@ -153,6 +163,7 @@ class VisualTokens:
             self.grid_index.gather(1, idx),
             self.size.gather(1, idx),
             self.stage1,
+            None if self.valid is None else self.valid.gather(1, idx),
         )
 
 
@@ -302,6 +313,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         chosen = None if method is None or not runner.is_transformer else method.encoder_blocks(runner.num_blocks)
         points = runner.pruning_points() if chosen is None else _check_blocks(chosen, runner)
         proportional = method is not None and method.proportional_attention
+        valid = None
         for i in range(runner.num_blocks):
             x_in = x
             bias = None
@@ -311,23 +323,30 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             if method is not None and i in points:
                 ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner,
                                    size)
-                x, grid, size = self._apply_encoder_keep(method.prune_encoder(ctx), x, grid, size, runner.has_cls)
+                x, grid, size, valid = self._apply_encoder_keep(method.prune_encoder(ctx), x, grid, size, runner.has_cls)
+                if valid is not None and i != runner.num_blocks - 1:
+                    raise ValueError(f"expert {runner.spec.name!r}, block {i}: a different token count per image (-1 in "
+                                     "the keep indices) is only possible after the expert's last block")
         feats = runner.finalize(x)
         if method is not None and runner.num_blocks == 0:  # a CNN is pruned once, at its output
             ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner, size)
-            feats, grid, size = self._apply_encoder_keep(method.prune_encoder(ctx), feats, grid, size, False)
-        return VisualTokens(feats, torch.full(grid.shape, index, dtype=torch.long, device=feats.device), grid, size)
+            feats, grid, size, valid = self._apply_encoder_keep(method.prune_encoder(ctx), feats, grid, size, False)
+        return VisualTokens(feats, torch.full(grid.shape, index, dtype=torch.long, device=feats.device), grid, size,
+                            valid=valid)
 
     @staticmethod
     def _apply_encoder_keep(answer, x, grid, size, has_cls):
         """A stage-1 answer (keep indices, an EncoderMerge or None) applied to the tokens x (CLS first when
-        has_cls) and to each patch token's grid position and merged size (B, N)."""
+        has_cls) and to each patch token's grid position and merged size (B, N). Returns them with valid:
+        None, or (B, N') bool where the answer kept fewer tokens in some images (-1 slots)."""
         if answer is None:
-            return x, grid, size
+            return x, grid, size, None
         merge = answer if isinstance(answer, EncoderMerge) else None
         idx = merge.keep if merge is not None else answer
         if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
             raise ValueError(f"stage-1 keep indices must be (B, K), got {tuple(idx.shape)}")
+        valid = idx >= 0
+        idx = idx.clamp_min(0)
         patches = x[:, 1:] if has_cls else x
         out, new_grid, new_size = ops.gather_tokens(patches, idx), grid.gather(1, idx), size.gather(1, idx)
         if merge is not None:
@@ -336,13 +355,17 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             merged_size = torch.zeros(merge.at.shape, device=size.device).scatter_add_(
                 1, merge.group.clamp_min(0), size * (merge.group >= 0))
             out = torch.cat([out, merge.merged.to(out.dtype)], 1)
-            new_grid = torch.cat([new_grid, grid.gather(1, merge.at)], 1)
+            new_grid = torch.cat([new_grid, grid.gather(1, merge.at.clamp_min(0))], 1)
             new_size = torch.cat([new_size, merged_size], 1)
-            order = new_grid.argsort(1)  # every token at its place in the grid
+            valid = torch.cat([valid, merge.at >= 0], 1)
+        if merge is not None or not bool(valid.all()):
+            # every token at its place in the grid, the empty slots after them
+            order = torch.where(valid, new_grid, new_grid.new_tensor(torch.iinfo(torch.long).max)).argsort(dim=1, stable=True)
             out, new_grid, new_size = ops.gather_tokens(out, order), new_grid.gather(1, order), new_size.gather(1, order)
+            valid = valid.gather(1, order)
         if has_cls:  # CLS is not a patch: always kept, in front
             out = torch.cat([x[:, :1], out], 1)
-        return out, new_grid, new_size
+        return out, new_grid, new_size, None if bool(valid.all()) else valid
 
     def encode_images(self, pixel_values: dict[str, torch.Tensor], method: PruningMethod | None = None) -> VisualTokens:
         """Images -> fused visual tokens in the LLM's width, (num_images, N, D), after stages 1 and 2."""
@@ -353,22 +376,27 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         if len(set(counts.values())) != 1:
             raise ValueError(f"every expert needs the same number of images, got {counts}")
         per_expert = [self.encode_expert(i, pixel_values[n], method) for i, n in enumerate(self.expert_names)]
-        stage1 = {n: int(v.features.shape[1]) for n, v in zip(self.expert_names, per_expert)}
+        stage1 = {n: v.mask.sum(1).tolist() for n, v in zip(self.expert_names, per_expert)}
         if self.config.fusion == "pre":
             fused = self._channel_fusion(per_expert)
             fused.stage1 = stage1
             return fused
         projected = [self._project(i, v) for i, v in enumerate(per_expert)]
+        padded = any(v.valid is not None for v in per_expert)
         fused = VisualTokens(
             torch.cat(projected, 1),
             torch.cat([v.expert for v in per_expert], 1),
             torch.cat([v.grid_index for v in per_expert], 1),
             torch.cat([v.size for v in per_expert], 1),
             stage1,
+            torch.cat([v.mask for v in per_expert], 1) if padded else None,
         )
         if method is not None:
             idx = method.prune_fusion(FusionPoint(fused.features, fused.expert[0], self.expert_names))
             if idx is not None:
+                if padded:
+                    raise ValueError(f"{type(method).__name__}: fusion pruning after stage 1 kept a different token "
+                                     "count per image is not supported")
                 fused = fused.select(idx)
         return fused
 
@@ -420,7 +448,10 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
                     runtime.positions_from_mask(valid))
         n_vis = visual.features.shape[1]
         dev = input_ids.device
-        lens = torch.where(is_img, n_vis, 1)  # expanded width of each input column
+        vis_mask = visual.mask
+        ib, it = is_img.nonzero(as_tuple=True)  # row-major: the order images are given in
+        lens = torch.ones_like(input_ids)  # expanded width of each input column
+        lens[ib, it] = vis_mask.sum(1)
         cum = lens.cumsum(1)
         L = int(cum[:, -1].max())
         start = (L - cum[:, -1:]) + cum - lens  # first expanded column of each input column (left padded)
@@ -433,13 +464,14 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         tb, tt = (~is_img).nonzero(as_tuple=True)
         embeds[tb, start[tb, tt]] = text_emb[tb, tt]
         valid[tb, start[tb, tt]] = mask[tb, tt]
-        ib, it = is_img.nonzero(as_tuple=True)  # row-major: the order images are given in
-        cols = start[ib, it][:, None] + torch.arange(n_vis, device=dev)
-        rows = ib[:, None].expand_as(cols)
-        embeds[rows, cols] = visual.features.to(embeds.dtype)
-        valid[rows, cols] = mask[ib, it][:, None].expand_as(cols)
+        vi, vj = vis_mask.nonzero(as_tuple=True)  # image, slot of each visual token (empty slots left out)
+        rank = vis_mask.long().cumsum(1) - 1
+        rows = ib[vi]
+        cols = start[rows, it[vi]] + rank[vi, vj]
+        embeds[rows, cols] = visual.features[vi, vj].to(embeds.dtype)
+        valid[rows, cols] = mask[rows, it[vi]]
         is_vis[rows, cols] = True
-        vis_index[rows, cols] = torch.arange(n_images * n_vis, device=dev).view(n_images, n_vis)
+        vis_index[rows, cols] = vi * n_vis + vj
         check_visual_positions(self.config.visual_positions)
         if self.config.visual_positions == "compact":
             return embeds, valid, is_vis, text_col, vis_index, runtime.positions_from_mask(valid)
@@ -449,7 +481,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         first = width.cumsum(1) - width  # position of each input column's first token
         positions = torch.zeros(B, L, dtype=torch.long, device=dev)
         positions[tb, start[tb, tt]] = first[tb, tt]
-        positions[rows, cols] = first[ib, it][:, None] + offset
+        positions[rows, cols] = first[rows, it[vi]] + offset[vi, vj]
         return embeds, valid, is_vis, text_col, vis_index, positions.masked_fill(~valid, 0)
 
     def _unpruned_offsets(self, visual: VisualTokens) -> tuple[int, torch.Tensor]:
@@ -550,14 +582,17 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         Counts are summed over the sample's images. kept_grid: per image, {expert: grid cells of the
         tokens that reached the last LLM layer} (what `meteor ask --heatmap` draws).
         """
-        images = (input_ids == self.config.image_token_id).sum(1).tolist()
+        is_img = input_ids == self.config.image_token_id
+        images = is_img.sum(1).tolist()
+        owner = is_img.nonzero(as_tuple=True)[0].tolist()  # the sample each image belongs to, in order
         llm_in = vis_valid.sum(1).tolist()
         unpruned = sum(r.num_patches for r in self.runners)
         out = []
         for b in range(vis_valid.shape[0]):
             drops = {layer: int(n[b]) for layer, n in kept.items()}
             counts = ops.tokens_per_layer(self.num_llm_layers, llm_in[b], drops)
-            stage1 = {n: c * images[b] for n, c in (visual.stage1 or {}).items()} if visual is not None else {}
+            stage1 = {n: sum(c for c, o in zip(per_image, owner) if o == b)
+                      for n, per_image in (visual.stage1 or {}).items()} if visual is not None else {}
             kept_grid = self._kept_grid(visual, survivors[b]) if visual is not None else []
             out.append(
                 {

@@ -15,7 +15,15 @@ from .scores import (
     visual_attention_values,
     within_redundancy,
 )
-from .selection import gather_tokens, mask_to_indices, max_min_diverse, top_heads, topk_indices, topk_mask
+from .selection import (
+    gather_tokens,
+    mask_to_indices,
+    mask_to_padded_indices,
+    max_min_diverse,
+    top_heads,
+    topk_indices,
+    topk_mask,
+)
 
 __all__ = [
     "ALLOCATIONS",
@@ -31,6 +39,7 @@ __all__ = [
     "gather_tokens",
     "layer_averaged_tokens",
     "mask_to_indices",
+    "mask_to_padded_indices",
     "merge_groups",
     "merge_into_kept",
     "merge_into_targets",

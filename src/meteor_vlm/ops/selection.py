@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["topk_mask", "topk_indices", "gather_tokens", "mask_to_indices", "top_heads", "max_min_diverse"]
+__all__ = ["topk_mask", "topk_indices", "gather_tokens", "mask_to_indices", "mask_to_padded_indices",
+           "top_heads", "max_min_diverse"]
 
 
 def topk_mask(
@@ -56,6 +57,20 @@ def mask_to_indices(keep: torch.Tensor) -> torch.Tensor:
     return torch.sort(torch.where(keep, torch.arange(keep.shape[1], device=keep.device), keep.shape[1]), dim=1).values[
         :, : int(counts[0])
     ]
+
+
+def mask_to_padded_indices(keep: torch.Tensor) -> torch.Tensor:
+    """Indices of kept tokens in original order when rows keep different counts.
+
+    Args:
+        keep: (B, N) bool.
+    Returns:
+        (B, K) long with K the largest count: each row's indices ascending, then -1 in its empty slots.
+    """
+    N = keep.shape[1]
+    K = int(keep.sum(1).max()) if keep.numel() else 0
+    cols = torch.sort(torch.where(keep, torch.arange(N, device=keep.device), N), dim=1).values[:, :K]
+    return cols.masked_fill(cols == N, -1)
 
 
 def topk_indices(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
