@@ -355,6 +355,7 @@ PEERS = {
     "visionzip": (lambda: mv.VisionZip(keep=1.0), lambda: mv.VisionZip(keep=0.4)),
     "evoprune": (lambda: mv.EvoPrune(keep=1.0), lambda: mv.EvoPrune(keep=0.4)),
     "tome": (lambda: mv.ToMe(keep=1.0), lambda: mv.ToMe(keep=0.4)),
+    "prumerge": (lambda: mv.PruMerge(uniform=1.0), lambda: mv.PruMerge(uniform=0.2, whisker=0.25)),  # counts differ per image
 }
 
 

@@ -377,6 +377,9 @@ def cmd_methods(args) -> int:
           "evoprune:keep0.23-rank splits that share of all tokens over the experts by METEOR's rank allocation")
     print("tome:keep<share>   ToMe: after every block of each expert, merge the most similar tokens (bipartite "
           "matching on keys, proportional attention) down to that share, e.g. tome:keep0.23")
+    print("prumerge:uniform<share>   PruMerge+: each expert keeps its attention outliers (interquartile rule: a count "
+          "per image) and that share of its grid spread evenly, each kept token taking in its nearest neighbours, "
+          "e.g. prumerge:uniform0.2; prumerge:uniform0 is PruMerge")
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import synth
-from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PyramidDrop, ToMe, VisionZip
+from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMerge, PyramidDrop, ToMe, VisionZip
 from .flops import count_flops
 from .stats import paired_bootstrap
 
@@ -94,6 +94,7 @@ NAME_PATTERNS = (
     (re.compile(r"^evoprune:keep([0-9.]+)(-rank)?$"),
      lambda keep, rank: EvoPrune(keep=float(keep), allocation="rank" if rank else "same")),
     (re.compile(r"^tome:keep([0-9.]+)$"), lambda keep: ToMe(keep=float(keep))),
+    (re.compile(r"^prumerge:uniform([0-9.]+)$"), lambda uniform: PruMerge(uniform=float(uniform))),
 )
 
 
@@ -109,7 +110,9 @@ def budget_method(name: str):
     tokens (dominant + contextual); `evoprune:keep<share>`: EvoPrune leaving that share of each expert's tokens,
     pruned and merged at the ends of its thirds (`evoprune:keep<share>-rank`: that share of all experts'
     tokens, split by METEOR's rank allocation); `tome:keep<share>`: ToMe merging each expert down to that share
-    over its blocks (proportional attention)."""
+    over its blocks (proportional attention); `prumerge:uniform<share>`: PruMerge+ keeping each expert's
+    attention outliers (a count per image) and that share of its grid spread evenly, each kept token
+    taking in its nearest neighbours (`prumerge:uniform0` is PruMerge)."""
     for pattern, make in NAME_PATTERNS:
         m = pattern.match(name)
         if m is not None:
@@ -141,7 +144,8 @@ def resolve_methods(names: list[str]) -> list[str]:
     if bad:
         raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
                          "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio>, pyramiddrop:r<ratio>, "
-                         "dart:k<layer>-r<ratio>, divprune:keep<share>, visionzip:keep<share>, evoprune:keep<share>[-rank] or tome:keep<share>")
+                         "dart:k<layer>-r<ratio>, divprune:keep<share>, visionzip:keep<share>, evoprune:keep<share>[-rank], tome:keep<share> "
+                         "or prumerge:uniform<share>")
     if not names:
         raise ValueError("no method given")
     return names

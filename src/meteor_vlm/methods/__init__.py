@@ -6,6 +6,7 @@ from .divprune import DivPrune
 from .evoprune import EvoPrune
 from .fastv import FastV
 from .meteor import Meteor, scaled_llm_layers
+from .prumerge import PruMerge
 from .pyramiddrop import PyramidDrop
 from .tome import ToMe
 from .visionzip import VisionZip
@@ -25,6 +26,7 @@ __all__ = [
     "PyramidDrop",
     "ToMe",
     "VisionZip",
+    "PruMerge",
     "get",
     "register",
     "scaled_llm_layers",

@@ -4,7 +4,7 @@ No nn.Module state and no transformers import: the algorithms, readable on their
 """
 
 from .budgets import ALLOCATIONS, adaptive_budget, allocate_budget, allocation_weights, feature_rank, staged_budgets
-from .merging import bipartite_soft_matching, merge_groups, merge_into_kept, merge_into_targets
+from .merging import bipartite_soft_matching, merge_groups, merge_into_kept, merge_into_targets, supplement_from_neighbours
 from .metrics import diversity, layer_averaged_tokens, tokens_per_layer
 from .scores import (
     attention_rows,
@@ -17,6 +17,7 @@ from .scores import (
 )
 from .selection import (
     gather_tokens,
+    iqr_outliers,
     mask_to_indices,
     mask_to_padded_indices,
     max_min_diverse,
@@ -37,12 +38,14 @@ __all__ = [
     "diversity",
     "feature_rank",
     "gather_tokens",
+    "iqr_outliers",
     "layer_averaged_tokens",
     "mask_to_indices",
     "mask_to_padded_indices",
     "merge_groups",
     "merge_into_kept",
     "merge_into_targets",
+    "supplement_from_neighbours",
     "max_min_diverse",
     "mean_similarity",
     "received_attention",

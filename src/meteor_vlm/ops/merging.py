@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .selection import gather_tokens, mask_to_indices
 
-__all__ = ["merge_into_targets", "merge_groups", "merge_into_kept", "bipartite_soft_matching"]
+__all__ = ["merge_into_targets", "merge_groups", "merge_into_kept", "bipartite_soft_matching", "supplement_from_neighbours"]
 
 
 def merge_into_targets(
@@ -126,3 +126,32 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> torch.Tensor:
     order = torch.sort(edge, dim=1, descending=True, stable=True).indices[:, :r]  # the r strongest edges
     into.scatter_(1, a[order], b[match.gather(1, order)])
     return into
+
+
+def supplement_from_neighbours(
+    x: torch.Tensor, metric: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, k: int
+) -> torch.Tensor:
+    """PruMerge's token supplement: each kept token becomes the weighted mean of itself and its k most
+    cosine-similar other tokens in `metric` (kept or not, first on ties), weighted by `weight` (PruMerge:
+    each token's attention from CLS). Neighbourhoods may overlap: a pruned token can feed several kept ones.
+
+    Args:
+        x: (B, N, D) tokens; metric: (B, N, C); weight: (B, N) >= 0; kept: (B, N) bool (any count per
+        row); k: 0 <= k < N neighbours.
+    Returns:
+        (B, N, D): x with every kept row replaced (the others as they were).
+    """
+    B, N, D = x.shape
+    if not 0 <= k < max(N, 1):
+        raise ValueError(f"a token has at most {N - 1} neighbours, got k={k}")
+    if (weight < 0).any():
+        raise ValueError("supplement weights must be >= 0")
+    unit = F.normalize(metric.float(), dim=-1)
+    sim = (unit @ unit.transpose(1, 2)).diagonal_scatter(torch.full((B, N), float("-inf"), device=x.device), dim1=1, dim2=2)
+    order = torch.sort(sim, dim=-1, descending=True, stable=True).indices[..., :k]  # (B, N, k) nearest others
+    members = torch.cat([torch.arange(N, device=x.device).expand(B, N)[..., None], order], -1)  # itself first
+    w = weight.float().gather(1, members.flatten(1)).view(B, N, k + 1)
+    w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    feats = gather_tokens(x.float(), members.flatten(1)).view(B, N, k + 1, D)
+    mixed = (w[..., None] * feats).sum(2).to(x.dtype)
+    return torch.where(kept[..., None], mixed, x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["topk_mask", "topk_indices", "gather_tokens", "mask_to_indices", "mask_to_padded_indices",
+__all__ = ["topk_mask", "topk_indices", "gather_tokens", "mask_to_indices", "mask_to_padded_indices", "iqr_outliers",
            "top_heads", "max_min_diverse"]
 
 
@@ -71,6 +71,22 @@ def mask_to_padded_indices(keep: torch.Tensor) -> torch.Tensor:
     K = int(keep.sum(1).max()) if keep.numel() else 0
     cols = torch.sort(torch.where(keep, torch.arange(N, device=keep.device), N), dim=1).values[:, :K]
     return cols.masked_fill(cols == N, -1)
+
+
+def iqr_outliers(scores: torch.Tensor, whisker: float = 1.5) -> torch.Tensor:
+    """The high outliers of each row by the interquartile-range rule (PruMerge's adaptive selection):
+    scores above Q3 + whisker * (Q3 - Q1), with the quartiles linearly interpolated (numpy's default).
+
+    Args:
+        scores: (B, N); whisker: >= 0.
+    Returns:
+        (B, N) bool; rows may hold different counts, and none at all.
+    """
+    if whisker < 0:
+        raise ValueError(f"whisker must be >= 0, got {whisker}")
+    s = scores.float()
+    q = torch.quantile(s, torch.tensor([0.25, 0.75], device=s.device), dim=1)  # (2, B)
+    return s > (q[1] + whisker * (q[1] - q[0]))[:, None]
 
 
 def topk_indices(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
