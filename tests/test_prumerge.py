@@ -97,10 +97,11 @@ def run_recording(model, processor, images, method):
     return visual, method
 
 
-@pytest.mark.parametrize("uniform", [0.0, 0.2])
-def test_prumerge_keeps_outliers_and_even_cells_per_image_each_mixed_with_its_neighbours(tiny, images, uniform):
+@pytest.mark.parametrize("uniform,cnn_mix", [(0.0, False), (0.2, False), (0.2, True)])
+def test_prumerge_keeps_outliers_and_even_cells_per_image_each_mixed_with_its_neighbours(tiny, images, uniform, cnn_mix):
     model, processor = tiny
-    visual, method = run_recording(model, processor, images, RecordingPruMerge(uniform=uniform, whisker=0.25, neighbours=0.1))
+    method = RecordingPruMerge(uniform=uniform, whisker=0.25, neighbours=0.1, cnn_mix=cnn_mix)
+    visual, method = run_recording(model, processor, images, method)
     counts_differ = False
     per_image = {}
     for e, runner in enumerate(model.runners):
@@ -109,6 +110,7 @@ def test_prumerge_keeps_outliers_and_even_cells_per_image_each_mixed_with_its_ne
         assert ctx.block in (None, runner.num_blocks - 1)  # at the expert's output only
         importance = ctx.importance()
         weight = importance if ctx.block is not None else torch.ones_like(importance)
+        k = round(0.1 * n) if ctx.block is not None or cnn_mix else 0  # a CNN's tokens unmixed unless asked
         counts = []
         for b in range(importance.shape[0]):
             want = set(np.where(plain_outliers(importance[b].double().numpy(), 0.25))[0].tolist()) | plain_cells(n, uniform)
@@ -118,8 +120,10 @@ def test_prumerge_keeps_outliers_and_even_cells_per_image_each_mixed_with_its_ne
             for slot, i in enumerate(sorted(want)):
                 assert answer.group[b, i] == slot
                 torch.testing.assert_close(answer.merged[b, slot].double(),
-                                           plain_supplement(ctx.patches[b], ctx.merge_metric()[b], weight[b], i,
-                                                            round(0.1 * n)), atol=1e-5, rtol=1e-5)
+                                           plain_supplement(ctx.patches[b], ctx.merge_metric()[b], weight[b], i, k),
+                                           atol=1e-5, rtol=1e-5)
+                if k == 0:
+                    assert torch.equal(answer.merged[b, slot], ctx.patches[b, i])
             assert int((answer.group[b] >= 0).sum()) == len(want)
             # what reaches fusion: exactly those tokens, at their cells in order, then empty slots
             mine = (visual.expert[b] == e) & visual.mask[b]
@@ -158,4 +162,6 @@ def test_prumerge_bad_settings_and_bench_names():
     assert resolve_methods(["prumerge:uniform0.2", "prumerge:uniform0"]) == ["prumerge:uniform0.2", "prumerge:uniform0"]
     assert make_method("prumerge:uniform0.2") == mv.PruMerge(uniform=0.2)
     assert make_method("prumerge:uniform0") == mv.PruMerge(uniform=0.0)
+    assert make_method("prumerge:uniform0.2-n0.01-cnnmix") == mv.PruMerge(uniform=0.2, neighbours=0.01, cnn_mix=True)
+    assert make_method("prumerge:uniform0.2-cnnmix") == mv.PruMerge(uniform=0.2, cnn_mix=True)
     assert mv.methods.get("prumerge") is mv.PruMerge

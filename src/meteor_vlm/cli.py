@@ -379,7 +379,8 @@ def cmd_methods(args) -> int:
           "matching on keys, proportional attention) down to that share, e.g. tome:keep0.23")
     print("prumerge:uniform<share>   PruMerge+: each expert keeps its attention outliers (interquartile rule: a count "
           "per image) and that share of its grid spread evenly, each kept token taking in its nearest neighbours, "
-          "e.g. prumerge:uniform0.2; prumerge:uniform0 is PruMerge")
+          "e.g. prumerge:uniform0.2; prumerge:uniform0 is PruMerge; -n<share> appended sets the neighbours' share "
+          "(32/576 by default), -cnnmix mixes the CNN's kept tokens too (equal weights)")
     return 0
 
 

@@ -94,7 +94,9 @@ NAME_PATTERNS = (
     (re.compile(r"^evoprune:keep([0-9.]+)(-rank)?$"),
      lambda keep, rank: EvoPrune(keep=float(keep), allocation="rank" if rank else "same")),
     (re.compile(r"^tome:keep([0-9.]+)$"), lambda keep: ToMe(keep=float(keep))),
-    (re.compile(r"^prumerge:uniform([0-9.]+)$"), lambda uniform: PruMerge(uniform=float(uniform))),
+    (re.compile(r"^prumerge:uniform([0-9.]+)(?:-n([0-9.]+))?(-cnnmix)?$"),
+     lambda uniform, n, cnnmix: PruMerge(uniform=float(uniform), cnn_mix=bool(cnnmix),
+                                         **({} if n is None else {"neighbours": float(n)}))),
 )
 
 
@@ -112,7 +114,8 @@ def budget_method(name: str):
     tokens, split by METEOR's rank allocation); `tome:keep<share>`: ToMe merging each expert down to that share
     over its blocks (proportional attention); `prumerge:uniform<share>`: PruMerge+ keeping each expert's
     attention outliers (a count per image) and that share of its grid spread evenly, each kept token
-    taking in its nearest neighbours (`prumerge:uniform0` is PruMerge)."""
+    taking in its nearest neighbours (`prumerge:uniform0` is PruMerge; `-n<share>` appended sets the
+    neighbours' share, `-cnnmix` mixes the CNN's kept tokens too)."""
     for pattern, make in NAME_PATTERNS:
         m = pattern.match(name)
         if m is not None:
@@ -145,7 +148,7 @@ def resolve_methods(names: list[str]) -> list[str]:
         raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
                          "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio>, pyramiddrop:r<ratio>, "
                          "dart:k<layer>-r<ratio>, divprune:keep<share>, visionzip:keep<share>, evoprune:keep<share>[-rank], tome:keep<share> "
-                         "or prumerge:uniform<share>")
+                         "or prumerge:uniform<share>[-n<share>][-cnnmix]")
     if not names:
         raise ValueError("no method given")
     return names

@@ -7,16 +7,18 @@ At the last block of each vision expert (or the output of a CNN):
    Q3 + whisker * (Q3 - Q1), `ops.iqr_outliers`) are kept: few on an image whose attention is flat,
    more on a busy one, so each image keeps its own count;
 2. PruMerge+ adds round(uniform * N) cells spread evenly over the grid (every N/m-th cell in reading
-   order, from the middle of the first step), so that no region of the image goes empty; `uniform=0`
-   is plain PruMerge;
+   order, from the middle of the first step: a slanted lattice when the grid's width is not a multiple
+   of the step), so that no region of the image goes empty; `uniform=0` is plain PruMerge;
 3. each kept token becomes the importance-weighted mean of itself and its round(neighbours * N) most
    similar other tokens, kept or not (`ops.supplement_from_neighbours`), and stays at its own cell.
 
 Importance is the attention from CLS (head-averaged, from the block's own q/k) as in the paper, which
 is written for one CLIP encoder with CLS. With several experts: an expert without CLS ranks its tokens by
-the attention they receive, and a CNN, which has no attention, by its tokens' distance from their mean,
-measures similarity on its features instead of keys, and mixes its neighbours with equal weights. An
-image whose rule picks nothing (uniform=0, flat scores) keeps its most important token. Keeping every
+the attention they receive, and a CNN, which has no attention, by its tokens' distance from their mean.
+With no attention to weigh neighbours by, a CNN's kept tokens are handed on as they are; `cnn_mix=True`
+mixes them too, with equal weights, on the CNN's features (on the embedded model that blurs the words the
+CNN reads: see the README). An image whose rule picks nothing (uniform=0, flat scores) keeps its most
+important token. Keeping every
 token (uniform=1) leaves the expert unchanged. Nothing happens at fusion or in the LLM; the LLM receives a
 different number of visual tokens per image, and a batch carries the shorter images with empty slots.
 
@@ -42,12 +44,14 @@ __all__ = ["PruMerge"]
 class PruMerge(PruningMethod):
     """PruMerge(+)'s settings: `uniform`, the share of each expert's grid sampled evenly besides the
     outliers (0: PruMerge, > 0: PruMerge+); `whisker`, the interquartile-range rule's factor; `neighbours`,
-    the share of the expert's tokens each kept one takes in."""
+    the share of the expert's tokens each kept one takes in; `cnn_mix`, whether a CNN's kept tokens take
+    in their neighbours too (with equal weights; by default they are handed on as they are)."""
 
     name: ClassVar[str] = "prumerge"
     uniform: float = 0.2
     whisker: float = 1.5
     neighbours: float = 32 / 576
+    cnn_mix: bool = False
 
     def validate(self) -> None:
         check_ratio("uniform", self.uniform)
@@ -73,11 +77,11 @@ class PruMerge(PruningMethod):
         if bool(empty.any()):
             keep[empty] = ops.topk_mask(importance[empty], 1)
         weight = importance if ctx.block is not None else torch.ones_like(importance)
-        k = min(round(self.neighbours * n), n - 1)
+        k = min(round(self.neighbours * n), n - 1) if ctx.block is not None or self.cnn_mix else 0
         mixed = ops.supplement_from_neighbours(patches, ctx.merge_metric(), weight, keep, k)
         at = ops.mask_to_padded_indices(keep)  # (B, K), -1 in the empty slots of images that keep fewer
         slot = torch.arange(at.shape[1], device=at.device).expand_as(at)
         group = torch.full((B, n + 1), -1, dtype=torch.long, device=at.device)  # column n takes the empty slots
         group = group.scatter(1, torch.where(at >= 0, at, n), slot)[:, :n]  # each kept token is its own group
-        nothing = torch.empty(B, 0, dtype=torch.long, device=at.device)  # every kept token comes back mixed
+        nothing = torch.empty(B, 0, dtype=torch.long, device=at.device)  # every kept token comes back as a merge
         return EncoderMerge(nothing, ops.gather_tokens(mixed, at.clamp_min(0)), at, group)
