@@ -146,6 +146,8 @@ def supplement_from_neighbours(
         raise ValueError(f"a token has at most {N - 1} neighbours, got k={k}")
     if (weight < 0).any():
         raise ValueError("supplement weights must be >= 0")
+    if k == 0:  # each kept token is its own mean
+        return x
     unit = F.normalize(metric.float(), dim=-1)
     sim = (unit @ unit.transpose(1, 2)).diagonal_scatter(torch.full((B, N), float("-inf"), device=x.device), dim1=1, dim2=2)
     order = torch.sort(sim, dim=-1, descending=True, stable=True).indices[..., :k]  # (B, N, k) nearest others
