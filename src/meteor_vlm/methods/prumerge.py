@@ -18,9 +18,9 @@ the attention they receive, and a CNN, which has no attention, by its tokens' di
 With no attention to weigh neighbours by, a CNN's kept tokens are handed on as they are; `cnn_mix=True`
 mixes them too, with equal weights, on the CNN's features (on the embedded model that blurs the words the
 CNN reads: see the README). An image whose rule picks nothing (uniform=0, flat scores) keeps its most
-important token. Keeping every
-token (uniform=1) leaves the expert unchanged. Nothing happens at fusion or in the LLM; the LLM receives a
-different number of visual tokens per image, and a batch carries the shorter images with empty slots.
+important token. Keeping every token (uniform=1) leaves the expert unchanged. Nothing happens at fusion
+or in the LLM; the LLM receives a different number of visual tokens per image, and a batch carries the
+shorter images with empty slots.
 
 The neighbour share defaults to 32/576 (32 neighbours on LLaVA-1.5's grid of 576) and the uniform share to
 0.2, which with the outliers comes to about a quarter of the tokens; both are our reading of the paper.

@@ -395,8 +395,8 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             idx = method.prune_fusion(FusionPoint(fused.features, fused.expert[0], self.expert_names))
             if idx is not None:
                 if padded:
-                    raise ValueError(f"{type(method).__name__}: fusion pruning after stage 1 kept a different token "
-                                     "count per image is not supported")
+                    raise ValueError(f"{type(method).__name__}: fusion pruning is not supported once stage 1 has "
+                                     "kept a different token count per image")
                 fused = fused.select(idx)
         return fused
 
