@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ..models.vlm import MultiEncoderVLM
 
 __all__ = ["PruningMethod", "EncoderPoint", "EncoderMerge", "FusionPoint", "REGISTRY", "register", "get",
-           "check_ratio", "check_layer_index", "check_llm_layers", "expert_ranks", "keep_most_attended"]
+           "check_ratio", "check_layer_index", "check_llm_layers", "expert_ranks", "stage1_plan", "keep_most_attended"]
 
 
 @dataclass
@@ -201,6 +201,17 @@ def expert_ranks(model: MultiEncoderVLM, table=None, needed_by: str = "rank allo
     if missing:
         raise ValueError(f"the rank table has no entry for experts {missing}")
     return ranks
+
+
+def stage1_plan(model: MultiEncoderVLM, ranks: dict | None, strategy: str, keep: float,
+                tokens: int | None = None) -> dict[str, list[int]]:
+    """METEOR's stage-1 schedule on `model` (`ops.staged_budgets`): {expert: patch tokens it keeps after each
+    of its pruning points}, the experts sharing `tokens`, or round(keep * all their patches), in the end;
+    the experts with three pruning points are staged, the others (a CNN) prune once."""
+    sizes = {r.spec.name: r.num_patches for r in model.runners}
+    final = tokens if tokens is not None else round(keep * sum(sizes.values()))
+    staged = [r.spec.name for r in model.runners if len(r.pruning_points()) == 3]
+    return ops.staged_budgets(sizes, staged, ranks, final, strategy)
 
 
 def keep_most_attended(ctx: LLMLayerContext, keep: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 
 from .. import ops
-from .base import EncoderMerge, EncoderPoint, PruningMethod, check_ratio, expert_ranks, register
+from .base import EncoderMerge, EncoderPoint, PruningMethod, check_ratio, expert_ranks, register, stage1_plan
 
 __all__ = ["EvoPrune"]
 
@@ -83,10 +83,7 @@ class EvoPrune(PruningMethod):
     def setup(self, model) -> None:
         self._plan = {}
         if self.allocation == "rank":
-            sizes = {r.spec.name: r.num_patches for r in model.runners}
-            staged = [r.spec.name for r in model.runners if len(r.pruning_points()) == len(POINTS)]
-            ranks = expert_ranks(model, None, "allocation='rank'")
-            self._plan = ops.staged_budgets(sizes, staged, ranks, round(self.keep * sum(sizes.values())), "rank")
+            self._plan = stage1_plan(model, expert_ranks(model, None, "allocation='rank'"), "rank", self.keep)
 
     def schedule(self, ctx: EncoderPoint) -> tuple[int, int] | None:
         """(j, J): this is the j-th of the expert's J scheduled points, or None if it does not prune here.

@@ -19,7 +19,16 @@ from typing import ClassVar
 import torch
 
 from .. import ops
-from .base import EncoderPoint, FusionPoint, PruningMethod, check_llm_layers, check_ratio, expert_ranks, register
+from .base import (
+    EncoderPoint,
+    FusionPoint,
+    PruningMethod,
+    check_llm_layers,
+    check_ratio,
+    expert_ranks,
+    register,
+    stage1_plan,
+)
 
 __all__ = ["Meteor", "scaled_llm_layers", "PAPER_LLM_LAYERS"]
 
@@ -173,11 +182,8 @@ class Meteor(PruningMethod):
 
     def _plan_encoder(self, model) -> dict[str, list[int]]:
         """Patch tokens each expert keeps after each of its pruning points: {expert: [n1, n2, n3]}."""
-        sizes = {r.spec.name: r.num_patches for r in model.runners}
-        final = self.encoder_tokens if self.encoder_tokens is not None else round(self.encoder_keep * sum(sizes.values()))
         ranks = self._ranks(model) if self.allocation != "average" else None
-        staged = [r.spec.name for r in model.runners if len(r.pruning_points()) == 3]
-        return ops.staged_budgets(sizes, staged, ranks, final, self.allocation)
+        return stage1_plan(model, ranks, self.allocation, self.encoder_keep, self.encoder_tokens)
 
     # ---- stage 1 ---------------------------------------------------------------------------------
     def prune_encoder(self, ctx: EncoderPoint) -> torch.Tensor | None:

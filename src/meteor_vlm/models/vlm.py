@@ -358,14 +358,15 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
             new_grid = torch.cat([new_grid, grid.gather(1, merge.at.clamp_min(0))], 1)
             new_size = torch.cat([new_size, merged_size], 1)
             valid = torch.cat([valid, merge.at >= 0], 1)
-        if merge is not None or not bool(valid.all()):
+        full = bool(valid.all())
+        if merge is not None or not full:
             # every token at its place in the grid, the empty slots after them
             order = torch.where(valid, new_grid, new_grid.new_tensor(torch.iinfo(torch.long).max)).argsort(dim=1, stable=True)
             out, new_grid, new_size = ops.gather_tokens(out, order), new_grid.gather(1, order), new_size.gather(1, order)
             valid = valid.gather(1, order)
         if has_cls:  # CLS is not a patch: always kept, in front
             out = torch.cat([x[:, :1], out], 1)
-        return out, new_grid, new_size, None if bool(valid.all()) else valid
+        return out, new_grid, new_size, None if full else valid
 
     def encode_images(self, pixel_values: dict[str, torch.Tensor], method: PruningMethod | None = None) -> VisualTokens:
         """Images -> fused visual tokens in the LLM's width, (num_images, N, D), after stages 1 and 2."""

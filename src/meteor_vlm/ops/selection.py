@@ -54,9 +54,7 @@ def mask_to_indices(keep: torch.Tensor) -> torch.Tensor:
     counts = keep.sum(1)
     if (counts != counts[0]).any():
         raise ValueError(f"rows keep different numbers of tokens: {counts.tolist()}")
-    return torch.sort(torch.where(keep, torch.arange(keep.shape[1], device=keep.device), keep.shape[1]), dim=1).values[
-        :, : int(counts[0])
-    ]
+    return mask_to_padded_indices(keep)  # equal counts: no empty slot
 
 
 def mask_to_padded_indices(keep: torch.Tensor) -> torch.Tensor:
