@@ -73,8 +73,9 @@ class DropAt(PruningMethod):
         return ctx.valid & ~drop
 
 
-def reference_masked_logits(model, inputs, drop, layer):
-    """Unpruned model run layer by layer, with the dropped tokens' keys masked from `layer` on."""
+def reference_masked_logits(model, inputs, drop, layer, replace=None):
+    """Unpruned model run layer by layer, with the dropped tokens' keys masked from `layer` on; `replace`,
+    if given, maps the hidden states entering `layer` to the ones that layer gets instead."""
     pixels = {k[len("pixel_values_") :]: v for k, v in inputs.items() if k.startswith("pixel_values_")}
     with torch.no_grad():
         visual = model.encode_images(pixels)
@@ -90,6 +91,8 @@ def reference_masked_logits(model, inputs, drop, layer):
         eye = torch.eye(T, dtype=torch.bool)
         h = embeds
         for i, block in enumerate(lm.layers):
+            if i == layer and replace is not None:
+                h = replace(h)
             keys = valid & ~dropped if i >= layer else valid
             mask = ((causal[None] & keys[:, None, :]) | eye[None]).unsqueeze(1)
             h = block(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
@@ -125,6 +128,78 @@ def test_dropping_at_layer_equals_masking_keys_from_that_layer_on(tiny, images, 
     # and the drop really changed something (the oracle is not vacuous)
     base = logits(model, inputs)
     assert (got[real] - base[real]).abs().max() > 1e-3
+
+
+class RecycleAt(DropAt):
+    """Test method: like DropAt, and each group of dropped columns (per sample) comes back as one merged token,
+    the mean of the group's hidden states, at the place of the group's last column."""
+
+    name = "recycle-at-test"
+
+    def __init__(self, layer, drop, groups):
+        super().__init__(layer, drop)
+        self.groups = groups
+
+    def prune_llm(self, ctx: LLMLayerContext):
+        keep = super().prune_llm(ctx)
+        M = max(len(g) for g in self.groups)
+        merged = torch.zeros(len(self.groups), M, ctx.hidden.shape[-1])
+        at = torch.full((len(self.groups), M), -1)
+        for b, gs in enumerate(self.groups):
+            for m, g in enumerate(gs):
+                merged[b, m], at[b, m] = ctx.hidden[b, g].mean(0), g[-1]
+        return mv.methods.LLMMerge(keep, merged, at)
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_recycling_at_layer_equals_writing_the_merged_states_and_masking_the_rest(tiny, images, layer):
+    """An LLMMerge before layer L: the logits equal the unpruned model's where that layer's input has each
+    merged token written at its column and the other dropped columns' keys are masked from L on; a sample
+    that merges nothing (an empty slot in the other's row) is a plain drop."""
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], images[1]], PROMPTS[:2])
+    with torch.no_grad():
+        visual = model.encode_images({k[13:]: v for k, v in inputs.items() if k.startswith("pixel_values_")})
+        _, _, vis, _, _, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+    cols = [vis[b].nonzero()[:, 0].tolist() for b in range(2)]
+    drop = [cols[0][::2], cols[1][1::3]]
+    groups = [[drop[0][0:3], drop[0][5:7]], [drop[1][2:6]]]
+    method = RecycleAt(layer, drop, groups)
+    with method(model):
+        got = logits(model, inputs)
+    # the merged tokens' columns stay; the rest of each drop is masked
+    dropped = [sorted(set(d) - {g[-1] for g in gs}) for d, gs in zip(drop, groups)]
+
+    def write(h):
+        h = h.clone()
+        for b, gs in enumerate(groups):
+            for g in gs:
+                h[b, g[-1]] = h[b, g].mean(0)
+        return h
+
+    want = reference_masked_logits(model, inputs, dropped, layer, replace=write)
+    real = inputs["attention_mask"].bool() & (inputs["input_ids"] != model.config.image_token_id)
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    plain = reference_masked_logits(model, inputs, dropped, layer)
+    assert (got[real] - plain[real]).abs().max() > 1e-3, "the merged states matter (the oracle is not vacuous)"
+    assert [s["stage3"][layer] for s in method.stats] == [len(c) - len(d) + len(gs) for c, d, gs in zip(cols, drop, groups)]
+
+
+def test_recycled_tokens_must_take_the_place_of_dropped_visual_columns(tiny, images):
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0]], PROMPTS[:1])
+    with torch.no_grad():
+        visual = model.encode_images({k[13:]: v for k, v in inputs.items() if k.startswith("pixel_values_")})
+        _, _, vis, _, _, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
+    cols = vis[0].nonzero()[:, 0].tolist()
+    text = (~vis[0]).nonzero()[0, 0].item()
+    for drop, groups, match in (
+        ([cols[1:4]], [[[cols[4]]]], "a real visual column the answer drops"),  # a kept column
+        ([cols[1:4]], [[[text]]], "a real visual column the answer drops"),  # a text column
+        ([cols[1:4]], [[[cols[2]], [cols[2]]]], "same column"),
+    ):
+        with RecycleAt(1, drop, groups)(model), pytest.raises(ValueError, match=match):
+            logits(model, inputs)
 
 
 class DropAtFusion(PruningMethod):

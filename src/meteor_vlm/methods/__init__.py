@@ -1,5 +1,6 @@
 """Pruning methods: one file per method, a registry by name (`get("meteor")`)."""
 
+from ..models.runtime import LLMMerge
 from .base import REGISTRY, EncoderMerge, EncoderPoint, FusionPoint, NoPruning, PruningMethod, get, register
 from .dart import DART
 from .divprune import DivPrune
@@ -20,6 +21,7 @@ __all__ = [
     "EvoPrune",
     "FastV",
     "FusionPoint",
+    "LLMMerge",
     "Meteor",
     "NoPruning",
     "PruningMethod",

@@ -11,7 +11,9 @@ keep, or None to keep everything:
   indices (and in an EncoderMerge's ``at``), and the LLM receives each image's own tokens only
   (``ops.mask_to_padded_indices`` turns a per-image mask into such indices);
 - ``prune_fusion(ctx: FusionPoint)``: after the projectors, over all experts' tokens (stage 2);
-- ``prune_llm(ctx: LLMLayerContext)``: before an LLM layer listed by ``llm_layers`` (stage 3).
+- ``prune_llm(ctx: LLMLayerContext)``: before an LLM layer listed by ``llm_layers`` (stage 3); besides a
+  keep mask it may return an ``LLMMerge`` to recycle dropped tokens into merged ones, each at the place
+  of a dropped visual column.
 
 ``with method(model): ...`` attaches it to one model instance and always detaches it afterwards.
 """

@@ -5,6 +5,9 @@ What it keeps straight after tokens are dropped at layer L:
 - hidden states are compacted per sample and left-padded again (samples may keep different counts);
 - kept tokens keep the RoPE positions of the unpruned sequence, so dropping a token at layer L is
   exactly masking its key from layer L on (the oracle the tests check);
+- a method may also recycle dropped tokens (`LLMMerge`): each merged token takes the place, and the
+  RoPE position, of one dropped visual column, so recycling at layer L is exactly writing the merged
+  states there and masking the other dropped keys from layer L on;
 - every layer keeps running its own SDPA attention with an explicit boolean mask (causal in the
   compacted order, which preserves the original order, and padding-aware);
 - the KV cache holds, per layer, only the tokens that layer saw; a per-layer key-validity mask and the
@@ -25,7 +28,7 @@ from torch import nn
 
 from .. import ops
 
-__all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "prefill", "decode", "compact"]
+__all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "LLMMerge", "prefill", "decode", "compact"]
 
 
 @dataclass
@@ -131,6 +134,45 @@ class LLMLayerContext:
         return out
 
 
+@dataclass
+class LLMMerge:
+    """A stage-3 answer that recycles dropped visual tokens into new ones (SparseVLM) besides dropping.
+
+    keep: (B, T) bool, the columns kept as they are; merged: (B, M, D) new hidden states for this layer's
+    input; at: (B, M) long, the column each merged token takes the place of: a visual column the answer
+    drops, whose RoPE position (and grid cell, for `kept_grid`) the merged token takes; -1 marks an empty
+    slot of a sample that merges fewer tokens than others.
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor
+    at: torch.Tensor
+
+
+def place_merged(answer: LLMMerge, hidden: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor):
+    """(hidden with each merged token written at its column, the keep mask with those columns added).
+    ValueError unless every `at` is a distinct, real visual column that `keep` drops."""
+    keep, at = answer.keep, answer.at
+    B, T = keep.shape
+    if answer.merged.shape[:2] != at.shape or at.shape[0] != B:
+        raise ValueError(f"LLMMerge: merged {tuple(answer.merged.shape)} and at {tuple(at.shape)} disagree")
+    slot = at >= 0
+    if (at >= T).any():
+        raise ValueError(f"LLMMerge: a column in `at` is past the sequence ({T} columns)")
+    placed = torch.zeros(B, T + 1, dtype=torch.long, device=keep.device)
+    placed.scatter_add_(1, torch.where(slot, at, T), slot.long())
+    placed = placed[:, :T]
+    if (placed > 1).any():
+        raise ValueError("LLMMerge: two merged tokens take the place of the same column")
+    placed = placed.bool()
+    if (placed & ~(valid & visual & ~keep)).any():
+        raise ValueError("LLMMerge: a merged token must take the place of a real visual column the answer drops")
+    rows = torch.arange(B, device=keep.device)[:, None].expand_as(at)
+    hidden = hidden.clone()
+    hidden[rows[slot], at[slot]] = answer.merged[slot].to(hidden.dtype)
+    return hidden, keep | placed
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -177,7 +219,7 @@ def compact(keep: torch.Tensor, *tensors: torch.Tensor, fill: int | float = 0) -
     return tuple(out)
 
 
-LLMHook = Callable[[LLMLayerContext], "torch.Tensor | None"]
+LLMHook = Callable[[LLMLayerContext], "torch.Tensor | LLMMerge | None"]
 
 
 def prefill(
@@ -199,7 +241,8 @@ def prefill(
         query_col: (B,) column of the text query token (never dropped).
         cache: a transformers DynamicCache to fill, or None.
         hook_layers: layers before which `hook` is asked for a keep mask.
-        hook: LLMLayerContext -> (B, T) bool keep mask over current columns, or None to keep all.
+        hook: LLMLayerContext -> (B, T) bool keep mask over current columns, an `LLMMerge` (kept columns
+            plus merged tokens at dropped columns' places), or None to keep all.
         positions: (B, T) RoPE positions (default: the running count of real tokens). Tokens pruned
             before the LLM leave gaps here, so the kept ones keep their unpruned positions.
     Returns:
@@ -221,6 +264,8 @@ def prefill(
             text_q = valid & ~visual & (cols <= query_col[:, None])
             ctx = LLMLayerContext(i, len(parts.layers), layer, h, valid, visual, pos, pe, qidx, text_q, entered)
             keep = hook(ctx)
+            if isinstance(keep, LLMMerge):
+                h, keep = place_merged(keep, h, valid, visual)
             if keep is not None:
                 if (~keep & valid & ~visual).any():
                     raise ValueError(f"layer {i}: a method tried to drop text tokens; only visual tokens may be dropped")
