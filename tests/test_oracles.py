@@ -431,6 +431,7 @@ PEERS = {
     "evoprune": (lambda: mv.EvoPrune(keep=1.0), lambda: mv.EvoPrune(keep=0.4)),
     "tome": (lambda: mv.ToMe(keep=1.0), lambda: mv.ToMe(keep=0.4)),
     "prumerge": (lambda: mv.PruMerge(uniform=1.0), lambda: mv.PruMerge(uniform=0.2, whisker=0.25)),  # counts differ per image
+    "sparsevlm": (lambda: mv.SparseVLM(keep=(1.0, 1.0, 1.0)), lambda: mv.SparseVLM(keep=(0.6, 0.4, 0.2), recycle=0.5, cluster=0.25)),
 }
 
 

@@ -11,7 +11,7 @@
 from . import methods, ops, testing
 from .calibration import calibrate, load_rank_table, save_rank_table
 from .default import has_default, load_default
-from .methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMerge, PruningMethod, PyramidDrop, ToMe, VisionZip
+from .methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMerge, PruningMethod, PyramidDrop, SparseVLM, ToMe, VisionZip
 from .models import ExpertSpec, MultiEncoderProcessor, MultiEncoderVLM, MultiEncoderVLMConfig
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "ToMe",
     "VisionZip",
     "PruMerge",
+    "SparseVLM",
     "calibrate",
     "has_default",
     "load_default",

@@ -381,6 +381,9 @@ def cmd_methods(args) -> int:
           "per image) and that share of its grid spread evenly, each kept token taking in its nearest neighbours, "
           "e.g. prumerge:uniform0.2; prumerge:uniform0 is PruMerge; -n<share> appended sets the neighbours' share "
           "(32/576 by default), -cnnmix mixes the CNN's kept tokens too (equal weights)")
+    print("sparsevlm:k<share>-<share>-<share>   SparseVLM: text raters' attention keeps those shares of the visual "
+          "tokens from 3/7/16 of 32 layers on (scaled), 30% of the dropped ones recycled into merged tokens, "
+          "e.g. sparsevlm:k0.52-0.35-0.19 (its 192-of-576 setting); -r<share> appended sets the recycled share")
     return 0
 
 

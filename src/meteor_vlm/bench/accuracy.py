@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import synth
-from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMerge, PyramidDrop, ToMe, VisionZip
+from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMerge, PyramidDrop, SparseVLM, ToMe, VisionZip
 from .flops import count_flops
 from .stats import paired_bootstrap
 
@@ -97,6 +97,8 @@ NAME_PATTERNS = (
     (re.compile(r"^prumerge:uniform([0-9.]+)(?:-n([0-9.]+))?(-cnnmix)?$"),
      lambda uniform, n, cnnmix: PruMerge(uniform=float(uniform), cnn_mix=bool(cnnmix),
                                          **({} if n is None else {"neighbours": float(n)}))),
+    (re.compile(r"^sparsevlm:k([0-9.]+(?:-[0-9.]+)*)(?:-r([0-9.]+))?$"),
+     lambda keep, r: SparseVLM(keep=tuple(float(k) for k in keep.split("-")), **({} if r is None else {"recycle": float(r)}))),
 )
 
 
@@ -115,7 +117,9 @@ def budget_method(name: str):
     over its blocks (proportional attention); `prumerge:uniform<share>`: PruMerge+ keeping each expert's
     attention outliers (a count per image) and that share of its grid spread evenly, each kept token
     taking in its nearest neighbours (`prumerge:uniform0` is PruMerge; `-n<share>` appended sets the
-    neighbours' share, `-cnnmix` mixes the CNN's kept tokens too)."""
+    neighbours' share, `-cnnmix` mixes the CNN's kept tokens too); `sparsevlm:k<share>-<share>-<share>`:
+    SparseVLM keeping those shares of the visual tokens from its three layers on (3/7/16 of 32, scaled),
+    scored by its text raters, recycling 30% of the dropped ones (`-r<share>` appended sets that share)."""
     for pattern, make in NAME_PATTERNS:
         m = pattern.match(name)
         if m is not None:
@@ -148,7 +152,7 @@ def resolve_methods(names: list[str]) -> list[str]:
         raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
                          "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio>, pyramiddrop:r<ratio>, "
                          "dart:k<layer>-r<ratio>, divprune:keep<share>, visionzip:keep<share>, evoprune:keep<share>[-rank], tome:keep<share> "
-                         "or prumerge:uniform<share>[-n<share>][-cnnmix]")
+                         "prumerge:uniform<share>[-n<share>][-cnnmix] or sparsevlm:k<share>-<share>-<share>[-r<share>]")
     if not names:
         raise ValueError("no method given")
     return names

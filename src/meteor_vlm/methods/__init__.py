@@ -9,6 +9,7 @@ from .fastv import FastV
 from .meteor import Meteor, scaled_llm_layers
 from .prumerge import PruMerge
 from .pyramiddrop import PyramidDrop
+from .sparsevlm import SparseVLM
 from .tome import ToMe
 from .visionzip import VisionZip
 
@@ -29,6 +30,7 @@ __all__ = [
     "ToMe",
     "VisionZip",
     "PruMerge",
+    "SparseVLM",
     "get",
     "register",
     "scaled_llm_layers",

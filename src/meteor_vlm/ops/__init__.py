@@ -4,7 +4,7 @@ No nn.Module state and no transformers import: the algorithms, readable on their
 """
 
 from .budgets import ALLOCATIONS, adaptive_budget, allocate_budget, allocation_weights, feature_rank, staged_budgets
-from .merging import bipartite_soft_matching, merge_groups, merge_into_kept, merge_into_targets, supplement_from_neighbours
+from .merging import bipartite_soft_matching, density_peak_clusters, merge_groups, merge_into_kept, merge_into_targets, supplement_from_neighbours
 from .metrics import diversity, layer_averaged_tokens, tokens_per_layer
 from .scores import (
     attention_rows,
@@ -35,6 +35,7 @@ __all__ = [
     "bipartite_soft_matching",
     "cls_attention",
     "cooperative_redundancy",
+    "density_peak_clusters",
     "diversity",
     "feature_rank",
     "gather_tokens",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .selection import gather_tokens, mask_to_indices
+from .selection import gather_tokens, mask_to_indices, topk_indices
 
-__all__ = ["merge_into_targets", "merge_groups", "merge_into_kept", "bipartite_soft_matching", "supplement_from_neighbours"]
+__all__ = ["density_peak_clusters", "merge_into_targets", "merge_groups", "merge_into_kept", "bipartite_soft_matching", "supplement_from_neighbours"]
 
 
 def merge_into_targets(
@@ -157,3 +157,39 @@ def supplement_from_neighbours(
     feats = gather_tokens(x.float(), members.flatten(1)).view(B, N, k + 1, D)
     mixed = (w[..., None] * feats).sum(2).to(x.dtype)
     return torch.where(kept[..., None], mixed, x)
+
+
+def density_peak_clusters(x: torch.Tensor, count: int, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering with k nearest neighbours (DPC-kNN; SparseVLM's recycling) of one set of tokens.
+
+    Distances are Euclidean over sqrt(D). A token's density is exp(-mean squared distance to its k nearest
+    tokens, itself included); its separation is its distance to the nearest denser token (on equal density,
+    the earlier token counts as denser), or the largest distance of all for the densest token. The `count`
+    tokens with the largest density x separation are the centres (first on ties), and every token joins
+    its nearest centre (the earlier centre on ties; a centre joins itself).
+
+    Args:
+        x: (N, D) tokens; count: 1 <= count <= N clusters; k: neighbours for the density (default: count).
+    Returns:
+        centres (count,) long, ascending token indices; assign (N,) long, each token's cluster (0..count-1,
+        the index of its centre in `centres`).
+    """
+    N, D = x.shape
+    if not 1 <= count <= N:
+        raise ValueError(f"clustering {N} tokens into {count} clusters needs 1 <= count <= {N}")
+    k = count if k is None else k
+    if not 1 <= k <= N:
+        raise ValueError(f"density from k={k} nearest tokens needs 1 <= k <= {N}")
+    xf = x.float()
+    dist = torch.cdist(xf[None], xf[None])[0] / D**0.5
+    dist.fill_diagonal_(0.0)
+    nearest = torch.sort(dist, dim=-1, stable=True).values[:, :k]
+    density = torch.exp(-(nearest**2).mean(-1))
+    idx = torch.arange(N, device=x.device)
+    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
+    separation = torch.where(denser, dist, torch.full_like(dist, float("inf"))).min(-1).values
+    separation = torch.where(torch.isinf(separation), dist.max(), separation)
+    centres = topk_indices((separation * density)[None], count)[0]
+    assign = dist[:, centres].argmin(-1)  # argmin returns the first of equal minima
+    assign[centres] = torch.arange(count, device=x.device)
+    return centres, assign
