@@ -178,6 +178,36 @@ def test_bench_positions_option_reaches_the_model_and_the_results(tmp_path, monk
         main(["bench", "--model", "tiny", "--positions", "shifted"])
 
 
+def test_bench_dtype_and_device_reach_the_model_its_inputs_and_the_results(tmp_path, monkeypatch):
+    """--dtype casts the model and the pixels the bench feeds it, and is recorded with the device in results.json;
+    --device cuda without a GPU is refused."""
+    from meteor_vlm import cli
+
+    seen = []
+    load = cli._load
+
+    def spy(name):
+        model, processor = load(name)
+        real = model.forward
+
+        def forward(*a, **k):
+            pixels = [v.dtype for n, v in k.items() if n.startswith("pixel_values_")]
+            seen.append((model.dtype, *pixels))
+            return real(*a, **k)
+
+        model.forward = forward
+        return model, processor
+
+    monkeypatch.setattr(cli, "_load", spy)
+    assert main(["bench", "--model", "tiny", "--samples", "1", "--methods", "unpruned,sparsevlm:k0.5-0.3-0.2",
+                 "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "results.json").read_text())
+    assert (meta["dtype"], meta["device"]) == ("bfloat16", "cpu")
+    assert seen and {dt for call in seen for dt in call} == {torch.bfloat16}
+    if not torch.cuda.is_available():
+        assert main(["bench", "--model", "tiny", "--samples", "1", "--methods", "unpruned", "--device", "cuda"]) == 2
+
+
 def test_ask_prints_stages_and_writes_heatmap(tmp_path, capsys):
     img = tmp_path / "img.png"
     mv.testing.random_images(1, size=64)[0].save(img)

@@ -76,6 +76,16 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device_dtype(args) -> tuple[str, torch.dtype]:
+    """--device and --dtype as torch values; ValueError when CUDA is asked for and there is none."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return args.device, _DTYPES[args.dtype]
+
+
 def cmd_bench(args) -> int:
     from meteor_vlm.bench.accuracy import resolve_methods, run_bench
     from meteor_vlm.bench.report import format_ablations, format_kinds, format_table, reading, write_results
@@ -83,7 +93,9 @@ def cmd_bench(args) -> int:
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    device, dtype = _device_dtype(args) if hasattr(args, "device") else ("cpu", torch.float32)  # demo: CPU float32
     model, processor = _load(args.model)
+    model = model.to(device, dtype)
     if getattr(args, "positions", None):  # demo has no such option: the model's own setting
         model.config.visual_positions = args.positions
     positions = model.config.visual_positions
@@ -97,7 +109,8 @@ def cmd_bench(args) -> int:
     print("\n" + reading(rows))
     if args.out:
         meta = {"model": args.model, "seed": args.seed, "samples_per_family": args.samples, "image_size": size,
-                "visual_positions": positions,
+                "visual_positions": positions, "dtype": str(dtype).removeprefix("torch."),
+                "device": device if device == "cpu" else torch.cuda.get_device_name(model.device),
                 "note": "tokens = visual tokens seen per LLM layer, averaged over layers; latency = median per sample, batch 1"}
         for path in write_results(rows, args.out, meta):
             print(f"written {path}")
@@ -115,9 +128,7 @@ def cmd_speed(args) -> int:
                          f"got {args.samples}, {args.batch_size} and {args.new_tokens}")
     if args.shape and args.model:
         raise ValueError("give --model or --shape, not both")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    _, dtype = _device_dtype(args)
     if args.shape:
         print(f"building a random model at shape {args.shape} ({args.dtype}) and calibrating it ...", file=sys.stderr)
         model, processor = shaped_model(args.shape, dtype=dtype)
@@ -429,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=20, help="held-out samples per family")
     b.add_argument("--seed", type=int, default=_EVAL_SEED, help="seed of the held-out split")
     b.add_argument("--out", help="folder for results.json, results.csv and pareto.png")
+    b.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="the model's dtype for the run")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     b.add_argument("--by-kind", action="store_true",
                    help="also print accuracy per kind of question (scenes: color/relation/neighbor, ...)")
     b.add_argument("--positions", choices=VISUAL_POSITIONS,
@@ -510,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")
     sp.add_argument("--new-tokens", type=int, default=8, help="tokens generated to time decoding (>= 2)")
     sp.add_argument("--batch-size", type=int, default=1, help="samples per request (left-padded)")
-    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--dtype", default="float32", choices=list(_DTYPES))
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--seed", type=int, default=_EVAL_SEED, help="held-out split (default: the bench's)")
     sp.add_argument("--out", help="folder for speed.json")

@@ -16,7 +16,7 @@ from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMer
 from .flops import count_flops
 from .stats import paired_bootstrap
 
-__all__ = ["method_catalog", "resolve_methods", "run_bench", "paper_order_pairs", "DEMO_METHODS"]
+__all__ = ["method_catalog", "resolve_methods", "run_bench", "paper_order_pairs", "inputs_to_model", "DEMO_METHODS"]
 
 
 def method_catalog() -> dict[str, Callable[[], object]]:
@@ -193,7 +193,7 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
 
     resolve_methods(names)
     samples = synth.make_split(seed, per_family, image_size=image_size)
-    encoded = [encode_samples(processor, [s], with_answers=False) for s in samples]
+    encoded = [inputs_to_model(model, encode_samples(processor, [s], with_answers=False)) for s in samples]
     methods = build_methods(model, names, encoded)
     model.eval()
     times = {n: [] for n in names}
@@ -211,6 +211,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
             with m(model):
                 t0 = time.perf_counter()
                 pred = _predict(model, inputs)
+                if pred.device.type == "cuda":  # the reading waits for the queued GPU work
+                    torch.cuda.synchronize(pred.device)
                 times[n].append((time.perf_counter() - t0) * 1000)
             stats[n].extend(m.stats)
             with m(model):  # untimed: does the generated answer stop after its word?
@@ -266,6 +268,12 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
         verdict = "holds" if ci[1] < 0 else "reversed" if ci[0] > 0 else "tie"
         by_name[worse]["ablation"] = {"against": better, "difference": diff, "difference_ci95": ci, "verdict": verdict}
     return rows
+
+
+def inputs_to_model(model, inputs: dict) -> dict:
+    """Processor outputs on the model's device, floating ones (pixels) in its dtype."""
+    dtype, device = model.dtype, model.device
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
 def _by_family(per_kind: Counter) -> Counter:

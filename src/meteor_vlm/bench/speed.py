@@ -136,7 +136,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     """
     from .. import synth
     from ..train import encode_samples
-    from .accuracy import build_methods, resolve_methods
+    from .accuracy import build_methods, inputs_to_model, resolve_methods
     from .flops import count_flops
 
     resolve_methods(list(names))
@@ -146,13 +146,9 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     size = max(128, max(s.image_size for s in processor.experts))
     per_family = -(-samples // len(synth.FAMILIES))
     split = synth.make_split(seed, per_family, image_size=size)[:samples]  # make_split gives the families in turn
-    dtype, device = model.dtype, model.device
-
-    def encode(batch):
-        inputs = encode_samples(processor, batch, with_answers=False)
-        return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
-
-    encoded = [encode(split[i:i + batch_size]) for i in range(0, samples, batch_size)]
+    device = model.device
+    encoded = [inputs_to_model(model, encode_samples(processor, split[i:i + batch_size], with_answers=False))
+               for i in range(0, samples, batch_size)]
     methods = build_methods(model, list(names), encoded)  # a fixed stage 3 matched to its twin, as in the bench
     keys = ("prefill", "flops", "other", "llm", "decode", "tokens", "kv", "peak")
     rec = {n: {**{k: [] for k in keys}, **{e: [] for e in model.expert_names}} for n in names}
