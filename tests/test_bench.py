@@ -151,6 +151,23 @@ def test_bench_method_names_round_trip(tmp_path, capsys):
     assert main(["bench", "--model", "tiny", "--methods", "meteor:nope"]) == 2
 
 
+def test_every_name_pattern_is_listed_refused_names_list_them_and_examples_resolve(capsys):
+    """`meteor methods` and the unknown-name error come from the one list of name patterns; each pattern's
+    example is a name the bench accepts, and it makes that pattern's method."""
+    from meteor_vlm.bench.accuracy import NAME_PATTERNS, budget_method, resolve_methods
+
+    assert main(["methods"]) == 0
+    listed = capsys.readouterr().out
+    with pytest.raises(ValueError) as err:
+        resolve_methods(["fastv:nope"])
+    for p in NAME_PATTERNS:
+        assert f"{p.usage}   {p.help}, e.g. {p.example}" in listed and p.usage in str(err.value)
+        assert resolve_methods([p.example]) and p.pattern.match(p.example)
+        assert type(budget_method(p.example)) is type(p.make(*p.pattern.match(p.example).groups()))
+    kinds = {type(budget_method(p.example)).__name__ for p in NAME_PATTERNS}
+    assert {"FastV", "PyramidDrop", "DART", "DivPrune", "VisionZip", "EvoPrune", "ToMe", "PruMerge", "SparseVLM"} <= kinds
+
+
 def test_bench_positions_option_reaches_the_model_and_the_results(tmp_path, monkeypatch):
     """--positions sets the model's `visual_positions` for the run and is recorded in results.json."""
     from meteor_vlm import cli

@@ -367,34 +367,13 @@ def cmd_compare(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from meteor_vlm.bench.accuracy import method_catalog
+    from meteor_vlm.bench.accuracy import NAME_PATTERNS, method_catalog
 
     for name, make in method_catalog().items():
         m = make()
         print(f"{name:22s} {type(m).__name__}")
-    print("meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>   all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100")
-    print("stage3:adaptive-l<lambda>, stage3:fixed-l<lambda>   the stage-3 ablation at another lambda (default 50)")
-    print("fastv:k<layer>-r<ratio>   FastV: drop that share of the visual tokens before that LLM layer, e.g. fastv:k1-r0.875")
-    print("pyramiddrop:r<ratio>   PyramidDrop: keep that share of the previous stage's visual tokens at 8/16/24 of 32 layers, "
-          "e.g. pyramiddrop:r0.5")
-    print("dart:k<layer>-r<ratio>   DART: before that LLM layer, drop that share, keeping the tokens least duplicated with "
-          "4 + 4 key-norm pivots, e.g. dart:k1-r0.875")
-    print("divprune:keep<share>   DivPrune: keep that share of the projected tokens by greedy max-min diversity, "
-          "e.g. divprune:keep0.23")
-    print("visionzip:keep<share>   VisionZip: each expert hands on that share of its tokens, dominant ones and "
-          "10/64 of them merged contextual ones, e.g. visionzip:keep0.23")
-    print("evoprune:keep<share>   EvoPrune: inside each expert, at the ends of its thirds, keep important, "
-          "non-redundant, diverse tokens and merge the rest into them, down to that share, e.g. evoprune:keep0.23; "
-          "evoprune:keep0.23-rank splits that share of all tokens over the experts by METEOR's rank allocation")
-    print("tome:keep<share>   ToMe: after every block of each expert, merge the most similar tokens (bipartite "
-          "matching on keys, proportional attention) down to that share, e.g. tome:keep0.23")
-    print("prumerge:uniform<share>   PruMerge+: each expert keeps its attention outliers (interquartile rule: a count "
-          "per image) and that share of its grid spread evenly, each kept token taking in its nearest neighbours, "
-          "e.g. prumerge:uniform0.2; prumerge:uniform0 is PruMerge; -n<share> appended sets the neighbours' share "
-          "(32/576 by default), -cnnmix mixes the CNN's kept tokens too (equal weights)")
-    print("sparsevlm:k<share>-<share>-<share>   SparseVLM: text raters' attention keeps those shares of the visual "
-          "tokens from 3/7/16 of 32 layers on (scaled), 30% of the dropped ones recycled into merged tokens, "
-          "e.g. sparsevlm:k0.52-0.35-0.19 (its 192-of-576 setting); -r<share> appended sets the recycled share")
+    for p in NAME_PATTERNS:
+        print(f"{p.usage}   {p.help}, e.g. {p.example}")
     return 0
 
 

@@ -7,6 +7,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -16,7 +17,7 @@ from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMer
 from .flops import count_flops
 from .stats import paired_bootstrap
 
-__all__ = ["method_catalog", "resolve_methods", "run_bench", "paper_order_pairs", "inputs_to_model", "DEMO_METHODS"]
+__all__ = ["method_catalog", "resolve_methods", "run_bench", "paper_order_pairs", "inputs_to_model", "DEMO_METHODS", "NAME_PATTERNS"]
 
 
 def method_catalog() -> dict[str, Callable[[], object]]:
@@ -81,49 +82,80 @@ def paper_order_pairs(names: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-# bench names with settings in them: (pattern, the method its match stands for)
+@dataclass(frozen=True)
+class NamePattern:
+    """A family of bench names with settings in them: the pattern, the method a match stands for, how the
+    name reads (`usage`), what it runs (`help`), and an example name (all three printed by `meteor methods`)."""
+
+    pattern: re.Pattern
+    make: Callable
+    usage: str
+    help: str
+    example: str
+
+
 NAME_PATTERNS = (
-    (re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$"),
-     lambda e, f, lam: Meteor(encoder_keep=float(e), fusion_keep=float(f), lam=float(lam))),
-    (re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$"), lambda budget, lam: _stage3_alone(budget, float(lam))),
-    (re.compile(r"^fastv:k([0-9]+)-r([0-9.]+)$"), lambda k, r: FastV(layer=int(k), ratio=float(r))),
-    (re.compile(r"^pyramiddrop:r([0-9.]+)$"), lambda r: PyramidDrop(ratio=float(r))),
-    (re.compile(r"^dart:k([0-9]+)-r([0-9.]+)$"), lambda k, r: DART(layer=int(k), ratio=float(r))),
-    (re.compile(r"^divprune:keep([0-9.]+)$"), lambda keep: DivPrune(keep=float(keep))),
-    (re.compile(r"^visionzip:keep([0-9.]+)$"), lambda keep: VisionZip(keep=float(keep))),
-    (re.compile(r"^evoprune:keep([0-9.]+)(-rank)?$"),
-     lambda keep, rank: EvoPrune(keep=float(keep), allocation="rank" if rank else "same")),
-    (re.compile(r"^tome:keep([0-9.]+)$"), lambda keep: ToMe(keep=float(keep))),
-    (re.compile(r"^prumerge:uniform([0-9.]+)(?:-n([0-9.]+))?(-cnnmix)?$"),
-     lambda uniform, n, cnnmix: PruMerge(uniform=float(uniform), cnn_mix=bool(cnnmix),
-                                         **({} if n is None else {"neighbours": float(n)}))),
-    (re.compile(r"^sparsevlm:k([0-9.]+(?:-[0-9.]+)*)(?:-r([0-9.]+))?$"),
-     lambda keep, r: SparseVLM(keep=tuple(float(k) for k in keep.split("-")), **({} if r is None else {"recycle": float(r)}))),
+    NamePattern(re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$"),
+                lambda e, f, lam: Meteor(encoder_keep=float(e), fusion_keep=float(f), lam=float(lam)),
+                "meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>", "all three stages at a chosen budget",
+                "meteor:e0.5-f0.6-l100"),
+    NamePattern(re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$"), lambda budget, lam: _stage3_alone(budget, float(lam)),
+                "stage3:adaptive-l<lambda>, stage3:fixed-l<lambda>",
+                "the stage-3 ablation at another lambda (default 50; the fixed ratios are matched at run time to "
+                "the adaptive method of the same lambda)", "stage3:fixed-l10"),
+    NamePattern(re.compile(r"^fastv:k([0-9]+)-r([0-9.]+)$"), lambda k, r: FastV(layer=int(k), ratio=float(r)),
+                "fastv:k<layer>-r<ratio>", "FastV: drop that share of the visual tokens before that LLM layer",
+                "fastv:k1-r0.875"),
+    NamePattern(re.compile(r"^pyramiddrop:r([0-9.]+)$"), lambda r: PyramidDrop(ratio=float(r)),
+                "pyramiddrop:r<ratio>",
+                "PyramidDrop: keep that share of the previous stage's visual tokens at 8/16/24 of 32 layers",
+                "pyramiddrop:r0.5"),
+    NamePattern(re.compile(r"^dart:k([0-9]+)-r([0-9.]+)$"), lambda k, r: DART(layer=int(k), ratio=float(r)),
+                "dart:k<layer>-r<ratio>",
+                "DART: before that LLM layer, drop that share, keeping the tokens least duplicated with 4 + 4 "
+                "key-norm pivots", "dart:k1-r0.875"),
+    NamePattern(re.compile(r"^divprune:keep([0-9.]+)$"), lambda keep: DivPrune(keep=float(keep)),
+                "divprune:keep<share>", "DivPrune: keep that share of the projected tokens by greedy max-min diversity",
+                "divprune:keep0.23"),
+    NamePattern(re.compile(r"^visionzip:keep([0-9.]+)$"), lambda keep: VisionZip(keep=float(keep)),
+                "visionzip:keep<share>",
+                "VisionZip: each expert hands on that share of its tokens, dominant ones and 10/64 of them merged "
+                "contextual ones", "visionzip:keep0.23"),
+    NamePattern(re.compile(r"^evoprune:keep([0-9.]+)(-rank)?$"),
+                lambda keep, rank: EvoPrune(keep=float(keep), allocation="rank" if rank else "same"),
+                "evoprune:keep<share>[-rank]",
+                "EvoPrune: inside each expert, at the ends of its thirds, keep important, non-redundant, diverse "
+                "tokens and merge the rest into them, down to that share; -rank splits that share of all tokens "
+                "over the experts by METEOR's rank allocation", "evoprune:keep0.23-rank"),
+    NamePattern(re.compile(r"^tome:keep([0-9.]+)$"), lambda keep: ToMe(keep=float(keep)),
+                "tome:keep<share>",
+                "ToMe: after every block of each expert, merge the most similar tokens (bipartite matching on keys, "
+                "proportional attention) down to that share", "tome:keep0.23"),
+    NamePattern(re.compile(r"^prumerge:uniform([0-9.]+)(?:-n([0-9.]+))?(-cnnmix)?$"),
+                lambda uniform, n, cnnmix: PruMerge(uniform=float(uniform), cnn_mix=bool(cnnmix),
+                                                    **({} if n is None else {"neighbours": float(n)})),
+                "prumerge:uniform<share>[-n<share>][-cnnmix]",
+                "PruMerge+: each expert keeps its attention outliers (interquartile rule: a count per image) and "
+                "that share of its grid spread evenly, each kept token taking in its nearest neighbours; uniform0 "
+                "is PruMerge; -n sets the neighbours' share (32/576 by default), -cnnmix mixes the CNN's kept "
+                "tokens too (equal weights)", "prumerge:uniform0.2"),
+    NamePattern(re.compile(r"^sparsevlm:k([0-9.]+(?:-[0-9.]+)*)(?:-r([0-9.]+))?$"),
+                lambda keep, r: SparseVLM(keep=tuple(float(k) for k in keep.split("-")),
+                                          **({} if r is None else {"recycle": float(r)})),
+                "sparsevlm:k<share>-<share>-<share>[-r<share>]",
+                "SparseVLM: text raters' attention keeps those shares of the visual tokens from 3/7/16 of 32 "
+                "layers on (scaled), 30% of the dropped ones recycled into merged tokens (-r sets that share); "
+                "its 192-of-576 setting is k0.52-0.35-0.19", "sparsevlm:k0.52-0.35-0.19"),
 )
 
 
 def budget_method(name: str):
-    """The method a bench name with settings stands for, or None. `meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>`:
-    all three stages at a chosen budget, e.g. meteor:e0.5-f0.6-l100; `stage3:adaptive-l<lambda>` /
-    `stage3:fixed-l<lambda>`: the stage-3 ablation at another lambda (the fixed ratios are matched at run time
-    to the adaptive method of the same lambda); `fastv:k<layer>-r<ratio>`: FastV dropping that share of the
-    visual tokens before that LLM layer, e.g. fastv:k1-r0.875; `pyramiddrop:r<ratio>`: PyramidDrop keeping that
-    share of the previous stage's visual tokens at each of its three layers; `dart:k<layer>-r<ratio>`: DART
-    dropping that share before that LLM layer (4 + 4 pivots); `divprune:keep<share>`: DivPrune keeping that
-    share of the projected tokens; `visionzip:keep<share>`: VisionZip handing on that share of each expert's
-    tokens (dominant + contextual); `evoprune:keep<share>`: EvoPrune leaving that share of each expert's tokens,
-    pruned and merged at the ends of its thirds (`evoprune:keep<share>-rank`: that share of all experts'
-    tokens, split by METEOR's rank allocation); `tome:keep<share>`: ToMe merging each expert down to that share
-    over its blocks (proportional attention); `prumerge:uniform<share>`: PruMerge+ keeping each expert's
-    attention outliers (a count per image) and that share of its grid spread evenly, each kept token
-    taking in its nearest neighbours (`prumerge:uniform0` is PruMerge; `-n<share>` appended sets the
-    neighbours' share, `-cnnmix` mixes the CNN's kept tokens too); `sparsevlm:k<share>-<share>-<share>`:
-    SparseVLM keeping those shares of the visual tokens from its three layers on (3/7/16 of 32, scaled),
-    scored by its text raters, recycling 30% of the dropped ones (`-r<share>` appended sets that share)."""
-    for pattern, make in NAME_PATTERNS:
-        m = pattern.match(name)
+    """The method a bench name with settings stands for (one of `NAME_PATTERNS`, listed with what each runs by
+    `meteor methods`), or None."""
+    for p in NAME_PATTERNS:
+        m = p.pattern.match(name)
         if m is not None:
-            return make(*m.groups())
+            return p.make(*m.groups())
     return None
 
 
@@ -147,12 +179,10 @@ def build_methods(model, names: list[str], encoded: list[dict]) -> dict:
 def resolve_methods(names: list[str]) -> list[str]:
     """Check method names against the catalog and the budget patterns (ValueError listing the known ones)."""
     cat = method_catalog()
-    bad = [n for n in names if n not in cat and not any(p.match(n) for p, _ in NAME_PATTERNS)]
+    bad = [n for n in names if n not in cat and not any(p.pattern.match(n) for p in NAME_PATTERNS)]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, meteor:e<keep>-f<keep>-l<lambda>, "
-                         "stage3:adaptive-l<lambda> / stage3:fixed-l<lambda>, fastv:k<layer>-r<ratio>, pyramiddrop:r<ratio>, "
-                         "dart:k<layer>-r<ratio>, divprune:keep<share>, visionzip:keep<share>, evoprune:keep<share>[-rank], tome:keep<share> "
-                         "prumerge:uniform<share>[-n<share>][-cnnmix] or sparsevlm:k<share>-<share>-<share>[-r<share>]")
+        raise ValueError(f"unknown method(s) {bad}; known: {list(cat)}, or names with settings: "
+                         + ", ".join(p.usage for p in NAME_PATTERNS) + " (`meteor methods` says what each runs)")
     if not names:
         raise ValueError("no method given")
     return names
