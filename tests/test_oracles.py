@@ -450,9 +450,27 @@ def test_peers_pruning_nothing_are_the_unmodified_model(tiny, images, make):
 @pytest.mark.parametrize("make", [prune for _, prune in PEERS.values()], ids=list(PEERS))
 def test_peers_batch_equals_one_by_one_and_cached_generate_equals_uncached(tiny, images, make):
     """The peers on the shared runtime obey its batch and cache oracles too."""
-    model, processor = tiny
+    assert_batch_and_cache_oracles(*tiny, images, make())
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(images):
+    model, processor = mv.testing.tiny_model(seed=1, experts=("siglip", "pix2struct", "convnext"), llm="qwen2")
+    model.config.rank_table = mv.calibrate(model, processor, images[:2], progress=False)
+    return model, processor
+
+
+@pytest.mark.parametrize("make", [prune for _, prune in PEERS.values()] + [lambda: mv.Meteor.preset("paper-242")],
+                         ids=[*PEERS, "meteor"])
+def test_every_method_obeys_the_batch_and_cache_oracles_on_a_qwen2_llm(tiny_qwen2, images, make):
+    """The same oracles with a Qwen2 decoder (biased q/k/v projections) and a CLS-less SigLIP expert."""
+    assert_batch_and_cache_oracles(*tiny_qwen2, images, make())
+
+
+def assert_batch_and_cache_oracles(model, processor, images, method):
+    """A left-padded batch of 3 (1 or 2 images) under `method` = its samples alone, and greedy generate with
+    the KV cache = step-by-step recomputation without it."""
     imgs = [images[0], [images[1], images[2]], images[3]]
-    method = make()
     with method(model), torch.no_grad():
         batch_in = make_inputs(processor, imgs, PROMPTS)
         assert (batch_in["attention_mask"] == 0).any(), "left padding is exercised"
