@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .. import synth
 from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMerge, PyramidDrop, SparseVLM, ToMe, VisionZip
 from .flops import count_flops
+from .speed import _sync
 from .stats import paired_bootstrap
 
 __all__ = ["method_catalog", "resolve_methods", "run_bench", "paper_order_pairs", "inputs_to_model", "DEMO_METHODS", "NAME_PATTERNS"]
@@ -241,8 +242,7 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
             with m(model):
                 t0 = time.perf_counter()
                 pred = _predict(model, inputs)
-                if pred.device.type == "cuda":  # the reading waits for the queued GPU work
-                    torch.cuda.synchronize(pred.device)
+                _sync(pred.device)  # on a GPU the reading waits for the queued work
                 times[n].append((time.perf_counter() - t0) * 1000)
             stats[n].extend(m.stats)
             with m(model):  # untimed: does the generated answer stop after its word?

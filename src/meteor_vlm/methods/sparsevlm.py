@@ -142,24 +142,19 @@ class SparseVLM(PruningMethod):
         keep_vis = ops.topk_mask(score, k, candidates=vis)
         keep = (ctx.valid & ~ctx.visual) | keep_vis
         dropped = vis & ~keep_vis
-        merged, at = [], []
+        centre = torch.zeros_like(vis)  # the columns merged tokens take the place of
+        recycled = torch.zeros_like(ctx.hidden)  # each merged token, at its column
         for b in range(vis.shape[0]):
-            d = int(dropped[b].sum())
-            r = math.ceil(self.recycle * d - 1e-9) if d else 0
+            r = math.ceil(self.recycle * int(dropped[b].sum()) - 1e-9)
             if r == 0:
-                merged.append(ctx.hidden.new_zeros(0, ctx.hidden.shape[-1]))
-                at.append(torch.zeros(0, dtype=torch.long, device=vis.device))
                 continue
             cols = ops.mask_to_indices(ops.topk_mask(score[b : b + 1], r, candidates=dropped[b : b + 1]))[0]
-            count = math.ceil(self.cluster * r - 1e-9)
-            centres, assign = ops.density_peak_clusters(ctx.hidden[b, cols], count)
-            sums = torch.zeros(count, ctx.hidden.shape[-1], device=vis.device).index_add_(0, assign, ctx.hidden[b, cols].float())
-            sizes = torch.bincount(assign, minlength=count).float()
-            merged.append((sums / sizes[:, None]).to(ctx.hidden.dtype))
-            at.append(cols[centres])
-        if not any(len(a) for a in at):
+            centres, assign = ops.density_peak_clusters(ctx.hidden[b, cols], math.ceil(self.cluster * r - 1e-9))
+            members = ctx.hidden[b, cols][None]
+            merged, _ = ops.merge_groups(members, torch.ones(members.shape[:2], device=vis.device), centres[assign][None])
+            centre[b, cols[centres]] = True
+            recycled[b, cols[centres]] = merged[0]
+        if not centre.any():
             return keep
-        M = max(len(a) for a in at)
-        merged_t = torch.stack([torch.cat([m, m.new_zeros(M - len(m), m.shape[-1])]) for m in merged])
-        at_t = torch.stack([torch.cat([a, a.new_full((M - len(a),), -1)]) for a in at])
-        return LLMMerge(keep, merged_t, at_t)
+        at = ops.mask_to_padded_indices(centre)  # both ascending: merged tokens in the order of their columns
+        return LLMMerge(keep, ops.gather_tokens(recycled, at.clamp_min(0)), at)
