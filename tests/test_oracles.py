@@ -80,12 +80,20 @@ def reference_masked_logits(model, inputs, drop, layer, replace=None):
     with torch.no_grad():
         visual = model.encode_images(pixels)
         embeds, valid, _, text_col, _, _ = model._splice(inputs["input_ids"], inputs["attention_mask"].bool(), visual)
-        B, T, _ = embeds.shape
-        dropped = torch.zeros(B, T, dtype=torch.bool)
-        for b, cs in enumerate(drop):
-            dropped[b, list(cs)] = True
-        pos = (valid.long().cumsum(1) - 1).clamp_min(0)
-        lm = model.language_model.model
+    out = masked_decoder_logits(model.language_model.model, model.language_model.lm_head, embeds, valid, drop, layer,
+                                replace)
+    return out.gather(1, text_col[:, :, None].expand(-1, -1, out.shape[-1]))
+
+
+def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None):
+    """(B, T, V) logits of a Llama-style backbone `lm` run layer by layer on `embeds` (B, T, D) with valid (B, T)
+    left-padded columns, the columns listed per sample in `drop` masked as keys from `layer` on."""
+    B, T, _ = embeds.shape
+    dropped = torch.zeros(B, T, dtype=torch.bool)
+    for b, cs in enumerate(drop):
+        dropped[b, list(cs)] = True
+    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
         pe = lm.rotary_emb(embeds, position_ids=pos)
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         eye = torch.eye(T, dtype=torch.bool)
@@ -96,8 +104,7 @@ def reference_masked_logits(model, inputs, drop, layer, replace=None):
             keys = valid & ~dropped if i >= layer else valid
             mask = ((causal[None] & keys[:, None, :]) | eye[None]).unsqueeze(1)
             h = block(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-        out = model.language_model.lm_head(lm.norm(h))
-    return out.gather(1, text_col[:, :, None].expand(-1, -1, out.shape[-1]))
+        return lm_head(lm.norm(h))
 
 
 def assert_one_drop_equals_masking(model, inputs, got, vis, kept, layer):

@@ -10,7 +10,7 @@ from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
-__all__ = ["tiny_model", "tiny_config", "random_images", "TINY_WORDS", "TINY_EXPERTS"]
+__all__ = ["tiny_model", "tiny_config", "tiny_llava", "random_images", "TINY_WORDS", "TINY_EXPERTS"]
 
 TINY_WORDS = (
     "what is in the image ? describe color shape how many are there a an of red green blue yellow circle "
@@ -97,6 +97,47 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEn
             if p.dim() == 2:
                 p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
     processor = MultiEncoderProcessor(tokenizer, config.expert_specs, prompt_template="{prompt}")
+    return model, processor
+
+
+def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6):
+    """A tiny random stock transformers `LlavaForConditionalGeneration` and its `LlavaProcessor` (CPU, fp32,
+    eval mode, SDPA), the shape of LLaVA-1.5 at toy size: a 4-block vision tower ("clip": CLIP with CLS,
+    features from block -2 without CLS; "siglip": SigLIP, every token) at 32 px (16 patches, so 16 image
+    tokens per <image>) and a `num_layers`-deep Llama with 8 heads (GQA, 4 kv heads)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    if tower not in ("clip", "siglip"):
+        raise ValueError(f"unknown tower {tower!r}; choose 'clip' or 'siglip'")
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    if tower == "clip":
+        vision_config = CLIPVisionConfig(**vision)
+    else:
+        from transformers import SiglipVisionConfig
+
+        vision_config = SiglipVisionConfig(**vision)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    strategy = "default" if tower == "clip" else "full"
+    config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy=strategy, vision_feature_layer=-2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # as in tiny_model: peaked, varied attention, and visual tokens as large as words
+        for p in [*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters()]:
+            if p.dim() == 2:
+                p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
+    model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> has no pixels behind it
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy=strategy, num_additional_image_tokens=int(tower == "clip"))
     return model, processor
 
 

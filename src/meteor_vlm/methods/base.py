@@ -267,20 +267,13 @@ class PruningMethod:
     # ---- attaching -------------------------------------------------------------------------
     @contextlib.contextmanager
     def __call__(self, model):
-        from ..models.vlm import MultiEncoderVLM
+        from ..models.adapters import adapt
 
-        if not isinstance(model, MultiEncoderVLM):
-            raise ValueError(
-                f"unsupported model class {type(model).__name__}: {type(self).__name__} runs on meteor_vlm.MultiEncoderVLM"
-            )
-        self.setup(model)
-        previous = model._pruning_method
-        model._pruning_method = self
+        target = adapt(model, type(self).__name__)
+        self.setup(target)
         self.stats = []
-        try:
+        with target.pruning(self):
             yield self
-        finally:
-            model._pruning_method = previous
 
     def settings(self) -> dict:
         """The method's settings as a plain dict (for results files)."""

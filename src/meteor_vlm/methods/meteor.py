@@ -182,8 +182,10 @@ class Meteor(PruningMethod):
 
     def _plan_encoder(self, model) -> dict[str, list[int]]:
         """Patch tokens each expert keeps after each of its pruning points: {expert: [n1, n2, n3]}."""
-        ranks = self._ranks(model) if self.allocation != "average" else None
-        return stage1_plan(model, ranks, self.allocation, self.encoder_keep, self.encoder_tokens)
+        # a single expert (a stock LLaVA's tower) takes the whole budget whatever the split, so needs no rank table
+        allocation = self.allocation if len(model.runners) > 1 else "average"
+        ranks = self._ranks(model) if allocation != "average" else None
+        return stage1_plan(model, ranks, allocation, self.encoder_keep, self.encoder_tokens)
 
     # ---- stage 1 ---------------------------------------------------------------------------------
     def prune_encoder(self, ctx: EncoderPoint) -> torch.Tensor | None:

@@ -28,7 +28,8 @@ from torch import nn
 
 from .. import ops
 
-__all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "LLMMerge", "prefill", "decode", "compact"]
+__all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "LLMMerge", "prefill", "decode", "compact", "at_columns",
+           "generation_inputs", "decode_new_tokens"]
 
 
 @dataclass
@@ -289,6 +290,33 @@ def prefill(
     return parts.norm(h), cols, kept
 
 
+def at_columns(hidden: torch.Tensor, cols: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """(B, W, D) for each of the `wanted` (B, W) columns of the sequence given to `prefill`, the output of the
+    last column still present at or before it (a dropped visual column reads as the token before it), or
+    zeros where none is (a dropped column before any real token, or padding).
+
+    hidden: (B, T', D) and cols: (B, T'), as `prefill` returns them (-1 on padding, increasing)."""
+    src = torch.searchsorted(cols.contiguous(), wanted.contiguous(), right=True) - 1
+    found = (src >= 0) & (cols.gather(1, src.clamp_min(0)) >= 0)
+    return ops.gather_tokens(hidden, src.clamp_min(0)) * found[..., None]
+
+
+def generation_inputs(input_ids, cache, attention_mask, kwargs: dict, is_image_input: Callable[[str], bool]) -> dict:
+    """What `generate` hands a pruning-aware forward at each step: the whole prompt with its images (and
+    `query_positions`) while the cache is empty, afterwards only the input_ids columns the cache has not
+    seen (pruned caches are shorter than the sequence, so the cache's length cannot tell)."""
+    state = get_state(cache)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
+              "use_cache": kwargs.get("use_cache", True)}
+    if kwargs.get("logits_to_keep") is not None:
+        inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+    if state is not None:
+        inputs["input_ids"] = input_ids[:, state.seen :]
+    else:
+        inputs.update({k: v for k, v in kwargs.items() if (is_image_input(k) or k == "query_positions") and v is not None})
+    return inputs
+
+
 @functools.cache
 def cache_arg(module_cls: type) -> str:
     """The keyword a transformers module takes its KV cache by: `cache` from transformers 5.24 on,
@@ -323,3 +351,11 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
         state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)
     state.next_position = state.next_position + new_valid.long().sum(1)
     return parts.norm(h)
+
+
+def decode_new_tokens(parts: DecoderParts, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
+    """`decode` for a model's forward after the prefill: input_ids (B, q) are the new tokens only, the bool
+    attention_mask may span the whole sequence; the cache's state counts them as seen. Returns (B, q, D)."""
+    hidden = decode(parts, parts.embed_tokens(input_ids), attention_mask[:, -input_ids.shape[1] :], cache)
+    get_state(cache).seen += input_ids.shape[1]
+    return hidden

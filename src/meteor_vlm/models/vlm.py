@@ -8,6 +8,7 @@ tokens in its place, so the number of visual tokens may change with pruning.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,95 @@ def _check_blocks(blocks, runner) -> list[int]:
 def check_visual_positions(value: str) -> None:
     if value not in VISUAL_POSITIONS:
         raise ValueError(f"unknown visual_positions {value!r}; choose one of {VISUAL_POSITIONS}")
+
+
+def run_expert(runner, index: int, pixel_values: torch.Tensor, method: PruningMethod | None) -> VisualTokens:
+    """Run one expert (its `ExpertRunner`, the `index`-th of the model) block by block on (num_images, 3, S, S)
+    pixels, letting the method drop or merge patch tokens (stage 1). Returns its tokens before projection."""
+    x = runner.embed(pixel_values)
+    B = x.shape[0]
+    grid = torch.arange(runner.num_patches, device=x.device).expand(B, -1)
+    size = torch.ones(grid.shape, device=x.device)
+    chosen = None if method is None or not runner.is_transformer else method.encoder_blocks(runner.num_blocks)
+    points = runner.pruning_points() if chosen is None else _check_blocks(chosen, runner)
+    proportional = method is not None and method.proportional_attention
+    valid = None
+    for i in range(runner.num_blocks):
+        x_in = x
+        bias = None
+        if proportional and bool((size != 1).any()):  # log(size) for every key; CLS stands for itself
+            bias = size.log() if not runner.has_cls else torch.cat([torch.zeros_like(size[:, :1]), size.log()], 1)
+        x = runner.run_block(i, x, bias)
+        if method is not None and i in points:
+            ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner,
+                               size)
+            x, grid, size, valid = apply_encoder_keep(method.prune_encoder(ctx), x, grid, size, runner.has_cls)
+            if valid is not None and i != runner.num_blocks - 1:
+                raise ValueError(f"expert {runner.spec.name!r}, block {i}: a different token count per image (-1 in "
+                                 "the keep indices) is only possible after the expert's last block")
+    feats = runner.finalize(x)
+    if method is not None and runner.num_blocks == 0:  # a CNN is pruned once, at its output
+        ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner, size)
+        feats, grid, size, valid = apply_encoder_keep(method.prune_encoder(ctx), feats, grid, size, False)
+    return VisualTokens(feats, torch.full(grid.shape, index, dtype=torch.long, device=feats.device), grid, size,
+                        valid=valid)
+
+
+def apply_encoder_keep(answer, x, grid, size, has_cls):
+    """A stage-1 answer (keep indices, an EncoderMerge or None) applied to the tokens x (CLS first when
+    has_cls) and to each patch token's grid position and merged size (B, N). Returns them with valid:
+    None, or (B, N') bool where the answer kept fewer tokens in some images (-1 slots)."""
+    if answer is None:
+        return x, grid, size, None
+    merge = answer if isinstance(answer, EncoderMerge) else None
+    idx = merge.keep if merge is not None else answer
+    if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
+        raise ValueError(f"stage-1 keep indices must be (B, K), got {tuple(idx.shape)}")
+    valid = idx >= 0
+    idx = idx.clamp_min(0)
+    patches = x[:, 1:] if has_cls else x
+    out, new_grid, new_size = ops.gather_tokens(patches, idx), grid.gather(1, idx), size.gather(1, idx)
+    if merge is not None:
+        if merge.merged.shape[:2] != merge.at.shape or merge.group.shape != grid.shape:
+            raise ValueError("an EncoderMerge needs merged (B, M, D), at (B, M) and group (B, N_patches)")
+        merged_size = torch.zeros(merge.at.shape, device=size.device).scatter_add_(
+            1, merge.group.clamp_min(0), size * (merge.group >= 0))
+        out = torch.cat([out, merge.merged.to(out.dtype)], 1)
+        new_grid = torch.cat([new_grid, grid.gather(1, merge.at.clamp_min(0))], 1)
+        new_size = torch.cat([new_size, merged_size], 1)
+        valid = torch.cat([valid, merge.at >= 0], 1)
+    full = bool(valid.all())
+    if merge is not None or not full:
+        # every token at its place in the grid, the empty slots after them
+        order = torch.where(valid, new_grid, new_grid.new_tensor(torch.iinfo(torch.long).max)).argsort(dim=1, stable=True)
+        out, new_grid, new_size = ops.gather_tokens(out, order), new_grid.gather(1, order), new_size.gather(1, order)
+        valid = valid.gather(1, order)
+    if has_cls:  # CLS is not a patch: always kept, in front
+        out = torch.cat([x[:, :1], out], 1)
+    return out, new_grid, new_size, None if full else valid
+
+
+def fuse_and_prune(per_expert: list[VisualTokens], projected: list[torch.Tensor], names: list[str],
+                   method: PruningMethod | None) -> VisualTokens:
+    """Post-projection fusion then stage 2: the experts' projected tokens (num_images, N_e, D) concatenated
+    along the sequence, with their provenance, and the method's `prune_fusion` answer applied."""
+    padded = any(v.valid is not None for v in per_expert)
+    fused = VisualTokens(
+        torch.cat(projected, 1),
+        torch.cat([v.expert for v in per_expert], 1),
+        torch.cat([v.grid_index for v in per_expert], 1),
+        torch.cat([v.size for v in per_expert], 1),
+        {n: v.mask.sum(1).tolist() for n, v in zip(names, per_expert)},
+        torch.cat([v.mask for v in per_expert], 1) if padded else None,
+    )
+    if method is not None:
+        idx = method.prune_fusion(FusionPoint(fused.features, fused.expert[0], names))
+        if idx is not None:
+            if padded:
+                raise ValueError(f"{type(method).__name__}: fusion pruning is not supported once stage 1 has "
+                                 "kept a different token count per image")
+            fused = fused.select(idx)
+    return fused
 
 
 class MultiEncoderVLMConfig(PretrainedConfig):
@@ -305,68 +395,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
     # ---- vision: stage 1 and 2 --------------------------------------------------------------
     def encode_expert(self, index: int, pixel_values: torch.Tensor, method: PruningMethod | None) -> VisualTokens:
         """Run one expert block by block, letting the method drop patch tokens (stage 1)."""
-        runner = self.runners[index]
-        x = runner.embed(pixel_values)
-        B = x.shape[0]
-        grid = torch.arange(runner.num_patches, device=x.device).expand(B, -1)
-        size = torch.ones(grid.shape, device=x.device)
-        chosen = None if method is None or not runner.is_transformer else method.encoder_blocks(runner.num_blocks)
-        points = runner.pruning_points() if chosen is None else _check_blocks(chosen, runner)
-        proportional = method is not None and method.proportional_attention
-        valid = None
-        for i in range(runner.num_blocks):
-            x_in = x
-            bias = None
-            if proportional and bool((size != 1).any()):  # log(size) for every key; CLS stands for itself
-                bias = size.log() if not runner.has_cls else torch.cat([torch.zeros_like(size[:, :1]), size.log()], 1)
-            x = runner.run_block(i, x, bias)
-            if method is not None and i in points:
-                ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner,
-                                   size)
-                x, grid, size, valid = self._apply_encoder_keep(method.prune_encoder(ctx), x, grid, size, runner.has_cls)
-                if valid is not None and i != runner.num_blocks - 1:
-                    raise ValueError(f"expert {runner.spec.name!r}, block {i}: a different token count per image (-1 in "
-                                     "the keep indices) is only possible after the expert's last block")
-        feats = runner.finalize(x)
-        if method is not None and runner.num_blocks == 0:  # a CNN is pruned once, at its output
-            ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner, size)
-            feats, grid, size, valid = self._apply_encoder_keep(method.prune_encoder(ctx), feats, grid, size, False)
-        return VisualTokens(feats, torch.full(grid.shape, index, dtype=torch.long, device=feats.device), grid, size,
-                            valid=valid)
-
-    @staticmethod
-    def _apply_encoder_keep(answer, x, grid, size, has_cls):
-        """A stage-1 answer (keep indices, an EncoderMerge or None) applied to the tokens x (CLS first when
-        has_cls) and to each patch token's grid position and merged size (B, N). Returns them with valid:
-        None, or (B, N') bool where the answer kept fewer tokens in some images (-1 slots)."""
-        if answer is None:
-            return x, grid, size, None
-        merge = answer if isinstance(answer, EncoderMerge) else None
-        idx = merge.keep if merge is not None else answer
-        if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
-            raise ValueError(f"stage-1 keep indices must be (B, K), got {tuple(idx.shape)}")
-        valid = idx >= 0
-        idx = idx.clamp_min(0)
-        patches = x[:, 1:] if has_cls else x
-        out, new_grid, new_size = ops.gather_tokens(patches, idx), grid.gather(1, idx), size.gather(1, idx)
-        if merge is not None:
-            if merge.merged.shape[:2] != merge.at.shape or merge.group.shape != grid.shape:
-                raise ValueError("an EncoderMerge needs merged (B, M, D), at (B, M) and group (B, N_patches)")
-            merged_size = torch.zeros(merge.at.shape, device=size.device).scatter_add_(
-                1, merge.group.clamp_min(0), size * (merge.group >= 0))
-            out = torch.cat([out, merge.merged.to(out.dtype)], 1)
-            new_grid = torch.cat([new_grid, grid.gather(1, merge.at.clamp_min(0))], 1)
-            new_size = torch.cat([new_size, merged_size], 1)
-            valid = torch.cat([valid, merge.at >= 0], 1)
-        full = bool(valid.all())
-        if merge is not None or not full:
-            # every token at its place in the grid, the empty slots after them
-            order = torch.where(valid, new_grid, new_grid.new_tensor(torch.iinfo(torch.long).max)).argsort(dim=1, stable=True)
-            out, new_grid, new_size = ops.gather_tokens(out, order), new_grid.gather(1, order), new_size.gather(1, order)
-            valid = valid.gather(1, order)
-        if has_cls:  # CLS is not a patch: always kept, in front
-            out = torch.cat([x[:, :1], out], 1)
-        return out, new_grid, new_size, None if full else valid
+        return run_expert(self.runners[index], index, pixel_values, method)
 
     def encode_images(self, pixel_values: dict[str, torch.Tensor], method: PruningMethod | None = None) -> VisualTokens:
         """Images -> fused visual tokens in the LLM's width, (num_images, N, D), after stages 1 and 2."""
@@ -377,29 +406,12 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         if len(set(counts.values())) != 1:
             raise ValueError(f"every expert needs the same number of images, got {counts}")
         per_expert = [self.encode_expert(i, pixel_values[n], method) for i, n in enumerate(self.expert_names)]
-        stage1 = {n: v.mask.sum(1).tolist() for n, v in zip(self.expert_names, per_expert)}
         if self.config.fusion == "pre":
             fused = self._channel_fusion(per_expert)
-            fused.stage1 = stage1
+            fused.stage1 = {n: v.mask.sum(1).tolist() for n, v in zip(self.expert_names, per_expert)}
             return fused
         projected = [self._project(i, v) for i, v in enumerate(per_expert)]
-        padded = any(v.valid is not None for v in per_expert)
-        fused = VisualTokens(
-            torch.cat(projected, 1),
-            torch.cat([v.expert for v in per_expert], 1),
-            torch.cat([v.grid_index for v in per_expert], 1),
-            torch.cat([v.size for v in per_expert], 1),
-            stage1,
-            torch.cat([v.mask for v in per_expert], 1) if padded else None,
-        )
-        if method is not None:
-            idx = method.prune_fusion(FusionPoint(fused.features, fused.expert[0], self.expert_names))
-            if idx is not None:
-                if padded:
-                    raise ValueError(f"{type(method).__name__}: fusion pruning is not supported once stage 1 has "
-                                     "kept a different token count per image")
-                fused = fused.select(idx)
-        return fused
+        return fuse_and_prune(per_expert, projected, self.expert_names, method)
 
     def _project(self, index: int, tokens: VisualTokens) -> torch.Tensor:
         """One expert's (stage-1 surviving) tokens in the LLM's width."""
@@ -536,10 +548,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         if state is not None:  # decoding against a filled (maybe pruned) cache
             if pixel_values:
                 raise ValueError("images can only be given with the first (prefill) call, not with a filled cache")
-            # input_ids are the new tokens only; attention_mask may span the whole sequence
-            new_valid = attention_mask[:, -input_ids.shape[1] :]
-            hidden = runtime.decode(parts, parts.embed_tokens(input_ids), new_valid, past_key_values)
-            state.seen += input_ids.shape[1]
+            hidden = runtime.decode_new_tokens(parts, input_ids, attention_mask, past_key_values)
         else:
             if use_cache and past_key_values is None:
                 from transformers import DynamicCache
@@ -560,8 +569,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
                 survivors = torch.where(cols >= 0, vis_index.gather(1, cols.clamp_min(0)), -1)
                 method.stats.extend(self._stats(is_vis & valid, visual, kept, input_ids, survivors))
             # output for each input column: the last token still present at or before its expanded column
-            src = torch.searchsorted(cols.contiguous(), text_col.contiguous(), right=True) - 1
-            hidden = ops.gather_tokens(hidden, src.clamp_min(0))
+            hidden = runtime.at_columns(hidden, cols, text_col)
             if cache is not None:
                 runtime.get_state(cache).seen = input_ids.shape[1]
         if logits_to_keep:
@@ -575,66 +583,80 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE: past_key_values if use_cache else None})
 
     def _stats(self, vis_valid, visual, kept, input_ids, survivors) -> list[dict]:
-        """Per-sample token counts of the prefill that just ran.
-
-        encoder_tokens: patch tokens the experts produce unpruned; stage1: per expert, tokens left after
-        stage 1; fusion_tokens: after stage 2 (= visual tokens entering the LLM); stage3: {layer: kept};
-        tokens_per_layer / layer_avg_tokens: visual tokens each LLM layer saw, and their mean ("242*").
-        Counts are summed over the sample's images. kept_grid: per image, {expert: grid cells of the
-        tokens that reached the last LLM layer} (what `meteor ask --heatmap` draws).
-        """
-        is_img = input_ids == self.config.image_token_id
-        images = is_img.sum(1).tolist()
-        owner = is_img.nonzero(as_tuple=True)[0].tolist()  # the sample each image belongs to, in order
-        llm_in = vis_valid.sum(1).tolist()
+        """Per-sample token counts of the prefill that just ran (`prefill_stats`)."""
+        owner = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)[0].tolist()
         unpruned = sum(r.num_patches for r in self.runners)
-        out = []
-        for b in range(vis_valid.shape[0]):
-            drops = {layer: int(n[b]) for layer, n in kept.items()}
-            counts = ops.tokens_per_layer(self.num_llm_layers, llm_in[b], drops)
-            stage1 = {n: sum(c for c, o in zip(per_image, owner) if o == b)
-                      for n, per_image in (visual.stage1 or {}).items()} if visual is not None else {}
-            kept_grid = self._kept_grid(visual, survivors[b]) if visual is not None else []
-            out.append(
-                {
-                    "images": images[b],
-                    "encoder_tokens": unpruned * images[b],
-                    "stage1": stage1,
-                    "stage1_tokens": sum(stage1.values()),
-                    "fusion_tokens": llm_in[b],
-                    "stage3": drops,
-                    "tokens_per_layer": counts,
-                    "layer_avg_tokens": ops.layer_averaged_tokens(counts),
-                    "kept_grid": kept_grid,
-                }
-            )
-        return out
+        return prefill_stats(owner, vis_valid, visual, kept, survivors, self.num_llm_layers, unpruned, self.expert_names)
 
-    def _kept_grid(self, visual: VisualTokens, survivors: torch.Tensor) -> list[dict[str, list[int]]]:
-        n_vis = visual.features.shape[1]
-        idx = survivors[survivors >= 0]
-        out: dict[int, dict[str, list[int]]] = {}
-        for image, j in zip((idx // n_vis).tolist(), (idx % n_vis).tolist()):
-            e = int(visual.expert[image, j])
-            name = self.expert_names[e] if e >= 0 else "fused"
-            out.setdefault(image, {}).setdefault(name, []).append(int(visual.grid_index[image, j]))
-        return [out[i] for i in sorted(out)]
+    @contextlib.contextmanager
+    def pruning(self, method: PruningMethod):
+        """Run `method` on this model inside the block (what `with method(model)` does once set up)."""
+        previous = self._pruning_method
+        self._pruning_method = method
+        try:
+            yield
+        finally:
+            self._pruning_method = previous
 
     # ---- generation -----------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, cache=None, **kwargs):
-        past_key_values = cache if cache is not None else past_key_values  # generate's name from transformers 5.24
-        state = runtime.get_state(past_key_values)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values}
-        inputs["use_cache"] = kwargs.get("use_cache", True)
-        if kwargs.get("logits_to_keep") is not None:
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-        if state is not None:
-            inputs["input_ids"] = input_ids[:, state.seen :]
-        else:
-            inputs.update({k: v for k, v in kwargs.items() if k.startswith("pixel_values_") or k == "query_positions"})
+        inputs = runtime.generation_inputs(input_ids, cache if cache is not None else past_key_values, attention_mask,
+                                           kwargs, lambda k: k.startswith(PIXEL_PREFIX))
+        inputs["past_key_values"] = inputs.pop("cache")
         return inputs
 
     def _validate_model_kwargs(self, model_kwargs):
         # per-expert pixel keys are named after the experts, so no fixed signature can list them
         rest = {k: v for k, v in model_kwargs.items() if not k.startswith("pixel_values_") and k != "query_positions"}
         super()._validate_model_kwargs(rest)
+
+
+def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualTokens | None, kept: dict,
+                  survivors: torch.Tensor, num_layers: int, unpruned: int, expert_names: list[str]) -> list[dict]:
+    """Per-sample token counts of a prefill (what `method.stats` holds), for any adapted model.
+
+    owner: the sample each image belongs to, in image order; vis_valid: (B, L) the visual columns that
+    entered the LLM; visual: the images' tokens after stages 1-2 (None without images); kept: {layer: (B,)
+    visual tokens kept from that layer on}; survivors: (B, T') for each column of the last layer, its
+    token's index image * N + j into `visual` (-1 for text and padding); unpruned: patch tokens per image.
+
+    encoder_tokens: patch tokens the experts produce unpruned; stage1: per expert, tokens left after
+    stage 1; fusion_tokens: after stage 2 (= visual tokens entering the LLM); stage3: {layer: kept};
+    tokens_per_layer / layer_avg_tokens: visual tokens each LLM layer saw, and their mean ("242*").
+    Counts are summed over the sample's images. kept_grid: per image, {expert: grid cells of the
+    tokens that reached the last LLM layer} (what `meteor ask --heatmap` draws).
+    """
+    llm_in = vis_valid.sum(1).tolist()
+    out = []
+    for b in range(vis_valid.shape[0]):
+        images = owner.count(b)
+        drops = {layer: int(n[b]) for layer, n in kept.items()}
+        counts = ops.tokens_per_layer(num_layers, llm_in[b], drops)
+        stage1 = {n: sum(c for c, o in zip(per_image, owner) if o == b)
+                  for n, per_image in (visual.stage1 or {}).items()} if visual is not None else {}
+        kept_grid = _kept_grid(visual, survivors[b], expert_names) if visual is not None else []
+        out.append(
+            {
+                "images": images,
+                "encoder_tokens": unpruned * images,
+                "stage1": stage1,
+                "stage1_tokens": sum(stage1.values()),
+                "fusion_tokens": llm_in[b],
+                "stage3": drops,
+                "tokens_per_layer": counts,
+                "layer_avg_tokens": ops.layer_averaged_tokens(counts),
+                "kept_grid": kept_grid,
+            }
+        )
+    return out
+
+
+def _kept_grid(visual: VisualTokens, survivors: torch.Tensor, expert_names: list[str]) -> list[dict[str, list[int]]]:
+    n_vis = visual.features.shape[1]
+    idx = survivors[survivors >= 0]
+    out: dict[int, dict[str, list[int]]] = {}
+    for image, j in zip((idx // n_vis).tolist(), (idx % n_vis).tolist()):
+        e = int(visual.expert[image, j])
+        name = expert_names[e] if e >= 0 else "fused"
+        out.setdefault(image, {}).setdefault(name, []).append(int(visual.grid_index[image, j]))
+    return [out[i] for i in sorted(out)]

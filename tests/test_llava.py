@@ -1,0 +1,184 @@
+"""A stock transformers LLaVA (`LlavaForConditionalGeneration`) under every method: the oracles the project's
+own model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached)."""
+
+import pytest
+import torch
+
+import meteor_vlm as mv
+
+from .test_oracles import PEERS, DropAt, GapsAtOutput, masked_decoder_logits
+
+PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circle are there in the image on the left ?",
+           "<image> describe the shape ?"]
+IMAGES = [1, 2, 1]  # images per prompt
+
+
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def llava(request):
+    return mv.testing.tiny_llava(seed=2, tower=request.param)
+
+
+@pytest.fixture(scope="module")
+def clip_llava():
+    return mv.testing.tiny_llava(seed=2, tower="clip")
+
+
+def llava_inputs(processor, images, which=(0, 1, 2)):
+    """The processor's inputs for PROMPTS[i] with their images (left-padded)."""
+    starts = [sum(IMAGES[:i]) for i in range(len(IMAGES))]
+    imgs = [images[s + j] for i in which for s in [starts[i]] for j in range(IMAGES[i])]
+    return processor(images=imgs, text=[PROMPTS[i] for i in which], return_tensors="pt", padding=True)
+
+
+def stock_logits(model, inputs):
+    """The stock model's logits, RoPE positions counted over real tokens as generate does with left padding."""
+    pos = (inputs["attention_mask"].long().cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        return model(**inputs, position_ids=pos, use_cache=False).logits
+
+
+def pruned_logits(model, inputs, method, **kw):
+    with method(model), torch.no_grad():
+        return model(**inputs, use_cache=False, **kw).logits
+
+
+def stock_embeds(model, inputs):
+    """(B, T, D) the stock model's input embeddings: each image's features at its image tokens."""
+    with torch.no_grad():
+        ids = inputs["input_ids"]
+        feats = torch.cat(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        embeds = model.get_input_embeddings()(ids)
+        is_img = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+        return embeds.masked_scatter(is_img, feats)
+
+
+NOOPS = {"none": mv.NoPruning, **{k: noop for k, (noop, _) in PEERS.items()},
+         "meteor": lambda: mv.Meteor.preset("stage1+3", encoder_keep=1.0, lam=1e9)}
+
+
+@pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
+def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(llava, images, make):
+    model, processor = llava
+    inputs = llava_inputs(processor, images)
+    assert (inputs["attention_mask"] == 0).any(), "left padding is exercised"
+    before = stock_logits(model, inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    method = make()
+    same = pruned_logits(model, inputs, method)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
+    assert [s["images"] for s in method.stats] == IMAGES
+    assert all(s["layer_avg_tokens"] == s["encoder_tokens"] == 16 * s["images"] for s in method.stats)
+    assert "forward" not in vars(model) and "prepare_inputs_for_generation" not in vars(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(stock_logits(model, inputs), before, atol=0, rtol=0)
+
+
+def image_columns(inputs, image_token_id, per_sample_kept, n=16):
+    """Per sample, the image-token columns of the patches *not* in `per_sample_kept` (a list per image of kept
+    grid cells, as `stats['kept_grid']` holds them)."""
+    ids = inputs["input_ids"]
+    dropped = []
+    for b, kept in enumerate(per_sample_kept):
+        cols = (ids[b] == image_token_id).nonzero()[:, 0].view(-1, n)  # (images of b, n) in prompt order
+        dropped.append([int(cols[i, g]) for i in range(cols.shape[0]) for g in range(n) if g not in kept[i]])
+    return dropped
+
+
+@pytest.mark.parametrize("make", [lambda: mv.DivPrune(keep=0.4), GapsAtOutput], ids=["divprune", "count-per-image"])
+def test_pruning_before_the_llm_equals_masking_those_image_columns_from_layer_0(llava, images, make):
+    """Tokens selected (not changed) before the LLM, the same count per image or not: the stock model with the
+    other patches' image columns masked from layer 0 on, every kept token at its own column's RoPE position."""
+    model, processor = llava
+    inputs = llava_inputs(processor, images)
+    method = make()
+    got = pruned_logits(model, inputs, method)
+    kept = [[img["vision"] for img in s["kept_grid"]] for s in method.stats]
+    counts = [len(k) for sample in kept for k in sample]
+    assert isinstance(method, mv.DivPrune) or len(set(counts)) > 1, f"images keep different counts: {counts}"
+    drop = image_columns(inputs, model.config.image_token_id, kept)
+    assert all(len(d) > 0 for d in drop)
+    lm = model.model.language_model
+    want = masked_decoder_logits(lm, model.lm_head, stock_embeds(model, inputs), inputs["attention_mask"].bool(), drop, 0)
+    text = inputs["attention_mask"].bool() & (inputs["input_ids"] != model.config.image_token_id)
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+    assert (got[text] - stock_logits(model, inputs)[text]).abs().max() > 1e-3, "the pruning changed the answer"
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_dropping_at_llm_layer_equals_masking_keys_from_that_layer_on(clip_llava, images, layer):
+    model, processor = clip_llava
+    inputs = llava_inputs(processor, images, which=(0, 1))
+    vis = inputs["input_ids"] == model.config.image_token_id
+    drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
+    got = pruned_logits(model, inputs, DropAt(layer, drop))
+    lm = model.model.language_model
+    want = masked_decoder_logits(lm, model.lm_head, stock_embeds(model, inputs), inputs["attention_mask"].bool(), drop,
+                                 layer)
+    text = inputs["attention_mask"].bool() & ~vis
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+    assert (got[text] - stock_logits(model, inputs)[text]).abs().max() > 1e-3
+
+
+PRUNING = {**{k: prune for k, (_, prune) in PEERS.items()},
+           "meteor-stage1+3": lambda: mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0)}
+
+
+@pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
+def test_every_method_on_llava_obeys_the_batch_and_cache_oracles(llava, images, make):
+    """A left-padded batch of 3 (1 or 2 images) = its samples alone; greedy generate with the KV cache = step by
+    step recomputation without it; and the method pruned something."""
+    model, processor = llava
+    method = make()
+    with method(model), torch.no_grad():
+        batch_in = llava_inputs(processor, images)
+        batch = model(**batch_in, use_cache=False).logits
+        for b in range(3):
+            alone = model(**llava_inputs(processor, images, which=(b,)), use_cache=False).logits[0]
+            torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
+        assert all(s["layer_avg_tokens"] < s["encoder_tokens"] for s in method.stats), "it pruned"
+        out = model.generate(**batch_in, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+        ids, mask = batch_in["input_ids"], batch_in["attention_mask"]
+        for step in range(4):
+            full = model(input_ids=ids, attention_mask=mask, pixel_values=batch_in["pixel_values"], use_cache=False,
+                         query_positions=batch_in["input_ids"].shape[1] - 1).logits[:, -1]
+            torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
+            full[:, model.config.image_token_id] = float("-inf")  # generate never emits the image token
+            full[:, processor.tokenizer.eos_token_id] = float("-inf")  # min_new_tokens
+            ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(out.sequences, ids)
+
+
+def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, images):
+    model, processor = clip_llava
+    inputs = llava_inputs(processor, images, which=(0,))
+    with pytest.raises(ValueError, match="image tokens but 2 image"):
+        pruned_logits(model, {**inputs, "pixel_values": torch.cat([inputs["pixel_values"]] * 2)}, mv.FastV())
+    with pytest.raises(ValueError, match="needs at least two experts"):
+        pruned_logits(model, inputs, mv.Meteor.preset("paper-242"))
+    with pytest.raises(ValueError, match="not supported"):
+        pruned_logits(model, {**inputs, "labels": inputs["input_ids"]}, mv.FastV())
+    with pytest.raises(ValueError, match="past the model's depth"):
+        pruned_logits(model, inputs, mv.FastV(layer=6))
+    assert "forward" not in vars(model)
+    for key, value, message in [("vision_feature_layer", [-2, -1], "several layers"),
+                                ("vision_feature_select_strategy", "full", "not supported"),
+                                ("vision_feature_layer", -6, "outside the tower")]:
+        old = getattr(model.config, key)
+        setattr(model.config, key, value)
+        try:
+            with pytest.raises(ValueError, match=message):
+                pruned_logits(model, inputs, mv.FastV())
+        finally:
+            setattr(model.config, key, old)
+    model.config.text_config._attn_implementation = "eager"
+    try:
+        with pytest.raises(ValueError, match="runs 'eager' attention; pruning needs 'sdpa'"):
+            pruned_logits(model, inputs, mv.FastV())
+    finally:
+        model.config.text_config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="unsupported model class Linear.*LlavaForConditionalGeneration"):
+        with mv.FastV()(torch.nn.Linear(2, 2)):
+            pass
