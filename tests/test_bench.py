@@ -956,6 +956,46 @@ def test_speed_rows_split_the_prefill_and_time_decoding(tmp_path, capsys):
     assert "unknown shape 'llava-70b'" in capsys.readouterr().err
 
 
+def test_speed_on_a_stock_llava(tmp_path, capsys, monkeypatch):
+    """`meteor speed --shape S --llava` profiles a stock transformers LLaVA through its adapter: the tower is the
+    one expert timed, pruning methods see fewer tokens, FLOPs and KV cache, and the model is left as it was."""
+    from meteor_vlm.bench import shapes
+    from meteor_vlm.cli import main
+
+    model, processor = mv.testing.tiny_llava(seed=0)
+    built = []
+    monkeypatch.setattr(shapes, "shaped_llava", lambda shape, dtype: built.append(shape) or (model, processor))
+    names = ["unpruned", "fastv:k1-r0.75", "visionzip:keep0.25", "meteor:stage1+3"]
+    assert main(["speed", "--shape", "smollm2-135m", "--llava", "--samples", "2", "--new-tokens", "2",
+                 "--methods", ",".join(names), "--out", str(tmp_path)]) == 0
+    assert built == ["smollm2-135m"] and "LLaVA-1.5" in capsys.readouterr().out
+    data = json.loads((tmp_path / "speed.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert data["llava"] is True and list(rows) == names
+    assert all(set(r["experts_ms"]) == {"vision"} and r["experts_ms"]["vision"] > 0 for r in rows.values())
+    assert rows["unpruned"]["tokens"] == 16
+    for n in names[1:]:
+        assert rows[n]["tokens"] < 16 and rows[n]["kv_cache_mb"] < rows["unpruned"]["kv_cache_mb"]
+        assert rows[n]["prefill_tflops"] < rows["unpruned"]["prefill_tflops"]
+    assert "forward" not in vars(model) and "prepare_inputs_for_generation" not in vars(model)
+    assert main(["speed", "--llava", "--model", "tiny"]) == 2
+    assert "--llava needs --shape" in capsys.readouterr().err
+
+
+def test_greedy_steps_equal_generate_on_a_stock_llava():
+    from meteor_vlm.bench.speed import greedy_steps
+
+    model, processor = mv.testing.tiny_llava(seed=0)
+    inputs = processor(images=mv.testing.random_images(2, seed=6), text=["<image> what is in the image ?", "<image> how many ?"],
+                       return_tensors="pt", padding=True)
+    method = mv.FastV(layer=1, ratio=0.5)
+    with torch.no_grad(), method(model):
+        want = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        got = greedy_steps(model, out.logits, out.cache, inputs["attention_mask"], 4)
+    assert torch.equal(got, want[:, -5:])
+
+
 @pytest.mark.parametrize("name", ["unpruned", "meteor:paper-242", "stage3:adaptive-l10"])
 def test_kv_cache_holds_what_each_layer_saw(tiny, name):
     """The cache after a prefill holds, in every layer, the prompt's text tokens and the visual tokens that

@@ -119,7 +119,7 @@ def cmd_bench(args) -> int:
 
 def cmd_speed(args) -> int:
     from meteor_vlm.bench.accuracy import resolve_methods
-    from meteor_vlm.bench.shapes import shaped_model
+    from meteor_vlm.bench.shapes import shaped_llava, shaped_model
     from meteor_vlm.bench.speed import profile_methods
 
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
@@ -128,8 +128,13 @@ def cmd_speed(args) -> int:
                          f"got {args.samples}, {args.batch_size} and {args.new_tokens}")
     if args.shape and args.model:
         raise ValueError("give --model or --shape, not both")
+    if args.llava and not args.shape:
+        raise ValueError("--llava needs --shape (the decoder behind LLaVA-1.5's tower)")
     _, dtype = _device_dtype(args)
-    if args.shape:
+    if args.llava:
+        print(f"building a random LLaVA-1.5 with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
+        model, processor = shaped_llava(args.shape, dtype=dtype)
+    elif args.shape:
         print(f"building a random model at shape {args.shape} ({args.dtype}) and calibrating it ...", file=sys.stderr)
         model, processor = shaped_model(args.shape, dtype=dtype)
     else:
@@ -156,6 +161,7 @@ def cmd_speed(args) -> int:
             + ([("peak", "prefill peak MB")] if cuda else []))
     where = f"{torch.get_num_threads()} CPU threads" if not cuda else torch.cuda.get_device_name(model.device)
     what = f"random weights at shape {args.shape}" if args.shape else f"model {args.model or 'default'}"
+    what += " (a stock transformers LLaVA-1.5: CLIP ViT-L/14 at 336 px, 576 image tokens)" if args.llava else ""
     print(f"{what}, {args.dtype}; medians over {-(-args.samples // args.batch_size)} batches of {args.batch_size}, "
           f"methods interleaved, {where}; the expert columns include their stage-1 pruning, other = projectors, "
           "fusion, stage-3 scoring, head; KV cache = keys and values cached by the prefill")
@@ -163,7 +169,8 @@ def cmd_speed(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape, "seed": args.seed,
+        meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape,
+                "llava": bool(args.llava), "seed": args.seed,
                 "samples": args.samples, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                 "dtype": args.dtype, "device": args.device if not cuda else torch.cuda.get_device_name(model.device),
                 "threads": torch.get_num_threads()}
@@ -497,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
                     "(smollm2-135m, qwen2-0.5b, vicuna-7b; see meteor_vlm.bench.shapes)")
+    sp.add_argument("--llava", action="store_true",
+                    help="with --shape: a stock transformers LLaVA-1.5 (CLIP ViT-L/14 at 336 px, 576 image tokens) in "
+                    "front of that decoder instead of the three experts (METEOR: its stage1/stage3 names)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")

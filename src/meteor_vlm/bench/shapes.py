@@ -9,6 +9,10 @@ LLMs, vocabulary included); every shape has the same three experts, sized like c
 - ``cnn``: ConvNeXt-T's first three stages at 384 px (stride 16: 576 tokens of width 384);
 
 so the LLM sees 1348 visual tokens per image before pruning (LLaVA-1.5 sees 576, LLaVA-NeXT up to 2880).
+
+`shaped_llava` builds a stock transformers LLaVA-1.5 instead: LLaVA-1.5's tower (CLIP ViT-L/14 at 336 px,
+features from its second-to-last block, 576 image tokens) and two-layer projector in front of a shape's
+decoder (`vicuna-7b` is LLaVA-1.5-7B's), run through the LLaVA adapter (`models/llava.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from ..models.experts import ExpertSpec
 from ..models.processor import MultiEncoderProcessor
 from ..models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
-__all__ = ["SHAPES", "shape_experts", "shape_text_config", "shaped_model"]
+__all__ = ["SHAPES", "LLAVA_TOWER", "shape_experts", "shape_text_config", "shaped_model", "shaped_llava"]
+
+# LLaVA-1.5's vision tower: openai/clip-vit-large-patch14-336's vision config
+LLAVA_TOWER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 # the decoders: transformers config kwargs of real checkpoints' LLMs (vocabulary included, since the head's
 # cost per decoded token depends on it)
@@ -88,4 +96,35 @@ def shaped_model(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     processor = MultiEncoderProcessor(tokenizer, experts)
     images = [s.image for s in synth.make_split(seed, per_family=1, image_size=384)][:calibration_images]
     model.config.rank_table = calibrate(model, processor, images, batch_size=2, progress=False)
+    return model, processor
+
+
+def shaped_llava(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random stock transformers `LlavaForConditionalGeneration` in LLaVA-1.5's layout (`LLAVA_TOWER`, features
+    from block -2 without CLS, a GELU two-layer projector) with the decoder of a shape (a key of SHAPES), and
+    its `LlavaProcessor` (336 px, 576 image tokens per <image>; the synthetic benchmark's word tokenizer), in
+    eval mode and SDPA attention."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from ..train import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**LLAVA_TOWER), text_config=shape_text_config(shape, tokenizer),
+                         image_token_id=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu")
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.suppress_tokens = [image_token_id]  # as the project's model: <image> is never generated
+    side = LLAVA_TOWER["image_size"]
+    images = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=LLAVA_TOWER["patch_size"],
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor

@@ -77,6 +77,8 @@ def greedy_steps(model, logits: torch.Tensor, cache, attention_mask: torch.Tenso
 def part_timer(model) -> Iterator[dict]:
     """Wall time spent in each vision expert (with its stage-1 pruning) and in the LLM's decoder layers.
 
+    model: a MultiEncoderVLM, or the `LlavaAdapter` a method runs on (its one expert is the tower).
+
     Yields a dict that fills as the model runs: {"experts": {name: ms}, "llm_layers": ms}. The experts are
     timed by wrapping this model instance's `encode_expert`, the layers by forward hooks on each decoder
     layer; both are removed on exit, whatever happens inside. What is neither (projectors, fusion and its
@@ -135,7 +137,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     over samples).
     """
     from .. import synth
-    from ..train import encode_samples
+    from ..models.adapters import adapt
     from .accuracy import build_methods, inputs_to_model, resolve_methods
     from .flops import count_flops
 
@@ -143,15 +145,14 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     seed = synth.EVAL_SEED if seed is None else seed
     if samples < 1 or new_tokens < 2 or batch_size < 1:
         raise ValueError(f"need samples >= 1, new_tokens >= 2 and batch_size >= 1, got {samples}, {new_tokens} and {batch_size}")
-    size = max(128, max(s.image_size for s in processor.experts))
+    target = adapt(model)  # the model itself, or the adapter of a stock LLaVA: the methods attach to it, its parts are timed
     per_family = -(-samples // len(synth.FAMILIES))
-    split = synth.make_split(seed, per_family, image_size=size)[:samples]  # make_split gives the families in turn
+    split = synth.make_split(seed, per_family, image_size=_image_side(processor))[:samples]  # the families in turn
     device = model.device
-    encoded = [inputs_to_model(model, encode_samples(processor, split[i:i + batch_size], with_answers=False))
-               for i in range(0, samples, batch_size)]
+    encoded = [inputs_to_model(model, _prompts(processor, split[i:i + batch_size])) for i in range(0, samples, batch_size)]
     methods = build_methods(model, list(names), encoded)  # a fixed stage 3 matched to its twin, as in the bench
     keys = ("prefill", "flops", "other", "llm", "decode", "tokens", "kv", "peak")
-    rec = {n: {**{k: [] for k in keys}, **{e: [] for e in model.expert_names}} for n in names}
+    rec = {n: {**{k: [] for k in keys}, **{e: [] for e in target.expert_names}} for n in names}
     model.eval()
     cuda = device.type == "cuda"
 
@@ -163,18 +164,18 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
         for i, inputs in enumerate(tqdm([encoded[0]] + encoded, desc="speed", disable=not progress)):
             for n in names:
                 m = methods[n]
-                with m(model):
+                with m(target):
                     if i:  # untimed, and a warm-up of the timed run that follows
                         flops = count_flops(model, **inputs, use_cache=True, logits_to_keep=1)
                     if cuda:
                         torch.cuda.reset_peak_memory_stats(device)
                         before = torch.cuda.memory_allocated(device)
-                    with part_timer(model) as parts:
+                    with part_timer(target) as parts:
                         t0 = clock()
                         out = model(**inputs, use_cache=True, logits_to_keep=1)
                         prefill = (clock() - t0) * 1000
                     peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else None
-                    cache = out.past_key_values
+                    cache = out.cache if "cache" in out else out.past_key_values  # `cache` from transformers 5.24
                     kv = kv_cache_bytes(cache) / 2**20
                     tokens = [s["layer_avg_tokens"] for s in m.stats[-len(inputs["input_ids"]):]]  # this prefill's
                     t0 = clock()
@@ -200,7 +201,26 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
         r = rec[n]
         rows.append({"method": n, "tokens": statistics.mean(r["tokens"]), "prefill_ms": med(r["prefill"]),
                      "prefill_tflops": statistics.mean(r["flops"]) / 1e12,
-                     "experts_ms": {e: med(r[e]) for e in model.expert_names}, "llm_layers_ms": med(r["llm"]),
+                     "experts_ms": {e: med(r[e]) for e in target.expert_names}, "llm_layers_ms": med(r["llm"]),
                      "other_ms": med(r["other"]), "decode_ms_per_token": med(r["decode"]),
                      "kv_cache_mb": med(r["kv"]), "peak_mb": med(r["peak"]) if cuda else None})
     return rows
+
+
+def _image_side(processor) -> int:
+    """Side of the synthetic images to draw for a processor: its largest input size, at least 128."""
+    sizes = getattr(processor, "experts", None)
+    side = max(s.image_size for s in sizes) if sizes else processor.image_processor.crop_size["height"]
+    return max(128, side)
+
+
+def _prompts(processor, samples) -> dict:
+    """The model's inputs for synthetic samples' questions (no answers): the project's processor and prompt
+    template, or a LLaVA processor's "<image> question" (expanded to its image tokens)."""
+    from ..models.processor import MultiEncoderProcessor
+    from ..train import encode_samples
+
+    if isinstance(processor, MultiEncoderProcessor):
+        return encode_samples(processor, samples, with_answers=False)
+    return dict(processor(images=[s.image for s in samples], text=[f"<image> {s.question}" for s in samples],
+                          return_tensors="pt", padding=True))

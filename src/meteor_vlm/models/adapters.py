@@ -15,11 +15,13 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers.LlavaForConditionalGene
 
 
 def adapt(model, method_name: str = "a pruning method"):
-    """The target `method_name` runs on for `model`; ValueError naming the class if it is not supported."""
+    """The target `method_name` runs on for `model`; ValueError naming the class if it is not supported.
+    A `LlavaAdapter` passed in is returned as it is, so `with method(adapter)` runs on the adapter a caller
+    holds (`meteor speed` times its parts)."""
     from .llava import LlavaAdapter, is_llava
     from .vlm import MultiEncoderVLM
 
-    if isinstance(model, MultiEncoderVLM):
+    if isinstance(model, (MultiEncoderVLM, LlavaAdapter)):  # an adapter made earlier serves as itself
         return model
     if is_llava(model):
         return LlavaAdapter(model)

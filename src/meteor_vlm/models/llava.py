@@ -116,6 +116,10 @@ class LlavaAdapter:
     def tokens_per_image(self) -> int:
         return self.runners[0].num_patches
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
     # ---- attaching -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def pruning(self, method):
@@ -146,11 +150,14 @@ class LlavaAdapter:
                     delattr(model, k)
 
     # ---- stages 1 and 2 ----------------------------------------------------------------------------
+    def encode_expert(self, index: int, pixel_values: torch.Tensor, method):
+        """The tower (expert 0) block by block on (num_images, 3, S, S) pixels, with stage-1 pruning."""
+        runner = self.runners[index]
+        return run_expert(runner, index, pixel_values.to(runner.module.dtype), method)
+
     def encode_images(self, pixel_values: torch.Tensor, method):
         """(num_images, 3, S, S) pixels -> `VisualTokens` in the LLM's width after stages 1 and 2."""
-        runner = self.runners[0]
-        tower = runner.module
-        tokens = run_expert(runner, 0, pixel_values.to(tower.dtype), method)
+        tokens = self.encode_expert(0, pixel_values, method)
         projected = self.model.model.multi_modal_projector(tokens.features)
         return fuse_and_prune([tokens], [projected], self.expert_names, method)
 
