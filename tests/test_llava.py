@@ -1,26 +1,38 @@
-"""A stock transformers LLaVA (`LlavaForConditionalGeneration`) under every method: the oracles the project's
-own model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached)."""
+"""Stock transformers LLaVA (`LlavaForConditionalGeneration`) and LLaVA-NeXT (`LlavaNextForConditionalGeneration`)
+under every method: the oracles the project's own model obeys (no-op == stock model, drop == mask, batch == one by
+one, cached == uncached)."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import meteor_vlm as mv
+from meteor_vlm.models.adapters import adapt
 
 from .test_oracles import PEERS, DropAt, GapsAtOutput, masked_decoder_logits
 
 PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circle are there in the image on the left ?",
            "<image> describe the shape ?"]
 IMAGES = [1, 2, 1]  # images per prompt
+KINDS = {"clip": dict(tower="clip"), "siglip": dict(tower="siglip"), "next": dict(tower="clip", anyres=True)}
 
 
-@pytest.fixture(scope="module", params=["clip", "siglip"])
+@pytest.fixture(scope="module", params=list(KINDS))
 def llava(request):
-    return mv.testing.tiny_llava(seed=2, tower=request.param)
+    return mv.testing.tiny_llava(seed=2, **KINDS[request.param])
 
 
 @pytest.fixture(scope="module")
 def clip_llava():
     return mv.testing.tiny_llava(seed=2, tower="clip")
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    """Random pictures of different aspects (LLaVA-NeXT gives each its own tiles and token count)."""
+    rng = np.random.default_rng(4)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(40, 90), (70, 50), (64, 64), (50, 100)]]
 
 
 def llava_inputs(processor, images, which=(0, 1, 2)):
@@ -46,7 +58,8 @@ def stock_embeds(model, inputs):
     """(B, T, D) the stock model's input embeddings: each image's features at its image tokens."""
     with torch.no_grad():
         ids = inputs["input_ids"]
-        feats = torch.cat(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        sizes = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+        feats = torch.cat(model.get_image_features(pixel_values=inputs["pixel_values"], **sizes).pooler_output)
         embeds = model.get_input_embeddings()(ids)
         is_img = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
         return embeds.masked_scatter(is_img, feats)
@@ -57,9 +70,9 @@ NOOPS = {"none": mv.NoPruning, **{k: noop for k, (noop, _) in PEERS.items()},
 
 
 @pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
-def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(llava, images, make):
+def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(llava, pictures, make):
     model, processor = llava
-    inputs = llava_inputs(processor, images)
+    inputs = llava_inputs(processor, pictures)
     assert (inputs["attention_mask"] == 0).any(), "left padding is exercised"
     before = stock_logits(model, inputs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -67,36 +80,49 @@ def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(llava,
     same = pruned_logits(model, inputs, method)
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
-    assert [s["images"] for s in method.stats] == IMAGES
-    assert all(s["layer_avg_tokens"] == s["encoder_tokens"] == 16 * s["images"] for s in method.stats)
+    image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert [s["layer_avg_tokens"] for s in method.stats] == [s["fusion_tokens"] for s in method.stats] == image_tokens
+    if "image_sizes" not in inputs:  # LLaVA-NeXT counts its tiles as images
+        assert [s["images"] for s in method.stats] == IMAGES and image_tokens == [16 * n for n in IMAGES]
     assert "forward" not in vars(model) and "prepare_inputs_for_generation" not in vars(model)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     torch.testing.assert_close(stock_logits(model, inputs), before, atol=0, rtol=0)
 
 
-def image_columns(inputs, image_token_id, per_sample_kept, n=16):
-    """Per sample, the image-token columns of the patches *not* in `per_sample_kept` (a list per image of kept
-    grid cells, as `stats['kept_grid']` holds them)."""
-    ids = inputs["input_ids"]
-    dropped = []
-    for b, kept in enumerate(per_sample_kept):
-        cols = (ids[b] == image_token_id).nonzero()[:, 0].view(-1, n)  # (images of b, n) in prompt order
-        dropped.append([int(cols[i, g]) for i in range(cols.shape[0]) for g in range(n) if g not in kept[i]])
-    return dropped
+def dropped_columns(model, inputs, stats):
+    """Per sample, the image-token columns that hold none of the tokens the method kept before the LLM (read
+    from `stats['kept_grid']`, one entry per tile) nor a row end: where the adapter's layout puts them."""
+    adapter = adapt(model)
+    layout = adapter.layout({"pixel_values": inputs["pixel_values"], "image_sizes": inputs.get("image_sizes")})
+    is_img = inputs["input_ids"] == model.config.image_token_id
+    ib, it = is_img.nonzero(as_tuple=True)
+    first = layout.span.cumsum(0) - layout.span
+    kept = torch.zeros_like(is_img)
+    tiles = [tile["vision"] for s in stats for tile in s["kept_grid"]]
+    assert len(tiles) == len(layout.tile_image), "every tile kept a token"
+    for t, cells in enumerate(tiles):
+        for g in cells:
+            offset = int(layout.slot[t, g])
+            if offset >= 0:
+                k = first[layout.tile_image[t]] + offset
+                kept[ib[k], it[k]] = True
+    if layout.extra_image is not None:
+        k = first[layout.extra_image] + layout.extra_offset
+        kept[ib[k], it[k]] = True
+    return [(is_img[b] & ~kept[b]).nonzero()[:, 0].tolist() for b in range(is_img.shape[0])]
 
 
 @pytest.mark.parametrize("make", [lambda: mv.DivPrune(keep=0.4), GapsAtOutput], ids=["divprune", "count-per-image"])
-def test_pruning_before_the_llm_equals_masking_those_image_columns_from_layer_0(llava, images, make):
+def test_pruning_before_the_llm_equals_masking_those_image_columns_from_layer_0(llava, pictures, make):
     """Tokens selected (not changed) before the LLM, the same count per image or not: the stock model with the
     other patches' image columns masked from layer 0 on, every kept token at its own column's RoPE position."""
     model, processor = llava
-    inputs = llava_inputs(processor, images)
+    inputs = llava_inputs(processor, pictures)
     method = make()
     got = pruned_logits(model, inputs, method)
-    kept = [[img["vision"] for img in s["kept_grid"]] for s in method.stats]
-    counts = [len(k) for sample in kept for k in sample]
+    counts = [len(tile["vision"]) for s in method.stats for tile in s["kept_grid"]]
     assert isinstance(method, mv.DivPrune) or len(set(counts)) > 1, f"images keep different counts: {counts}"
-    drop = image_columns(inputs, model.config.image_token_id, kept)
+    drop = dropped_columns(model, inputs, method.stats)
     assert all(len(d) > 0 for d in drop)
     lm = model.model.language_model
     want = masked_decoder_logits(lm, model.lm_head, stock_embeds(model, inputs), inputs["attention_mask"].bool(), drop, 0)
@@ -106,9 +132,9 @@ def test_pruning_before_the_llm_equals_masking_those_image_columns_from_layer_0(
 
 
 @pytest.mark.parametrize("layer", [0, 3])
-def test_dropping_at_llm_layer_equals_masking_keys_from_that_layer_on(clip_llava, images, layer):
-    model, processor = clip_llava
-    inputs = llava_inputs(processor, images, which=(0, 1))
+def test_dropping_at_llm_layer_equals_masking_keys_from_that_layer_on(llava, pictures, layer):
+    model, processor = llava
+    inputs = llava_inputs(processor, pictures, which=(0, 1))
     vis = inputs["input_ids"] == model.config.image_token_id
     drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
     got = pruned_logits(model, inputs, DropAt(layer, drop))
@@ -125,23 +151,24 @@ PRUNING = {**{k: prune for k, (_, prune) in PEERS.items()},
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
-def test_every_method_on_llava_obeys_the_batch_and_cache_oracles(llava, images, make):
+def test_every_method_on_llava_obeys_the_batch_and_cache_oracles(llava, pictures, make):
     """A left-padded batch of 3 (1 or 2 images) = its samples alone; greedy generate with the KV cache = step by
     step recomputation without it; and the method pruned something."""
     model, processor = llava
     method = make()
     with method(model), torch.no_grad():
-        batch_in = llava_inputs(processor, images)
+        batch_in = llava_inputs(processor, pictures)
         batch = model(**batch_in, use_cache=False).logits
         for b in range(3):
-            alone = model(**llava_inputs(processor, images, which=(b,)), use_cache=False).logits[0]
+            alone = model(**llava_inputs(processor, pictures, which=(b,)), use_cache=False).logits[0]
             torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
         assert all(s["layer_avg_tokens"] < s["encoder_tokens"] for s in method.stats), "it pruned"
         out = model.generate(**batch_in, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                              return_dict_in_generate=True, output_logits=True)
         ids, mask = batch_in["input_ids"], batch_in["attention_mask"]
         for step in range(4):
-            full = model(input_ids=ids, attention_mask=mask, pixel_values=batch_in["pixel_values"], use_cache=False,
+            images = {k: batch_in[k] for k in ("pixel_values", "image_sizes") if k in batch_in}
+            full = model(input_ids=ids, attention_mask=mask, **images, use_cache=False,
                          query_positions=batch_in["input_ids"].shape[1] - 1).logits[:, -1]
             torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
             full[:, model.config.image_token_id] = float("-inf")  # generate never emits the image token
@@ -154,7 +181,7 @@ def test_every_method_on_llava_obeys_the_batch_and_cache_oracles(llava, images, 
 def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, images):
     model, processor = clip_llava
     inputs = llava_inputs(processor, images, which=(0,))
-    with pytest.raises(ValueError, match="image tokens but 2 image"):
+    with pytest.raises(ValueError, match=r"image tokens but the 2 image\(s\) given need \[16, 16\]"):
         pruned_logits(model, {**inputs, "pixel_values": torch.cat([inputs["pixel_values"]] * 2)}, mv.FastV())
     with pytest.raises(ValueError, match="needs at least two experts"):
         pruned_logits(model, inputs, mv.Meteor.preset("paper-242"))
@@ -179,6 +206,14 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
             pruned_logits(model, inputs, mv.FastV())
     finally:
         model.config.text_config._attn_implementation = "sdpa"
-    with pytest.raises(ValueError, match="unsupported model class Linear.*LlavaForConditionalGeneration"):
+    with pytest.raises(ValueError, match="image_sizes are not supported"):
+        pruned_logits(model, {**inputs, "image_sizes": torch.tensor([[32, 32]])}, mv.FastV())
+    next_model, next_processor = mv.testing.tiny_llava(seed=2, anyres=True)
+    next_inputs = llava_inputs(next_processor, images, which=(0,))
+    with pytest.raises(ValueError, match="needs image_sizes"):
+        pruned_logits(next_model, {k: v for k, v in next_inputs.items() if k != "image_sizes"}, mv.FastV())
+    with pytest.raises(ValueError, match="image tokens but the 1 image"):  # a wider image needs other tiles
+        pruned_logits(next_model, {**next_inputs, "image_sizes": torch.tensor([[32, 64]])}, mv.FastV())
+    with pytest.raises(ValueError, match="unsupported model class Linear.*LlavaForConditionalGeneration.*LlavaNext"):
         with mv.FastV()(torch.nn.Linear(2, 2)):
             pass

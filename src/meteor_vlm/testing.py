@@ -100,13 +100,19 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEn
     return model, processor
 
 
-def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6):
+def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: bool = False):
     """A tiny random stock transformers `LlavaForConditionalGeneration` and its `LlavaProcessor` (CPU, fp32,
     eval mode, SDPA), the shape of LLaVA-1.5 at toy size: a 4-block vision tower ("clip": CLIP with CLS,
     features from block -2 without CLS; "siglip": SigLIP, every token) at 32 px (16 patches, so 16 image
-    tokens per <image>) and a `num_layers`-deep Llama with 8 heads (GQA, 4 kv heads)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    tokens per <image>) and a `num_layers`-deep Llama with 8 heads (GQA, 4 kv heads).
+
+    With `anyres`, a `LlavaNextForConditionalGeneration` and `LlavaNextProcessor` instead (LLaVA-NeXT: a
+    base tile plus 2-4 high-resolution tiles of 32 px per image, grids 32x64, 64x32 or 64x64 px, unpadded
+    to the image's aspect, row-end tokens), so the image tokens per <image> depend on the image's size."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     if tower not in ("clip", "siglip"):
         raise ValueError(f"unknown tower {tower!r}; choose 'clip' or 'siglip'")
@@ -124,20 +130,25 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6):
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
     strategy = "default" if tower == "clip" else "full"
-    config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy=strategy, vision_feature_layer=-2)
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    config_cls, model_cls = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else (LlavaConfig,
+                                                                                              LlavaForConditionalGeneration)
+    config = config_cls(vision_config=vision_config, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                        vision_feature_select_strategy=strategy, vision_feature_layer=-2,
+                        **({"image_grid_pinpoints": pinpoints} if anyres else {}))
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():  # as in tiny_model: peaked, varied attention, and visual tokens as large as words
         for p in [*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters()]:
             if p.dim() == 2:
                 p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
     model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> has no pixels behind it
-    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
-                               vision_feature_select_strategy=strategy, num_additional_image_tokens=int(tower == "clip"))
+    sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints) if anyres else CLIPImageProcessorPil(**sizes)
+    processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
+        image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=int(tower == "clip"))
     return model, processor
 
 
