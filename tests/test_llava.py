@@ -217,3 +217,33 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
     with pytest.raises(ValueError, match="unsupported model class Linear.*LlavaForConditionalGeneration.*LlavaNext"):
         with mv.FastV()(torch.nn.Linear(2, 2)):
             pass
+
+
+@pytest.mark.parametrize("anyres", [False, True], ids=["llava", "llava-next"])
+def test_meteor_ask_and_speed_run_a_llava_checkpoint_folder(tmp_path, capsys, anyres):
+    """A transformers LLaVA / LLaVA-NeXT checkpoint folder (saved model and processor) runs under `meteor ask` (the
+    answer greedy generate gives under the same method, the kept tokens, a heatmap) and `meteor speed`; the
+    commands built on the project's own model refuse it clearly."""
+    from meteor_vlm.cli import main
+
+    model, processor = mv.testing.tiny_llava(seed=3, anyres=anyres)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    picture = mv.testing.random_images(1, seed=9)[0].resize((80, 48))
+    picture.save(tmp_path / "img.png")
+    ckpt, heat = str(tmp_path / "ckpt"), tmp_path / "heat.png"
+    assert main(["ask", str(tmp_path / "img.png"), "what is in the image ?", "--model", ckpt, "--method", "visionzip:keep0.5",
+                 "--max-new-tokens", "3", "--heatmap", str(heat)]) == 0
+    out = capsys.readouterr().out
+    inputs = processor(images=[picture], text=["<image> what is in the image ?"], return_tensors="pt")
+    with mv.VisionZip(keep=0.5)(model) as method, torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    answer = processor.decode(want[0, inputs["input_ids"].shape[1]:]).strip()
+    assert f"answer: {answer}\n" in out and f"stage 1 (in the experts): {method.stats[0]['stage1_tokens']}" in out
+    assert heat.is_file()
+    assert main(["speed", "--model", ckpt, "--samples", "1", "--new-tokens", "2", "--methods", "unpruned,fastv:k1-r0.5"]) == 0
+    assert "fastv:k1-r0.5" in capsys.readouterr().out
+    assert main(["ask", str(tmp_path / "img.png"), "what ?", "--model", ckpt]) == 2  # paper-242 needs two experts
+    assert "needs at least two experts" in capsys.readouterr().err
+    assert main(["bench", "--model", ckpt, "--samples", "1", "--methods", "unpruned"]) == 2
+    assert "`meteor ask` and `meteor speed` run it" in capsys.readouterr().err

@@ -14,8 +14,13 @@ from .synth import EVAL_SEED as _EVAL_SEED  # noqa: E402 - light import (numpy, 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-def _load(model_arg: str):
-    """(model, processor) from 'default' (embedded), 'tiny' (random, calibrated on synthetic images) or a path."""
+LLAVA_TYPES = ("llava", "llava_next")  # checkpoint model_types that `meteor ask` and `meteor speed` load
+
+
+def _load(model_arg: str, llava: bool = False):
+    """(model, processor) from 'default' (embedded), 'tiny' (random, calibrated on synthetic images) or a path:
+    a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT checkpoint folder
+    (SDPA attention, its own AutoProcessor)."""
     import meteor_vlm as mv
 
     if model_arg == "default":
@@ -27,7 +32,28 @@ def _load(model_arg: str):
     path = Path(model_arg)
     if not path.is_dir():
         raise SystemExit(f"error: model directory not found: {path}")
+    config = path / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if model_type in LLAVA_TYPES:
+        if not llava:
+            raise ValueError(f"{path} is a {model_type} checkpoint: `meteor ask` and `meteor speed` run it; this "
+                             "command needs the project's multi-encoder model (synthetic prompts, rank table, training)")
+        from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+        cls = LlavaForConditionalGeneration if model_type == "llava" else LlavaNextForConditionalGeneration
+        return cls.from_pretrained(path, attn_implementation="sdpa").eval(), AutoProcessor.from_pretrained(path)
     return mv.MultiEncoderVLM.from_pretrained(path).eval(), mv.MultiEncoderProcessor.from_pretrained(path)
+
+
+def _prompt(processor, question: str) -> str:
+    """The prompt for one image and `question`: the project's template, a LLaVA processor's chat template, or
+    "<image> question" for one without."""
+    if hasattr(processor, "format_prompt"):
+        return processor.format_prompt(question)
+    if getattr(processor, "chat_template", None):
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(turn, add_generation_prompt=True)
+    return f"<image> {question}"
 
 
 def _synthetic_images(n: int, seed: int):
@@ -138,7 +164,7 @@ def cmd_speed(args) -> int:
         print(f"building a random model at shape {args.shape} ({args.dtype}) and calibrating it ...", file=sys.stderr)
         model, processor = shaped_model(args.shape, dtype=dtype)
     else:
-        model, processor = _load(args.model or "default")
+        model, processor = _load(args.model or "default", llava=True)
     model = model.to(args.device, dtype)
     rows = profile_methods(model, processor, names, samples=args.samples, new_tokens=args.new_tokens, seed=args.seed,
                            batch_size=args.batch_size)
@@ -333,11 +359,14 @@ def cmd_ask(args) -> int:
     import meteor_vlm as mv
     from meteor_vlm.viz import kept_token_heatmap
 
+    from meteor_vlm.models.adapters import adapt
+
     image = mv.MultiEncoderProcessor._to_pil(args.image)  # ValueError for a missing or unreadable file
-    model, processor = _load(args.model)
+    model, processor = _load(args.model, llava=True)
     method = _ask_method(args.method)
-    inputs = processor(images=[image], text=[processor.format_prompt(args.question)], return_tensors="pt")
-    with method(model), torch.no_grad():
+    inputs = processor(images=[image], text=[_prompt(processor, args.question)], return_tensors="pt")
+    target = adapt(model)
+    with method(target), torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.decode(out[0, inputs["input_ids"].shape[1] :]).strip()
     s = method.stats[0]
@@ -348,7 +377,7 @@ def cmd_ask(args) -> int:
     print(f"  stage 3 (in the LLM):     {s['stage3'] or 'off'}")
     print(f"  layer-averaged:           {s['layer_avg_tokens']:.1f}")
     if args.heatmap:
-        grids = {r.spec.name: r.grid() for r in model.runners}
+        grids = {r.spec.name: r.grid() for r in target.runners}  # a LLaVA-NeXT: its first tile, the whole image
         kept = s["kept_grid"][0] if s["kept_grid"] else {}
         kept_token_heatmap(image, kept, grids).save(args.heatmap)
         print(f"heatmap written to {args.heatmap}")
@@ -484,7 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer a question about an image; show the tokens kept per stage")
     a.add_argument("image")
     a.add_argument("question")
-    a.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a local model directory")
+    a.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a local model directory: a "
+                   "MultiEncoderVLM checkpoint, or a transformers LLaVA / LLaVA-NeXT one (then a --method that runs on "
+                   "one tower, e.g. fastv:k2-r0.75, visionzip:keep0.333 or stage1+3)")
     a.add_argument("--method", default="paper-242",
                    help="a METEOR preset, 'none' for the unpruned model, or any name `meteor methods` lists "
                         "(e.g. evoprune:keep0.23, tome:keep0.23, fastv:k1-r0.875)")
@@ -501,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_probe)
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
-    sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder")
+    sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder (a MultiEncoderVLM, "
+                    "or a transformers LLaVA / LLaVA-NeXT: your own model, timed on the synthetic prompts)")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
                     "(smollm2-135m, qwen2-0.5b, vicuna-7b; see meteor_vlm.bench.shapes)")
     sp.add_argument("--llava", action="store_true",
