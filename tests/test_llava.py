@@ -10,7 +10,7 @@ from PIL import Image
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
 
-from .test_oracles import PEERS, DropAt, GapsAtOutput, masked_decoder_logits
+from .test_oracles import PEERS, DropAt, GapsAtOutput, check_batch_and_cache, masked_decoder_logits
 
 PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circle are there in the image on the left ?",
            "<image> describe the shape ?"]
@@ -155,27 +155,9 @@ def test_every_method_on_llava_obeys_the_batch_and_cache_oracles(llava, pictures
     """A left-padded batch of 3 (1 or 2 images) = its samples alone; greedy generate with the KV cache = step by
     step recomputation without it; and the method pruned something."""
     model, processor = llava
-    method = make()
-    with method(model), torch.no_grad():
-        batch_in = llava_inputs(processor, pictures)
-        batch = model(**batch_in, use_cache=False).logits
-        for b in range(3):
-            alone = model(**llava_inputs(processor, pictures, which=(b,)), use_cache=False).logits[0]
-            torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
-        assert all(s["layer_avg_tokens"] < s["encoder_tokens"] for s in method.stats), "it pruned"
-        out = model.generate(**batch_in, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                             return_dict_in_generate=True, output_logits=True)
-        ids, mask = batch_in["input_ids"], batch_in["attention_mask"]
-        for step in range(4):
-            images = {k: batch_in[k] for k in ("pixel_values", "image_sizes") if k in batch_in}
-            full = model(input_ids=ids, attention_mask=mask, **images, use_cache=False,
-                         query_positions=batch_in["input_ids"].shape[1] - 1).logits[:, -1]
-            torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
-            full[:, model.config.image_token_id] = float("-inf")  # generate never emits the image token
-            full[:, processor.tokenizer.eos_token_id] = float("-inf")  # min_new_tokens
-            ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(out.sequences, ids)
+    check_batch_and_cache(model, make(), lambda which: llava_inputs(processor, pictures, which),
+                          lambda batch, ids: {k: batch[k] for k in ("pixel_values", "image_sizes") if k in batch},
+                          [model.config.image_token_id, processor.tokenizer.eos_token_id])
 
 
 def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, images):

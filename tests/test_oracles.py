@@ -85,16 +85,17 @@ def reference_masked_logits(model, inputs, drop, layer, replace=None):
     return out.gather(1, text_col[:, :, None].expand(-1, -1, out.shape[-1]))
 
 
-def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None):
+def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None, positions=None):
     """(B, T, V) logits of a Llama-style backbone `lm` run layer by layer on `embeds` (B, T, D) with valid (B, T)
-    left-padded columns, the columns listed per sample in `drop` masked as keys from `layer` on."""
+    left-padded columns, the columns listed per sample in `drop` masked as keys from `layer` on; `positions`:
+    the rotary embedding's position ids (default: the running count of real tokens)."""
     B, T, _ = embeds.shape
     dropped = torch.zeros(B, T, dtype=torch.bool)
     for b, cs in enumerate(drop):
         dropped[b, list(cs)] = True
     pos = (valid.long().cumsum(1) - 1).clamp_min(0)
     with torch.no_grad():
-        pe = lm.rotary_emb(embeds, position_ids=pos)
+        pe = lm.rotary_emb(embeds, position_ids=pos if positions is None else positions)
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         eye = torch.eye(T, dtype=torch.bool)
         h = embeds
@@ -478,23 +479,36 @@ def assert_batch_and_cache_oracles(model, processor, images, method):
     """A left-padded batch of 3 (1 or 2 images) under `method` = its samples alone, and greedy generate with
     the KV cache = step-by-step recomputation without it."""
     imgs = [images[0], [images[1], images[2]], images[3]]
+    check_batch_and_cache(
+        model, method, lambda which: make_inputs(processor, [imgs[b] for b in which], [PROMPTS[b] for b in which]),
+        lambda batch, ids: {k: v for k, v in batch.items() if k.startswith("pixel_values_")},
+        [model.config.image_token_id, processor.tokenizer.eos_token_id])
+
+
+def check_batch_and_cache(model, method, inputs_for, images_for, never, steps=4):
+    """The batch and cache oracles on any model a method attaches to.
+
+    inputs_for(which): the model's inputs for prompts `which` (a left-padded batch); images_for(batch, ids): the
+    image inputs (and any per-column ones, grown to `ids`) to run the batch's prompts grown to `ids` again
+    without cache; never: token ids greedy generation must not pick (suppressed ones, and the end under
+    min_new_tokens). Checks that the batch of prompts 0, 1, 2 equals each alone, that the method pruned, and
+    that greedy generate with the KV cache equals step-by-step recomputation without it."""
     with method(model), torch.no_grad():
-        batch_in = make_inputs(processor, imgs, PROMPTS)
+        batch_in = inputs_for((0, 1, 2))
         assert (batch_in["attention_mask"] == 0).any(), "left padding is exercised"
         batch = model(**batch_in, use_cache=False).logits
         for b in range(3):
-            alone = model(**make_inputs(processor, [imgs[b]], [PROMPTS[b]]), use_cache=False).logits[0]
+            alone = model(**inputs_for((b,)), use_cache=False).logits[0]
             torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
-        out = model.generate(**batch_in, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+        assert all(s["layer_avg_tokens"] < s["encoder_tokens"] for s in method.stats[:3]), "it pruned"
+        out = model.generate(**batch_in, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                              return_dict_in_generate=True, output_logits=True)
         ids, mask = batch_in["input_ids"], batch_in["attention_mask"]
-        pixels = {k: v for k, v in batch_in.items() if k.startswith("pixel_values_")}
-        for step in range(4):
-            full = model(input_ids=ids, attention_mask=mask, **pixels, use_cache=False,
+        for step in range(steps):
+            full = model(input_ids=ids, attention_mask=mask, **images_for(batch_in, ids), use_cache=False,
                          query_positions=batch_in["input_ids"].shape[1] - 1).logits[:, -1]
             torch.testing.assert_close(out.logits[step], full, atol=1e-4, rtol=1e-4)
-            full[:, model.config.image_token_id] = float("-inf")
-            full[:, processor.tokenizer.eos_token_id] = float("-inf")  # min_new_tokens
+            full[:, never] = float("-inf")
             ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(out.sequences, ids)

@@ -10,7 +10,7 @@ from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
-__all__ = ["tiny_model", "tiny_config", "tiny_llava", "random_images", "TINY_WORDS", "TINY_EXPERTS"]
+__all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "random_images", "TINY_WORDS", "TINY_EXPERTS"]
 
 TINY_WORDS = (
     "what is in the image ? describe color shape how many are there a an of red green blue yellow circle "
@@ -150,6 +150,68 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,
         num_additional_image_tokens=int(tower == "clip"))
     return model, processor
+
+
+class TinyQwen2VLProcessor:
+    """What transformers' Qwen2VLProcessor returns, for a tiny Qwen2-VL (that processor needs a video processor,
+    which needs torchvision): each "<image>" in a prompt becomes <|vision_start|>, one <|image_pad|> per merged
+    visual token and <|vision_end|>; outputs input_ids, attention_mask (left padding), pixel_values (the image
+    processor's packed patches), image_grid_thw and mm_token_type_ids (1 on image tokens)."""
+
+    def __init__(self, image_processor, tokenizer, merge_size: int):
+        self.image_processor, self.tokenizer, self.merge_size = image_processor, tokenizer, merge_size
+
+    def __call__(self, images=None, text=(), return_tensors="pt", padding=True):
+        pixels = self.image_processor(images=list(images), return_tensors="pt") if images else {}
+        counts = iter((pixels["image_grid_thw"].prod(-1) // self.merge_size**2).tolist() if images else [])
+        texts = [t.replace("<image>", "<image-here>") for t in text]
+        texts = [self._expand(t, counts) for t in texts]
+        out = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
+        out["mm_token_type_ids"] = (out["input_ids"] == self.tokenizer.convert_tokens_to_ids("<|image_pad|>")).int()
+        return {**out, **dict(pixels)}
+
+    @staticmethod
+    def _expand(text: str, counts) -> str:
+        while "<image-here>" in text:
+            text = text.replace("<image-here>", "<|vision_start|>" + "<|image_pad|>" * next(counts) + "<|vision_end|>", 1)
+        return text
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6):
+    """A tiny random stock transformers `Qwen2VLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
+    `TinyQwen2VLProcessor`: a 2-block vision encoder on 8 px patches, 2x2 merged (an image of 16 to 48 px a
+    side gives 2 to 9 visual tokens, by its size), and a `num_layers`-deep decoder with 8 heads (GQA, 4 kv
+    heads) and multimodal RoPE."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<|vision_start|>", "<|vision_end|>",
+                                                                "<|image_pad|>", "<|video_pad|>"]})
+    ids = tokenizer.convert_tokens_to_ids
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3, mlp_ratio=2)
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids("<|image_pad|>"),
+                           video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                           vision_end_token_id=ids("<|vision_end|>"))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # as in tiny_model: peaked, varied attention, and visual tokens as large as words
+        for p in [*model.model.language_model.parameters(), *model.model.visual.merger.parameters()]:
+            if p.dim() == 2:
+                p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
+    model.generation_config.suppress_tokens = [ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")]
+    images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
+                                      temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, TinyQwen2VLProcessor(images, tokenizer, merge_size=2)
 
 
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

@@ -246,6 +246,11 @@ class PruningMethod:
     def prune_encoder(self, ctx: EncoderPoint) -> torch.Tensor | EncoderMerge | None:
         return None
 
+    def prunes_in_encoder(self) -> bool:
+        """Whether this method acts inside the vision encoders (stage 1): by default, whether it has a
+        `prune_encoder`. Models whose encoder cannot drop tokens (Qwen2-VL's) refuse such methods."""
+        return type(self).prune_encoder is not PruningMethod.prune_encoder
+
     def encoder_blocks(self, num_blocks: int) -> list[int] | None:
         """The blocks of a `num_blocks`-deep vision expert after which `prune_encoder` is called, in
         increasing order; None: the ends of its three thirds (`ExpertRunner.pruning_points`)."""
@@ -270,6 +275,8 @@ class PruningMethod:
         from ..models.adapters import adapt
 
         target = adapt(model, type(self).__name__)
+        if hasattr(target, "check_method"):  # a model that cannot run every kind of method says so first
+            target.check_method(self)
         self.setup(target)
         self.stats = []
         with target.pruning(self):

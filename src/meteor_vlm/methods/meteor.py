@@ -188,6 +188,9 @@ class Meteor(PruningMethod):
         return stage1_plan(model, ranks, allocation, self.encoder_keep, self.encoder_tokens)
 
     # ---- stage 1 ---------------------------------------------------------------------------------
+    def prunes_in_encoder(self) -> bool:
+        return self.encoder
+
     def prune_encoder(self, ctx: EncoderPoint) -> torch.Tensor | None:
         if not self.encoder:
             return None

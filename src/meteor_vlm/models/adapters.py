@@ -3,29 +3,237 @@
 `with method(model)` asks `adapt(model)` for a *target*: an object with what the methods' `setup` reads
 (`runners`, `expert_names`, `num_llm_layers`, `config.{rank_table, fusion, text_config}`) and a
 `pruning(method)` context manager that runs the model with the method inside the block and leaves it
-exactly as it was afterwards. The project's `MultiEncoderVLM` is its own target; a stock transformers
-LLaVA or LLaVA-NeXT gets a `LlavaAdapter` / `LlavaNextAdapter` (`models/llava.py`), which patches that one
-instance while the block runs.
+exactly as it was afterwards; a target may also have `check_method(method)`, asked before the method's
+`setup`, to refuse what it cannot run. The project's `MultiEncoderVLM` is its own target. A stock transformers
+VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` (`models/llava.py`) or `Qwen2VLAdapter`
+(`models/qwen2_vl.py`), which patch that one instance while the block runs.
+
+A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
+shares (placing each kept token at its own image token's column, with that column's unpruned RoPE
+position; the shared LLM runtime; generation), and each subclass only locates its model's parts and says
+how its images become tokens (`encode_images`, `layout`, `rope_positions`).
 """
 
 from __future__ import annotations
 
-__all__ = ["adapt", "SUPPORTED"]
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from . import runtime
+
+__all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
-             "LlavaNextForConditionalGeneration")
+             "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+
+_OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# keyword arguments generate or a caller may pass that change nothing here when None / False
+_HARMLESS = ("cache_position", "output_attentions", "output_hidden_states", "return_dict", "is_first_iteration",
+             "next_sequence_length")
 
 
 def adapt(model, method_name: str = "a pruning method"):
     """The target `method_name` runs on for `model`; ValueError naming the class if it is not supported.
-    A `LlavaAdapter` passed in is returned as it is, so `with method(adapter)` runs on the adapter a caller
-    holds (`meteor speed` times its parts)."""
-    from .llava import LlavaAdapter, llava_adapter
+    An adapter passed in is returned as it is, so `with method(adapter)` runs on the adapter a caller holds
+    (`meteor speed` times its parts)."""
+    from .llava import llava_adapter
+    from .qwen2_vl import qwen2_vl_adapter
     from .vlm import MultiEncoderVLM
 
-    if isinstance(model, (MultiEncoderVLM, LlavaAdapter)):  # an adapter made earlier serves as itself
+    if isinstance(model, (MultiEncoderVLM, StockAdapter)):
         return model
-    adapter = llava_adapter(model)
+    adapter = llava_adapter(model) or qwen2_vl_adapter(model)
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
+
+
+@dataclass
+class Layout:
+    """How a batch of images' tokens sit among their image tokens in the prompt (the k-th image holds the next
+    span[k] image tokens, in row-major order over the batch).
+
+    tile_image: (num_tiles,) the image each tile of `VisualTokens` belongs to; slot: (num_tiles, N) the offset,
+    within its image's span, of each of the tile's tokens by grid index (-1: a token the image does not show,
+    e.g. cut off by LLaVA-NeXT's unpadding, or an empty slot); span: (num_images,) image tokens per image;
+    extra_image, extra_offset: (M,) image tokens that are no patch (LLaVA-NeXT's row ends), and extra: (D,)
+    their embedding.
+    """
+
+    tile_image: torch.Tensor
+    slot: torch.Tensor
+    span: torch.Tensor
+    extra_image: torch.Tensor | None = None
+    extra_offset: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+
+
+def check_sdpa(text_config) -> None:
+    """ValueError unless the language model runs SDPA attention (the runtime hands its layers boolean masks)."""
+    attention = getattr(text_config, "_attn_implementation", None)
+    if attention != "sdpa":
+        raise ValueError(f"the language model runs {attention!r} attention; pruning needs 'sdpa' (load the model "
+                         "with attn_implementation='sdpa')")
+
+
+class StockAdapter:
+    """The shared part of the adapters of stock transformers VLMs (see the module docstring).
+
+    Subclasses set model, runners, expert_names, num_llm_layers, config, image_token_id, decoder
+    (`runtime.DecoderParts`) and IMAGE_INPUTS (the forward's keyword arguments that carry images, the pixels
+    first), and define encode_images(images, method) -> VisualTokens, layout(images) -> Layout and
+    encoder_tokens(images) -> the unpruned tokens of each tile; rope_positions and check_method may be
+    overridden.
+    """
+
+    IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def rope_positions(self, input_ids, attention_mask, images: dict | None):
+        """(B, T) RoPE positions of the unpruned prompt (or (B, T, 3) for multimodal RoPE); None: the running
+        count of real tokens."""
+        return None
+
+    def check_method(self, method) -> None:
+        """ValueError if this model cannot run `method` (asked when the method is attached, before its setup)."""
+
+    # ---- attaching -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def pruning(self, method):
+        """Replace this instance's forward and prepare_inputs_for_generation while the block runs."""
+        model = self.model
+        saved = {k: vars(model)[k] for k in ("forward", "prepare_inputs_for_generation") if k in vars(model)}
+        adapter = self
+
+        def forward(input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0, query_positions=None, **kwargs):
+            return adapter.forward(method, input_ids, attention_mask, position_ids,
+                                   cache if cache is not None else past_key_values, use_cache, logits_to_keep,
+                                   query_positions, **kwargs)
+
+        def prepare_inputs_for_generation(input_ids, past_key_values=None, attention_mask=None, cache=None, **kwargs):
+            return runtime.generation_inputs(input_ids, cache if cache is not None else past_key_values, attention_mask,
+                                             kwargs, lambda k: k in adapter.IMAGE_INPUTS)
+
+        # generate() checks its keyword arguments against the forward's signature: name the image inputs in it
+        signature = inspect.signature(forward)
+        params = list(signature.parameters.values())
+        images = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in self.IMAGE_INPUTS]
+        forward.__signature__ = signature.replace(parameters=params[:-1] + images + params[-1:])
+        model.forward = forward
+        model.prepare_inputs_for_generation = prepare_inputs_for_generation
+        try:
+            yield
+        finally:
+            for k in ("forward", "prepare_inputs_for_generation"):
+                if k in saved:
+                    setattr(model, k, saved[k])
+                else:
+                    delattr(model, k)
+
+    # ---- the prompt ----------------------------------------------------------------------------
+    def splice(self, input_ids, attention_mask, visual, layout: Layout | None, positions=None):
+        """Text embeddings with each kept visual token at its image-token column (and each extra token of the
+        layout at its own); pruned tokens' columns (and padding) leave the sequence, left-padded again.
+
+        Returns embeds (B, L, D), valid (B, L), is_visual (B, L), vis_index (B, L) (tile * N + slot into
+        `visual`, -1 elsewhere), positions (B, L[, 3]) (the unpruned RoPE positions), input_col (B, L) (the
+        input_ids column each came from, -1 on padding) and owner (the sample of each tile).
+        """
+        B, T = input_ids.shape
+        dev = input_ids.device
+        is_img = input_ids == self.image_token_id
+        per_sample = is_img.sum(1)
+        span = layout.span if layout is not None else torch.zeros(0, dtype=torch.long, device=dev)
+        first = span.cumsum(0) - span  # each image's first image token, counted over the batch in row-major order
+        ib, it = is_img.nonzero(as_tuple=True)
+        if int(per_sample.sum()) != int(span.sum()) or (len(span) and bool((ib[first] != ib[first + span - 1]).any())):
+            raise ValueError(f"the prompts hold {per_sample.tolist()} image tokens but the {len(span)} image(s) given "
+                             f"need {span.tolist()} (the processor expands each image placeholder to them)")
+        embeds = self.decoder.embed_tokens(input_ids.masked_fill(is_img, 0))
+        mask = attention_mask.bool()
+        positions = runtime.positions_from_mask(mask) if positions is None else positions.long()
+        placed = torch.zeros_like(is_img)
+        vis_index = torch.full((B, T), -1, dtype=torch.long, device=dev)
+        owner = ib[first[layout.tile_image]].tolist() if layout is not None else []
+        if layout is not None:
+            embeds = embeds.clone()
+            vi, vj = visual.mask.nonzero(as_tuple=True)
+            offset = layout.slot[vi, visual.grid_index[vi, vj]]
+            vi, vj, offset = vi[offset >= 0], vj[offset >= 0], offset[offset >= 0]  # tokens the image shows
+            k = first[layout.tile_image[vi]] + offset
+            rows, cols = ib[k], it[k]
+            embeds[rows, cols] = visual.features[vi, vj].to(embeds.dtype)
+            placed[rows, cols] = True
+            vis_index[rows, cols] = vi * visual.features.shape[1] + vj
+            if layout.extra_image is not None:  # tokens of the image that are no patch (LLaVA-NeXT's row ends)
+                k = first[layout.extra_image] + layout.extra_offset
+                embeds[ib[k], it[k]] = layout.extra.to(embeds.dtype)
+                placed[ib[k], it[k]] = True
+        keep = mask & (~is_img | placed)
+        cols = torch.arange(T, device=dev).expand(B, T)
+        valid, embeds, positions, is_vis, vis_index, input_col = runtime.compact(keep, embeds, positions, placed,
+                                                                                 vis_index, cols)
+        return embeds, valid, is_vis, vis_index, positions, input_col.masked_fill(~valid, -1), owner
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, method, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                logits_to_keep=0, query_positions=None, **kwargs):
+        """The model's forward with `method` at every stage: logits aligned with input_ids (B, T, V); a pruned
+        visual token's column gives the logits of the last token present before it."""
+        from .vlm import prefill_stats
+
+        images = {k: kwargs.pop(k, None) for k in self.IMAGE_INPUTS}
+        unknown = [k for k, v in kwargs.items() if k not in _HARMLESS and v is not None and v is not False]
+        if unknown:
+            raise ValueError(f"unexpected inputs while a pruning method is attached to a {type(self.model).__name__}: "
+                             f"{unknown} (labels, inputs_embeds and per-call vision settings are not supported)")
+        if input_ids is None:
+            raise ValueError("input_ids are required while a pruning method is attached (inputs_embeds are not supported)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.bool()
+        use_cache = getattr(self.config.text_config, "use_cache", True) if use_cache is None else use_cache
+        parts = self.decoder
+        state = runtime.get_state(cache)
+        pixels = images[self.IMAGE_INPUTS[0]]
+        if state is not None:  # decoding against a filled (maybe pruned) cache
+            if pixels is not None:
+                raise ValueError("images can only be given with the first (prefill) call, not with a filled cache")
+            hidden = runtime.decode_new_tokens(parts, input_ids, attention_mask, cache)
+        else:
+            if use_cache and cache is None:
+                cache = DynamicCache(config=self.config.text_config)
+            images = images if pixels is not None else None
+            visual = self.encode_images(images, method) if images is not None else None
+            layout = self.layout(images) if images is not None else None
+            positions = position_ids if position_ids is not None else self.rope_positions(input_ids, attention_mask, images)
+            embeds, valid, is_vis, vis_index, positions, input_col, owner = self.splice(
+                input_ids, attention_mask, visual, layout, positions)
+            B, T = input_ids.shape
+            qpos = torch.full((B,), T - 1, device=input_ids.device)
+            if query_positions is not None:
+                qpos = torch.as_tensor(query_positions, device=input_ids.device).long().expand_as(qpos)
+            query_col = (input_col == qpos[:, None]).long().argmax(1)
+            hidden, cols, kept = runtime.prefill(parts, embeds, valid, is_vis, query_col, cache if use_cache else None,
+                                                 method.llm_layers(self.num_llm_layers), method.prune_llm, positions)
+            survivors = torch.where(cols >= 0, vis_index.gather(1, cols.clamp_min(0)), -1)
+            unpruned = self.encoder_tokens(images) if images is not None else []
+            method.stats.extend(prefill_stats(owner, is_vis & valid, visual, kept, survivors, self.num_llm_layers,
+                                              unpruned, self.expert_names))
+            out_col = torch.where(cols >= 0, input_col.gather(1, cols.clamp_min(0)), -1)
+            hidden = runtime.at_columns(hidden, out_col, torch.arange(T, device=input_ids.device).expand(B, T))
+            if use_cache:
+                runtime.get_state(cache).seen = T
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = parts.lm_head(hidden)
+        return CausalLMOutputWithPast(logits=logits, **{_OUTPUT_CACHE: cache if use_cache else None})

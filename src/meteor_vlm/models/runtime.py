@@ -83,7 +83,8 @@ class LLMLayerContext:
     positions: (B, T) RoPE positions; query_index: (B,) column of the text query token (the last
     instruction token); text_query_mask: (B, T) real text tokens up to and including the query token
     (methods that want only the text after the first image, like METEOR's "text" query, restrict it);
-    llm_visual_tokens: (B,) visual tokens that entered the LLM (before any stage-3 drop).
+    llm_visual_tokens: (B,) visual tokens that entered the LLM (before any stage-3 drop). With multimodal RoPE
+    (Qwen2-VL), positions holds each token's first (temporal) component, a text token's own position.
     """
 
     layer_idx: int
@@ -187,6 +188,22 @@ def positions_from_mask(valid: torch.Tensor, start: torch.Tensor | None = None) 
     return pos.clamp_min(0).masked_fill(~valid, 0)
 
 
+def _per_token(valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """valid (B, T) shaped to broadcast over positions (B, T) or (B, T, 3)."""
+    return valid.view(*valid.shape, *([1] * (positions.dim() - 2)))
+
+
+def _rope_ids(positions: torch.Tensor) -> torch.Tensor:
+    """The position ids a rotary embedding takes: (B, T), or (3, B, T) for multimodal RoPE."""
+    return positions if positions.dim() == 2 else positions.permute(2, 0, 1)
+
+
+def _text_positions(positions: torch.Tensor) -> torch.Tensor:
+    """(B, T) one position per token: the first (temporal) component of multimodal RoPE, which is a text
+    token's position (what LLMLayerContext.positions holds and the layers get for flash attention)."""
+    return positions if positions.dim() == 2 else positions[..., 0]
+
+
 def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, T) bool: causal over real tokens; padded rows see themselves so softmax stays finite."""
     T = valid.shape[1]
@@ -244,17 +261,18 @@ def prefill(
         hook_layers: layers before which `hook` is asked for a keep mask.
         hook: LLMLayerContext -> (B, T) bool keep mask over current columns, an `LLMMerge` (kept columns
             plus merged tokens at dropped columns' places), or None to keep all.
-        positions: (B, T) RoPE positions (default: the running count of real tokens). Tokens pruned
-            before the LLM leave gaps here, so the kept ones keep their unpruned positions.
+        positions: (B, T) RoPE positions (default: the running count of real tokens), or (B, T, 3) for a
+            decoder with multimodal RoPE (Qwen2-VL: temporal, height, width). Tokens pruned before the LLM leave
+            gaps here, so the kept ones keep their unpruned positions.
     Returns:
         hidden (B, T', D) after the final norm, cols (B, T') the original column of each output
         (-1 for padding), and {layer: (B,) visual tokens kept from that layer on}.
     """
     B, T, _ = embeds.shape
     cols = torch.arange(T, device=embeds.device).expand(B, T).masked_fill(~valid, -1)
-    pos = positions_from_mask(valid) if positions is None else positions.masked_fill(~valid, 0)
+    pos = positions_from_mask(valid) if positions is None else positions.masked_fill(~_per_token(valid, positions), 0)
     h = embeds
-    pe = parts.rotary_emb(h, position_ids=pos)
+    pe = parts.rotary_emb(h, position_ids=_rope_ids(pos))
     mask = prefill_mask(valid)
     kept: dict[int, torch.Tensor] = {}
     key_valid = []
@@ -263,7 +281,8 @@ def prefill(
         if hook is not None and i in hook_layers:
             qidx = (cols == query_col[:, None]).long().argmax(1)
             text_q = valid & ~visual & (cols <= query_col[:, None])
-            ctx = LLMLayerContext(i, len(parts.layers), layer, h, valid, visual, pos, pe, qidx, text_q, entered)
+            ctx = LLMLayerContext(i, len(parts.layers), layer, h, valid, visual, _text_positions(pos), pe, qidx, text_q,
+                                  entered)
             keep = hook(ctx)
             if isinstance(keep, LLMMerge):
                 h, keep = place_merged(keep, h, valid, visual)
@@ -272,20 +291,20 @@ def prefill(
                     raise ValueError(f"layer {i}: a method tried to drop text tokens; only visual tokens may be dropped")
                 valid, h, pos, visual, cols = compact(keep & valid, h, pos, visual, cols)
                 cols = cols.masked_fill(~valid, -1)
-                pe = parts.rotary_emb(h, position_ids=pos)
+                pe = parts.rotary_emb(h, position_ids=_rope_ids(pos))
                 mask = prefill_mask(valid)
                 kept[i] = (visual & valid).sum(1)
         h = layer(
             h,
             attention_mask=mask,
-            position_ids=pos,
+            position_ids=_text_positions(pos),
             **{cache_arg(type(layer)): cache},
             use_cache=cache is not None,
             position_embeddings=pe,
         )
         key_valid.append(valid)
     if cache is not None:
-        nxt = torch.where(valid, pos, -1).max(1).values + 1
+        nxt = torch.where(_per_token(valid, pos), pos, -1).flatten(1).max(1).values + 1  # multimodal RoPE: the largest
         setattr(cache, _STATE_ATTR, CacheState(key_valid, nxt, seen=0))
     return parts.norm(h), cols, kept
 

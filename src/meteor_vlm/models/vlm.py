@@ -136,8 +136,9 @@ def fuse_and_prune(per_expert: list[VisualTokens], projected: list[torch.Tensor]
         idx = method.prune_fusion(FusionPoint(fused.features, fused.expert[0], names))
         if idx is not None:
             if padded:
-                raise ValueError(f"{type(method).__name__}: fusion pruning is not supported once stage 1 has "
-                                 "kept a different token count per image")
+                raise ValueError(f"{type(method).__name__}: fusion pruning needs the same token count in every image "
+                                 "of a batch (stage 1 kept a different token count per image, or the images differ "
+                                 "in size)")
             fused = fused.select(idx)
     return fused
 
@@ -612,13 +613,14 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
 
 
 def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualTokens | None, kept: dict,
-                  survivors: torch.Tensor, num_layers: int, unpruned: int, expert_names: list[str]) -> list[dict]:
+                  survivors: torch.Tensor, num_layers: int, unpruned: int | list[int], expert_names: list[str]) -> list[dict]:
     """Per-sample token counts of a prefill (what `method.stats` holds), for any adapted model.
 
     owner: the sample each image belongs to, in image order; vis_valid: (B, L) the visual columns that
     entered the LLM; visual: the images' tokens after stages 1-2 (None without images); kept: {layer: (B,)
     visual tokens kept from that layer on}; survivors: (B, T') for each column of the last layer, its
-    token's index image * N + j into `visual` (-1 for text and padding); unpruned: patch tokens per image.
+    token's index image * N + j into `visual` (-1 for text and padding); unpruned: patch tokens per image (one
+    count for all, or a list in image order).
 
     encoder_tokens: patch tokens the experts produce unpruned; stage1: per expert, tokens left after
     stage 1; fusion_tokens: after stage 2 (= visual tokens entering the LLM); stage3: {layer: kept};
@@ -630,6 +632,7 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
     out = []
     for b in range(vis_valid.shape[0]):
         images = owner.count(b)
+        encoder = unpruned * images if isinstance(unpruned, int) else sum(n for n, o in zip(unpruned, owner) if o == b)
         drops = {layer: int(n[b]) for layer, n in kept.items()}
         counts = ops.tokens_per_layer(num_layers, llm_in[b], drops)
         stage1 = {n: sum(c for c, o in zip(per_image, owner) if o == b)
@@ -638,7 +641,7 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
         out.append(
             {
                 "images": images,
-                "encoder_tokens": unpruned * images,
+                "encoder_tokens": encoder,
                 "stage1": stage1,
                 "stage1_tokens": sum(stage1.values()),
                 "fusion_tokens": llm_in[b],

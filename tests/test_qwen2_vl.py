@@ -1,0 +1,140 @@
+"""A stock transformers Qwen2-VL (`Qwen2VLForConditionalGeneration`, multimodal RoPE) under the methods that act
+after its vision encoder: the oracles the project's own model obeys (no-op == stock model, drop == mask, batch ==
+one by one, cached == uncached), with each kept token at its stock (temporal, height, width) position."""
+
+import pytest
+import torch
+
+import meteor_vlm as mv
+
+from .test_oracles import DropAt, check_batch_and_cache, masked_decoder_logits
+
+PROMPTS = ["<image> what is in the image ?", "how many red circle are there ? <image> and <image> on the left",
+           "<image> describe the shape ?"]
+IMAGES = [1, 2, 1]
+SIZES = [(48, 32), (30, 60), (40, 40), (64, 20)]  # each its own token count (6, 8, 4, 4 visual tokens)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return mv.testing.tiny_qwen2_vl(seed=2)
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    return [im.resize(size) for im, size in zip(mv.testing.random_images(4, seed=8), SIZES)]
+
+
+def qwen_inputs(processor, pictures, which=(0, 1, 2), same_size=False):
+    starts = [sum(IMAGES[:i]) for i in range(len(IMAGES))]
+    imgs = [pictures[s + j] for i in which for s in [starts[i]] for j in range(IMAGES[i])]
+    if same_size:
+        imgs = [im.resize((40, 40)) for im in imgs]
+    return processor(images=imgs, text=[PROMPTS[i] for i in which])
+
+
+def logits(model, inputs, method=None, **kw):
+    with torch.no_grad(), (method(model) if method is not None else torch.no_grad()):
+        return model(**inputs, use_cache=False, **kw).logits
+
+
+def stock_reference(model, inputs, drop, layer):
+    """The stock model's embeddings and multimodal RoPE positions, run layer by layer with the columns in `drop`
+    masked as keys from `layer` on."""
+    with torch.no_grad():
+        ids = inputs["input_ids"]
+        feats = torch.cat(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+        embeds = model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None].expand_as(embeds), feats)
+        positions, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+                                                  attention_mask=inputs["attention_mask"])
+    return masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
+                                 drop, layer, positions=positions)
+
+
+NOOPS = {"none": mv.NoPruning, "fastv": lambda: mv.FastV(layer=2, ratio=0.0),
+         "pyramiddrop": lambda: mv.PyramidDrop(ratio=1.0), "dart": lambda: mv.DART(layer=2, ratio=0.0),
+         "divprune": lambda: mv.DivPrune(keep=1.0), "sparsevlm": lambda: mv.SparseVLM(keep=(1.0, 1.0, 1.0)),
+         "meteor-stage3": lambda: mv.Meteor.preset("stage3", lam=1e9)}
+
+
+@pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
+def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(qwen, pictures, make):
+    model, processor = qwen
+    inputs = qwen_inputs(processor, pictures, same_size=make is NOOPS["divprune"])
+    assert (inputs["attention_mask"] == 0).any(), "left padding is exercised"
+    before = logits(model, inputs)
+    method = make()
+    same = logits(model, inputs, method)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
+    image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert [s["layer_avg_tokens"] for s in method.stats] == image_tokens
+    assert [s["images"] for s in method.stats] == IMAGES
+    assert "forward" not in vars(model) and "prepare_inputs_for_generation" not in vars(model)
+    torch.testing.assert_close(logits(model, inputs), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_dropping_at_llm_layer_equals_masking_keys_at_their_multimodal_positions(qwen, pictures, layer):
+    model, processor = qwen
+    inputs = qwen_inputs(processor, pictures, which=(0, 1))
+    vis = inputs["input_ids"] == model.config.image_token_id
+    drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
+    got = logits(model, inputs, lambda m: DropAt(layer, drop)(m))
+    want = stock_reference(model, inputs, drop, layer)
+    text = inputs["attention_mask"].bool() & ~vis
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+    assert (got[text] - logits(model, inputs)[text]).abs().max() > 1e-3
+
+
+def test_fusion_pruning_equals_masking_those_tokens_from_layer_0(qwen, pictures):
+    model, processor = qwen
+    inputs = qwen_inputs(processor, pictures, same_size=True)
+    method = mv.DivPrune(keep=0.5)
+    got = logits(model, inputs, method)
+    is_img = inputs["input_ids"] == model.config.image_token_id
+    drop = []
+    for b, s in enumerate(method.stats):  # image i's token g is the g-th of its image tokens
+        cols = is_img[b].nonzero()[:, 0].view(len(s["kept_grid"]), -1)
+        drop.append([int(cols[i, g]) for i, kept in enumerate(s["kept_grid"]) for g in range(cols.shape[1])
+                     if g not in kept["vision"]])
+    assert all(drop)
+    want = stock_reference(model, inputs, drop, 0)
+    text = inputs["attention_mask"].bool() & ~is_img
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+
+
+PRUNING = {"fastv": lambda: mv.FastV(layer=2, ratio=0.6), "pyramiddrop": lambda: mv.PyramidDrop(ratio=0.6),
+           "dart": lambda: mv.DART(layer=2, ratio=0.6), "divprune": lambda: mv.DivPrune(keep=0.4),
+           "sparsevlm": lambda: mv.SparseVLM(keep=(0.6, 0.4, 0.2), recycle=0.5, cluster=0.25),
+           "meteor-stage3": lambda: mv.Meteor.preset("stage3", lam=3.0)}
+
+
+@pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
+def test_every_later_method_obeys_the_batch_and_cache_oracles(qwen, pictures, make):
+    """Batch = one by one, cached generation = recomputation without the cache (the prompt's token types grown
+    with text for the generated tokens, as the stock model reads them)."""
+    model, processor = qwen
+    method = make()
+    same = isinstance(method, mv.DivPrune)  # fusion pruning takes the same count from every image
+
+    def images_for(batch, ids):
+        kinds = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids[:, batch["input_ids"].shape[1]:])], 1)
+        return {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"], "mm_token_type_ids": kinds}
+
+    check_batch_and_cache(model, method, lambda which: qwen_inputs(processor, pictures, which, same_size=same), images_for,
+                          [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
+
+
+def test_methods_that_prune_inside_the_encoder_and_bad_inputs_are_refused(qwen, pictures):
+    model, processor = qwen
+    inputs = qwen_inputs(processor, pictures, which=(0,))
+    for method in (mv.VisionZip(keep=0.5), mv.ToMe(keep=0.5), mv.Meteor.preset("stage1+3")):
+        with pytest.raises(ValueError, match="prunes inside the vision encoder"):
+            logits(model, inputs, method)
+    with pytest.raises(ValueError, match="needs image_grid_thw"):
+        logits(model, {k: v for k, v in inputs.items() if k != "image_grid_thw"}, mv.FastV())
+    with pytest.raises(ValueError, match="same token count in every image"):
+        logits(model, qwen_inputs(processor, pictures), mv.DivPrune(keep=0.5))
+    assert "forward" not in vars(model)
