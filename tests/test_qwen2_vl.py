@@ -1,5 +1,5 @@
-"""A stock transformers Qwen2-VL (`Qwen2VLForConditionalGeneration`, multimodal RoPE) under the methods that act
-after its vision encoder: the oracles the project's own model obeys (no-op == stock model, drop == mask, batch ==
+"""Stock transformers Qwen2-VL and Qwen2.5-VL (multimodal RoPE) under the methods that act after the vision
+encoder: the oracles the project's own model obeys (no-op == stock model, drop == mask, batch ==
 one by one, cached == uncached), with each kept token at its stock (temporal, height, width) position."""
 
 import pytest
@@ -15,9 +15,9 @@ IMAGES = [1, 2, 1]
 SIZES = [(48, 32), (30, 60), (40, 40), (64, 20)]  # each its own token count (6, 8, 4, 4 visual tokens)
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    return mv.testing.tiny_qwen2_vl(seed=2)
+@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
+def qwen(request):
+    return mv.testing.tiny_qwen2_vl(seed=2, version=request.param)
 
 
 @pytest.fixture(scope="module")

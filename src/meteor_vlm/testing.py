@@ -180,13 +180,18 @@ class TinyQwen2VLProcessor:
         return self.tokenizer.decode(ids, **kwargs)
 
 
-def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6):
+def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2"):
     """A tiny random stock transformers `Qwen2VLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
     `TinyQwen2VLProcessor`: a 2-block vision encoder on 8 px patches, 2x2 merged (an image of 16 to 48 px a
     side gives 2 to 9 visual tokens, by its size), and a `num_layers`-deep decoder with 8 heads (GQA, 4 kv
-    heads) and multimodal RoPE."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    heads) and multimodal RoPE. `version="2.5"`: a `Qwen2_5_VLForConditionalGeneration` instead (windowed
+    attention in its first vision block, full in its second)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if version not in ("2", "2.5"):
+        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2' or '2.5'")
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<|vision_start|>", "<|vision_end|>",
@@ -194,16 +199,21 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6):
     ids = tokenizer.convert_tokens_to_ids
     vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3, mlp_ratio=2)
+    if version == "2.5":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=32, fullatt_block_indexes=[1])
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                 num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
-    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids("<|image_pad|>"),
+    config_cls, model_cls = ((Qwen2VLConfig, Qwen2VLForConditionalGeneration) if version == "2" else
+                             (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration))
+    config = config_cls(vision_config=vision, text_config=text, image_token_id=ids("<|image_pad|>"),
                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
                            vision_end_token_id=ids("<|vision_end|>"))
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():  # as in tiny_model: peaked, varied attention, and visual tokens as large as words
         for p in [*model.model.language_model.parameters(), *model.model.visual.merger.parameters()]:
             if p.dim() == 2:

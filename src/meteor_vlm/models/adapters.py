@@ -29,7 +29,8 @@ from . import runtime
 __all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
-             "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+             "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+             "Qwen2_5_VLForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here when None / False

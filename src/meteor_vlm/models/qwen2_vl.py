@@ -1,5 +1,5 @@
-"""Pruning on a stock transformers Qwen2-VL (`Qwen2VLForConditionalGeneration`), inside its language model and
-where its visual tokens enter it.
+"""Pruning on a stock transformers Qwen2-VL or Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
+`Qwen2_5_VLForConditionalGeneration`), inside its language model and where its visual tokens enter it.
 
 Qwen2-VL's vision encoder packs every image's patches into one sequence and merges each 2x2 group of patches
 into one visual token at its end, so tokens cannot leave it mid-way: stage-1 methods (those that prune inside
@@ -16,7 +16,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from . import runtime
 from .adapters import Layout, StockAdapter, check_sdpa
@@ -28,13 +28,15 @@ EXPERT = "vision"
 
 
 def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
-    """The adapter for a transformers Qwen2VLForConditionalGeneration, or None for any other model."""
-    return Qwen2VLAdapter(model) if type(model) is Qwen2VLForConditionalGeneration else None
+    """The adapter for a transformers Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration, or None
+    for any other model."""
+    stock = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    return Qwen2VLAdapter(model) if type(model) in stock else None
 
 
 class Qwen2VLAdapter(StockAdapter):
-    """What the methods and the runtime need to know about one `Qwen2VLForConditionalGeneration` (images only,
-    no videos). `runners` is empty: no stage-1 point."""
+    """What the methods and the runtime need to know about one `Qwen2VLForConditionalGeneration` or
+    `Qwen2_5_VLForConditionalGeneration` (images only, no videos). `runners` is empty: no stage-1 point."""
 
     IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 
