@@ -229,3 +229,31 @@ def test_meteor_ask_and_speed_run_a_llava_checkpoint_folder(tmp_path, capsys, an
     assert "needs at least two experts" in capsys.readouterr().err
     assert main(["bench", "--model", ckpt, "--samples", "1", "--methods", "unpruned"]) == 2
     assert "`meteor ask` and `meteor speed` run it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"])
+def test_text_only_prompts_beside_an_image_or_alone_equal_the_stock_model(family):
+    """A batch whose first prompt has no image, and a batch with no image at all: pruning nothing gives the stock
+    model's logits, and generation under a method runs."""
+    pics = mv.testing.random_images(1, seed=4)
+    if family.startswith("qwen"):
+        model, processor = mv.testing.tiny_qwen2_vl(seed=1, version="2" if family == "qwen2-vl" else "2.5")
+        batches = [processor(images=[pics[0].resize((40, 24))], text=["what is red ?", "<image> what is in the image ?"]),
+                   processor(images=None, text=["what is red ?", "a b c what is in it"])]
+    else:
+        model, processor = mv.testing.tiny_llava(seed=1, anyres=family == "llava-next")
+        batches = [dict(processor(images=[pics[0]], text=["what is red ?", "<image> what is in the image ?"],
+                                  return_tensors="pt", padding=True)),
+                   dict(processor(text=["what is red ?", "a b c what is in it"], return_tensors="pt", padding=True))]
+    for inputs in batches:
+        assert (inputs["attention_mask"] == 0).any()
+        pos = {} if family.startswith("qwen") else {"position_ids": (inputs["attention_mask"].cumsum(1) - 1).clamp_min(0)}
+        with torch.no_grad():
+            want = model(**inputs, **pos).logits
+            with mv.NoPruning()(model) as method:
+                got = model(**inputs).logits
+            with mv.FastV(layer=1, ratio=0.5)(model):
+                model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        real = inputs["attention_mask"].bool()
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+        assert method.stats[0]["images"] == 0
