@@ -138,3 +138,15 @@ def test_methods_that_prune_inside_the_encoder_and_bad_inputs_are_refused(qwen, 
     with pytest.raises(ValueError, match="same token count in every image"):
         logits(model, qwen_inputs(processor, pictures), mv.DivPrune(keep=0.5))
     assert "forward" not in vars(model)
+
+
+def test_given_multimodal_position_ids_are_read_as_transformers_passes_them(qwen, pictures):
+    """position_ids given as (3, B, T) (what the stock model computes) give the same logits as none given."""
+    model, processor = qwen
+    inputs = qwen_inputs(processor, pictures)
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+                                              attention_mask=inputs["attention_mask"])
+    method = mv.FastV(layer=2, ratio=0.5)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits(model, inputs, method, position_ids=positions)[real], logits(model, inputs, method)[real],
+                               atol=1e-5, rtol=0)

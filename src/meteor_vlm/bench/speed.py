@@ -145,7 +145,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     seed = synth.EVAL_SEED if seed is None else seed
     if samples < 1 or new_tokens < 2 or batch_size < 1:
         raise ValueError(f"need samples >= 1, new_tokens >= 2 and batch_size >= 1, got {samples}, {new_tokens} and {batch_size}")
-    target = adapt(model)  # the model itself, or the adapter of a stock LLaVA: the methods attach to it, its parts are timed
+    target = adapt(model)  # the model, or a stock VLM's adapter: the methods attach to it, its parts are timed
     per_family = -(-samples // len(synth.FAMILIES))
     split = synth.make_split(seed, per_family, image_size=_image_side(processor))[:samples]  # the families in turn
     device = model.device
@@ -216,11 +216,12 @@ def _image_side(processor) -> int:
 
 def _prompts(processor, samples) -> dict:
     """The model's inputs for synthetic samples' questions (no answers): the project's processor and prompt
-    template, or a LLaVA processor's "<image> question" (expanded to its image tokens)."""
+    template, or a stock VLM processor's "<image placeholder> question" (expanded to its image tokens)."""
     from ..models.processor import MultiEncoderProcessor
     from ..train import encode_samples
 
     if isinstance(processor, MultiEncoderProcessor):
         return encode_samples(processor, samples, with_answers=False)
-    return dict(processor(images=[s.image for s in samples], text=[f"<image> {s.question}" for s in samples],
+    placeholder = getattr(processor, "image_token", "<image>")
+    return dict(processor(images=[s.image for s in samples], text=[f"{placeholder} {s.question}" for s in samples],
                           return_tensors="pt", padding=True))

@@ -216,6 +216,8 @@ class StockAdapter:
             images = images if pixels is not None else None
             visual = self.encode_images(images, method) if images is not None else None
             layout = self.layout(images) if images is not None else None
+            if position_ids is not None and position_ids.dim() == 3:  # multimodal RoPE as transformers has it:
+                position_ids = position_ids[-3:].permute(1, 2, 0)  # (3, B, T), or (4, B, T) with text positions first
             positions = position_ids if position_ids is not None else self.rope_positions(input_ids, attention_mask, images)
             embeds, valid, is_vis, vis_index, positions, input_col, owner = self.splice(
                 input_ids, attention_mask, visual, layout, positions)

@@ -71,7 +71,9 @@ class LlavaSiglipRunner(_TowerBlocks, SiglipRunner):
     pass
 
 
-_TOWERS = {"CLIPVisionModel": ("clip", LlavaCLIPRunner, "default"), "SiglipVisionModel": ("siglip", LlavaSiglipRunner, "full")}
+# tower class: (expert kind, runner, the only select strategy that hands on every patch and nothing else)
+_TOWERS = {"CLIPVisionModel": ("clip", LlavaCLIPRunner, "default"),
+           "SiglipVisionModel": ("siglip", LlavaSiglipRunner, "full")}
 
 
 class LlavaAdapter(StockAdapter):
@@ -80,6 +82,8 @@ class LlavaAdapter(StockAdapter):
     Attributes read by methods' `setup`: runners (one, "vision"), expert_names, num_llm_layers, config
     (fusion "post", text_config, rank_table: the model config's `rank_table` attribute if it has one).
     """
+
+    IMAGE_INPUTS = ("pixel_values", "image_sizes")
 
     def __init__(self, model: LlavaForConditionalGeneration):
         cfg = model.config
@@ -111,8 +115,6 @@ class LlavaAdapter(StockAdapter):
         self.image_token_id = cfg.image_token_id
         lm = model.model.language_model
         self.decoder = runtime.DecoderParts(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, model.lm_head)
-
-    IMAGE_INPUTS = ("pixel_values", "image_sizes")
 
     @property
     def tokens_per_image(self) -> int:
@@ -148,6 +150,7 @@ class LlavaAdapter(StockAdapter):
         return Layout(torch.arange(count, device=dev), torch.arange(n, device=dev).expand(count, n),
                       torch.full((count,), n, device=dev))
 
+
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT (`LlavaNextForConditionalGeneration`, "anyres"): each image is a base tile of the whole image
     plus high-resolution tiles; the tower encodes every tile (stage-1 methods prune inside each tile, the
@@ -177,11 +180,11 @@ class LlavaNextAdapter(LlavaAdapter):
         sizes = images["image_sizes"]
         counts = self._tile_counts(sizes)
         n, dev = self.tokens_per_image, images["pixel_values"].device
-        row_end = torch.full((1,), -1.0, device=dev)
+        row_end, strategy = torch.full((1,), -1.0, device=dev), self.model.config.vision_feature_select_strategy
         slots, spans, extra_image, extra_offset = [], [], [], []
         for k, (size, c) in enumerate(zip(sizes, counts)):
             index = torch.arange(c * n, device=dev, dtype=torch.float32).view(c, n, 1)  # exact below 2**24
-            packed, _ = self.model.model.pack_image_features([index], size[None], "default", image_newline=row_end)
+            packed, _ = self.model.model.pack_image_features([index], size[None], strategy, image_newline=row_end)
             packed = packed[0][:, 0].long()
             shown = (packed >= 0).nonzero()[:, 0]
             slot = torch.full((c * n,), -1, dtype=torch.long, device=dev)
