@@ -964,11 +964,11 @@ def test_speed_on_a_stock_llava(tmp_path, capsys, monkeypatch):
 
     model, processor = mv.testing.tiny_llava(seed=0)
     built = []
-    monkeypatch.setattr(shapes, "shaped_llava", lambda shape, dtype: built.append(shape) or (model, processor))
+    monkeypatch.setattr(shapes, "shaped_llava", lambda shape, dtype, anyres: built.append((shape, anyres)) or (model, processor))
     names = ["unpruned", "fastv:k1-r0.75", "visionzip:keep0.25", "meteor:stage1+3"]
     assert main(["speed", "--shape", "smollm2-135m", "--llava", "--samples", "2", "--new-tokens", "2",
                  "--methods", ",".join(names), "--out", str(tmp_path)]) == 0
-    assert built == ["smollm2-135m"] and "LLaVA-1.5" in capsys.readouterr().out
+    assert built == [("smollm2-135m", False)] and "LLaVA-1.5" in capsys.readouterr().out
     data = json.loads((tmp_path / "speed.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
     assert data["llava"] is True and list(rows) == names
@@ -980,6 +980,16 @@ def test_speed_on_a_stock_llava(tmp_path, capsys, monkeypatch):
     assert "forward" not in vars(model) and "prepare_inputs_for_generation" not in vars(model)
     assert main(["speed", "--llava", "--model", "tiny"]) == 2
     assert "--llava needs --shape" in capsys.readouterr().err
+    assert main(["speed", "--shape", "smollm2-135m", "--anyres"]) == 2
+    assert "--anyres needs --llava" in capsys.readouterr().err
+    # LLaVA-NeXT: each square synthetic image is a base tile and 2x2 high-resolution ones, unpadded, with row ends
+    model, processor = mv.testing.tiny_llava(seed=0, anyres=True)
+    assert main(["speed", "--shape", "smollm2-135m", "--llava", "--anyres", "--samples", "1", "--new-tokens", "2",
+                 "--methods", "unpruned,visionzip:keep0.25", "--out", str(tmp_path)]) == 0
+    assert built[-1] == ("smollm2-135m", True) and "LLaVA-NeXT" in capsys.readouterr().out
+    rows = {r["method"]: r for r in json.loads((tmp_path / "speed.json").read_text())["rows"]}
+    assert rows["unpruned"]["tokens"] == 16 + 8 * 8 + 8  # base tile, the 2x2 tiles' 8x8 grid, one row end per row
+    assert rows["visionzip:keep0.25"]["tokens"] == 4 * 5 + 8  # 4 of 16 in each of the 5 tiles, and the row ends
 
 
 def test_greedy_steps_equal_generate_on_a_stock_llava():

@@ -156,10 +156,13 @@ def cmd_speed(args) -> int:
         raise ValueError("give --model or --shape, not both")
     if args.llava and not args.shape:
         raise ValueError("--llava needs --shape (the decoder behind LLaVA-1.5's tower)")
+    if args.anyres and not args.llava:
+        raise ValueError("--anyres needs --llava (it makes the LLaVA a LLaVA-NeXT)")
     _, dtype = _device_dtype(args)
     if args.llava:
-        print(f"building a random LLaVA-1.5 with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
-        model, processor = shaped_llava(args.shape, dtype=dtype)
+        print(f"building a random LLaVA-{'NeXT' if args.anyres else '1.5'} with the {args.shape} decoder ({args.dtype}) ...",
+              file=sys.stderr)
+        model, processor = shaped_llava(args.shape, dtype=dtype, anyres=args.anyres)
     elif args.shape:
         print(f"building a random model at shape {args.shape} ({args.dtype}) and calibrating it ...", file=sys.stderr)
         model, processor = shaped_model(args.shape, dtype=dtype)
@@ -187,7 +190,10 @@ def cmd_speed(args) -> int:
             + ([("peak", "prefill peak MB")] if cuda else []))
     where = f"{torch.get_num_threads()} CPU threads" if not cuda else torch.cuda.get_device_name(model.device)
     what = f"random weights at shape {args.shape}" if args.shape else f"model {args.model or 'default'}"
-    what += " (a stock transformers LLaVA-1.5: CLIP ViT-L/14 at 336 px, 576 image tokens)" if args.llava else ""
+    if args.llava:
+        what += (" (a stock transformers LLaVA-NeXT: CLIP ViT-L/14 on 336 px tiles, a base tile and 2x2 high-resolution "
+                 "ones per square image, 2928 image tokens)" if args.anyres else
+                 " (a stock transformers LLaVA-1.5: CLIP ViT-L/14 at 336 px, 576 image tokens)")
     print(f"{what}, {args.dtype}; medians over {-(-args.samples // args.batch_size)} batches of {args.batch_size}, "
           f"methods interleaved, {where}; the expert columns include their stage-1 pruning, other = projectors, "
           "fusion, stage-3 scoring, head; KV cache = keys and values cached by the prefill")
@@ -196,7 +202,7 @@ def cmd_speed(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape,
-                "llava": bool(args.llava), "seed": args.seed,
+                "llava": bool(args.llava), "anyres": bool(args.anyres), "seed": args.seed,
                 "samples": args.samples, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                 "dtype": args.dtype, "device": args.device if not cuda else torch.cuda.get_device_name(model.device),
                 "threads": torch.get_num_threads()}
@@ -539,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--llava", action="store_true",
                     help="with --shape: a stock transformers LLaVA-1.5 (CLIP ViT-L/14 at 336 px, 576 image tokens) in "
                     "front of that decoder instead of the three experts (METEOR: its stage1/stage3 names)")
+    sp.add_argument("--anyres", action="store_true", help="with --llava: a LLaVA-NeXT (anyres tiles) instead of LLaVA-1.5")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")

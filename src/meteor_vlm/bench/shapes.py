@@ -23,11 +23,14 @@ from ..models.experts import ExpertSpec
 from ..models.processor import MultiEncoderProcessor
 from ..models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
-__all__ = ["SHAPES", "LLAVA_TOWER", "shape_experts", "shape_text_config", "shaped_model", "shaped_llava"]
+__all__ = ["SHAPES", "LLAVA_TOWER", "LLAVA_NEXT_GRIDS", "shape_experts", "shape_text_config", "shaped_model", "shaped_llava"]
 
 # LLaVA-1.5's vision tower: openai/clip-vit-large-patch14-336's vision config
 LLAVA_TOWER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                    image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+# LLaVA-NeXT's high-resolution grids (height, width in pixels): 2x1, 1x2, 2x2, 3x1 and 1x3 tiles of 336 px
+LLAVA_NEXT_GRIDS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 # the decoders: transformers config kwargs of real checkpoints' LLMs (vocabulary included, since the head's
 # cost per decoded token depends on it)
@@ -99,32 +102,40 @@ def shaped_model(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     return model, processor
 
 
-def shaped_llava(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+def shaped_llava(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0, anyres: bool = False):
     """A random stock transformers `LlavaForConditionalGeneration` in LLaVA-1.5's layout (`LLAVA_TOWER`, features
     from block -2 without CLS, a GELU two-layer projector) with the decoder of a shape (a key of SHAPES), and
     its `LlavaProcessor` (336 px, 576 image tokens per <image>; the synthetic benchmark's word tokenizer), in
-    eval mode and SDPA attention."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    eval mode and SDPA attention. With `anyres`, a `LlavaNextForConditionalGeneration` in LLaVA-NeXT's layout
+    instead (the same tower and projector, LLaVA-NeXT's grids `LLAVA_NEXT_GRIDS` and row-end tokens; a square
+    image is a base tile and 2x2 high-resolution tiles: 2928 image tokens) with its `LlavaNextProcessor`."""
+    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     from ..train import build_tokenizer
 
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**LLAVA_TOWER), text_config=shape_text_config(shape, tokenizer),
-                         image_token_id=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         projector_hidden_act="gelu")
+    config_cls, model_cls = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else (LlavaConfig,
+                                                                                              LlavaForConditionalGeneration)
+    config = config_cls(vision_config=CLIPVisionConfig(**LLAVA_TOWER), text_config=shape_text_config(shape, tokenizer),
+                        image_token_id=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                        projector_hidden_act="gelu", **({"image_grid_pinpoints": LLAVA_NEXT_GRIDS} if anyres else {}))
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = LlavaForConditionalGeneration(config).eval()
+        model = model_cls(config).eval()
     finally:
         torch.set_default_dtype(default)
     model.generation_config.suppress_tokens = [image_token_id]  # as the project's model: <image> is never generated
     side = LLAVA_TOWER["image_size"]
-    images = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=LLAVA_TOWER["patch_size"],
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    sizes = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    images = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=LLAVA_NEXT_GRIDS) if anyres else CLIPImageProcessorPil(**sizes)
+    processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
+        image_processor=images, tokenizer=tokenizer, patch_size=LLAVA_TOWER["patch_size"],
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor
