@@ -192,7 +192,7 @@ def cmd_speed(args) -> int:
     what = f"random weights at shape {args.shape}" if args.shape else f"model {args.model or 'default'}"
     if args.llava:
         what += (" (a stock transformers LLaVA-NeXT: CLIP ViT-L/14 on 336 px tiles, a base tile and 2x2 high-resolution "
-                 "ones per square image, 2928 image tokens)" if args.anyres else
+                 "ones per square 672 px image, 2928 image tokens)" if args.anyres else
                  " (a stock transformers LLaVA-1.5: CLIP ViT-L/14 at 336 px, 576 image tokens)")
     print(f"{what}, {args.dtype}; medians over {-(-args.samples // args.batch_size)} batches of {args.batch_size}, "
           f"methods interleaved, {where}; the expert columns include their stage-1 pruning, other = projectors, "

@@ -108,7 +108,8 @@ def shaped_llava(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0, 
     its `LlavaProcessor` (336 px, 576 image tokens per <image>; the synthetic benchmark's word tokenizer), in
     eval mode and SDPA attention. With `anyres`, a `LlavaNextForConditionalGeneration` in LLaVA-NeXT's layout
     instead (the same tower and projector, LLaVA-NeXT's grids `LLAVA_NEXT_GRIDS` and row-end tokens; a square
-    image is a base tile and 2x2 high-resolution tiles: 2928 image tokens) with its `LlavaNextProcessor`."""
+    image of 672 px or more is a base tile and 2x2 high-resolution tiles: 2928 image tokens) with its
+    `LlavaNextProcessor`."""
     from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                               LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil

@@ -208,9 +208,13 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
 
 
 def _image_side(processor) -> int:
-    """Side of the synthetic images to draw for a processor: its largest input size, at least 128."""
+    """Side of the synthetic images to draw for a processor: its largest input size (for LLaVA-NeXT's tiles, the
+    side of its largest square grid, so a square image fills it as a large photo would), at least 128."""
     sizes = getattr(processor, "experts", None)
-    side = max(s.image_size for s in sizes) if sizes else processor.image_processor.crop_size["height"]
+    if sizes:
+        return max(128, max(s.image_size for s in sizes))
+    grids = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    side = max(min(g) for g in grids) if grids else processor.image_processor.crop_size["height"]
     return max(128, side)
 
 
