@@ -276,7 +276,7 @@ def test_a_different_count_per_image_before_the_llm_equals_masking_from_layer_0(
         torch.testing.assert_close(got[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
 
 
-def test_empty_slots_only_at_an_experts_output_and_never_before_fusion_pruning(tiny, images):
+def test_empty_slots_only_at_an_experts_output(tiny, images):
     model, processor = tiny
     inputs = make_inputs(processor, [images[0], images[1], images[3]], PROMPTS)
 
@@ -287,12 +287,31 @@ def test_empty_slots_only_at_an_experts_output_and_never_before_fusion_pruning(t
     with pytest.raises(ValueError, match="only possible after the expert's last block"), EarlyGaps()(model):
         logits(model, inputs)
 
-    class ThenFusion(GapsAtOutput):
-        def prune_fusion(self, ctx):
-            return torch.arange(2).expand(ctx.tokens.shape[0], -1)
 
-    with pytest.raises(ValueError, match="different token count per image"), ThenFusion()(model):
-        logits(model, inputs)
+def test_fusion_pruning_after_a_count_per_image_sees_each_image_alone(tiny, images):
+    """Stage 1 keeps a different count per image, then DivPrune prunes at fusion: each image's fusion answer is
+    the one it gets alone (its real tokens only), so a batch equals its samples run alone and each image keeps
+    its share of its own tokens."""
+    model, processor = tiny
+    imgs = [images[0], [images[1], images[2]], images[3]]
+    inputs = make_inputs(processor, imgs, PROMPTS)
+
+    class ThenDivPrune(GapsAtOutput):
+        def prune_fusion(self, ctx):
+            return mv.DivPrune(keep=0.5).prune_fusion(ctx)
+
+    method = ThenDivPrune()
+    with method(model):
+        got = logits(model, inputs)
+    stage1 = [s["stage1_tokens"] for s in method.stats]
+    assert len(set(stage1)) > 1, f"the samples hand on different counts: {stage1}"
+    fused = [s["fusion_tokens"] for s in method.stats]
+    assert all(f < n for f, n in zip(fused, stage1)), "fusion pruned every sample"
+    for b in range(3):
+        with method(model):
+            alone = logits(model, make_inputs(processor, [imgs[b]], [PROMPTS[b]]))[0]
+        torch.testing.assert_close(got[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
+        assert method.stats[-1]["fusion_tokens"] == fused[b]
 
 
 @pytest.mark.parametrize("positions", ["original", "compact"])

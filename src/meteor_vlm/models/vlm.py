@@ -122,7 +122,9 @@ def apply_encoder_keep(answer, x, grid, size, has_cls):
 def fuse_and_prune(per_expert: list[VisualTokens], projected: list[torch.Tensor], names: list[str],
                    method: PruningMethod | None) -> VisualTokens:
     """Post-projection fusion then stage 2: the experts' projected tokens (num_images, N_e, D) concatenated
-    along the sequence, with their provenance, and the method's `prune_fusion` answer applied."""
+    along the sequence, with their provenance, and the method's `prune_fusion` answer applied. Where the images
+    hold different token counts (empty slots), `prune_fusion` sees each image alone, its real tokens only, and
+    the images keep their own counts."""
     padded = any(v.valid is not None for v in per_expert)
     fused = VisualTokens(
         torch.cat(projected, 1),
@@ -132,15 +134,21 @@ def fuse_and_prune(per_expert: list[VisualTokens], projected: list[torch.Tensor]
         {n: v.mask.sum(1).tolist() for n, v in zip(names, per_expert)},
         torch.cat([v.mask for v in per_expert], 1) if padded else None,
     )
-    if method is not None:
+    if method is None:
+        return fused
+    if not padded:
         idx = method.prune_fusion(FusionPoint(fused.features, fused.expert[0], names))
-        if idx is not None:
-            if padded:
-                raise ValueError(f"{type(method).__name__}: fusion pruning needs the same token count in every image "
-                                 "of a batch (stage 1 kept a different token count per image, or the images differ "
-                                 "in size)")
-            fused = fused.select(idx)
-    return fused
+        return fused if idx is None else fused.select(idx)
+    slots = [m.nonzero()[:, 0] for m in fused.mask]  # each image's real tokens
+    answers = [method.prune_fusion(FusionPoint(fused.features[i, s][None], fused.expert[i, s], names))
+               for i, s in enumerate(slots)]
+    if all(a is None for a in answers):
+        return fused
+    kept = [s if a is None else s[a[0]] for s, a in zip(slots, answers)]
+    idx = torch.nn.utils.rnn.pad_sequence(kept, batch_first=True, padding_value=-1)
+    out = fused.select(idx.clamp_min(0))
+    out.valid = out.mask & (idx >= 0)
+    return out
 
 
 class MultiEncoderVLMConfig(PretrainedConfig):
