@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import meteor_vlm as mv
+from meteor_vlm.methods.base import keep_most_attended
 from meteor_vlm.models.adapters import adapt
 
 from .test_oracles import PEERS, DropAt, GapsAtOutput, check_batch_and_cache, masked_decoder_logits
@@ -257,3 +258,41 @@ def test_text_only_prompts_beside_an_image_or_alone_equal_the_stock_model(family
         real = inputs["attention_mask"].bool()
         torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
         assert method.stats[0]["images"] == 0
+
+
+class FirstPatchesThenFastV(mv.PruningMethod):
+    """Test method: the tower hands on its first 4 patches only (so an image's last patch never enters the LLM),
+    then FastV's rule at LLM layer 1, which reads the query token's attention."""
+
+    name = "first-patches-then-fastv-test"
+
+    def __init__(self):
+        self.stats = []
+
+    def encoder_blocks(self, num_blocks):
+        return [num_blocks - 1]
+
+    def prune_encoder(self, ctx):
+        return torch.arange(4).expand(ctx.tokens.shape[0], -1)
+
+    def llm_layers(self, num_layers):
+        return {1}
+
+    def prune_llm(self, ctx):
+        last = torch.where(ctx.valid, torch.arange(ctx.valid.shape[1]), -1).max(1).values
+        assert torch.equal(ctx.query_index, last), "the query is the last token still present"
+        return keep_most_attended(ctx, torch.full_like(ctx.query_index, 2))
+
+
+def test_a_prompt_ending_with_an_image_queries_its_last_token_still_present(clip_llava, pictures):
+    """When the query column (the prompt's last) is an image token that pruning before the LLM removed, stage 3
+    queries the last token still present (here that image's last kept patch), alone and in a batch."""
+    model, processor = clip_llava
+    prompts = ["what is in the image ? <image>", "<image> how many red circle are there in the image ?"]
+    method = FirstPatchesThenFastV()
+    with method(model), torch.no_grad():
+        batch_in = processor(images=pictures[:2], text=prompts, return_tensors="pt", padding=True)
+        batch = model(**batch_in, use_cache=False).logits
+        for b in range(2):
+            alone = model(**processor(images=[pictures[b]], text=[prompts[b]], return_tensors="pt"), use_cache=False).logits[0]
+            torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)

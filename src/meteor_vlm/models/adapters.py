@@ -225,7 +225,8 @@ class StockAdapter:
             qpos = torch.full((B,), T - 1, device=input_ids.device)
             if query_positions is not None:
                 qpos = torch.as_tensor(query_positions, device=input_ids.device).long().expand_as(qpos)
-            query_col = (input_col == qpos[:, None]).long().argmax(1)
+            # the query: the last token still present at or before the query column (a prompt may end with an image)
+            query_col = (torch.searchsorted(input_col.contiguous(), qpos[:, None].contiguous(), right=True) - 1)[:, 0]
             hidden, cols, kept = runtime.prefill(parts, embeds, valid, is_vis, query_col, cache if use_cache else None,
                                                  method.llm_layers(self.num_llm_layers), method.prune_llm, positions)
             survivors = torch.where(cols >= 0, vis_index.gather(1, cols.clamp_min(0)), -1)
