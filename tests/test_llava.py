@@ -296,3 +296,26 @@ def test_a_prompt_ending_with_an_image_queries_its_last_token_still_present(clip
         for b in range(2):
             alone = model(**processor(images=[pictures[b]], text=[prompts[b]], return_tensors="pt"), use_cache=False).logits[0]
             torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl"])
+def test_beam_search_keeps_each_prompts_images_with_its_rows(family, pictures):
+    """generate with beams repeats each prompt's row; its images must follow as a group (a prompt with two images
+    would otherwise get the wrong ones): pruning nothing, beam search equals the stock model's, and under a method
+    beam search with the cache equals it without (stage 3 querying the prompt's last token)."""
+    if family == "qwen2-vl":
+        model, processor = mv.testing.tiny_qwen2_vl(seed=2)
+        inputs = processor(images=[p.resize((40, 24)) for p in pictures[:3]], text=PROMPTS[:2])
+    else:
+        model, processor = mv.testing.tiny_llava(seed=2, anyres=family == "llava-next")
+        inputs = llava_inputs(processor, pictures, which=(0, 1))
+    beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        stock = model.generate(**inputs, **beams)
+        with mv.NoPruning()(model):
+            assert torch.equal(model.generate(**inputs, **beams), stock)
+        with mv.FastV(layer=1, ratio=0.5)(model):
+            cached = model.generate(**inputs, **beams)
+            uncached = model.generate(**inputs, **beams, use_cache=False, query_positions=inputs["input_ids"].shape[1] - 1)
+    assert torch.equal(cached, uncached)
+    assert "_expand_inputs_for_generation" not in vars(model)

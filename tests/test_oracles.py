@@ -531,3 +531,15 @@ def check_batch_and_cache(model, method, inputs_for, images_for, never, steps=4)
             ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(out.sequences, ids)
+
+
+def test_beam_search_keeps_each_prompts_images_with_its_rows(tiny, images):
+    """Beams repeat each prompt's row, and its images (two for the second prompt) follow as a group: beam search
+    with the KV cache under METEOR equals beam search recomputed without it."""
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], [images[1], images[2]]], PROMPTS[:2])
+    beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
+    with mv.Meteor.preset("paper-242")(model), torch.no_grad():
+        cached = model.generate(**inputs, **beams)
+        uncached = model.generate(**inputs, **beams, use_cache=False, query_positions=inputs["input_ids"].shape[1] - 1)
+    assert torch.equal(cached, uncached)

@@ -93,6 +93,7 @@ class StockAdapter:
     """
 
     IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)
+    PER_IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)  # indexed by image (generate must not repeat them by row)
 
     @property
     def device(self) -> torch.device:
@@ -103,15 +104,31 @@ class StockAdapter:
         count of real tokens."""
         return None
 
+    def take_images(self, images: dict, index: torch.Tensor) -> dict:
+        """The per-image inputs of the images `index` (num_images,) picks, in that order (by default each input's
+        first dimension is the image)."""
+        return {k: v[index] for k, v in images.items()}
+
+    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int) -> dict:
+        """What generate's beams (or num_return_sequences) need: every prompt's images `expand_size` times, the
+        copies of a prompt one after another, as its rows are repeated (repeating each image in place would hand
+        a prompt with two images the wrong ones)."""
+        span = self.layout(images).span
+        rows = (input_ids == self.image_token_id).nonzero(as_tuple=True)[0][span.cumsum(0) - span]  # each image's prompt
+        order = [i for b in range(input_ids.shape[0]) for _ in range(expand_size) for i in (rows == b).nonzero()[:, 0].tolist()]
+        return self.take_images(images, torch.tensor(order, dtype=torch.long, device=input_ids.device))
+
     def check_method(self, method) -> None:
         """ValueError if this model cannot run `method` (asked when the method is attached, before its setup)."""
 
     # ---- attaching -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def pruning(self, method):
-        """Replace this instance's forward and prepare_inputs_for_generation while the block runs."""
+        """Replace this instance's forward, prepare_inputs_for_generation and _expand_inputs_for_generation while
+        the block runs."""
         model = self.model
-        saved = {k: vars(model)[k] for k in ("forward", "prepare_inputs_for_generation") if k in vars(model)}
+        saved = {k: vars(model)[k] for k in ("forward", "prepare_inputs_for_generation", "_expand_inputs_for_generation")
+                 if k in vars(model)}
         adapter = self
 
         def forward(input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
@@ -129,12 +146,21 @@ class StockAdapter:
         params = list(signature.parameters.values())
         images = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in self.IMAGE_INPUTS]
         forward.__signature__ = signature.replace(parameters=params[:-1] + images + params[-1:])
+        def expand_inputs_for_generation(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+            per_image = {k: model_kwargs.pop(k) for k in adapter.PER_IMAGE_INPUTS if model_kwargs.get(k) is not None}
+            input_ids_out, model_kwargs = type(model)._expand_inputs_for_generation(
+                model, expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+            if per_image:
+                model_kwargs.update(adapter.expand_images(per_image, input_ids, expand_size) if expand_size > 1 else per_image)
+            return input_ids_out, model_kwargs
+
         model.forward = forward
         model.prepare_inputs_for_generation = prepare_inputs_for_generation
+        model._expand_inputs_for_generation = expand_inputs_for_generation
         try:
             yield
         finally:
-            for k in ("forward", "prepare_inputs_for_generation"):
+            for k in ("forward", "prepare_inputs_for_generation", "_expand_inputs_for_generation"):
                 if k in saved:
                     setattr(model, k, saved[k])
                 else:

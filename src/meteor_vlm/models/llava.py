@@ -84,6 +84,7 @@ class LlavaAdapter(StockAdapter):
     """
 
     IMAGE_INPUTS = ("pixel_values", "image_sizes")
+    PER_IMAGE_INPUTS = ("pixel_values", "image_sizes")
 
     def __init__(self, model: LlavaForConditionalGeneration):
         cfg = model.config

@@ -39,6 +39,14 @@ class Qwen2VLAdapter(StockAdapter):
     `Qwen2_5_VLForConditionalGeneration` (images only, no videos). `runners` is empty: no stage-1 point."""
 
     IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+    PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+
+    def take_images(self, images: dict, index: torch.Tensor) -> dict:
+        """pixel_values hold every image's patches one after another (image_grid_thw's product each)."""
+        grid = images["image_grid_thw"]
+        starts = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)])
+        patches = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1]), device=grid.device) for i in index.tolist()])
+        return {"pixel_values": images["pixel_values"][patches], "image_grid_thw": grid[index]}
 
     def __init__(self, model: Qwen2VLForConditionalGeneration):
         cfg = model.config

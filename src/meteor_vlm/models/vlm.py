@@ -614,6 +614,18 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         inputs["past_key_values"] = inputs.pop("cache")
         return inputs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # beams / num_return_sequences repeat each prompt's row; its images (one placeholder each) must follow it as
+        # a group, not be repeated one by one in place (a prompt with two images would get the wrong ones)
+        pixels = {k: model_kwargs.pop(k) for k in list(model_kwargs) if k.startswith(PIXEL_PREFIX)}
+        ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        if pixels and expand_size > 1:
+            rows = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)[0]
+            order = torch.tensor([i for b in range(input_ids.shape[0]) for _ in range(expand_size)
+                                  for i in (rows == b).nonzero()[:, 0].tolist()], dtype=torch.long, device=input_ids.device)
+            pixels = {k: v[order] for k, v in pixels.items()}
+        return ids, {**model_kwargs, **pixels}
+
     def _validate_model_kwargs(self, model_kwargs):
         # per-expert pixel keys are named after the experts, so no fixed signature can list them
         rest = {k: v for k, v in model_kwargs.items() if not k.startswith("pixel_values_") and k != "query_positions"}
