@@ -37,3 +37,16 @@ def test_readme_meteor_commands_parse():
             parser.parse_args(shlex.split(command)[1:])
         except SystemExit:
             raise AssertionError(f"the README's command does not parse: {command}") from None
+
+
+def test_readme_commands_table_names_every_method_pattern():
+    """The commands table's `meteor methods` row, written by hand, names every pattern the parser accepts (its
+    prefix up to the first setting), so a new peer cannot be left out of it."""
+    from meteor_vlm.bench.accuracy import NAME_PATTERNS
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `meteor methods`"))
+    for p in NAME_PATTERNS:
+        for usage in p.usage.split(", "):
+            prefix = usage.split("<")[0]
+            assert f"`{prefix}<" in row, f"the README's `meteor methods` row does not name {usage}"
