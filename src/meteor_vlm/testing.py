@@ -155,7 +155,8 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
 class TinyQwen2VLProcessor:
     """What transformers' Qwen2VLProcessor returns, for a tiny Qwen2-VL (that processor needs a video processor,
     which needs torchvision): each "<image>" in a prompt becomes <|vision_start|>, one <|image_pad|> per merged
-    visual token and <|vision_end|>; outputs input_ids, attention_mask (left padding), pixel_values (the image
+    visual token and <|vision_end|>; outputs input_ids, attention_mask (always PyTorch tensors, left-padded:
+    `return_tensors` and `padding` are accepted for a processor's call signature), pixel_values (the image
     processor's packed patches), image_grid_thw and mm_token_type_ids (1 on image tokens)."""
 
     def __init__(self, image_processor, tokenizer, merge_size: int):

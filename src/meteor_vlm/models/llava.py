@@ -16,8 +16,9 @@ the ones the multi-encoder VLM uses, so every method runs here unchanged:
 - the language model's layers run in the shared runtime (`runtime.prefill` / `decode`), so stage-3
   methods drop tokens mid-stack with SDPA and the KV cache as on the project's own model.
 
-Inside `with method(llava)` this one instance's `forward` and `prepare_inputs_for_generation` are
-replaced (nothing is patched on the class; `adapters.StockAdapter`); leaving the block restores them.
+Inside `with method(llava)` this one instance's `forward`, `prepare_inputs_for_generation` and
+`_expand_inputs_for_generation` are replaced (nothing is patched on the class; `adapters.StockAdapter`);
+leaving the block restores them.
 """
 
 from __future__ import annotations

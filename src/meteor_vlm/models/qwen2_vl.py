@@ -7,8 +7,8 @@ an encoder) are refused. Its merged tokens are the one expert, "vision", that `p
 and stage-3 methods (FastV, PyramidDrop, DART, SparseVLM, METEOR's stage 3) drop them inside the LLM. Every
 kept token keeps its multimodal RoPE position (temporal, height, width; `get_rope_index`), which the
 runtime carries as (B, T, 3), so dropping a token is masking it, and decoding goes on from the largest
-position + 1 as the stock model's does. Inside `with method(model)` this one instance's `forward` and
-`prepare_inputs_for_generation` are replaced (`adapters.StockAdapter`).
+position + 1 as the stock model's does. Inside `with method(model)` this one instance's `forward`,
+`prepare_inputs_for_generation` and `_expand_inputs_for_generation` are replaced (`adapters.StockAdapter`).
 """
 
 from __future__ import annotations
@@ -41,13 +41,6 @@ class Qwen2VLAdapter(StockAdapter):
     IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
     PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
 
-    def take_images(self, images: dict, index: torch.Tensor) -> dict:
-        """pixel_values hold every image's patches one after another (image_grid_thw's product each)."""
-        grid = images["image_grid_thw"]
-        starts = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)])
-        patches = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1]), device=grid.device) for i in index.tolist()])
-        return {"pixel_values": images["pixel_values"][patches], "image_grid_thw": grid[index]}
-
     def __init__(self, model: Qwen2VLForConditionalGeneration):
         cfg = model.config
         check_sdpa(cfg.text_config)
@@ -59,6 +52,13 @@ class Qwen2VLAdapter(StockAdapter):
         self.image_token_id = cfg.image_token_id
         lm = model.model.language_model
         self.decoder = runtime.DecoderParts(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, model.lm_head)
+
+    def take_images(self, images: dict, index: torch.Tensor) -> dict:
+        """pixel_values hold every image's patches one after another (image_grid_thw's product each)."""
+        grid = images["image_grid_thw"]
+        starts = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)])
+        patches = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1]), device=grid.device) for i in index.tolist()])
+        return {"pixel_values": images["pixel_values"][patches], "image_grid_thw": grid[index]}
 
     def check_method(self, method) -> None:
         if method.prunes_in_encoder():
