@@ -319,3 +319,18 @@ def test_beam_search_keeps_each_prompts_images_with_its_rows(family, pictures):
             uncached = model.generate(**inputs, **beams, use_cache=False, query_positions=inputs["input_ids"].shape[1] - 1)
     assert torch.equal(cached, uncached)
     assert "_expand_inputs_for_generation" not in vars(model)
+
+
+def test_the_stage_1_and_3_bench_name_runs_meteor_on_one_tower(clip_llava, pictures):
+    """`meteor:e<keep>-l<lambda>` is METEOR without its fusion stage at a chosen budget: it runs on a LLaVA (where
+    the three-stage names refuse) and keeps that share of the tower's patches after stage 1."""
+    from meteor_vlm.bench.accuracy import make_method
+
+    model, processor = clip_llava
+    method = make_method("meteor:e0.5-l3")
+    assert isinstance(method, mv.Meteor) and not method.fusion and method.encoder and method.llm
+    pruned_logits(model, llava_inputs(processor, pictures), method)
+    assert [s["stage1_tokens"] for s in method.stats] == [8 * n for n in IMAGES]
+    assert all(s["stage3"] for s in method.stats)
+    with pytest.raises(ValueError, match="needs at least two experts"):
+        pruned_logits(model, llava_inputs(processor, pictures), make_method("meteor:e0.5-f0.5-l3"))

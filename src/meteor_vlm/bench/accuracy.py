@@ -100,6 +100,11 @@ NAME_PATTERNS = (
                 lambda e, f, lam: Meteor(encoder_keep=float(e), fusion_keep=float(f), lam=float(lam)),
                 "meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>", "all three stages at a chosen budget",
                 "meteor:e0.5-f0.6-l100"),
+    NamePattern(re.compile(r"^meteor:e([0-9.]+)-l([0-9.]+)$"),
+                lambda e, lam: Meteor(fusion=False, encoder_keep=float(e), lam=float(lam)),
+                "meteor:e<encoder_keep>-l<lambda>",
+                "stages 1 and 3 at a chosen budget, no fusion stage (a model with one vision encoder, e.g. a LLaVA)",
+                "meteor:e0.333-l50"),
     NamePattern(re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$"), lambda budget, lam: _stage3_alone(budget, float(lam)),
                 "stage3:adaptive-l<lambda>, stage3:fixed-l<lambda>",
                 "the stage-3 ablation at another lambda (default 50; the fixed ratios are matched at run time to "
