@@ -74,20 +74,29 @@ NOOPS = {"none": mv.NoPruning, **{k: noop for k, (noop, _) in PEERS.items()},
 def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(llava, pictures, make):
     model, processor = llava
     inputs = llava_inputs(processor, pictures)
-    assert (inputs["attention_mask"] == 0).any(), "left padding is exercised"
-    before = stock_logits(model, inputs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     method = make()
-    same = pruned_logits(model, inputs, method)
+    image_tokens = assert_noop_is_the_stock_model(model, inputs, method, stock_logits, pruned_logits)
+    assert [s["fusion_tokens"] for s in method.stats] == image_tokens
+    if "image_sizes" not in inputs:  # LLaVA-NeXT counts its tiles as images
+        assert [s["images"] for s in method.stats] == IMAGES and image_tokens == [16 * n for n in IMAGES]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def assert_noop_is_the_stock_model(model, inputs, method, stock, pruned) -> list[int]:
+    """`method` pruning nothing on a left-padded batch: the stock model's logits (`stock(model, inputs)`) on the
+    real columns, every layer seeing every image token, and afterwards the instance unpatched with the same
+    outputs. Returns the image tokens per sample."""
+    assert (inputs["attention_mask"] == 0).any(), "left padding is exercised"
+    before = stock(model, inputs)
+    same = pruned(model, inputs, method)
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
     image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
-    assert [s["layer_avg_tokens"] for s in method.stats] == [s["fusion_tokens"] for s in method.stats] == image_tokens
-    if "image_sizes" not in inputs:  # LLaVA-NeXT counts its tiles as images
-        assert [s["images"] for s in method.stats] == IMAGES and image_tokens == [16 * n for n in IMAGES]
+    assert [s["layer_avg_tokens"] for s in method.stats] == image_tokens
     assert "forward" not in vars(model) and "prepare_inputs_for_generation" not in vars(model)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    torch.testing.assert_close(stock_logits(model, inputs), before, atol=0, rtol=0)
+    torch.testing.assert_close(stock(model, inputs), before, atol=0, rtol=0)
+    return image_tokens
 
 
 def dropped_columns(model, inputs, stats):

@@ -115,8 +115,7 @@ class StockAdapter:
         a prompt with two images the wrong ones)."""
         span = self.layout(images).span
         rows = (input_ids == self.image_token_id).nonzero(as_tuple=True)[0][span.cumsum(0) - span]  # each image's prompt
-        order = [i for b in range(input_ids.shape[0]) for _ in range(expand_size) for i in (rows == b).nonzero()[:, 0].tolist()]
-        return self.take_images(images, torch.tensor(order, dtype=torch.long, device=input_ids.device))
+        return self.take_images(images, runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size))
 
     def check_method(self, method) -> None:
         """ValueError if this model cannot run `method` (asked when the method is attached, before its setup)."""

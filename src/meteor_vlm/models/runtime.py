@@ -29,7 +29,7 @@ from torch import nn
 from .. import ops
 
 __all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "LLMMerge", "prefill", "decode", "compact", "at_columns",
-           "generation_inputs", "decode_new_tokens"]
+           "generation_inputs", "decode_new_tokens", "images_for_expanded_rows"]
 
 
 @dataclass
@@ -334,6 +334,14 @@ def generation_inputs(input_ids, cache, attention_mask, kwargs: dict, is_image_i
     else:
         inputs.update({k: v for k, v in kwargs.items() if (is_image_input(k) or k == "query_positions") and v is not None})
     return inputs
+
+
+def images_for_expanded_rows(image_rows: torch.Tensor, batch_size: int, expand_size: int) -> torch.Tensor:
+    """(num_images * expand_size,) long: which image each slot of a beam-expanded batch takes. generate repeats
+    every prompt's row `expand_size` times; each copy needs that prompt's images as a group, in order
+    (`image_rows`: (num_images,) the prompt of each image)."""
+    order = [i for b in range(batch_size) for _ in range(expand_size) for i in (image_rows == b).nonzero()[:, 0].tolist()]
+    return torch.tensor(order, dtype=torch.long, device=image_rows.device)
 
 
 @functools.cache

@@ -621,8 +621,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
         if pixels and expand_size > 1:
             rows = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)[0]
-            order = torch.tensor([i for b in range(input_ids.shape[0]) for _ in range(expand_size)
-                                  for i in (rows == b).nonzero()[:, 0].tolist()], dtype=torch.long, device=input_ids.device)
+            order = runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size)
             pixels = {k: v[order] for k, v in pixels.items()}
         return ids, {**model_kwargs, **pixels}
 
