@@ -7,6 +7,7 @@ import torch
 
 import meteor_vlm as mv
 from meteor_vlm.methods import scaled_llm_layers
+from meteor_vlm.models.adapters import adapt
 
 from .conftest import make_inputs
 
@@ -120,6 +121,32 @@ def test_scaled_llm_layers():
     assert scaled_llm_layers(32) == (4, 12, 20)
     assert scaled_llm_layers(6) == (1, 2, 4)
     assert scaled_llm_layers(16) == (2, 6, 10)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "pix2struct", "llava-clip", "llava-siglip"])
+def test_a_block_split_at_its_mlp_is_the_block(kind):
+    """run_attention then run_mlp equal run_block (with and without a per-key bias), and the keys caught
+    from the attention are the block's own keys (query_key), for every ViT runner and LLaVA's towers."""
+    if kind.startswith("llava"):
+        runner = adapt(mv.testing.tiny_llava(seed=0, tower=kind[len("llava-"):])[0]).runners[0]
+    else:
+        model, _ = mv.testing.tiny_model(seed=0, experts=(kind, "clip") if kind != "clip" else ("clip", "siglip"))
+        runner = model.runners[0]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # fresh norms are all alike (ones, zeros): make each its own
+        for module in runner.module.modules():
+            if "LayerNorm" in type(module).__name__:
+                for p in module.parameters():
+                    p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    x = torch.randn(2, 7, runner.out_dim, generator=gen)
+    bias = torch.rand(2, 7, generator=gen).log1p()
+    for i in range(runner.num_blocks):
+        for b in (None, bias):
+            with torch.no_grad():
+                half, keys = runner.run_attention(i, x, b)
+                torch.testing.assert_close(runner.run_mlp(i, half), runner.run_block(i, x, b), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(keys, runner.query_key(i, x)[1])
+        assert not torch.allclose(half, runner.run_block(i, x), atol=1e-3)  # the MLP half does something
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip", "pix2struct", "convnext", "efficientnet_lite"])

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import meteor_vlm as mv
 
 from .conftest import make_inputs
-from .test_evoprune import encode_watching_blocks
 from .test_oracles import PROMPTS, logits
 
 
@@ -80,16 +79,28 @@ class RecordingToMe(mv.ToMe):
         return answer
 
 
+def attention_of(block):
+    """A ViT block's attention module (CLIP's self_attn, Pix2Struct's attention)."""
+    return block.self_attn if hasattr(block, "self_attn") else block.attention
+
+
 @pytest.mark.parametrize("keep", [0.4, 0.1])  # 0.1: the ViTs' steps need more than one round
-def test_tome_merges_after_every_block_as_a_plain_reference(tiny, images, keep):
+def test_tome_merges_in_every_block_as_a_plain_reference(tiny, images, keep):
     model, processor = tiny
     inputs = make_inputs(processor, [images[0], images[1]], PROMPTS[:2])
     pixels = {k[len("pixel_values_"):]: v for k, v in inputs.items() if k.startswith("pixel_values_")}
     method = RecordingToMe(keep=keep)
     method.seen = []
-    masks = {}  # (expert, block) -> the attention bias the block ran with
-    visual = encode_watching_blocks(model, pixels, method, lambda name, i: lambda module, args, kwargs: masks.__setitem__(
-        (name, i), kwargs.get("attention_mask")))
+    masks = {}  # (expert, block) -> the attention bias the block's attention ran with
+    hooks = [attention_of(block).register_forward_pre_hook(
+        lambda module, args, kwargs, key=(r.spec.name, i): masks.__setitem__(key, kwargs.get("attention_mask")),
+        with_kwargs=True) for r in model.runners for i, block in enumerate(r.blocks)]
+    try:
+        with torch.no_grad(), method(model):
+            visual = model.encode_images(pixels, method)
+    finally:
+        for h in hooks:
+            h.remove()
     for e, runner in enumerate(model.runners):
         name, n0 = runner.spec.name, runner.num_patches
         calls = [s for s in method.seen if s[0] == name]
@@ -117,6 +128,56 @@ def test_tome_merges_after_every_block_as_a_plain_reference(tiny, images, keep):
         assert torch.equal(visual.size[:, mine].sum(1), torch.full((2,), float(n0)))
         grid = visual.grid_index[:, mine]
         assert (grid[:, 1:] > grid[:, :-1]).all()
+
+
+def plain_tome_expert(runner, pixels, keep):
+    """ToMe through one ViT expert for one image, by hand from each block's parts: its attention half (with
+    log(size) added to every key's logits, 0 for CLS), then `plain_tome_step` on the keys that attention used
+    (the key projection of the normed input, averaged over heads) down to the schedule's count, then the MLP
+    half on the merged tokens. Returns (features, grid positions, sizes)."""
+    kind = runner.kind
+    x = runner.embed(pixels)  # (1, N, D)
+    grid, size = list(range(runner.num_patches)), [1.0] * runner.num_patches
+    cls = 1 if runner.has_cls else 0
+    for i, block in enumerate(runner.blocks):
+        norm1, attn, norm2 = ((block.layer_norm1, block.self_attn, block.layer_norm2) if kind != "pix2struct" else
+                              (block.pre_attention_layer_norm, block.attention, block.pre_mlp_layer_norm))
+        h = norm1(x)
+        bias = torch.tensor([0.0] * cls + [math.log(s) for s in size])[None, None, None, :]
+        mask = None if all(s == 1 for s in size) else bias
+        out = attn(h, attention_mask=mask)[0] if kind == "pix2struct" else attn(hidden_states=h, attention_mask=mask)[0]
+        x = x + out
+        keys = (attn.key if kind == "pix2struct" else attn.k_proj)(h)[0]
+        heads = attn.n_heads if kind == "pix2struct" else attn.num_heads
+        metric = keys.view(len(keys), heads, -1).mean(1)[cls:]
+        n = round(runner.num_patches * keep ** ((i + 1) / runner.num_blocks))
+        if n < len(grid):
+            at, groups, merged = plain_tome_step(x[0, cls:], metric, torch.tensor(size), n)
+            grid, size = [grid[a] for a in at], [sum(size[m] for m in g) for g in groups]
+            x = torch.cat([x[:, :cls], merged.float()[None]], 1)
+        x = x + block.mlp(norm2(x))
+    return runner.finalize(x)[0], grid, size
+
+
+@pytest.mark.parametrize("keep", [0.4, 0.1])
+def test_tome_merges_between_attention_and_mlp(tiny, images, keep):
+    """Each ViT expert's output under ToMe equals ToMe done by hand from the blocks' parts, merging after the
+    attention and before the MLP of each block (ToMe's place)."""
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], images[1]], PROMPTS[:2])
+    method = mv.ToMe(keep=keep)
+    vits = [e for e, r in enumerate(model.runners) if r.num_blocks]
+    assert {model.runners[e].kind for e in vits} == {"clip", "pix2struct"}
+    for e in vits:
+        runner = model.runners[e]
+        pixels = inputs[f"pixel_values_{runner.spec.name}"]
+        with torch.no_grad(), method(model):
+            out = model.encode_expert(e, pixels, method)
+            for b in range(2):
+                feats, grid, size = plain_tome_expert(runner, pixels[b : b + 1], keep)
+                assert out.grid_index[b].tolist() == grid
+                assert out.size[b].tolist() == size
+                torch.testing.assert_close(out.features[b], feats, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("expert", [0, 1])  # CLIP (with CLS), Pix2Struct

@@ -43,10 +43,12 @@ __all__ = ["PruningMethod", "EncoderPoint", "EncoderMerge", "FusionPoint", "REGI
 class EncoderPoint:
     """Stage-1 context: one expert, after block `block` (or at the output of a CNN).
 
-    tokens: (B, N, D) block output (CLS first when has_cls); point: the index of this block among those
-    the method acts after (by default the ends of the expert's three thirds: 0, 1, 2); size:
-    (B, N_patches) how many of the expert's patches each patch token stands for (1 until a method
-    merges tokens).
+    tokens: (B, N, D) block output (CLS first when has_cls), or, for a method whose `merges_within_block`
+    is set, the output of the block's attention half (its MLP runs on what the method hands back); point:
+    the index of this block among those the method acts at (by default the ends of the expert's three
+    thirds: 0, 1, 2); size: (B, N_patches) how many of the expert's patches each patch token stands for (1
+    until a method merges tokens); keys: (B, H, N, d) the keys the block's attention used, where the
+    runner caught them (within a block), else None and computed from block_input when asked.
     """
 
     expert: str
@@ -59,6 +61,7 @@ class EncoderPoint:
     has_cls: bool
     runner: object = field(repr=False, default=None)
     size: torch.Tensor | None = field(repr=False, default=None)
+    keys: torch.Tensor | None = field(repr=False, default=None)
 
     @property
     def patches(self) -> torch.Tensor:
@@ -86,7 +89,7 @@ class EncoderPoint:
 
     def patch_keys(self) -> torch.Tensor:
         """(B, H, N_patches, d) this block's own keys of the patch tokens (CLS removed)."""
-        _, k, _ = self._qk()
+        k = self.keys if self.keys is not None else self._qk()[1]
         return k[:, :, 1:] if self.has_cls else k
 
     def received_attention(self) -> torch.Tensor:
@@ -252,13 +255,17 @@ class PruningMethod:
         return type(self).prune_encoder is not PruningMethod.prune_encoder
 
     def encoder_blocks(self, num_blocks: int) -> list[int] | None:
-        """The blocks of a `num_blocks`-deep vision expert after which `prune_encoder` is called, in
+        """The blocks of a `num_blocks`-deep vision expert after (or within) which `prune_encoder` is called, in
         increasing order; None: the ends of its three thirds (`ExpertRunner.pruning_points`)."""
         return None
 
     # ToMe's proportional attention: after merging, an expert's later blocks add log(size) to the attention
     # logits of each key, so a merged token counts as the tokens it stands for (subclasses may override)
     proportional_attention: ClassVar[bool] = False
+
+    # ToMe's place: `prune_encoder` is called between the attention and the MLP of each chosen block (its
+    # tokens the attention half's output, its keys those that attention used), not after the block
+    merges_within_block: ClassVar[bool] = False
 
     def prune_fusion(self, ctx: FusionPoint) -> torch.Tensor | None:
         return None

@@ -1,18 +1,18 @@
-"""ToMe (token merging): merge similar tokens after every block of each vision expert, never drop them.
+"""ToMe (token merging): merge similar tokens inside every block of each vision expert, never drop them.
 
-After each block of a ViT expert, bipartite soft matching (`ops.bipartite_soft_matching`) on that
-block's keys, averaged over heads, sends the tokens of set A (even positions) with the strongest edges
-into their most similar token of set B (odd positions); a merged token is the size-weighted mean of what
-went into it (`ops.merge_groups`) and stands at its B token's grid position. With proportional
+In each block of a ViT expert, between its attention and its MLP (ToMe's place), bipartite soft matching
+(`ops.bipartite_soft_matching`) on the keys that block's attention used, averaged over heads, sends the
+tokens of set A (even positions) with the strongest edges into their most similar token of set B (odd
+positions); a merged token is the size-weighted mean of what went into it (`ops.merge_groups`) and stands
+at its B token's grid position, and the block's MLP runs on the merged tokens. With proportional
 attention (ToMe's default) the later blocks add log(size) to every key's attention logit, so a merged
 token weighs as the patches it stands for. CLS is never merged.
 
-Differences from ToMe, ours: ToMe merges inside each block, between attention and MLP, r tokens per
-block; here the merge follows the block (the runner's unit), and the counts follow a geometric schedule
-to a share `keep` of each expert's patches after its last block, round(N0 * keep^(i/L)) after block i
-of L, so experts of any size end at the same share. A CNN, which runs whole, has its output merged in
-successive bipartite rounds (each at most half) down to round(N0 * keep), on its features. Nothing
-happens at fusion or in the LLM.
+Differences from ToMe, ours: ToMe merges a fixed r tokens per block; here the counts follow a geometric
+schedule to a share `keep` of each expert's patches after its last block, round(N0 * keep^(i/L)) after
+block i of L, so experts of any size end at the same share. A CNN, which runs whole, has its output
+merged in successive bipartite rounds (each at most half) down to round(N0 * keep), on its features.
+Nothing happens at fusion or in the LLM.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ __all__ = ["ToMe"]
 @register
 @dataclass
 class ToMe(PruningMethod):
-    """ToMe's settings: `keep`, the share of each expert's patch tokens left after its last block, and
+    """ToMe's settings: `keep`, the share of each expert's patch tokens left after its last block's merge, and
     `proportional_attention`, whether the later blocks weigh merged tokens by their size."""
 
     name: ClassVar[str] = "tome"
+    merges_within_block: ClassVar[bool] = True
     keep: float = 0.25
     proportional_attention: bool = True
 

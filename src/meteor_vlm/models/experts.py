@@ -124,6 +124,16 @@ class ExpertRunner:
         bias: (B, N) added to every query's attention logit for each key (proportional attention)."""
         raise NotImplementedError
 
+    def run_attention(self, i: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i's first half on (B, N, D) tokens: its attention (with `bias` as in run_block) plus the
+        residual, and the (B, H, N, d) keys that attention used, caught from its key projection rather than
+        computed again. `run_mlp(i, ...)` on the first finishes the block: together they are `run_block`."""
+        raise NotImplementedError
+
+    def run_mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block i's second half on (B, N, D) tokens: its MLP plus the residual."""
+        raise NotImplementedError
+
     def query_key(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Block i's own queries and keys for its input x: (B, H, N, d) each, and its softmax scale."""
         raise NotImplementedError
@@ -157,6 +167,21 @@ class ExpertRunner:
         B, N, _ = t.shape
         return t.view(B, N, heads, -1).transpose(1, 2)
 
+    @staticmethod
+    def _mask(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """(B, N) per-key bias -> the additive (B, 1, 1, N) attention mask the blocks take."""
+        return None if bias is None else bias[:, None, None, :].to(x.dtype)
+
+    def _catching_keys(self, key_projection: nn.Module, heads: int, attend):
+        """attend()'s result and the (B, H, N, d) output of `key_projection` during it."""
+        caught = []
+        hook = key_projection.register_forward_hook(lambda module, args, out: caught.append(out))
+        try:
+            out = attend()
+        finally:
+            hook.remove()
+        return out, self._split_heads(caught[-1], heads)
+
 
 class _ViTRunner(ExpertRunner):
     """CLIP and SigLIP share their block layout (layer_norm1 -> self_attn.{q,k}_proj)."""
@@ -174,7 +199,17 @@ class _ViTRunner(ExpertRunner):
         return g, g
 
     def run_block(self, i, x, bias=None):
-        return self.blocks[i](x, attention_mask=None if bias is None else bias[:, None, None, :].to(x.dtype))
+        return self.blocks[i](x, attention_mask=self._mask(bias, x))
+
+    def run_attention(self, i, x, bias=None):
+        block = self.blocks[i]
+        (h, _), keys = self._catching_keys(block.self_attn.k_proj, block.self_attn.num_heads, lambda: block.self_attn(
+            hidden_states=block.layer_norm1(x), attention_mask=self._mask(bias, x)))
+        return x + h, keys
+
+    def run_mlp(self, i, x):
+        block = self.blocks[i]
+        return x + block.mlp(block.layer_norm2(x))
 
     def query_key(self, i, x):
         block = self.blocks[i]
@@ -231,7 +266,17 @@ class Pix2StructRunner(ExpertRunner):
         return self.module.embeddings(torch.cat([ids, patches], -1))
 
     def run_block(self, i, x, bias=None):
-        return self.blocks[i](x, attention_mask=None if bias is None else bias[:, None, None, :].to(x.dtype))[0]
+        return self.blocks[i](x, attention_mask=self._mask(bias, x))[0]
+
+    def run_attention(self, i, x, bias=None):
+        block = self.blocks[i]
+        (h, _), keys = self._catching_keys(block.attention.key, block.attention.n_heads, lambda: block.attention(
+            block.pre_attention_layer_norm(x), attention_mask=self._mask(bias, x)))
+        return x + h, keys
+
+    def run_mlp(self, i, x):
+        block = self.blocks[i]
+        return x + block.mlp(block.pre_mlp_layer_norm(x))
 
     def query_key(self, i, x):
         block = self.blocks[i]

@@ -55,7 +55,8 @@ def check_visual_positions(value: str) -> None:
 
 def run_expert(runner, index: int, pixel_values: torch.Tensor, method: PruningMethod | None) -> VisualTokens:
     """Run one expert (its `ExpertRunner`, the `index`-th of the model) block by block on (num_images, 3, S, S)
-    pixels, letting the method drop or merge patch tokens (stage 1). Returns its tokens before projection."""
+    pixels, letting the method drop or merge patch tokens (stage 1) after its chosen blocks, or between their
+    attention and MLP (`merges_within_block`). Returns its tokens before projection."""
     x = runner.embed(pixel_values)
     B = x.shape[0]
     grid = torch.arange(runner.num_patches, device=x.device).expand(B, -1)
@@ -63,20 +64,29 @@ def run_expert(runner, index: int, pixel_values: torch.Tensor, method: PruningMe
     chosen = None if method is None or not runner.is_transformer else method.encoder_blocks(runner.num_blocks)
     points = runner.pruning_points() if chosen is None else _check_blocks(chosen, runner)
     proportional = method is not None and method.proportional_attention
+    within = method is not None and method.merges_within_block
     valid = None
     for i in range(runner.num_blocks):
         x_in = x
         bias = None
         if proportional and bool((size != 1).any()):  # log(size) for every key; CLS stands for itself
             bias = size.log() if not runner.has_cls else torch.cat([torch.zeros_like(size[:, :1]), size.log()], 1)
-        x = runner.run_block(i, x, bias)
-        if method is not None and i in points:
-            ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner,
-                               size)
-            x, grid, size, valid = apply_encoder_keep(method.prune_encoder(ctx), x, grid, size, runner.has_cls)
-            if valid is not None and i != runner.num_blocks - 1:
-                raise ValueError(f"expert {runner.spec.name!r}, block {i}: a different token count per image (-1 in "
-                                 "the keep indices) is only possible after the expert's last block")
+        if method is None or i not in points:
+            x = runner.run_block(i, x, bias)
+            continue
+        keys = None
+        if within:  # the method acts between the block's attention and its MLP
+            x, keys = runner.run_attention(i, x, bias)
+        else:
+            x = runner.run_block(i, x, bias)
+        ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner,
+                           size, keys)
+        x, grid, size, valid = apply_encoder_keep(method.prune_encoder(ctx), x, grid, size, runner.has_cls)
+        if valid is not None and i != runner.num_blocks - 1:
+            raise ValueError(f"expert {runner.spec.name!r}, block {i}: a different token count per image (-1 in "
+                             "the keep indices) is only possible after the expert's last block")
+        if within:
+            x = runner.run_mlp(i, x)
     feats = runner.finalize(x)
     if method is not None and runner.num_blocks == 0:  # a CNN is pruned once, at its output
         ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner, size)
