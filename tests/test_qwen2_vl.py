@@ -2,6 +2,8 @@
 encoder: the oracles the project's own model obeys (no-op == stock model, drop == mask, batch ==
 one by one, cached == uncached), with each kept token at its stock (temporal, height, width) position."""
 
+import re
+
 import pytest
 import torch
 
@@ -144,3 +146,49 @@ def test_given_multimodal_position_ids_are_read_as_transformers_passes_them(qwen
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(logits(model, inputs, method, position_ids=positions)[real], logits(model, inputs, method)[real],
                                atol=1e-5, rtol=0)
+
+
+TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
+            "<|vision_end|> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+            "{% if add_generation_prompt %} a{% endif %}")
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
+    """A transformers Qwen2-VL / Qwen2.5-VL checkpoint folder (saved model, tokenizer, image processor, chat
+    template) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
+    the same method, a heatmap on the merged grid) and `meteor speed`, with the processor read back from the
+    folder giving the same inputs; methods pruning inside the encoder are refused clearly."""
+    from meteor_vlm.cli import main
+    from meteor_vlm.models.qwen2_vl import Qwen2VLImageTextProcessor
+
+    model, processor = mv.testing.tiny_qwen2_vl(seed=3, version=version)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    Qwen2VLImageTextProcessor(processor.image_processor, processor.tokenizer, TEMPLATE).save_pretrained(ckpt)
+    loaded = Qwen2VLImageTextProcessor.from_pretrained(ckpt)
+    picture = mv.testing.random_images(1, seed=9)[0].resize((48, 32))
+    picture.save(tmp_path / "img.png")
+    prompt = loaded.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                      {"type": "text", "text": "what is in the image ?"}]}])
+    assert prompt == "<|vision_start|><|image_pad|><|vision_end|> what is in the image ? a"
+    inputs = loaded(images=[picture], text=[prompt])
+    mine = processor(images=[picture], text=["<image> what is in the image ? a"])
+    assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
+    assert int(inputs["mm_token_type_ids"].sum()) == 6  # 48 x 32 px: 6 x 4 patches of 8 px, 2 x 2 merged
+    heat = tmp_path / "heat.png"
+    assert main(["ask", str(tmp_path / "img.png"), "what is in the image ?", "--model", str(ckpt), "--method",
+                 "fastv:k1-r0.5", "--max-new-tokens", "3", "--heatmap", str(heat)]) == 0
+    out = capsys.readouterr().out
+    with mv.FastV(layer=1, ratio=0.5)(model), torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    answer = processor.decode(want[0, inputs["input_ids"].shape[1]:]).strip()
+    assert f"answer: {answer}\n" in out and "visual tokens: 6 from the experts" in out
+    assert heat.is_file()
+    assert main(["speed", "--model", str(ckpt), "--samples", "1", "--new-tokens", "2", "--methods",
+                 "unpruned,fastv:k1-r0.5"]) == 0
+    assert "fastv:k1-r0.5" in capsys.readouterr().out
+    assert main(["ask", str(tmp_path / "img.png"), "what ?", "--model", str(ckpt), "--method", "tome:keep0.5"]) == 2
+    assert "prunes inside the vision encoder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=re.escape("hold 1 <|image_pad|> tokens for 2 images")):
+        loaded(images=[picture, picture], text=[prompt])

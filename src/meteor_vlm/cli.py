@@ -14,13 +14,15 @@ from .synth import EVAL_SEED as _EVAL_SEED  # noqa: E402 - light import (numpy, 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-LLAVA_TYPES = ("llava", "llava_next")  # checkpoint model_types that `meteor ask` and `meteor speed` load
+# checkpoint model_types that `meteor ask` and `meteor speed` load, and their transformers classes
+STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+               "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
 def _load(model_arg: str, llava: bool = False):
     """(model, processor) from 'default' (embedded), 'tiny' (random, calibrated on synthetic images) or a path:
     a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT checkpoint folder
-    (SDPA attention, its own AutoProcessor)."""
+    (SDPA attention, its own AutoProcessor) or Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`)."""
     import meteor_vlm as mv
 
     if model_arg == "default":
@@ -34,26 +36,33 @@ def _load(model_arg: str, llava: bool = False):
         raise SystemExit(f"error: model directory not found: {path}")
     config = path / "config.json"
     model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    if model_type in LLAVA_TYPES:
+    if model_type in STOCK_TYPES:
         if not llava:
             raise ValueError(f"{path} is a {model_type} checkpoint: `meteor ask` and `meteor speed` run it; this "
                              "command needs the project's multi-encoder model (synthetic prompts, rank table, training)")
-        from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+        import transformers
 
-        cls = LlavaForConditionalGeneration if model_type == "llava" else LlavaNextForConditionalGeneration
-        return cls.from_pretrained(path, attn_implementation="sdpa").eval(), AutoProcessor.from_pretrained(path)
+        cls = getattr(transformers, STOCK_TYPES[model_type])
+        model = cls.from_pretrained(path, attn_implementation="sdpa").eval()
+        if model_type in ("qwen2_vl", "qwen2_5_vl"):  # its AutoProcessor needs torchvision for videos
+            from .models.qwen2_vl import Qwen2VLImageTextProcessor
+
+            return model, Qwen2VLImageTextProcessor.from_pretrained(path)
+        return model, transformers.AutoProcessor.from_pretrained(path)
     return mv.MultiEncoderVLM.from_pretrained(path).eval(), mv.MultiEncoderProcessor.from_pretrained(path)
 
 
 def _prompt(processor, question: str) -> str:
-    """The prompt for one image and `question`: the project's template, a LLaVA processor's chat template, or
-    "<image> question" for one without."""
+    """The prompt for one image and `question`: the project's template, a stock VLM processor's chat template, or
+    "<image placeholder> question" for one without."""
     if hasattr(processor, "format_prompt"):
         return processor.format_prompt(question)
     if getattr(processor, "chat_template", None):
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(turn, add_generation_prompt=True)
-    return f"<image> {question}"
+    from .bench.speed import image_placeholder
+
+    return f"{image_placeholder(processor)} {question}"
 
 
 def _synthetic_images(n: int, seed: int):
@@ -384,6 +393,9 @@ def cmd_ask(args) -> int:
     print(f"  layer-averaged:           {s['layer_avg_tokens']:.1f}")
     if args.heatmap:
         grids = {r.spec.name: r.grid() for r in target.runners}  # a LLaVA-NeXT: its first tile, the whole image
+        if "image_grid_thw" in inputs:  # Qwen2-VL: its grid of merged tokens, as the processor resized the image
+            _, rows, cols = (inputs["image_grid_thw"][0] // torch.tensor([1, processor.merge_size, processor.merge_size])).tolist()
+            grids = {target.expert_names[0]: (rows, cols)}
         kept = s["kept_grid"][0] if s["kept_grid"] else {}
         kept_token_heatmap(image, kept, grids).save(args.heatmap)
         print(f"heatmap written to {args.heatmap}")

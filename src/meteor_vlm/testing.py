@@ -152,44 +152,17 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     return model, processor
 
 
-class TinyQwen2VLProcessor:
-    """What transformers' Qwen2VLProcessor returns, for a tiny Qwen2-VL (that processor needs a video processor,
-    which needs torchvision): each "<image>" in a prompt becomes <|vision_start|>, one <|image_pad|> per merged
-    visual token and <|vision_end|>; outputs input_ids, attention_mask (always PyTorch tensors, left-padded:
-    `return_tensors` and `padding` are accepted for a processor's call signature), pixel_values (the image
-    processor's packed patches), image_grid_thw and mm_token_type_ids (1 on image tokens)."""
-
-    def __init__(self, image_processor, tokenizer, merge_size: int):
-        self.image_processor, self.tokenizer, self.merge_size = image_processor, tokenizer, merge_size
-
-    def __call__(self, images=None, text=(), return_tensors="pt", padding=True):
-        pixels = self.image_processor(images=list(images), return_tensors="pt") if images else {}
-        counts = iter((pixels["image_grid_thw"].prod(-1) // self.merge_size**2).tolist() if images else [])
-        texts = [t.replace("<image>", "<image-here>") for t in text]
-        texts = [self._expand(t, counts) for t in texts]
-        out = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
-        out["mm_token_type_ids"] = (out["input_ids"] == self.tokenizer.convert_tokens_to_ids("<|image_pad|>")).int()
-        return {**out, **dict(pixels)}
-
-    @staticmethod
-    def _expand(text: str, counts) -> str:
-        while "<image-here>" in text:
-            text = text.replace("<image-here>", "<|vision_start|>" + "<|image_pad|>" * next(counts) + "<|vision_end|>", 1)
-        return text
-
-    def decode(self, ids, **kwargs) -> str:
-        return self.tokenizer.decode(ids, **kwargs)
-
-
 def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2"):
     """A tiny random stock transformers `Qwen2VLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
-    `TinyQwen2VLProcessor`: a 2-block vision encoder on 8 px patches, 2x2 merged (an image of 16 to 48 px a
-    side gives 2 to 9 visual tokens, by its size), and a `num_layers`-deep decoder with 8 heads (GQA, 4 kv
-    heads) and multimodal RoPE. `version="2.5"`: a `Qwen2_5_VLForConditionalGeneration` instead (windowed
+    `models.qwen2_vl.Qwen2VLImageTextProcessor` where "<image>" stands for one image: a 2-block vision encoder
+    on 8 px patches, 2x2 merged (an image of 16 to 48 px a side gives 2 to 9 visual tokens, by its size), and
+    a `num_layers`-deep decoder with 8 heads (GQA, 4 kv heads) and multimodal RoPE. `version="2.5"`: a `Qwen2_5_VLForConditionalGeneration` instead (windowed
     attention in its first vision block, full in its second)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .models.qwen2_vl import Qwen2VLImageTextProcessor
 
     if version not in ("2", "2.5"):
         raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2' or '2.5'")
@@ -222,7 +195,7 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2"):
     model.generation_config.suppress_tokens = [ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")]
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                       temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return model, TinyQwen2VLProcessor(images, tokenizer, merge_size=2)
+    return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>")
 
 
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

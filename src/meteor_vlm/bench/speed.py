@@ -207,12 +207,23 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     return rows
 
 
+QWEN_SIDE = 672  # 24 x 24 merged tokens of 28 px: LLaVA-1.5's 576 image tokens
+
+
+def image_placeholder(processor) -> str:
+    """What stands for one image in a prompt written by hand for a stock VLM's processor."""
+    return getattr(processor, "image_placeholder", None) or getattr(processor, "image_token", "<image>")
+
+
 def _image_side(processor) -> int:
     """Side of the synthetic images to draw for a processor: its largest input size (for LLaVA-NeXT's tiles, the
-    side of its largest square grid, so a square image fills it as a large photo would), at least 128."""
+    side of its largest square grid, so a square image fills it as a large photo would), at least 128; for
+    Qwen2-VL, which takes any size, QWEN_SIDE (its processor may still resize within its min and max pixels)."""
     sizes = getattr(processor, "experts", None)
     if sizes:
         return max(128, max(s.image_size for s in sizes))
+    if hasattr(processor.image_processor, "merge_size"):
+        return QWEN_SIDE
     grids = getattr(processor.image_processor, "image_grid_pinpoints", None)
     side = max(min(g) for g in grids) if grids else processor.image_processor.crop_size["height"]
     return max(128, side)
@@ -226,6 +237,6 @@ def _prompts(processor, samples) -> dict:
 
     if isinstance(processor, MultiEncoderProcessor):
         return encode_samples(processor, samples, with_answers=False)
-    placeholder = getattr(processor, "image_token", "<image>")
+    placeholder = image_placeholder(processor)
     return dict(processor(images=[s.image for s in samples], text=[f"{placeholder} {s.question}" for s in samples],
                           return_tensors="pt", padding=True))
