@@ -992,6 +992,44 @@ def test_speed_on_a_stock_llava(tmp_path, capsys, monkeypatch):
     assert rows["visionzip:keep0.25"]["tokens"] == 4 * 5 + 8  # 4 of 16 in each of the 5 tiles, and the row ends
 
 
+def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
+    """`meteor speed --shape S --qwen2-vl` profiles a stock transformers Qwen2-VL through its adapter: its vision
+    encoder is the one expert timed, methods after it see fewer tokens, FLOPs and KV cache; the config puts
+    Qwen2-VL's encoder before each shape's decoder with multimodal RoPE sections filling its heads."""
+    from meteor_vlm.bench import shapes
+    from meteor_vlm.cli import main
+    from meteor_vlm.train import build_tokenizer
+
+    model, processor = mv.testing.tiny_qwen2_vl(seed=0)
+    built = []
+    monkeypatch.setattr(shapes, "shaped_qwen2_vl", lambda shape, dtype: built.append(shape) or (model, processor))
+    names = ["unpruned", "fastv:k1-r0.75", "divprune:keep0.5"]
+    assert main(["speed", "--shape", "smollm2-135m", "--qwen2-vl", "--samples", "2", "--new-tokens", "2",
+                 "--methods", ",".join(names), "--out", str(tmp_path)]) == 0
+    assert built == ["smollm2-135m"] and "Qwen2-VL" in capsys.readouterr().out
+    data = json.loads((tmp_path / "speed.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert data["qwen2_vl"] is True and list(rows) == names
+    assert all(set(r["experts_ms"]) == {"vision"} and r["experts_ms"]["vision"] > 0 for r in rows.values())
+    assert rows["unpruned"]["tokens"] == 9  # the tiny processor's largest image: 48 px, 6 x 6 patches, 2 x 2 merged
+    for n in names[1:]:
+        assert rows[n]["tokens"] < 9 and rows[n]["kv_cache_mb"] < rows["unpruned"]["kv_cache_mb"]
+        assert rows[n]["prefill_tflops"] < rows["unpruned"]["prefill_tflops"]
+    assert main(["speed", "--shape", "smollm2-135m", "--qwen2-vl", "--methods", "tome:keep0.5", "--samples", "1"]) == 2
+    assert "prunes inside the vision encoder" in capsys.readouterr().err
+    for bad in (["--qwen2-vl", "--model", "tiny"], ["--shape", "smollm2-135m", "--llava", "--qwen2-vl"]):
+        assert main(["speed", *bad]) == 2
+        assert "--qwen2-vl needs --shape" in capsys.readouterr().err
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": shapes.QWEN_SPECIAL})
+    for shape in shapes.SHAPES:
+        config = shapes.qwen2_vl_config(shape, tokenizer)
+        text = config.text_config
+        assert 2 * sum(text.rope_parameters["mrope_section"]) == text.hidden_size // text.num_attention_heads
+        assert config.vision_config.hidden_size == text.hidden_size and config.vision_config.depth == 32
+        assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+
 def test_greedy_steps_equal_generate_on_a_stock_llava():
     from meteor_vlm.bench.speed import greedy_steps
 

@@ -154,8 +154,8 @@ def cmd_bench(args) -> int:
 
 def cmd_speed(args) -> int:
     from meteor_vlm.bench.accuracy import resolve_methods
-    from meteor_vlm.bench.shapes import shaped_llava, shaped_model
-    from meteor_vlm.bench.speed import profile_methods
+    from meteor_vlm.bench import shapes
+    from meteor_vlm.bench.speed import QWEN_SIDE, profile_methods
 
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
     if args.samples < 1 or args.new_tokens < 2 or args.batch_size < 1:
@@ -167,14 +167,19 @@ def cmd_speed(args) -> int:
         raise ValueError("--llava needs --shape (the decoder behind LLaVA-1.5's tower)")
     if args.anyres and not args.llava:
         raise ValueError("--anyres needs --llava (it makes the LLaVA a LLaVA-NeXT)")
+    if args.qwen2_vl and (not args.shape or args.llava):
+        raise ValueError("--qwen2-vl needs --shape (the decoder behind Qwen2-VL's vision encoder), and not --llava")
     _, dtype = _device_dtype(args)
-    if args.llava:
+    if args.qwen2_vl:
+        print(f"building a random Qwen2-VL with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
+        model, processor = shapes.shaped_qwen2_vl(args.shape, dtype=dtype)
+    elif args.llava:
         print(f"building a random LLaVA-{'NeXT' if args.anyres else '1.5'} with the {args.shape} decoder ({args.dtype}) ...",
               file=sys.stderr)
-        model, processor = shaped_llava(args.shape, dtype=dtype, anyres=args.anyres)
+        model, processor = shapes.shaped_llava(args.shape, dtype=dtype, anyres=args.anyres)
     elif args.shape:
         print(f"building a random model at shape {args.shape} ({args.dtype}) and calibrating it ...", file=sys.stderr)
-        model, processor = shaped_model(args.shape, dtype=dtype)
+        model, processor = shapes.shaped_model(args.shape, dtype=dtype)
     else:
         model, processor = _load(args.model or "default", llava=True)
     model = model.to(args.device, dtype)
@@ -203,6 +208,9 @@ def cmd_speed(args) -> int:
         what += (" (a stock transformers LLaVA-NeXT: CLIP ViT-L/14 on 336 px tiles, a base tile and 2x2 high-resolution "
                  "ones per square 672 px image, 2928 image tokens)" if args.anyres else
                  " (a stock transformers LLaVA-1.5: CLIP ViT-L/14 at 336 px, 576 image tokens)")
+    if args.qwen2_vl:
+        what += (f" (a stock transformers Qwen2-VL: its 675 M-parameter vision encoder, 32 blocks of 1280 on 14 px "
+                 f"patches merged 2x2, on {QWEN_SIDE} px images, 576 image tokens)")
     print(f"{what}, {args.dtype}; medians over {-(-args.samples // args.batch_size)} batches of {args.batch_size}, "
           f"methods interleaved, {where}; the expert columns include their stage-1 pruning, other = projectors, "
           "fusion, stage-3 scoring, head; KV cache = keys and values cached by the prefill")
@@ -211,7 +219,7 @@ def cmd_speed(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape,
-                "llava": bool(args.llava), "anyres": bool(args.anyres), "seed": args.seed,
+                "llava": bool(args.llava), "anyres": bool(args.anyres), "qwen2_vl": bool(args.qwen2_vl), "seed": args.seed,
                 "samples": args.samples, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                 "dtype": args.dtype, "device": args.device if not cuda else torch.cuda.get_device_name(model.device),
                 "threads": torch.get_num_threads()}
@@ -551,13 +559,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder (a MultiEncoderVLM, "
-                    "or a transformers LLaVA / LLaVA-NeXT: your own model, timed on the synthetic prompts)")
+                    "or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL: your own model, timed on the synthetic prompts)")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
-                    "(smollm2-135m, qwen2-0.5b, vicuna-7b; see meteor_vlm.bench.shapes)")
+                    "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, vicuna-7b; see meteor_vlm.bench.shapes)")
     sp.add_argument("--llava", action="store_true",
                     help="with --shape: a stock transformers LLaVA-1.5 (CLIP ViT-L/14 at 336 px, 576 image tokens) in "
                     "front of that decoder instead of the three experts (METEOR: its stage1/stage3 names)")
     sp.add_argument("--anyres", action="store_true", help="with --llava: a LLaVA-NeXT (anyres tiles) instead of LLaVA-1.5")
+    sp.add_argument("--qwen2-vl", action="store_true",
+                    help="with --shape: a stock transformers Qwen2-VL (its vision encoder, 576 image tokens per 672 px "
+                    "image) in front of that decoder; only methods acting after the encoder run (qwen2-1.5b: Qwen2-VL-2B)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")
