@@ -72,6 +72,18 @@ def shape_experts() -> list[ExpertSpec]:
     ]
 
 
+def _built(model_cls, config, dtype: torch.dtype, seed: int):
+    """model_cls(config) with random weights from `seed`, in eval mode, built in `dtype` directly (a 7B decoder
+    would not fit in memory in fp32 first)."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return model_cls(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
 def shape_text_config(shape: str, tokenizer) -> dict:
     """The decoder config of a shape (a key of SHAPES), with the tokenizer's special ids."""
     if shape not in SHAPES:
@@ -100,13 +112,7 @@ def shaped_model(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in `dtype` directly: a 7B decoder would not fit in memory in fp32 first
-    try:
-        model = MultiEncoderVLM(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = _built(MultiEncoderVLM, config, dtype, seed)
     processor = MultiEncoderProcessor(tokenizer, experts)
     images = [s.image for s in synth.make_split(seed, per_family=1, image_size=384)][:calibration_images]
     model.config.rank_table = calibrate(model, processor, images, batch_size=2, progress=False)
@@ -136,13 +142,7 @@ def shaped_llava(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0, 
                         image_token_id=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
                         projector_hidden_act="gelu", **({"image_grid_pinpoints": LLAVA_NEXT_GRIDS} if anyres else {}))
     config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = model_cls(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = _built(model_cls, config, dtype, seed)
     model.generation_config.suppress_tokens = [image_token_id]  # as the project's model: <image> is never generated
     side = LLAVA_TOWER["image_size"]
     sizes = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
@@ -185,12 +185,6 @@ def shaped_qwen2_vl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *QWEN_SPECIAL]})
     config = qwen2_vl_config(shape, tokenizer)
     config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = Qwen2VLForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = _built(Qwen2VLForConditionalGeneration, config, dtype, seed)
     model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(QWEN_SPECIAL)
     return model, Qwen2VLImageTextProcessor(Qwen2VLImageProcessorPil(), tokenizer)
