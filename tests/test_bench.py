@@ -1085,15 +1085,17 @@ def test_greedy_steps_equal_generate(tiny):
 
 
 def test_shapes_have_the_real_llms():
-    """Each shape's decoder has exactly the parameter count its real checkpoint publishes, and a shaped model
+    """Each shape's decoder has exactly the parameter count its real checkpoint publishes (and `--qwen2-vl` at
+    qwen2-1.5b Qwen2-VL-2B's), and a shaped model
     sees the visual tokens its experts' geometry gives: (224/16)^2 + 2 * (384/16)^2."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2VLForConditionalGeneration
 
     from meteor_vlm.bench.accuracy import make_method
-    from meteor_vlm.bench.shapes import SHAPES, shape_text_config, shaped_model
+    from meteor_vlm.bench.shapes import QWEN_SPECIAL, SHAPES, qwen2_vl_config, shape_text_config, shaped_model
     from meteor_vlm.train import build_tokenizer, encode_samples
 
-    published = {"smollm2-135m": 134_515_008, "qwen2-0.5b": 494_032_768, "vicuna-7b": 6_738_415_616}
+    published = {"smollm2-135m": 134_515_008, "qwen2-0.5b": 494_032_768, "qwen2-1.5b": 1_543_714_304,
+                 "vicuna-7b": 6_738_415_616}
     assert set(SHAPES) == set(published)
     tokenizer = build_tokenizer()
     for shape, count in published.items():
@@ -1101,6 +1103,10 @@ def test_shapes_have_the_real_llms():
         config = AutoConfig.for_model(text.pop("model_type"), **text)
         with torch.device("meta"):
             assert sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) == count
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
+    with torch.device("meta"):  # Qwen2-VL-2B: its encoder before qwen2-1.5b's decoder
+        qwen = Qwen2VLForConditionalGeneration(qwen2_vl_config("qwen2-1.5b", tokenizer))
+    assert sum(p.numel() for p in qwen.parameters()) == 2_208_985_600
     model, processor = shaped_model("smollm2-135m", dtype=torch.bfloat16, calibration_images=1)
     assert sum(p.numel() for p in model.language_model.parameters()) == published["smollm2-135m"]
     sample = mv.synth.make_split(seed=5, per_family=1, image_size=384)[:1]
