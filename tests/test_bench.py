@@ -1086,8 +1086,8 @@ def test_greedy_steps_equal_generate(tiny):
 
 def test_shapes_have_the_real_llms():
     """Each shape's decoder has exactly the parameter count its real checkpoint publishes (and `--qwen2-vl` at
-    qwen2-1.5b Qwen2-VL-2B's), and a shaped model
-    sees the visual tokens its experts' geometry gives: (224/16)^2 + 2 * (384/16)^2."""
+    qwen2-1.5b Qwen2-VL-2B's), and a shaped model sees the visual tokens its experts' geometry gives:
+    (224/16)^2 + 2 * (384/16)^2."""
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen2VLForConditionalGeneration
 
     from meteor_vlm.bench.accuracy import make_method
