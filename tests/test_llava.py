@@ -130,6 +130,7 @@ def test_pruning_before_the_llm_equals_masking_those_image_columns_from_layer_0(
     inputs = llava_inputs(processor, pictures)
     method = make()
     got = pruned_logits(model, inputs, method)
+    assert [s["images"] for s in method.stats] == IMAGES  # images, not tiles
     counts = [len(tile["vision"]) for s in method.stats for tile in s["kept_grid"]]
     assert isinstance(method, mv.DivPrune) or len(set(counts)) > 1, f"images keep different counts: {counts}"
     drop = dropped_columns(model, inputs, method.stats)

@@ -160,7 +160,8 @@ class LlavaNextAdapter(LlavaAdapter):
     high-resolution tiles' patches stitched into one grid, unpadded to the image's aspect, each row ended by a
     learned newline token; the layout comes from the model's own `pack_image_features`, run on patch indices.
     The newline tokens enter the LLM as visual tokens (stage-3 methods may drop them); a kept patch the
-    unpadding cuts off does not enter it. `stats` count tiles as images (encoder_tokens: N per tile)."""
+    unpadding cuts off does not enter it. In `stats`, encoder_tokens counts every tile's N patches and
+    kept_grid has one entry per tile (the base tile first)."""
 
     def _tile_counts(self, sizes) -> list[int]:
         cfg = self.model.config
