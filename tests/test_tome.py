@@ -79,17 +79,35 @@ class RecordingToMe(mv.ToMe):
         return answer
 
 
+def schedule(runner, settings):
+    """The patch tokens ToMe leaves after each block of a ViT expert (or at a CNN's output; [] where it leaves
+    the CNN alone): keep's geometric schedule, or r per block capped at half of what is left."""
+    n0 = runner.num_patches
+    if "r" in settings:
+        out, n = [], n0
+        for _ in range(runner.num_blocks):
+            n -= min(settings["r"], n // 2)
+            out.append(n)
+        return out
+    if not runner.num_blocks:
+        return [round(n0 * settings["keep"])]
+    return [round(n0 * settings["keep"] ** ((i + 1) / runner.num_blocks)) for i in range(runner.num_blocks)]
+
+
 def attention_of(block):
     """A ViT block's attention module (CLIP's self_attn, Pix2Struct's attention)."""
     return block.self_attn if hasattr(block, "self_attn") else block.attention
 
 
-@pytest.mark.parametrize("keep", [0.4, 0.1])  # 0.1: the ViTs' steps need more than one round
-def test_tome_merges_in_every_block_as_a_plain_reference(tiny, images, keep):
+SETTINGS = [dict(keep=0.4), dict(keep=0.1), dict(r=7)]  # keep 0.1: more than one round per block; r 7: capped at half in CLIP
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["keep0.4", "keep0.1", "r7"])
+def test_tome_merges_in_every_block_as_a_plain_reference(tiny, images, settings):
     model, processor = tiny
     inputs = make_inputs(processor, [images[0], images[1]], PROMPTS[:2])
     pixels = {k[len("pixel_values_"):]: v for k, v in inputs.items() if k.startswith("pixel_values_")}
-    method = RecordingToMe(keep=keep)
+    method = RecordingToMe(**settings)
     method.seen = []
     masks = {}  # (expert, block) -> the attention bias the block's attention ran with
     hooks = [attention_of(block).register_forward_pre_hook(
@@ -104,8 +122,9 @@ def test_tome_merges_in_every_block_as_a_plain_reference(tiny, images, keep):
     for e, runner in enumerate(model.runners):
         name, n0 = runner.spec.name, runner.num_patches
         calls = [s for s in method.seen if s[0] == name]
+        targets = schedule(runner, settings)
+        assert len(calls) == len(targets)
         if runner.num_blocks:
-            targets = [round(n0 * keep ** ((i + 1) / runner.num_blocks)) for i in range(runner.num_blocks)]
             assert [c[1] for c in calls] == list(range(runner.num_blocks))
             # proportional attention: block 0 runs unbiased; each later block adds log(size) of what it sees
             assert masks[(name, 0)] is None
@@ -114,8 +133,6 @@ def test_tome_merges_in_every_block_as_a_plain_reference(tiny, images, keep):
                 if runner.has_cls:
                     bias = torch.cat([torch.zeros(2, 1), bias], 1)
                 torch.testing.assert_close(masks[(name, i)], bias[:, None, None, :])
-        else:
-            targets = [round(n0 * keep)]
         for (_, _, patches, metric, size, answer), n in zip(calls, targets):
             assert answer.keep.shape[1] == 0 and answer.merged.shape[1] == n
             for b in range(2):
@@ -124,18 +141,18 @@ def test_tome_merges_in_every_block_as_a_plain_reference(tiny, images, keep):
                 assert [torch.where(answer.group[b] == j)[0].tolist() for j in range(n)] == groups
                 torch.testing.assert_close(answer.merged[b].double(), merged, atol=1e-5, rtol=1e-5)
         mine = visual.expert[0] == e
-        assert int(mine.sum()) == targets[-1]
+        assert int(mine.sum()) == (targets[-1] if targets else n0)
         assert torch.equal(visual.size[:, mine].sum(1), torch.full((2,), float(n0)))
         grid = visual.grid_index[:, mine]
         assert (grid[:, 1:] > grid[:, :-1]).all()
 
 
-def plain_tome_expert(runner, pixels, keep):
+def plain_tome_expert(runner, pixels, settings):
     """ToMe through one ViT expert for one image, by hand from each block's parts: its attention half (with
     log(size) added to every key's logits, 0 for CLS), then `plain_tome_step` on the keys that attention used
     (the key projection of the normed input, averaged over heads) down to the schedule's count, then the MLP
     half on the merged tokens. Returns (features, grid positions, sizes)."""
-    kind = runner.kind
+    kind, counts = runner.kind, schedule(runner, settings)
     x = runner.embed(pixels)  # (1, N, D)
     grid, size = list(range(runner.num_patches)), [1.0] * runner.num_patches
     cls = 1 if runner.has_cls else 0
@@ -150,7 +167,7 @@ def plain_tome_expert(runner, pixels, keep):
         keys = (attn.key if kind == "pix2struct" else attn.k_proj)(h)[0]
         heads = attn.n_heads if kind == "pix2struct" else attn.num_heads
         metric = keys.view(len(keys), heads, -1).mean(1)[cls:]
-        n = round(runner.num_patches * keep ** ((i + 1) / runner.num_blocks))
+        n = counts[i]
         if n < len(grid):
             at, groups, merged = plain_tome_step(x[0, cls:], metric, torch.tensor(size), n)
             grid, size = [grid[a] for a in at], [sum(size[m] for m in g) for g in groups]
@@ -159,13 +176,13 @@ def plain_tome_expert(runner, pixels, keep):
     return runner.finalize(x)[0], grid, size
 
 
-@pytest.mark.parametrize("keep", [0.4, 0.1])
-def test_tome_merges_between_attention_and_mlp(tiny, images, keep):
+@pytest.mark.parametrize("settings", SETTINGS, ids=["keep0.4", "keep0.1", "r7"])
+def test_tome_merges_between_attention_and_mlp(tiny, images, settings):
     """Each ViT expert's output under ToMe equals ToMe done by hand from the blocks' parts, merging after the
     attention and before the MLP of each block (ToMe's place)."""
     model, processor = tiny
     inputs = make_inputs(processor, [images[0], images[1]], PROMPTS[:2])
-    method = mv.ToMe(keep=keep)
+    method = mv.ToMe(**settings)
     vits = [e for e, r in enumerate(model.runners) if r.num_blocks]
     assert {model.runners[e].kind for e in vits} == {"clip", "pix2struct"}
     for e in vits:
@@ -174,7 +191,7 @@ def test_tome_merges_between_attention_and_mlp(tiny, images, keep):
         with torch.no_grad(), method(model):
             out = model.encode_expert(e, pixels, method)
             for b in range(2):
-                feats, grid, size = plain_tome_expert(runner, pixels[b : b + 1], keep)
+                feats, grid, size = plain_tome_expert(runner, pixels[b : b + 1], settings)
                 assert out.grid_index[b].tolist() == grid
                 assert out.size[b].tolist() == size
                 torch.testing.assert_close(out.features[b], feats, atol=1e-4, rtol=1e-4)
@@ -203,9 +220,10 @@ def test_tome_bad_settings_bad_blocks_and_bench_names(tiny, images):
     from meteor_vlm.bench.accuracy import make_method, resolve_methods
 
     model, processor = tiny
-    for keep, message in ((1.5, "keep must be a ratio in"), (0.0, "keep must be > 0")):
+    for settings, message in ((dict(keep=1.5), "keep must be a ratio in"), (dict(keep=0.0), "keep must be > 0"),
+                              (dict(r=0), "r must be a whole number"), (dict(r=2.5), "r must be a whole number")):
         with pytest.raises(ValueError, match=message):
-            mv.ToMe(keep=keep)
+            mv.ToMe(**settings)
     inputs = make_inputs(processor, [images[0]], PROMPTS[:1])
     with pytest.raises(ValueError, match="keeps no token"), mv.ToMe(keep=0.001)(model):
         logits(model, inputs)
@@ -218,4 +236,5 @@ def test_tome_bad_settings_bad_blocks_and_bench_names(tiny, images):
         logits(model, inputs)
     assert resolve_methods(["tome:keep0.23"]) == ["tome:keep0.23"]
     assert make_method("tome:keep0.23") == mv.ToMe(keep=0.23)
+    assert resolve_methods(["tome:r8"]) == ["tome:r8"] and make_method("tome:r8") == mv.ToMe(r=8)
     assert mv.methods.get("tome") is mv.ToMe

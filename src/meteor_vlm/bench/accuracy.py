@@ -135,8 +135,12 @@ NAME_PATTERNS = (
                 "over the experts by METEOR's rank allocation", "evoprune:keep0.23-rank"),
     NamePattern(re.compile(r"^tome:keep([0-9.]+)$"), lambda keep: ToMe(keep=float(keep)),
                 "tome:keep<share>",
-                "ToMe: after every block of each expert, merge the most similar tokens (bipartite matching on keys, "
-                "proportional attention) down to that share", "tome:keep0.23"),
+                "ToMe: in every block of each expert, between attention and MLP, merge the most similar tokens "
+                "(bipartite matching on keys, proportional attention) down to that share", "tome:keep0.23"),
+    NamePattern(re.compile(r"^tome:r([0-9]+)$"), lambda r: ToMe(r=int(r)),
+                "tome:r<tokens>",
+                "ToMe with its own schedule: that many tokens merged in every block of each ViT expert (at most half "
+                "of those left); CNN experts untouched", "tome:r8"),
     NamePattern(re.compile(r"^prumerge:uniform([0-9.]+)(?:-n([0-9.]+))?(-cnnmix)?$"),
                 lambda uniform, n, cnnmix: PruMerge(uniform=float(uniform), cnn_mix=bool(cnnmix),
                                                     **({} if n is None else {"neighbours": float(n)})),

@@ -8,11 +8,12 @@ at its B token's grid position, and the block's MLP runs on the merged tokens. W
 attention (ToMe's default) the later blocks add log(size) to every key's attention logit, so a merged
 token weighs as the patches it stands for. CLS is never merged.
 
-Differences from ToMe, ours: ToMe merges a fixed r tokens per block; here the counts follow a geometric
-schedule to a share `keep` of each expert's patches after its last block, round(N0 * keep^(i/L)) after
-block i of L, so experts of any size end at the same share. A CNN, which runs whole, has its output
-merged in successive bipartite rounds (each at most half) down to round(N0 * keep), on its features.
-Nothing happens at fusion or in the LLM.
+How many: with `r` set, ToMe's own schedule, r tokens in every block (at most half of the patch tokens
+left, as ToMe caps it), and a CNN's output passes as it is (ToMe is a ViT method). Without it (the
+default), a geometric schedule to a share `keep` of each expert's patches after its last block,
+round(N0 * keep^(i/L)) after block i of L, so experts of any size end at the same share, and a CNN,
+which runs whole, has its output merged in successive bipartite rounds (each at most half) down to
+round(N0 * keep), on its features. Nothing happens at fusion or in the LLM.
 """
 
 from __future__ import annotations
@@ -32,18 +33,22 @@ __all__ = ["ToMe"]
 @register
 @dataclass
 class ToMe(PruningMethod):
-    """ToMe's settings: `keep`, the share of each expert's patch tokens left after its last block's merge, and
-    `proportional_attention`, whether the later blocks weigh merged tokens by their size."""
+    """ToMe's settings: `keep`, the share of each expert's patch tokens left after its last block's merge;
+    `proportional_attention`, whether the later blocks weigh merged tokens by their size; `r`, if set, the
+    tokens merged in every block instead (ToMe's own setting; `keep` is then unused, CNNs untouched)."""
 
     name: ClassVar[str] = "tome"
     merges_within_block: ClassVar[bool] = True
     keep: float = 0.25
     proportional_attention: bool = True
+    r: int | None = None
 
     def validate(self) -> None:
         check_ratio("keep", self.keep)
         if self.keep == 0:
             raise ValueError("keep must be > 0: ToMe hands on at least one token of every expert")
+        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
+            raise ValueError(f"r must be a whole number of tokens >= 1 merged per block, or None; got {self.r!r}")
 
     def encoder_blocks(self, num_blocks: int) -> list[int]:
         return list(range(num_blocks))
@@ -51,9 +56,12 @@ class ToMe(PruningMethod):
     def prune_encoder(self, ctx: EncoderPoint):
         patches = ctx.patches
         n0 = ctx.runner.num_patches
-        # the share of the schedule done after this block; a CNN does all of it at its output, on its features
-        share = 1.0 if ctx.block is None else (ctx.block + 1) / ctx.runner.num_blocks
-        n = round(n0 * self.keep ** share)
+        if self.r is not None:  # ToMe's schedule: r in every ViT block, at most half of what is left
+            if ctx.block is None:
+                return None
+            n = patches.shape[1] - min(self.r, patches.shape[1] // 2)
+        else:  # the share of the schedule done after this block; a CNN does all of it at its output
+            n = round(n0 * self.keep ** (1.0 if ctx.block is None else (ctx.block + 1) / ctx.runner.num_blocks))
         if n >= patches.shape[1]:
             return None
         if n < 1:
