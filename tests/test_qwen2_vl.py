@@ -157,8 +157,8 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
     """A transformers Qwen2-VL / Qwen2.5-VL checkpoint folder (saved model, tokenizer, image processor, chat
     template) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
-    the same method, a heatmap on the merged grid) and `meteor speed`, with the processor read back from the
-    folder giving the same inputs; methods pruning inside the encoder are refused clearly."""
+    the same method, a heatmap on the merged grid) and `meteor speed` (its prompts in the chat template too),
+    with the processor read back from the folder giving the same inputs; methods pruning inside the encoder are refused clearly."""
     from meteor_vlm.cli import main
     from meteor_vlm.models.qwen2_vl import Qwen2VLImageTextProcessor
 
@@ -185,6 +185,10 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
     answer = processor.decode(want[0, inputs["input_ids"].shape[1]:]).strip()
     assert f"answer: {answer}\n" in out and "visual tokens: 6 from the experts" in out
     assert heat.is_file()
+    from meteor_vlm.bench.speed import _prompts
+
+    timed = _prompts(loaded, mv.synth.make_split(seed=1, per_family=1, image_size=64)[:2])["input_ids"]
+    assert timed[:, -1].tolist() == [loaded.tokenizer.convert_tokens_to_ids("a")] * 2  # the chat template's turn end
     assert main(["speed", "--model", str(ckpt), "--samples", "1", "--new-tokens", "2", "--methods",
                  "unpruned,fastv:k1-r0.5"]) == 0
     assert "fastv:k1-r0.5" in capsys.readouterr().out

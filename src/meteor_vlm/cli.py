@@ -53,16 +53,13 @@ def _load(model_arg: str, llava: bool = False):
 
 
 def _prompt(processor, question: str) -> str:
-    """The prompt for one image and `question`: the project's template, a stock VLM processor's chat template, or
-    "<image placeholder> question" for one without."""
+    """The prompt for one image and `question`: the project's template, or a stock VLM's `stock_prompt` (its
+    processor's chat template, or "<image placeholder> question" for one without)."""
     if hasattr(processor, "format_prompt"):
         return processor.format_prompt(question)
-    if getattr(processor, "chat_template", None):
-        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(turn, add_generation_prompt=True)
-    from .bench.speed import image_placeholder
+    from .bench.speed import stock_prompt
 
-    return f"{image_placeholder(processor)} {question}"
+    return stock_prompt(processor, question)
 
 
 def _synthetic_images(n: int, seed: int):

@@ -215,6 +215,15 @@ def image_placeholder(processor) -> str:
     return getattr(processor, "image_placeholder", None) or getattr(processor, "image_token", "<image>")
 
 
+def stock_prompt(processor, question: str) -> str:
+    """A stock VLM's prompt for one image and `question`: its processor's chat template, or
+    "<image placeholder> question" for a processor without one."""
+    if getattr(processor, "chat_template", None):
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(turn, add_generation_prompt=True)
+    return f"{image_placeholder(processor)} {question}"
+
+
 def _image_side(processor) -> int:
     """Side of the synthetic images to draw for a processor: its largest input size (for LLaVA-NeXT's tiles, the
     side of its largest square grid, so a square image fills it as a large photo would), at least 128; for
@@ -231,12 +240,11 @@ def _image_side(processor) -> int:
 
 def _prompts(processor, samples) -> dict:
     """The model's inputs for synthetic samples' questions (no answers): the project's processor and prompt
-    template, or a stock VLM processor's "<image placeholder> question" (expanded to its image tokens)."""
+    template, or a stock VLM processor's `stock_prompt` (its chat template where it has one)."""
     from ..models.processor import MultiEncoderProcessor
     from ..train import encode_samples
 
     if isinstance(processor, MultiEncoderProcessor):
         return encode_samples(processor, samples, with_answers=False)
-    placeholder = image_placeholder(processor)
-    return dict(processor(images=[s.image for s in samples], text=[f"{placeholder} {s.question}" for s in samples],
+    return dict(processor(images=[s.image for s in samples], text=[stock_prompt(processor, s.question) for s in samples],
                           return_tensors="pt", padding=True))
