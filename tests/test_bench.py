@@ -1002,14 +1002,15 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
 
     model, processor = mv.testing.tiny_qwen2_vl(seed=0)
     built = []
-    monkeypatch.setattr(shapes, "shaped_qwen2_vl", lambda shape, dtype: built.append(shape) or (model, processor))
+    monkeypatch.setattr(shapes, "shaped_qwen2_vl", lambda shape, dtype, version: built.append((shape, version)) or
+                        (model, processor))
     names = ["unpruned", "fastv:k1-r0.75", "divprune:keep0.5"]
     assert main(["speed", "--shape", "smollm2-135m", "--qwen2-vl", "--samples", "2", "--new-tokens", "2",
                  "--methods", ",".join(names), "--out", str(tmp_path)]) == 0
-    assert built == ["smollm2-135m"] and "Qwen2-VL" in capsys.readouterr().out
+    assert built == [("smollm2-135m", "2")] and "Qwen2-VL" in capsys.readouterr().out
     data = json.loads((tmp_path / "speed.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
-    assert data["qwen2_vl"] is True and list(rows) == names
+    assert data["qwen2_vl"] == "2" and list(rows) == names
     assert all(set(r["experts_ms"]) == {"vision"} and r["experts_ms"]["vision"] > 0 for r in rows.values())
     assert rows["unpruned"]["tokens"] == 9  # the tiny processor's largest image: 48 px, 6 x 6 patches, 2 x 2 merged
     for n in names[1:]:
@@ -1017,16 +1018,22 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
         assert rows[n]["prefill_tflops"] < rows["unpruned"]["prefill_tflops"]
     assert main(["speed", "--shape", "smollm2-135m", "--qwen2-vl", "--methods", "tome:keep0.5", "--samples", "1"]) == 2
     assert "prunes inside the vision encoder" in capsys.readouterr().err
-    for bad in (["--qwen2-vl", "--model", "tiny"], ["--shape", "smollm2-135m", "--llava", "--qwen2-vl"]):
+    assert main(["speed", "--shape", "smollm2-135m", "--qwen2.5-vl", "--samples", "1", "--new-tokens", "2",
+                 "--methods", "unpruned"]) == 0
+    assert built[-1] == ("smollm2-135m", "2.5") and "Qwen2.5-VL" in capsys.readouterr().out
+    for bad in (["--qwen2-vl", "--model", "tiny"], ["--shape", "smollm2-135m", "--llava", "--qwen2-vl"],
+                ["--shape", "smollm2-135m", "--qwen2-vl", "--qwen2.5-vl"]):
         assert main(["speed", *bad]) == 2
-        assert "--qwen2-vl needs --shape" in capsys.readouterr().err
+        assert "--qwen2-vl / --qwen2.5-vl need --shape" in capsys.readouterr().err
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": shapes.QWEN_SPECIAL})
     for shape in shapes.SHAPES:
-        config = shapes.qwen2_vl_config(shape, tokenizer)
+        config, config25 = shapes.qwen2_vl_config(shape, tokenizer), shapes.qwen2_vl_config(shape, tokenizer, "2.5")
         text = config.text_config
         assert 2 * sum(text.rope_parameters["mrope_section"]) == text.hidden_size // text.num_attention_heads
         assert config.vision_config.hidden_size == text.hidden_size and config.vision_config.depth == 32
+        assert config25.vision_config.out_hidden_size == text.hidden_size
+        assert config25.text_config.to_diff_dict() == {**text.to_diff_dict(), "model_type": "qwen2_5_vl_text"}
         assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
 
@@ -1086,16 +1093,18 @@ def test_greedy_steps_equal_generate(tiny):
 
 def test_shapes_have_the_real_llms():
     """Each shape's decoder has exactly the parameter count its real checkpoint publishes (and `--qwen2-vl` at
-    qwen2-1.5b Qwen2-VL-2B's), and a shaped model sees the visual tokens its experts' geometry gives:
+    qwen2-1.5b Qwen2-VL-2B's, `--qwen2.5-vl` at qwen2.5-3b Qwen2.5-VL-3B's), and a shaped model sees the visual
+    tokens its experts' geometry gives:
     (224/16)^2 + 2 * (384/16)^2."""
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2VLForConditionalGeneration
+    from transformers import (AutoConfig, AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLForConditionalGeneration)
 
     from meteor_vlm.bench.accuracy import make_method
     from meteor_vlm.bench.shapes import QWEN_SPECIAL, SHAPES, qwen2_vl_config, shape_text_config, shaped_model
     from meteor_vlm.train import build_tokenizer, encode_samples
 
     published = {"smollm2-135m": 134_515_008, "qwen2-0.5b": 494_032_768, "qwen2-1.5b": 1_543_714_304,
-                 "vicuna-7b": 6_738_415_616}
+                 "qwen2.5-3b": 3_085_938_688, "vicuna-7b": 6_738_415_616}
     assert set(SHAPES) == set(published)
     tokenizer = build_tokenizer()
     for shape, count in published.items():
@@ -1104,9 +1113,11 @@ def test_shapes_have_the_real_llms():
         with torch.device("meta"):
             assert sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) == count
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
-    with torch.device("meta"):  # Qwen2-VL-2B: its encoder before qwen2-1.5b's decoder
+    with torch.device("meta"):  # Qwen2-VL-2B and Qwen2.5-VL-3B: their encoders before their decoders
         qwen = Qwen2VLForConditionalGeneration(qwen2_vl_config("qwen2-1.5b", tokenizer))
+        qwen25 = Qwen2_5_VLForConditionalGeneration(qwen2_vl_config("qwen2.5-3b", tokenizer, "2.5"))
     assert sum(p.numel() for p in qwen.parameters()) == 2_208_985_600
+    assert sum(p.numel() for p in qwen25.parameters()) == 3_754_622_976
     model, processor = shaped_model("smollm2-135m", dtype=torch.bfloat16, calibration_images=1)
     assert sum(p.numel() for p in model.language_model.parameters()) == published["smollm2-135m"]
     sample = mv.synth.make_split(seed=5, per_family=1, image_size=384)[:1]

@@ -164,12 +164,14 @@ def cmd_speed(args) -> int:
         raise ValueError("--llava needs --shape (the decoder behind LLaVA-1.5's tower)")
     if args.anyres and not args.llava:
         raise ValueError("--anyres needs --llava (it makes the LLaVA a LLaVA-NeXT)")
-    if args.qwen2_vl and (not args.shape or args.llava):
-        raise ValueError("--qwen2-vl needs --shape (the decoder behind Qwen2-VL's vision encoder), and not --llava")
+    qwen = "2.5" if args.qwen2_5_vl else "2" if args.qwen2_vl else None
+    if qwen and (not args.shape or args.llava or (args.qwen2_vl and args.qwen2_5_vl)):
+        raise ValueError("--qwen2-vl / --qwen2.5-vl need --shape (the decoder behind the vision encoder), and "
+                         "neither --llava nor each other")
     _, dtype = _device_dtype(args)
-    if args.qwen2_vl:
-        print(f"building a random Qwen2-VL with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
-        model, processor = shapes.shaped_qwen2_vl(args.shape, dtype=dtype)
+    if qwen:
+        print(f"building a random Qwen{qwen}-VL with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
+        model, processor = shapes.shaped_qwen2_vl(args.shape, dtype=dtype, version=qwen)
     elif args.llava:
         print(f"building a random LLaVA-{'NeXT' if args.anyres else '1.5'} with the {args.shape} decoder ({args.dtype}) ...",
               file=sys.stderr)
@@ -205,9 +207,12 @@ def cmd_speed(args) -> int:
         what += (" (a stock transformers LLaVA-NeXT: CLIP ViT-L/14 on 336 px tiles, a base tile and 2x2 high-resolution "
                  "ones per square 672 px image, 2928 image tokens)" if args.anyres else
                  " (a stock transformers LLaVA-1.5: CLIP ViT-L/14 at 336 px, 576 image tokens)")
-    if args.qwen2_vl:
+    if qwen == "2":
         what += (f" (a stock transformers Qwen2-VL: its 675 M-parameter vision encoder, 32 blocks of 1280 on 14 px "
                  f"patches merged 2x2, on {QWEN_SIDE} px images, 576 image tokens)")
+    elif qwen:
+        what += (f" (a stock transformers Qwen2.5-VL: its 669 M-parameter vision encoder, 32 blocks of 1280 on 14 px "
+                 f"patches, windowed but in 4, merged 2x2, on {QWEN_SIDE} px images, 576 image tokens)")
     print(f"{what}, {args.dtype}; medians over {-(-args.samples // args.batch_size)} batches of {args.batch_size}, "
           f"methods interleaved, {where}; the expert columns include their stage-1 pruning, other = projectors, "
           "fusion, stage-3 scoring, head; KV cache = keys and values cached by the prefill")
@@ -216,7 +221,7 @@ def cmd_speed(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape,
-                "llava": bool(args.llava), "anyres": bool(args.anyres), "qwen2_vl": bool(args.qwen2_vl), "seed": args.seed,
+                "llava": bool(args.llava), "anyres": bool(args.anyres), "qwen2_vl": qwen, "seed": args.seed,
                 "samples": args.samples, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                 "dtype": args.dtype, "device": args.device if not cuda else torch.cuda.get_device_name(model.device),
                 "threads": torch.get_num_threads()}
@@ -558,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder (a MultiEncoderVLM, "
                     "or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL: your own model, timed on the synthetic prompts)")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
-                    "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, vicuna-7b; see meteor_vlm.bench.shapes)")
+                    "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2.5-3b, vicuna-7b; see meteor_vlm.bench.shapes)")
     sp.add_argument("--llava", action="store_true",
                     help="with --shape: a stock transformers LLaVA-1.5 (CLIP ViT-L/14 at 336 px, 576 image tokens) in "
                     "front of that decoder instead of the three experts (METEOR: its stage1/stage3 names)")
@@ -566,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--qwen2-vl", action="store_true",
                     help="with --shape: a stock transformers Qwen2-VL (its vision encoder, 576 image tokens per 672 px "
                     "image) in front of that decoder; only methods acting after the encoder run (qwen2-1.5b: Qwen2-VL-2B)")
+    sp.add_argument("--qwen2.5-vl", dest="qwen2_5_vl", action="store_true",
+                    help="as --qwen2-vl with Qwen2.5-VL's windowed vision encoder (qwen2.5-3b: Qwen2.5-VL-3B)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")

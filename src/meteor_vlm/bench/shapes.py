@@ -23,8 +23,8 @@ from ..models.experts import ExpertSpec
 from ..models.processor import MultiEncoderProcessor
 from ..models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
-__all__ = ["SHAPES", "LLAVA_TOWER", "LLAVA_NEXT_GRIDS", "QWEN2_VL_VISION", "shape_experts", "shape_text_config", "shaped_model",
-           "shaped_llava", "qwen2_vl_config", "shaped_qwen2_vl"]
+__all__ = ["SHAPES", "LLAVA_TOWER", "LLAVA_NEXT_GRIDS", "QWEN2_VL_VISION", "QWEN2_5_VL_VISION", "shape_experts",
+           "shape_text_config", "shaped_model", "shaped_llava", "qwen2_vl_config", "shaped_qwen2_vl"]
 
 # LLaVA-1.5's vision tower: openai/clip-vit-large-patch14-336's vision config
 LLAVA_TOWER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -36,6 +36,11 @@ LLAVA_NEXT_GRIDS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]
 # Qwen2-VL-2B's and -7B's vision encoder (675 M parameters): 32 blocks of 1280 on 14 px patches, 2x2 merged at its end
 QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_channels=3, patch_size=14,
                        spatial_merge_size=2, temporal_patch_size=2, hidden_act="quick_gelu")
+
+# Qwen2.5-VL's vision encoder (all sizes): 32 SwiGLU blocks of 1280, windows of 112 px but in 4 blocks, 2x2 merged
+QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+                         spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", window_size=112,
+                         fullatt_block_indexes=[7, 15, 23, 31])
 
 QWEN_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -51,6 +56,10 @@ SHAPES: dict[str, dict] = {
     # Qwen2-1.5B: the decoder of Qwen2-VL-2B
     "qwen2-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0,
+                       tie_word_embeddings=True),
+    # Qwen2.5-3B: the decoder of Qwen2.5-VL-3B
+    "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0,
                        tie_word_embeddings=True),
     # Vicuna-7B / Llama-2-7B: the decoder of LLaVA-1.5-7B and of the paper's METEOR numbers (about 13.5 GB in bf16)
     "vicuna-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -153,29 +162,35 @@ def shaped_llava(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0, 
     return model, processor
 
 
-def qwen2_vl_config(shape: str, tokenizer):
-    """The `Qwen2VLConfig` of `shaped_qwen2_vl`: Qwen2-VL's vision encoder (`QWEN2_VL_VISION`) merging into the
-    width of a shape's decoder, whose multimodal RoPE splits each head's frequencies as Qwen2-VL's do
-    (temporal, height, width = 1/4, 3/8, 3/8 of them: [16, 24, 24] for 128-wide heads)."""
-    from transformers import Qwen2VLConfig
+def qwen2_vl_config(shape: str, tokenizer, version: str = "2"):
+    """The config of `shaped_qwen2_vl`: Qwen2-VL's vision encoder (`QWEN2_VL_VISION`; version "2.5":
+    Qwen2.5-VL's, `QWEN2_5_VL_VISION`) merging into the width of a shape's decoder, whose multimodal RoPE
+    splits each head's frequencies as Qwen2-VL's do (temporal, height, width = 1/4, 3/8, 3/8 of them:
+    [16, 24, 24] for 128-wide heads)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    if version not in ("2", "2.5"):
+        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2' or '2.5'")
 
     text = {k: v for k, v in shape_text_config(shape, tokenizer).items() if k != "model_type"}
     half = text["hidden_size"] // text["num_attention_heads"] // 2
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"),
                                "mrope_section": [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]}
     ids = tokenizer.convert_tokens_to_ids
-    return Qwen2VLConfig(vision_config=dict(QWEN2_VL_VISION, hidden_size=text["hidden_size"]), text_config=text,
-                         tie_word_embeddings=text["tie_word_embeddings"], image_token_id=ids("<|image_pad|>"),
-                         video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                         vision_end_token_id=ids("<|vision_end|>"))
+    config_cls, vision = ((Qwen2VLConfig, dict(QWEN2_VL_VISION, hidden_size=text["hidden_size"])) if version == "2" else
+                          (Qwen2_5_VLConfig, dict(QWEN2_5_VL_VISION, out_hidden_size=text["hidden_size"])))
+    return config_cls(vision_config=vision, text_config=text, tie_word_embeddings=text["tie_word_embeddings"],
+                      image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                      vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
-def shaped_qwen2_vl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+def shaped_qwen2_vl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0, version: str = "2"):
     """A random stock transformers `Qwen2VLForConditionalGeneration` (`qwen2_vl_config`: Qwen2-VL's vision encoder
-    before a shape's decoder; qwen2-1.5b makes it Qwen2-VL-2B) and its `Qwen2VLImageTextProcessor` (Qwen2-VL's
-    image processor defaults; the synthetic benchmark's word tokenizer with Qwen's vision tokens), in eval mode
-    and SDPA attention."""
-    from transformers import Qwen2VLForConditionalGeneration
+    before a shape's decoder; qwen2-1.5b makes it Qwen2-VL-2B), or with version "2.5" a
+    `Qwen2_5_VLForConditionalGeneration` (qwen2.5-3b: Qwen2.5-VL-3B), and its `Qwen2VLImageTextProcessor`
+    (Qwen2-VL's image processor defaults, which Qwen2.5-VL shares; the synthetic benchmark's word tokenizer
+    with Qwen's vision tokens), in eval mode and SDPA attention."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from ..models.qwen2_vl import Qwen2VLImageTextProcessor
@@ -183,8 +198,9 @@ def shaped_qwen2_vl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 
 
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *QWEN_SPECIAL]})
-    config = qwen2_vl_config(shape, tokenizer)
+    config = qwen2_vl_config(shape, tokenizer, version)
     config._attn_implementation = "sdpa"
-    model = _built(Qwen2VLForConditionalGeneration, config, dtype, seed)
+    model_cls = Qwen2VLForConditionalGeneration if version == "2" else Qwen2_5_VLForConditionalGeneration
+    model = _built(model_cls, config, dtype, seed)
     model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(QWEN_SPECIAL)
     return model, Qwen2VLImageTextProcessor(Qwen2VLImageProcessorPil(), tokenizer)
