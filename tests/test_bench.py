@@ -998,6 +998,7 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
     Qwen2-VL's encoder before each shape's decoder with multimodal RoPE sections filling its heads."""
     from meteor_vlm.bench import shapes
     from meteor_vlm.cli import main
+    from meteor_vlm.models.qwen2_vl import add_vision_tokens
     from meteor_vlm.train import build_tokenizer
 
     model, processor = mv.testing.tiny_qwen2_vl(seed=0)
@@ -1026,7 +1027,7 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
         assert main(["speed", *bad]) == 2
         assert "--qwen2-vl / --qwen2.5-vl need --shape" in capsys.readouterr().err
     tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": shapes.QWEN_SPECIAL})
+    add_vision_tokens(tokenizer)
     for shape in shapes.SHAPES:
         config, config25 = shapes.qwen2_vl_config(shape, tokenizer), shapes.qwen2_vl_config(shape, tokenizer, "2.5")
         text = config.text_config
@@ -1100,7 +1101,8 @@ def test_shapes_have_the_real_llms():
                               Qwen2VLForConditionalGeneration)
 
     from meteor_vlm.bench.accuracy import make_method
-    from meteor_vlm.bench.shapes import QWEN_SPECIAL, SHAPES, qwen2_vl_config, shape_text_config, shaped_model
+    from meteor_vlm.bench.shapes import SHAPES, qwen2_vl_config, shape_text_config, shaped_model
+    from meteor_vlm.models.qwen2_vl import add_vision_tokens
     from meteor_vlm.train import build_tokenizer, encode_samples
 
     published = {"smollm2-135m": 134_515_008, "qwen2-0.5b": 494_032_768, "qwen2-1.5b": 1_543_714_304,
@@ -1112,7 +1114,7 @@ def test_shapes_have_the_real_llms():
         config = AutoConfig.for_model(text.pop("model_type"), **text)
         with torch.device("meta"):
             assert sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) == count
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
+    add_vision_tokens(tokenizer)
     with torch.device("meta"):  # Qwen2-VL-2B and Qwen2.5-VL-3B: their encoders before their decoders
         qwen = Qwen2VLForConditionalGeneration(qwen2_vl_config("qwen2-1.5b", tokenizer))
         qwen25 = Qwen2_5_VLForConditionalGeneration(qwen2_vl_config("qwen2.5-3b", tokenizer, "2.5"))

@@ -156,21 +156,20 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2"):
     """A tiny random stock transformers `Qwen2VLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
     `models.qwen2_vl.Qwen2VLImageTextProcessor` where "<image>" stands for one image: a 2-block vision encoder
     on 8 px patches, 2x2 merged (an image of 16 to 48 px a side gives 2 to 9 visual tokens, by its size), and
-    a `num_layers`-deep decoder with 8 heads (GQA, 4 kv heads) and multimodal RoPE. `version="2.5"`: a `Qwen2_5_VLForConditionalGeneration` instead (windowed
-    attention in its first vision block, full in its second)."""
+    a `num_layers`-deep decoder with 8 heads (GQA, 4 kv heads) and multimodal RoPE. `version="2.5"`: a
+    `Qwen2_5_VLForConditionalGeneration` instead (windowed attention in its first vision block, full in its
+    second)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from .models.qwen2_vl import Qwen2VLImageTextProcessor
+    from .models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens
 
     if version not in ("2", "2.5"):
         raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2' or '2.5'")
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<|vision_start|>", "<|vision_end|>",
-                                                                "<|image_pad|>", "<|video_pad|>"]})
-    ids = tokenizer.convert_tokens_to_ids
+    ids = add_vision_tokens(tokenizer)
     vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3, mlp_ratio=2)
     if version == "2.5":
@@ -182,9 +181,7 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2"):
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
     config_cls, model_cls = ((Qwen2VLConfig, Qwen2VLForConditionalGeneration) if version == "2" else
                              (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration))
-    config = config_cls(vision_config=vision, text_config=text, image_token_id=ids("<|image_pad|>"),
-                           video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                           vision_end_token_id=ids("<|vision_end|>"))
+    config = config_cls(vision_config=vision, text_config=text, **ids)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -192,7 +189,8 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2"):
         for p in [*model.model.language_model.parameters(), *model.model.visual.merger.parameters()]:
             if p.dim() == 2:
                 p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
-    model.generation_config.suppress_tokens = [ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")]
+    model.generation_config.suppress_tokens = [ids[k] for k in ("image_token_id", "vision_start_token_id",
+                                                                "vision_end_token_id")]
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                       temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>")

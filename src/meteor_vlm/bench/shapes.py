@@ -42,8 +42,6 @@ QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num
                          spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", window_size=112,
                          fullatt_block_indexes=[7, 15, 23, 31])
 
-QWEN_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
 # the decoders: transformers config kwargs of real checkpoints' LLMs (vocabulary included, since the head's
 # cost per decoded token depends on it)
 SHAPES: dict[str, dict] = {
@@ -166,8 +164,10 @@ def qwen2_vl_config(shape: str, tokenizer, version: str = "2"):
     """The config of `shaped_qwen2_vl`: Qwen2-VL's vision encoder (`QWEN2_VL_VISION`; version "2.5":
     Qwen2.5-VL's, `QWEN2_5_VL_VISION`) merging into the width of a shape's decoder, whose multimodal RoPE
     splits each head's frequencies as Qwen2-VL's do (temporal, height, width = 1/4, 3/8, 3/8 of them:
-    [16, 24, 24] for 128-wide heads)."""
+    [16, 24, 24] for 128-wide heads). `tokenizer` holds Qwen's vision tokens (`qwen2_vl.add_vision_tokens`)."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    from ..models.qwen2_vl import VISION_TOKENS
 
     if version not in ("2", "2.5"):
         raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2' or '2.5'")
@@ -176,12 +176,10 @@ def qwen2_vl_config(shape: str, tokenizer, version: str = "2"):
     half = text["hidden_size"] // text["num_attention_heads"] // 2
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"),
                                "mrope_section": [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]}
-    ids = tokenizer.convert_tokens_to_ids
     config_cls, vision = ((Qwen2VLConfig, dict(QWEN2_VL_VISION, hidden_size=text["hidden_size"])) if version == "2" else
                           (Qwen2_5_VLConfig, dict(QWEN2_5_VL_VISION, out_hidden_size=text["hidden_size"])))
-    return config_cls(vision_config=vision, text_config=text, tie_word_embeddings=text["tie_word_embeddings"],
-                      image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                      vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in VISION_TOKENS.items()}
+    return config_cls(vision_config=vision, text_config=text, tie_word_embeddings=text["tie_word_embeddings"], **ids)
 
 
 def shaped_qwen2_vl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0, version: str = "2"):
@@ -193,14 +191,14 @@ def shaped_qwen2_vl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from ..models.qwen2_vl import Qwen2VLImageTextProcessor
+    from ..models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens
     from ..train import build_tokenizer
 
     tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *QWEN_SPECIAL]})
+    ids = add_vision_tokens(tokenizer)
     config = qwen2_vl_config(shape, tokenizer, version)
     config._attn_implementation = "sdpa"
     model_cls = Qwen2VLForConditionalGeneration if version == "2" else Qwen2_5_VLForConditionalGeneration
     model = _built(model_cls, config, dtype, seed)
-    model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(QWEN_SPECIAL)
+    model.generation_config.suppress_tokens = list(ids.values())
     return model, Qwen2VLImageTextProcessor(Qwen2VLImageProcessorPil(), tokenizer)

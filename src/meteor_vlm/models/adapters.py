@@ -256,13 +256,9 @@ class StockAdapter:
                                                  method.llm_layers(self.num_llm_layers), method.prune_llm, positions)
             survivors = torch.where(cols >= 0, vis_index.gather(1, cols.clamp_min(0)), -1)
             unpruned = self.encoder_tokens(images) if images is not None else []
-            stats = prefill_stats(owner, is_vis & valid, visual, kept, survivors, self.num_llm_layers, unpruned,
-                                  self.expert_names)
-            if layout is not None:  # a sample's images, not its tiles (LLaVA-NeXT encodes several per image)
-                sample_of_image = dict(zip(layout.tile_image.tolist(), owner))
-                for b, s in enumerate(stats):
-                    s["images"] = sum(o == b for o in sample_of_image.values())
-            method.stats.extend(stats)
+            image_owner = list(dict(zip(layout.tile_image.tolist(), owner)).values()) if layout is not None else []
+            method.stats.extend(prefill_stats(owner, is_vis & valid, visual, kept, survivors, self.num_llm_layers,
+                                              unpruned, self.expert_names, image_owner))
             out_col = torch.where(cols >= 0, input_col.gather(1, cols.clamp_min(0)), -1)
             hidden = runtime.at_columns(hidden, out_col, torch.arange(T, device=input_ids.device).expand(B, T))
             if use_cache:

@@ -24,9 +24,20 @@ from . import runtime
 from .adapters import Layout, StockAdapter, check_sdpa
 from .vlm import VisualTokens, fuse_and_prune
 
-__all__ = ["Qwen2VLAdapter", "Qwen2VLImageTextProcessor", "qwen2_vl_adapter"]
+__all__ = ["Qwen2VLAdapter", "Qwen2VLImageTextProcessor", "qwen2_vl_adapter", "VISION_TOKENS", "add_vision_tokens"]
 
 EXPERT = "vision"
+
+# Qwen's vision tokens, by the config field that names each one's id (in the order a word tokenizer adds them)
+VISION_TOKENS = {"vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+                 "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
+
+
+def add_vision_tokens(tokenizer) -> dict[str, int]:
+    """Adds "<image>" and Qwen's vision tokens to a word tokenizer as special tokens (for random Qwen-VL models);
+    returns the config fields that name their ids."""
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *VISION_TOKENS.values()]})
+    return {field: tokenizer.convert_tokens_to_ids(token) for field, token in VISION_TOKENS.items()}
 
 
 def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:

@@ -642,14 +642,16 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
 
 
 def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualTokens | None, kept: dict,
-                  survivors: torch.Tensor, num_layers: int, unpruned: int | list[int], expert_names: list[str]) -> list[dict]:
+                  survivors: torch.Tensor, num_layers: int, unpruned: int | list[int], expert_names: list[str],
+                  image_owner: list[int] | None = None) -> list[dict]:
     """Per-sample token counts of a prefill (what `method.stats` holds), for any adapted model.
 
     owner: the sample each image belongs to, in image order; vis_valid: (B, L) the visual columns that
     entered the LLM; visual: the images' tokens after stages 1-2 (None without images); kept: {layer: (B,)
     visual tokens kept from that layer on}; survivors: (B, T') for each column of the last layer, its
     token's index image * N + j into `visual` (-1 for text and padding); unpruned: patch tokens per image (one
-    count for all, or a list in image order).
+    count for all, or a list in image order); image_owner: where `owner` lists tiles rather than images
+    (LLaVA-NeXT), the sample of each image, which `images` counts.
 
     encoder_tokens: patch tokens the experts produce unpruned; stage1: per expert, tokens left after
     stage 1; fusion_tokens: after stage 2 (= visual tokens entering the LLM); stage3: {layer: kept};
@@ -660,7 +662,7 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
     llm_in = vis_valid.sum(1).tolist()
     out = []
     for b in range(vis_valid.shape[0]):
-        images = owner.count(b)
+        images = (owner if image_owner is None else image_owner).count(b)
         encoder = unpruned * images if isinstance(unpruned, int) else sum(n for n, o in zip(unpruned, owner) if o == b)
         drops = {layer: int(n[b]) for layer, n in kept.items()}
         counts = ops.tokens_per_layer(num_layers, llm_in[b], drops)
