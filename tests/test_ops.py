@@ -86,6 +86,19 @@ def test_received_attention_equals_full_map_mean():
     torch.testing.assert_close(ops.received_attention(q, k, 8**-0.5, chunk_size=5), full.mean((1, 2)), atol=1e-6, rtol=1e-5)
 
 
+def test_received_attention_within_groups_equals_the_full_map_masked_to_them():
+    """Windowed attention: each query attends to its own group's keys only (the groups interleaved, chunks
+    crossing their borders)."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 13, 8, generator=g), torch.randn(2, 4, 13, 8, generator=g)
+    groups = torch.randint(0, 3, (2, 13), generator=g)
+    logits = (q @ k.transpose(-1, -2) * 8**-0.5).masked_fill(groups[:, None, :, None] != groups[:, None, None, :], -1e9)
+    want = torch.softmax(logits, -1).mean((1, 2))
+    got = ops.received_attention(q, k, 8**-0.5, chunk_size=4, groups=groups)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got, ops.received_attention(q, k, 8**-0.5), atol=1e-3)
+
+
 def test_mean_similarity_ranks_background_high():
     x = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [1.0, -0.1], [0.0, 1.0]]])
     s = ops.mean_similarity(x)

@@ -1,13 +1,17 @@
-"""Stock transformers Qwen2-VL and Qwen2.5-VL (multimodal RoPE) under the methods that act after the vision
-encoder: the oracles the project's own model obeys (no-op == stock model, drop == mask, batch ==
-one by one, cached == uncached), with each kept token at its stock (temporal, height, width) position."""
+"""Stock transformers Qwen2-VL and Qwen2.5-VL (multimodal RoPE) under every method, inside the vision encoder
+(whole 2x2 merge windows) and after it: the oracles the project's own model obeys (no-op == stock model,
+drop == mask, batch == one by one, cached == uncached), with each kept token at its stock (temporal, height,
+width) position, and windows dropped inside the encoder == the stock blocks run without them."""
 
 import re
 
 import pytest
 import torch
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 import meteor_vlm as mv
+from meteor_vlm.methods.base import PruningMethod
+from meteor_vlm.models.adapters import adapt
 
 from .test_llava import assert_noop_is_the_stock_model
 from .test_oracles import DropAt, check_batch_and_cache, masked_decoder_logits
@@ -58,7 +62,9 @@ def stock_reference(model, inputs, drop, layer):
 NOOPS = {"none": mv.NoPruning, "fastv": lambda: mv.FastV(layer=2, ratio=0.0),
          "pyramiddrop": lambda: mv.PyramidDrop(ratio=1.0), "dart": lambda: mv.DART(layer=2, ratio=0.0),
          "divprune": lambda: mv.DivPrune(keep=1.0), "sparsevlm": lambda: mv.SparseVLM(keep=(1.0, 1.0, 1.0)),
-         "meteor-stage3": lambda: mv.Meteor.preset("stage3", lam=1e9)}
+         "meteor-stage3": lambda: mv.Meteor.preset("stage3", lam=1e9),
+         "meteor-stage1": lambda: mv.Meteor.preset("stage1", encoder_keep=1.0),
+         "evoprune": lambda: mv.EvoPrune(keep=1.0), "visionzip": lambda: mv.VisionZip(keep=1.0)}
 
 
 @pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
@@ -107,7 +113,10 @@ def test_fusion_pruning_equals_masking_those_tokens_from_layer_0(qwen, pictures,
 PRUNING = {"fastv": lambda: mv.FastV(layer=2, ratio=0.6), "pyramiddrop": lambda: mv.PyramidDrop(ratio=0.6),
            "dart": lambda: mv.DART(layer=2, ratio=0.6), "divprune": lambda: mv.DivPrune(keep=0.4),
            "sparsevlm": lambda: mv.SparseVLM(keep=(0.6, 0.4, 0.2), recycle=0.5, cluster=0.25),
-           "meteor-stage3": lambda: mv.Meteor.preset("stage3", lam=3.0)}
+           "meteor-stage3": lambda: mv.Meteor.preset("stage3", lam=3.0),
+           "meteor-stage1+3": lambda: mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0),
+           "evoprune": lambda: mv.EvoPrune(keep=0.5), "tome": lambda: mv.ToMe(keep=0.5),
+           "visionzip": lambda: mv.VisionZip(keep=0.5), "prumerge+": lambda: mv.PruMerge()}
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
@@ -125,15 +134,119 @@ def test_every_later_method_obeys_the_batch_and_cache_oracles(qwen, pictures, ma
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
-def test_methods_that_prune_inside_the_encoder_and_bad_inputs_are_refused(qwen, pictures):
+def test_bad_inputs_and_settings_are_refused(qwen, pictures):
     model, processor = qwen
     inputs = qwen_inputs(processor, pictures, which=(0,))
-    for method in (mv.VisionZip(keep=0.5), mv.ToMe(keep=0.5), mv.Meteor.preset("stage1+3")):
-        with pytest.raises(ValueError, match="prunes inside the vision encoder"):
-            logits(model, inputs, method)
     with pytest.raises(ValueError, match="needs image_grid_thw"):
         logits(model, {k: v for k, v in inputs.items() if k != "image_grid_thw"}, mv.FastV())
+    with pytest.raises(ValueError, match="encoder_tokens is a count for a fixed grid"):
+        logits(model, inputs, mv.Meteor.preset("stage1", encoder_tokens=2))
+    video = {**inputs, "image_grid_thw": inputs["image_grid_thw"] * torch.tensor([2, 1, 1])}
+    with pytest.raises(ValueError, match="only still images"):
+        logits(model, video, mv.ToMe(keep=0.5))
     assert "forward" not in vars(model)
+
+
+def survivors(grid: torch.Tensor, point: int) -> torch.Tensor:
+    """The windows (grid indices, ascending) a test rule keeps at stage-1 point `point`: those with
+    (g + point) % 4 != 1, the first one if none."""
+    keep = (grid + point) % 4 != 1
+    return grid[keep] if bool(keep.any()) else grid[:1]
+
+
+class DropWindows(PruningMethod):
+    """Test method: at each stage-1 point, keep the windows `survivors` names."""
+
+    name = "drop-windows-test"
+
+    def __init__(self):
+        self.stats = []
+
+    def prunes_in_encoder(self):
+        return True
+
+    def prune_encoder(self, ctx):
+        keep = [torch.searchsorted(g, survivors(g, ctx.point)) for g in ctx.grid]
+        return torch.stack(keep)
+
+
+def stock_blocks_without(visual, pixels, grid_thw):
+    """One image's merged tokens from the stock encoder's own blocks and merger, the windows `survivors` drops at
+    each block removed from the packed sequence (the stock attention windows of Qwen2.5-VL, as its
+    get_vision_window_index lays them out, among those left): (kept window indices, (K, D) tokens)."""
+    cfg, m = visual.config, visual.spatial_merge_size
+    grid = torch.tensor([grid_thw])
+    hidden = visual.patch_embed(pixels)
+    cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, m))
+    alive = torch.arange(hidden.shape[0] // m**2)
+    window = torch.zeros_like(alive)
+    if hasattr(visual, "fullatt_block_indexes"):  # each window's stock attention window
+        order, cu = get_vision_window_index(grid, m, cfg.window_size, cfg.patch_size)
+        window[order] = torch.searchsorted(cu[1:] // m**2, torch.arange(len(order)), right=True)
+    for b, block in enumerate(visual.blocks):
+        windowed = hasattr(visual, "fullatt_block_indexes") and b not in visual.fullatt_block_indexes
+        order = torch.argsort(window[alive], stable=True) if windowed else torch.arange(len(alive))
+        sizes = torch.bincount(window[alive][order]) if windowed else torch.tensor([len(alive)])
+        cu = torch.cat([torch.zeros(1), (sizes[sizes > 0] * m**2).cumsum(0)]).int()
+        patch = (alive[order, None] * m**2 + torch.arange(m**2)).flatten()
+        rows = (torch.arange(len(alive))[order, None] * m**2 + torch.arange(m**2)).flatten()
+        out = hidden.clone()
+        out[rows] = block(hidden[rows], cu_seqlens=cu, position_embeddings=(cos[patch], sin[patch]))
+        kept = survivors(alive, b)
+        rows = (torch.searchsorted(alive, kept)[:, None] * m**2 + torch.arange(m**2)).flatten()
+        hidden, alive = out[rows], kept
+    return alive, visual.merger(hidden)
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_them(version, pictures):
+    """After each block of a 3-block encoder (Qwen2.5-VL: the first two windowed) a test method drops whole merge
+    windows: the tokens that leave it equal the stock blocks and merger run on the packed sequence with those
+    windows removed (two images of one grid encoded together, two of others), and the logits equal the stock
+    language model with the dropped windows' image tokens masked from layer 0 on."""
+    model, processor = mv.testing.tiny_qwen2_vl(seed=4, version=version, vision_depth=3)
+    imgs = [pictures[0], pictures[3].resize((48, 32)), pictures[1], pictures[2].resize((48, 48))]  # 3 x 3: 4 windows
+    inputs = processor(images=imgs, text=["<image> <image> what is it ?", "<image> and <image> ?"])
+    target = adapt(model)
+    with torch.no_grad():
+        tokens = target.encode_expert(0, {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}, DropWindows())
+        starts = [0, *inputs["image_grid_thw"].prod(-1).cumsum(0).tolist()]
+        visual, kept_cols, embeds_at = model.model.visual, [], {}
+        is_img = inputs["input_ids"] == model.config.image_token_id
+        ib, it = is_img.nonzero(as_tuple=True)
+        first = 0
+        for i, g in enumerate(inputs["image_grid_thw"].tolist()):
+            alive, want = stock_blocks_without(visual, inputs["pixel_values"][starts[i]:starts[i + 1]], g)
+            got = tokens.features[i][tokens.mask[i]]
+            assert tokens.grid_index[i][tokens.mask[i]].tolist() == alive.tolist()
+            assert 0 < len(alive) < g[1] * g[2] // 4
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for w, feat in zip(alive.tolist(), want):
+                embeds_at[(int(ib[first + w]), int(it[first + w]))] = feat
+            first += g[1] * g[2] // 4
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        for (r, c), feat in embeds_at.items():
+            embeds[r, c] = feat
+        drop = [[c for c in is_img[r].nonzero()[:, 0].tolist() if (r, c) not in embeds_at] for r in range(2)]
+        positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                  inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+        want = masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
+                                     drop, 0, positions=positions)
+        got = logits(model, inputs, DropWindows())
+    text = inputs["attention_mask"].bool() & ~is_img
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.3])
+def test_meteor_stage1_keeps_its_share_of_each_images_own_windows(qwen, pictures, keep):
+    """Images of different grids in one batch: each keeps round(keep * its windows) after METEOR's stage 1."""
+    model, processor = qwen
+    inputs = qwen_inputs(processor, pictures)
+    method = mv.Meteor.preset("stage1", encoder_keep=keep)
+    logits(model, inputs, method)
+    counts = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    kept = [len(tile["vision"]) for s in method.stats for tile in s["kept_grid"]]
+    assert kept == [max(1, round(keep * n)) for n in counts] and len(set(counts)) > 1
 
 
 def test_given_multimodal_position_ids_are_read_as_transformers_passes_them(qwen, pictures):
@@ -158,7 +271,7 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
     """A transformers Qwen2-VL / Qwen2.5-VL checkpoint folder (saved model, tokenizer, image processor, chat
     template) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
     the same method, a heatmap on the merged grid) and `meteor speed` (its prompts in the chat template too),
-    with the processor read back from the folder giving the same inputs; methods pruning inside the encoder are refused clearly."""
+    with the processor read back from the folder giving the same inputs; ToMe merges windows inside its encoder."""
     from meteor_vlm.cli import main
     from meteor_vlm.models.qwen2_vl import Qwen2VLImageTextProcessor
 
@@ -192,7 +305,8 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
     assert main(["speed", "--model", str(ckpt), "--samples", "1", "--new-tokens", "2", "--methods",
                  "unpruned,fastv:k1-r0.5"]) == 0
     assert "fastv:k1-r0.5" in capsys.readouterr().out
-    assert main(["ask", str(tmp_path / "img.png"), "what ?", "--model", str(ckpt), "--method", "tome:keep0.5"]) == 2
-    assert "prunes inside the vision encoder" in capsys.readouterr().err
+    assert main(["ask", str(tmp_path / "img.png"), "what ?", "--model", str(ckpt), "--method", "tome:keep0.5",
+                 "--heatmap", str(heat)]) == 0
+    assert "stage 1 (in the experts): 3" in capsys.readouterr().out
     with pytest.raises(ValueError, match=re.escape("hold 1 <|image_pad|> tokens for 2 images")):
         loaded(images=[picture, picture], text=[prompt])

@@ -402,10 +402,11 @@ def cmd_ask(args) -> int:
     print(f"  stage 3 (in the LLM):     {s['stage3'] or 'off'}")
     print(f"  layer-averaged:           {s['layer_avg_tokens']:.1f}")
     if args.heatmap:
-        grids = {r.spec.name: r.grid() for r in target.runners}  # a LLaVA-NeXT: its first tile, the whole image
         if "image_grid_thw" in inputs:  # Qwen2-VL: its grid of merged tokens, as the processor resized the image
             _, rows, cols = inputs["image_grid_thw"][0].tolist()
             grids = {target.expert_names[0]: (rows // processor.merge_size, cols // processor.merge_size)}
+        else:
+            grids = {r.spec.name: r.grid() for r in target.runners}  # a LLaVA-NeXT: its first tile, the whole image
         kept = s["kept_grid"][0] if s["kept_grid"] else {}
         kept_token_heatmap(image, kept, grids).save(args.heatmap)
         print(f"heatmap written to {args.heatmap}")

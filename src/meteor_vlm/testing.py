@@ -152,13 +152,13 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     return model, processor
 
 
-def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2"):
+def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision_depth: int = 2):
     """A tiny random stock transformers `Qwen2VLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
-    `models.qwen2_vl.Qwen2VLImageTextProcessor` where "<image>" stands for one image: a 2-block vision encoder
-    on 8 px patches, 2x2 merged (an image of 16 to 48 px a side gives 2 to 9 visual tokens, by its size), and
-    a `num_layers`-deep decoder with 8 heads (GQA, 4 kv heads) and multimodal RoPE. `version="2.5"`: a
-    `Qwen2_5_VLForConditionalGeneration` instead (windowed attention in its first vision block, full in its
-    second)."""
+    `models.qwen2_vl.Qwen2VLImageTextProcessor` where "<image>" stands for one image: a `vision_depth`-block
+    vision encoder on 8 px patches, 2x2 merged (an image of 16 to 48 px a side gives 2 to 9 visual tokens, by
+    its size), and a `num_layers`-deep decoder with 8 heads (GQA, 4 kv heads) and multimodal RoPE.
+    `version="2.5"`: a `Qwen2_5_VLForConditionalGeneration` instead (attention windows of 2x2 visual tokens in
+    its vision blocks but the last, full attention in the last)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -170,11 +170,12 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2"):
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     ids = add_vision_tokens(tokenizer)
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+    vision = dict(depth=vision_depth, embed_dim=32, hidden_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3, mlp_ratio=2)
     if version == "2.5":
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=8,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=32, fullatt_block_indexes=[1])
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                      patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=32,
+                      fullatt_block_indexes=[vision_depth - 1])
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                 num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

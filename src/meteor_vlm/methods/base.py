@@ -48,7 +48,12 @@ class EncoderPoint:
     the index of this block among those the method acts at (by default the ends of the expert's three
     thirds: 0, 1, 2); size: (B, N_patches) how many of the expert's patches each patch token stands for (1
     until a method merges tokens); keys: (B, H, N, d) the keys the block's attention used, where the
-    runner caught them (within a block), else None and computed from block_input when asked.
+    runner caught them (within a block), else None and computed from block_input when asked; grid:
+    (B, N_patches) each patch token's grid index.
+
+    Where a token is a window of several patches (`runner.window` > 1, Qwen2-VL's 2x2 merge windows), the
+    tokens hold the window's patches side by side, scores add up its patches' attention and keys are its
+    patches' keys side by side: methods see one token per window and keep or drop whole windows.
     """
 
     expert: str
@@ -62,6 +67,7 @@ class EncoderPoint:
     runner: object = field(repr=False, default=None)
     size: torch.Tensor | None = field(repr=False, default=None)
     keys: torch.Tensor | None = field(repr=False, default=None)
+    grid: torch.Tensor | None = field(repr=False, default=None)
 
     @property
     def patches(self) -> torch.Tensor:
@@ -75,7 +81,15 @@ class EncoderPoint:
 
     @functools.cached_property
     def _query_key(self):
-        return self.runner.query_key(self.block, self.block_input)  # once per point, whichever score asks
+        return self.runner.query_key(self.block, self.block_input, self.grid)  # once per point, whichever score asks
+
+    @property
+    def _window(self) -> int:
+        return getattr(self.runner, "window", 1)
+
+    def _per_token(self, score: torch.Tensor) -> torch.Tensor:
+        """(B, N * window) per-patch scores -> (B, N) per token, each window's patches added up."""
+        return score.view(score.shape[0], -1, self._window).sum(-1) if self._window > 1 else score
 
     def _qk(self):
         return self._query_key
@@ -90,13 +104,19 @@ class EncoderPoint:
     def patch_keys(self) -> torch.Tensor:
         """(B, H, N_patches, d) this block's own keys of the patch tokens (CLS removed)."""
         k = self.keys if self.keys is not None else self._qk()[1]
-        return k[:, :, 1:] if self.has_cls else k
+        k = k[:, :, 1:] if self.has_cls else k
+        if self._window > 1:  # a window's patches' keys side by side
+            B, H, n, d = k.shape
+            k = k.reshape(B, H, n // self._window, self._window * d)
+        return k
 
     def received_attention(self) -> torch.Tensor:
-        """(B, N_patches) mean attention each patch receives from all tokens (experts without CLS)."""
+        """(B, N_patches) mean attention each patch receives from all tokens (experts without CLS), within the
+        block's attention windows where it has them."""
         q, k, scale = self._qk()
-        att = ops.received_attention(q, k, scale)
-        return att[:, 1:] if self.has_cls else att
+        groups = self.runner.attention_groups(self.block, self.grid) if self.grid is not None else None
+        att = ops.received_attention(q, k, scale, groups=groups)
+        return self._per_token(att[:, 1:] if self.has_cls else att)
 
     def importance(self) -> torch.Tensor:
         """(B, N_patches) how much each patch token matters, for methods that rank by attention: the

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
@@ -147,16 +148,23 @@ class Meteor(PruningMethod):
     def setup(self, model) -> None:
         plan: dict = {}
         runners = model.runners
-        counts = {r.spec.name: r.num_patches for r in runners}
         if self.encoder:
             if model.config.fusion == "pre":
                 raise ValueError("stage 1 (encoder pruning) needs post-projection fusion; this model fuses channels")
-            plan["encoder"] = self._plan_encoder(model)
-            counts = {n: c[-1] for n, c in plan["encoder"].items()}
-        n_in = sum(counts.values())
+            if all(r.fixed_grid for r in runners):
+                plan["encoder"] = self._plan_encoder(model)
+            elif self.encoder_tokens is not None:  # one expert whose images each have their own grid (Qwen2-VL)
+                raise ValueError("encoder_tokens is a count for a fixed grid; this model's images each have their own "
+                                 "grid: give encoder_keep, a share of each image's tokens")
+            else:
+                plan["encoder"] = {}  # planned for each grid as it comes (_encoder_steps)
         if self.fusion:
             if model.config.fusion == "pre" or len(runners) < 2:
                 raise ValueError("stage 2 (cooperative fusion pruning) needs at least two experts fused along the sequence")
+            counts = {r.spec.name: r.num_patches for r in runners}
+            if self.encoder:
+                counts = {n: c[-1] for n, c in plan["encoder"].items()}
+            n_in = sum(counts.values())
             k = self.fusion_tokens if self.fusion_tokens is not None else max(1, round(self.fusion_keep * n_in))
             if k > n_in:
                 raise ValueError(f"fusion budget {k} is larger than the tokens available after stage 1 ({n_in})")
@@ -191,10 +199,18 @@ class Meteor(PruningMethod):
     def prunes_in_encoder(self) -> bool:
         return self.encoder
 
+    def _encoder_steps(self, ctx: EncoderPoint) -> list[int]:
+        """The patch tokens ctx's expert keeps after each of its pruning points: planned when attached, or, for
+        an expert whose images each have their own grid (one expert: the whole budget), from this one's."""
+        planned = self._plan["encoder"].get(ctx.expert)
+        if planned is None:  # ctx.runner walks the images of one grid
+            planned = stage1_plan(SimpleNamespace(runners=[ctx.runner]), None, "average", self.encoder_keep)[ctx.expert]
+        return planned
+
     def prune_encoder(self, ctx: EncoderPoint) -> torch.Tensor | None:
         if not self.encoder:
             return None
-        steps = self._plan["encoder"][ctx.expert]
+        steps = self._encoder_steps(ctx)
         staged = len(steps) == 3
         keep = steps[ctx.point] if staged else steps[0]
         patches = ctx.patches

@@ -101,6 +101,8 @@ class ExpertRunner:
     kind: str
     has_cls: bool = False
     is_transformer: bool = True
+    window: int = 1  # patches each token stands for (Qwen2-VL: a 2x2 merge window, its patches side by side)
+    fixed_grid: bool = True  # False: the grid is each image's own (Qwen2-VL), so num_patches is known per image
 
     def __init__(self, module: nn.Module, spec: ExpertSpec):
         self.module = module
@@ -119,12 +121,16 @@ class ExpertRunner:
     def blocks(self) -> nn.ModuleList:
         raise NotImplementedError
 
-    def run_block(self, i: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def run_block(self, i: int, x: torch.Tensor, bias: torch.Tensor | None = None,
+                  grid: torch.Tensor | None = None) -> torch.Tensor:
         """Run block i on (B, N, D) tokens (SDPA attention; no padding mask: all samples keep equal counts).
-        bias: (B, N) added to every query's attention logit for each key (proportional attention)."""
+        bias: (B, N) added to every query's attention logit for each key (proportional attention); grid:
+        (B, N_patches) each patch token's grid index, for runners whose blocks need positions (Qwen2-VL's
+        rotary embedding and windows; the others ignore it)."""
         raise NotImplementedError
 
-    def run_attention(self, i: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_attention(self, i: int, x: torch.Tensor, bias: torch.Tensor | None = None,
+                      grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i's first half on (B, N, D) tokens: its attention (with `bias` as in run_block) plus the
         residual, and the (B, H, N, d) keys that attention used, caught from its key projection rather than
         computed again. `run_mlp(i, ...)` on the first finishes the block: together they are `run_block`."""
@@ -134,9 +140,15 @@ class ExpertRunner:
         """Block i's second half on (B, N, D) tokens: its MLP plus the residual."""
         raise NotImplementedError
 
-    def query_key(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Block i's own queries and keys for its input x: (B, H, N, d) each, and its softmax scale."""
+    def query_key(self, i: int, x: torch.Tensor, grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Block i's own queries and keys for its input x: (B, H, N * window, d) each (one row per patch), and
+        its softmax scale."""
         raise NotImplementedError
+
+    def attention_groups(self, i: int, grid: torch.Tensor) -> torch.Tensor | None:
+        """(B, N * window) long: block i's attention stays within tokens of equal group (Qwen2.5-VL's windows),
+        or None where every token sees every other."""
+        return None
 
     def finalize(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block -> (B, N_patches, D_out) features (CLS dropped)."""
@@ -198,10 +210,10 @@ class _ViTRunner(ExpertRunner):
         g = self.spec.image_size // self.module.config.patch_size
         return g, g
 
-    def run_block(self, i, x, bias=None):
+    def run_block(self, i, x, bias=None, grid=None):
         return self.blocks[i](x, attention_mask=self._mask(bias, x))
 
-    def run_attention(self, i, x, bias=None):
+    def run_attention(self, i, x, bias=None, grid=None):
         block = self.blocks[i]
         (h, _), keys = self._catching_keys(block.self_attn.k_proj, block.self_attn.num_heads, lambda: block.self_attn(
             hidden_states=block.layer_norm1(x), attention_mask=self._mask(bias, x)))
@@ -211,7 +223,7 @@ class _ViTRunner(ExpertRunner):
         block = self.blocks[i]
         return x + block.mlp(block.layer_norm2(x))
 
-    def query_key(self, i, x):
+    def query_key(self, i, x, grid=None):
         block = self.blocks[i]
         h = block.layer_norm1(x)
         heads = block.self_attn.num_heads
@@ -265,10 +277,10 @@ class Pix2StructRunner(ExpertRunner):
         ids = torch.stack([rows, cols], -1).expand(B, -1, -1)
         return self.module.embeddings(torch.cat([ids, patches], -1))
 
-    def run_block(self, i, x, bias=None):
+    def run_block(self, i, x, bias=None, grid=None):
         return self.blocks[i](x, attention_mask=self._mask(bias, x))[0]
 
-    def run_attention(self, i, x, bias=None):
+    def run_attention(self, i, x, bias=None, grid=None):
         block = self.blocks[i]
         (h, _), keys = self._catching_keys(block.attention.key, block.attention.n_heads, lambda: block.attention(
             block.pre_attention_layer_norm(x), attention_mask=self._mask(bias, x)))
@@ -278,7 +290,7 @@ class Pix2StructRunner(ExpertRunner):
         block = self.blocks[i]
         return x + block.mlp(block.pre_mlp_layer_norm(x))
 
-    def query_key(self, i, x):
+    def query_key(self, i, x, grid=None):
         block = self.blocks[i]
         h = block.pre_attention_layer_norm(x)
         heads = block.attention.n_heads

@@ -1,14 +1,18 @@
 """Pruning on a stock transformers Qwen2-VL or Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
-`Qwen2_5_VLForConditionalGeneration`), inside its language model and where its visual tokens enter it.
+`Qwen2_5_VLForConditionalGeneration`): inside its vision encoder, where its visual tokens enter the language
+model, and inside the language model.
 
-Qwen2-VL's vision encoder packs every image's patches into one sequence and merges each 2x2 group of patches
-into one visual token at its end, so tokens cannot leave it mid-way: stage-1 methods (those that prune inside
-an encoder) are refused. Its merged tokens are the one expert, "vision", that `prune_fusion` sees (DivPrune),
-and stage-3 methods (FastV, PyramidDrop, DART, SparseVLM, METEOR's stage 3) drop them inside the LLM. Every
-kept token keeps its multimodal RoPE position (temporal, height, width; `get_rope_index`), which the
-runtime carries as (B, T, 3), so dropping a token is masking it, and decoding goes on from the largest
-position + 1 as the stock model's does. Inside `with method(model)` this one instance's `forward`,
-`prepare_inputs_for_generation` and `_expand_inputs_for_generation` are replaced (`adapters.StockAdapter`).
+Qwen2-VL's vision encoder merges each 2x2 window of patches into one visual token at its end (the merger), so a
+token inside it is a whole merge window (`Qwen2VLRunner`: the window's patches side by side): stage-1 methods
+(METEOR's stage 1, EvoPrune, ToMe, VisionZip, PruMerge) keep, drop or merge whole windows between its blocks,
+and the merger still finds each kept window's patches together. Each image has its own grid, so the images of
+one grid are encoded together, one per row, and a method's counts follow each image's grid. The merged tokens
+are the one expert, "vision", that `prune_fusion` sees (DivPrune), and stage-3 methods (FastV, PyramidDrop,
+DART, SparseVLM, METEOR's stage 3) drop them inside the LLM. Every kept token keeps its multimodal RoPE position
+(temporal, height, width; `get_rope_index`), which the runtime carries as (B, T, 3), so dropping a token is
+masking it, and decoding goes on from the largest position + 1 as the stock model's does. Inside
+`with method(model)` this one instance's `forward`, `prepare_inputs_for_generation` and
+`_expand_inputs_for_generation` are replaced (`adapters.StockAdapter`).
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_position_ids
 
 from . import runtime
 from .adapters import Layout, StockAdapter, check_sdpa
-from .vlm import VisualTokens, fuse_and_prune
+from .experts import ExpertRunner, ExpertSpec
+from .vlm import VisualTokens, fuse_and_prune, run_expert
 
-__all__ = ["Qwen2VLAdapter", "Qwen2VLImageTextProcessor", "qwen2_vl_adapter", "VISION_TOKENS", "add_vision_tokens"]
+__all__ = ["Qwen2VLAdapter", "Qwen2VLRunner", "Qwen2VLImageTextProcessor", "qwen2_vl_adapter", "VISION_TOKENS",
+           "add_vision_tokens"]
 
 EXPERT = "vision"
 
@@ -47,9 +56,131 @@ def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
     return Qwen2VLAdapter(model) if type(model) in stock else None
 
 
+class Qwen2VLRunner(ExpertRunner):
+    """Qwen2-VL's or Qwen2.5-VL's vision encoder walked block by block over the images of one grid.
+
+    grid_thw: (t, h, w) the images' patch grid (t = 1 for a still image). A token is one merge window (m x m
+    patches, m = spatial_merge_size) holding its patches side by side: tokens are (B, N, m*m*D), N = t*h*w / m^2,
+    in the order of the merged visual tokens (row-major over the merged grid), so a token's grid index is its
+    visual token's offset in the image's span. The blocks run on the kept windows' patches, each image a row of
+    batched SDPA, each patch with its own 2D rotary position; Qwen2.5-VL's windowed blocks attend within equal
+    attention windows (a mask, which gives what its reordered windows give). Without grid_thw the runner only
+    describes the encoder (its blocks and pruning points), as the adapter's `runners` entry that methods read
+    when they are attached.
+    """
+
+    kind, has_cls = "qwen2_vl", False
+
+    def __init__(self, visual, spec: ExpertSpec, grid_thw: tuple[int, int, int] | None = None):
+        super().__init__(visual, spec)
+        cfg = visual.config
+        self.merge = cfg.spatial_merge_size
+        self.window = self.merge**2
+        self.grid_thw = None if grid_thw is None else tuple(int(v) for v in grid_thw)
+        self.fixed_grid = self.grid_thw is not None
+        self.full_attention = getattr(cfg, "fullatt_block_indexes", None)  # Qwen2.5-VL: the others are windowed
+        self.attention_window = cfg.window_size // self.merge // cfg.patch_size if self.full_attention is not None else 0
+        self._rotary_cache: dict = {}
+
+    @property
+    def blocks(self):
+        return self.module.blocks
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.merger.mlp[-1].out_features
+
+    def grid(self) -> tuple[int, int]:
+        if self.grid_thw is None:
+            raise ValueError("Qwen2-VL's vision encoder has no fixed grid: each image has its own (image_grid_thw)")
+        t, h, w = self.grid_thw
+        return t * h // self.merge, w // self.merge
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, t*h*w, C*T*p*p) each image's patches, as the processor packs them (each window's patches together)
+        -> (B, N, m*m*D)."""
+        B, P, _ = pixel_values.shape
+        return self.module.patch_embed(pixel_values.reshape(B * P, -1)).reshape(B, P // self.window, -1)
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1] * self.window, -1)
+
+    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(h.shape[0], h.shape[1] // self.window, -1)
+
+    def _patch_index(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, N) window grid indices -> (B, N * m*m) the image's patch indices."""
+        return (grid[..., None] * self.window + torch.arange(self.window, device=grid.device)).flatten(1)
+
+    def _rotary(self, grid: torch.Tensor):
+        """(cos, sin), (B, N * m*m, d) each: the rotary embedding of the patches of the windows in `grid`."""
+        key = grid.device
+        if key not in self._rotary_cache:  # the whole image's, once per device
+            t, h, w = self.grid_thw
+            ids = get_vision_position_ids(torch.tensor([[t, h, w]], device=grid.device), self.merge)
+            probe = torch.empty(0, device=grid.device)
+            self._rotary_cache[key] = self.module.rotary_pos_emb(probe, ids)
+        index = self._patch_index(grid)
+        return tuple(f[index] for f in self._rotary_cache[key])
+
+    def _qkv(self, i: int, h: torch.Tensor, grid: torch.Tensor):
+        """Block i's rotated queries, keys and values of the (B, L, D) patches h: (B, H, L, d) each."""
+        attn = self.blocks[i].attn
+        B, L, _ = h.shape
+        q, k, v = attn.qkv(self.blocks[i].norm1(h)).view(B, L, 3, attn.num_heads, -1).unbind(2)
+        cos, sin = self._rotary(grid)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attention_groups(self, i, grid):
+        """Qwen2.5-VL's windowed blocks: each patch's attention window (equal ids attend to each other)."""
+        if self.full_attention is None or i in self.full_attention:
+            return None
+        _, h, w = self.grid_thw
+        rows, cols = h // self.merge, w // self.merge
+        frame, cell = grid // (rows * cols), grid % (rows * cols)
+        s = self.attention_window
+        across = cols // s + 1  # windows per row of windows, padding included
+        ids = (frame * (rows // s + 1) + cell // cols // s) * across + cell % cols // s
+        return ids.repeat_interleave(self.window, 1)
+
+    def _attention_mask(self, i, bias, grid, dtype):
+        bias = None if bias is None else bias.repeat_interleave(self.window, 1)[:, None, None, :].to(dtype)
+        groups = self.attention_groups(i, grid)
+        if groups is None:
+            return bias
+        same = (groups[:, :, None] == groups[:, None, :])[:, None]
+        return same if bias is None else bias.masked_fill(~same, float("-inf"))
+
+    def run_attention(self, i, x, bias=None, grid=None):
+        block, h = self.blocks[i], self._patches(x)
+        q, k, v = self._qkv(i, h, grid)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._attention_mask(i, bias, grid, q.dtype),
+                                             scale=block.attn.scaling)
+        h = h + block.attn.proj(out.transpose(1, 2).flatten(2))
+        return self._tokens(h), k
+
+    def run_mlp(self, i, x):
+        block, h = self.blocks[i], self._patches(x)
+        return self._tokens(h + block.mlp(block.norm2(h)))
+
+    def run_block(self, i, x, bias=None, grid=None):
+        return self.run_mlp(i, self.run_attention(i, x, bias, grid)[0])
+
+    def query_key(self, i, x, grid=None):
+        q, k, _ = self._qkv(i, self._patches(x), grid)
+        return q, k, self.blocks[i].attn.scaling
+
+    def finalize(self, x):
+        """The merger on each kept window's patches: (B, N, m*m*D) -> (B, N, out_dim)."""
+        B, N, _ = x.shape
+        return self.module.merger(x.reshape(B * N * self.window, -1)).view(B, N, -1)
+
+
 class Qwen2VLAdapter(StockAdapter):
     """What the methods and the runtime need to know about one `Qwen2VLForConditionalGeneration` or
-    `Qwen2_5_VLForConditionalGeneration` (images only, no videos). `runners` is empty: no stage-1 point."""
+    `Qwen2_5_VLForConditionalGeneration` (images only, no videos). `runners` holds the encoder's
+    `Qwen2VLRunner` without a grid; each batch is encoded by one runner per image grid."""
 
     IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
     PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
@@ -58,7 +189,7 @@ class Qwen2VLAdapter(StockAdapter):
         cfg = model.config
         check_sdpa(cfg.text_config)
         self.model = model
-        self.runners = []
+        self.runners = [Qwen2VLRunner(model.model.visual, ExpertSpec(EXPERT, Qwen2VLRunner.kind, 0, {}))]
         self.expert_names = [EXPERT]
         self.num_llm_layers = cfg.text_config.num_hidden_layers
         self.config = SimpleNamespace(fusion="post", text_config=cfg.text_config, rank_table=None)
@@ -72,12 +203,6 @@ class Qwen2VLAdapter(StockAdapter):
         starts = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)])
         patches = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1]), device=grid.device) for i in index.tolist()])
         return {"pixel_values": images["pixel_values"][patches], "image_grid_thw": grid[index]}
-
-    def check_method(self, method) -> None:
-        if method.prunes_in_encoder():
-            raise ValueError(f"{type(method).__name__} prunes inside the vision encoder, which Qwen2-VL's does not allow "
-                             "(it packs every image into one sequence and merges 2x2 patches at its end); use a method "
-                             "that acts after it (FastV, PyramidDrop, DART, SparseVLM, DivPrune, METEOR's stage 3)")
 
     def _counts(self, images: dict) -> list[int]:
         grid = images.get("image_grid_thw")
@@ -95,18 +220,36 @@ class Qwen2VLAdapter(StockAdapter):
         return fuse_and_prune([tokens], [tokens.features], self.expert_names, method)
 
     def encode_expert(self, index: int, images: dict, method) -> VisualTokens:
-        """The one expert's merged tokens of every image (pixel_values and image_grid_thw in `images`),
-        (num_images, most tokens, D) with empty slots after the smaller images'; `method` cannot act here."""
+        """The one expert's merged tokens of every image (pixel_values and image_grid_thw in `images`), with the
+        method's stage-1 pruning: (num_images, most tokens, D), empty slots after an image's last token. The
+        images of one grid are encoded together (`Qwen2VLRunner`)."""
         counts = self._counts(images)
-        feats = self.model.model.get_image_features(images["pixel_values"], images["image_grid_thw"]).pooler_output
-        n, dev = max(counts), feats[0].device
-        features = feats[0].new_zeros(len(counts), n, feats[0].shape[-1])
-        for i, f in enumerate(feats):
-            features[i, : len(f)] = f
-        grid = torch.arange(n, device=dev).expand(len(counts), n)
-        valid = grid < torch.tensor(counts, device=dev)[:, None]
-        return VisualTokens(features, torch.zeros_like(grid), grid, torch.ones(grid.shape, device=dev),
-                            valid=None if bool(valid.all()) else valid)
+        grids = images["image_grid_thw"]
+        if bool((grids[:, 0] != 1).any()):
+            raise ValueError(f"image_grid_thw {grids.tolist()}: only still images (t = 1) are supported, not videos")
+        visual = self.model.model.visual
+        pixels = images["pixel_values"].to(visual.dtype)
+        starts = [0, *grids.prod(-1).cumsum(0).tolist()]
+        same_grid: dict[tuple, list[int]] = {}
+        for i, g in enumerate(grids.tolist()):
+            same_grid.setdefault(tuple(g), []).append(i)
+        parts = []
+        for g, members in same_grid.items():
+            runner = Qwen2VLRunner(visual, self.runners[0].spec, g)
+            batch = torch.stack([pixels[starts[i]:starts[i + 1]] for i in members])
+            parts.append((members, run_expert(runner, index, batch, method)))
+        n, dev = max(counts), pixels.device
+        width = parts[0][1].features.shape[-1]
+        features = parts[0][1].features.new_zeros(len(counts), n, width)
+        grid = torch.zeros(len(counts), n, dtype=torch.long, device=dev)
+        size = torch.ones(len(counts), n, device=dev)
+        valid = torch.zeros(len(counts), n, dtype=torch.bool, device=dev)
+        for members, tokens in parts:
+            k = tokens.features.shape[1]
+            rows = torch.tensor(members, device=dev)
+            features[rows, :k], grid[rows, :k] = tokens.features, tokens.grid_index
+            size[rows, :k], valid[rows, :k] = tokens.size, tokens.mask
+        return VisualTokens(features, torch.zeros_like(grid), grid, size, valid=None if bool(valid.all()) else valid)
 
     def layout(self, images: dict) -> Layout:
         """Image i's token g at offset g of its span."""

@@ -72,15 +72,15 @@ def run_expert(runner, index: int, pixel_values: torch.Tensor, method: PruningMe
         if proportional and bool((size != 1).any()):  # log(size) for every key; CLS stands for itself
             bias = size.log() if not runner.has_cls else torch.cat([torch.zeros_like(size[:, :1]), size.log()], 1)
         if method is None or i not in points:
-            x = runner.run_block(i, x, bias)
+            x = runner.run_block(i, x, bias, grid)
             continue
         keys = None
         if within:  # the method acts between the block's attention and its MLP
-            x, keys = runner.run_attention(i, x, bias)
+            x, keys = runner.run_attention(i, x, bias, grid)
         else:
-            x = runner.run_block(i, x, bias)
+            x = runner.run_block(i, x, bias, grid)
         ctx = EncoderPoint(runner.spec.name, index, runner.kind, points.index(i), i, x, x_in, runner.has_cls, runner,
-                           size, keys)
+                           size, keys, grid)
         x, grid, size, valid = apply_encoder_keep(method.prune_encoder(ctx), x, grid, size, runner.has_cls)
         if valid is not None and i != runner.num_blocks - 1:
             raise ValueError(f"expert {runner.spec.name!r}, block {i}: a different token count per image (-1 in "

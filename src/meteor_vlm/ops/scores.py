@@ -84,6 +84,7 @@ def received_attention(
     scale: float,
     mask: torch.Tensor | None = None,
     chunk_size: int = 256,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean attention each token receives, over all queries and heads (score for experts without CLS).
 
@@ -94,6 +95,7 @@ def received_attention(
         scale: softmax scale.
         mask: (B, N) bool, True for real tokens (padding neither sends nor receives).
         chunk_size: query rows per chunk.
+        groups: (B, N) long, or None: a query attends to the keys of its own group only (windowed attention).
     Returns:
         (B, N) mean received attention; sums to 1 over valid tokens.
     """
@@ -101,7 +103,10 @@ def received_attention(
     valid = torch.ones(B, N, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
     total = torch.zeros(B, N, dtype=torch.float32, device=q.device)
     for start in range(0, N, chunk_size):
-        rows = attention_rows(q[:, :, start : start + chunk_size], k, scale, valid)
+        keys = valid
+        if groups is not None:  # (B, Qc, N): the keys in each query's own group
+            keys = valid[:, None, :] & (groups[:, start : start + chunk_size, None] == groups[:, None, :])
+        rows = attention_rows(q[:, :, start : start + chunk_size], k, scale, keys)
         row_valid = valid[:, start : start + chunk_size].float()  # (B, Qc)
         total += torch.einsum("bhqn,bq->bn", rows, row_valid)
     return total / (H * valid.float().sum(1, keepdim=True).clamp_min(1))
