@@ -237,6 +237,27 @@ def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_t
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
 
 
+def test_windowed_blocks_attend_within_their_windows_with_a_per_token_bias():
+    """Qwen2.5-VL's windowed block attends in one padded batch of windows: the same as one dense SDPA with keys
+    outside a query's window masked and the proportional bias added, on two images that kept different windows
+    (uneven windows) and on whole ones (no padding)."""
+    from meteor_vlm.models.qwen2_vl import Qwen2VLRunner
+
+    model, _ = mv.testing.tiny_qwen2_vl(seed=1, version="2.5", vision_depth=3)
+    runner = Qwen2VLRunner(model.model.visual, adapt(model).runners[0].spec, (1, 12, 12))  # 6 x 6 windows
+    g = torch.Generator().manual_seed(0)
+    for grid in (torch.tensor([[0, 1, 4, 7, 8, 20, 33], [2, 3, 9, 14, 15, 27, 35]]), torch.arange(36).expand(2, 36)):
+        L = grid.shape[1] * 4
+        q, k, v = (torch.randn(2, 4, L, 8, generator=g) for _ in range(3))
+        bias = torch.rand(2, grid.shape[1], generator=g).log()
+        groups = runner.attention_groups(0, grid)
+        assert runner.attention_groups(2, grid) is None and len(set(groups[0].tolist())) > 2
+        same = groups[:, :, None] == groups[:, None, :]
+        dense = bias.repeat_interleave(4, 1)[:, None, None, :].masked_fill(~same[:, None], float("-inf"))
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=runner.blocks[0].attn.scaling)
+        torch.testing.assert_close(runner._attend(0, q, k, v, bias, grid), want, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.3])
 def test_meteor_stage1_keeps_its_share_of_each_images_own_windows(qwen, pictures, keep):
     """Images of different grids in one batch: each keeps round(keep * its windows) after METEOR's stage 1."""

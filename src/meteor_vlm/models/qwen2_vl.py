@@ -144,19 +144,42 @@ class Qwen2VLRunner(ExpertRunner):
         ids = (frame * (rows // s + 1) + cell // cols // s) * across + cell % cols // s
         return ids.repeat_interleave(self.window, 1)
 
-    def _attention_mask(self, i, bias, grid, dtype):
-        bias = None if bias is None else bias.repeat_interleave(self.window, 1)[:, None, None, :].to(dtype)
+    def _attend(self, i: int, q, k, v, bias, grid) -> torch.Tensor:
+        """Block i's attention for (B, H, L, d) rotated queries, keys and values: one SDPA over each image's
+        patches, or, in Qwen2.5-VL's windowed blocks, one over each attention window's kept patches (windows
+        padded into one batch), the work the stock encoder does. bias: (B, N) per token, or None."""
+        scale = self.blocks[i].attn.scaling
+        bias = None if bias is None else bias.repeat_interleave(self.window, 1).to(q.dtype)  # (B, L) per patch
         groups = self.attention_groups(i, grid)
         if groups is None:
-            return bias
-        same = (groups[:, :, None] == groups[:, None, :])[:, None]
-        return same if bias is None else bias.masked_fill(~same, float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias[:, None, None, :],
+                                                  scale=scale)
+        B, H, L, d = q.shape
+        rows = torch.arange(B, device=q.device)[:, None]
+        _, which, counts = torch.unique((groups + rows * (int(groups.max()) + 1)).flatten(), return_inverse=True,
+                                        return_counts=True)  # each patch's window, over the batch
+        order = torch.argsort(which, stable=True)
+        slot = torch.empty_like(which)
+        slot[order] = torch.arange(B * L, device=q.device) - (counts.cumsum(0) - counts)[which[order]]
+        W, n = len(counts), int(counts.max())
+
+        def packed(t):  # (B, H, L, d) -> (W, H, n, d), each window's patches in a row of its own
+            out = t.new_zeros(W, n, H, d)
+            out[which, slot] = t.transpose(1, 2).reshape(B * L, H, d)
+            return out.transpose(1, 2)
+
+        mask = None
+        if bias is not None or bool((counts != n).any()):
+            mask = torch.full((W, n), float("-inf"), dtype=q.dtype, device=q.device)
+            mask[which, slot] = 0.0 if bias is None else bias.flatten()
+            mask = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(packed(q), packed(k), packed(v), attn_mask=mask, scale=scale)
+        return out.transpose(1, 2)[which, slot].view(B, L, H, d).transpose(1, 2)
 
     def run_attention(self, i, x, bias=None, grid=None):
         block, h = self.blocks[i], self._patches(x)
         q, k, v = self._qkv(i, h, grid)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._attention_mask(i, bias, grid, q.dtype),
-                                             scale=block.attn.scaling)
+        out = self._attend(i, q, k, v, bias, grid)
         h = h + block.attn.proj(out.transpose(1, 2).flatten(2))
         return self._tokens(h), k
 
