@@ -58,11 +58,11 @@ def attention_rows(
         (B, H, Q, N) attention probabilities in float32; masked keys get 0.
     """
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if key_mask is not None:
-        m = key_mask.bool()
-        m = m[:, None, None, :] if m.dim() == 2 else m[:, None, :, :]
-        logits = logits.masked_fill(~m, float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    if key_mask is None:
+        return torch.softmax(logits, dim=-1)
+    m = key_mask.bool()
+    m = m[:, None, None, :] if m.dim() == 2 else m[:, None, :, :]
+    return torch.softmax(logits.masked_fill(~m, float("-inf")), dim=-1).nan_to_num(0.0)  # a row with no key: 0
 
 
 def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -103,12 +103,12 @@ def received_attention(
     valid = torch.ones(B, N, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
     total = torch.zeros(B, N, dtype=torch.float32, device=q.device)
     for start in range(0, N, chunk_size):
-        keys = valid
+        keys = None if mask is None else valid
         if groups is not None:  # (B, Qc, N): the keys in each query's own group
             keys = valid[:, None, :] & (groups[:, start : start + chunk_size, None] == groups[:, None, :])
         rows = attention_rows(q[:, :, start : start + chunk_size], k, scale, keys)
         row_valid = valid[:, start : start + chunk_size].float()  # (B, Qc)
-        total += torch.einsum("bhqn,bq->bn", rows, row_valid)
+        total += (rows.sum(1) * row_valid[..., None]).sum(1)  # (an einsum here took 30x longer on CPU)
     return total / (H * valid.float().sum(1, keepdim=True).clamp_min(1))
 
 
