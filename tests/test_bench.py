@@ -1020,10 +1020,11 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
     assert main(["speed", "--shape", "smollm2-135m", "--qwen2.5-vl", "--samples", "1", "--new-tokens", "2",
                  "--methods", "unpruned"]) == 0
     assert built[-1] == ("smollm2-135m", "2.5") and "Qwen2.5-VL" in capsys.readouterr().out
-    for bad in (["--qwen2-vl", "--model", "tiny"], ["--shape", "smollm2-135m", "--llava", "--qwen2-vl"],
-                ["--shape", "smollm2-135m", "--qwen2-vl", "--qwen2.5-vl"]):
-        assert main(["speed", *bad]) == 2
-        assert "--qwen2-vl / --qwen2.5-vl need --shape" in capsys.readouterr().err
+    assert main(["speed", "--qwen2-vl", "--model", "tiny"]) == 2
+    assert "--qwen2-vl / --qwen2.5-vl / --internvl need --shape" in capsys.readouterr().err
+    for bad in (["--llava", "--qwen2-vl"], ["--qwen2-vl", "--qwen2.5-vl"], ["--internvl", "--qwen2-vl"]):
+        assert main(["speed", "--shape", "smollm2-135m", *bad]) == 2
+        assert "exclude each other" in capsys.readouterr().err
     tokenizer = build_tokenizer()
     add_vision_tokens(tokenizer)
     for shape in shapes.SHAPES:
@@ -1034,6 +1035,36 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
         assert config25.vision_config.out_hidden_size == text.hidden_size
         assert config25.text_config.to_diff_dict() == {**text.to_diff_dict(), "model_type": "qwen2_5_vl_text"}
         assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+
+def test_speed_on_a_stock_internvl(tmp_path, capsys, monkeypatch):
+    """`meteor speed --shape S --internvl` profiles a stock transformers InternVL through its adapter (square images
+    of two tiles a side: 2 x 2 tiles and a thumbnail); methods inside its ViT and after it leave fewer tokens and
+    FLOPs. The real layout (built on the meta device): 256 tokens per 448 px tile, 2x2 windows of 1024 into the
+    projector, the shape's decoder behind it."""
+    from meteor_vlm.bench import shapes
+    from meteor_vlm.cli import main
+    from meteor_vlm.models.adapters import adapt
+
+    real = shapes.shaped_internvl
+    model, processor = mv.testing.tiny_internvl(seed=0)
+    built = []
+    monkeypatch.setattr(shapes, "shaped_internvl", lambda shape, dtype: built.append(shape) or (model, processor))
+    names = ["unpruned", "tome:keep0.5", "fastv:k1-r0.75"]
+    assert main(["speed", "--shape", "smollm2-135m", "--internvl", "--samples", "2", "--new-tokens", "2",
+                 "--methods", ",".join(names), "--out", str(tmp_path)]) == 0
+    assert built == ["smollm2-135m"] and "InternVL" in capsys.readouterr().out
+    data = json.loads((tmp_path / "speed.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert data["internvl"] and list(rows) == names and set(rows["unpruned"]["experts_ms"]) == {"vision"}
+    assert rows["unpruned"]["tokens"] == 4 * 5  # 128 px: 2 x 2 tiles of 32 px and a thumbnail, 4 tokens each
+    for n in names[1:]:
+        assert rows[n]["tokens"] < 20 and rows[n]["prefill_tflops"] < rows["unpruned"]["prefill_tflops"]
+    with torch.device("meta"):
+        big, big_processor = real("qwen2-0.5b", dtype=torch.bfloat16)
+    assert adapt(big).runners[0].grid() == (16, 16) and big_processor.image_seq_length == 256
+    assert big.model.multi_modal_projector.linear_1.in_features == 4 * 1024
+    assert big.config.text_config.hidden_size == shapes.SHAPES["qwen2-0.5b"]["hidden_size"]
 
 
 def test_greedy_steps_equal_generate_on_a_stock_llava():

@@ -73,6 +73,29 @@ class DropAt(PruningMethod):
         return ctx.valid & ~drop
 
 
+def survivors(grid: torch.Tensor, point: int, every: int) -> torch.Tensor:
+    """The tokens (grid indices, ascending) `DropWindows` keeps at stage-1 point `point`: all but those with
+    (g + point) % every == 1, the first one if that leaves none."""
+    keep = (grid + point) % every != 1
+    return grid[keep] if bool(keep.any()) else grid[:1]
+
+
+class DropWindows(PruningMethod):
+    """Test method: at each stage-1 point, keep the tokens `survivors` names (on a stock VLM's window runner,
+    whole merge windows)."""
+
+    name = "drop-windows-test"
+
+    def __init__(self, every: int):
+        self.every, self.stats = every, []
+
+    def prunes_in_encoder(self):
+        return True
+
+    def prune_encoder(self, ctx):
+        return torch.stack([torch.searchsorted(g, survivors(g, ctx.point, self.every)) for g in ctx.grid])
+
+
 def reference_masked_logits(model, inputs, drop, layer, replace=None):
     """Unpruned model run layer by layer, with the dropped tokens' keys masked from `layer` on; `replace`,
     if given, maps the hidden states entering `layer` to the ones that layer gets instead."""

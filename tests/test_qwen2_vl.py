@@ -10,11 +10,10 @@ import torch
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 import meteor_vlm as mv
-from meteor_vlm.methods.base import PruningMethod
 from meteor_vlm.models.adapters import adapt
 
 from .test_llava import assert_noop_is_the_stock_model
-from .test_oracles import DropAt, check_batch_and_cache, masked_decoder_logits
+from .test_oracles import DropAt, DropWindows, check_batch_and_cache, masked_decoder_logits, survivors
 
 PROMPTS = ["<image> what is in the image ?", "how many red circle are there ? <image> and <image> on the left",
            "<image> describe the shape ?"]
@@ -147,29 +146,6 @@ def test_bad_inputs_and_settings_are_refused(qwen, pictures):
     assert "forward" not in vars(model)
 
 
-def survivors(grid: torch.Tensor, point: int) -> torch.Tensor:
-    """The windows (grid indices, ascending) a test rule keeps at stage-1 point `point`: those with
-    (g + point) % 4 != 1, the first one if none."""
-    keep = (grid + point) % 4 != 1
-    return grid[keep] if bool(keep.any()) else grid[:1]
-
-
-class DropWindows(PruningMethod):
-    """Test method: at each stage-1 point, keep the windows `survivors` names."""
-
-    name = "drop-windows-test"
-
-    def __init__(self):
-        self.stats = []
-
-    def prunes_in_encoder(self):
-        return True
-
-    def prune_encoder(self, ctx):
-        keep = [torch.searchsorted(g, survivors(g, ctx.point)) for g in ctx.grid]
-        return torch.stack(keep)
-
-
 def stock_blocks_without(visual, pixels, grid_thw):
     """One image's merged tokens from the stock encoder's own blocks and merger, the windows `survivors` drops at
     each block removed from the packed sequence (the stock attention windows of Qwen2.5-VL, as its
@@ -192,7 +168,7 @@ def stock_blocks_without(visual, pixels, grid_thw):
         rows = (torch.arange(len(alive))[order, None] * m**2 + torch.arange(m**2)).flatten()
         out = hidden.clone()
         out[rows] = block(hidden[rows], cu_seqlens=cu, position_embeddings=(cos[patch], sin[patch]))
-        kept = survivors(alive, b)
+        kept = survivors(alive, b, 4)
         rows = (torch.searchsorted(alive, kept)[:, None] * m**2 + torch.arange(m**2)).flatten()
         hidden, alive = out[rows], kept
     return alive, visual.merger(hidden)
@@ -209,9 +185,9 @@ def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_t
     inputs = processor(images=imgs, text=["<image> <image> what is it ?", "<image> and <image> ?"])
     target = adapt(model)
     with torch.no_grad():
-        tokens = target.encode_expert(0, {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}, DropWindows())
+        tokens = target.encode_expert(0, {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}, DropWindows(4))
         starts = [0, *inputs["image_grid_thw"].prod(-1).cumsum(0).tolist()]
-        visual, kept_cols, embeds_at = model.model.visual, [], {}
+        visual, embeds_at = model.model.visual, {}
         is_img = inputs["input_ids"] == model.config.image_token_id
         ib, it = is_img.nonzero(as_tuple=True)
         first = 0
@@ -232,7 +208,7 @@ def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_t
                                                   inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
         want = masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
                                      drop, 0, positions=positions)
-        got = logits(model, inputs, DropWindows())
+        got = logits(model, inputs, DropWindows(4))
     text = inputs["attention_mask"].bool() & ~is_img
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
 
@@ -256,6 +232,26 @@ def test_windowed_blocks_attend_within_their_windows_with_a_per_token_bias():
         dense = bias.repeat_interleave(4, 1)[:, None, None, :].masked_fill(~same[:, None], float("-inf"))
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=runner.blocks[0].attn.scaling)
         torch.testing.assert_close(runner._attend(0, q, k, v, bias, grid), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [0, 1], ids=["windowed-in-2.5", "full"])
+def test_proportional_attention_makes_a_merged_window_act_as_its_duplicates(qwen, block):
+    """A block run with one window present three times (at its own grid position) equals, for every window, the
+    block run on one copy with log(3) added to the attention logits of its four patches."""
+    from meteor_vlm.models.qwen2_vl import Qwen2VLRunner
+
+    model, _ = qwen
+    runner = Qwen2VLRunner(model.model.visual, adapt(model).runners[0].spec, (1, 8, 8))  # 4 x 4 windows
+    grid = torch.tensor([[0, 1, 5, 6, 10], [2, 3, 4, 9, 15]])
+    x = torch.randn(2, 5, runner.window * runner.module.patch_embed.embed_dim, generator=torch.Generator().manual_seed(1))
+    dup, dup_grid = torch.cat([x, x[:, 1:2].expand(-1, 2, -1)], 1), torch.cat([grid, grid[:, 1:2].expand(-1, 2)], 1)
+    size = torch.ones(2, 5)
+    size[:, 1] = 3
+    with torch.no_grad():
+        full = runner.run_block(block, dup, None, dup_grid)
+        merged, plain = runner.run_block(block, x, size.log(), grid), runner.run_block(block, x, None, grid)
+    torch.testing.assert_close(merged, full[:, :5], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, full[:, :5], atol=1e-3)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.3])

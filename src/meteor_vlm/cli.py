@@ -16,13 +16,15 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 # checkpoint model_types that `meteor ask` and `meteor speed` load, and their transformers classes
 STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-               "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+               "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+               "internvl": "InternVLForConditionalGeneration"}
 
 
 def _load(model_arg: str, llava: bool = False):
     """(model, processor) from 'default' (embedded), 'tiny' (random, calibrated on synthetic images) or a path:
     a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT checkpoint folder
-    (SDPA attention, its own AutoProcessor) or Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`)."""
+    (SDPA attention, its own AutoProcessor), a Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`) or an
+    InternVL one (`InternVLImageTextProcessor`)."""
     import meteor_vlm as mv
 
     if model_arg == "default":
@@ -48,6 +50,10 @@ def _load(model_arg: str, llava: bool = False):
             from .models.qwen2_vl import Qwen2VLImageTextProcessor
 
             return model, Qwen2VLImageTextProcessor.from_pretrained(path)
+        if model_type == "internvl":  # likewise
+            from .models.internvl import InternVLImageTextProcessor
+
+            return model, InternVLImageTextProcessor.from_pretrained(path)
         return model, transformers.AutoProcessor.from_pretrained(path)
     return mv.MultiEncoderVLM.from_pretrained(path).eval(), mv.MultiEncoderProcessor.from_pretrained(path)
 
@@ -152,7 +158,7 @@ def cmd_bench(args) -> int:
 def cmd_speed(args) -> int:
     from meteor_vlm.bench.accuracy import resolve_methods
     from meteor_vlm.bench import shapes
-    from meteor_vlm.bench.speed import QWEN_SIDE, profile_methods
+    from meteor_vlm.bench.speed import INTERNVL_SIDE, QWEN_SIDE, profile_methods
 
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
     if args.samples < 1 or args.new_tokens < 2 or args.batch_size < 1:
@@ -165,11 +171,15 @@ def cmd_speed(args) -> int:
     if args.anyres and not args.llava:
         raise ValueError("--anyres needs --llava (it makes the LLaVA a LLaVA-NeXT)")
     qwen = "2.5" if args.qwen2_5_vl else "2" if args.qwen2_vl else None
-    if qwen and (not args.shape or args.llava or (args.qwen2_vl and args.qwen2_5_vl)):
-        raise ValueError("--qwen2-vl / --qwen2.5-vl need --shape (the decoder behind the vision encoder), and "
-                         "neither --llava nor each other")
+    if sum(map(bool, (args.llava, args.qwen2_vl, args.qwen2_5_vl, args.internvl))) > 1:
+        raise ValueError("--llava, --qwen2-vl, --qwen2.5-vl and --internvl exclude each other")
+    if (qwen or args.internvl) and not args.shape:
+        raise ValueError("--qwen2-vl / --qwen2.5-vl / --internvl need --shape (the decoder behind the vision encoder)")
     _, dtype = _device_dtype(args)
-    if qwen:
+    if args.internvl:
+        print(f"building a random InternVL with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
+        model, processor = shapes.shaped_internvl(args.shape, dtype=dtype)
+    elif qwen:
         print(f"building a random Qwen{qwen}-VL with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
         model, processor = shapes.shaped_qwen2_vl(args.shape, dtype=dtype, version=qwen)
     elif args.llava:
@@ -213,6 +223,9 @@ def cmd_speed(args) -> int:
     elif qwen:
         what += (f" (a stock transformers Qwen2.5-VL: its 669 M-parameter vision encoder, 32 blocks of 1280 on 14 px "
                  f"patches, windowed but in 4, merged 2x2, on {QWEN_SIDE} px images, 576 image tokens)")
+    if args.internvl:
+        what += (f" (a stock transformers InternVL: InternViT-300M, 24 blocks of 1024 on 14 px patches of 448 px "
+                 f"tiles, 2x2 folded; {INTERNVL_SIDE} px images, 2x2 tiles and a thumbnail, 1280 image tokens)")
     print(f"{what}, {args.dtype}; medians over {-(-args.samples // args.batch_size)} batches of {args.batch_size}, "
           f"methods interleaved, {where}; the expert columns include their stage-1 pruning, other = projectors, "
           "fusion, stage-3 scoring, head; KV cache = keys and values cached by the prefill")
@@ -221,7 +234,8 @@ def cmd_speed(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape,
-                "llava": bool(args.llava), "anyres": bool(args.anyres), "qwen2_vl": qwen, "seed": args.seed,
+                "llava": bool(args.llava), "anyres": bool(args.anyres), "qwen2_vl": qwen, "internvl": bool(args.internvl),
+                "seed": args.seed,
                 "samples": args.samples, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                 "dtype": args.dtype, "device": args.device if not cuda else torch.cuda.get_device_name(model.device),
                 "threads": torch.get_num_threads()}
@@ -385,6 +399,7 @@ def cmd_ask(args) -> int:
     from meteor_vlm.viz import kept_token_heatmap
 
     from meteor_vlm.models.adapters import adapt
+    from meteor_vlm.models.internvl import InternVLAdapter
 
     image = mv.MultiEncoderProcessor._to_pil(args.image)  # ValueError for a missing or unreadable file
     model, processor = _load(args.model, llava=True)
@@ -408,6 +423,8 @@ def cmd_ask(args) -> int:
         else:
             grids = {r.spec.name: r.grid() for r in target.runners}  # a LLaVA-NeXT: its first tile, the whole image
         kept = s["kept_grid"][0] if s["kept_grid"] else {}
+        if isinstance(target, InternVLAdapter) and len(s["kept_grid"]) > 1:  # its last tile, the thumbnail, is the whole image
+            kept = s["kept_grid"][-1]
         kept_token_heatmap(image, kept, grids).save(args.heatmap)
         print(f"heatmap written to {args.heatmap}")
     return 0
@@ -571,9 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--anyres", action="store_true", help="with --llava: a LLaVA-NeXT (anyres tiles) instead of LLaVA-1.5")
     sp.add_argument("--qwen2-vl", action="store_true",
                     help="with --shape: a stock transformers Qwen2-VL (its vision encoder, 576 image tokens per 672 px "
-                    "image) in front of that decoder; only methods acting after the encoder run (qwen2-1.5b: Qwen2-VL-2B)")
+                    "image) in front of that decoder (qwen2-1.5b: Qwen2-VL-2B)")
     sp.add_argument("--qwen2.5-vl", dest="qwen2_5_vl", action="store_true",
                     help="as --qwen2-vl with Qwen2.5-VL's windowed vision encoder (qwen2.5-3b: Qwen2.5-VL-3B)")
+    sp.add_argument("--internvl", action="store_true",
+                    help="with --shape: a stock transformers InternVL (InternViT-300M, 448 px tiles of 256 image tokens; "
+                    "an 896 px image is 2x2 tiles and a thumbnail) in front of that decoder (qwen2-0.5b: InternVL3-1B)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")

@@ -10,7 +10,8 @@ from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
-__all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "random_images", "TINY_WORDS", "TINY_EXPERTS"]
+__all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_internvl", "random_images", "TINY_WORDS",
+           "TINY_EXPERTS"]
 
 TINY_WORDS = (
     "what is in the image ? describe color shape how many are there a an of red green blue yellow circle "
@@ -41,6 +42,15 @@ def _expert(kind: str, name: str | None = None) -> ExpertSpec:
 
 
 TINY_EXPERTS = ("clip", "pix2struct", "convnext")
+
+
+def _peaked(params, seed: int) -> None:
+    """Re-draw the matrices among `params` at std 0.15: a random LLM at std 0.02 attends almost uniformly; larger
+    weights give peaked, varied attention, and visual tokens as large as words."""
+    with torch.no_grad():
+        for p in params:
+            if p.dim() == 2:
+                p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
 
 
 def tiny_config(
@@ -91,11 +101,7 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEn
     config = tiny_config(tokenizer=tokenizer, **config_kwargs)
     torch.manual_seed(seed)
     model = MultiEncoderVLM(config).eval()
-    # a random LLM at std 0.02 attends almost uniformly; larger weights give peaked, varied attention
-    with torch.no_grad():
-        for p in model.language_model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
+    _peaked(model.language_model.parameters(), seed)
     processor = MultiEncoderProcessor(tokenizer, config.expert_specs, prompt_template="{prompt}")
     return model, processor
 
@@ -139,10 +145,7 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    with torch.no_grad():  # as in tiny_model: peaked, varied attention, and visual tokens as large as words
-        for p in [*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters()]:
-            if p.dim() == 2:
-                p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
+    _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters()], seed)
     model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> has no pixels behind it
     sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     images = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints) if anyres else CLIPImageProcessorPil(**sizes)
@@ -186,15 +189,45 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    with torch.no_grad():  # as in tiny_model: peaked, varied attention, and visual tokens as large as words
-        for p in [*model.model.language_model.parameters(), *model.model.visual.merger.parameters()]:
-            if p.dim() == 2:
-                p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
+    _peaked([*model.model.language_model.parameters(), *model.model.visual.merger.parameters()], seed)
     model.generation_config.suppress_tokens = [ids[k] for k in ("image_token_id", "vision_start_token_id",
                                                                 "vision_end_token_id")]
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                       temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>")
+
+
+def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_norm: bool = False):
+    """A tiny random stock transformers `InternVLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
+    `models.internvl.InternVLImageTextProcessor` where "<image>" stands for one image: a `vision_depth`-block
+    InternViT (CLS, layer scale; `qk_norm`: RMS-normed queries and keys, as the 6B InternViT) on 32 px tiles of
+    8 px patches, each 2x2 window folded into one visual token (4 per tile), tiles cut as InternVL cuts them (1
+    to 4 by the image's aspect, plus a thumbnail when there are several), and a `num_layers`-deep Qwen2 decoder
+    with 8 heads (GQA, 4 kv heads)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from .models.internvl import IMAGE_TOKENS, InternVLImageTextProcessor
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *IMAGE_TOKENS]})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
+                  image_size=32, patch_size=8, use_qk_norm=qk_norm, layer_scale_init_value=0.5)
+    text = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[2])
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_id, image_seq_length=4,
+                            downsample_ratio=0.5, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters()], seed)
+    model.generation_config.suppress_tokens = [tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
+    images = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, max_patches=4, image_mean=[0.5] * 3,
+                                      image_std=[0.5] * 3)
+    return model, InternVLImageTextProcessor(images, tokenizer, image_seq_length=4, alias="<image>")
 
 
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

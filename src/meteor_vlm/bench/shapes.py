@@ -23,8 +23,9 @@ from ..models.experts import ExpertSpec
 from ..models.processor import MultiEncoderProcessor
 from ..models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
-__all__ = ["SHAPES", "LLAVA_TOWER", "LLAVA_NEXT_GRIDS", "QWEN2_VL_VISION", "QWEN2_5_VL_VISION", "shape_experts",
-           "shape_text_config", "shaped_model", "shaped_llava", "qwen2_vl_config", "shaped_qwen2_vl"]
+__all__ = ["SHAPES", "LLAVA_TOWER", "LLAVA_NEXT_GRIDS", "QWEN2_VL_VISION", "QWEN2_5_VL_VISION", "INTERNVIT_300M",
+           "shape_experts", "shape_text_config", "shaped_model", "shaped_llava", "qwen2_vl_config", "shaped_qwen2_vl",
+           "shaped_internvl"]
 
 # LLaVA-1.5's vision tower: openai/clip-vit-large-patch14-336's vision config
 LLAVA_TOWER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -41,6 +42,12 @@ QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_c
 QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
                          spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", window_size=112,
                          fullatt_block_indexes=[7, 15, 23, 31])
+
+# InternVL2.5 / InternVL3's 300 M vision encoder (InternViT-300M-448px): 24 blocks of 1024 with CLS and layer scale
+# on 448 px tiles of 14 px patches; each 2x2 window folds into one of 256 visual tokens per tile
+INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=448, patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
+                      layer_norm_eps=1e-6, layer_scale_init_value=0.1, hidden_act="gelu", use_mean_pooling=True)
 
 # the decoders: transformers config kwargs of real checkpoints' LLMs (vocabulary included, since the head's
 # cost per decoded token depends on it)
@@ -202,3 +209,30 @@ def shaped_qwen2_vl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 
     model = _built(model_cls, config, dtype, seed)
     model.generation_config.suppress_tokens = list(ids.values())
     return model, Qwen2VLImageTextProcessor(Qwen2VLImageProcessorPil(), tokenizer)
+
+
+def shaped_internvl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random stock transformers `InternVLForConditionalGeneration` in InternVL2.5 / InternVL3's layout
+    (`INTERNVIT_300M`, its last layer's patches, 2x2 pixel shuffle, LayerNorm + GELU MLP projector) with the decoder
+    of a shape (qwen2-0.5b: InternVL3-1B's layout, qwen2-1.5b: InternVL3-2B's), and its `InternVLImageTextProcessor` (448 px tiles, up to 12 and a thumbnail; the synthetic
+    benchmark's word tokenizer with InternVL's image tokens), in eval mode and SDPA attention."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from ..models.internvl import IMAGE_TOKENS, InternVLImageTextProcessor
+    from ..train import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS)})
+    text = shape_text_config(shape, tokenizer)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[2])
+    config = InternVLConfig(vision_config=INTERNVIT_300M, text_config=text, image_token_id=image_token_id,
+                            image_seq_length=256, downsample_ratio=0.5,
+                            tie_word_embeddings=text.get("tie_word_embeddings", False))
+    config._attn_implementation = "sdpa"
+    model = _built(InternVLForConditionalGeneration, config, dtype, seed)
+    model.generation_config.suppress_tokens = [tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
+    side = INTERNVIT_300M["image_size"]
+    images = GotOcr2ImageProcessorPil(size={"height": side, "width": side}, max_patches=12,
+                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    return model, InternVLImageTextProcessor(images, tokenizer, image_seq_length=256)

@@ -99,7 +99,7 @@ class EncoderPoint:
         if not self.has_cls:
             raise ValueError(f"expert {self.expert!r} ({self.kind}) has no CLS token")
         q, k, scale = self._qk()
-        return ops.cls_attention(q[:, :, 0], k, scale)[:, 1:]
+        return self._per_token(ops.cls_attention(q[:, :, 0], k, scale)[:, 1:])
 
     def patch_keys(self) -> torch.Tensor:
         """(B, H, N_patches, d) this block's own keys of the patch tokens (CLS removed)."""

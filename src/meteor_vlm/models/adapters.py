@@ -5,8 +5,9 @@
 `pruning(method)` context manager that runs the model with the method inside the block and leaves it
 exactly as it was afterwards; a target may also have `check_method(method)`, asked before the method's
 `setup`, to refuse what it cannot run. The project's `MultiEncoderVLM` is its own target. A stock transformers
-VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` (`models/llava.py`) or `Qwen2VLAdapter`
-(`models/qwen2_vl.py`), which patch that one instance while the block runs.
+VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` (`models/llava.py`), `Qwen2VLAdapter`
+(`models/qwen2_vl.py`) or `InternVLAdapter` (`models/internvl.py`), which patch that one instance while the
+block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
 shares (placing each kept token at its own image token's column, with that column's unpruned RoPE
@@ -18,7 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import DynamicCache
@@ -26,11 +30,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import runtime
 
-__all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter"]
+__all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "tower_depth"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
              "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-             "Qwen2_5_VLForConditionalGeneration")
+             "Qwen2_5_VLForConditionalGeneration", "InternVLForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here when None / False
@@ -42,13 +46,14 @@ def adapt(model, method_name: str = "a pruning method"):
     """The target `method_name` runs on for `model`; ValueError naming the class if it is not supported.
     An adapter passed in is returned as it is, so `with method(adapter)` runs on the adapter a caller holds
     (`meteor speed` times its parts)."""
+    from .internvl import internvl_adapter
     from .llava import llava_adapter
     from .qwen2_vl import qwen2_vl_adapter
     from .vlm import MultiEncoderVLM
 
     if isinstance(model, (MultiEncoderVLM, StockAdapter)):
         return model
-    adapter = llava_adapter(model) or qwen2_vl_adapter(model)
+    adapter = llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
@@ -82,18 +87,80 @@ def check_sdpa(text_config) -> None:
                          "with attn_implementation='sdpa')")
 
 
+def tower_depth(layer, num_layers: int) -> int:
+    """The vision blocks to run for features read at `vision_feature_layer` `layer` (hidden_states[0] is the first
+    block's input, -1 the last block's output); ValueError for a list of layers or one outside the tower."""
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer={layer}: features concatenated from several layers are not supported")
+    depth = layer if layer >= 0 else num_layers + 1 + layer
+    if not 1 <= depth <= num_layers:
+        raise ValueError(f"vision_feature_layer={layer} is outside the tower's {num_layers} blocks")
+    return depth
+
+
+class StockProcessor:
+    """What the project's processors for stock checkpoints whose transformers processors need torchvision (for
+    videos) share: a tokenizer (`self.tokenizer`), an image processor (`self.image_processor`), the checkpoint's
+    chat template (`self.chat_template`), decoding, and reading and writing them in a checkpoint folder."""
+
+    @staticmethod
+    def read_chat_template(path) -> str | None:
+        """The chat template of a checkpoint folder: chat_template.jinja or chat_template.json, None without one."""
+        path = Path(path)
+        if (path / "chat_template.jinja").is_file():
+            return (path / "chat_template.jinja").read_text()
+        if (path / "chat_template.json").is_file():
+            return json.loads((path / "chat_template.json").read_text()).get("chat_template")
+        return None
+
+    def save_pretrained(self, path) -> None:
+        """The tokenizer, preprocessor_config.json and chat_template.jinja (if any) into `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        if self.chat_template:
+            (path / "chat_template.jinja").write_text(self.chat_template)
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False) -> str:
+        """The chat template (the checkpoint's) applied to `conversation` as text."""
+        if not self.chat_template:
+            raise ValueError("this processor has no chat template")
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=tokenize,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def batch_decode(self, ids, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+
 class StockAdapter:
     """The shared part of the adapters of stock transformers VLMs (see the module docstring).
 
     Subclasses set model, runners, expert_names, num_llm_layers, config, image_token_id, decoder
     (`runtime.DecoderParts`) and IMAGE_INPUTS (the forward's keyword arguments that carry images, the pixels
-    first), and define encode_images(images, method) -> VisualTokens, layout(images) -> Layout and
+    first), and define encode_images(images, method) -> VisualTokens, layout(images, input_ids) -> Layout and
     encoder_tokens(images) -> the unpruned tokens of each tile; rope_positions and check_method may be
     overridden.
     """
 
     IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)
     PER_IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)  # indexed by image (generate must not repeat them by row)
+
+    def _locate(self, model, runners: list) -> None:
+        """Sets what every stock adapter holds, read from a transformers VLM with `model.model.language_model`,
+        `model.lm_head` and a config with text_config and image_token_id (a `rank_table` attribute, if the config
+        has one, is METEOR's)."""
+        cfg = model.config
+        self.model, self.runners = model, runners
+        self.expert_names = [r.spec.name for r in runners]
+        self.num_llm_layers = cfg.text_config.num_hidden_layers
+        self.config = SimpleNamespace(fusion="post", text_config=cfg.text_config, rank_table=getattr(cfg, "rank_table", None))
+        self.image_token_id = cfg.image_token_id
+        lm = model.model.language_model
+        self.decoder = runtime.DecoderParts(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, model.lm_head)
 
     @property
     def device(self) -> torch.device:
@@ -113,7 +180,7 @@ class StockAdapter:
         """What generate's beams (or num_return_sequences) need: every prompt's images `expand_size` times, the
         copies of a prompt one after another, as its rows are repeated (repeating each image in place would hand
         a prompt with two images the wrong ones)."""
-        span = self.layout(images).span
+        span = self.layout(images, input_ids).span
         rows = (input_ids == self.image_token_id).nonzero(as_tuple=True)[0][span.cumsum(0) - span]  # each image's prompt
         return self.take_images(images, runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size))
 
@@ -240,7 +307,7 @@ class StockAdapter:
                 cache = DynamicCache(config=self.config.text_config)
             images = images if pixels is not None else None
             visual = self.encode_images(images, method) if images is not None else None
-            layout = self.layout(images) if images is not None else None
+            layout = self.layout(images, input_ids) if images is not None else None
             if position_ids is not None and position_ids.dim() == 3:  # multimodal RoPE as transformers has it:
                 position_ids = position_ids[-3:].permute(1, 2, 0)  # (3, B, T), or (4, B, T) with text positions first
             positions = position_ids if position_ids is not None else self.rope_positions(input_ids, attention_mask, images)

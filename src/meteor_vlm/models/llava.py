@@ -23,14 +23,12 @@ leaving the block restores them.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from . import runtime
-from .adapters import Layout, StockAdapter, check_sdpa
+from .adapters import Layout, StockAdapter, check_sdpa, tower_depth
 from .experts import CLIPRunner, ExpertSpec, SiglipRunner
 from .vlm import fuse_and_prune, run_expert
 
@@ -95,28 +93,14 @@ class LlavaAdapter(StockAdapter):
             raise ValueError(f"unsupported LLaVA vision tower {type(tower).__name__}: supported "
                              f"{sorted(_TOWERS)}")
         name, runner_cls, strategy = kind
-        layer = cfg.vision_feature_layer
-        if not isinstance(layer, int):
-            raise ValueError(f"vision_feature_layer={layer}: features concatenated from several layers are not supported")
         if cfg.vision_feature_select_strategy != strategy:
             raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} with a {name} tower "
                              f"is not supported (only {strategy!r}: every patch token, no CLS, none dropped)")
         check_sdpa(cfg.text_config)
         vcfg = tower.config
-        n_layers = vcfg.num_hidden_layers
-        depth = layer if layer >= 0 else n_layers + 1 + layer  # hidden_states[0] is the first block's input
-        if not 1 <= depth <= n_layers:
-            raise ValueError(f"vision_feature_layer={layer} is outside the tower's {n_layers} blocks")
+        depth = tower_depth(cfg.vision_feature_layer, vcfg.num_hidden_layers)
         spec = ExpertSpec(EXPERT, name, vcfg.image_size, {})
-        self.model = model
-        self.runners = [runner_cls(tower, spec, depth)]
-        self.expert_names = [EXPERT]
-        self.num_llm_layers = cfg.text_config.num_hidden_layers
-        self.config = SimpleNamespace(fusion="post", text_config=cfg.text_config,
-                                      rank_table=getattr(cfg, "rank_table", None))
-        self.image_token_id = cfg.image_token_id
-        lm = model.model.language_model
-        self.decoder = runtime.DecoderParts(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, model.lm_head)
+        self._locate(model, [runner_cls(tower, spec, depth)])
 
     @property
     def tokens_per_image(self) -> int:
@@ -145,7 +129,7 @@ class LlavaAdapter(StockAdapter):
         """The tower's unpruned patch tokens for each tile."""
         return [self.tokens_per_image] * len(self.tiles(images))
 
-    def layout(self, images: dict) -> Layout:
+    def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         """Where each tile's patch tokens sit among its image's image tokens (LLaVA-1.5: patch g at offset g)."""
         n, count = self.tokens_per_image, images["pixel_values"].shape[0]
         dev = images["pixel_values"].device
@@ -179,7 +163,7 @@ class LlavaNextAdapter(LlavaAdapter):
                              f"the image sizes need ({counts} per image)")
         return pixels
 
-    def layout(self, images: dict) -> Layout:
+    def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         sizes = images["image_sizes"]
         counts = self._tile_counts(sizes)
         n, dev = self.tokens_per_image, images["pixel_values"].device

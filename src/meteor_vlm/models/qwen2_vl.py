@@ -17,18 +17,13 @@ masking it, and decoding goes on from the largest position + 1 as the stock mode
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_position_ids
 
-from . import runtime
-from .adapters import Layout, StockAdapter, check_sdpa
+from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa
 from .experts import ExpertRunner, ExpertSpec
 from .vlm import VisualTokens, fuse_and_prune, run_expert
 
@@ -209,16 +204,8 @@ class Qwen2VLAdapter(StockAdapter):
     PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
 
     def __init__(self, model: Qwen2VLForConditionalGeneration):
-        cfg = model.config
-        check_sdpa(cfg.text_config)
-        self.model = model
-        self.runners = [Qwen2VLRunner(model.model.visual, ExpertSpec(EXPERT, Qwen2VLRunner.kind, 0, {}))]
-        self.expert_names = [EXPERT]
-        self.num_llm_layers = cfg.text_config.num_hidden_layers
-        self.config = SimpleNamespace(fusion="post", text_config=cfg.text_config, rank_table=None)
-        self.image_token_id = cfg.image_token_id
-        lm = model.model.language_model
-        self.decoder = runtime.DecoderParts(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, model.lm_head)
+        check_sdpa(model.config.text_config)
+        self._locate(model, [Qwen2VLRunner(model.model.visual, ExpertSpec(EXPERT, Qwen2VLRunner.kind, 0, {}))])
 
     def take_images(self, images: dict, index: torch.Tensor) -> dict:
         """pixel_values hold every image's patches one after another (image_grid_thw's product each)."""
@@ -274,7 +261,7 @@ class Qwen2VLAdapter(StockAdapter):
             size[rows, :k], valid[rows, :k] = tokens.size, tokens.mask
         return VisualTokens(features, torch.zeros_like(grid), grid, size, valid=None if bool(valid.all()) else valid)
 
-    def layout(self, images: dict) -> Layout:
+    def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         """Image i's token g at offset g of its span."""
         counts = torch.tensor(self._counts(images), device=images["pixel_values"].device)
         grid = torch.arange(int(counts.max()), device=counts.device).expand(len(counts), -1)
@@ -293,7 +280,7 @@ class Qwen2VLAdapter(StockAdapter):
         return positions.permute(1, 2, 0)
 
 
-class Qwen2VLImageTextProcessor:
+class Qwen2VLImageTextProcessor(StockProcessor):
     """What transformers' `Qwen2VLProcessor` does for still images, without its video processor (which needs
     torchvision): a tokenizer and `Qwen2VLImageProcessorPil`. Each `image_token` ("<|image_pad|>") in a prompt,
     one per image as the chat template writes it between <|vision_start|> and <|vision_end|>, becomes one pad
@@ -321,22 +308,8 @@ class Qwen2VLImageTextProcessor:
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        path = Path(path)
-        template = None
-        if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text()
-        elif (path / "chat_template.json").is_file():
-            template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
-        return cls(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path), template)
-
-    def save_pretrained(self, path) -> None:
-        """The tokenizer, preprocessor_config.json and chat_template.jinja (if any) into `path`."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
-        if self.chat_template:
-            (path / "chat_template.jinja").write_text(self.chat_template)
+        return cls(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                   cls.read_chat_template(path))
 
     def __call__(self, images=None, text=(), return_tensors="pt", padding=True):
         texts = [text] if isinstance(text, str) else list(text)
@@ -356,16 +329,3 @@ class Qwen2VLImageTextProcessor:
     def _expand(self, text: str, counts) -> str:
         parts = text.split(self.image_token)
         return parts[0] + "".join(self.image_token * next(counts) + rest for rest in parts[1:])
-
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False) -> str:
-        """The chat template (the checkpoint's) applied to `conversation` as text."""
-        if not self.chat_template:
-            raise ValueError("this processor has no chat template")
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=tokenize,
-                                                  add_generation_prompt=add_generation_prompt)
-
-    def decode(self, ids, **kwargs) -> str:
-        return self.tokenizer.decode(ids, **kwargs)
-
-    def batch_decode(self, ids, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(ids, **kwargs)

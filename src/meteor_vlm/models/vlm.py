@@ -656,8 +656,9 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
     encoder_tokens: patch tokens the experts produce unpruned; stage1: per expert, tokens left after
     stage 1; fusion_tokens: after stage 2 (= visual tokens entering the LLM); stage3: {layer: kept};
     tokens_per_layer / layer_avg_tokens: visual tokens each LLM layer saw, and their mean ("242*").
-    Counts are summed over the sample's images. kept_grid: per image, {expert: grid cells of the
-    tokens that reached the last LLM layer} (what `meteor ask --heatmap` draws).
+    Counts are summed over the sample's images. kept_grid: per image (per tile where owner lists tiles),
+    {expert: grid cells of the tokens that reached the last LLM layer}, {} where none did (what
+    `meteor ask --heatmap` draws).
     """
     llm_in = vis_valid.sum(1).tolist()
     out = []
@@ -668,7 +669,8 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
         counts = ops.tokens_per_layer(num_layers, llm_in[b], drops)
         stage1 = {n: sum(c for c, o in zip(per_image, owner) if o == b)
                   for n, per_image in (visual.stage1 or {}).items()} if visual is not None else {}
-        kept_grid = _kept_grid(visual, survivors[b], expert_names) if visual is not None else []
+        owned = [i for i, o in enumerate(owner) if o == b]
+        kept_grid = _kept_grid(visual, survivors[b], expert_names, owned) if visual is not None else []
         out.append(
             {
                 "images": images,
@@ -685,12 +687,16 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
     return out
 
 
-def _kept_grid(visual: VisualTokens, survivors: torch.Tensor, expert_names: list[str]) -> list[dict[str, list[int]]]:
+def _kept_grid(visual: VisualTokens, survivors: torch.Tensor, expert_names: list[str],
+               owned: list[int]) -> list[dict[str, list[int]]]:
+    """Per image (or tile) of the sample (`owned`, indices into `visual`): {expert: grid cells of the tokens that
+    reached the last LLM layer}, {} for one none of whose tokens did."""
     n_vis = visual.features.shape[1]
     idx = survivors[survivors >= 0]
-    out: dict[int, dict[str, list[int]]] = {}
+    images = sorted(set((idx // n_vis).tolist()) | set(owned))
+    out: dict[int, dict[str, list[int]]] = {i: {} for i in images}
     for image, j in zip((idx // n_vis).tolist(), (idx % n_vis).tolist()):
         e = int(visual.expert[image, j])
         name = expert_names[e] if e >= 0 else "fused"
-        out.setdefault(image, {}).setdefault(name, []).append(int(visual.grid_index[image, j]))
-    return [out[i] for i in sorted(out)]
+        out[image].setdefault(name, []).append(int(visual.grid_index[image, j]))
+    return [out[i] for i in images]

@@ -1,0 +1,268 @@
+"""Pruning on a stock transformers InternVL (`InternVLForConditionalGeneration`: the "-hf" InternVL2.5 and InternVL3
+checkpoints).
+
+InternVL cuts an image into 448 px tiles (and a thumbnail), encodes each with its ViT (InternViT, with CLS), and
+folds every 2x2 window of patches into one visual token (its pixel shuffle) before the projector: 256 tokens per
+tile. Inside the ViT a token is therefore a whole window (`InternVLRunner`: the window's four patches side by
+side, in the pixel shuffle's order), so stage-1 methods keep, drop or merge whole windows between its blocks,
+and what leaves the tower is exactly what the pixel shuffle would have made of the kept windows. In the prompt,
+each image is `<img>` then 256 `<IMG_CONTEXT>` tokens per tile, tile after tile, then `</img>`; each kept token
+takes its own column (and RoPE position), as on LLaVA. The model's forward gets no tile count per image, so the
+adapter reads it from the prompt (each run of image tokens is one image). Inside `with method(model)` this one
+instance's `forward`, `prepare_inputs_for_generation` and `_expand_inputs_for_generation` are replaced
+(`adapters.StockAdapter`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import InternVLForConditionalGeneration
+
+from . import runtime
+from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa, tower_depth
+from .experts import ExpertRunner, ExpertSpec
+from .vlm import fuse_and_prune, run_expert
+
+__all__ = ["InternVLAdapter", "InternVLRunner", "InternVLImageTextProcessor", "internvl_adapter", "IMAGE_TOKENS"]
+
+EXPERT = "vision"
+IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")  # an image's start, end and one visual token
+
+
+def internvl_adapter(model) -> InternVLAdapter | None:
+    """The adapter for a transformers InternVLForConditionalGeneration, or None for any other model."""
+    return InternVLAdapter(model) if type(model) is InternVLForConditionalGeneration else None
+
+
+class InternVLRunner(ExpertRunner):
+    """InternVL's ViT walked block by block up to its feature layer (`depth` blocks), one token per pixel-shuffle
+    window: tokens are (B, 1 + N, s*s*D), the CLS row first (its D values, then zeros), then the N = (g/s)^2
+    windows of the g x g patch grid in row-major order, each holding its s x s patches row by row (the order the
+    pixel shuffle concatenates them in). The blocks run on CLS and the kept windows' patches; `finalize` hands
+    on the windows as the pixel shuffle would have (CLS dropped, the tower's final norm where the features are
+    its last hidden state)."""
+
+    kind, has_cls = "internvl", True
+
+    def __init__(self, tower, spec: ExpertSpec, depth: int, scale: int, final_norm: bool):
+        super().__init__(tower, spec)
+        self._blocks = tower.encoder.layer[:depth]
+        self.scale, self.window = scale, scale * scale
+        self.final_norm = final_norm
+
+    @property
+    def blocks(self):
+        return self._blocks
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.config.hidden_size * self.window
+
+    def grid(self) -> tuple[int, int]:
+        g = self.module.config.image_size[0] // self.module.config.patch_size[0] // self.scale
+        return g, g
+
+    def _pack(self, h: torch.Tensor, window_major: bool = False) -> torch.Tensor:
+        """(B, 1 + L, D) CLS and patches -> (B, 1 + N, s*s*D) tokens. window_major=False: the patches in
+        row-major grid order (the embeddings'); True: already window by window."""
+        B, L, D = h.shape[0], h.shape[1] - 1, h.shape[2]
+        patches = h[:, 1:]
+        if not window_major:
+            g, s = round(L**0.5), self.scale
+            patches = patches.reshape(B, g // s, s, g // s, s, D).permute(0, 1, 3, 2, 4, 5)
+        cls = torch.cat([h[:, :1], h.new_zeros(B, 1, (self.window - 1) * D)], -1)
+        return torch.cat([cls, patches.reshape(B, L // self.window, self.window * D)], 1)
+
+    def _unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, s*s*D) tokens -> (B, 1 + N*s*s, D): CLS, then each window's patches."""
+        B, n = x.shape[0], x.shape[1] - 1
+        D = x.shape[-1] // self.window
+        return torch.cat([x[:, :1, :D], x[:, 1:].reshape(B, n * self.window, D)], 1)
+
+    def _mask(self, bias, x):
+        """(B, 1 + N) per-token bias (CLS first) -> the additive (B, 1, 1, 1 + N*s*s) mask over CLS and patches."""
+        if bias is None:
+            return None
+        return torch.cat([bias[:, :1], bias[:, 1:].repeat_interleave(self.window, 1)], 1)[:, None, None, :].to(x.dtype)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._pack(self.module.embeddings(pixel_values))
+
+    def run_attention(self, i, x, bias=None, grid=None):
+        block, h = self.blocks[i], self._unpack(x)
+        heads = block.attention.num_heads
+        (out, _), keys = self._catching_keys(block.attention.k_norm, heads, lambda: block.attention(
+            block.layernorm_before(h), attention_mask=self._mask(bias, x)))
+        return self._pack(h + block.lambda_1 * out, window_major=True), keys
+
+    def run_mlp(self, i, x):
+        block, h = self.blocks[i], self._unpack(x)
+        out = block.mlp(block.layernorm_after(h))
+        if block.lambda_2 is not None:
+            out = block.lambda_2 * out
+        return self._pack(h + out, window_major=True)
+
+    def run_block(self, i, x, bias=None, grid=None):
+        return self.run_mlp(i, self.run_attention(i, x, bias)[0])
+
+    def query_key(self, i, x, grid=None):
+        block, h = self.blocks[i], self._unpack(x)
+        attn = block.attention
+        n = block.layernorm_before(h)
+        q = self._split_heads(attn.q_norm(attn.q_proj(n)), attn.num_heads)
+        k = self._split_heads(attn.k_norm(attn.k_proj(n)), attn.num_heads)
+        return q, k, attn.scale
+
+    def finalize(self, x):
+        windows = x[:, 1:]
+        if not self.final_norm:
+            return windows
+        B, N, _ = windows.shape
+        return self.module.layernorm(windows.reshape(B, N * self.window, -1)).reshape(B, N, -1)
+
+
+class InternVLAdapter(StockAdapter):
+    """What the methods and the runtime need to know about one `InternVLForConditionalGeneration` (images only).
+
+    Attributes read by methods' `setup`: runners (one, "vision", walking each tile), expert_names,
+    num_llm_layers, config (fusion "post", text_config, rank_table: the model config's `rank_table` attribute if
+    it has one). In `stats`, encoder_tokens counts every tile's windows and kept_grid has an entry per tile.
+    """
+
+    IMAGE_INPUTS = ("pixel_values",)
+    PER_IMAGE_INPUTS = ("pixel_values",)
+
+    def __init__(self, model: InternVLForConditionalGeneration):
+        cfg = model.config
+        check_sdpa(cfg.text_config)
+        layer = cfg.vision_feature_layer
+        if cfg.vision_feature_select_strategy != "default":
+            raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} is not supported "
+                             "(only 'default': every patch, CLS dropped)")
+        scale = round(1 / cfg.downsample_ratio)
+        if scale * cfg.downsample_ratio != 1:
+            raise ValueError(f"downsample_ratio={cfg.downsample_ratio}: only 1 / an integer folds whole windows")
+        tower = model.model.vision_tower
+        depth = tower_depth(layer, tower.config.num_hidden_layers)
+        spec = ExpertSpec(EXPERT, InternVLRunner.kind, tower.config.image_size[0], {})
+        self._locate(model, [InternVLRunner(tower, spec, depth, scale, final_norm=layer == -1)])
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.runners[0].num_patches
+
+    def encode_expert(self, index: int, pixel_values: torch.Tensor, method):
+        """The tower (expert 0) block by block on (num_tiles, 3, S, S) pixels, with stage-1 pruning."""
+        runner = self.runners[index]
+        return run_expert(runner, index, pixel_values.to(runner.module.dtype), method)
+
+    def encode_images(self, images: dict, method):
+        """Every tile's kept windows, projected into the LLM's width, then stage 2."""
+        tokens = self.encode_expert(0, images["pixel_values"], method)
+        projected = self.model.model.multi_modal_projector(tokens.features)
+        return fuse_and_prune([tokens], [projected], self.expert_names, method)
+
+    def encoder_tokens(self, images: dict) -> list[int]:
+        """The unpruned visual tokens of each tile."""
+        return [self.tokens_per_tile] * images["pixel_values"].shape[0]
+
+    def tiles_per_image(self, input_ids: torch.Tensor, tiles: int) -> list[int]:
+        """The tiles of each image, in row-major order over the batch: each run of image tokens in `input_ids`
+        is one image, 256 (tokens_per_tile) per tile. ValueError if the runs do not add up to `tiles`."""
+        is_img = (input_ids == self.image_token_id).int()
+        edges = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)  # +1 where a run starts, -1 after it ends
+        starts, ends = (edges == 1).nonzero()[:, 1], (edges == -1).nonzero()[:, 1]
+        runs = (ends - starts).tolist()
+        n = self.tokens_per_tile
+        if any(r % n for r in runs) or sum(runs) != tiles * n:
+            raise ValueError(f"the prompts' image-token runs {runs} are not {n} tokens per tile of the {tiles} tiles "
+                             "given (the processor writes each image as <img>, 256 <IMG_CONTEXT> per tile, </img>)")
+        return [r // n for r in runs]
+
+    def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
+        """Tile t of an image holds the image tokens t*N .. t*N + N - 1 of its run (N tokens per tile)."""
+        pixels = images["pixel_values"]
+        if input_ids is None:
+            raise ValueError("InternVL's layout needs the prompt (each image's tiles are read from its tokens)")
+        counts = self.tiles_per_image(input_ids, pixels.shape[0])
+        n, dev = self.tokens_per_tile, pixels.device
+        tile_image = torch.repeat_interleave(torch.arange(len(counts), device=dev), torch.tensor(counts, device=dev))
+        first = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), tile_image.new_tensor(counts).cumsum(0)])
+        within = torch.arange(len(tile_image), device=dev) - first[tile_image]
+        slot = within[:, None] * n + torch.arange(n, device=dev)
+        return Layout(tile_image, slot, torch.tensor(counts, device=dev) * n)
+
+    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int) -> dict:
+        """Every prompt's tiles `expand_size` times, the copies of a prompt one after another."""
+        layout = self.layout(images, input_ids)
+        span = layout.span
+        rows = (input_ids == self.image_token_id).nonzero(as_tuple=True)[0][span.cumsum(0) - span]
+        order = runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size)
+        tiles = torch.cat([(layout.tile_image == i).nonzero()[:, 0] for i in order.tolist()])
+        return {"pixel_values": images["pixel_values"][tiles]}
+
+
+class InternVLImageTextProcessor(StockProcessor):
+    """What transformers' `InternVLProcessor` does for still images, without its video processor (which needs
+    torchvision): a tokenizer and `GotOcr2ImageProcessorPil` cutting each image into tiles (`crop_to_patches`).
+    Each `image_token` ("<IMG_CONTEXT>") in a prompt, one per image as the chat template writes it, becomes
+    `<img>`, `image_seq_length` of it per tile of the next image, `</img>`. Returns input_ids and attention_mask
+    (PyTorch tensors, left-padded) and pixel_values (every image's tiles, one after another). `alias`, if given,
+    is a shorter word that means the same (the tests' tiny models write "<image>")."""
+
+    image_token, start_token, end_token = IMAGE_TOKENS[2], IMAGE_TOKENS[0], IMAGE_TOKENS[1]
+    image_placeholder = IMAGE_TOKENS[2]
+
+    def __init__(self, image_processor, tokenizer, image_seq_length: int = 256, chat_template: str | None = None,
+                 alias: str | None = None):
+        self.image_processor, self.tokenizer, self.alias = image_processor, tokenizer, alias
+        self.image_seq_length = image_seq_length
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        missing = [t for t in IMAGE_TOKENS if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"the tokenizer has no {missing} token(s): not an InternVL tokenizer")
+        self.tokenizer.padding_side = "left"
+
+    @classmethod
+    def from_pretrained(cls, path) -> InternVLImageTextProcessor:
+        """From an InternVL "-hf" checkpoint folder: its tokenizer, preprocessor_config.json, image_seq_length
+        from processor_config.json (256 without one) and its chat template (chat_template.jinja or .json)."""
+        from transformers import AutoTokenizer
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        path = Path(path)
+        length = 256
+        if (path / "processor_config.json").is_file():
+            length = json.loads((path / "processor_config.json").read_text()).get("image_seq_length", length)
+        return cls(GotOcr2ImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path), length,
+                   cls.read_chat_template(path))
+
+    def save_pretrained(self, path) -> None:
+        """The tokenizer, preprocessor_config.json, processor_config.json and chat_template.jinja (if any)."""
+        super().save_pretrained(path)
+        (Path(path) / "processor_config.json").write_text(json.dumps({"image_seq_length": self.image_seq_length}))
+
+    def __call__(self, images=None, text=(), return_tensors="pt", padding=True):
+        texts = [text] if isinstance(text, str) else list(text)
+        if self.alias:
+            texts = [t.replace(self.alias, self.image_token) for t in texts]
+        images = list(images) if images is not None else []
+        wanted = sum(t.count(self.image_token) for t in texts)
+        if wanted != len(images):
+            raise ValueError(f"the prompts hold {wanted} {self.image_token} tokens for {len(images)} images")
+        out = {}
+        tiles = iter([])
+        if images:
+            pixels = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
+            out["pixel_values"] = pixels["pixel_values"]
+            tiles = iter([int(n) for n in pixels["num_patches"]])
+        texts = [self._expand(t, tiles) for t in texts]
+        return {**dict(self.tokenizer(texts, return_tensors="pt", padding=True)), **out}
+
+    def _expand(self, text: str, tiles) -> str:
+        parts = text.split(self.image_token)
+        return parts[0] + "".join(self.start_token + self.image_token * self.image_seq_length * next(tiles)
+                                  + self.end_token + rest for rest in parts[1:])
