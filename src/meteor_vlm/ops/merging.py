@@ -68,12 +68,13 @@ def merge_groups(x: torch.Tensor, size: torch.Tensor, into: torch.Tensor) -> tup
     group = slot.gather(1, into)
     if (group < 0).any():
         raise ValueError("every token must be sent into a kept token")
-    target = x.gather(1, into[..., None].expand(-1, -1, D)).float()  # (B, N, D): each token's kept token
-    w = size.float()[..., None]
-    index = group[..., None].expand(-1, -1, D)
-    pull = torch.zeros(B, K, D, device=x.device).scatter_add_(1, index, w * (x.float() - target))
-    total = torch.zeros(B, K, 1, device=x.device).scatter_add_(1, group[..., None], w)
-    # the weighted mean written as "kept token + weighted pull of its group": exact for a group of one
+    # the weighted mean written as "kept token + weighted pull of the tokens sent into it": exact for a group of
+    # one; only the N - K sent tokens are read (ToMe sends a few per block)
+    sent = mask_to_indices(~kept)  # (B, N - K)
+    into_s, group_s, w = into.gather(1, sent), group.gather(1, sent), size.float().gather(1, sent)[..., None]
+    delta = gather_tokens(x, sent).float() - gather_tokens(x, into_s).float()
+    pull = torch.zeros(B, K, D, device=x.device).scatter_add_(1, group_s[..., None].expand(-1, -1, D), w * delta)
+    total = size.float().gather(1, cols)[..., None].scatter_add_(1, group_s[..., None], w)
     merged = gather_tokens(x, cols).float() + pull / total
     return merged.to(x.dtype), group
 
