@@ -58,8 +58,9 @@ class Qwen2VLRunner(ExpertRunner):
     patches, m = spatial_merge_size) holding its patches side by side: tokens are (B, N, m*m*D), N = t*h*w / m^2,
     in the order of the merged visual tokens (row-major over the merged grid), so a token's grid index is its
     visual token's offset in the image's span. The blocks run on the kept windows' patches, each image a row of
-    batched SDPA, each patch with its own 2D rotary position; Qwen2.5-VL's windowed blocks attend within equal
-    attention windows (a mask, which gives what its reordered windows give). Without grid_thw the runner only
+    batched SDPA, each patch with its own 2D rotary position; Qwen2.5-VL's windowed blocks attend within their
+    attention windows (each window's kept patches a row of one padded batch, as its reordered windows do).
+    Without grid_thw the runner only
     describes the encoder (its blocks and pruning points), as the adapter's `runners` entry that methods read
     when they are attached.
     """
