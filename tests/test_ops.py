@@ -97,6 +97,11 @@ def test_received_attention_within_groups_equals_the_full_map_masked_to_them():
     got = ops.received_attention(q, k, 8**-0.5, chunk_size=4, groups=groups)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(got, ops.received_attention(q, k, 8**-0.5), atol=1e-3)
+    real = torch.rand(2, 13, generator=g) > 0.3  # padding neither sends nor receives
+    allowed = (groups[:, :, None] == groups[:, None, :]) & real[:, None, :]
+    rows = torch.softmax((q @ k.transpose(-1, -2) * 8**-0.5).masked_fill(~allowed[:, None], -1e9), -1) * real[:, None, :, None]
+    want = rows.sum((1, 2)) * real / (4 * real.sum(1, keepdim=True))
+    torch.testing.assert_close(ops.received_attention(q, k, 8**-0.5, mask=real, groups=groups), want, atol=1e-6, rtol=1e-5)
 
 
 def test_mean_similarity_ranks_background_high():

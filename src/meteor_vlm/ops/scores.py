@@ -95,17 +95,22 @@ def received_attention(
         scale: softmax scale.
         mask: (B, N) bool, True for real tokens (padding neither sends nor receives).
         chunk_size: query rows per chunk.
-        groups: (B, N) long, or None: a query attends to the keys of its own group only (windowed attention).
+        groups: (B, N) long, or None: a query attends to the keys of its own group only (windowed attention),
+            computed group by group.
     Returns:
         (B, N) mean received attention; sums to 1 over valid tokens.
     """
     B, H, N, _ = q.shape
     valid = torch.ones(B, N, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
     total = torch.zeros(B, N, dtype=torch.float32, device=q.device)
+    if groups is not None:  # each group's own queries and keys: no logit across two groups is computed
+        for b in range(B):
+            for g in torch.unique(groups[b][valid[b]]).tolist():
+                idx = ((groups[b] == g) & valid[b]).nonzero()[:, 0]
+                total[b, idx] += attention_rows(q[b : b + 1, :, idx], k[b : b + 1, :, idx], scale).sum((1, 2))[0]
+        return total / (H * valid.float().sum(1, keepdim=True).clamp_min(1))
     for start in range(0, N, chunk_size):
         keys = None if mask is None else valid
-        if groups is not None:  # (B, Qc, N): the keys in each query's own group
-            keys = valid[:, None, :] & (groups[:, start : start + chunk_size, None] == groups[:, None, :])
         rows = attention_rows(q[:, :, start : start + chunk_size], k, scale, keys)
         row_valid = valid[:, start : start + chunk_size].float()  # (B, Qc)
         total += (rows.sum(1) * row_valid[..., None]).sum(1)  # (an einsum here took 30x longer on CPU)
