@@ -51,7 +51,8 @@ class Meteor(PruningMethod):
     """METEOR's three stages; each can be switched off or used alone.
 
     Stage 1 (encoder): ``encoder_keep`` share of all experts' patch tokens kept after stage 1
-    (or ``encoder_tokens`` as a count), reached geometrically over the three pruning points;
+    (or ``encoder_tokens`` as a count), reached geometrically over the three pruning points (on a model
+    whose images each have their own grid, Qwen2-VL, the share of each image's tokens; no count);
     ``allocation`` = "rank" | "average" | "rank-reverse"; ``rank_table``: a dict, a JSON path, or
     None to use the model's ``config.rank_table`` (from ``meteor calibrate``).
 

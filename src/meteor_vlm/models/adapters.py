@@ -139,8 +139,8 @@ class StockProcessor:
 class StockAdapter:
     """The shared part of the adapters of stock transformers VLMs (see the module docstring).
 
-    Subclasses set model, runners, expert_names, num_llm_layers, config, image_token_id, decoder
-    (`runtime.DecoderParts`) and IMAGE_INPUTS (the forward's keyword arguments that carry images, the pixels
+    Subclasses call `_locate(model, runners)` (which sets model, runners, expert_names, num_llm_layers, config,
+    image_token_id and decoder), set IMAGE_INPUTS (the forward's keyword arguments that carry images, the pixels
     first), and define encode_images(images, method) -> VisualTokens, layout(images, input_ids) -> Layout and
     encoder_tokens(images) -> the unpruned tokens of each tile; rope_positions and check_method may be
     overridden.
