@@ -158,7 +158,7 @@ def cmd_bench(args) -> int:
 def cmd_speed(args) -> int:
     from meteor_vlm.bench.accuracy import resolve_methods
     from meteor_vlm.bench import shapes
-    from meteor_vlm.bench.speed import INTERNVL_SIDE, QWEN_SIDE, profile_methods
+    from meteor_vlm.bench.speed import QWEN_SIDE, profile_methods
 
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
     if args.samples < 1 or args.new_tokens < 2 or args.batch_size < 1:
@@ -225,7 +225,8 @@ def cmd_speed(args) -> int:
                  f"patches, windowed but in 4, merged 2x2, on {QWEN_SIDE} px images, 576 image tokens)")
     if args.internvl:
         what += (f" (a stock transformers InternVL: InternViT-300M, 24 blocks of 1024 on 14 px patches of 448 px "
-                 f"tiles, 2x2 folded; {INTERNVL_SIDE} px images, 2x2 tiles and a thumbnail, 1280 image tokens)")
+                 f"tiles, 2x2 folded; {2 * shapes.INTERNVIT_300M['image_size']} px images, 2x2 tiles and a thumbnail, "
+                 "1280 image tokens)")
     print(f"{what}, {args.dtype}; medians over {-(-args.samples // args.batch_size)} batches of {args.batch_size}, "
           f"methods interleaved, {where}; the expert columns include their stage-1 pruning, other = projectors, "
           "fusion, stage-3 scoring, head; KV cache = keys and values cached by the prefill")
@@ -399,7 +400,6 @@ def cmd_ask(args) -> int:
     from meteor_vlm.viz import kept_token_heatmap
 
     from meteor_vlm.models.adapters import adapt
-    from meteor_vlm.models.internvl import InternVLAdapter
 
     image = mv.MultiEncoderProcessor._to_pil(args.image)  # ValueError for a missing or unreadable file
     model, processor = _load(args.model, llava=True)
@@ -421,10 +421,9 @@ def cmd_ask(args) -> int:
             _, rows, cols = inputs["image_grid_thw"][0].tolist()
             grids = {target.expert_names[0]: (rows // processor.merge_size, cols // processor.merge_size)}
         else:
-            grids = {r.spec.name: r.grid() for r in target.runners}  # a LLaVA-NeXT: its first tile, the whole image
-        kept = s["kept_grid"][0] if s["kept_grid"] else {}
-        if isinstance(target, InternVLAdapter) and len(s["kept_grid"]) > 1:  # its last tile, the thumbnail, is the whole image
-            kept = s["kept_grid"][-1]
+            grids = {r.spec.name: r.grid() for r in target.runners}  # a tiled image: the grid of the tile drawn
+        # of a tiled image (LLaVA-NeXT, InternVL), the tile that shows all of it
+        kept = s["kept_grid"][getattr(target, "WHOLE_IMAGE_TILE", 0)] if s["kept_grid"] else {}
         kept_token_heatmap(image, kept, grids).save(args.heatmap)
         print(f"heatmap written to {args.heatmap}")
     return 0
@@ -579,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder (a MultiEncoderVLM, "
-                    "or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL: your own model, timed on the synthetic prompts)")
+                    "or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / InternVL: your own model, timed on the synthetic prompts)")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
                     "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2.5-3b, vicuna-7b; see meteor_vlm.bench.shapes)")
     sp.add_argument("--llava", action="store_true",

@@ -208,7 +208,6 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
 
 
 QWEN_SIDE = 672  # 24 x 24 merged tokens of 28 px: LLaVA-1.5's 576 image tokens
-INTERNVL_SIDE = 896  # InternVL: 2 x 2 tiles of 448 px and a thumbnail, 5 x 256 image tokens
 
 
 def image_placeholder(processor) -> str:
@@ -229,7 +228,7 @@ def _image_side(processor) -> int:
     """Side of the synthetic images to draw for a processor: its largest input size (for LLaVA-NeXT's tiles, the
     side of its largest square grid, so a square image fills it as a large photo would), at least 128; for
     Qwen2-VL, which takes any size, QWEN_SIDE (its processor may still resize within its min and max pixels); for
-    InternVL, two tiles a side (INTERNVL_SIDE at 448 px tiles: 2 x 2 tiles and a thumbnail)."""
+    InternVL, two tiles a side (2 x 2 tiles and a thumbnail)."""
     sizes = getattr(processor, "experts", None)
     if sizes:
         return max(128, max(s.image_size for s in sizes))

@@ -148,6 +148,7 @@ class StockAdapter:
 
     IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)
     PER_IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)  # indexed by image (generate must not repeat them by row)
+    WHOLE_IMAGE_TILE: int = 0  # which of an image's tiles shows all of it (LLaVA-NeXT's base tile; InternVL: -1)
 
     def _locate(self, model, runners: list) -> None:
         """Sets what every stock adapter holds, read from a transformers VLM with `model.model.language_model`,

@@ -134,6 +134,7 @@ class InternVLAdapter(StockAdapter):
 
     IMAGE_INPUTS = ("pixel_values",)
     PER_IMAGE_INPUTS = ("pixel_values",)
+    WHOLE_IMAGE_TILE = -1  # the thumbnail, after the tiles (the only tile of a one-tile image)
 
     def __init__(self, model: InternVLForConditionalGeneration):
         cfg = model.config

@@ -689,14 +689,13 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
 
 def _kept_grid(visual: VisualTokens, survivors: torch.Tensor, expert_names: list[str],
                owned: list[int]) -> list[dict[str, list[int]]]:
-    """Per image (or tile) of the sample (`owned`, indices into `visual`): {expert: grid cells of the tokens that
-    reached the last LLM layer}, {} for one none of whose tokens did."""
+    """Per image (or tile) of the sample (`owned`, ascending indices into `visual`): {expert: grid cells of the
+    tokens that reached the last LLM layer}, {} for one none of whose tokens did."""
     n_vis = visual.features.shape[1]
     idx = survivors[survivors >= 0]
-    images = sorted(set((idx // n_vis).tolist()) | set(owned))
-    out: dict[int, dict[str, list[int]]] = {i: {} for i in images}
+    out: dict[int, dict[str, list[int]]] = {i: {} for i in owned}
     for image, j in zip((idx // n_vis).tolist(), (idx % n_vis).tolist()):
         e = int(visual.expert[image, j])
         name = expert_names[e] if e >= 0 else "fused"
         out[image].setdefault(name, []).append(int(visual.grid_index[image, j]))
-    return [out[i] for i in images]
+    return list(out.values())
