@@ -78,24 +78,31 @@ def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
     equal the stock language model with the dropped windows' image tokens masked from layer 0 on."""
     model, processor = internvl
     inputs = inputs_for(processor, pictures, which=(0, 1))
+    assert_windows_dropped_match(model, inputs, {"pixel_values": inputs["pixel_values"]}, stock_tower_without,
+                                 model.model.language_model)
+
+
+def assert_windows_dropped_match(model, inputs, images, stock_tower_without, language_model, per_tile=4):
+    """`DropWindows(3)` inside a stock VLM's tower (`per_tile` windows a tile): the tokens that leave it equal
+    `stock_tower_without(model, pixels)`'s (kept windows, projected tokens), and the logits on the text equal
+    `language_model` with those tokens at their image tokens and the dropped windows' masked from layer 0 on."""
     target = adapt(model)
     with torch.no_grad():
-        tokens = target.encode_images({"pixel_values": inputs["pixel_values"]}, DropWindows(3))
+        tokens = target.encode_images(images, DropWindows(3))
         alive, want = stock_tower_without(model, inputs["pixel_values"])
-        assert 0 < len(alive) < 4
+        assert 0 < len(alive) < per_tile
         assert (tokens.grid_index == alive).all()
         torch.testing.assert_close(tokens.features, want, atol=1e-5, rtol=1e-5)
         is_img = inputs["input_ids"] == model.config.image_token_id
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         rows, cols = is_img.nonzero(as_tuple=True)
-        drop = [[], []]
-        for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):  # token k: tile k // 4, window k % 4
-            if k % 4 in alive.tolist():
-                embeds[r, c] = want[k // 4, alive.tolist().index(k % 4)]
+        drop = [[] for _ in range(len(inputs["input_ids"]))]
+        for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):  # token k: tile k // per_tile, its window
+            if k % per_tile in alive.tolist():
+                embeds[r, c] = want[k // per_tile, alive.tolist().index(k % per_tile)]
             else:
                 drop[r].append(c)
-        reference = masked_decoder_logits(model.model.language_model, model.lm_head, embeds,
-                                          inputs["attention_mask"].bool(), drop, 0)
+        reference = masked_decoder_logits(language_model, model.lm_head, embeds, inputs["attention_mask"].bool(), drop, 0)
         got = pruned_logits(model, inputs, DropWindows(3))
     text = inputs["attention_mask"].bool() & ~is_img
     torch.testing.assert_close(got[text], reference[text], atol=1e-5, rtol=1e-5)
@@ -105,15 +112,22 @@ def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
 def test_dropping_at_llm_layer_equals_masking_keys(internvl, pictures, layer):
     model, processor = internvl
     inputs = inputs_for(processor, pictures, which=(0, 1))
+    with torch.no_grad():
+        feats = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.flatten(0, 1)
+    assert_drop_at_layer_is_masking(model, inputs, feats, model.model.language_model, layer)
+
+
+def assert_drop_at_layer_is_masking(model, inputs, feats, language_model, layer):
+    """Dropping some image tokens of the two prompts of `inputs` before LLM layer `layer` gives, on the text, the
+    logits of `language_model` with the stock features `feats` at the image tokens and those keys masked from
+    `layer` on."""
     vis = inputs["input_ids"] == model.config.image_token_id
     drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
     got = pruned_logits(model, inputs, DropAt(layer, drop))
     with torch.no_grad():
-        feats = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.flatten(0, 1)
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         embeds = embeds.masked_scatter(vis[..., None].expand_as(embeds), feats)
-        want = masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
-                                     drop, layer)
+        want = masked_decoder_logits(language_model, model.lm_head, embeds, inputs["attention_mask"].bool(), drop, layer)
     text = inputs["attention_mask"].bool() & ~vis
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
 

@@ -17,14 +17,15 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 # checkpoint model_types that `meteor ask` and `meteor speed` load, and their transformers classes
 STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-               "internvl": "InternVLForConditionalGeneration"}
+               "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+               "smolvlm": "SmolVLMForConditionalGeneration"}
 
 
 def _load(model_arg: str, llava: bool = False):
     """(model, processor) from 'default' (embedded), 'tiny' (random, calibrated on synthetic images) or a path:
     a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT checkpoint folder
-    (SDPA attention, its own AutoProcessor), a Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`) or an
-    InternVL one (`InternVLImageTextProcessor`)."""
+    (SDPA attention, its own AutoProcessor), a Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an
+    InternVL one (`InternVLImageTextProcessor`) or an Idefics3 / SmolVLM one (`models.idefics3.load_processor`)."""
     import meteor_vlm as mv
 
     if model_arg == "default":
@@ -54,6 +55,10 @@ def _load(model_arg: str, llava: bool = False):
             from .models.internvl import InternVLImageTextProcessor
 
             return model, InternVLImageTextProcessor.from_pretrained(path)
+        if model_type in ("idefics3", "smolvlm"):  # SmolVLM's own processor needs torchvision for videos
+            from .models.idefics3 import load_processor
+
+            return model, load_processor(path)
         return model, transformers.AutoProcessor.from_pretrained(path)
     return mv.MultiEncoderVLM.from_pretrained(path).eval(), mv.MultiEncoderProcessor.from_pretrained(path)
 
@@ -422,7 +427,7 @@ def cmd_ask(args) -> int:
             grids = {target.expert_names[0]: (rows // processor.merge_size, cols // processor.merge_size)}
         else:
             grids = {r.spec.name: r.grid() for r in target.runners}  # a tiled image: the grid of the tile drawn
-        # of a tiled image (LLaVA-NeXT, InternVL), the tile that shows all of it
+        # of a tiled image (LLaVA-NeXT, InternVL, Idefics3), the tile that shows all of it
         kept = s["kept_grid"][getattr(target, "WHOLE_IMAGE_TILE", 0)] if s["kept_grid"] else {}
         kept_token_heatmap(image, kept, grids).save(args.heatmap)
         print(f"heatmap written to {args.heatmap}")
@@ -559,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("image")
     a.add_argument("question")
     a.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a local model directory: a "
-                   "MultiEncoderVLM checkpoint, or a transformers LLaVA / LLaVA-NeXT one (then a --method that runs on "
+                   "MultiEncoderVLM checkpoint, or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / InternVL / Idefics3 / SmolVLM "
+                   "one (then a --method that runs on "
                    "one tower, e.g. fastv:k2-r0.75, visionzip:keep0.333 or stage1+3)")
     a.add_argument("--method", default="paper-242",
                    help="a METEOR preset, 'none' for the unpruned model, or any name `meteor methods` lists "
@@ -578,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder (a MultiEncoderVLM, "
-                    "or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / InternVL: your own model, timed on the synthetic prompts)")
+                    "or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / InternVL / Idefics3 / SmolVLM: your own model, timed on the "
+                    "synthetic prompts)")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
                     "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2.5-3b, vicuna-7b; see meteor_vlm.bench.shapes)")
     sp.add_argument("--llava", action="store_true",

@@ -10,8 +10,8 @@ from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
-__all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_internvl", "random_images", "TINY_WORDS",
-           "TINY_EXPERTS"]
+__all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_internvl", "tiny_idefics3", "random_images",
+           "TINY_WORDS", "TINY_EXPERTS"]
 
 TINY_WORDS = (
     "what is in the image ? describe color shape how many are there a an of red green blue yellow circle "
@@ -228,6 +228,48 @@ def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_
     images = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, max_patches=4, image_mean=[0.5] * 3,
                                       image_std=[0.5] * 3)
     return model, InternVLImageTextProcessor(images, tokenizer, image_seq_length=4, alias="<image>")
+
+
+IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+                   *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
+
+
+def tiny_idefics3(seed: int = 0, kind: str = "idefics3", num_layers: int = 6, vision_depth: int = 3):
+    """A tiny random stock transformers `Idefics3ForConditionalGeneration` (kind="idefics3": 32 px tiles of 8 px
+    patches, each 2x2 window folded into one visual token) or `SmolVLMForConditionalGeneration` ("smolvlm": 64 px
+    tiles, 4x4 windows), 4 visual tokens per tile either way (CPU, fp32, eval mode, SDPA), and transformers'
+    `Idefics3Processor` with the PIL image processor: images scaled to 2 tiles on their longer side, cut into tiles,
+    plus the whole image as one more tile. A `vision_depth`-block SigLIP ViT and a `num_layers`-deep Llama decoder
+    with 8 heads (GQA, 4 kv heads)."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, SmolVLMConfig,
+                              SmolVLMForConditionalGeneration)
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    if kind not in ("idefics3", "smolvlm"):
+        raise ValueError(f"unknown kind {kind!r}; choose 'idefics3' or 'smolvlm'")
+    scale = 2 if kind == "idefics3" else 4
+    side = 16 * scale
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_TOKENS)})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
+                  image_size=side, patch_size=8)
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    config_cls, model_cls = ((Idefics3Config, Idefics3ForConditionalGeneration) if kind == "idefics3" else
+                             (SmolVLMConfig, SmolVLMForConditionalGeneration))
+    config = config_cls(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                        scale_factor=scale)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    _peaked([*model.model.text_model.parameters(), *model.model.connector.parameters(), *model.lm_head.parameters()],
+            seed)
+    model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(list(IDEFICS3_TOKENS))
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side},
+                                       image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, Idefics3Processor(images, tokenizer, image_seq_len=4)
 
 
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

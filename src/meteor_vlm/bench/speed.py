@@ -228,7 +228,8 @@ def _image_side(processor) -> int:
     """Side of the synthetic images to draw for a processor: its largest input size (for LLaVA-NeXT's tiles, the
     side of its largest square grid, so a square image fills it as a large photo would), at least 128; for
     Qwen2-VL, which takes any size, QWEN_SIDE (its processor may still resize within its min and max pixels); for
-    InternVL, two tiles a side (2 x 2 tiles and a thumbnail)."""
+    InternVL, two tiles a side (2 x 2 tiles and a thumbnail); for Idefics3 and SmolVLM, the longest side their
+    processor scales an image to."""
     sizes = getattr(processor, "experts", None)
     if sizes:
         return max(128, max(s.image_size for s in sizes))
@@ -236,6 +237,8 @@ def _image_side(processor) -> int:
         return QWEN_SIDE
     if hasattr(processor.image_processor, "max_patches"):  # InternVL's tiles: a square image of two tiles a side
         return max(128, 2 * processor.image_processor.size["height"])
+    if hasattr(processor.image_processor, "max_image_size"):  # Idefics3 / SmolVLM: the side it scales images to
+        return max(128, processor.image_processor.size["longest_edge"])
     grids = getattr(processor.image_processor, "image_grid_pinpoints", None)
     side = max(min(g) for g in grids) if grids else processor.image_processor.crop_size["height"]
     return max(128, side)

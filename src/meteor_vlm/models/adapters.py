@@ -6,8 +6,8 @@
 exactly as it was afterwards; a target may also have `check_method(method)`, asked before the method's
 `setup`, to refuse what it cannot run. The project's `MultiEncoderVLM` is its own target. A stock transformers
 VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` (`models/llava.py`), `Qwen2VLAdapter`
-(`models/qwen2_vl.py`) or `InternVLAdapter` (`models/internvl.py`), which patch that one instance while the
-block runs.
+(`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`) or `Idefics3Adapter` (`models/idefics3.py`, for
+Idefics3 and SmolVLM), which patch that one instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
 shares (placing each kept token at its own image token's column, with that column's unpruned RoPE
@@ -34,7 +34,8 @@ __all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "to
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
              "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-             "Qwen2_5_VLForConditionalGeneration", "InternVLForConditionalGeneration")
+             "Qwen2_5_VLForConditionalGeneration", "InternVLForConditionalGeneration",
+             "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here when None / False
@@ -46,6 +47,7 @@ def adapt(model, method_name: str = "a pruning method"):
     """The target `method_name` runs on for `model`; ValueError naming the class if it is not supported.
     An adapter passed in is returned as it is, so `with method(adapter)` runs on the adapter a caller holds
     (`meteor speed` times its parts)."""
+    from .idefics3 import idefics3_adapter
     from .internvl import internvl_adapter
     from .llava import llava_adapter
     from .qwen2_vl import qwen2_vl_adapter
@@ -53,7 +55,8 @@ def adapt(model, method_name: str = "a pruning method"):
 
     if isinstance(model, (MultiEncoderVLM, StockAdapter)):
         return model
-    adapter = llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
+    adapter = (llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
+               or idefics3_adapter(model))
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
@@ -150,17 +153,17 @@ class StockAdapter:
     PER_IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)  # indexed by image (generate must not repeat them by row)
     WHOLE_IMAGE_TILE: int = 0  # which of an image's tiles shows all of it (LLaVA-NeXT's base tile; InternVL: -1)
 
-    def _locate(self, model, runners: list) -> None:
-        """Sets what every stock adapter holds, read from a transformers VLM with `model.model.language_model`,
-        `model.lm_head` and a config with text_config and image_token_id (a `rank_table` attribute, if the config
-        has one, is METEOR's)."""
+    def _locate(self, model, runners: list, language_model=None) -> None:
+        """Sets what every stock adapter holds, read from a transformers VLM with `model.lm_head`, a config with
+        text_config and image_token_id (a `rank_table` attribute, if the config has one, is METEOR's) and its
+        decoder `language_model` (by default `model.model.language_model`)."""
         cfg = model.config
         self.model, self.runners = model, runners
         self.expert_names = [r.spec.name for r in runners]
         self.num_llm_layers = cfg.text_config.num_hidden_layers
         self.config = SimpleNamespace(fusion="post", text_config=cfg.text_config, rank_table=getattr(cfg, "rank_table", None))
         self.image_token_id = cfg.image_token_id
-        lm = model.model.language_model
+        lm = model.model.language_model if language_model is None else language_model
         self.decoder = runtime.DecoderParts(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, model.lm_head)
 
     @property

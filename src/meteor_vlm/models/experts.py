@@ -195,6 +195,47 @@ class ExpertRunner:
         return out, self._split_heads(caught[-1], heads)
 
 
+class PixelShuffleWindows:
+    """For runners of towers whose patches a pixel shuffle folds, s x s at a time, into one visual token after the
+    last block (InternVL, Idefics3, SmolVLM): a token inside the tower is a whole window, its s*s patches side by
+    side (B, [1 +] N, s*s*D), row by row (the order the pixel shuffle concatenates them in); with `has_cls` the CLS
+    row comes first (its D values, then zeros). Set `scale` and `window` (= scale**2) in __init__."""
+
+    scale: int
+    window: int
+    has_cls: bool
+
+    def _pack(self, h: torch.Tensor, window_major: bool = False) -> torch.Tensor:
+        """(B, [1 +] L, D) [CLS and] patches -> (B, [1 +] N, s*s*D) tokens. window_major=False: the patches in
+        row-major grid order (the embeddings'); True: already window by window."""
+        c = int(self.has_cls)
+        B, L, D = h.shape[0], h.shape[1] - c, h.shape[2]
+        patches = h[:, c:]
+        if not window_major:
+            g, s = round(L**0.5), self.scale
+            patches = patches.reshape(B, g // s, s, g // s, s, D).permute(0, 1, 3, 2, 4, 5)
+        windows = patches.reshape(B, L // self.window, self.window * D)
+        if not c:
+            return windows
+        cls = torch.cat([h[:, :1], h.new_zeros(B, 1, (self.window - 1) * D)], -1)
+        return torch.cat([cls, windows], 1)
+
+    def _unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, [1 +] N, s*s*D) tokens -> (B, [1 +] N*s*s, D): [CLS, then] each window's patches."""
+        c = int(self.has_cls)
+        B, n = x.shape[0], x.shape[1] - c
+        D = x.shape[-1] // self.window
+        patches = x[:, c:].reshape(B, n * self.window, D)
+        return torch.cat([x[:, :1, :D], patches], 1) if c else patches
+
+    def _patch_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, [1 +] N) per-token bias -> (B, [1 +] N*s*s): each window's bias on each of its patches."""
+        if bias is None:
+            return None
+        c = int(self.has_cls)
+        return torch.cat([bias[:, :c], bias[:, c:].repeat_interleave(self.window, 1)], 1)
+
+
 class _ViTRunner(ExpertRunner):
     """CLIP and SigLIP share their block layout (layer_norm1 -> self_attn.{q,k}_proj)."""
 

@@ -23,7 +23,7 @@ from transformers import InternVLForConditionalGeneration
 
 from . import runtime
 from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa, tower_depth
-from .experts import ExpertRunner, ExpertSpec
+from .experts import ExpertRunner, ExpertSpec, PixelShuffleWindows
 from .vlm import fuse_and_prune, run_expert
 
 __all__ = ["InternVLAdapter", "InternVLRunner", "InternVLImageTextProcessor", "internvl_adapter", "IMAGE_TOKENS"]
@@ -37,7 +37,7 @@ def internvl_adapter(model) -> InternVLAdapter | None:
     return InternVLAdapter(model) if type(model) is InternVLForConditionalGeneration else None
 
 
-class InternVLRunner(ExpertRunner):
+class InternVLRunner(PixelShuffleWindows, ExpertRunner):
     """InternVL's ViT walked block by block up to its feature layer (`depth` blocks), one token per pixel-shuffle
     window: tokens are (B, 1 + N, s*s*D), the CLS row first (its D values, then zeros), then the N = (g/s)^2
     windows of the g x g patch grid in row-major order, each holding its s x s patches row by row (the order the
@@ -65,29 +65,6 @@ class InternVLRunner(ExpertRunner):
         g = self.module.config.image_size[0] // self.module.config.patch_size[0] // self.scale
         return g, g
 
-    def _pack(self, h: torch.Tensor, window_major: bool = False) -> torch.Tensor:
-        """(B, 1 + L, D) CLS and patches -> (B, 1 + N, s*s*D) tokens. window_major=False: the patches in
-        row-major grid order (the embeddings'); True: already window by window."""
-        B, L, D = h.shape[0], h.shape[1] - 1, h.shape[2]
-        patches = h[:, 1:]
-        if not window_major:
-            g, s = round(L**0.5), self.scale
-            patches = patches.reshape(B, g // s, s, g // s, s, D).permute(0, 1, 3, 2, 4, 5)
-        cls = torch.cat([h[:, :1], h.new_zeros(B, 1, (self.window - 1) * D)], -1)
-        return torch.cat([cls, patches.reshape(B, L // self.window, self.window * D)], 1)
-
-    def _unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + N, s*s*D) tokens -> (B, 1 + N*s*s, D): CLS, then each window's patches."""
-        B, n = x.shape[0], x.shape[1] - 1
-        D = x.shape[-1] // self.window
-        return torch.cat([x[:, :1, :D], x[:, 1:].reshape(B, n * self.window, D)], 1)
-
-    def _mask(self, bias, x):
-        """(B, 1 + N) per-token bias (CLS first) -> the additive (B, 1, 1, 1 + N*s*s) mask over CLS and patches."""
-        if bias is None:
-            return None
-        return torch.cat([bias[:, :1], bias[:, 1:].repeat_interleave(self.window, 1)], 1)[:, None, None, :].to(x.dtype)
-
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._pack(self.module.embeddings(pixel_values))
 
@@ -95,7 +72,7 @@ class InternVLRunner(ExpertRunner):
         block, h = self.blocks[i], self._unpack(x)
         heads = block.attention.num_heads
         (out, _), keys = self._catching_keys(block.attention.k_norm, heads, lambda: block.attention(
-            block.layernorm_before(h), attention_mask=self._mask(bias, x)))
+            block.layernorm_before(h), attention_mask=self._mask(self._patch_bias(bias), h)))
         return self._pack(h + block.lambda_1 * out, window_major=True), keys
 
     def run_mlp(self, i, x):
