@@ -1021,8 +1021,9 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
                  "--methods", "unpruned"]) == 0
     assert built[-1] == ("smollm2-135m", "2.5") and "Qwen2.5-VL" in capsys.readouterr().out
     assert main(["speed", "--qwen2-vl", "--model", "tiny"]) == 2
-    assert "--qwen2-vl / --qwen2.5-vl / --internvl need --shape" in capsys.readouterr().err
-    for bad in (["--llava", "--qwen2-vl"], ["--qwen2-vl", "--qwen2.5-vl"], ["--internvl", "--qwen2-vl"]):
+    assert "--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm need --shape" in capsys.readouterr().err
+    for bad in (["--llava", "--qwen2-vl"], ["--qwen2-vl", "--qwen2.5-vl"], ["--internvl", "--qwen2-vl"],
+                ["--smolvlm", "--internvl"]):
         assert main(["speed", "--shape", "smollm2-135m", *bad]) == 2
         assert "exclude each other" in capsys.readouterr().err
     tokenizer = build_tokenizer()
@@ -1189,3 +1190,34 @@ def test_compare_reproduces_the_bench_pairs_from_a_results_file(folder, capsys):
     short = {**results, "samples_per_family": results["samples_per_family"] + 1}
     with pytest.raises(ValueError, match="not 6 families"):
         compare_rows(short, "unpruned", row["method"])
+
+
+def test_speed_on_a_stock_smolvlm(tmp_path, capsys, monkeypatch):
+    """`meteor speed --shape S --smolvlm` profiles a stock transformers SmolVLM through its adapter (square images at
+    the processor's longest side: 2 x 2 tiles and the whole image on the tiny one); methods inside its ViT and after
+    it leave fewer tokens and FLOPs. The real layout (built on the meta device): 64 tokens per 512 px tile, 4x4
+    windows of 768 into the projection, the shape's decoder behind it, 17 tiles for a square image."""
+    from meteor_vlm.bench import shapes
+    from meteor_vlm.cli import main
+    from meteor_vlm.models.adapters import adapt
+
+    real = shapes.shaped_smolvlm
+    model, processor = mv.testing.tiny_idefics3(seed=0, kind="smolvlm")
+    built = []
+    monkeypatch.setattr(shapes, "shaped_smolvlm", lambda shape, dtype: built.append(shape) or (model, processor))
+    names = ["unpruned", "tome:keep0.5", "fastv:k1-r0.75"]
+    assert main(["speed", "--shape", "smollm2-135m", "--smolvlm", "--samples", "2", "--new-tokens", "2",
+                 "--methods", ",".join(names), "--out", str(tmp_path)]) == 0
+    assert built == ["smollm2-135m"] and "SmolVLM" in capsys.readouterr().out
+    data = json.loads((tmp_path / "speed.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert data["smolvlm"] and list(rows) == names and set(rows["unpruned"]["experts_ms"]) == {"vision"}
+    assert rows["unpruned"]["tokens"] == 4 * 5  # 128 px: 2 x 2 tiles of 64 px and the whole image, 4 tokens each
+    for n in names[1:]:
+        assert rows[n]["tokens"] < 20 and rows[n]["prefill_tflops"] < rows["unpruned"]["prefill_tflops"]
+    with torch.device("meta"):
+        big, big_processor = real("smollm2-135m", dtype=torch.bfloat16)
+    runner = adapt(big).runners[0]
+    assert runner.grid() == (8, 8) and runner.out_dim == 16 * 768 and big_processor.image_seq_len == 64
+    tiles = big_processor.image_processor(images=[Image.new("RGB", (300, 300))], return_tensors="np")["pixel_values"]
+    assert tiles.shape[1:] == (17, 3, 512, 512)

@@ -176,12 +176,16 @@ def cmd_speed(args) -> int:
     if args.anyres and not args.llava:
         raise ValueError("--anyres needs --llava (it makes the LLaVA a LLaVA-NeXT)")
     qwen = "2.5" if args.qwen2_5_vl else "2" if args.qwen2_vl else None
-    if sum(map(bool, (args.llava, args.qwen2_vl, args.qwen2_5_vl, args.internvl))) > 1:
-        raise ValueError("--llava, --qwen2-vl, --qwen2.5-vl and --internvl exclude each other")
-    if (qwen or args.internvl) and not args.shape:
-        raise ValueError("--qwen2-vl / --qwen2.5-vl / --internvl need --shape (the decoder behind the vision encoder)")
+    if sum(map(bool, (args.llava, args.qwen2_vl, args.qwen2_5_vl, args.internvl, args.smolvlm))) > 1:
+        raise ValueError("--llava, --qwen2-vl, --qwen2.5-vl, --internvl and --smolvlm exclude each other")
+    if (qwen or args.internvl or args.smolvlm) and not args.shape:
+        raise ValueError("--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm need --shape (the decoder behind the vision "
+                         "encoder)")
     _, dtype = _device_dtype(args)
-    if args.internvl:
+    if args.smolvlm:
+        print(f"building a random SmolVLM with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
+        model, processor = shapes.shaped_smolvlm(args.shape, dtype=dtype)
+    elif args.internvl:
         print(f"building a random InternVL with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
         model, processor = shapes.shaped_internvl(args.shape, dtype=dtype)
     elif qwen:
@@ -232,6 +236,11 @@ def cmd_speed(args) -> int:
         what += (f" (a stock transformers InternVL: InternViT-300M, 24 blocks of 1024 on 14 px patches of 448 px "
                  f"tiles, 2x2 folded; {2 * shapes.INTERNVIT_300M['image_size']} px images, 2x2 tiles and a thumbnail, "
                  "1280 image tokens)")
+    if args.smolvlm:
+        v = shapes.SMOLVLM_VISION
+        what += (f" (a stock transformers SmolVLM: SigLIP-B/16, {v['num_hidden_layers']} blocks of {v['hidden_size']} "
+                 f"on {v['image_size']} px tiles, 4x4 folded; {4 * v['image_size']} px images, 4x4 tiles and the whole "
+                 "image, 1088 image tokens)")
     print(f"{what}, {args.dtype}; medians over {-(-args.samples // args.batch_size)} batches of {args.batch_size}, "
           f"methods interleaved, {where}; the expert columns include their stage-1 pruning, other = projectors, "
           "fusion, stage-3 scoring, head; KV cache = keys and values cached by the prefill")
@@ -241,6 +250,7 @@ def cmd_speed(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape,
                 "llava": bool(args.llava), "anyres": bool(args.anyres), "qwen2_vl": qwen, "internvl": bool(args.internvl),
+                "smolvlm": bool(args.smolvlm),
                 "seed": args.seed,
                 "samples": args.samples, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                 "dtype": args.dtype, "device": args.device if not cuda else torch.cuda.get_device_name(model.device),
@@ -600,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--internvl", action="store_true",
                     help="with --shape: a stock transformers InternVL (InternViT-300M, 448 px tiles of 256 image tokens; "
                     "an 896 px image is 2x2 tiles and a thumbnail) in front of that decoder (qwen2-0.5b: InternVL3-1B)")
+    sp.add_argument("--smolvlm", action="store_true",
+                    help="with --shape: a stock transformers SmolVLM (SigLIP-B/16 on 512 px tiles of 64 image tokens; "
+                    "an image is scaled to 2048 px, 4x4 tiles and the whole image) in front of that decoder "
+                    "(smollm2-135m: SmolVLM-256M)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")

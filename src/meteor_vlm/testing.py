@@ -230,10 +230,6 @@ def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_
     return model, InternVLImageTextProcessor(images, tokenizer, image_seq_length=4, alias="<image>")
 
 
-IDEFICS3_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
-                   *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
-
-
 def tiny_idefics3(seed: int = 0, kind: str = "idefics3", num_layers: int = 6, vision_depth: int = 3):
     """A tiny random stock transformers `Idefics3ForConditionalGeneration` (kind="idefics3": 32 px tiles of 8 px
     patches, each 2x2 window folded into one visual token) or `SmolVLMForConditionalGeneration` ("smolvlm": 64 px
@@ -245,12 +241,14 @@ def tiny_idefics3(seed: int = 0, kind: str = "idefics3", num_layers: int = 6, vi
                               SmolVLMForConditionalGeneration)
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
+    from .models.idefics3 import PROMPT_TOKENS
+
     if kind not in ("idefics3", "smolvlm"):
         raise ValueError(f"unknown kind {kind!r}; choose 'idefics3' or 'smolvlm'")
     scale = 2 if kind == "idefics3" else 4
     side = 16 * scale
     tokenizer = build_word_tokenizer(TINY_WORDS)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_TOKENS)})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(PROMPT_TOKENS)})
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
                   image_size=side, patch_size=8)
     text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -266,7 +264,7 @@ def tiny_idefics3(seed: int = 0, kind: str = "idefics3", num_layers: int = 6, vi
     model = model_cls(config).eval()
     _peaked([*model.model.text_model.parameters(), *model.model.connector.parameters(), *model.lm_head.parameters()],
             seed)
-    model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(list(IDEFICS3_TOKENS))
+    model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(list(PROMPT_TOKENS))
     images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side},
                                        image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return model, Idefics3Processor(images, tokenizer, image_seq_len=4)

@@ -25,7 +25,7 @@ from ..models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["SHAPES", "LLAVA_TOWER", "LLAVA_NEXT_GRIDS", "QWEN2_VL_VISION", "QWEN2_5_VL_VISION", "INTERNVIT_300M",
            "shape_experts", "shape_text_config", "shaped_model", "shaped_llava", "qwen2_vl_config", "shaped_qwen2_vl",
-           "shaped_internvl"]
+           "shaped_internvl", "SMOLVLM_VISION", "shaped_smolvlm"]
 
 # LLaVA-1.5's vision tower: openai/clip-vit-large-patch14-336's vision config
 LLAVA_TOWER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -48,6 +48,11 @@ QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num
 INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                       image_size=448, patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
                       layer_norm_eps=1e-6, layer_scale_init_value=0.1, hidden_act="gelu", use_mean_pooling=True)
+
+# SmolVLM-256M's and -500M's vision encoder (93 M parameters): SigLIP-B/16 at 512 px, 12 blocks of 768 without CLS;
+# each 4x4 window of its 32 x 32 patches folds into one of 64 visual tokens per tile
+SMOLVLM_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      image_size=512, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 
 # the decoders: transformers config kwargs of real checkpoints' LLMs (vocabulary included, since the head's
 # cost per decoded token depends on it)
@@ -236,3 +241,33 @@ def shaped_internvl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 
     images = GotOcr2ImageProcessorPil(size={"height": side, "width": side}, max_patches=12,
                                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     return model, InternVLImageTextProcessor(images, tokenizer, image_seq_length=256)
+
+
+def shaped_smolvlm(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random stock transformers `SmolVLMForConditionalGeneration` in SmolVLM-256M / -500M's layout
+    (`SMOLVLM_VISION`, 4x4 pixel shuffle, one linear projection) with the decoder of a shape (smollm2-135m:
+    SmolVLM-256M's), and transformers' `Idefics3Processor` with SmolVLM's image processor defaults (an image scaled
+    to 2048 px on its longer side, cut into 512 px tiles, plus the whole image as one more tile: 17 tiles of 64
+    tokens for a square image; the synthetic benchmark's word tokenizer with the processor's tokens), in eval mode
+    and SDPA attention."""
+    from transformers import Idefics3Processor, SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    from ..models.idefics3 import PROMPT_TOKENS
+    from ..train import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(PROMPT_TOKENS)})
+    text = shape_text_config(shape, tokenizer)
+    scale = 4
+    config = SmolVLMConfig(vision_config=SMOLVLM_VISION, text_config=text, scale_factor=scale,
+                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                           tie_word_embeddings=text.get("tie_word_embeddings", False))
+    config._attn_implementation = "sdpa"
+    model = _built(SmolVLMForConditionalGeneration, config, dtype, seed)
+    model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(list(PROMPT_TOKENS))
+    side = SMOLVLM_VISION["image_size"]
+    images = SmolVLMImageProcessorPil(size={"longest_edge": 4 * side}, max_image_size={"longest_edge": side},
+                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    tokens = (side // SMOLVLM_VISION["patch_size"] // scale) ** 2
+    return model, Idefics3Processor(images, tokenizer, image_seq_len=tokens)

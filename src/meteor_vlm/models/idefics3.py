@@ -26,9 +26,13 @@ from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa
 from .experts import ExpertSpec, PixelShuffleWindows, _ViTRunner
 from .vlm import fuse_and_prune, run_expert
 
-__all__ = ["Idefics3Adapter", "Idefics3Runner", "idefics3_adapter", "load_processor", "CLASSES"]
+__all__ = ["Idefics3Adapter", "Idefics3Runner", "idefics3_adapter", "load_processor", "CLASSES", "PROMPT_TOKENS"]
 
 EXPERT = "vision"
+# the tokens Idefics3Processor writes around and between tiles: an image's frame, one visual token, the end of a
+# turn, the whole-image tile's tag and each tile's place (up to 6 x 6)
+PROMPT_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+                 *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
 CLASSES = (Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration)
 
 
