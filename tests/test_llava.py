@@ -10,13 +10,15 @@ from PIL import Image
 import meteor_vlm as mv
 from meteor_vlm.methods.base import keep_most_attended
 from meteor_vlm.models.adapters import adapt
+from meteor_vlm.models.llava import LlavaOnevisionImageTextProcessor
 
 from .test_oracles import PEERS, DropAt, GapsAtOutput, check_batch_and_cache, masked_decoder_logits
 
 PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circle are there in the image on the left ?",
            "<image> describe the shape ?"]
 IMAGES = [1, 2, 1]  # images per prompt
-KINDS = {"clip": dict(tower="clip"), "siglip": dict(tower="siglip"), "next": dict(tower="clip", anyres=True)}
+KINDS = {"clip": dict(tower="clip"), "siglip": dict(tower="siglip"), "next": dict(tower="clip", anyres=True),
+         "onevision": dict(onevision=True)}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -37,9 +39,12 @@ def pictures():
 
 
 def llava_inputs(processor, images, which=(0, 1, 2)):
-    """The processor's inputs for PROMPTS[i] with their images (left-padded)."""
+    """The processor's inputs for PROMPTS[i] with their images (left-padded; for LLaVA-OneVision nested by prompt, so
+    that a prompt with two images shows each as its base tile alone)."""
     starts = [sum(IMAGES[:i]) for i in range(len(IMAGES))]
-    imgs = [images[s + j] for i in which for s in [starts[i]] for j in range(IMAGES[i])]
+    imgs = [[images[starts[i] + j] for j in range(IMAGES[i])] for i in which]
+    if not isinstance(processor, LlavaOnevisionImageTextProcessor):
+        imgs = [im for group in imgs for im in group]
     return processor(images=imgs, text=[PROMPTS[i] for i in which], return_tensors="pt", padding=True)
 
 
@@ -59,7 +64,7 @@ def stock_embeds(model, inputs):
     """(B, T, D) the stock model's input embeddings: each image's features at its image tokens."""
     with torch.no_grad():
         ids = inputs["input_ids"]
-        sizes = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+        sizes = {k: inputs[k] for k in ("image_sizes", "batch_num_images") if k in inputs}
         feats = torch.cat(model.get_image_features(pixel_values=inputs["pixel_values"], **sizes).pooler_output)
         embeds = model.get_input_embeddings()(ids)
         is_img = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
@@ -103,7 +108,7 @@ def dropped_columns(model, inputs, stats):
     """Per sample, the image-token columns that hold none of the tokens the method kept before the LLM (read
     from `stats['kept_grid']`, one entry per tile) nor a row end: where the adapter's layout puts them."""
     adapter = adapt(model)
-    layout = adapter.layout({"pixel_values": inputs["pixel_values"], "image_sizes": inputs.get("image_sizes")})
+    layout = adapter.layout({k: inputs.get(k) for k in adapter.IMAGE_INPUTS})
     is_img = inputs["input_ids"] == model.config.image_token_id
     ib, it = is_img.nonzero(as_tuple=True)
     first = layout.span.cumsum(0) - layout.span
@@ -167,7 +172,8 @@ def test_every_method_on_llava_obeys_the_batch_and_cache_oracles(llava, pictures
     step recomputation without it; and the method pruned something."""
     model, processor = llava
     check_batch_and_cache(model, make(), lambda which: llava_inputs(processor, pictures, which),
-                          lambda batch, ids: {k: batch[k] for k in ("pixel_values", "image_sizes") if k in batch},
+                          lambda batch, ids: {k: batch[k] for k in ("pixel_values", "image_sizes", "batch_num_images")
+                                                 if k in batch},
                           [model.config.image_token_id, processor.tokenizer.eos_token_id])
 
 
@@ -212,14 +218,14 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
             pass
 
 
-@pytest.mark.parametrize("anyres", [False, True], ids=["llava", "llava-next"])
-def test_meteor_ask_and_speed_run_a_llava_checkpoint_folder(tmp_path, capsys, anyres):
-    """A transformers LLaVA / LLaVA-NeXT checkpoint folder (saved model and processor) runs under `meteor ask` (the
-    answer greedy generate gives under the same method, the kept tokens, a heatmap) and `meteor speed`; the
-    commands built on the project's own model refuse it clearly."""
+@pytest.mark.parametrize("kind", ["llava", "next", "onevision"])
+def test_meteor_ask_and_speed_run_a_llava_checkpoint_folder(tmp_path, capsys, kind):
+    """A transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision checkpoint folder (saved model and processor) runs under
+    `meteor ask` (the answer greedy generate gives under the same method, the kept tokens, a heatmap) and `meteor
+    speed`; the commands built on the project's own model refuse it clearly."""
     from meteor_vlm.cli import main
 
-    model, processor = mv.testing.tiny_llava(seed=3, anyres=anyres)
+    model, processor = mv.testing.tiny_llava(seed=3, anyres=kind == "next", onevision=kind == "onevision")
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
     picture = mv.testing.random_images(1, seed=9)[0].resize((80, 48))
@@ -308,7 +314,7 @@ def test_a_prompt_ending_with_an_image_queries_its_last_token_still_present(clip
             torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "llava-onevision", "qwen2-vl"])
 def test_beam_search_keeps_each_prompts_images_with_its_rows(family, pictures):
     """generate with beams repeats each prompt's row; its images must follow as a group (a prompt with two images
     would otherwise get the wrong ones): pruning nothing, beam search equals the stock model's, and under a method
@@ -317,7 +323,8 @@ def test_beam_search_keeps_each_prompts_images_with_its_rows(family, pictures):
         model, processor = mv.testing.tiny_qwen2_vl(seed=2)
         inputs = processor(images=[p.resize((40, 24)) for p in pictures[:3]], text=PROMPTS[:2])
     else:
-        model, processor = mv.testing.tiny_llava(seed=2, anyres=family == "llava-next")
+        model, processor = mv.testing.tiny_llava(seed=2, anyres=family == "llava-next",
+                                                 onevision=family == "llava-onevision")
         inputs = llava_inputs(processor, pictures, which=(0, 1))
     beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
     with torch.no_grad():
@@ -344,3 +351,36 @@ def test_the_stage_1_and_3_bench_name_runs_meteor_on_one_tower(clip_llava, pictu
     assert all(s["stage3"] for s in method.stats)
     with pytest.raises(ValueError, match="needs at least two experts"):
         pruned_logits(model, llava_inputs(processor, pictures), make_method("meteor:e0.5-f0.5-l3"))
+
+
+def test_llava_onevision_refuses_the_images_whose_patches_it_interpolates(pictures):
+    """With grids of up to 4x4 tiles, a square image gets 16 tiles, more than anyres_max_9's nine tiles' worth of
+    patches: the stock model shrinks their grid by interpolation after the tower, so pruning refuses that image;
+    one that needs four tiles runs and, pruning nothing, equals the stock model."""
+    grids = [[32 * i, 32 * j] for i in range(1, 5) for j in range(1, 5)]
+    model, processor = mv.testing.tiny_llava(seed=2, onevision=True, pinpoints=grids)
+    big = processor(images=[[pictures[2].resize((128, 128))]], text=[PROMPTS[0]], return_tensors="pt")
+    with pytest.raises(ValueError, match="128x128 image has more high-resolution patches than vision_aspect_ratio"):
+        pruned_logits(model, big, mv.FastV())
+    small = processor(images=[[pictures[2]]], text=[PROMPTS[0]], return_tensors="pt")
+    assert small["pixel_values"].shape[1] == 1 + 4
+    torch.testing.assert_close(pruned_logits(model, small, mv.NoPruning()), stock_logits(model, small), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"batch_num_images \[2\] do not add up to the 1 images"):
+        pruned_logits(model, {**small, "batch_num_images": torch.tensor([2])}, mv.FastV())
+
+
+def test_speed_draws_llava_onevision_images_it_does_not_interpolate():
+    """`meteor speed` draws its images for LLaVA-OneVision's released grids (up to 6x6 tiles of 384 px) at 1152 px: a
+    3x3 grid, nine tiles, the most anyres_max_9 takes without interpolating (a 2304 px image would be refused)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from meteor_vlm.bench.speed import _image_side
+    from meteor_vlm.models.processor import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(mv.testing.TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    grids = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+    images = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384}, image_grid_pinpoints=grids)
+    processor = LlavaOnevisionImageTextProcessor(image_processor=images, tokenizer=tokenizer, num_image_tokens=729,
+                                                 vision_feature_select_strategy="full")
+    assert _image_side(processor) == 1152

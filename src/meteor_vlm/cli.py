@@ -16,6 +16,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 # checkpoint model_types that `meteor ask` and `meteor speed` load, and their transformers classes
 STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+               "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration"}
@@ -24,7 +25,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
 def _load(model_arg: str, llava: bool = False):
     """(model, processor) from 'default' (embedded), 'tiny' (random, calibrated on synthetic images) or a path:
     a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT checkpoint folder
-    (SDPA attention, its own AutoProcessor), a Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an
+    (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an
     InternVL one (`InternVLImageTextProcessor`) or an Idefics3 / SmolVLM one (`models.idefics3.load_processor`)."""
     import meteor_vlm as mv
 
@@ -55,6 +56,10 @@ def _load(model_arg: str, llava: bool = False):
             from .models.internvl import InternVLImageTextProcessor
 
             return model, InternVLImageTextProcessor.from_pretrained(path)
+        if model_type == "llava_onevision":  # likewise
+            from .models.llava import LlavaOnevisionImageTextProcessor
+
+            return model, LlavaOnevisionImageTextProcessor.from_pretrained(path)
         if model_type in ("idefics3", "smolvlm"):  # SmolVLM's own processor needs torchvision for videos
             from .models.idefics3 import load_processor
 
@@ -574,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("image")
     a.add_argument("question")
     a.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a local model directory: a "
-                   "MultiEncoderVLM checkpoint, or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / InternVL / Idefics3 / SmolVLM "
+                   "MultiEncoderVLM checkpoint, or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / "
+                   "Idefics3 / SmolVLM "
                    "one (then a --method that runs on "
                    "one tower, e.g. fastv:k2-r0.75, visionzip:keep0.333 or stage1+3)")
     a.add_argument("--method", default="paper-242",
@@ -594,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder (a MultiEncoderVLM, "
-                    "or a transformers LLaVA / LLaVA-NeXT / Qwen2-VL / InternVL / Idefics3 / SmolVLM: your own model, timed on the "
+                    "or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / Idefics3 / SmolVLM: your own "
+                    "model, timed on the "
                     "synthetic prompts)")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
                     "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2.5-3b, vicuna-7b; see meteor_vlm.bench.shapes)")

@@ -106,7 +106,8 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEn
     return model, processor
 
 
-def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: bool = False):
+def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: bool = False, onevision: bool = False,
+               pinpoints: list | None = None):
     """A tiny random stock transformers `LlavaForConditionalGeneration` and its `LlavaProcessor` (CPU, fp32,
     eval mode, SDPA), the shape of LLaVA-1.5 at toy size: a 4-block vision tower ("clip": CLIP with CLS,
     features from block -2 without CLS; "siglip": SigLIP, every token) at 32 px (16 patches, so 16 image
@@ -114,7 +115,11 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
 
     With `anyres`, a `LlavaNextForConditionalGeneration` and `LlavaNextProcessor` instead (LLaVA-NeXT: a
     base tile plus 2-4 high-resolution tiles of 32 px per image, grids 32x64, 64x32 or 64x64 px, unpadded
-    to the image's aspect, row-end tokens), so the image tokens per <image> depend on the image's size."""
+    to the image's aspect, row-end tokens), so the image tokens per <image> depend on the image's size.
+    With `onevision`, a `LlavaOnevisionForConditionalGeneration` and `LlavaOnevisionProcessor` (no video
+    processor): the same tiles, a SigLIP tower read whole at its last block, a row-end token after every image,
+    and in a prompt with several images each image as its base tile alone. `pinpoints`: the (height, width) grids
+    of tiles, in pixels, instead of those three."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -122,7 +127,11 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
 
     if tower not in ("clip", "siglip"):
         raise ValueError(f"unknown tower {tower!r}; choose 'clip' or 'siglip'")
+    if onevision:
+        tower, anyres = "siglip", True
     tokenizer = build_word_tokenizer(TINY_WORDS)
+    if onevision:  # its processor counts video tokens too
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<video>"]})
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
                   patch_size=8)
     if tower == "clip":
@@ -136,11 +145,15 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
     strategy = "default" if tower == "clip" else "full"
-    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    pinpoints = pinpoints or [[32, 64], [64, 32], [64, 64]]
     config_cls, model_cls = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else (LlavaConfig,
                                                                                               LlavaForConditionalGeneration)
+    if onevision:
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+        config_cls, model_cls = LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
     config = config_cls(vision_config=vision_config, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                        vision_feature_select_strategy=strategy, vision_feature_layer=-2,
+                        vision_feature_select_strategy=strategy, vision_feature_layer=-1 if onevision else -2,
                         **({"image_grid_pinpoints": pinpoints} if anyres else {}))
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -148,6 +161,16 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters()], seed)
     model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> has no pixels behind it
     sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    if onevision:
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil)
+
+        from .models.llava import LlavaOnevisionImageTextProcessor
+
+        images = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints,
+                                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        return model, LlavaOnevisionImageTextProcessor(image_processor=images, tokenizer=tokenizer, num_image_tokens=16,
+                                                       vision_feature_select_strategy=strategy)
     images = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints) if anyres else CLIPImageProcessorPil(**sizes)
     processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
         image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -229,7 +230,8 @@ def _image_side(processor) -> int:
     side of its largest square grid, so a square image fills it as a large photo would), at least 128; for
     Qwen2-VL, which takes any size, QWEN_SIDE (its processor may still resize within its min and max pixels); for
     InternVL, two tiles a side (2 x 2 tiles and a thumbnail); for Idefics3 and SmolVLM, the longest side their
-    processor scales an image to."""
+    processor scales an image to; for LLaVA-OneVision, at most the largest square grid of tiles within its
+    `vision_aspect_ratio` budget (3 x 3 for "anyres_max_9"), where it does not interpolate the patches."""
     sizes = getattr(processor, "experts", None)
     if sizes:
         return max(128, max(s.image_size for s in sizes))
@@ -241,6 +243,9 @@ def _image_side(processor) -> int:
         return max(128, processor.image_processor.size["longest_edge"])
     grids = getattr(processor.image_processor, "image_grid_pinpoints", None)
     side = max(min(g) for g in grids) if grids else processor.image_processor.crop_size["height"]
+    budget = getattr(processor, "vision_aspect_ratio", None)  # LLaVA-OneVision: no more tiles than it interpolates
+    if budget:
+        side = min(side, math.isqrt(int(budget.removeprefix("anyres_max_"))) * processor.image_processor.size["height"])
     return max(128, side)
 
 

@@ -5,7 +5,7 @@
 `pruning(method)` context manager that runs the model with the method inside the block and leaves it
 exactly as it was afterwards; a target may also have `check_method(method)`, asked before the method's
 `setup`, to refuse what it cannot run. The project's `MultiEncoderVLM` is its own target. A stock transformers
-VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` (`models/llava.py`), `Qwen2VLAdapter`
+VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaOnevisionAdapter` (`models/llava.py`), `Qwen2VLAdapter`
 (`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`) or `Idefics3Adapter` (`models/idefics3.py`, for
 Idefics3 and SmolVLM), which patch that one instance while the block runs.
 
@@ -33,7 +33,7 @@ from . import runtime
 __all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "tower_depth"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
-             "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+             "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
              "Qwen2_5_VLForConditionalGeneration", "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 
@@ -180,11 +180,11 @@ class StockAdapter:
         first dimension is the image)."""
         return {k: v[index] for k, v in images.items()}
 
-    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int) -> dict:
+    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int, context: dict | None = None) -> dict:
         """What generate's beams (or num_return_sequences) need: every prompt's images `expand_size` times, the
         copies of a prompt one after another, as its rows are repeated (repeating each image in place would hand
-        a prompt with two images the wrong ones)."""
-        span = self.layout(images, input_ids).span
+        a prompt with two images the wrong ones). `context`: the other image inputs, per prompt, as given."""
+        span = self.layout({**images, **(context or {})}, input_ids).span
         rows = (input_ids == self.image_token_id).nonzero(as_tuple=True)[0][span.cumsum(0) - span]  # each image's prompt
         return self.take_images(images, runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size))
 
@@ -218,10 +218,12 @@ class StockAdapter:
         forward.__signature__ = signature.replace(parameters=params[:-1] + images + params[-1:])
         def expand_inputs_for_generation(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
             per_image = {k: model_kwargs.pop(k) for k in adapter.PER_IMAGE_INPUTS if model_kwargs.get(k) is not None}
+            context = {k: model_kwargs[k] for k in adapter.IMAGE_INPUTS if model_kwargs.get(k) is not None}
             input_ids_out, model_kwargs = type(model)._expand_inputs_for_generation(
                 model, expand_size, is_encoder_decoder, input_ids, **model_kwargs)
             if per_image:
-                model_kwargs.update(adapter.expand_images(per_image, input_ids, expand_size) if expand_size > 1 else per_image)
+                model_kwargs.update(adapter.expand_images(per_image, input_ids, expand_size, context) if expand_size > 1
+                                    else per_image)
             return input_ids_out, model_kwargs
 
         model.forward = forward

@@ -173,7 +173,7 @@ class InternVLAdapter(StockAdapter):
         slot = within[:, None] * n + torch.arange(n, device=dev)
         return Layout(tile_image, slot, torch.tensor(counts, device=dev) * n)
 
-    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int) -> dict:
+    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int, context: dict | None = None) -> dict:
         """Every prompt's tiles `expand_size` times, the copies of a prompt one after another."""
         layout = self.layout(images, input_ids)
         span = layout.span

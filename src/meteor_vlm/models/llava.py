@@ -1,5 +1,6 @@
-"""Pruning on a stock transformers LLaVA (`LlavaForConditionalGeneration`: LLaVA-1.5 and its kin) and LLaVA-NeXT
-(`LlavaNextForConditionalGeneration`, "anyres" tiles).
+"""Pruning on a stock transformers LLaVA (`LlavaForConditionalGeneration`: LLaVA-1.5 and its kin), LLaVA-NeXT
+(`LlavaNextForConditionalGeneration`, "anyres" tiles) and LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`,
+"anyres_max_9" tiles).
 
 The adapter locates the model's parts and speaks its input format; the methods and the LLM runtime are
 the ones the multi-encoder VLM uses, so every method runs here unchanged:
@@ -24,26 +25,33 @@ leaving the block restores them.
 from __future__ import annotations
 
 
+import json
+from pathlib import Path
+
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                          LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor)
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from .adapters import Layout, StockAdapter, check_sdpa, tower_depth
+from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa, tower_depth
 from .experts import CLIPRunner, ExpertSpec, SiglipRunner
 from .vlm import fuse_and_prune, run_expert
 
-__all__ = ["LlavaAdapter", "LlavaNextAdapter", "llava_adapter"]
+__all__ = ["LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "LlavaOnevisionImageTextProcessor",
+           "llava_adapter"]
 
 EXPERT = "vision"
 
 
 def llava_adapter(model) -> LlavaAdapter | None:
-    """The adapter for a transformers LlavaForConditionalGeneration or LlavaNextForConditionalGeneration, or None
-    for any other model (subclasses included)."""
+    """The adapter for a transformers LlavaForConditionalGeneration, LlavaNextForConditionalGeneration or
+    LlavaOnevisionForConditionalGeneration, or None for any other model (subclasses included)."""
     if type(model) is LlavaForConditionalGeneration:
         return LlavaAdapter(model)
     if type(model) is LlavaNextForConditionalGeneration:
         return LlavaNextAdapter(model)
+    if type(model) is LlavaOnevisionForConditionalGeneration:
+        return LlavaOnevisionAdapter(model)
     return None
 
 
@@ -147,7 +155,8 @@ class LlavaNextAdapter(LlavaAdapter):
     unpadding cuts off does not enter it. In `stats`, encoder_tokens counts every tile's N patches and
     kept_grid has one entry per tile (the base tile first)."""
 
-    def _tile_counts(self, sizes) -> list[int]:
+    def _tile_counts(self, sizes, images: dict) -> list[int]:
+        """The tiles of each image, from its size."""
         cfg = self.model.config
         return [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
 
@@ -155,7 +164,7 @@ class LlavaNextAdapter(LlavaAdapter):
         pixels, sizes = images["pixel_values"], images.get("image_sizes")
         if sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values (its processor returns both)")
-        counts = self._tile_counts(sizes)
+        counts = self._tile_counts(sizes, images)
         if pixels.dim() == 5:  # (images, most tiles, 3, S, S), padded with empty tiles
             pixels = torch.cat([p[:c] for p, c in zip(pixels, counts)])
         if pixels.dim() != 4 or pixels.shape[0] != sum(counts):
@@ -163,16 +172,21 @@ class LlavaNextAdapter(LlavaAdapter):
                              f"the image sizes need ({counts} per image)")
         return pixels
 
+    def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor) -> torch.Tensor:
+        """The model's own packing of one image's tiles, run on (tiles, N, 1) patch indices: (L, 1), row_end's
+        value at the row ends."""
+        strategy = self.model.config.vision_feature_select_strategy
+        return self.model.model.pack_image_features([index], size[None], strategy, image_newline=row_end)[0][0]
+
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         sizes = images["image_sizes"]
-        counts = self._tile_counts(sizes)
+        counts = self._tile_counts(sizes, images)
         n, dev = self.tokens_per_image, images["pixel_values"].device
-        row_end, strategy = torch.full((1,), -1.0, device=dev), self.model.config.vision_feature_select_strategy
+        row_end = torch.full((1,), -1.0, device=dev)
         slots, spans, extra_image, extra_offset = [], [], [], []
         for k, (size, c) in enumerate(zip(sizes, counts)):
             index = torch.arange(c * n, device=dev, dtype=torch.float32).view(c, n, 1)  # exact below 2**24
-            packed, _ = self.model.model.pack_image_features([index], size[None], strategy, image_newline=row_end)
-            packed = packed[0][:, 0].long()
+            packed = self._packed_patches(index, size, row_end)[:, 0].long()
             shown = (packed >= 0).nonzero()[:, 0]
             slot = torch.full((c * n,), -1, dtype=torch.long, device=dev)
             slot[packed[shown]] = shown
@@ -184,3 +198,76 @@ class LlavaNextAdapter(LlavaAdapter):
         tile_image = torch.repeat_interleave(torch.arange(len(counts), device=dev), torch.tensor(counts, device=dev))
         return Layout(tile_image, torch.cat(slots), torch.tensor(spans, device=dev), torch.cat(extra_image),
                       torch.cat(extra_offset), self.model.model.image_newline)
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): LLaVA-NeXT's layout with a SigLIP tower read
+    whole, a row-end token after a single-tile image too, and, in a prompt with several images, each image as its
+    base tile alone (`batch_num_images`, which its processor returns, says how many images each prompt has). Where
+    an image's high-resolution patches exceed its `vision_aspect_ratio` budget ("anyres_max_9": nine tiles' worth),
+    the stock model shrinks their grid by bilinear interpolation after the tower, so one token mixes several
+    patches and none of them can be pruned alone: such images are refused (a smaller image, or a processor whose
+    `image_grid_pinpoints` stop at nine tiles, stays within it)."""
+
+    IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")
+
+    def _tile_counts(self, sizes, images: dict) -> list[int]:
+        """The tiles of each image: its anyres tiles where its prompt has one image, its base tile alone where the
+        prompt has several (`batch_num_images`; without it every image counts as a prompt's only one)."""
+        per_prompt = images.get("batch_num_images")
+        alone = [True] * len(sizes) if per_prompt is None else [int(k) == 1 for k in per_prompt for _ in range(int(k))]
+        if len(alone) != len(sizes):
+            raise ValueError(f"batch_num_images {[int(k) for k in per_prompt]} do not add up to the {len(sizes)} images")
+        whole = super()._tile_counts(sizes, images)
+        return [c if a else 1 for c, a in zip(whole, alone)]
+
+    def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor) -> torch.Tensor:
+        """The model's packing run on the indices and, beside them, their squares (in float64, exact): a token
+        that is one patch has the square of its index; one that the interpolation mixed from several does not."""
+        both = torch.cat([index, index**2], -1).double()
+        packed = self.model.model.pack_image_features([both], size[None], image_newline=row_end.double().expand(2),
+                                                      vision_aspect_ratio=self.model.config.vision_aspect_ratio)[0][0]
+        patch = packed[:, 0] >= 0  # not a row end
+        if not bool((packed[patch, 1] == packed[patch, 0] ** 2).all()):
+            h, w = size.tolist()
+            raise ValueError(f"a {h}x{w} image has more high-resolution patches than vision_aspect_ratio="
+                             f"{self.model.config.vision_aspect_ratio!r} allows, and LLaVA-OneVision interpolates their "
+                             "grid after the tower, mixing patches: pruning is not supported on such images")
+        return packed[:, :1].to(index.dtype)
+
+
+class LlavaOnevisionImageTextProcessor(LlavaOnevisionProcessor):
+    """transformers' `LlavaOnevisionProcessor` for still images, without a video processor (which needs
+    torchvision, and which the stock class insists on checking even when given None). Prompts and pixels are the
+    stock processor's: nest the images by prompt (`images=[[a], [b, c]]`) so that `batch_num_images` tells the model
+    which prompts hold several images."""
+
+    def check_argument_for_proper_class(self, attribute_name, arg):
+        if attribute_name == "video_processor" and arg is None:
+            return None
+        return super().check_argument_for_proper_class(attribute_name, arg)
+
+    @classmethod
+    def from_pretrained(cls, path) -> LlavaOnevisionImageTextProcessor:
+        """From a LLaVA-OneVision checkpoint folder: its tokenizer, image processor (the PIL one where torchvision
+        is missing), chat template and processor_config.json's num_image_tokens, vision_feature_select_strategy
+        and vision_aspect_ratio."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        path = Path(path)
+        settings = {}
+        if (path / "processor_config.json").is_file():
+            saved = json.loads((path / "processor_config.json").read_text())
+            settings = {k: saved[k] for k in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
+                        if k in saved}
+        return cls(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
+                   chat_template=StockProcessor.read_chat_template(path), **settings)
+
+    def save_pretrained(self, path) -> None:
+        """The tokenizer, preprocessor_config.json, processor_config.json (the settings `from_pretrained` reads) and
+        chat_template.jinja (if any) into `path` (the stock method would save the missing video processor)."""
+        path = Path(path)
+        StockProcessor.save_pretrained(self, path)
+        settings = {"num_image_tokens": self.num_image_tokens, "vision_aspect_ratio": self.vision_aspect_ratio,
+                    "vision_feature_select_strategy": self.vision_feature_select_strategy}
+        (path / "processor_config.json").write_text(json.dumps(settings, indent=2))
