@@ -3,8 +3,6 @@
 import torch
 from transformers import AutoModelForCausalLM, CLIPVisionModel
 
-import meteor_vlm as mv
-from meteor_vlm import ops
 from meteor_vlm.methods.base import EncoderPoint
 from meteor_vlm.models.runtime import LLMLayerContext
 
