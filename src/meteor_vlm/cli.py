@@ -25,8 +25,9 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
 def _load(model_arg: str, llava: bool = False):
     """(model, processor) from 'default' (embedded), 'tiny' (random, calibrated on synthetic images) or a path:
     a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT checkpoint folder
-    (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an
-    InternVL one (`InternVLImageTextProcessor`) or an Idefics3 / SmolVLM one (`models.idefics3.load_processor`)."""
+    (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a
+    Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
+    an Idefics3 / SmolVLM one (`models.idefics3.load_processor`)."""
     import meteor_vlm as mv
 
     if model_arg == "default":
@@ -184,8 +185,8 @@ def cmd_speed(args) -> int:
     if sum(map(bool, (args.llava, args.qwen2_vl, args.qwen2_5_vl, args.internvl, args.smolvlm))) > 1:
         raise ValueError("--llava, --qwen2-vl, --qwen2.5-vl, --internvl and --smolvlm exclude each other")
     if (qwen or args.internvl or args.smolvlm) and not args.shape:
-        raise ValueError("--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm need --shape (the decoder behind the vision "
-                         "encoder)")
+        raise ValueError("--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm need --shape (the decoder behind the "
+                         "vision encoder)")
     _, dtype = _device_dtype(args)
     if args.smolvlm:
         print(f"building a random SmolVLM with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
@@ -579,10 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("image")
     a.add_argument("question")
     a.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a local model directory: a "
-                   "MultiEncoderVLM checkpoint, or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / "
-                   "Idefics3 / SmolVLM "
-                   "one (then a --method that runs on "
-                   "one tower, e.g. fastv:k2-r0.75, visionzip:keep0.333 or stage1+3)")
+                   "MultiEncoderVLM checkpoint, or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / "
+                   "InternVL / Idefics3 / SmolVLM one (then a --method that runs on one tower, e.g. fastv:k2-r0.75, "
+                   "visionzip:keep0.333 or stage1+3)")
     a.add_argument("--method", default="paper-242",
                    help="a METEOR preset, 'none' for the unpruned model, or any name `meteor methods` lists "
                         "(e.g. evoprune:keep0.23, tome:keep0.23, fastv:k1-r0.875)")
@@ -600,9 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder (a MultiEncoderVLM, "
-                    "or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / Idefics3 / SmolVLM: your own "
-                    "model, timed on the "
-                    "synthetic prompts)")
+                    "or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / Idefics3 / SmolVLM: "
+                    "your own model, timed on the synthetic prompts)")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
                     "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2.5-3b, vicuna-7b; see meteor_vlm.bench.shapes)")
     sp.add_argument("--llava", action="store_true",

@@ -116,10 +116,10 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     With `anyres`, a `LlavaNextForConditionalGeneration` and `LlavaNextProcessor` instead (LLaVA-NeXT: a
     base tile plus 2-4 high-resolution tiles of 32 px per image, grids 32x64, 64x32 or 64x64 px, unpadded
     to the image's aspect, row-end tokens), so the image tokens per <image> depend on the image's size.
-    With `onevision`, a `LlavaOnevisionForConditionalGeneration` and `LlavaOnevisionProcessor` (no video
-    processor): the same tiles, a SigLIP tower read whole at its last block, a row-end token after every image,
-    and in a prompt with several images each image as its base tile alone. `pinpoints`: the (height, width) grids
-    of tiles, in pixels, instead of those three."""
+    With `onevision`, a `LlavaOnevisionForConditionalGeneration` and `models.llava.LlavaOnevisionImageTextProcessor`
+    (its processor without a video processor): the same tiles, a SigLIP tower (whatever `tower` says) read whole
+    at its last block, a row-end token after every image, and in a prompt with several images each image as its
+    base tile alone. `pinpoints`: the (height, width) grids of tiles, in pixels, instead of those three."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil

@@ -5,9 +5,9 @@
 `pruning(method)` context manager that runs the model with the method inside the block and leaves it
 exactly as it was afterwards; a target may also have `check_method(method)`, asked before the method's
 `setup`, to refuse what it cannot run. The project's `MultiEncoderVLM` is its own target. A stock transformers
-VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaOnevisionAdapter` (`models/llava.py`), `Qwen2VLAdapter`
-(`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`) or `Idefics3Adapter` (`models/idefics3.py`, for
-Idefics3 and SmolVLM), which patch that one instance while the block runs.
+VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaOnevisionAdapter` (`models/llava.py`),
+`Qwen2VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`) or `Idefics3Adapter`
+(`models/idefics3.py`, for Idefics3 and SmolVLM), which patch that one instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
 shares (placing each kept token at its own image token's column, with that column's unpruned RoPE
@@ -33,8 +33,8 @@ from . import runtime
 __all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "tower_depth"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
-             "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-             "Qwen2_5_VLForConditionalGeneration", "InternVLForConditionalGeneration",
+             "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+             "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -151,7 +151,7 @@ class StockAdapter:
 
     IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)
     PER_IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)  # indexed by image (generate must not repeat them by row)
-    WHOLE_IMAGE_TILE: int = 0  # which of an image's tiles shows all of it (LLaVA-NeXT's base tile; InternVL: -1)
+    WHOLE_IMAGE_TILE: int = 0  # which of an image's tiles shows all of it (LLaVA-NeXT's base tile; InternVL, Idefics3: -1)
 
     def _locate(self, model, runners: list, language_model=None) -> None:
         """Sets what every stock adapter holds, read from a transformers VLM with `model.lm_head`, a config with

@@ -260,8 +260,9 @@ class LlavaOnevisionImageTextProcessor(LlavaOnevisionProcessor):
             saved = json.loads((path / "processor_config.json").read_text())
             settings = {k: saved[k] for k in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
                         if k in saved}
-        return cls(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
-                   chat_template=StockProcessor.read_chat_template(path), **settings)
+        return cls(image_processor=AutoImageProcessor.from_pretrained(path),
+                   tokenizer=AutoTokenizer.from_pretrained(path), chat_template=StockProcessor.read_chat_template(path),
+                   **settings)
 
     def save_pretrained(self, path) -> None:
         """The tokenizer, preprocessor_config.json, processor_config.json (the settings `from_pretrained` reads) and
