@@ -51,7 +51,7 @@ def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(idefic
     assert (inputs["pixel_values"].flatten(2) == 0).all(2).any(), "padding tiles are exercised"
     method = make()
     image_tokens = assert_noop_is_the_stock_model(model, inputs, method, stock_logits, pruned_logits)
-    assert [s["images"] for s in method.stats] == TILES  # every tile counts as an image
+    assert [s["images"] for s in method.stats] == IMAGES  # the tiles grouped into images
     assert image_tokens == [4 * t for t in TILES]  # 4 visual tokens per tile
 
 
@@ -157,6 +157,26 @@ def test_meteor_stage1_keeps_its_share_of_every_tile(idefics3, pictures):
     assert [s["encoder_tokens"] for s in method.stats] == [4 * t for t in TILES]
 
 
+def test_kept_grid_has_an_entry_for_every_tile_and_images_end_with_their_whole_image_tile(idefics3, pictures):
+    """The second prompt's two images have 2 + 1 tiles each: `stats` count 2 images and list 6 tiles, and the adapter's
+    layout puts tiles 0-2 in its first image and 3-5 in its second, the last of each the tile after `<global-img>`."""
+    model, processor = idefics3
+    inputs = inputs_for(processor, pictures)
+    method = mv.FastV(layer=1, ratio=0.9)
+    pruned_logits(model, inputs, method)
+    assert [s["images"] for s in method.stats] == IMAGES
+    assert [len(s["kept_grid"]) for s in method.stats] == TILES
+    layout = adapt(model).layout({k: inputs[k] for k in ("pixel_values", "pixel_attention_mask")}, inputs["input_ids"])
+    assert layout.tile_image.tolist() == [0] * 5 + [1] * 3 + [2] * 3 + [3] * 5
+    assert layout.span.tolist() == [20, 12, 12, 20]
+    assert layout.slot[7].tolist() == [8, 9, 10, 11]  # tile 7: the third of image 1
+    glob = processor.tokenizer.convert_tokens_to_ids("<global-img>")
+    ids = inputs["input_ids"]
+    starts = ((ids == model.config.image_token_id).int().diff(dim=1) == 1).nonzero(as_tuple=True)
+    whole = [k for k, (r, c) in enumerate(zip(*starts)) if ids[r, c] == glob]  # runs after the tag
+    assert whole == [4, 7, 10, 15]
+
+
 def test_bad_inputs_are_refused(idefics3, pictures):
     model, processor = idefics3
     inputs = inputs_for(processor, pictures, which=(0,))
@@ -170,6 +190,13 @@ def test_bad_inputs_are_refused(idefics3, pictures):
     shifted[0, first_end + 3] = inputs["input_ids"][0, first_end + 2]
     with pytest.raises(ValueError, match=r"image-token runs \[5, 3, 4, 4, 4\]"):
         pruned_logits(model, {**inputs, "input_ids": shifted}, mv.FastV())
+    untagged = inputs["input_ids"].clone()  # the whole-image tile's tag replaced by a tile's place
+    glob = untagged[0] == processor.tokenizer.convert_tokens_to_ids("<global-img>")
+    untagged[0, glob] = processor.tokenizer.convert_tokens_to_ids("<row_1_col_1>")
+    two = inputs_for(processor, pictures, which=(0, 2))
+    two["input_ids"] = torch.cat([untagged, two["input_ids"][1:]])
+    with pytest.raises(ValueError, match="last image-token runs follow different tokens"):
+        pruned_logits(model, two, mv.FastV())
     padded = {**inputs, "pixel_attention_mask": inputs["pixel_attention_mask"].clone()}
     padded["pixel_attention_mask"][0, 1, :, 8:] = 0  # the right three quarters of tile 1: padding
     with pytest.raises(ValueError, match="pads some patches of a tile"):

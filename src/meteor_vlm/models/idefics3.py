@@ -8,8 +8,9 @@ SmolVLM, 64 per 512 px tile) before one linear projection. Inside the ViT a toke
 (`Idefics3Runner`: its s*s patches side by side), so stage-1 methods keep, drop or merge whole windows between its
 blocks, and what leaves the tower is exactly what the pixel shuffle would have made of the kept windows. In the
 prompt each tile is a run of image tokens between text tokens (`<fake_token_around_image>`, `<row_1_col_1>` ...
-`<global-img>`); each kept token takes its own column (and RoPE position), as on LLaVA. The prompt does not say
-which tiles make up one image, so in `stats` every tile counts as an image ("images", "kept_grid"). Inside
+`<global-img>`); each kept token takes its own column (and RoPE position), as on LLaVA. An image's tiles end with
+its whole-image tile, whose run follows the `<global-img>` tag: that is how the adapter groups the tiles into
+images (`stats` count images; `kept_grid` has an entry per tile). Inside
 `with method(model)` this one instance's `forward`, `prepare_inputs_for_generation` and
 `_expand_inputs_for_generation` are replaced (`adapters.StockAdapter`).
 """
@@ -98,7 +99,7 @@ class Idefics3Adapter(StockAdapter):
 
     IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask")
     PER_IMAGE_INPUTS = ()  # indexed by sample: generate repeats them with their rows
-    WHOLE_IMAGE_TILE = -1  # an image's last tile shows all of it (each tile counts as an image in stats)
+    WHOLE_IMAGE_TILE = -1  # an image's last tile shows all of it
 
     def __init__(self, model):
         cfg = model.config
@@ -151,21 +152,35 @@ class Idefics3Adapter(StockAdapter):
         return [self.tokens_per_tile] * int(self.tiles(images)[1].sum())
 
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
-        """Tile k (over the batch) is the k-th run of image tokens, N (tokens_per_tile) long. ValueError unless
-        every run is N tokens and each prompt has a run per tile of its sample."""
+        """Tile k (over the batch) is the k-th run of image tokens, N (tokens_per_tile) long, and an image's tiles
+        end with the one that shows all of it: the run after the tag (`<global-img>`) that comes before every
+        prompt's last run. ValueError unless every run is N tokens, each prompt has a run per tile of its sample,
+        and the prompts agree on that tag."""
+        if input_ids is None:
+            raise ValueError("Idefics3's layout needs the prompt (each tile's place is read from its tokens)")
         counts = self.tiles(images)[1]
         n, dev = self.tokens_per_tile, counts.device
-        if input_ids is not None:
-            is_img = (input_ids == self.image_token_id).int()
-            edges = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)  # +1 where a run starts, -1 after
-            runs = ((edges == -1).nonzero()[:, 1] - (edges == 1).nonzero()[:, 1]).tolist()
-            if any(r != n for r in runs) or is_img.sum(1).tolist() != (counts * n).tolist():
-                raise ValueError(f"the prompts' image-token runs {runs} (per prompt {is_img.sum(1).tolist()} tokens) are "
-                                 f"not one run of {n} tokens per tile of the {counts.tolist()} tiles given per sample")
-        tiles = int(counts.sum())
-        slot = torch.arange(n, device=dev).expand(tiles, n)
-        return Layout(torch.arange(tiles, device=dev), slot, torch.full((tiles,), n, device=dev))
-
+        is_img = (input_ids == self.image_token_id).int()
+        edges = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)  # +1 where a run starts, -1 after it ends
+        (rows, starts), ends = (edges == 1).nonzero(as_tuple=True), (edges == -1).nonzero()[:, 1]
+        runs = (ends - starts).tolist()
+        if any(r != n for r in runs) or is_img.sum(1).tolist() != (counts * n).tolist():
+            raise ValueError(f"the prompts' image-token runs {runs} (per prompt {is_img.sum(1).tolist()} tokens) are "
+                             f"not one run of {n} tokens per tile of the {counts.tolist()} tiles given per sample")
+        tag = input_ids[rows, (starts - 1).clamp_min(0)]  # the token before each run
+        last = torch.ones_like(rows, dtype=torch.bool)
+        last[:-1] = rows[1:] != rows[:-1]  # each prompt's last run
+        tags = sorted(set(tag[last].tolist()))
+        if len(tags) > 1:
+            raise ValueError(f"the prompts' last image-token runs follow different tokens {tags}: each image should "
+                             "end with its whole-image tile, as the processor writes it")
+        ends_image = tag == tag[last][0] if len(tag) else tag.bool()
+        tile_image = torch.cumsum(ends_image.long(), 0) - ends_image.long()  # the image each tile belongs to
+        per_image = torch.bincount(tile_image, minlength=int(ends_image.sum()))
+        first = torch.cumsum(per_image, 0) - per_image
+        within = torch.arange(len(tile_image), device=dev) - first[tile_image]
+        slot = within[:, None] * n + torch.arange(n, device=dev)
+        return Layout(tile_image, slot, per_image * n)
 
 def load_processor(path):
     """transformers' `Idefics3Processor` for an Idefics3 or SmolVLM checkpoint folder: its tokenizer, its image
