@@ -1021,9 +1021,9 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
                  "--methods", "unpruned"]) == 0
     assert built[-1] == ("smollm2-135m", "2.5") and "Qwen2.5-VL" in capsys.readouterr().out
     assert main(["speed", "--qwen2-vl", "--model", "tiny"]) == 2
-    assert "--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm need --shape" in capsys.readouterr().err
+    assert "--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm / --onevision need --shape" in capsys.readouterr().err
     for bad in (["--llava", "--qwen2-vl"], ["--qwen2-vl", "--qwen2.5-vl"], ["--internvl", "--qwen2-vl"],
-                ["--smolvlm", "--internvl"]):
+                ["--smolvlm", "--internvl"], ["--onevision", "--llava"]):
         assert main(["speed", "--shape", "smollm2-135m", *bad]) == 2
         assert "exclude each other" in capsys.readouterr().err
     tokenizer = build_tokenizer()
@@ -1038,29 +1038,43 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
         assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
 
+STOCK_SPEED_METHODS = ["unpruned", "tome:keep0.5", "fastv:k1-r0.75"]
+
+
+def stock_speed_rows(monkeypatch, tmp_path, capsys, flag, builder, tiny, name):
+    """`meteor speed --shape smollm2-135m --<flag>` with `shapes.<builder>` replaced by one returning the tiny
+    (model, processor): checks the builder got the shape, the printout names the model, speed.json records the
+    flag, lists STOCK_SPEED_METHODS with one expert, and that the pruning methods leave fewer tokens and FLOPs;
+    returns its rows by method."""
+    from meteor_vlm.bench import shapes
+    from meteor_vlm.cli import main
+
+    built = []
+    monkeypatch.setattr(shapes, builder, lambda shape, dtype: built.append(shape) or tiny)
+    assert main(["speed", "--shape", "smollm2-135m", f"--{flag}", "--samples", "2", "--new-tokens", "2",
+                 "--methods", ",".join(STOCK_SPEED_METHODS), "--out", str(tmp_path)]) == 0
+    assert built == ["smollm2-135m"] and name in capsys.readouterr().out
+    data = json.loads((tmp_path / "speed.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert data[flag] and list(rows) == STOCK_SPEED_METHODS and set(rows["unpruned"]["experts_ms"]) == {"vision"}
+    for n in STOCK_SPEED_METHODS[1:]:
+        assert rows[n]["tokens"] < rows["unpruned"]["tokens"]
+        assert rows[n]["prefill_tflops"] < rows["unpruned"]["prefill_tflops"]
+    return rows
+
+
 def test_speed_on_a_stock_internvl(tmp_path, capsys, monkeypatch):
     """`meteor speed --shape S --internvl` profiles a stock transformers InternVL through its adapter (square images
     of two tiles a side: 2 x 2 tiles and a thumbnail); methods inside its ViT and after it leave fewer tokens and
     FLOPs. The real layout (built on the meta device): 256 tokens per 448 px tile, 2x2 windows of 1024 into the
     projector, the shape's decoder behind it."""
     from meteor_vlm.bench import shapes
-    from meteor_vlm.cli import main
     from meteor_vlm.models.adapters import adapt
 
     real = shapes.shaped_internvl
-    model, processor = mv.testing.tiny_internvl(seed=0)
-    built = []
-    monkeypatch.setattr(shapes, "shaped_internvl", lambda shape, dtype: built.append(shape) or (model, processor))
-    names = ["unpruned", "tome:keep0.5", "fastv:k1-r0.75"]
-    assert main(["speed", "--shape", "smollm2-135m", "--internvl", "--samples", "2", "--new-tokens", "2",
-                 "--methods", ",".join(names), "--out", str(tmp_path)]) == 0
-    assert built == ["smollm2-135m"] and "InternVL" in capsys.readouterr().out
-    data = json.loads((tmp_path / "speed.json").read_text())
-    rows = {r["method"]: r for r in data["rows"]}
-    assert data["internvl"] and list(rows) == names and set(rows["unpruned"]["experts_ms"]) == {"vision"}
+    rows = stock_speed_rows(monkeypatch, tmp_path, capsys, "internvl", "shaped_internvl", mv.testing.tiny_internvl(seed=0),
+                            "InternVL")
     assert rows["unpruned"]["tokens"] == 4 * 5  # 128 px: 2 x 2 tiles of 32 px and a thumbnail, 4 tokens each
-    for n in names[1:]:
-        assert rows[n]["tokens"] < 20 and rows[n]["prefill_tflops"] < rows["unpruned"]["prefill_tflops"]
     with torch.device("meta"):
         big, big_processor = real("qwen2-0.5b", dtype=torch.bfloat16)
     assert adapt(big).runners[0].grid() == (16, 16) and big_processor.image_seq_length == 256
@@ -1198,26 +1212,37 @@ def test_speed_on_a_stock_smolvlm(tmp_path, capsys, monkeypatch):
     it leave fewer tokens and FLOPs. The real layout (built on the meta device): 64 tokens per 512 px tile, 4x4
     windows of 768 into the projection, the shape's decoder behind it, 17 tiles for a square image."""
     from meteor_vlm.bench import shapes
-    from meteor_vlm.cli import main
     from meteor_vlm.models.adapters import adapt
 
     real = shapes.shaped_smolvlm
-    model, processor = mv.testing.tiny_idefics3(seed=0, kind="smolvlm")
-    built = []
-    monkeypatch.setattr(shapes, "shaped_smolvlm", lambda shape, dtype: built.append(shape) or (model, processor))
-    names = ["unpruned", "tome:keep0.5", "fastv:k1-r0.75"]
-    assert main(["speed", "--shape", "smollm2-135m", "--smolvlm", "--samples", "2", "--new-tokens", "2",
-                 "--methods", ",".join(names), "--out", str(tmp_path)]) == 0
-    assert built == ["smollm2-135m"] and "SmolVLM" in capsys.readouterr().out
-    data = json.loads((tmp_path / "speed.json").read_text())
-    rows = {r["method"]: r for r in data["rows"]}
-    assert data["smolvlm"] and list(rows) == names and set(rows["unpruned"]["experts_ms"]) == {"vision"}
+    rows = stock_speed_rows(monkeypatch, tmp_path, capsys, "smolvlm", "shaped_smolvlm",
+                            mv.testing.tiny_idefics3(seed=0, kind="smolvlm"), "SmolVLM")
     assert rows["unpruned"]["tokens"] == 4 * 5  # 128 px: 2 x 2 tiles of 64 px and the whole image, 4 tokens each
-    for n in names[1:]:
-        assert rows[n]["tokens"] < 20 and rows[n]["prefill_tflops"] < rows["unpruned"]["prefill_tflops"]
     with torch.device("meta"):
         big, big_processor = real("smollm2-135m", dtype=torch.bfloat16)
     runner = adapt(big).runners[0]
     assert runner.grid() == (8, 8) and runner.out_dim == 16 * 768 and big_processor.image_seq_len == 64
     tiles = big_processor.image_processor(images=[Image.new("RGB", (300, 300))], return_tensors="np")["pixel_values"]
     assert tiles.shape[1:] == (17, 3, 512, 512)
+
+
+def test_speed_on_a_stock_llava_onevision(tmp_path, capsys, monkeypatch):
+    """`meteor speed --shape S --onevision` profiles a stock transformers LLaVA-OneVision through its adapter; methods
+    inside its tower and after it leave fewer tokens and FLOPs. The real layout (built on the meta device): 729
+    tokens per 384 px tile, and the 1152 px images speed draws are a base tile and 3x3 tiles, which the adapter lays
+    out without interpolation (7371 image tokens: 729 + 81 rows of 81 patches and a row end)."""
+    from meteor_vlm.bench import shapes
+    from meteor_vlm.bench.speed import _image_side
+    from meteor_vlm.models.adapters import adapt
+
+    real = shapes.shaped_onevision
+    stock_speed_rows(monkeypatch, tmp_path, capsys, "onevision", "shaped_onevision",
+                     mv.testing.tiny_llava(seed=0, onevision=True), "LLaVA-OneVision")
+    with torch.device("meta"):
+        big, big_processor = real("qwen2-0.5b", dtype=torch.bfloat16)
+    side = _image_side(big_processor)
+    inputs = big_processor(images=[Image.new("RGB", (side, side))], text=["<image> what ?"], return_tensors="pt")
+    assert side == 1152 and inputs["pixel_values"].shape[1] == 10
+    assert int((inputs["input_ids"] == big.config.image_token_id).sum()) == 729 + 81 * 82
+    layout = adapt(big).layout({k: inputs[k] for k in ("pixel_values", "image_sizes", "batch_num_images")})
+    assert layout.span.tolist() == [729 + 81 * 82] and adapt(big).runners[0].grid() == (27, 27)

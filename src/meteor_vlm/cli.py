@@ -182,13 +182,17 @@ def cmd_speed(args) -> int:
     if args.anyres and not args.llava:
         raise ValueError("--anyres needs --llava (it makes the LLaVA a LLaVA-NeXT)")
     qwen = "2.5" if args.qwen2_5_vl else "2" if args.qwen2_vl else None
-    if sum(map(bool, (args.llava, args.qwen2_vl, args.qwen2_5_vl, args.internvl, args.smolvlm))) > 1:
-        raise ValueError("--llava, --qwen2-vl, --qwen2.5-vl, --internvl and --smolvlm exclude each other")
-    if (qwen or args.internvl or args.smolvlm) and not args.shape:
-        raise ValueError("--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm need --shape (the decoder behind the "
-                         "vision encoder)")
+    stock = (args.llava, args.qwen2_vl, args.qwen2_5_vl, args.internvl, args.smolvlm, args.onevision)
+    if sum(map(bool, stock)) > 1:
+        raise ValueError("--llava, --qwen2-vl, --qwen2.5-vl, --internvl, --smolvlm and --onevision exclude each other")
+    if (qwen or args.internvl or args.smolvlm or args.onevision) and not args.shape:
+        raise ValueError("--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm / --onevision need --shape (the decoder "
+                         "behind the vision encoder)")
     _, dtype = _device_dtype(args)
-    if args.smolvlm:
+    if args.onevision:
+        print(f"building a random LLaVA-OneVision with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
+        model, processor = shapes.shaped_onevision(args.shape, dtype=dtype)
+    elif args.smolvlm:
         print(f"building a random SmolVLM with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
         model, processor = shapes.shaped_smolvlm(args.shape, dtype=dtype)
     elif args.internvl:
@@ -247,6 +251,9 @@ def cmd_speed(args) -> int:
         what += (f" (a stock transformers SmolVLM: SigLIP-B/16, {v['num_hidden_layers']} blocks of {v['hidden_size']} "
                  f"on {v['image_size']} px tiles, 4x4 folded; {4 * v['image_size']} px images, 4x4 tiles and the whole "
                  "image, 1088 image tokens)")
+    if args.onevision:
+        what += (" (a stock transformers LLaVA-OneVision: SigLIP-so400m, 27 blocks of 1152 on 384 px tiles of 729 "
+                 "patches; 1152 px images, a base tile and 3x3 tiles, 7371 image tokens)")
     print(f"{what}, {args.dtype}; medians over {-(-args.samples // args.batch_size)} batches of {args.batch_size}, "
           f"methods interleaved, {where}; the expert columns include their stage-1 pruning, other = projectors, "
           "fusion, stage-3 scoring, head; KV cache = keys and values cached by the prefill")
@@ -256,7 +263,7 @@ def cmd_speed(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape,
                 "llava": bool(args.llava), "anyres": bool(args.anyres), "qwen2_vl": qwen, "internvl": bool(args.internvl),
-                "smolvlm": bool(args.smolvlm),
+                "smolvlm": bool(args.smolvlm), "onevision": bool(args.onevision),
                 "seed": args.seed,
                 "samples": args.samples, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                 "dtype": args.dtype, "device": args.device if not cuda else torch.cuda.get_device_name(model.device),
@@ -620,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --shape: a stock transformers SmolVLM (SigLIP-B/16 on 512 px tiles of 64 image tokens; "
                     "an image is scaled to 2048 px, 4x4 tiles and the whole image) in front of that decoder "
                     "(smollm2-135m: SmolVLM-256M)")
+    sp.add_argument("--onevision", action="store_true",
+                    help="with --shape: a stock transformers LLaVA-OneVision (SigLIP-so400m on 384 px tiles of 729 "
+                    "image tokens; a 1152 px image is a base tile and 3x3 tiles) in front of that decoder "
+                    "(qwen2-0.5b: LLaVA-OneVision-0.5B)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")

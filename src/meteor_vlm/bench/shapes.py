@@ -25,7 +25,7 @@ from ..models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["SHAPES", "LLAVA_TOWER", "LLAVA_NEXT_GRIDS", "QWEN2_VL_VISION", "QWEN2_5_VL_VISION", "INTERNVIT_300M",
            "shape_experts", "shape_text_config", "shaped_model", "shaped_llava", "qwen2_vl_config", "shaped_qwen2_vl",
-           "shaped_internvl", "SMOLVLM_VISION", "shaped_smolvlm"]
+           "shaped_internvl", "SMOLVLM_VISION", "shaped_smolvlm", "SIGLIP_SO400M", "ONEVISION_GRIDS", "shaped_onevision"]
 
 # LLaVA-1.5's vision tower: openai/clip-vit-large-patch14-336's vision config
 LLAVA_TOWER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -53,6 +53,14 @@ INTERNVIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layer
 # each 4x4 window of its 32 x 32 patches folds into one of 64 visual tokens per tile
 SMOLVLM_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       image_size=512, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+# LLaVA-OneVision's vision tower (SigLIP-so400m-patch14-384, 400 M parameters): 27 blocks of 1152 without CLS, read
+# whole at its last block: 729 tokens per 384 px tile
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+# LLaVA-OneVision's grids (height, width in pixels): 1x1 to 6x6 tiles of 384 px
+ONEVISION_GRIDS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 
 # the decoders: transformers config kwargs of real checkpoints' LLMs (vocabulary included, since the head's
 # cost per decoded token depends on it)
@@ -271,3 +279,34 @@ def shaped_smolvlm(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0
                                       image_mean=[0.5] * 3, image_std=[0.5] * 3)
     tokens = (side // SMOLVLM_VISION["patch_size"] // scale) ** 2
     return model, Idefics3Processor(images, tokenizer, image_seq_len=tokens)
+
+
+def shaped_onevision(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random stock transformers `LlavaOnevisionForConditionalGeneration` in LLaVA-OneVision's layout
+    (`SIGLIP_SO400M` read whole, a GELU two-layer projector, `ONEVISION_GRIDS`, anyres_max_9, row-end tokens) with
+    the decoder of a shape (qwen2-0.5b: LLaVA-OneVision-0.5B's), and its `LlavaOnevisionImageTextProcessor`
+    (the synthetic benchmark's word tokenizer), in eval mode and SDPA attention. `meteor speed` draws 1152 px
+    images for it: a base tile and 3x3 tiles, 7371 image tokens."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from ..models.llava import LlavaOnevisionImageTextProcessor
+    from ..train import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<video>"]})  # its processor counts video tokens
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**SIGLIP_SO400M),
+                                  text_config=shape_text_config(shape, tokenizer), image_token_id=image_token_id,
+                                  video_token_id=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                                  image_grid_pinpoints=ONEVISION_GRIDS, vision_aspect_ratio="anyres_max_9")
+    config._attn_implementation = "sdpa"
+    model = _built(LlavaOnevisionForConditionalGeneration, config, dtype, seed)
+    model.generation_config.suppress_tokens = [image_token_id, config.video_token_id]
+    side = SIGLIP_SO400M["image_size"]
+    images = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side}, image_grid_pinpoints=ONEVISION_GRIDS,
+                                             image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    tokens = (side // SIGLIP_SO400M["patch_size"]) ** 2
+    return model, LlavaOnevisionImageTextProcessor(image_processor=images, tokenizer=tokenizer, num_image_tokens=tokens,
+                                                   vision_feature_select_strategy="full")

@@ -224,7 +224,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor) -> torch.Tensor:
         """The model's packing run on the indices and, beside them, their squares (in float64, exact): a token
         that is one patch has the square of its index; one that the interpolation mixed from several does not."""
-        both = torch.cat([index, index**2], -1).double()
+        index64 = index.double()  # squares past 2**24 are not exact in float32
+        both = torch.cat([index64, index64**2], -1)
         packed = self.model.model.pack_image_features([both], size[None], image_newline=row_end.double().expand(2),
                                                       vision_aspect_ratio=self.model.config.vision_aspect_ratio)[0][0]
         patch = packed[:, 0] >= 0  # not a row end
