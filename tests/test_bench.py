@@ -1222,8 +1222,10 @@ def test_speed_on_a_stock_smolvlm(tmp_path, capsys, monkeypatch):
         big, big_processor = real("smollm2-135m", dtype=torch.bfloat16)
     runner = adapt(big).runners[0]
     assert runner.grid() == (8, 8) and runner.out_dim == 16 * 768 and big_processor.image_seq_len == 64
-    tiles = big_processor.image_processor(images=[Image.new("RGB", (300, 300))], return_tensors="np")["pixel_values"]
-    assert tiles.shape[1:] == (17, 3, 512, 512)
+    inputs = big_processor(images=[Image.new("RGB", (300, 300))], text=["<image> what ?"], return_tensors="pt")
+    assert inputs["pixel_values"].shape[1:] == (17, 3, 512, 512)
+    layout = adapt(big).layout({k: inputs[k] for k in ("pixel_values", "pixel_attention_mask")}, inputs["input_ids"])
+    assert layout.tile_image.tolist() == [0] * 17 and layout.span.tolist() == [17 * 64]  # one image of 17 tiles
 
 
 def test_speed_on_a_stock_llava_onevision(tmp_path, capsys, monkeypatch):
