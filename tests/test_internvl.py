@@ -11,7 +11,8 @@ import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
 
 from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
-from .test_oracles import PEERS, DropAt, DropWindows, check_batch_and_cache, masked_decoder_logits, survivors
+from .test_oracles import (PEERS, DropAt, DropWindows, check_batch_and_cache, check_beams_against_the_stock_model,
+                          masked_decoder_logits, survivors)
 
 PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circle are there in the image on the left ?",
            "<image> describe the shape ?"]
@@ -149,15 +150,7 @@ def test_beam_search_keeps_each_prompts_tiles_with_its_rows(pictures):
     each): pruning nothing, beam search equals the stock model's; under METEOR cached equals uncached."""
     model, processor = mv.testing.tiny_internvl(seed=2)
     inputs = inputs_for(processor, pictures, which=(0, 1))
-    beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
-    with torch.no_grad():
-        stock = model.generate(**inputs, **beams)
-        with mv.NoPruning()(model):
-            assert torch.equal(model.generate(**inputs, **beams), stock)
-        with mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0)(model):
-            cached = model.generate(**inputs, **beams)
-            uncached = model.generate(**inputs, **beams, use_cache=False, query_positions=inputs["input_ids"].shape[1] - 1)
-    assert torch.equal(cached, uncached)
+    check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
 def test_proportional_attention_makes_a_merged_window_act_as_its_duplicates(internvl):

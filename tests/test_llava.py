@@ -12,7 +12,8 @@ from meteor_vlm.methods.base import keep_most_attended
 from meteor_vlm.models.adapters import adapt
 from meteor_vlm.models.llava import LlavaOnevisionImageTextProcessor
 
-from .test_oracles import PEERS, DropAt, GapsAtOutput, check_batch_and_cache, masked_decoder_logits
+from .test_oracles import (PEERS, DropAt, GapsAtOutput, check_batch_and_cache, check_beams_against_the_stock_model,
+                          masked_decoder_logits)
 
 PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circle are there in the image on the left ?",
            "<image> describe the shape ?"]
@@ -97,7 +98,9 @@ def assert_noop_is_the_stock_model(model, inputs, method, stock, pruned) -> list
     same = pruned(model, inputs, method)
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
-    image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    visual = inputs["mm_token_type_ids"] > 0 if "mm_token_type_ids" in inputs else (
+        inputs["input_ids"] == model.config.image_token_id)  # Qwen2-VL: image and video tokens
+    image_tokens = visual.sum(1).tolist()
     assert [s["layer_avg_tokens"] for s in method.stats] == image_tokens
     assert "forward" not in vars(model) and "prepare_inputs_for_generation" not in vars(model)
     torch.testing.assert_close(stock(model, inputs), before, atol=0, rtol=0)
@@ -326,16 +329,7 @@ def test_beam_search_keeps_each_prompts_images_with_its_rows(family, pictures):
         model, processor = mv.testing.tiny_llava(seed=2, anyres=family == "llava-next",
                                                  onevision=family == "llava-onevision")
         inputs = llava_inputs(processor, pictures, which=(0, 1))
-    beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
-    with torch.no_grad():
-        stock = model.generate(**inputs, **beams)
-        with mv.NoPruning()(model):
-            assert torch.equal(model.generate(**inputs, **beams), stock)
-        with mv.FastV(layer=1, ratio=0.5)(model):
-            cached = model.generate(**inputs, **beams)
-            uncached = model.generate(**inputs, **beams, use_cache=False, query_positions=inputs["input_ids"].shape[1] - 1)
-    assert torch.equal(cached, uncached)
-    assert "_expand_inputs_for_generation" not in vars(model)
+    check_beams_against_the_stock_model(model, inputs, mv.FastV(layer=1, ratio=0.5))
 
 
 def test_the_stage_1_and_3_bench_name_runs_meteor_on_one_tower(clip_llava, pictures):

@@ -556,6 +556,22 @@ def check_batch_and_cache(model, method, inputs_for, images_for, never, steps=4)
     assert torch.equal(out.sequences, ids)
 
 
+def check_beams_against_the_stock_model(model, inputs, method):
+    """Beam search (3 beams) on a stock VLM whose prompts hold several images or tiles: pruning nothing, it equals
+    the stock model's (each prompt's images follow its repeated rows); under `method`, with the KV cache it
+    equals recomputation without it."""
+    beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        stock = model.generate(**inputs, **beams)
+        with mv.NoPruning()(model):
+            assert torch.equal(model.generate(**inputs, **beams), stock)
+        with method(model):
+            cached = model.generate(**inputs, **beams)
+            uncached = model.generate(**inputs, **beams, use_cache=False, query_positions=inputs["input_ids"].shape[1] - 1)
+    assert torch.equal(cached, uncached)
+    assert "_expand_inputs_for_generation" not in vars(model)
+
+
 def test_beam_search_keeps_each_prompts_images_with_its_rows(tiny, images):
     """Beams repeat each prompt's row, and its images (two for the second prompt) follow as a group: beam search
     with the KV cache under METEOR equals beam search recomputed without it."""

@@ -13,7 +13,8 @@ import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
 
 from .test_llava import assert_noop_is_the_stock_model
-from .test_oracles import DropAt, DropWindows, check_batch_and_cache, masked_decoder_logits, survivors
+from .test_oracles import (DropAt, DropWindows, check_batch_and_cache, check_beams_against_the_stock_model,
+                          masked_decoder_logits, survivors)
 
 PROMPTS = ["<image> what is in the image ?", "how many red circle are there ? <image> and <image> on the left",
            "<image> describe the shape ?"]
@@ -118,6 +119,14 @@ PRUNING = {"fastv": lambda: mv.FastV(layer=2, ratio=0.6), "pyramiddrop": lambda:
            "visionzip": lambda: mv.VisionZip(keep=0.5), "prumerge+": lambda: mv.PruMerge()}
 
 
+def grown_inputs(batch, ids):
+    """The image and video inputs of `batch` to run its prompts grown to `ids` without cache: the token types
+    grown with text for the generated tokens, as the stock model reads them."""
+    kinds = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids[:, batch["input_ids"].shape[1]:])], 1)
+    keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    return {**{k: batch[k] for k in keys if k in batch}, "mm_token_type_ids": kinds}
+
+
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
 def test_every_later_method_obeys_the_batch_and_cache_oracles(qwen, pictures, make):
     """Batch = one by one, cached generation = recomputation without the cache (the prompt's token types grown
@@ -125,11 +134,7 @@ def test_every_later_method_obeys_the_batch_and_cache_oracles(qwen, pictures, ma
     model, processor = qwen
     method = make()
 
-    def images_for(batch, ids):
-        kinds = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids[:, batch["input_ids"].shape[1]:])], 1)
-        return {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"], "mm_token_type_ids": kinds}
-
-    check_batch_and_cache(model, method, lambda which: qwen_inputs(processor, pictures, which), images_for,
+    check_batch_and_cache(model, method, lambda which: qwen_inputs(processor, pictures, which), grown_inputs,
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
@@ -140,29 +145,32 @@ def test_bad_inputs_and_settings_are_refused(qwen, pictures):
         logits(model, {k: v for k, v in inputs.items() if k != "image_grid_thw"}, mv.FastV())
     with pytest.raises(ValueError, match="encoder_tokens is a count for a fixed grid"):
         logits(model, inputs, mv.Meteor.preset("stage1", encoder_tokens=2))
-    video = {**inputs, "image_grid_thw": inputs["image_grid_thw"] * torch.tensor([2, 1, 1])}
-    with pytest.raises(ValueError, match="only still images"):
-        logits(model, video, mv.ToMe(keep=0.5))
+    doubled = {**inputs, "image_grid_thw": inputs["image_grid_thw"] * torch.tensor([2, 1, 1])}
+    with pytest.raises(ValueError, match=r"pixel_values hold 24 patches but image_grid_thw \[\[2, 4, 6\]\] needs 48"):
+        logits(model, doubled, mv.ToMe(keep=0.5))
     assert "forward" not in vars(model)
 
 
 def stock_blocks_without(visual, pixels, grid_thw):
-    """One image's merged tokens from the stock encoder's own blocks and merger, the windows `survivors` drops at
-    each block removed from the packed sequence (the stock attention windows of Qwen2.5-VL, as its
-    get_vision_window_index lays them out, among those left): (kept window indices, (K, D) tokens)."""
+    """One image's or video's merged tokens from the stock encoder's own blocks and merger, the windows `survivors`
+    drops at each block removed from the packed sequence (each temporal patch of a video attending within itself,
+    as the stock cu_seqlens say, and the stock attention windows of Qwen2.5-VL, as its get_vision_window_index
+    lays them out, among those left): (kept window indices, (K, D) tokens)."""
     cfg, m = visual.config, visual.spatial_merge_size
     grid = torch.tensor([grid_thw])
     hidden = visual.patch_embed(pixels)
     cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, m))
     alive = torch.arange(hidden.shape[0] // m**2)
+    frame = alive // (grid_thw[1] * grid_thw[2] // m**2)  # a video's temporal patches attend each within itself
     window = torch.zeros_like(alive)
     if hasattr(visual, "fullatt_block_indexes"):  # each window's stock attention window
         order, cu = get_vision_window_index(grid, m, cfg.window_size, cfg.patch_size)
         window[order] = torch.searchsorted(cu[1:] // m**2, torch.arange(len(order)), right=True)
     for b, block in enumerate(visual.blocks):
         windowed = hasattr(visual, "fullatt_block_indexes") and b not in visual.fullatt_block_indexes
-        order = torch.argsort(window[alive], stable=True) if windowed else torch.arange(len(alive))
-        sizes = torch.bincount(window[alive][order]) if windowed else torch.tensor([len(alive)])
+        groups = window if windowed else frame
+        order = torch.argsort(groups[alive], stable=True)
+        sizes = torch.bincount(groups[alive][order])
         cu = torch.cat([torch.zeros(1), (sizes[sizes > 0] * m**2).cumsum(0)]).int()
         patch = (alive[order, None] * m**2 + torch.arange(m**2)).flatten()
         rows = (torch.arange(len(alive))[order, None] * m**2 + torch.arange(m**2)).flatten()
@@ -204,12 +212,19 @@ def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_t
         for (r, c), feat in embeds_at.items():
             embeds[r, c] = feat
         drop = [[c for c in is_img[r].nonzero()[:, 0].tolist() if (r, c) not in embeds_at] for r in range(2)]
-        positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                                  inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
-        want = masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
-                                     drop, 0, positions=positions)
-        got = logits(model, inputs, DropWindows(4))
-    text = inputs["attention_mask"].bool() & ~is_img
+        assert_windows_dropped_are_masked(model, inputs, embeds, drop, is_img)
+
+
+def assert_windows_dropped_are_masked(model, inputs, embeds, drop, vis):
+    """Under `DropWindows(4)` the logits on the text equal the stock language model run on `embeds` with the
+    `drop` columns masked from layer 0 on, at the stock multimodal positions of the prompts."""
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+                                              attention_mask=inputs["attention_mask"])
+    want = masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
+                                 drop, 0, positions=positions)
+    got = logits(model, inputs, DropWindows(4))
+    text = inputs["attention_mask"].bool() & ~vis
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
 
 
@@ -327,3 +342,130 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
     assert "stage 1 (in the experts): 3" in capsys.readouterr().out
     with pytest.raises(ValueError, match=re.escape("hold 1 <|image_pad|> tokens for 2 images")):
         loaded(images=[picture, picture], text=[prompt])
+
+
+def video_frames(n: int, size=(48, 32), seed: int = 11):
+    """n frames of one size: a video's, already sampled."""
+    return [im.resize(size) for im in mv.testing.random_images(n, seed=seed)]
+
+
+def video_inputs(processor, which=(0, 1, 2)):
+    """Prompts with videos: a video then an image; an image then a video; a video alone (3, 2 and 4 frames: 2, 1
+    and 2 temporal patches; 12, 6 and 8 visual tokens)."""
+    v = processor.video_placeholder
+    prompts = [f"{v} what is in the video ? <image>", f"<image> and {v} how many ?", f"describe {v}"]
+    videos = [video_frames(3), video_frames(2, (32, 40), seed=12), video_frames(4, (32, 32), seed=13)]
+    images = [[mv.testing.random_images(1, seed=14)[0].resize((40, 40))], [video_frames(1, (48, 48), seed=15)[0]], []]
+    return processor(images=[im for i in which for im in images[i]] or None, videos=[videos[i] for i in which],
+                     text=[prompts[i] for i in which])
+
+
+def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen):
+    """A video of one frame twice is that frame as an image (the image processor repeats an image over a temporal
+    patch); a video of three frames is two temporal patches, its last frame repeated to fill the second; the
+    prompt gets one video token per merged token, typed 2."""
+    _, processor = qwen
+    a, b, c = video_frames(3)
+    same = processor(videos=[[a, a]], text=[processor.video_placeholder])
+    image = processor(images=[a], text=["<image>"])
+    assert torch.equal(same["pixel_values_videos"], image["pixel_values"])
+    assert same["video_grid_thw"].tolist() == image["image_grid_thw"].tolist() == [[1, 4, 6]]
+    three = processor(videos=[[a, b, c]], text=[processor.video_placeholder])
+    assert three["video_grid_thw"].tolist() == [[2, 4, 6]]
+    last = processor(images=[c], text=["<image>"])["pixel_values"]
+    torch.testing.assert_close(three["pixel_values_videos"][24:], last, atol=0, rtol=0)
+    first = three["pixel_values_videos"][:24].view(24, 3, 2, -1)
+    assert torch.equal(first[:, :, 0], image["pixel_values"].view(24, 3, 2, -1)[:, :, 0])
+    assert not torch.equal(first[:, :, 1], first[:, :, 0])  # frames a and b side by side
+    assert (three["mm_token_type_ids"] == 2).sum() == 12 and (three["mm_token_type_ids"] == 1).sum() == 0
+    with pytest.raises(ValueError, match="hold 1 <\\|video_pad\\|> tokens for 0 videos"):
+        processor(text=[processor.video_placeholder])
+
+
+@pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
+def test_pruning_nothing_on_videos_equals_the_stock_model(qwen, make):
+    """Videos beside images, in either order in a prompt: pruning nothing gives the stock model's logits (its
+    per-temporal-patch attention, its video positions)."""
+    model, processor = qwen
+    method = make()
+    assert_noop_is_the_stock_model(model, video_inputs(processor), method, logits, logits)
+    assert [s["images"] for s in method.stats] == [2, 2, 1]  # images and videos
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_windows_dropped_inside_the_encoder_on_videos_equal_the_stock_blocks_run_without_them(version):
+    """A test method drops whole merge windows after each block: a video's tokens equal the stock blocks (each
+    temporal patch attending within itself) and merger run without them, and the logits equal the stock language
+    model with the dropped windows' video tokens masked from layer 0 on, at the stock video positions."""
+    model, processor = mv.testing.tiny_qwen2_vl(seed=4, version=version, vision_depth=3)
+    inputs = video_inputs(processor, which=(0, 2))
+    target = adapt(model)
+    items = [("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")]
+    with torch.no_grad():
+        tokens = target.encode_expert(0, {k: inputs[k] for pair in items for k in pair}, DropWindows(4))
+        visual, want_at = model.model.visual, []
+        for pixels, grids in items:  # the encoder's items: every image, then every video
+            starts = [0, *inputs[grids].prod(-1).cumsum(0).tolist()]
+            for i, g in enumerate(inputs[grids].tolist()):
+                want_at.append(stock_blocks_without(visual, inputs[pixels][starts[i]:starts[i + 1]], g))
+        for i, (alive, want) in enumerate(want_at):
+            assert tokens.grid_index[i][tokens.mask[i]].tolist() == alive.tolist()
+            torch.testing.assert_close(tokens.features[i][tokens.mask[i]], want, atol=1e-5, rtol=1e-5)
+        assert inputs["video_grid_thw"][:, 0].tolist() == [2, 2] and 0 < len(want_at[1][0]) < 12
+        # in the prompts: video 0 (12 tokens), image 0 (4) in row 0; video 1 (8) in row 1
+        ids, vis = inputs["input_ids"], inputs["mm_token_type_ids"] > 0
+        ib, it = vis.nonzero(as_tuple=True)
+        embeds, placed, first = model.get_input_embeddings()(ids), torch.zeros_like(vis), 0
+        for (alive, want), n in zip((want_at[1], want_at[0], want_at[2]), (12, 4, 8)):
+            for w, feat in zip(alive.tolist(), want):
+                embeds[ib[first + w], it[first + w]] = feat
+                placed[ib[first + w], it[first + w]] = True
+            first += n
+        assert first == len(ib)
+        drop = [(vis[r] & ~placed[r]).nonzero()[:, 0].tolist() for r in range(2)]
+        assert_windows_dropped_are_masked(model, inputs, embeds, drop, vis)
+
+
+VIDEO_PRUNING = {k: PRUNING[k] for k in ("fastv", "divprune", "meteor-stage1+3", "tome", "evoprune", "visionzip")}
+
+
+@pytest.mark.parametrize("make", list(VIDEO_PRUNING.values()), ids=list(VIDEO_PRUNING))
+def test_every_method_on_videos_obeys_the_batch_and_cache_oracles(qwen, make):
+    """As for images: decoding goes on after the prompt's last token, where the stock model's positions for the
+    grown prompt put the next one (in Qwen2.5-VL a video's temporal positions reach past it)."""
+    model, processor = qwen
+    check_batch_and_cache(model, make(), lambda which: video_inputs(processor, which), grown_inputs,
+                          [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
+
+
+def test_beam_search_keeps_each_prompts_videos_and_images_with_its_rows(qwen):
+    """Beams repeat each prompt's row, and its images and videos follow it: pruning nothing, beam search equals the
+    stock model's; under METEOR cached equals uncached."""
+    model, processor = qwen
+    inputs = video_inputs(processor)
+    check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
+
+
+def test_video_tokens_that_do_not_match_the_videos_are_refused(qwen):
+    model, processor = qwen
+    inputs = video_inputs(processor, which=(0, 2))
+    fewer = {**inputs, "video_grid_thw": inputs["video_grid_thw"][:1],
+             "pixel_values_videos": inputs["pixel_values_videos"][:48]}
+    with pytest.raises(ValueError, match="more videos than the 1 image\\(s\\) and 1 video\\(s\\) given"):
+        logits(model, fewer, mv.FastV())
+    short = {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:-1]}
+    with pytest.raises(ValueError, match="pixel_values_videos hold 79 patches but video_grid_thw"):
+        logits(model, short, mv.FastV())
+
+
+def test_qwen2_5_vl_spaces_a_videos_temporal_patches_by_the_seconds_given():
+    """Qwen2.5-VL's `second_per_grid_ts` (seconds per temporal patch of each video) spaces its temporal positions:
+    pruning nothing equals the stock model with it (and it changes the logits), and beams, which repeat it with
+    each prompt's videos, equal the stock model's."""
+    model, processor = mv.testing.tiny_qwen2_vl(seed=2, version="2.5")
+    inputs = {**video_inputs(processor), "second_per_grid_ts": torch.tensor([0.5, 2.0, 1.5])}
+    same = logits(model, inputs, mv.NoPruning())
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(same[real], logits(model, inputs)[real], atol=1e-5, rtol=0)
+    assert (same[real] - logits(model, {k: v for k, v in inputs.items() if k != "second_per_grid_ts"})[real]).abs().max() > 1e-3
+    check_beams_against_the_stock_model(model, inputs, mv.ToMe(keep=0.5))

@@ -213,8 +213,8 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _peaked([*model.model.language_model.parameters(), *model.model.visual.merger.parameters()], seed)
-    model.generation_config.suppress_tokens = [ids[k] for k in ("image_token_id", "vision_start_token_id",
-                                                                "vision_end_token_id")]
+    model.generation_config.suppress_tokens = [ids[k] for k in ("image_token_id", "video_token_id",
+                                                                "vision_start_token_id", "vision_end_token_id")]
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                       temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>")

@@ -150,6 +150,7 @@ class StockAdapter:
     """
 
     IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)
+    PIXEL_INPUTS: tuple[str, ...] = ("pixel_values",)  # those of IMAGE_INPUTS that carry pixels (Qwen2-VL: videos' too)
     PER_IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)  # indexed by image (generate must not repeat them by row)
     WHOLE_IMAGE_TILE: int = 0  # which of an image's tiles shows all of it (LLaVA-NeXT's base tile; InternVL, Idefics3: -1)
 
@@ -170,6 +171,11 @@ class StockAdapter:
     def device(self) -> torch.device:
         return self.model.device
 
+    def visual_columns(self, input_ids: torch.Tensor, images: dict | None = None) -> torch.Tensor:
+        """(B, T) bool: the prompt's visual token columns for the image inputs `images` (by default its image
+        tokens; Qwen2-VL's video tokens too where videos are given)."""
+        return input_ids == self.image_token_id
+
     def rope_positions(self, input_ids, attention_mask, images: dict | None):
         """(B, T) RoPE positions of the unpruned prompt (or (B, T, 3) for multimodal RoPE); None: the running
         count of real tokens."""
@@ -185,7 +191,7 @@ class StockAdapter:
         copies of a prompt one after another, as its rows are repeated (repeating each image in place would hand
         a prompt with two images the wrong ones). `context`: the other image inputs, per prompt, as given."""
         span = self.layout({**images, **(context or {})}, input_ids).span
-        rows = (input_ids == self.image_token_id).nonzero(as_tuple=True)[0][span.cumsum(0) - span]  # each image's prompt
+        rows = self.visual_columns(input_ids, images).nonzero(as_tuple=True)[0][span.cumsum(0) - span]  # their prompts
         return self.take_images(images, runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size))
 
     def check_method(self, method) -> None:
@@ -239,17 +245,19 @@ class StockAdapter:
                     delattr(model, k)
 
     # ---- the prompt ----------------------------------------------------------------------------
-    def splice(self, input_ids, attention_mask, visual, layout: Layout | None, positions=None):
+    def splice(self, input_ids, attention_mask, visual, layout: Layout | None, positions=None,
+               images: dict | None = None):
         """Text embeddings with each kept visual token at its image-token column (and each extra token of the
         layout at its own); pruned tokens' columns (and padding) leave the sequence, left-padded again.
 
         Returns embeds (B, L, D), valid (B, L), is_visual (B, L), vis_index (B, L) (tile * N + slot into
         `visual`, -1 elsewhere), positions (B, L[, 3]) (the unpruned RoPE positions), input_col (B, L) (the
-        input_ids column each came from, -1 on padding) and owner (the sample of each tile).
+        input_ids column each came from, -1 on padding) and owner (the sample of each tile). `images`: the
+        forward's image inputs, which say which token kinds are visual (`visual_columns`).
         """
         B, T = input_ids.shape
         dev = input_ids.device
-        is_img = input_ids == self.image_token_id
+        is_img = self.visual_columns(input_ids, images)
         per_sample = is_img.sum(1)
         span = layout.span if layout is not None else torch.zeros(0, dtype=torch.long, device=dev)
         first = span.cumsum(0) - span  # each image's first image token, counted over the batch in row-major order
@@ -303,7 +311,7 @@ class StockAdapter:
         use_cache = getattr(self.config.text_config, "use_cache", True) if use_cache is None else use_cache
         parts = self.decoder
         state = runtime.get_state(cache)
-        pixels = images[self.IMAGE_INPUTS[0]]
+        pixels = next((images[k] for k in self.PIXEL_INPUTS if images.get(k) is not None), None)
         if state is not None:  # decoding against a filled (maybe pruned) cache
             if pixels is not None:
                 raise ValueError("images can only be given with the first (prefill) call, not with a filled cache")
@@ -318,7 +326,7 @@ class StockAdapter:
                 position_ids = position_ids[-3:].permute(1, 2, 0)  # (3, B, T), or (4, B, T) with text positions first
             positions = position_ids if position_ids is not None else self.rope_positions(input_ids, attention_mask, images)
             embeds, valid, is_vis, vis_index, positions, input_col, owner = self.splice(
-                input_ids, attention_mask, visual, layout, positions)
+                input_ids, attention_mask, visual, layout, positions, images)
             B, T = input_ids.shape
             qpos = torch.full((B,), T - 1, device=input_ids.device)
             if query_positions is not None:

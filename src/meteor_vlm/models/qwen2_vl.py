@@ -1,6 +1,6 @@
 """Pruning on a stock transformers Qwen2-VL or Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
-`Qwen2_5_VLForConditionalGeneration`): inside its vision encoder, where its visual tokens enter the language
-model, and inside the language model.
+`Qwen2_5_VLForConditionalGeneration`), on images and videos: inside its vision encoder, where its visual tokens
+enter the language model, and inside the language model.
 
 Qwen2-VL's vision encoder merges each 2x2 window of patches into one visual token at its end (the merger), so a
 token inside it is a whole merge window (`Qwen2VLRunner`: the window's patches side by side): stage-1 methods
@@ -10,7 +10,9 @@ one grid are encoded together, one per row, and a method's counts follow each im
 are the one expert, "vision", that `prune_fusion` sees (DivPrune), and stage-3 methods (FastV, PyramidDrop,
 DART, SparseVLM, METEOR's stage 3) drop them inside the LLM. Every kept token keeps its multimodal RoPE position
 (temporal, height, width; `get_rope_index`), which the runtime carries as (B, T, 3), so dropping a token is
-masking it, and decoding goes on from the largest position + 1 as the stock model's does. Inside
+masking it, and decoding goes on after the prompt's last token as generate does. Videos (lists of frames, paired
+into temporal patches that each attend within themselves) run through the same encoder, each on its own grid;
+a prompt may hold images and videos in any order. Inside
 `with method(model)` this one instance's `forward`, `prepare_inputs_for_generation` and
 `_expand_inputs_for_generation` are replaced (`adapters.StockAdapter`).
 """
@@ -23,6 +25,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_position_ids
 
+from . import runtime
 from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa
 from .experts import ExpertRunner, ExpertSpec
 from .vlm import VisualTokens, fuse_and_prune, run_expert
@@ -54,7 +57,8 @@ def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
 class Qwen2VLRunner(ExpertRunner):
     """Qwen2-VL's or Qwen2.5-VL's vision encoder walked block by block over the images of one grid.
 
-    grid_thw: (t, h, w) the images' patch grid (t = 1 for a still image). A token is one merge window (m x m
+    grid_thw: (t, h, w) the images' patch grid (t = 1 for a still image; a video has t temporal patches, each
+    attending within itself). A token is one merge window (m x m
     patches, m = spatial_merge_size) holding its patches side by side: tokens are (B, N, m*m*D), N = t*h*w / m^2,
     in the order of the merged visual tokens (row-major over the merged grid), so a token's grid index is its
     visual token's offset in the image's span. The blocks run on the kept windows' patches, each image a row of
@@ -129,12 +133,14 @@ class Qwen2VLRunner(ExpertRunner):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attention_groups(self, i, grid):
-        """Qwen2.5-VL's windowed blocks: each patch's attention window (equal ids attend to each other)."""
-        if self.full_attention is None or i in self.full_attention:
-            return None
-        _, h, w = self.grid_thw
+        """Each patch's attention group (equal ids attend to each other): a video's frame (each temporal patch
+        attends within itself, as the stock encoder's cu_seqlens say) and, in Qwen2.5-VL's windowed blocks, its
+        attention window within the frame; None for a still image's full-attention blocks."""
+        t, h, w = self.grid_thw
         rows, cols = h // self.merge, w // self.merge
         frame, cell = grid // (rows * cols), grid % (rows * cols)
+        if self.full_attention is None or i in self.full_attention:
+            return None if t == 1 else frame.repeat_interleave(self.window, 1)
         s = self.attention_window
         across = cols // s + 1  # windows per row of windows, padding included
         ids = (frame * (rows // s + 1) + cell // cols // s) * across + cell % cols // s
@@ -198,48 +204,97 @@ class Qwen2VLRunner(ExpertRunner):
 
 class Qwen2VLAdapter(StockAdapter):
     """What the methods and the runtime need to know about one `Qwen2VLForConditionalGeneration` or
-    `Qwen2_5_VLForConditionalGeneration` (images only, no videos). `runners` holds the encoder's
-    `Qwen2VLRunner` without a grid; each batch is encoded by one runner per image grid."""
+    `Qwen2_5_VLForConditionalGeneration`, with images, videos or both. `runners` holds the encoder's
+    `Qwen2VLRunner` without a grid; each batch is encoded by one runner per grid. The encoder's items are every
+    image, then every video (`VisualTokens` rows in that order); the layout puts each at its place in the prompts,
+    where images and videos may come in any order. In `stats`, "images" counts a sample's images and videos."""
 
-    IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
-    PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+    IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+                    "mm_token_type_ids")
+    PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
+    PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    _KINDS = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
 
     def __init__(self, model: Qwen2VLForConditionalGeneration):
         check_sdpa(model.config.text_config)
         self._locate(model, [Qwen2VLRunner(model.model.visual, ExpertSpec(EXPERT, Qwen2VLRunner.kind, 0, {}))])
+        self.video_token_id = model.config.video_token_id
+
+    def visual_columns(self, input_ids: torch.Tensor, images: dict | None = None) -> torch.Tensor:
+        """Image tokens, and video tokens where videos are given (without, the stock model reads them as text)."""
+        columns = input_ids == self.image_token_id
+        if images is not None and images.get("pixel_values_videos") is not None:
+            columns = columns | (input_ids == self.video_token_id)
+        return columns
+
+    def _grids(self, images: dict) -> tuple[torch.Tensor, int]:
+        """(items, 3) the grids of every image, then every video, and how many are images."""
+        grids = []
+        for pixels, grid in self._KINDS:
+            if images.get(pixels) is not None:
+                if images.get(grid) is None:
+                    raise ValueError(f"Qwen2-VL needs {grid} with {pixels} (its processor returns both)")
+                need = int(images[grid].prod(-1).sum())
+                if images[pixels].shape[0] != need:
+                    raise ValueError(f"{pixels} hold {images[pixels].shape[0]} patches but {grid} "
+                                     f"{images[grid].tolist()} needs {need}")
+                grids.append(images[grid])
+        if not grids:
+            raise ValueError("Qwen2-VL needs pixel_values or pixel_values_videos")
+        first = images.get("pixel_values") is not None
+        return torch.cat(grids), len(grids[0]) if first else 0
+
+    def _counts(self, images: dict) -> list[int]:
+        return (self._grids(images)[0].prod(-1) // self.model.config.vision_config.spatial_merge_size ** 2).tolist()
+
+    @staticmethod
+    def _take(pixels: torch.Tensor, grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The patches of items `index` of packed `pixels` (each item's grid's product of them, one after another)."""
+        starts = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)])
+        patches = [torch.arange(int(starts[i]), int(starts[i + 1]), device=grid.device) for i in index.tolist()]
+        return pixels[torch.cat(patches)] if patches else pixels[:0]
 
     def take_images(self, images: dict, index: torch.Tensor) -> dict:
         """pixel_values hold every image's patches one after another (image_grid_thw's product each)."""
         grid = images["image_grid_thw"]
-        starts = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)])
-        patches = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1]), device=grid.device) for i in index.tolist()])
-        return {"pixel_values": images["pixel_values"][patches], "image_grid_thw": grid[index]}
+        return {"pixel_values": self._take(images["pixel_values"], grid, index), "image_grid_thw": grid[index]}
 
-    def _counts(self, images: dict) -> list[int]:
-        grid = images.get("image_grid_thw")
-        if grid is None:
-            raise ValueError("Qwen2-VL needs image_grid_thw with pixel_values (its processor returns both)")
-        return (grid.prod(-1) // self.model.config.vision_config.spatial_merge_size ** 2).tolist()
+    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int, context: dict | None = None) -> dict:
+        """Every prompt's images and videos `expand_size` times, the copies of a prompt one after another."""
+        layout = self.layout(images, input_ids)
+        span = layout.span
+        rows = self.visual_columns(input_ids, images).nonzero(as_tuple=True)[0][span.cumsum(0) - span]
+        order = runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size)  # in prompt order
+        item = torch.empty_like(layout.tile_image)
+        item[layout.tile_image] = torch.arange(len(item), device=item.device)
+        items, first_video = item[order], self._grids(images)[1]
+        out = {}
+        for kind, (pixels, grid) in enumerate(self._KINDS):
+            if images.get(pixels) is None:
+                continue
+            index = items[items < first_video] if kind == 0 else items[items >= first_video] - first_video
+            out[pixels], out[grid] = self._take(images[pixels], images[grid], index), images[grid][index]
+            if kind == 1 and images.get("second_per_grid_ts") is not None:
+                out["second_per_grid_ts"] = images["second_per_grid_ts"][index]
+        return out
 
     def encoder_tokens(self, images: dict) -> list[int]:
-        """The merged visual tokens of each image (none are pruned before the encoder's end)."""
+        """The merged visual tokens of each image, then each video (none are pruned before the encoder's end)."""
         return self._counts(images)
 
     def encode_images(self, images: dict, method):
-        """The encoder's merged tokens of every image, then stage 2."""
+        """The encoder's merged tokens of every image and video, then stage 2."""
         tokens = self.encode_expert(0, images, method)
         return fuse_and_prune([tokens], [tokens.features], self.expert_names, method)
 
     def encode_expert(self, index: int, images: dict, method) -> VisualTokens:
-        """The one expert's merged tokens of every image (pixel_values and image_grid_thw in `images`), with the
-        method's stage-1 pruning: (num_images, most tokens, D), empty slots after an image's last token. The
-        images of one grid are encoded together (`Qwen2VLRunner`)."""
+        """The one expert's merged tokens of every image, then every video (their pixels and grids in `images`),
+        with the method's stage-1 pruning: (items, most tokens, D), empty slots after an item's last token. The
+        items of one grid are encoded together (`Qwen2VLRunner`)."""
         counts = self._counts(images)
-        grids = images["image_grid_thw"]
-        if bool((grids[:, 0] != 1).any()):
-            raise ValueError(f"image_grid_thw {grids.tolist()}: only still images (t = 1) are supported, not videos")
+        grids = self._grids(images)[0]
         visual = self.model.model.visual
-        pixels = images["pixel_values"].to(visual.dtype)
+        pixels = torch.cat([images[k] for k, _ in self._KINDS if images.get(k) is not None]).to(visual.dtype)
         starts = [0, *grids.prod(-1).cumsum(0).tolist()]
         same_grid: dict[tuple, list[int]] = {}
         for i, g in enumerate(grids.tolist()):
@@ -263,36 +318,71 @@ class Qwen2VLAdapter(StockAdapter):
         return VisualTokens(features, torch.zeros_like(grid), grid, size, valid=None if bool(valid.all()) else valid)
 
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
-        """Image i's token g at offset g of its span."""
-        counts = torch.tensor(self._counts(images), device=images["pixel_values"].device)
+        """Item i's token g at offset g of its span; the items (images, then videos) in the order the prompts show
+        them, which the prompt's image and video tokens tell where there are videos. ValueError where the prompts'
+        visual tokens do not split into the items given."""
+        counts_list = self._counts(images)
+        grids, first_video = self._grids(images)
+        counts = torch.tensor(counts_list, device=grids.device)
+        order = list(range(len(counts_list)))
+        if first_video < len(counts_list):  # videos: the prompts say where each image and video comes
+            if input_ids is None:
+                raise ValueError("with videos, Qwen2-VL's layout needs the prompt (where each image and video comes)")
+            is_video = (input_ids[self.visual_columns(input_ids, images)] == self.video_token_id).tolist()  # row-major
+            order, p, nxt = [], 0, [0, first_video]
+            while p < len(is_video):
+                kind = int(is_video[p])
+                i = nxt[kind]
+                if i >= (first_video if kind == 0 else len(counts_list)):
+                    raise ValueError(f"the prompts hold more {('image', 'video')[kind]}s than the "
+                                     f"{first_video} image(s) and {len(counts_list) - first_video} video(s) given")
+                order.append(i)
+                nxt[kind], p = i + 1, p + counts_list[i]
+            if sorted(order) != list(range(len(counts_list))) or p != len(is_video):
+                raise ValueError(f"the prompts' image and video tokens do not split into the {first_video} image(s) "
+                                 f"and {len(counts_list) - first_video} video(s) given ({counts_list} tokens each)")
+        order_t = torch.tensor(order, device=counts.device)
+        tile_image = torch.empty_like(order_t)
+        tile_image[order_t] = torch.arange(len(order), device=counts.device)
         grid = torch.arange(int(counts.max()), device=counts.device).expand(len(counts), -1)
-        return Layout(torch.arange(len(counts), device=counts.device), grid.masked_fill(grid >= counts[:, None], -1),
-                      counts)
+        return Layout(tile_image, grid.masked_fill(grid >= counts[:, None], -1), counts[order_t])
 
     def rope_positions(self, input_ids, attention_mask, images: dict | None):
-        """(B, T, 3) the stock model's multimodal RoPE positions of the unpruned prompt (None without images)."""
+        """(B, T, 3) the stock model's multimodal RoPE positions of the unpruned prompt (None without images or
+        videos)."""
         if images is None:
             return None
         kinds = images.get("mm_token_type_ids")
         if kinds is None:
-            kinds = (input_ids == self.image_token_id).int()
-        positions, _ = self.model.model.get_rope_index(input_ids, kinds, images["image_grid_thw"],
-                                                       attention_mask=attention_mask)
+            kinds = (input_ids == self.image_token_id).int() + 2 * (input_ids == self.video_token_id).int()
+        seconds = images.get("second_per_grid_ts")
+        extra = {"second_per_grid_ts": seconds} if seconds is not None else {}
+        grids = {k: images.get(g) if images.get(k) is not None else None for k, g in self._KINDS}
+        positions, _ = self.model.model.get_rope_index(input_ids, kinds, grids["pixel_values"],
+                                                       grids["pixel_values_videos"], attention_mask=attention_mask,
+                                                       **extra)
         return positions.permute(1, 2, 0)
 
 
 class Qwen2VLImageTextProcessor(StockProcessor):
-    """What transformers' `Qwen2VLProcessor` does for still images, without its video processor (which needs
-    torchvision): a tokenizer and `Qwen2VLImageProcessorPil`. Each `image_token` ("<|image_pad|>") in a prompt,
-    one per image as the chat template writes it between <|vision_start|> and <|vision_end|>, becomes one pad
-    per merged visual token of the next image (its grid's patches / merge_size^2). Returns input_ids and
+    """What transformers' `Qwen2VLProcessor` does for still images and for videos given as frames, without its
+    video processor (which needs torchvision): a tokenizer and `Qwen2VLImageProcessorPil`. Each `image_token`
+    ("<|image_pad|>") in a prompt, one per image as the chat template writes it between <|vision_start|> and
+    <|vision_end|>, becomes one pad per merged visual token of the next image (its grid's patches /
+    merge_size^2); each `video_token` ("<|video_pad|>") likewise for the next video. Returns input_ids and
     attention_mask (PyTorch tensors, left-padded; `return_tensors` and `padding` are accepted for a processor's
-    call signature), pixel_values (the image processor's packed patches), image_grid_thw and mm_token_type_ids
-    (1 on image tokens). `image_placeholder` is what stands for one image in a prompt written by hand, and
-    `alias`, if given, a shorter word that means the same (the tests' tiny models write "<image>")."""
+    call signature), pixel_values and image_grid_thw (the image processor's), pixel_values_videos and
+    video_grid_thw, and mm_token_type_ids (1 on image tokens, 2 on video tokens). A video is a list of frames
+    (PIL images of one size), already sampled: each frame is sized and normalised as the image processor does
+    an image (its pixel limits, not those of Qwen's video processor), consecutive frames are paired into
+    temporal patches (`temporal_patch_size`, the last frame repeated to fill the last pair), and no
+    `second_per_grid_ts` is returned (Qwen2.5-VL then spaces temporal patches 1 s apart). `image_placeholder` /
+    `video_placeholder` are what stand for one image / video in a prompt written by hand, and `alias`, if given,
+    a shorter word for an image (the tests' tiny models write "<image>")."""
 
-    image_token = "<|image_pad|>"
+    image_token, video_token = "<|image_pad|>", "<|video_pad|>"
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+    video_placeholder = "<|vision_start|><|video_pad|><|vision_end|>"
 
     def __init__(self, image_processor, tokenizer, chat_template: str | None = None, alias: str | None = None):
         self.image_processor, self.tokenizer, self.alias = image_processor, tokenizer, alias
@@ -312,21 +402,51 @@ class Qwen2VLImageTextProcessor(StockProcessor):
         return cls(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
                    cls.read_chat_template(path))
 
-    def __call__(self, images=None, text=(), return_tensors="pt", padding=True):
+    def videos(self, videos) -> dict:
+        """pixel_values_videos and video_grid_thw for videos given as lists of frames (see the class docstring):
+        each frame's patches as the image processor makes them, the frames of a temporal patch side by side where
+        the image processor repeats one frame."""
+        tp = self.image_processor.temporal_patch_size
+        pixels, grids = [], []
+        for frames in videos:
+            frames = list(frames)
+            if not frames or len({f.size for f in frames}) != 1:
+                raise ValueError(f"a video must be a non-empty list of frames of one size, got sizes "
+                                 f"{[f.size for f in frames]}")
+            frames += frames[-1:] * (-len(frames) % tp)  # the last frame repeated to fill the last temporal patch
+            each = self.image_processor(images=frames, return_tensors="pt")
+            grid = each["image_grid_thw"][0]
+            n = int(grid.prod())
+            patches = each["pixel_values"].view(len(frames), n, 3, tp, -1)[:, :, :, 0]  # one copy of each frame
+            pairs = patches.view(len(frames) // tp, tp, n, 3, -1).permute(0, 2, 3, 1, 4)  # (t, n, C, tp, p*p)
+            pixels.append(pairs.reshape((len(frames) // tp) * n, -1))
+            grids.append(torch.tensor([len(frames) // tp, int(grid[1]), int(grid[2])]))
+        return {"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.stack(grids)}
+
+    def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True):
         texts = [text] if isinstance(text, str) else list(text)
         if self.alias:
             texts = [t.replace(self.alias, self.image_placeholder) for t in texts]
         images = list(images) if images is not None else []
-        wanted = sum(t.count(self.image_token) for t in texts)
-        if wanted != len(images):
-            raise ValueError(f"the prompts hold {wanted} {self.image_token} tokens for {len(images)} images")
+        videos = list(videos) if videos is not None else []
+        for token, given in ((self.image_token, images), (self.video_token, videos)):
+            wanted = sum(t.count(token) for t in texts)
+            if wanted != len(given):
+                raise ValueError(f"the prompts hold {wanted} {token} tokens for {len(given)} "
+                                 f"{'images' if token == self.image_token else 'videos'}")
         pixels = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
-        counts = iter((pixels["image_grid_thw"].prod(-1) // self.merge_size**2).tolist() if images else [])
-        texts = [self._expand(t, counts) for t in texts]
+        if videos:
+            pixels.update(self.videos(videos))
+        for token, grid in ((self.image_token, "image_grid_thw"), (self.video_token, "video_grid_thw")):
+            counts = iter((pixels[grid].prod(-1) // self.merge_size**2).tolist() if grid in pixels else [])
+            texts = [self._expand(t, token, counts) for t in texts]
         out = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
-        out["mm_token_type_ids"] = (out["input_ids"] == self.tokenizer.convert_tokens_to_ids(self.image_token)).int()
+        ids = out["input_ids"]
+        out["mm_token_type_ids"] = ((ids == self.tokenizer.convert_tokens_to_ids(self.image_token)).int()
+                                    + 2 * (ids == self.tokenizer.convert_tokens_to_ids(self.video_token)).int())
         return {**out, **pixels}
 
-    def _expand(self, text: str, counts) -> str:
-        parts = text.split(self.image_token)
-        return parts[0] + "".join(self.image_token * next(counts) + rest for rest in parts[1:])
+    @staticmethod
+    def _expand(text: str, token: str, counts) -> str:
+        parts = text.split(token)
+        return parts[0] + "".join(token * next(counts) + rest for rest in parts[1:])

@@ -271,6 +271,10 @@ def prefill(
     B, T, _ = embeds.shape
     cols = torch.arange(T, device=embeds.device).expand(B, T).masked_fill(~valid, -1)
     pos = positions_from_mask(valid) if positions is None else positions.masked_fill(~_per_token(valid, positions), 0)
+    # decoding goes on after the prompt's last token, as generate does (its position + 1; multimodal RoPE: its
+    # largest component, all of them the same for text; not the largest position of the prompt, which a video's
+    # temporal positions in Qwen2.5-VL can exceed)
+    nxt = (pos[:, -1] if pos.dim() == 2 else pos[:, -1].amax(-1)) + 1
     h = embeds
     pe = parts.rotary_emb(h, position_ids=_rope_ids(pos))
     mask = prefill_mask(valid)
@@ -304,7 +308,6 @@ def prefill(
         )
         key_valid.append(valid)
     if cache is not None:
-        nxt = torch.where(_per_token(valid, pos), pos, -1).flatten(1).max(1).values + 1  # multimodal RoPE: the largest
         setattr(cache, _STATE_ATTR, CacheState(key_valid, nxt, seen=0))
     return parts.norm(h), cols, kept
 
