@@ -182,6 +182,7 @@ class Idefics3Adapter(StockAdapter):
         slot = within[:, None] * n + torch.arange(n, device=dev)
         return Layout(tile_image, slot, per_image * n)
 
+
 def load_processor(path):
     """transformers' `Idefics3Processor` for an Idefics3 or SmolVLM checkpoint folder: its tokenizer, its image
     processor (the PIL one where torchvision is missing), image_seq_len from processor_config.json (169 without it)

@@ -254,13 +254,9 @@ class Qwen2VLAdapter(StockAdapter):
         patches = [torch.arange(int(starts[i]), int(starts[i + 1]), device=grid.device) for i in index.tolist()]
         return pixels[torch.cat(patches)] if patches else pixels[:0]
 
-    def take_images(self, images: dict, index: torch.Tensor) -> dict:
-        """pixel_values hold every image's patches one after another (image_grid_thw's product each)."""
-        grid = images["image_grid_thw"]
-        return {"pixel_values": self._take(images["pixel_values"], grid, index), "image_grid_thw": grid[index]}
-
     def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int, context: dict | None = None) -> dict:
-        """Every prompt's images and videos `expand_size` times, the copies of a prompt one after another."""
+        """Every prompt's images and videos `expand_size` times, the copies of a prompt one after another (pixels
+        hold every item's patches one after another, its grid's product of them)."""
         layout = self.layout(images, input_ids)
         span = layout.span
         rows = self.visual_columns(input_ids, images).nonzero(as_tuple=True)[0][span.cumsum(0) - span]
