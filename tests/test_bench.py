@@ -1020,6 +1020,16 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
     assert main(["speed", "--shape", "smollm2-135m", "--qwen2.5-vl", "--samples", "1", "--new-tokens", "2",
                  "--methods", "unpruned"]) == 0
     assert built[-1] == ("smollm2-135m", "2.5") and "Qwen2.5-VL" in capsys.readouterr().out
+    # videos of 4 frames: 2 temporal patches of the tiny processor's largest frame (3 x 3 merged tokens each)
+    assert main(["speed", "--shape", "smollm2-135m", "--qwen2-vl", "--video", "4", "--samples", "2", "--new-tokens",
+                 "2", "--methods", "unpruned,tome:keep0.5", "--out", str(tmp_path)]) == 0
+    assert "a video of 4 frames" in capsys.readouterr().out
+    data = json.loads((tmp_path / "speed.json").read_text())
+    assert data["video_frames"] == 4 and [r["tokens"] for r in data["rows"]][0] == 18 > data["rows"][1]["tokens"]
+    assert main(["speed", "--shape", "smollm2-135m", "--internvl", "--video", "4"]) == 2
+    assert "--video runs on Qwen2-VL / Qwen2.5-VL only" in capsys.readouterr().err
+    assert main(["speed", "--model", "tiny", "--video", "4", "--samples", "1"]) == 2
+    assert "videos run on a Qwen2-VL / Qwen2.5-VL model only, not with a MultiEncoderProcessor" in capsys.readouterr().err
     assert main(["speed", "--qwen2-vl", "--model", "tiny"]) == 2
     assert "--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm / --onevision need --shape" in capsys.readouterr().err
     for bad in (["--llava", "--qwen2-vl"], ["--qwen2-vl", "--qwen2.5-vl"], ["--internvl", "--qwen2-vl"],

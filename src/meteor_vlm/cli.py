@@ -169,7 +169,7 @@ def cmd_bench(args) -> int:
 def cmd_speed(args) -> int:
     from meteor_vlm.bench.accuracy import resolve_methods
     from meteor_vlm.bench import shapes
-    from meteor_vlm.bench.speed import QWEN_SIDE, profile_methods
+    from meteor_vlm.bench.speed import QWEN_SIDE, VIDEO_SIDE, profile_methods
 
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
     if args.samples < 1 or args.new_tokens < 2 or args.batch_size < 1:
@@ -177,6 +177,10 @@ def cmd_speed(args) -> int:
                          f"got {args.samples}, {args.batch_size} and {args.new_tokens}")
     if args.shape and args.model:
         raise ValueError("give --model or --shape, not both")
+    if args.video < 0:
+        raise ValueError(f"--video must be a number of frames >= 1, got {args.video}")
+    if args.video and args.shape and not (args.qwen2_vl or args.qwen2_5_vl):
+        raise ValueError("--video runs on Qwen2-VL / Qwen2.5-VL only: with --shape, give --qwen2-vl or --qwen2.5-vl")
     if args.llava and not args.shape:
         raise ValueError("--llava needs --shape (the decoder behind LLaVA-1.5's tower)")
     if args.anyres and not args.llava:
@@ -212,7 +216,7 @@ def cmd_speed(args) -> int:
         model, processor = _load(args.model or "default", llava=True)
     model = model.to(args.device, dtype)
     rows = profile_methods(model, processor, names, samples=args.samples, new_tokens=args.new_tokens, seed=args.seed,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, video_frames=args.video)
     base = next((r for r in rows if r["method"] == "unpruned"), rows[0])
     experts = list(rows[0]["experts_ms"])
     cuda = args.device == "cuda"
@@ -251,6 +255,9 @@ def cmd_speed(args) -> int:
         what += (f" (a stock transformers SmolVLM: SigLIP-B/16, {v['num_hidden_layers']} blocks of {v['hidden_size']} "
                  f"on {v['image_size']} px tiles, 4x4 folded; {4 * v['image_size']} px images, 4x4 tiles and the whole "
                  "image, 1088 image tokens)")
+    if args.video:
+        what += (f"; a video of {args.video} frames of {VIDEO_SIDE} px per question (each 8 px right of the last), "
+                 "not an image")
     if args.onevision:
         what += (" (a stock transformers LLaVA-OneVision: SigLIP-so400m, 27 blocks of 1152 on 384 px tiles of 729 "
                  "patches; 1152 px images, a base tile and 3x3 tiles, 7371 image tokens)")
@@ -263,7 +270,7 @@ def cmd_speed(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape,
                 "llava": bool(args.llava), "anyres": bool(args.anyres), "qwen2_vl": qwen, "internvl": bool(args.internvl),
-                "smolvlm": bool(args.smolvlm), "onevision": bool(args.onevision),
+                "smolvlm": bool(args.smolvlm), "onevision": bool(args.onevision), "video_frames": args.video,
                 "seed": args.seed,
                 "samples": args.samples, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                 "dtype": args.dtype, "device": args.device if not cuda else torch.cuda.get_device_name(model.device),
@@ -631,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --shape: a stock transformers LLaVA-OneVision (SigLIP-so400m on 384 px tiles of 729 "
                     "image tokens; a 1152 px image is a base tile and 3x3 tiles) in front of that decoder "
                     "(qwen2-0.5b: LLaVA-OneVision-0.5B)")
+    sp.add_argument("--video", type=int, default=0, metavar="FRAMES",
+                    help="Qwen2-VL / Qwen2.5-VL (--qwen2-vl, --qwen2.5-vl or a Qwen --model): ask each question of a "
+                    "video of this many 336 px frames instead of an image (8 frames: 4 temporal patches, 576 tokens)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")

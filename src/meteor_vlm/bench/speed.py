@@ -122,7 +122,8 @@ def part_timer(model) -> Iterator[dict]:
 
 
 def profile_methods(model, processor, names: Sequence[str], samples: int = 12, new_tokens: int = 8,
-                    seed: int | None = None, batch_size: int = 1, progress: bool = True) -> list[dict]:
+                    seed: int | None = None, batch_size: int = 1, progress: bool = True,
+                    video_frames: int = 0) -> list[dict]:
     """Where the time and memory of one request go, per method: prefill split by part, decoding per new
     token, and the KV cache the prefill leaves.
 
@@ -135,7 +136,8 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     greedy steps after the prefill, each a forward of one token against its cache); kv_cache_mb (keys and
     values the prefill cached, read from the cache itself); peak_mb (on a GPU: the most memory the prefill
     allocated beyond what was allocated before it; None on CPU); tokens (layer-averaged visual tokens, mean
-    over samples).
+    over samples). With `video_frames` (a Qwen2-VL / Qwen2.5-VL processor), each sample's question is asked of a
+    video of that many frames instead of its image (`sample_video`).
     """
     from .. import synth
     from ..models.adapters import adapt
@@ -150,7 +152,8 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     per_family = -(-samples // len(synth.FAMILIES))
     split = synth.make_split(seed, per_family, image_size=_image_side(processor))[:samples]  # the families in turn
     device = model.device
-    encoded = [inputs_to_model(model, _prompts(processor, split[i:i + batch_size])) for i in range(0, samples, batch_size)]
+    encoded = [inputs_to_model(model, _prompts(processor, split[i:i + batch_size], video_frames))
+               for i in range(0, samples, batch_size)]
     methods = build_methods(model, list(names), encoded)  # a fixed stage 3 matched to its twin, as in the bench
     keys = ("prefill", "flops", "other", "llm", "decode", "tokens", "kv", "peak")
     rec = {n: {**{k: [] for k in keys}, **{e: [] for e in target.expert_names}} for n in names}
@@ -216,13 +219,25 @@ def image_placeholder(processor) -> str:
     return getattr(processor, "image_placeholder", None) or getattr(processor, "image_token", "<image>")
 
 
-def stock_prompt(processor, question: str) -> str:
-    """A stock VLM's prompt for one image and `question`: its processor's chat template, or
-    "<image placeholder> question" for a processor without one."""
+def stock_prompt(processor, question: str, video: bool = False) -> str:
+    """A stock VLM's prompt for one image (or `video`) and `question`: its processor's chat template, or
+    "<placeholder> question" for a processor without one."""
     if getattr(processor, "chat_template", None):
-        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        turn = [{"role": "user", "content": [{"type": "video" if video else "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(turn, add_generation_prompt=True)
-    return f"{image_placeholder(processor)} {question}"
+    return f"{processor.video_placeholder if video else image_placeholder(processor)} {question}"
+
+
+VIDEO_SIDE = 336  # a frame of 12 x 12 merged tokens of 28 px: 8 frames (4 temporal patches) hold QWEN_SIDE's 576
+
+
+def sample_video(image, frames: int, side: int = VIDEO_SIDE) -> list:
+    """`frames` frames of a synthetic sample's image scaled to `side` px, each shifted 8 px further right (wrapping
+    round): a video whose frames differ a little, as consecutive frames do."""
+    from PIL import ImageChops
+
+    base = image.resize((side, side))
+    return [ImageChops.offset(base, 8 * k, 0) for k in range(frames)]
 
 
 def _image_side(processor) -> int:
@@ -249,12 +264,18 @@ def _image_side(processor) -> int:
     return max(128, side)
 
 
-def _prompts(processor, samples) -> dict:
+def _prompts(processor, samples, video_frames: int = 0) -> dict:
     """The model's inputs for synthetic samples' questions (no answers): the project's processor and prompt
-    template, or a stock VLM processor's `stock_prompt` (its chat template where it has one)."""
+    template, or a stock VLM processor's `stock_prompt` (its chat template where it has one); with
+    `video_frames`, each question asked of a `sample_video` of its image (Qwen2-VL's processor only)."""
     from ..models.processor import MultiEncoderProcessor
     from ..train import encode_samples
 
+    if video_frames:
+        if not hasattr(processor, "videos"):
+            raise ValueError(f"videos run on a Qwen2-VL / Qwen2.5-VL model only, not with a {type(processor).__name__}")
+        return dict(processor(videos=[sample_video(s.image, video_frames) for s in samples],
+                              text=[stock_prompt(processor, s.question, video=True) for s in samples]))
     if isinstance(processor, MultiEncoderProcessor):
         return encode_samples(processor, samples, with_answers=False)
     return dict(processor(images=[s.image for s in samples], text=[stock_prompt(processor, s.question) for s in samples],
