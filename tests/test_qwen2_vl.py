@@ -351,7 +351,7 @@ def video_frames(n: int, size=(48, 32), seed: int = 11):
 
 def video_inputs(processor, which=(0, 1, 2)):
     """Prompts with videos: a video then an image; an image then a video; a video alone (3, 2 and 4 frames: 2, 1
-    and 2 temporal patches; 12, 6 and 8 visual tokens)."""
+    and 2 temporal patches; 12, 4 and 8 visual tokens)."""
     v = processor.video_placeholder
     prompts = [f"{v} what is in the video ? <image>", f"<image> and {v} how many ?", f"describe {v}"]
     videos = [video_frames(3), video_frames(2, (32, 40), seed=12), video_frames(4, (32, 32), seed=13)]
