@@ -1,5 +1,7 @@
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import meteor_vlm as mv
 
@@ -17,6 +19,17 @@ def tiny():
 @pytest.fixture(scope="session")
 def images():
     return mv.testing.random_images(6, seed=3)
+
+
+# random pictures of four aspects: InternVL cuts them into 1, 3, 3 and 5 tiles; Idefics3 and SmolVLM into 2x2 + 1,
+# 2 + 1, 2 + 1 and 2x2 + 1
+TILE_SIZES = [(32, 32), (64, 32), (40, 90), (50, 50)]
+
+
+@pytest.fixture(scope="session")
+def tile_pictures():
+    rng = np.random.default_rng(4)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in TILE_SIZES]
 
 
 def make_inputs(processor, images, prompts):

@@ -3,22 +3,18 @@ under every method: the oracles the project's own model obeys (no-op == stock mo
 one, cached == uncached), and windows dropped inside their ViT == the stock blocks run without them, folded by the
 model's own pixel shuffle."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
 
-from .test_internvl import assert_drop_at_layer_is_masking, assert_windows_dropped_match
+from .test_internvl import (IMAGES, NOOPS, PROMPTS, assert_ask_and_speed_run_the_folder,
+                             assert_drop_at_layer_is_masking, assert_windows_dropped_match)
 from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
 from .test_oracles import PEERS, check_batch_and_cache, check_beams_against_the_stock_model, survivors
 
-PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circle are there in the image on the left ?",
-           "<image> describe the shape ?"]
-IMAGES = [1, 2, 1]  # images per prompt
-SIZES = [(32, 32), (64, 32), (40, 90), (50, 50)]  # 2x2 tiles + the whole, 2 + 1, 2 + 1, 2x2 + 1
+# the prompts, images per prompt and no-op methods of the InternVL tests, on conftest's tile_pictures
 TILES = [5, 3 + 3, 5]  # tiles per prompt
 KINDS = ["idefics3", "smolvlm"]
 
@@ -28,26 +24,16 @@ def idefics3(request):
     return mv.testing.tiny_idefics3(seed=2, kind=request.param)
 
 
-@pytest.fixture(scope="module")
-def pictures():
-    rng = np.random.default_rng(4)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
-
-
-def inputs_for(processor, pictures, which=(0, 1, 2)):
+def inputs_for(processor, tile_pictures, which=(0, 1, 2)):
     starts = [sum(IMAGES[:i]) for i in range(len(IMAGES))]
-    imgs = [[pictures[starts[i] + j] for j in range(IMAGES[i])] for i in which]
+    imgs = [[tile_pictures[starts[i] + j] for j in range(IMAGES[i])] for i in which]
     return dict(processor(images=imgs, text=[PROMPTS[i] for i in which], return_tensors="pt", padding=True))
 
 
-NOOPS = {"none": mv.NoPruning, **{k: noop for k, (noop, _) in PEERS.items()},
-         "meteor": lambda: mv.Meteor.preset("stage1+3", encoder_keep=1.0, lam=1e9)}
-
-
 @pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
-def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(idefics3, pictures, make):
+def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(idefics3, tile_pictures, make):
     model, processor = idefics3
-    inputs = inputs_for(processor, pictures)
+    inputs = inputs_for(processor, tile_pictures)
     assert (inputs["pixel_values"].flatten(2) == 0).all(2).any(), "padding tiles are exercised"
     method = make()
     image_tokens = assert_noop_is_the_stock_model(model, inputs, method, stock_logits, pruned_logits)
@@ -80,21 +66,21 @@ def stock_tower_without(model, pixels):
     return alive, connector.modality_projection(folded)
 
 
-def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(idefics3, pictures):
+def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(idefics3, tile_pictures):
     """After each of the ViT's 3 blocks a test method drops whole windows (2x2 on Idefics3, 4x4 on SmolVLM): the
     tokens that leave the tower equal the stock blocks run on the patches left, folded by the model's own pixel
     shuffle, and the logits equal the stock language model with the dropped windows' image tokens masked from
     layer 0 on."""
     model, processor = idefics3
-    inputs = inputs_for(processor, pictures, which=(0, 1))
+    inputs = inputs_for(processor, tile_pictures, which=(0, 1))
     assert_windows_dropped_match(model, inputs, {"pixel_values": inputs["pixel_values"]}, stock_tower_without,
                                  model.model.text_model)
 
 
 @pytest.mark.parametrize("layer", [0, 3])
-def test_dropping_at_llm_layer_equals_masking_keys(idefics3, pictures, layer):
+def test_dropping_at_llm_layer_equals_masking_keys(idefics3, tile_pictures, layer):
     model, processor = idefics3
-    inputs = inputs_for(processor, pictures, which=(0, 1))
+    inputs = inputs_for(processor, tile_pictures, which=(0, 1))
     with torch.no_grad():
         feats = torch.cat(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
     assert_drop_at_layer_is_masking(model, inputs, feats, model.model.text_model, layer)
@@ -105,19 +91,19 @@ PRUNING = {**{k: pruning for k, (_, pruning) in PEERS.items()},
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
-def test_every_method_obeys_the_batch_and_cache_oracles(idefics3, pictures, make):
+def test_every_method_obeys_the_batch_and_cache_oracles(idefics3, tile_pictures, make):
     model, processor = idefics3
-    check_batch_and_cache(model, make(), lambda which: inputs_for(processor, pictures, which),
+    check_batch_and_cache(model, make(), lambda which: inputs_for(processor, tile_pictures, which),
                           lambda batch, ids: {k: batch[k] for k in ("pixel_values", "pixel_attention_mask")},
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_beam_search_keeps_each_prompts_tiles_with_its_rows(pictures, kind):
+def test_beam_search_keeps_each_prompts_tiles_with_its_rows(tile_pictures, kind):
     """Beams repeat each prompt's row and its tiles follow it (the second prompt has 6 tiles, the first 5 and a
     padding tile): pruning nothing, beam search equals the stock model's; under METEOR cached equals uncached."""
     model, processor = mv.testing.tiny_idefics3(seed=2, kind=kind)
-    inputs = inputs_for(processor, pictures, which=(0, 1))
+    inputs = inputs_for(processor, tile_pictures, which=(0, 1))
     check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
@@ -141,19 +127,19 @@ def test_proportional_attention_makes_a_merged_window_act_as_its_duplicates(idef
     assert not torch.allclose(plain, full[:, :4], atol=1e-3)
 
 
-def test_meteor_stage1_keeps_its_share_of_every_tile(idefics3, pictures):
+def test_meteor_stage1_keeps_its_share_of_every_tile(idefics3, tile_pictures):
     model, processor = idefics3
     method = mv.Meteor.preset("stage1", encoder_keep=0.5)
-    pruned_logits(model, inputs_for(processor, pictures), method)
+    pruned_logits(model, inputs_for(processor, tile_pictures), method)
     assert [s["stage1_tokens"] for s in method.stats] == [2 * t for t in TILES]
     assert [s["encoder_tokens"] for s in method.stats] == [4 * t for t in TILES]
 
 
-def test_kept_grid_has_an_entry_for_every_tile_and_images_end_with_their_whole_image_tile(idefics3, pictures):
+def test_kept_grid_has_an_entry_for_every_tile_and_images_end_with_their_whole_image_tile(idefics3, tile_pictures):
     """The second prompt's two images have 2 + 1 tiles each: `stats` count 2 images and list 6 tiles, and the adapter's
     layout puts tiles 0-2 in its first image and 3-5 in its second, the last of each the tile after `<global-img>`."""
     model, processor = idefics3
-    inputs = inputs_for(processor, pictures)
+    inputs = inputs_for(processor, tile_pictures)
     method = mv.FastV(layer=1, ratio=0.9)
     pruned_logits(model, inputs, method)
     assert [s["images"] for s in method.stats] == IMAGES
@@ -169,9 +155,9 @@ def test_kept_grid_has_an_entry_for_every_tile_and_images_end_with_their_whole_i
     assert whole == [4, 7, 10, 15]
 
 
-def test_bad_inputs_are_refused(idefics3, pictures):
+def test_bad_inputs_are_refused(idefics3, tile_pictures):
     model, processor = idefics3
-    inputs = inputs_for(processor, pictures, which=(0,))
+    inputs = inputs_for(processor, tile_pictures, which=(0,))
     fewer = {**inputs, "pixel_values": inputs["pixel_values"][:, :3], "pixel_attention_mask": None}
     with pytest.raises(ValueError, match=r"not one run of 4 tokens per tile of the \[3\] tiles"):
         pruned_logits(model, fewer, mv.FastV())
@@ -185,7 +171,7 @@ def test_bad_inputs_are_refused(idefics3, pictures):
     untagged = inputs["input_ids"].clone()  # the whole-image tile's tag replaced by a tile's place
     glob = untagged[0] == processor.tokenizer.convert_tokens_to_ids("<global-img>")
     untagged[0, glob] = processor.tokenizer.convert_tokens_to_ids("<row_1_col_1>")
-    two = inputs_for(processor, pictures, which=(0, 2))
+    two = inputs_for(processor, tile_pictures, which=(0, 2))
     two["input_ids"] = torch.cat([untagged, two["input_ids"][1:]])
     with pytest.raises(ValueError, match="last image-token runs follow different tokens"):
         pruned_logits(model, two, mv.FastV())
@@ -208,14 +194,13 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_meteor_ask_and_speed_run_a_checkpoint_folder(tmp_path, capsys, pictures, kind):
+def test_meteor_ask_and_speed_run_a_checkpoint_folder(tmp_path, capsys, tile_pictures, kind):
     """A transformers Idefics3 / SmolVLM checkpoint folder (saved model, tokenizer, image processor, chat template)
     runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under the same method;
     ToMe merges windows in every tile; the heatmap draws the last tile, the whole image) and `meteor speed`; the
     processor read back from the folder gives the same inputs."""
     from transformers import Idefics3Processor
 
-    from meteor_vlm.cli import main
     from meteor_vlm.models.idefics3 import load_processor
 
     model, processor = mv.testing.tiny_idefics3(seed=3, kind=kind)
@@ -224,22 +209,11 @@ def test_meteor_ask_and_speed_run_a_checkpoint_folder(tmp_path, capsys, pictures
     Idefics3Processor(processor.image_processor, processor.tokenizer, image_seq_len=4,
                       chat_template=TEMPLATE).save_pretrained(ckpt)
     loaded = load_processor(ckpt)
-    pictures[1].save(tmp_path / "img.png")
+    tile_pictures[1].save(tmp_path / "img.png")
     prompt = loaded.apply_chat_template([{"role": "user", "content": [{"type": "image"},
                                                                       {"type": "text", "text": "what is in the image ?"}]}],
                                         add_generation_prompt=True)
-    inputs = loaded(images=[pictures[1]], text=[prompt], return_tensors="pt")
-    mine = processor(images=[pictures[1]], text=["<image>what is in the image ? a"], return_tensors="pt")
+    inputs = loaded(images=[tile_pictures[1]], text=[prompt], return_tensors="pt")
+    mine = processor(images=[tile_pictures[1]], text=["<image>what is in the image ? a"], return_tensors="pt")
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
-    heat = tmp_path / "heat.png"
-    assert main(["ask", str(tmp_path / "img.png"), "what is in the image ?", "--model", str(ckpt), "--method",
-                 "tome:keep0.5", "--max-new-tokens", "3", "--heatmap", str(heat)]) == 0
-    out = capsys.readouterr().out
-    with mv.ToMe(keep=0.5)(model), torch.no_grad():
-        want = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    answer = processor.decode(want[0, inputs["input_ids"].shape[1]:]).strip()
-    assert f"answer: {answer}\n" in out and "visual tokens: 12 from the experts" in out  # 3 tiles of 4
-    assert "stage 1 (in the experts): 6" in out and heat.is_file()
-    assert main(["speed", "--model", str(ckpt), "--samples", "1", "--new-tokens", "2", "--methods",
-                 "unpruned,tome:keep0.5"]) == 0
-    assert "tome:keep0.5" in capsys.readouterr().out
+    assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys)

@@ -2,10 +2,8 @@
 model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached), and windows dropped
 inside its ViT == the stock blocks run without them, folded by the model's own pixel shuffle."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
@@ -17,7 +15,6 @@ from .test_oracles import (PEERS, DropAt, DropWindows, check_batch_and_cache, ch
 PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circle are there in the image on the left ?",
            "<image> describe the shape ?"]
 IMAGES = [1, 2, 1]  # images per prompt
-SIZES = [(32, 32), (64, 32), (40, 90), (50, 50)]  # 1, 3, 3 and 5 tiles (several: a thumbnail among them)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["internvl", "internvl-qknorm"])
@@ -25,15 +22,9 @@ def internvl(request):
     return mv.testing.tiny_internvl(seed=2, qk_norm=request.param)
 
 
-@pytest.fixture(scope="module")
-def pictures():
-    rng = np.random.default_rng(4)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
-
-
-def inputs_for(processor, pictures, which=(0, 1, 2)):
+def inputs_for(processor, tile_pictures, which=(0, 1, 2)):
     starts = [sum(IMAGES[:i]) for i in range(len(IMAGES))]
-    imgs = [pictures[s + j] for i in which for s in [starts[i]] for j in range(IMAGES[i])]
+    imgs = [tile_pictures[s + j] for i in which for s in [starts[i]] for j in range(IMAGES[i])]
     return processor(images=imgs, text=[PROMPTS[i] for i in which])
 
 
@@ -42,9 +33,9 @@ NOOPS = {"none": mv.NoPruning, **{k: noop for k, (noop, _) in PEERS.items()},
 
 
 @pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
-def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(internvl, pictures, make):
+def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(internvl, tile_pictures, make):
     model, processor = internvl
-    inputs = inputs_for(processor, pictures)
+    inputs = inputs_for(processor, tile_pictures)
     method = make()
     image_tokens = assert_noop_is_the_stock_model(model, inputs, method, stock_logits, pruned_logits)
     assert [s["images"] for s in method.stats] == IMAGES
@@ -73,12 +64,12 @@ def stock_tower_without(model, pixels):
     return alive, model.model.multi_modal_projector(folded)
 
 
-def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(internvl, pictures):
+def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(internvl, tile_pictures):
     """After each of the ViT's 3 blocks a test method drops whole 2x2 windows: the tokens that leave the tower equal
     the stock blocks run on CLS and the patches left, folded by the model's own pixel shuffle, and the logits
     equal the stock language model with the dropped windows' image tokens masked from layer 0 on."""
     model, processor = internvl
-    inputs = inputs_for(processor, pictures, which=(0, 1))
+    inputs = inputs_for(processor, tile_pictures, which=(0, 1))
     assert_windows_dropped_match(model, inputs, {"pixel_values": inputs["pixel_values"]}, stock_tower_without,
                                  model.model.language_model)
 
@@ -110,9 +101,9 @@ def assert_windows_dropped_match(model, inputs, images, stock_tower_without, lan
 
 
 @pytest.mark.parametrize("layer", [0, 3])
-def test_dropping_at_llm_layer_equals_masking_keys(internvl, pictures, layer):
+def test_dropping_at_llm_layer_equals_masking_keys(internvl, tile_pictures, layer):
     model, processor = internvl
-    inputs = inputs_for(processor, pictures, which=(0, 1))
+    inputs = inputs_for(processor, tile_pictures, which=(0, 1))
     with torch.no_grad():
         feats = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.flatten(0, 1)
     assert_drop_at_layer_is_masking(model, inputs, feats, model.model.language_model, layer)
@@ -138,18 +129,18 @@ PRUNING = {**{k: pruning for k, (_, pruning) in PEERS.items()},
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
-def test_every_method_obeys_the_batch_and_cache_oracles(internvl, pictures, make):
+def test_every_method_obeys_the_batch_and_cache_oracles(internvl, tile_pictures, make):
     model, processor = internvl
-    check_batch_and_cache(model, make(), lambda which: inputs_for(processor, pictures, which),
+    check_batch_and_cache(model, make(), lambda which: inputs_for(processor, tile_pictures, which),
                           lambda batch, ids: {"pixel_values": batch["pixel_values"]},
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
-def test_beam_search_keeps_each_prompts_tiles_with_its_rows(pictures):
+def test_beam_search_keeps_each_prompts_tiles_with_its_rows(tile_pictures):
     """Beams repeat each prompt's row and its images' tiles follow it (the second prompt's two images have 3 tiles
     each): pruning nothing, beam search equals the stock model's; under METEOR cached equals uncached."""
     model, processor = mv.testing.tiny_internvl(seed=2)
-    inputs = inputs_for(processor, pictures, which=(0, 1))
+    inputs = inputs_for(processor, tile_pictures, which=(0, 1))
     check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
@@ -170,32 +161,32 @@ def test_proportional_attention_makes_a_merged_window_act_as_its_duplicates(inte
     assert not torch.allclose(plain, full[:, :5], atol=1e-3)
 
 
-def test_meteor_stage1_keeps_its_share_of_every_tile(internvl, pictures):
+def test_meteor_stage1_keeps_its_share_of_every_tile(internvl, tile_pictures):
     model, processor = internvl
-    inputs = inputs_for(processor, pictures)
+    inputs = inputs_for(processor, tile_pictures)
     method = mv.Meteor.preset("stage1", encoder_keep=0.5)
     pruned_logits(model, inputs, method)
     assert [s["stage1_tokens"] for s in method.stats] == [2, 2 * 6, 2 * 5]
     assert [s["encoder_tokens"] for s in method.stats] == [4, 4 * 6, 4 * 5]
 
 
-def test_kept_grid_has_an_entry_for_every_tile(internvl, pictures):
+def test_kept_grid_has_an_entry_for_every_tile(internvl, tile_pictures):
     """`stats['kept_grid']` lists every tile of a sample, {} for one none of whose tokens reached the last layer."""
     model, processor = internvl
     method = mv.FastV(layer=1, ratio=0.9)
-    pruned_logits(model, inputs_for(processor, pictures), method)
+    pruned_logits(model, inputs_for(processor, tile_pictures), method)
     assert [len(s["kept_grid"]) for s in method.stats] == [1, 6, 5]
     assert {} in method.stats[1]["kept_grid"] and all(t == {} or set(t) == {"vision"} for t in method.stats[1]["kept_grid"])
 
 
-def test_bad_inputs_and_settings_are_refused(internvl, pictures):
+def test_bad_inputs_and_settings_are_refused(internvl, tile_pictures):
     model, processor = internvl
-    inputs = inputs_for(processor, pictures, which=(0,))
+    inputs = inputs_for(processor, tile_pictures, which=(0,))
     short = {**inputs, "pixel_values": torch.cat([inputs["pixel_values"]] * 2)}
     with pytest.raises(ValueError, match=r"image-token runs \[4\] are not 4 tokens per tile of the 2 tiles"):
         pruned_logits(model, short, mv.FastV())
     with pytest.raises(ValueError, match="hold 1 <IMG_CONTEXT> tokens for 2 images"):
-        processor(images=pictures[:2], text=["<image> what ?"])
+        processor(images=tile_pictures[:2], text=["<image> what ?"])
     model.config.vision_feature_layer = [-1, -2]
     try:
         with pytest.raises(ValueError, match="several layers"):
@@ -209,11 +200,10 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
             "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} a{% endif %}")
 
 
-def test_meteor_ask_and_speed_run_an_internvl_checkpoint_folder(tmp_path, capsys, pictures):
+def test_meteor_ask_and_speed_run_an_internvl_checkpoint_folder(tmp_path, capsys, tile_pictures):
     """A transformers InternVL checkpoint folder (saved model, tokenizer, image processor, chat template) runs under
     `meteor ask` (the answer greedy generate gives on the chat template's prompt under the same method; ToMe merges
     windows in every tile) and `meteor speed`; the processor read back from the folder gives the same inputs."""
-    from meteor_vlm.cli import main
     from meteor_vlm.models.internvl import InternVLImageTextProcessor
 
     model, processor = mv.testing.tiny_internvl(seed=3)
@@ -221,12 +211,21 @@ def test_meteor_ask_and_speed_run_an_internvl_checkpoint_folder(tmp_path, capsys
     model.save_pretrained(ckpt)
     InternVLImageTextProcessor(processor.image_processor, processor.tokenizer, 4, TEMPLATE).save_pretrained(ckpt)
     loaded = InternVLImageTextProcessor.from_pretrained(ckpt)
-    pictures[1].save(tmp_path / "img.png")
+    tile_pictures[1].save(tmp_path / "img.png")
     prompt = loaded.apply_chat_template([{"role": "user", "content": [{"type": "image"},
                                                                       {"type": "text", "text": "what is in the image ?"}]}])
-    inputs = loaded(images=[pictures[1]], text=[prompt])
-    mine = processor(images=[pictures[1]], text=["<image>\nwhat is in the image ? a"])
+    inputs = loaded(images=[tile_pictures[1]], text=[prompt])
+    mine = processor(images=[tile_pictures[1]], text=["<image>\nwhat is in the image ? a"])
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
+    assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys)
+
+
+def assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys):
+    """`meteor ask` on tmp_path/img.png with the checkpoint folder `ckpt` answers what greedy generate gives on
+    `inputs` (the chat template's prompt for that image) under ToMe keeping half, which keeps 6 of its 12 tokens
+    (3 tiles of 4) and writes a heatmap; `meteor speed` runs the folder."""
+    from meteor_vlm.cli import main
+
     heat = tmp_path / "heat.png"
     assert main(["ask", str(tmp_path / "img.png"), "what is in the image ?", "--model", str(ckpt), "--method",
                  "tome:keep0.5", "--max-new-tokens", "3", "--heatmap", str(heat)]) == 0

@@ -112,15 +112,15 @@ class Idefics3Adapter(StockAdapter):
     def tokens_per_tile(self) -> int:
         return self.runners[0].num_patches
 
-    def tiles(self, images: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T, 3, S, S) every sample's real tiles, one sample after another (the model's rule: a tile that is all
-        zeros is padding), and (B,) how many each sample has. ValueError for tiles of another size than the
-        tower's, or with padded patches (images padded to a common size, not cut into tiles)."""
+    def _real_tiles(self, images: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B * max_tiles, 3, S, S) the pixels as given and (B * max_tiles,) bool, which tiles are real (the model's
+        rule: a tile that is all zeros is padding). ValueError for tiles of another size than the tower's, or with
+        padded patches (images padded to a common size, not cut into tiles)."""
         pixels = images["pixel_values"]
         if pixels.dim() != 5:
             raise ValueError(f"pixel_values must be (batch, tiles, 3, height, width) as the processor gives them, "
                              f"got shape {tuple(pixels.shape)}")
-        B, n, _, H, W = pixels.shape
+        H, W = pixels.shape[-2:]
         side = self.runners[0].module.config.image_size
         if H != side or W != side:
             raise ValueError(f"tiles of {H}x{W} px: pruning needs the tower's {side}x{side} tiles (the processor's "
@@ -134,7 +134,16 @@ class Idefics3Adapter(StockAdapter):
             if not bool(patch_seen.all()):
                 raise ValueError("pixel_attention_mask pads some patches of a tile: only whole tiles are supported "
                                  "(padded images, as without image splitting at mixed sizes, are not)")
-        return flat[real], real.view(B, n).sum(1)
+        return flat, real
+
+    def tiles(self, images: dict) -> torch.Tensor:
+        """(T, 3, S, S) every sample's real tiles, one sample after another."""
+        flat, real = self._real_tiles(images)
+        return flat[real]
+
+    def tile_counts(self, images: dict) -> torch.Tensor:
+        """(B,) how many real tiles each sample has (its pixels are not copied)."""
+        return self._real_tiles(images)[1].view(images["pixel_values"].shape[:2]).sum(1)
 
     def encode_expert(self, index: int, pixel_values: torch.Tensor, method):
         """The tower (expert 0) block by block on (T, 3, S, S) tiles, with stage-1 pruning."""
@@ -143,13 +152,13 @@ class Idefics3Adapter(StockAdapter):
 
     def encode_images(self, images: dict, method):
         """Every tile's kept windows, projected into the LLM's width, then stage 2."""
-        tokens = self.encode_expert(0, self.tiles(images)[0], method)
+        tokens = self.encode_expert(0, self.tiles(images), method)
         projected = self.model.model.connector.modality_projection(tokens.features)
         return fuse_and_prune([tokens], [projected], self.expert_names, method)
 
     def encoder_tokens(self, images: dict) -> list[int]:
         """The unpruned visual tokens of each tile."""
-        return [self.tokens_per_tile] * int(self.tiles(images)[1].sum())
+        return [self.tokens_per_tile] * int(self.tile_counts(images).sum())
 
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         """Tile k (over the batch) is the k-th run of image tokens, N (tokens_per_tile) long, and an image's tiles
@@ -158,7 +167,7 @@ class Idefics3Adapter(StockAdapter):
         and the prompts agree on that tag."""
         if input_ids is None:
             raise ValueError("Idefics3's layout needs the prompt (each tile's place is read from its tokens)")
-        counts = self.tiles(images)[1]
+        counts = self.tile_counts(images)
         n, dev = self.tokens_per_tile, counts.device
         is_img = (input_ids == self.image_token_id).int()
         edges = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)  # +1 where a run starts, -1 after it ends

@@ -244,8 +244,9 @@ class Qwen2VLAdapter(StockAdapter):
         first = images.get("pixel_values") is not None
         return torch.cat(grids), len(grids[0]) if first else 0
 
-    def _counts(self, images: dict) -> list[int]:
-        return (self._grids(images)[0].prod(-1) // self.model.config.vision_config.spatial_merge_size ** 2).tolist()
+    def _counts(self, grids: torch.Tensor) -> list[int]:
+        """The merged visual tokens of each item of `grids`."""
+        return (grids.prod(-1) // self.model.config.vision_config.spatial_merge_size ** 2).tolist()
 
     @staticmethod
     def _take(pixels: torch.Tensor, grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -276,7 +277,7 @@ class Qwen2VLAdapter(StockAdapter):
 
     def encoder_tokens(self, images: dict) -> list[int]:
         """The merged visual tokens of each image, then each video (none are pruned before the encoder's end)."""
-        return self._counts(images)
+        return self._counts(self._grids(images)[0])
 
     def encode_images(self, images: dict, method):
         """The encoder's merged tokens of every image and video, then stage 2."""
@@ -287,8 +288,8 @@ class Qwen2VLAdapter(StockAdapter):
         """The one expert's merged tokens of every image, then every video (their pixels and grids in `images`),
         with the method's stage-1 pruning: (items, most tokens, D), empty slots after an item's last token. The
         items of one grid are encoded together (`Qwen2VLRunner`)."""
-        counts = self._counts(images)
         grids = self._grids(images)[0]
+        counts = self._counts(grids)
         visual = self.model.model.visual
         pixels = torch.cat([images[k] for k, _ in self._KINDS if images.get(k) is not None]).to(visual.dtype)
         starts = [0, *grids.prod(-1).cumsum(0).tolist()]
@@ -317,8 +318,8 @@ class Qwen2VLAdapter(StockAdapter):
         """Item i's token g at offset g of its span; the items (images, then videos) in the order the prompts show
         them, which the prompt's image and video tokens tell where there are videos. ValueError where the prompts'
         visual tokens do not split into the items given."""
-        counts_list = self._counts(images)
         grids, first_video = self._grids(images)
+        counts_list = self._counts(grids)
         counts = torch.tensor(counts_list, device=grids.device)
         order = list(range(len(counts_list)))
         if first_video < len(counts_list):  # videos: the prompts say where each image and video comes
