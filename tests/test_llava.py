@@ -19,7 +19,9 @@ PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circl
            "<image> describe the shape ?"]
 IMAGES = [1, 2, 1]  # images per prompt
 KINDS = {"clip": dict(tower="clip"), "siglip": dict(tower="siglip"), "next": dict(tower="clip", anyres=True),
-         "onevision": dict(onevision=True)}
+         "onevision": dict(onevision=True),
+         # one tile's worth of high-resolution patches at most: the one-image prompts' grids are interpolated
+         "onevision-interpolated": dict(onevision=True, max_tiles=1)}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -130,12 +132,78 @@ def dropped_columns(model, inputs, stats):
     return [(is_img[b] & ~kept[b]).nonzero()[:, 0].tolist() for b in range(is_img.shape[0])]
 
 
+def interpolated_embeds(model, inputs, keep):
+    """LLaVA-OneVision's input embeddings with the patches `keep` (tiles, N) bool says survived, computed here from
+    the stock tower and projector, the tiles' grid and PyTorch's bilinear rule (align_corners=False): a token of an
+    interpolated grid is the mix of its (up to four) source patches, its weights renormalised over the kept ones,
+    and it is present where its nearest source (the larger weight on each axis, the later one on a tie) was kept;
+    any other image token is its patch's own feature, present where that was kept (row ends always). Returns
+    embeds (B, T, D) and, per sample, the image columns not present."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
+
+    cfg, m = model.config, model.model
+    S = cfg.vision_config.image_size
+    side = S // cfg.vision_config.patch_size
+    budget = int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")) * side * side
+    alone = [k == 1 for k in inputs["batch_num_images"].tolist() for _ in range(k)]
+    tokens, t0 = [], 0  # per image: (D,) features in prompt order, None where absent
+    with torch.no_grad():
+        for pixels, size, one in zip(inputs["pixel_values"], inputs["image_sizes"], alone):
+            nh, nw = get_anyres_image_grid_shape(size.tolist(), cfg.image_grid_pinpoints, S) if one else (0, 0)
+            count = 1 + nh * nw
+            f = m.multi_modal_projector(m.vision_tower(pixels[:count], output_hidden_states=True).hidden_states[-1])
+            k = keep[t0:t0 + count].float()
+            t0 += count
+            image = [f[0, g] if k[0, g] else None for g in range(side * side)]
+            if count > 1:
+                def stitch(x):  # (tiles, N, C) -> (C, H, W), unpadded
+                    x = x[1:].reshape(nh, nw, side, side, -1).permute(4, 0, 2, 1, 3).reshape(-1, nh * side, nw * side)
+                    return unpad_image(x, size)
+                grid, kept = stitch(f), stitch(k[..., None])[0]
+                H, W = kept.shape
+                ratio = (H * W / budget) ** 0.5
+                h, w = (int(H // ratio), int(W // ratio)) if ratio > 1.1 else (H, W)
+
+                def sources(i, n_in, n_out):  # [(index, weight)], the nearest first
+                    x = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+                    lo = int(x)
+                    hi, frac = min(lo + 1, n_in - 1), x - lo
+                    return [(hi, frac), (lo, 1 - frac)] if frac >= 0.5 else [(lo, 1 - frac), (hi, frac)]
+                for i in range(h):
+                    for j in range(w):
+                        pairs = [(y, x, a * b) for y, a in sources(i, H, h) for x, b in sources(j, W, w)]
+                        total = sum(wt * kept[y, x] for y, x, wt in pairs)
+                        mix = sum(wt * kept[y, x] * grid[:, y, x] for y, x, wt in pairs) / total if total else None
+                        image.append(mix if kept[pairs[0][0], pairs[0][1]] else None)
+                    image.append(m.image_newline)
+            else:
+                image.append(m.image_newline)
+            tokens.append(image)
+        ids = inputs["input_ids"]
+        embeds = model.get_input_embeddings()(ids)
+        is_img = ids == cfg.image_token_id
+        ib, it = is_img.nonzero(as_tuple=True)
+        flat = [t for image in tokens for t in image]
+        assert len(flat) == len(ib), "the image tokens the prompts hold"
+        drop = [[] for _ in range(ids.shape[0])]
+        for b, t, x in zip(ib.tolist(), it.tolist(), flat):
+            if x is None:
+                drop[b].append(t)
+            else:
+                embeds[b, t] = x
+    return embeds, drop
+
+
 @pytest.mark.parametrize("make", [lambda: mv.DivPrune(keep=0.4), GapsAtOutput], ids=["divprune", "count-per-image"])
 def test_pruning_before_the_llm_equals_masking_those_image_columns_from_layer_0(llava, pictures, make):
     """Tokens selected (not changed) before the LLM, the same count per image or not: the stock model with the
-    other patches' image columns masked from layer 0 on, every kept token at its own column's RoPE position."""
+    other patches' image columns masked from layer 0 on, every kept token at its own column's RoPE position.
+    (Where LLaVA-OneVision interpolates an image's grid, pruning also changes the mixes: see
+    `test_llava_onevision_prunes_the_images_whose_patches_it_interpolates`.)"""
     model, processor = llava
     inputs = llava_inputs(processor, pictures)
+    if adapt(model).layout({k: inputs.get(k) for k in adapt(model).IMAGE_INPUTS}).mixed is not None:
+        pytest.skip("an interpolated grid: its tokens' mixes change too")
     method = make()
     got = pruned_logits(model, inputs, method)
     assert [s["images"] for s in method.stats] == IMAGES  # images, not tiles
@@ -317,7 +385,8 @@ def test_a_prompt_ending_with_an_image_queries_its_last_token_still_present(clip
             torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-next", "llava-onevision", "qwen2-vl"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "llava-onevision", "llava-onevision-interpolated",
+                                    "qwen2-vl"])
 def test_beam_search_keeps_each_prompts_images_with_its_rows(family, pictures):
     """generate with beams repeats each prompt's row; its images must follow as a group (a prompt with two images
     would otherwise get the wrong ones): pruning nothing, beam search equals the stock model's, and under a method
@@ -327,7 +396,8 @@ def test_beam_search_keeps_each_prompts_images_with_its_rows(family, pictures):
         inputs = processor(images=[p.resize((40, 24)) for p in pictures[:3]], text=PROMPTS[:2])
     else:
         model, processor = mv.testing.tiny_llava(seed=2, anyres=family == "llava-next",
-                                                 onevision=family == "llava-onevision")
+                                                 onevision=family.startswith("llava-onevision"),
+                                                 max_tiles=1 if family.endswith("interpolated") else 9)
         inputs = llava_inputs(processor, pictures, which=(0, 1))
     check_beams_against_the_stock_model(model, inputs, mv.FastV(layer=1, ratio=0.5))
 
@@ -347,25 +417,55 @@ def test_the_stage_1_and_3_bench_name_runs_meteor_on_one_tower(clip_llava, pictu
         pruned_logits(model, llava_inputs(processor, pictures), make_method("meteor:e0.5-f0.5-l3"))
 
 
-def test_llava_onevision_refuses_the_images_whose_patches_it_interpolates(pictures):
-    """With grids of up to 4x4 tiles, a square image gets 16 tiles, more than anyres_max_9's nine tiles' worth of
-    patches: the stock model shrinks their grid by interpolation after the tower, so pruning refuses that image;
-    one that needs four tiles runs and, pruning nothing, equals the stock model."""
-    grids = [[32 * i, 32 * j] for i in range(1, 5) for j in range(1, 5)]
-    model, processor = mv.testing.tiny_llava(seed=2, onevision=True, pinpoints=grids)
-    big = processor(images=[[pictures[2].resize((128, 128))]], text=[PROMPTS[0]], return_tensors="pt")
-    with pytest.raises(ValueError, match="128x128 image has more high-resolution patches than vision_aspect_ratio"):
-        pruned_logits(model, big, mv.FastV())
-    small = processor(images=[[pictures[2]]], text=[PROMPTS[0]], return_tensors="pt")
-    assert small["pixel_values"].shape[1] == 1 + 4
-    torch.testing.assert_close(pruned_logits(model, small, mv.NoPruning()), stock_logits(model, small), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match=r"batch_num_images \[2\] do not add up to the 1 images"):
-        pruned_logits(model, {**small, "batch_num_images": torch.tensor([2])}, mv.FastV())
+class SpreadGaps(GapsAtOutput):
+    """Test method: at the tower's output, drop the patches of every tile where (5 * patch + tile) % 3 == 0, the
+    first patch kept (a different count per tile, gaps all over each grid)."""
+
+    def prune_encoder(self, ctx):
+        B, N = ctx.patches.shape[:2]
+        keep = (torch.arange(N)[None] * 5 + torch.arange(B)[:, None]) % 3 != 0
+        keep[:, 0] = True
+        self.kept[ctx.expert] = keep
+        return mv.ops.mask_to_padded_indices(keep)
+
+
+def test_llava_onevision_prunes_the_images_whose_patches_it_interpolates(pictures):
+    """Where an image's high-resolution patches exceed the model's budget (here one tile's worth), the stock model
+    interpolates their grid. Patches dropped at the tower's output (a different count per image): each such token is
+    present where its nearest patch survived, as the bilinear mix of the surviving patches, renormalised (computed
+    here from the tiles' geometry, `interpolated_embeds`), the absent ones masked from layer 0 on; the images of the
+    two-image prompt (base tiles alone) are not interpolated. Keeping every patch, the same computation is the stock
+    model's embedding."""
+    model, processor = mv.testing.tiny_llava(seed=2, onevision=True, max_tiles=1)
+    inputs = llava_inputs(processor, pictures)
+    adapter = adapt(model)
+    assert adapter.layout({k: inputs.get(k) for k in adapter.IMAGE_INPUTS}).mixed.mixed == [True, False, False, True]
+    tiles = inputs["pixel_values"].shape[1]
+    every, _ = interpolated_embeds(model, inputs, torch.ones(inputs["pixel_values"].shape[0] * tiles, 16, dtype=bool))
+    stock = stock_embeds(model, inputs)
+    torch.testing.assert_close(every, stock, atol=1e-6, rtol=1e-6)
+
+    method = SpreadGaps()
+    got = pruned_logits(model, inputs, method)
+    keep = method.kept["vision"]
+    embeds, drop = interpolated_embeds(model, inputs, keep)
+    is_img = inputs["input_ids"] == model.config.image_token_id
+    assert [s["fusion_tokens"] for s in method.stats] == [int(n) - len(d) for n, d in zip(is_img.sum(1), drop)]
+    assert all(len(d) > 0 for d in drop) and not keep.all()
+    lm = model.model.language_model
+    want = masked_decoder_logits(lm, model.lm_head, embeds, inputs["attention_mask"].bool(), drop, 0)
+    text = inputs["attention_mask"].bool() & ~is_img
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+    masked = masked_decoder_logits(lm, model.lm_head, stock, inputs["attention_mask"].bool(), drop, 0)
+    assert (got[text] - masked[text]).abs().max() > 1e-3, "the mixes changed: the stock features masked are not it"
+    with pytest.raises(ValueError, match=r"batch_num_images \[1, 2, 2\] do not add up to the 4 images"):
+        pruned_logits(model, {**inputs, "batch_num_images": torch.tensor([1, 2, 2])}, mv.FastV())
 
 
 def test_speed_draws_llava_onevision_images_it_does_not_interpolate():
     """`meteor speed` draws its images for LLaVA-OneVision's released grids (up to 6x6 tiles of 384 px) at 1152 px: a
-    3x3 grid, nine tiles, the most anyres_max_9 takes without interpolating (a 2304 px image would be refused)."""
+    3x3 grid, nine tiles, the most anyres_max_9 takes without interpolating (a 2304 px image's grid would be shrunk,
+    its tokens mixing patches)."""
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     from meteor_vlm.bench.speed import _image_side

@@ -107,7 +107,7 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEn
 
 
 def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: bool = False, onevision: bool = False,
-               pinpoints: list | None = None):
+               pinpoints: list | None = None, max_tiles: int = 9):
     """A tiny random stock transformers `LlavaForConditionalGeneration` and its `LlavaProcessor` (CPU, fp32,
     eval mode, SDPA), the shape of LLaVA-1.5 at toy size: a 4-block vision tower ("clip": CLIP with CLS,
     features from block -2 without CLS; "siglip": SigLIP, every token) at 32 px (16 patches, so 16 image
@@ -119,7 +119,9 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     With `onevision`, a `LlavaOnevisionForConditionalGeneration` and `models.llava.LlavaOnevisionImageTextProcessor`
     (its processor without a video processor): the same tiles, a SigLIP tower (whatever `tower` says) read whole
     at its last block, a row-end token after every image, and in a prompt with several images each image as its
-    base tile alone. `pinpoints`: the (height, width) grids of tiles, in pixels, instead of those three."""
+    base tile alone, and `max_tiles` tiles' worth of high-resolution patches at most (`vision_aspect_ratio`
+    "anyres_max_9"; an image with more has its grid shrunk by interpolation). `pinpoints`: the (height, width)
+    grids of tiles, in pixels, instead of those three."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -154,7 +156,8 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         config_cls, model_cls = LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
     config = config_cls(vision_config=vision_config, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                         vision_feature_select_strategy=strategy, vision_feature_layer=-1 if onevision else -2,
-                        **({"image_grid_pinpoints": pinpoints} if anyres else {}))
+                        **({"image_grid_pinpoints": pinpoints} if anyres else {}),
+                        **({"vision_aspect_ratio": f"anyres_max_{max_tiles}"} if onevision else {}))
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -170,7 +173,8 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         images = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints,
                                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
         return model, LlavaOnevisionImageTextProcessor(image_processor=images, tokenizer=tokenizer, num_image_tokens=16,
-                                                       vision_feature_select_strategy=strategy)
+                                                       vision_feature_select_strategy=strategy,
+                                                       vision_aspect_ratio=f"anyres_max_{max_tiles}")
     images = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints) if anyres else CLIPImageProcessorPil(**sizes)
     processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
         image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,

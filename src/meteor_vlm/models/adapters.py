@@ -71,7 +71,8 @@ class Layout:
     within its image's span, of each of the tile's tokens by grid index (-1: a token the image does not show,
     e.g. cut off by LLaVA-NeXT's unpadding, or an empty slot); span: (num_images,) image tokens per image;
     extra_image, extra_offset: (M,) image tokens that are no patch (LLaVA-NeXT's row ends), and extra: (D,)
-    their embedding.
+    their embedding; mixed: what an adapter's `placed_features` needs for images whose tokens mix several patches
+    (LLaVA-OneVision's interpolated grids; there slot gives each token's place to the patch nearest to it), or None.
     """
 
     tile_image: torch.Tensor
@@ -80,6 +81,7 @@ class Layout:
     extra_image: torch.Tensor | None = None
     extra_offset: torch.Tensor | None = None
     extra: torch.Tensor | None = None
+    mixed: object | None = None
 
 
 def check_sdpa(text_config) -> None:
@@ -194,6 +196,11 @@ class StockAdapter:
         rows = self.visual_columns(input_ids, images).nonzero(as_tuple=True)[0][span.cumsum(0) - span]  # their prompts
         return self.take_images(images, runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size))
 
+    def placed_features(self, visual, layout: Layout, vi: torch.Tensor, vj: torch.Tensor) -> torch.Tensor:
+        """(K, D) what the LLM gets for the kept tokens (vi, vj) of `visual` that the layout places: by default their
+        own features."""
+        return visual.features[vi, vj]
+
     def check_method(self, method) -> None:
         """ValueError if this model cannot run `method` (asked when the method is attached, before its setup)."""
 
@@ -278,7 +285,7 @@ class StockAdapter:
             vi, vj, offset = vi[offset >= 0], vj[offset >= 0], offset[offset >= 0]  # tokens the image shows
             k = first[layout.tile_image[vi]] + offset
             rows, cols = ib[k], it[k]
-            embeds[rows, cols] = visual.features[vi, vj].to(embeds.dtype)
+            embeds[rows, cols] = self.placed_features(visual, layout, vi, vj).to(embeds.dtype)
             placed[rows, cols] = True
             vis_index[rows, cols] = vi * visual.features.shape[1] + vj
             if layout.extra_image is not None:  # tokens of the image that are no patch (LLaVA-NeXT's row ends)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -172,21 +173,23 @@ class LlavaNextAdapter(LlavaAdapter):
                              f"the image sizes need ({counts} per image)")
         return pixels
 
-    def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor) -> torch.Tensor:
+    def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The model's own packing of one image's tiles, run on (tiles, N, 1) patch indices: (L, 1), row_end's
-        value at the row ends."""
+        value at the row ends, and whether the image's tokens mix patches (never on LLaVA-NeXT)."""
         strategy = self.model.config.vision_feature_select_strategy
-        return self.model.model.pack_image_features([index], size[None], strategy, image_newline=row_end)[0][0]
+        return self.model.model.pack_image_features([index], size[None], strategy, image_newline=row_end)[0][0], False
 
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         sizes = images["image_sizes"]
         counts = self._tile_counts(sizes, images)
         n, dev = self.tokens_per_image, images["pixel_values"].device
         row_end = torch.full((1,), -1.0, device=dev)
-        slots, spans, extra_image, extra_offset = [], [], [], []
+        slots, spans, extra_image, extra_offset, mixed = [], [], [], [], []
         for k, (size, c) in enumerate(zip(sizes, counts)):
             index = torch.arange(c * n, device=dev, dtype=torch.float32).view(c, n, 1)  # exact below 2**24
-            packed = self._packed_patches(index, size, row_end)[:, 0].long()
+            packed, mixes = self._packed_patches(index, size, row_end)
+            packed = packed[:, 0].long()
+            mixed.append(mixes)
             shown = (packed >= 0).nonzero()[:, 0]
             slot = torch.full((c * n,), -1, dtype=torch.long, device=dev)
             slot[packed[shown]] = shown
@@ -196,18 +199,40 @@ class LlavaNextAdapter(LlavaAdapter):
             extra_image.append(torch.full_like(ends, k))
             extra_offset.append(ends)
         tile_image = torch.repeat_interleave(torch.arange(len(counts), device=dev), torch.tensor(counts, device=dev))
-        return Layout(tile_image, torch.cat(slots), torch.tensor(spans, device=dev), torch.cat(extra_image),
-                      torch.cat(extra_offset), self.model.model.image_newline)
+        layout = Layout(tile_image, torch.cat(slots), torch.tensor(spans, device=dev), torch.cat(extra_image),
+                        torch.cat(extra_offset), self.model.model.image_newline)
+        if any(mixed):
+            layout.mixed = MixedImages(mixed, sizes, counts)
+        return layout
+
+
+@dataclass
+class MixedImages:
+    """Which images of a `Layout` LLaVA-OneVision shrinks by interpolation (`mixed`, per image), with their sizes
+    (image_sizes) and tile counts: what `LlavaOnevisionAdapter.placed_features` needs to mix their tokens."""
+
+    mixed: list[bool]
+    sizes: torch.Tensor
+    counts: list[int]
+
+
+# a budget no image reaches: the model's packing without its interpolation
+_NO_BUDGET = f"anyres_max_{2**31 - 1}"
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): LLaVA-NeXT's layout with a SigLIP tower read
     whole, a row-end token after a single-tile image too, and, in a prompt with several images, each image as its
-    base tile alone (`batch_num_images`, which its processor returns, says how many images each prompt has). Where
-    an image's high-resolution patches exceed its `vision_aspect_ratio` budget ("anyres_max_9": nine tiles' worth),
-    the stock model shrinks their grid by bilinear interpolation after the tower, so one token mixes several
-    patches and none of them can be pruned alone: such images are refused (a smaller image, or a processor whose
-    `image_grid_pinpoints` stop at nine tiles, stays within it)."""
+    base tile alone (`batch_num_images`, which its processor returns, says how many images each prompt has).
+
+    Where an image's high-resolution patches exceed its `vision_aspect_ratio` budget ("anyres_max_9": nine tiles'
+    worth), the stock model shrinks their grid by bilinear interpolation after the projector, so each of those
+    image tokens mixes up to four neighbouring patches. There a token's place belongs to the patch nearest to it
+    (its largest weight; no patch is nearest to two tokens): the token enters the LLM where stages 1 and 2 kept
+    that patch, as the model's own interpolation of the kept patches alone, its weights renormalised over them
+    (`placed_features`). Pruning nothing, that is the stock model; a share of the patches kept leaves about that
+    share of the image's tokens, and a kept patch that is nearest to no token enters the LLM only in its
+    neighbours' mixes."""
 
     IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")
 
@@ -221,20 +246,61 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         whole = super()._tile_counts(sizes, images)
         return [c if a else 1 for c, a in zip(whole, alone)]
 
-    def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor) -> torch.Tensor:
-        """The model's packing run on the indices and, beside them, their squares (in float64, exact): a token
-        that is one patch has the square of its index; one that the interpolation mixed from several does not."""
-        index64 = index.double()  # squares past 2**24 are not exact in float32
-        both = torch.cat([index64, index64**2], -1)
-        packed = self.model.model.pack_image_features([both], size[None], image_newline=row_end.double().expand(2),
-                                                      vision_aspect_ratio=self.model.config.vision_aspect_ratio)[0][0]
-        patch = packed[:, 0] >= 0  # not a row end
-        if not bool((packed[patch, 1] == packed[patch, 0] ** 2).all()):
-            h, w = size.tolist()
-            raise ValueError(f"a {h}x{w} image has more high-resolution patches than vision_aspect_ratio="
-                             f"{self.model.config.vision_aspect_ratio!r} allows, and LLaVA-OneVision interpolates their "
-                             "grid after the tower, mixing patches: pruning is not supported on such images")
-        return packed[:, :1].to(index.dtype)
+    def _pack(self, features: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor, budget: str | None = None):
+        """The model's packing of one image's (tiles, N, C) features: (L, C), row_end at the row ends."""
+        ratio = budget or self.model.config.vision_aspect_ratio
+        return self.model.model.pack_image_features([features], size[None], image_newline=row_end,
+                                                    vision_aspect_ratio=ratio)[0][0]
+
+    def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Each token's patch: its own, or where the image is interpolated the patch nearest to it. The packing runs
+        without the budget on the indices (the unpadded grid of patches), then with it on each patch's (row, column)
+        in that grid (float64): a token's interpolated coordinates, rounded, are its nearest patch. Also whether
+        the image is interpolated."""
+        grid_rows = self._pack(index.double(), size, row_end.double(), _NO_BUDGET)[:, 0]
+        n = index.shape[1]
+        if index.shape[0] == 1:  # a base tile alone is never interpolated
+            return grid_rows[:, None].to(index.dtype), False
+        grid = grid_rows[n:].view(int((grid_rows[n:] < 0).sum()), -1)[:, :-1].long()  # (H, W): rows end in row_end
+        where = torch.zeros(index.numel(), 2, dtype=torch.float64, device=index.device)
+        h, w = torch.meshgrid(torch.arange(grid.shape[0]), torch.arange(grid.shape[1]), indexing="ij")
+        where[grid.flatten()] = torch.stack([h, w], -1).view(-1, 2).to(where)
+        at = self._pack(where.view(*index.shape[:2], 2), size, torch.full((2,), -1.0, dtype=torch.float64,
+                                                                          device=index.device))[n:]
+        if len(at) == len(grid_rows) - n:  # within the budget: not interpolated
+            return grid_rows[:, None].to(index.dtype), False
+        patch = at[:, 0] >= 0  # not a row end
+        nearest = torch.floor(at[patch] + 0.5).long()  # the largest of its bilinear weights
+        packed = torch.full((n + len(at),), -1.0, dtype=index.dtype, device=index.device)
+        packed[:n] = grid_rows[:n].to(index.dtype)
+        packed[n:][patch] = grid[nearest[:, 0], nearest[:, 1]].to(index.dtype)
+        return packed[:, None], True
+
+    def placed_features(self, visual, layout: Layout, vi: torch.Tensor, vj: torch.Tensor) -> torch.Tensor:
+        """The features of the kept tokens (vi, vj) the splice places; on an interpolated image, each is the
+        model's interpolation of the image's kept patches (projected features, zero where a patch was pruned)
+        divided by the same interpolation of their presence: the bilinear weights renormalised over the kept
+        patches."""
+        features = visual.features[vi, vj]
+        mixed = layout.mixed
+        if mixed is None:
+            return features
+        first = torch.tensor(mixed.counts).cumsum(0) - torch.tensor(mixed.counts)
+        mask = visual.mask
+        for k in (k for k, m in enumerate(mixed.mixed) if m):
+            t0, c = int(first[k]), mixed.counts[k]
+            n, D = self.tokens_per_image, visual.features.shape[-1]
+            ti, tj = (mask[t0:t0 + c]).nonzero(as_tuple=True)
+            dense = visual.features.new_zeros(c, n, D + 1)
+            dense[ti, visual.grid_index[t0 + ti, tj], :D] = visual.features[t0 + ti, tj]
+            dense[ti, visual.grid_index[t0 + ti, tj], D] = 1
+            packed = self._pack(dense, mixed.sizes[k], dense.new_zeros(D + 1))
+            here = (vi >= t0) & (vi < t0 + c)
+            offset = layout.slot[vi[here], visual.grid_index[vi[here], vj[here]]]
+            mix = packed[offset]
+            lost = bool((dense[..., D] == 0).any())  # pruning nothing: the model's interpolation itself
+            features[here] = mix[:, :D] / mix[:, D:] if lost else mix[:, :D]
+        return features
 
 
 class LlavaOnevisionImageTextProcessor(LlavaOnevisionProcessor):
