@@ -2,6 +2,8 @@
 under every method: the oracles the project's own model obeys (no-op == stock model, drop == mask, batch == one by
 one, cached == uncached)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -64,14 +66,19 @@ def pruned_logits(model, inputs, method, **kw):
 
 
 def stock_embeds(model, inputs):
-    """(B, T, D) the stock model's input embeddings: each image's features at its image tokens."""
+    """(B, T, D) the stock model's input embeddings: each image's features at its image tokens (and LLaVA-OneVision's
+    videos' at their video tokens)."""
     with torch.no_grad():
         ids = inputs["input_ids"]
-        sizes = {k: inputs[k] for k in ("image_sizes", "batch_num_images") if k in inputs}
-        feats = torch.cat(model.get_image_features(pixel_values=inputs["pixel_values"], **sizes).pooler_output)
         embeds = model.get_input_embeddings()(ids)
-        is_img = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
-        return embeds.masked_scatter(is_img, feats)
+        if "pixel_values" in inputs:
+            sizes = {k: inputs[k] for k in ("image_sizes", "batch_num_images") if k in inputs}
+            feats = torch.cat(model.get_image_features(pixel_values=inputs["pixel_values"], **sizes).pooler_output)
+            embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None].expand_as(embeds), feats)
+        if "pixel_values_videos" in inputs:
+            feats = model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"]).pooler_output.flatten(0, 1)
+            embeds = embeds.masked_scatter((ids == model.config.video_token_id)[..., None].expand_as(embeds), feats)
+        return embeds
 
 
 NOOPS = {"none": mv.NoPruning, **{k: noop for k, (noop, _) in PEERS.items()},
@@ -100,8 +107,11 @@ def assert_noop_is_the_stock_model(model, inputs, method, stock, pruned) -> list
     same = pruned(model, inputs, method)
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(same[real], before[real], atol=1e-5, rtol=0)
+    ids = inputs["input_ids"]
     visual = inputs["mm_token_type_ids"] > 0 if "mm_token_type_ids" in inputs else (
-        inputs["input_ids"] == model.config.image_token_id)  # Qwen2-VL: image and video tokens
+        ids == model.config.image_token_id)  # Qwen2-VL: image and video tokens
+    if "pixel_values_videos" in inputs and "mm_token_type_ids" not in inputs:  # LLaVA-OneVision's videos
+        visual = visual | (ids == model.config.video_token_id)
     image_tokens = visual.sum(1).tolist()
     assert [s["layer_avg_tokens"] for s in method.stats] == image_tokens
     assert "forward" not in vars(model) and "prepare_inputs_for_generation" not in vars(model)
@@ -132,30 +142,61 @@ def dropped_columns(model, inputs, stats):
     return [(is_img[b] & ~kept[b]).nonzero()[:, 0].tolist() for b in range(is_img.shape[0])]
 
 
+def bilinear_tokens(grid, kept, h, w):
+    """PyTorch's bilinear rule (align_corners=False) shrinking grid (C, H, W) to (h, w), computed here: each output
+    the mix of its (up to four) source cells, the weights renormalised over the cells `kept` (H, W) holds, and
+    present (else None) where its nearest source (the larger weight on each axis, the later one on a tie) was kept.
+    Returns the h * w outputs, row by row."""
+    H, W = kept.shape
+
+    def sources(i, n_in, n_out):  # [(index, weight)], the nearest first
+        x = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        lo = int(x)
+        hi, frac = min(lo + 1, n_in - 1), x - lo
+        return [(hi, frac), (lo, 1 - frac)] if frac >= 0.5 else [(lo, 1 - frac), (hi, frac)]
+    out = []
+    for i in range(h):
+        for j in range(w):
+            pairs = [(y, x, a * b) for y, a in sources(i, H, h) for x, b in sources(j, W, w)]
+            total = sum(wt * kept[y, x] for y, x, wt in pairs)
+            mix = sum(wt * kept[y, x] * grid[:, y, x] for y, x, wt in pairs) / total if total else None
+            out.append(mix if kept[pairs[0][0], pairs[0][1]] else None)
+    return out
+
+
 def interpolated_embeds(model, inputs, keep):
-    """LLaVA-OneVision's input embeddings with the patches `keep` (tiles, N) bool says survived, computed here from
-    the stock tower and projector, the tiles' grid and PyTorch's bilinear rule (align_corners=False): a token of an
-    interpolated grid is the mix of its (up to four) source patches, its weights renormalised over the kept ones,
-    and it is present where its nearest source (the larger weight on each axis, the later one on a tie) was kept;
-    any other image token is its patch's own feature, present where that was kept (row ends always). Returns
-    embeds (B, T, D) and, per sample, the image columns not present."""
+    """LLaVA-OneVision's input embeddings with the patches `keep` (tiles, N) bool says survived (every image's tiles,
+    then every video's frames), computed here from the stock tower and projector, the tiles' grid and PyTorch's
+    bilinear rule (`bilinear_tokens`): a token of an interpolated image grid or of a pooled video frame is the mix of
+    its source patches renormalised over the kept ones, present where its nearest source was kept; any other token
+    is its patch's own feature, present where that was kept (row ends always). Images fill the image tokens and
+    videos the video tokens, each in order. Returns embeds (B, T, D) and, per sample, the visual columns not
+    present."""
     from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
 
     cfg, m = model.config, model.model
     S = cfg.vision_config.image_size
     side = S // cfg.vision_config.patch_size
     budget = int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")) * side * side
-    alone = [k == 1 for k in inputs["batch_num_images"].tolist() for _ in range(k)]
-    tokens, t0 = [], 0  # per image: (D,) features in prompt order, None where absent
+    per_prompt = inputs["batch_num_images"].tolist() if "batch_num_images" in inputs else []
+    alone = [k == 1 for k in per_prompt for _ in range(k)]
+    t0 = 0
+
+    def projected(pixels, count):  # (count, N, D), and the next `count` tiles of keep as (count, N) floats
+        nonlocal t0
+        k = keep[t0:t0 + count].float()
+        t0 += count
+        return m.multi_modal_projector(m.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]), k
+
+    def as_grid(x):  # (N, C) -> (C, side, side)
+        return x.T.reshape(-1, side, side)
+    image_tokens, video_tokens = [], []  # (D,) features in order, None where absent
     with torch.no_grad():
-        for pixels, size, one in zip(inputs["pixel_values"], inputs["image_sizes"], alone):
+        for pixels, size, one in zip(inputs.get("pixel_values", []), inputs.get("image_sizes", []), alone):
             nh, nw = get_anyres_image_grid_shape(size.tolist(), cfg.image_grid_pinpoints, S) if one else (0, 0)
-            count = 1 + nh * nw
-            f = m.multi_modal_projector(m.vision_tower(pixels[:count], output_hidden_states=True).hidden_states[-1])
-            k = keep[t0:t0 + count].float()
-            t0 += count
-            image = [f[0, g] if k[0, g] else None for g in range(side * side)]
-            if count > 1:
+            f, k = projected(pixels[:1 + nh * nw], 1 + nh * nw)
+            image_tokens += [f[0, g] if k[0, g] else None for g in range(side * side)]
+            if nh * nw:
                 def stitch(x):  # (tiles, N, C) -> (C, H, W), unpadded
                     x = x[1:].reshape(nh, nw, side, side, -1).permute(4, 0, 2, 1, 3).reshape(-1, nh * side, nw * side)
                     return unpad_image(x, size)
@@ -163,34 +204,29 @@ def interpolated_embeds(model, inputs, keep):
                 H, W = kept.shape
                 ratio = (H * W / budget) ** 0.5
                 h, w = (int(H // ratio), int(W // ratio)) if ratio > 1.1 else (H, W)
-
-                def sources(i, n_in, n_out):  # [(index, weight)], the nearest first
-                    x = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
-                    lo = int(x)
-                    hi, frac = min(lo + 1, n_in - 1), x - lo
-                    return [(hi, frac), (lo, 1 - frac)] if frac >= 0.5 else [(lo, 1 - frac), (hi, frac)]
+                rows = bilinear_tokens(grid, kept, h, w)
                 for i in range(h):
-                    for j in range(w):
-                        pairs = [(y, x, a * b) for y, a in sources(i, H, h) for x, b in sources(j, W, w)]
-                        total = sum(wt * kept[y, x] for y, x, wt in pairs)
-                        mix = sum(wt * kept[y, x] * grid[:, y, x] for y, x, wt in pairs) / total if total else None
-                        image.append(mix if kept[pairs[0][0], pairs[0][1]] else None)
-                    image.append(m.image_newline)
+                    image_tokens += rows[i * w:(i + 1) * w] + [m.image_newline]
             else:
-                image.append(m.image_newline)
-            tokens.append(image)
+                image_tokens.append(m.image_newline)
+        for frames in inputs.get("pixel_values_videos", []):
+            f, k = projected(frames, len(frames))
+            pooled = -(-side // 2)
+            for x, kx in zip(f, k):
+                video_tokens += bilinear_tokens(as_grid(x), as_grid(kx[:, None])[0], pooled, pooled)
+            video_tokens.append(m.image_newline)
+        assert t0 == len(keep), "every tile and frame"
         ids = inputs["input_ids"]
         embeds = model.get_input_embeddings()(ids)
-        is_img = ids == cfg.image_token_id
-        ib, it = is_img.nonzero(as_tuple=True)
-        flat = [t for image in tokens for t in image]
-        assert len(flat) == len(ib), "the image tokens the prompts hold"
         drop = [[] for _ in range(ids.shape[0])]
-        for b, t, x in zip(ib.tolist(), it.tolist(), flat):
-            if x is None:
-                drop[b].append(t)
-            else:
-                embeds[b, t] = x
+        for token, tokens in [(cfg.image_token_id, image_tokens), (cfg.video_token_id, video_tokens)]:
+            ib, it = (ids == token).nonzero(as_tuple=True)
+            assert len(tokens) == len(ib), "the tokens the prompts hold"
+            for b, t, x in zip(ib.tolist(), it.tolist(), tokens):
+                if x is None:
+                    drop[b].append(t)
+                else:
+                    embeds[b, t] = x
     return embeds, drop
 
 
@@ -245,7 +281,7 @@ def test_every_method_on_llava_obeys_the_batch_and_cache_oracles(llava, pictures
     check_batch_and_cache(model, make(), lambda which: llava_inputs(processor, pictures, which),
                           lambda batch, ids: {k: batch[k] for k in ("pixel_values", "image_sizes", "batch_num_images")
                                                  if k in batch},
-                          [model.config.image_token_id, processor.tokenizer.eos_token_id])
+                          [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
 def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, images):
@@ -313,6 +349,12 @@ def test_meteor_ask_and_speed_run_a_llava_checkpoint_folder(tmp_path, capsys, ki
     assert heat.is_file()
     assert main(["speed", "--model", ckpt, "--samples", "1", "--new-tokens", "2", "--methods", "unpruned,fastv:k1-r0.5"]) == 0
     assert "fastv:k1-r0.5" in capsys.readouterr().out
+    if kind == "onevision":  # videos of 2 frames: 2 x 4 pooled tokens and a row end
+        assert main(["speed", "--model", ckpt, "--samples", "2", "--new-tokens", "2", "--video", "2", "--methods",
+                     "unpruned,tome:keep0.5", "--out", str(tmp_path)]) == 0
+        assert "a video of 2 frames" in capsys.readouterr().out
+        rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+        assert rows[0]["tokens"] == 9 > rows[1]["tokens"]
     assert main(["ask", str(tmp_path / "img.png"), "what ?", "--model", ckpt]) == 2  # paper-242 needs two experts
     assert "needs at least two experts" in capsys.readouterr().err
     assert main(["bench", "--model", ckpt, "--samples", "1", "--methods", "unpruned"]) == 2
@@ -386,7 +428,7 @@ def test_a_prompt_ending_with_an_image_queries_its_last_token_still_present(clip
 
 
 @pytest.mark.parametrize("family", ["llava", "llava-next", "llava-onevision", "llava-onevision-interpolated",
-                                    "qwen2-vl"])
+                                    "llava-onevision-video", "qwen2-vl"])
 def test_beam_search_keeps_each_prompts_images_with_its_rows(family, pictures):
     """generate with beams repeats each prompt's row; its images must follow as a group (a prompt with two images
     would otherwise get the wrong ones): pruning nothing, beam search equals the stock model's, and under a method
@@ -399,6 +441,8 @@ def test_beam_search_keeps_each_prompts_images_with_its_rows(family, pictures):
                                                  onevision=family.startswith("llava-onevision"),
                                                  max_tiles=1 if family.endswith("interpolated") else 9)
         inputs = llava_inputs(processor, pictures, which=(0, 1))
+        if family.endswith("video"):
+            inputs = onevision_video_inputs(processor, pictures, which=(0, 1))
     check_beams_against_the_stock_model(model, inputs, mv.FastV(layer=1, ratio=0.5))
 
 
@@ -429,6 +473,33 @@ class SpreadGaps(GapsAtOutput):
         return mv.ops.mask_to_padded_indices(keep)
 
 
+def assert_spread_gaps_leave_the_mixes_of_the_patches_kept(model, inputs) -> int:
+    """On LLaVA-OneVision: keeping every patch, `interpolated_embeds` is the stock model's embedding; under
+    `SpreadGaps`, the logits are the stock LLM's on `interpolated_embeds` of the patches kept, the absent tokens
+    masked from layer 0 on (which the stock features so masked are not), and `stats` count the tokens present.
+    Returns the tiles and frames the tower encoded."""
+    adapter = adapt(model)
+    tiles = len(adapter.tiles({k: inputs.get(k) for k in adapter.IMAGE_INPUTS}))
+    stock = stock_embeds(model, inputs)
+    every, _ = interpolated_embeds(model, inputs, torch.ones(tiles, 16, dtype=torch.bool))
+    torch.testing.assert_close(every, stock, atol=1e-6, rtol=1e-6)
+    method = SpreadGaps()
+    got = pruned_logits(model, inputs, method)
+    keep = method.kept["vision"]
+    embeds, drop = interpolated_embeds(model, inputs, keep)
+    ids = inputs["input_ids"]
+    visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
+    assert [s["fusion_tokens"] for s in method.stats] == [int(n) - len(d) for n, d in zip(visual.sum(1), drop)]
+    assert all(len(d) > 0 for d in drop) and not keep.all()
+    lm = model.model.language_model
+    want = masked_decoder_logits(lm, model.lm_head, embeds, inputs["attention_mask"].bool(), drop, 0)
+    text = inputs["attention_mask"].bool() & ~visual
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+    masked = masked_decoder_logits(lm, model.lm_head, stock, inputs["attention_mask"].bool(), drop, 0)
+    assert (got[text] - masked[text]).abs().max() > 1e-3, "the mixes changed: the stock features masked are not it"
+    return tiles
+
+
 def test_llava_onevision_prunes_the_images_whose_patches_it_interpolates(pictures):
     """Where an image's high-resolution patches exceed the model's budget (here one tile's worth), the stock model
     interpolates their grid. Patches dropped at the tower's output (a different count per image): each such token is
@@ -439,27 +510,78 @@ def test_llava_onevision_prunes_the_images_whose_patches_it_interpolates(picture
     model, processor = mv.testing.tiny_llava(seed=2, onevision=True, max_tiles=1)
     inputs = llava_inputs(processor, pictures)
     adapter = adapt(model)
-    assert adapter.layout({k: inputs.get(k) for k in adapter.IMAGE_INPUTS}).mixed.mixed == [True, False, False, True]
-    tiles = inputs["pixel_values"].shape[1]
-    every, _ = interpolated_embeds(model, inputs, torch.ones(inputs["pixel_values"].shape[0] * tiles, 16, dtype=bool))
-    stock = stock_embeds(model, inputs)
-    torch.testing.assert_close(every, stock, atol=1e-6, rtol=1e-6)
-
-    method = SpreadGaps()
-    got = pruned_logits(model, inputs, method)
-    keep = method.kept["vision"]
-    embeds, drop = interpolated_embeds(model, inputs, keep)
-    is_img = inputs["input_ids"] == model.config.image_token_id
-    assert [s["fusion_tokens"] for s in method.stats] == [int(n) - len(d) for n, d in zip(is_img.sum(1), drop)]
-    assert all(len(d) > 0 for d in drop) and not keep.all()
-    lm = model.model.language_model
-    want = masked_decoder_logits(lm, model.lm_head, embeds, inputs["attention_mask"].bool(), drop, 0)
-    text = inputs["attention_mask"].bool() & ~is_img
-    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
-    masked = masked_decoder_logits(lm, model.lm_head, stock, inputs["attention_mask"].bool(), drop, 0)
-    assert (got[text] - masked[text]).abs().max() > 1e-3, "the mixes changed: the stock features masked are not it"
+    packs = adapter.layout({k: inputs.get(k) for k in adapter.IMAGE_INPUTS}).mixed.packs
+    assert [pack is not None for pack in packs] == [True, False, False, True]
+    assert_spread_gaps_leave_the_mixes_of_the_patches_kept(model, inputs)
     with pytest.raises(ValueError, match=r"batch_num_images \[1, 2, 2\] do not add up to the 4 images"):
         pruned_logits(model, {**inputs, "batch_num_images": torch.tensor([1, 2, 2])}, mv.FastV())
+
+
+VIDEO_PROMPTS = ["<video> <image> what is in the image ?", "<image> <video> <image> how many red circle are there ?",
+                 "<video> describe the shape ?"]
+
+
+@pytest.fixture(scope="module")
+def onevision():
+    return mv.testing.tiny_llava(seed=2, onevision=True)
+
+
+def onevision_video_inputs(processor, pictures, which=(0, 1, 2), frames=3):
+    """VIDEO_PROMPTS[i] with their images (one, two, none) and a video of `frames` random frames each: images and
+    videos in either order, a prompt with a video alone; left-padded."""
+    rng = np.random.default_rng(7)
+    images = {0: [pictures[0]], 1: [pictures[1], pictures[2]], 2: []}
+    videos = [[Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)) for _ in range(frames)]
+              for _ in range(3)]
+    nested = [images[i] for i in which]
+    return processor(images=nested if any(nested) else None, videos=[videos[i] for i in which],
+                     text=[VIDEO_PROMPTS[i] for i in which], return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
+def test_llava_onevision_videos_pruning_nothing_equals_the_stock_model(onevision, pictures, make):
+    """Videos (each frame pooled to half its side, a row end after the video) beside images, before or after them,
+    or alone: pruning nothing is the stock model, and `stats` count a sample's images and videos."""
+    model, processor = onevision
+    inputs = onevision_video_inputs(processor, pictures)
+    method = make()
+    image_tokens = assert_noop_is_the_stock_model(model, inputs, method, stock_logits, pruned_logits)
+    assert [s["fusion_tokens"] for s in method.stats] == image_tokens
+    assert [s["images"] for s in method.stats] == [2, 3, 1]
+
+
+def test_llava_onevision_video_frames_pruned_in_the_tower_leave_the_mixes_of_the_patches_kept(onevision, pictures):
+    """Patches dropped at the tower's output in every tile and frame: a video's pooled token is present where its
+    nearest patch survived, as the bilinear mix of its frame's surviving patches, renormalised (computed here,
+    `interpolated_embeds`), the absent tokens masked from layer 0 on; keeping every patch, that computation is the
+    stock model's embedding."""
+    model, processor = onevision
+    inputs = onevision_video_inputs(processor, pictures)
+    tiles = assert_spread_gaps_leave_the_mixes_of_the_patches_kept(model, inputs)
+    assert tiles == (1 + 2) + 2 + 3 * 3  # an image: base and two tiles; two base tiles alone; three videos, 3 frames
+
+
+@pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
+def test_every_method_on_llava_onevision_videos_obeys_the_batch_and_cache_oracles(onevision, pictures, make):
+    model, processor = onevision
+    check_batch_and_cache(model, make(), lambda which: onevision_video_inputs(processor, pictures, which),
+                          lambda batch, ids: {k: batch[k] for k in ("pixel_values", "image_sizes", "batch_num_images",
+                                                                      "pixel_values_videos") if k in batch},
+                          [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
+
+
+def test_llava_onevision_video_inputs_it_cannot_run_get_clear_errors(onevision, pictures):
+    model, processor = onevision
+    inputs = onevision_video_inputs(processor, pictures, which=(2,))
+    with pytest.raises(ValueError, match=r"the prompts hold more videos than the 0 image\(s\) and 1 video\(s\) given"):
+        pruned_logits(model, {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:, :2]}, mv.FastV())
+    with pytest.raises(ValueError, match=r"pixel_values_videos \(3, 3, 32, 32\) are not \(videos, frames, 3, 32, 32\)"):
+        pruned_logits(model, {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][0]}, mv.FastV())
+    with pytest.raises(ValueError, match=r"the same number of frames, not \[2, 3\]"):
+        processor(videos=[mv.testing.random_images(2), mv.testing.random_images(3)], text=["<video> a", "<video> b"])
+    twice = processor(videos=[[pictures[0]] * 2], text=["<video> a"], return_tensors="pt")
+    image = processor(images=[[pictures[0]]], text=["<image> a"], return_tensors="pt")
+    assert torch.equal(twice["pixel_values_videos"][0, 1], image["pixel_values"][0, 0]), "a frame is its image's base tile"
 
 
 def test_speed_draws_llava_onevision_images_it_does_not_interpolate():

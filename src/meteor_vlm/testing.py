@@ -157,12 +157,14 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     config = config_cls(vision_config=vision_config, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                         vision_feature_select_strategy=strategy, vision_feature_layer=-1 if onevision else -2,
                         **({"image_grid_pinpoints": pinpoints} if anyres else {}),
-                        **({"vision_aspect_ratio": f"anyres_max_{max_tiles}"} if onevision else {}))
+                        **({"vision_aspect_ratio": f"anyres_max_{max_tiles}",
+                            "video_token_id": tokenizer.convert_tokens_to_ids("<video>")} if onevision else {}))
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters()], seed)
-    model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> has no pixels behind it
+    # a generated <image> (or <video>) has no pixels behind it
+    model.generation_config.suppress_tokens = [config.image_token_id] + ([config.video_token_id] if onevision else [])
     sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     if onevision:
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (

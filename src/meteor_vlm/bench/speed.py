@@ -136,7 +136,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     greedy steps after the prefill, each a forward of one token against its cache); kv_cache_mb (keys and
     values the prefill cached, read from the cache itself); peak_mb (on a GPU: the most memory the prefill
     allocated beyond what was allocated before it; None on CPU); tokens (layer-averaged visual tokens, mean
-    over samples). With `video_frames` (a Qwen2-VL / Qwen2.5-VL processor), each sample's question is asked of a
+    over samples). With `video_frames` (a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision processor), each sample's question is asked of a
     video of that many frames instead of its image (`sample_video`).
     """
     from .. import synth
@@ -225,7 +225,8 @@ def stock_prompt(processor, question: str, video: bool = False) -> str:
     if getattr(processor, "chat_template", None):
         turn = [{"role": "user", "content": [{"type": "video" if video else "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(turn, add_generation_prompt=True)
-    return f"{processor.video_placeholder if video else image_placeholder(processor)} {question}"
+    video_placeholder = getattr(processor, "video_placeholder", None) or getattr(processor, "video_token", "<video>")
+    return f"{video_placeholder if video else image_placeholder(processor)} {question}"
 
 
 VIDEO_SIDE = 336  # a frame of 12 x 12 merged tokens of 28 px: 8 frames (4 temporal patches) hold QWEN_SIDE's 576
@@ -267,15 +268,20 @@ def _image_side(processor) -> int:
 def _prompts(processor, samples, video_frames: int = 0) -> dict:
     """The model's inputs for synthetic samples' questions (no answers): the project's processor and prompt
     template, or a stock VLM processor's `stock_prompt` (its chat template where it has one); with
-    `video_frames`, each question asked of a `sample_video` of its image (Qwen2-VL's processor only)."""
+    `video_frames`, each question asked of a `sample_video` of its image (Qwen2-VL's and LLaVA-OneVision's
+    processors only)."""
+    from ..models.llava import LlavaOnevisionImageTextProcessor
     from ..models.processor import MultiEncoderProcessor
     from ..train import encode_samples
 
     if video_frames:
-        if not hasattr(processor, "videos"):
-            raise ValueError(f"videos run on a Qwen2-VL / Qwen2.5-VL model only, not with a {type(processor).__name__}")
+        onevision = isinstance(processor, LlavaOnevisionImageTextProcessor)
+        if not (hasattr(processor, "videos") or onevision):
+            raise ValueError("videos run on a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision model only, not with a "
+                             f"{type(processor).__name__}")
         return dict(processor(videos=[sample_video(s.image, video_frames) for s in samples],
-                              text=[stock_prompt(processor, s.question, video=True) for s in samples]))
+                              text=[stock_prompt(processor, s.question, video=True) for s in samples],
+                              **(dict(return_tensors="pt", padding=True) if onevision else {})))
     if isinstance(processor, MultiEncoderProcessor):
         return encode_samples(processor, samples, with_answers=False)
     return dict(processor(images=[s.image for s in samples], text=[stock_prompt(processor, s.question) for s in samples],

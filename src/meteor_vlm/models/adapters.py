@@ -30,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import runtime
 
-__all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "tower_depth"]
+__all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "items_in_prompt_order", "tower_depth"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
              "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
@@ -82,6 +82,25 @@ class Layout:
     extra_offset: torch.Tensor | None = None
     extra: torch.Tensor | None = None
     mixed: object | None = None
+
+
+def items_in_prompt_order(is_video: list[bool], counts: list[int], first_video: int) -> list[int]:
+    """The order in which the prompts show a batch's items (its images, items 0 to first_video - 1, then its videos),
+    read from whether each visual token of the prompts, in row-major order, is a video's: counts[i] tokens per item.
+    ValueError where the tokens do not split into the items given."""
+    order, p, nxt = [], 0, [0, first_video]
+    while p < len(is_video):
+        kind = int(is_video[p])
+        i = nxt[kind]
+        if i >= (first_video if kind == 0 else len(counts)):
+            raise ValueError(f"the prompts hold more {('image', 'video')[kind]}s than the "
+                             f"{first_video} image(s) and {len(counts) - first_video} video(s) given")
+        order.append(i)
+        nxt[kind], p = i + 1, p + counts[i]
+    if sorted(order) != list(range(len(counts))) or p != len(is_video):
+        raise ValueError(f"the prompts' image and video tokens do not split into the {first_video} image(s) "
+                         f"and {len(counts) - first_video} video(s) given ({counts} tokens each)")
+    return order
 
 
 def check_sdpa(text_config) -> None:
@@ -155,6 +174,7 @@ class StockAdapter:
     PIXEL_INPUTS: tuple[str, ...] = ("pixel_values",)  # those of IMAGE_INPUTS that carry pixels (Qwen2-VL: videos' too)
     PER_IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)  # indexed by image (generate must not repeat them by row)
     WHOLE_IMAGE_TILE: int = 0  # which of an image's tiles shows all of it (LLaVA-NeXT's base tile; InternVL, Idefics3: -1)
+    video_token_id: int | None = None  # the prompt's video token, on models whose adapter takes videos
 
     def _locate(self, model, runners: list, language_model=None) -> None:
         """Sets what every stock adapter holds, read from a transformers VLM with `model.lm_head`, a config with
@@ -174,9 +194,13 @@ class StockAdapter:
         return self.model.device
 
     def visual_columns(self, input_ids: torch.Tensor, images: dict | None = None) -> torch.Tensor:
-        """(B, T) bool: the prompt's visual token columns for the image inputs `images` (by default its image
-        tokens; Qwen2-VL's video tokens too where videos are given)."""
-        return input_ids == self.image_token_id
+        """(B, T) bool: the prompt's visual token columns for the image inputs `images`: its image tokens, and its
+        video tokens (`video_token_id`, on models with videos) where videos (`pixel_values_videos`) are given
+        (without, the stock models read them as text)."""
+        columns = input_ids == self.image_token_id
+        if self.video_token_id is not None and images is not None and images.get("pixel_values_videos") is not None:
+            columns = columns | (input_ids == self.video_token_id)
+        return columns
 
     def rope_positions(self, input_ids, attention_mask, images: dict | None):
         """(B, T) RoPE positions of the unpruned prompt (or (B, T, 3) for multimodal RoPE); None: the running

@@ -1,6 +1,6 @@
 """Pruning on a stock transformers LLaVA (`LlavaForConditionalGeneration`: LLaVA-1.5 and its kin), LLaVA-NeXT
 (`LlavaNextForConditionalGeneration`, "anyres" tiles) and LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`,
-"anyres_max_9" tiles).
+"anyres_max_9" tiles, and videos).
 
 The adapter locates the model's parts and speaks its input format; the methods and the LLM runtime are
 the ones the multi-encoder VLM uses, so every method runs here unchanged:
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from transformers import (LlavaForConditionalGeneration, LlavaNextForConditional
                           LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor)
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa, tower_depth
+from . import runtime
+from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa, items_in_prompt_order, tower_depth
 from .experts import CLIPRunner, ExpertSpec, SiglipRunner
 from .vlm import fuse_and_prune, run_expert
 
@@ -173,23 +175,24 @@ class LlavaNextAdapter(LlavaAdapter):
                              f"the image sizes need ({counts} per image)")
         return pixels
 
-    def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor):
         """The model's own packing of one image's tiles, run on (tiles, N, 1) patch indices: (L, 1), row_end's
-        value at the row ends, and whether the image's tokens mix patches (never on LLaVA-NeXT)."""
+        value at the row ends; and, where the image's tokens mix patches, how to mix them (a `MixedItems` pack; never
+        on LLaVA-NeXT: None)."""
         strategy = self.model.config.vision_feature_select_strategy
-        return self.model.model.pack_image_features([index], size[None], strategy, image_newline=row_end)[0][0], False
+        return self.model.model.pack_image_features([index], size[None], strategy, image_newline=row_end)[0][0], None
 
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         sizes = images["image_sizes"]
         counts = self._tile_counts(sizes, images)
         n, dev = self.tokens_per_image, images["pixel_values"].device
         row_end = torch.full((1,), -1.0, device=dev)
-        slots, spans, extra_image, extra_offset, mixed = [], [], [], [], []
+        slots, spans, extra_image, extra_offset, packs = [], [], [], [], []
         for k, (size, c) in enumerate(zip(sizes, counts)):
             index = torch.arange(c * n, device=dev, dtype=torch.float32).view(c, n, 1)  # exact below 2**24
-            packed, mixes = self._packed_patches(index, size, row_end)
+            packed, pack = self._packed_patches(index, size, row_end)
             packed = packed[:, 0].long()
-            mixed.append(mixes)
+            packs.append(pack)
             shown = (packed >= 0).nonzero()[:, 0]
             slot = torch.full((c * n,), -1, dtype=torch.long, device=dev)
             slot[packed[shown]] = shown
@@ -201,23 +204,30 @@ class LlavaNextAdapter(LlavaAdapter):
         tile_image = torch.repeat_interleave(torch.arange(len(counts), device=dev), torch.tensor(counts, device=dev))
         layout = Layout(tile_image, torch.cat(slots), torch.tensor(spans, device=dev), torch.cat(extra_image),
                         torch.cat(extra_offset), self.model.model.image_newline)
-        if any(mixed):
-            layout.mixed = MixedImages(mixed, sizes, counts)
+        if any(pack is not None for pack in packs):
+            layout.mixed = MixedItems(counts, packs)
         return layout
 
 
 @dataclass
-class MixedImages:
-    """Which images of a `Layout` LLaVA-OneVision shrinks by interpolation (`mixed`, per image), with their sizes
-    (image_sizes) and tile counts: what `LlavaOnevisionAdapter.placed_features` needs to mix their tokens."""
+class MixedItems:
+    """The items of a `Layout` (in `VisualTokens` order: its images, then its videos) and how LLaVA-OneVision mixes
+    their tokens from several patches: each item's tile count, and `packs`, per item, the model's own packing of its
+    (tiles, N, C) features with a row end (C,) into the (L, C) tokens of its span, or None where its tokens are its
+    patches (what `LlavaOnevisionAdapter.placed_features` needs)."""
 
-    mixed: list[bool]
-    sizes: torch.Tensor
     counts: list[int]
+    packs: list
 
 
 # a budget no image reaches: the model's packing without its interpolation
 _NO_BUDGET = f"anyres_max_{2**31 - 1}"
+
+
+def _nearest(at: torch.Tensor) -> torch.Tensor:
+    """(K, 2) interpolated (row, column) coordinates -> the nearest patch's, long (the larger bilinear weight on each
+    axis, the later patch on a tie)."""
+    return torch.floor(at + 0.5).long()
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -227,14 +237,24 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     Where an image's high-resolution patches exceed its `vision_aspect_ratio` budget ("anyres_max_9": nine tiles'
     worth), the stock model shrinks their grid by bilinear interpolation after the projector, so each of those
-    image tokens mixes up to four neighbouring patches. There a token's place belongs to the patch nearest to it
-    (its largest weight; no patch is nearest to two tokens): the token enters the LLM where stages 1 and 2 kept
-    that patch, as the model's own interpolation of the kept patches alone, its weights renormalised over them
+    image tokens mixes up to four neighbouring patches; a video's frames are each shrunk to half their side so
+    (`apply_pooling`), and the video ends in one row-end token. There a token's place belongs to the patch nearest
+    to it (its largest weight; no patch is nearest to two tokens): the token enters the LLM where stages 1 and 2
+    kept that patch, as the model's own interpolation of the kept patches alone, its weights renormalised over them
     (`placed_features`). Pruning nothing, that is the stock model; a share of the patches kept leaves about that
-    share of the image's tokens, and a kept patch that is nearest to no token enters the LLM only in its
-    neighbours' mixes."""
+    share of the tokens, and a kept patch that is nearest to no token enters the LLM only in its neighbours' mixes.
 
-    IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")
+    The tower encodes every image's tiles, then every video's frames (`VisualTokens` rows in that order; stage-1
+    methods prune inside each tile and frame); the layout puts each image and video at its place in the prompts. In
+    `stats`, "images" counts a sample's images and videos, and kept_grid has one entry per tile and frame."""
+
+    IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")
+    PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
+    PER_IMAGE_INPUTS = ("pixel_values", "image_sizes", "pixel_values_videos")
+
+    def __init__(self, model: LlavaOnevisionForConditionalGeneration):
+        super().__init__(model)
+        self.video_token_id = model.config.video_token_id
 
     def _tile_counts(self, sizes, images: dict) -> list[int]:
         """The tiles of each image: its anyres tiles where its prompt has one image, its base tile alone where the
@@ -246,21 +266,41 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         whole = super()._tile_counts(sizes, images)
         return [c if a else 1 for c, a in zip(whole, alone)]
 
+    def _videos(self, images: dict) -> torch.Tensor | None:
+        """(videos, frames, 3, S, S) pixel_values_videos, or None; ValueError for another shape."""
+        videos = images.get("pixel_values_videos")
+        S = self.model.config.vision_config.image_size
+        if videos is not None and (videos.dim() != 5 or tuple(videos.shape[2:]) != (3, S, S)):
+            raise ValueError(f"pixel_values_videos {tuple(videos.shape)} are not (videos, frames, 3, {S}, {S})")
+        return videos
+
+    def tiles(self, images: dict) -> torch.Tensor:
+        """(num_tiles, 3, S, S): every image's tiles, then every video's frames."""
+        parts = [super().tiles(images)] if images.get("pixel_values") is not None else []
+        videos = self._videos(images)
+        if videos is not None:
+            parts.append(videos.flatten(0, 1))
+        return torch.cat(parts)
+
     def _pack(self, features: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor, budget: str | None = None):
         """The model's packing of one image's (tiles, N, C) features: (L, C), row_end at the row ends."""
         ratio = budget or self.model.config.vision_aspect_ratio
         return self.model.model.pack_image_features([features], size[None], image_newline=row_end,
                                                     vision_aspect_ratio=ratio)[0][0]
 
-    def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Each token's patch: its own, or where the image is interpolated the patch nearest to it. The packing runs
-        without the budget on the indices (the unpadded grid of patches), then with it on each patch's (row, column)
-        in that grid (float64): a token's interpolated coordinates, rounded, are its nearest patch. Also whether
-        the image is interpolated."""
+    def _pack_video(self, features: torch.Tensor, row_end: torch.Tensor) -> torch.Tensor:
+        """The model's reading of one video's (frames, N, C) features: each frame pooled, then one row end: (L, C)."""
+        return torch.cat([self.model.model.apply_pooling(features).flatten(0, 1), row_end[None].to(features)])
+
+    def _packed_patches(self, index: torch.Tensor, size: torch.Tensor, row_end: torch.Tensor):
+        """Each token's patch: its own, or where the image is interpolated the patch nearest to it, and then how to
+        mix the image's tokens (else None). The packing runs without the budget on the indices (the unpadded grid of
+        patches), then with it on each patch's (row, column) in that grid (float64): a token's interpolated
+        coordinates, rounded, are its nearest patch."""
         grid_rows = self._pack(index.double(), size, row_end.double(), _NO_BUDGET)[:, 0]
         n = index.shape[1]
         if index.shape[0] == 1:  # a base tile alone is never interpolated
-            return grid_rows[:, None].to(index.dtype), False
+            return grid_rows[:, None].to(index.dtype), None
         grid = grid_rows[n:].view(int((grid_rows[n:] < 0).sum()), -1)[:, :-1].long()  # (H, W): rows end in row_end
         where = torch.zeros(index.numel(), 2, dtype=torch.float64, device=index.device)
         h, w = torch.meshgrid(torch.arange(grid.shape[0]), torch.arange(grid.shape[1]), indexing="ij")
@@ -268,51 +308,141 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         at = self._pack(where.view(*index.shape[:2], 2), size, torch.full((2,), -1.0, dtype=torch.float64,
                                                                           device=index.device))[n:]
         if len(at) == len(grid_rows) - n:  # within the budget: not interpolated
-            return grid_rows[:, None].to(index.dtype), False
+            return grid_rows[:, None].to(index.dtype), None
         patch = at[:, 0] >= 0  # not a row end
-        nearest = torch.floor(at[patch] + 0.5).long()  # the largest of its bilinear weights
+        nearest = _nearest(at[patch])
         packed = torch.full((n + len(at),), -1.0, dtype=index.dtype, device=index.device)
         packed[:n] = grid_rows[:n].to(index.dtype)
         packed[n:][patch] = grid[nearest[:, 0], nearest[:, 1]].to(index.dtype)
-        return packed[:, None], True
+        return packed[:, None], lambda x, end: self._pack(x, size, end)
+
+    def _frame_slots(self, frames: int, device) -> tuple[torch.Tensor, int]:
+        """(frames, N) each frame patch's offset in its video's span where it is the patch nearest to a pooled
+        token, else -1 (the pooling run on the patches' (row, column), float64), and the pooled tokens per frame."""
+        n = self.tokens_per_image
+        side = math.isqrt(n)
+        g = torch.arange(n, device=device)
+        at = self.model.model.apply_pooling(torch.stack([g // side, g % side], -1).double()[None])[0]
+        nearest = _nearest(at)
+        per_frame = len(at)
+        slot = torch.full((n,), -1, dtype=torch.long, device=device)
+        slot[nearest[:, 0] * side + nearest[:, 1]] = torch.arange(per_frame, device=device)
+        offsets = torch.arange(frames, device=device)[:, None] * per_frame
+        return torch.where(slot >= 0, slot + offsets, -1), per_frame
+
+    def _items(self, images: dict, input_ids: torch.Tensor | None):
+        """The image part's layout (None without images), the number of images, and the order in which the prompts
+        show the items (images, then videos)."""
+        base = super().layout(images, input_ids) if images.get("pixel_values") is not None else None
+        videos = self._videos(images)
+        num_images = 0 if base is None else len(base.span)
+        if videos is None:
+            return base, num_images, list(range(num_images))
+        if input_ids is None:
+            raise ValueError("with videos, LLaVA-OneVision's layout needs the prompt (where each image and video comes)")
+        per_video = videos.shape[1] * self._frame_slots(1, videos.device)[1] + 1  # and a row end
+        counts = ([] if base is None else base.span.tolist()) + [per_video] * videos.shape[0]
+        is_video = (input_ids[self.visual_columns(input_ids, images)] == self.video_token_id).tolist()  # row-major
+        return base, num_images, items_in_prompt_order(is_video, counts, num_images)
+
+    def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
+        """LLaVA-NeXT's layout of the images (nearest patches where interpolated), and each video's frames: frame f's
+        pooled tokens after the earlier frames', then a row end; the items in the order the prompts show them.
+        ValueError where the prompts' visual tokens do not split into the items given."""
+        base, num_images, order = self._items(images, input_ids)
+        videos = self._videos(images)
+        if videos is None:
+            return base
+        V, F = videos.shape[:2]
+        dev = videos.device
+        frame, per_frame = self._frame_slots(F, dev)
+        per_video = F * per_frame + 1  # and a row end
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        video_items = num_images + torch.arange(V, device=dev)
+        item = torch.cat([empty if base is None else base.tile_image, video_items.repeat_interleave(F)])
+        slot = torch.cat([frame.new_zeros(0, frame.shape[1]) if base is None else base.slot, frame.repeat(V, 1)])
+        span = torch.cat([empty if base is None else base.span, torch.full((V,), per_video, device=dev)])
+        extra_item = torch.cat([empty if base is None else base.extra_image, video_items])
+        extra_offset = torch.cat([empty if base is None else base.extra_offset, torch.full((V,), per_video - 1, device=dev)])
+        place = torch.empty(len(order), dtype=torch.long, device=dev)  # each item's place in the prompts
+        place[torch.tensor(order, device=dev)] = torch.arange(len(order), device=dev)
+        counts = ([] if base is None else self._tile_counts(images["image_sizes"], images)) + [F] * V
+        packs = base.mixed.packs if base is not None and base.mixed is not None else [None] * num_images
+        layout = Layout(place[item], slot, span[torch.tensor(order, device=dev)], place[extra_item], extra_offset,
+                        self.model.model.image_newline)
+        layout.mixed = MixedItems(counts, packs + [self._pack_video] * V)
+        return layout
+
+    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int, context: dict | None = None) -> dict:
+        """Every prompt's images and videos `expand_size` times, the copies of a prompt one after another."""
+        if images.get("pixel_values_videos") is None:
+            return super().expand_images(images, input_ids, expand_size, context)
+        both = {**images, **(context or {})}
+        layout = self.layout(both, input_ids)
+        rows = self.visual_columns(input_ids, both).nonzero(as_tuple=True)[0][layout.span.cumsum(0) - layout.span]
+        _, num_images, order = self._items(both, input_ids)
+        items = torch.tensor(order, device=rows.device)[runtime.images_for_expanded_rows(rows, input_ids.shape[0],
+                                                                                             expand_size)]
+        out = {"pixel_values_videos": images["pixel_values_videos"][items[items >= num_images] - num_images]}
+        if num_images:
+            out.update(self.take_images({k: images[k] for k in ("pixel_values", "image_sizes") if k in images},
+                                        items[items < num_images]))
+        return out
 
     def placed_features(self, visual, layout: Layout, vi: torch.Tensor, vj: torch.Tensor) -> torch.Tensor:
-        """The features of the kept tokens (vi, vj) the splice places; on an interpolated image, each is the
-        model's interpolation of the image's kept patches (projected features, zero where a patch was pruned)
+        """The features of the kept tokens (vi, vj) the splice places; on an interpolated image or a video, each is
+        the model's interpolation of the item's kept patches (projected features, zero where a patch was pruned)
         divided by the same interpolation of their presence: the bilinear weights renormalised over the kept
         patches."""
         features = visual.features[vi, vj]
         mixed = layout.mixed
         if mixed is None:
             return features
-        first = torch.tensor(mixed.counts).cumsum(0) - torch.tensor(mixed.counts)
-        mask = visual.mask
-        for k in (k for k, m in enumerate(mixed.mixed) if m):
-            t0, c = int(first[k]), mixed.counts[k]
-            n, D = self.tokens_per_image, visual.features.shape[-1]
-            ti, tj = (mask[t0:t0 + c]).nonzero(as_tuple=True)
+        n, D = self.tokens_per_image, visual.features.shape[-1]
+        mask, t0 = visual.mask, 0
+        for c, pack in zip(mixed.counts, mixed.packs):
+            t0 += c
+            if pack is None:
+                continue
+            ti, tj = mask[t0 - c:t0].nonzero(as_tuple=True)
+            cells = visual.grid_index[t0 - c + ti, tj]
             dense = visual.features.new_zeros(c, n, D + 1)
-            dense[ti, visual.grid_index[t0 + ti, tj], :D] = visual.features[t0 + ti, tj]
-            dense[ti, visual.grid_index[t0 + ti, tj], D] = 1
-            packed = self._pack(dense, mixed.sizes[k], dense.new_zeros(D + 1))
-            here = (vi >= t0) & (vi < t0 + c)
-            offset = layout.slot[vi[here], visual.grid_index[vi[here], vj[here]]]
-            mix = packed[offset]
+            dense[ti, cells, :D] = visual.features[t0 - c + ti, tj]
+            dense[ti, cells, D] = 1
+            packed = pack(dense, dense.new_zeros(D + 1))
+            here = (vi >= t0 - c) & (vi < t0)
+            mix = packed[layout.slot[vi[here], visual.grid_index[vi[here], vj[here]]]]
             lost = bool((dense[..., D] == 0).any())  # pruning nothing: the model's interpolation itself
             features[here] = mix[:, :D] / mix[:, D:] if lost else mix[:, :D]
         return features
 
 
 class LlavaOnevisionImageTextProcessor(LlavaOnevisionProcessor):
-    """transformers' `LlavaOnevisionProcessor` for still images, without a video processor (which needs
-    torchvision, and which the stock class insists on checking even when given None). Prompts and pixels are the
-    stock processor's: nest the images by prompt (`images=[[a], [b, c]]`) so that `batch_num_images` tells the model
-    which prompts hold several images."""
+    """transformers' `LlavaOnevisionProcessor` without a video processor (which needs torchvision, and which the
+    stock class insists on checking even when given None). Prompts and image pixels are the stock processor's: nest
+    the images by prompt (`images=[[a], [b, c]]`) so that `batch_num_images` tells the model which prompts hold
+    several images. Videos are lists of frames (`videos=[[f0, f1, ...], ...]`, the same count in each video of a
+    batch), each frame resized to the tower's tile as the image processor resizes a whole image into its base tile;
+    they come as `pixel_values_videos` (videos, frames, 3, S, S), and each `<video>` in the prompt as the video's
+    tokens (frames times its pooled tokens, and a row end). The stock video processor also samples frames, and
+    resizes them with its own settings."""
 
     def check_argument_for_proper_class(self, attribute_name, arg):
         if attribute_name == "video_processor" and arg is None:
             return None
         return super().check_argument_for_proper_class(attribute_name, arg)
+
+    def _process_videos(self, videos, **kwargs):
+        from transformers.video_utils import make_batched_videos
+
+        videos = make_batched_videos(videos)
+        frames = {len(v) for v in videos}
+        if len(frames) > 1:
+            raise ValueError(f"the videos of a batch need the same number of frames, not {sorted(frames)}")
+        flat = [frame for video in videos for frame in video]
+        base = self.image_processor(flat, return_tensors="pt")["pixel_values"][:, 0]  # each frame's whole-image tile
+        processed = {"pixel_values_videos": base.view(len(videos), -1, *base.shape[1:])}
+        return processed, [self.replace_video_token(processed, video_idx=i) for i in range(len(videos))]
 
     @classmethod
     def from_pretrained(cls, path) -> LlavaOnevisionImageTextProcessor:

@@ -26,7 +26,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 from transformers.vision_utils import get_vision_position_ids
 
 from . import runtime
-from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa
+from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa, items_in_prompt_order
 from .experts import ExpertRunner, ExpertSpec
 from .vlm import VisualTokens, fuse_and_prune, run_expert
 
@@ -220,13 +220,6 @@ class Qwen2VLAdapter(StockAdapter):
         self._locate(model, [Qwen2VLRunner(model.model.visual, ExpertSpec(EXPERT, Qwen2VLRunner.kind, 0, {}))])
         self.video_token_id = model.config.video_token_id
 
-    def visual_columns(self, input_ids: torch.Tensor, images: dict | None = None) -> torch.Tensor:
-        """Image tokens, and video tokens where videos are given (without, the stock model reads them as text)."""
-        columns = input_ids == self.image_token_id
-        if images is not None and images.get("pixel_values_videos") is not None:
-            columns = columns | (input_ids == self.video_token_id)
-        return columns
-
     def _grids(self, images: dict) -> tuple[torch.Tensor, int]:
         """(items, 3) the grids of every image, then every video, and how many are images."""
         grids = []
@@ -326,18 +319,7 @@ class Qwen2VLAdapter(StockAdapter):
             if input_ids is None:
                 raise ValueError("with videos, Qwen2-VL's layout needs the prompt (where each image and video comes)")
             is_video = (input_ids[self.visual_columns(input_ids, images)] == self.video_token_id).tolist()  # row-major
-            order, p, nxt = [], 0, [0, first_video]
-            while p < len(is_video):
-                kind = int(is_video[p])
-                i = nxt[kind]
-                if i >= (first_video if kind == 0 else len(counts_list)):
-                    raise ValueError(f"the prompts hold more {('image', 'video')[kind]}s than the "
-                                     f"{first_video} image(s) and {len(counts_list) - first_video} video(s) given")
-                order.append(i)
-                nxt[kind], p = i + 1, p + counts_list[i]
-            if sorted(order) != list(range(len(counts_list))) or p != len(is_video):
-                raise ValueError(f"the prompts' image and video tokens do not split into the {first_video} image(s) "
-                                 f"and {len(counts_list) - first_video} video(s) given ({counts_list} tokens each)")
+            order = items_in_prompt_order(is_video, counts_list, first_video)
         order_t = torch.tensor(order, device=counts.device)
         tile_image = torch.empty_like(order_t)
         tile_image[order_t] = torch.arange(len(order), device=counts.device)
