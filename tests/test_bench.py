@@ -1259,3 +1259,15 @@ def test_speed_on_a_stock_llava_onevision(tmp_path, capsys, monkeypatch):
     assert int((inputs["input_ids"] == big.config.image_token_id).sum()) == 729 + 81 * 82
     layout = adapt(big).layout({k: inputs[k] for k in ("pixel_values", "image_sizes", "batch_num_images")})
     assert layout.span.tolist() == [729 + 81 * 82] and adapt(big).runners[0].grid() == (27, 27)
+    # a 1920x1080 photo (5x3 tiles, past the budget: its grid interpolated) and a video of 8 frames (196 tokens
+    # each, and a row end): every token that is not a row end is the place of exactly one patch
+    photo = big_processor(images=[Image.new("RGB", (1920, 1080))], text=["<image> what ?"], return_tensors="pt")
+    video = big_processor(videos=[[Image.new("RGB", (336, 336))] * 8], text=["<video> what ?"], return_tensors="pt")
+    assert photo["pixel_values"].shape[1] == 1 + 15 and video["pixel_values_videos"].shape[:2] == (1, 8)
+    for inputs, token in [(photo, big.config.image_token_id), (video, big.config.video_token_id)]:
+        layout = adapt(big).layout({k: inputs.get(k) for k in adapt(big).IMAGE_INPUTS}, inputs["input_ids"])
+        tokens = int((inputs["input_ids"] == token).sum())
+        places = layout.slot[layout.slot >= 0]
+        assert layout.span.tolist() == [tokens] and layout.mixed is not None
+        assert len(places.unique()) == len(places) == tokens - len(layout.extra_offset)
+    assert tokens == 8 * 196 + 1
