@@ -464,6 +464,16 @@ def test_qwen2_5_vl_spaces_a_videos_temporal_patches_by_the_seconds_given():
     each prompt's videos, equal the stock model's."""
     model, processor = mv.testing.tiny_qwen2_vl(seed=2, version="2.5")
     inputs = {**video_inputs(processor), "second_per_grid_ts": torch.tensor([0.5, 2.0, 1.5])}
+    # the processor gives it from the frames' rates: temporal_patch_size (2) / fps
+    v = processor.video_placeholder
+    rated = processor(videos=[video_frames(3)] * 3, text=[v] * 3, fps=[4, 1, 4 / 3])
+    torch.testing.assert_close(rated["second_per_grid_ts"], inputs["second_per_grid_ts"])
+    assert torch.equal(processor(videos=[video_frames(3)], text=[v], fps=2)["second_per_grid_ts"], torch.tensor([1.0]))
+    assert "second_per_grid_ts" not in processor(videos=[video_frames(3)], text=[v])
+    for bad, message in [(dict(videos=[video_frames(3)], fps=[1, 2]), "one per video"),
+                         (dict(videos=[video_frames(3)], fps=0), "one rate > 0"), (dict(fps=2), "no videos")]:
+        with pytest.raises(ValueError, match=message):
+            processor(text=[v] if "videos" in bad else ["a"], **bad)
     same = logits(model, inputs, mv.NoPruning())
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(same[real], logits(model, inputs)[real], atol=1e-5, rtol=0)

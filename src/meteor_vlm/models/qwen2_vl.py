@@ -354,8 +354,11 @@ class Qwen2VLImageTextProcessor(StockProcessor):
     video_grid_thw, and mm_token_type_ids (1 on image tokens, 2 on video tokens). A video is a list of frames
     (PIL images of one size), already sampled: each frame is sized and normalised as the image processor does
     an image (its pixel limits, not those of Qwen's video processor), consecutive frames are paired into
-    temporal patches (`temporal_patch_size`, the last frame repeated to fill the last pair), and no
-    `second_per_grid_ts` is returned (Qwen2.5-VL then spaces temporal patches 1 s apart). `image_placeholder` /
+    temporal patches (`temporal_patch_size`, the last frame repeated to fill the last pair). `fps`, the rate the
+    frames were sampled at (one number, or one per video), gives `second_per_grid_ts` (temporal_patch_size / fps
+    seconds per temporal patch of each video, as Qwen2.5-VL's processor returns it; Qwen2.5-VL spaces the temporal
+    positions by it); without, none is returned (Qwen2.5-VL then spaces temporal patches 1 s apart, which is
+    2 fps; Qwen2-VL ignores it). `image_placeholder` /
     `video_placeholder` are what stand for one image / video in a prompt written by hand, and `alias`, if given,
     a shorter word for an image (the tests' tiny models write "<image>")."""
 
@@ -402,7 +405,7 @@ class Qwen2VLImageTextProcessor(StockProcessor):
             grids.append(torch.tensor([len(frames) // tp, int(grid[1]), int(grid[2])]))
         return {"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.stack(grids)}
 
-    def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True):
+    def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True, fps=None):
         texts = [text] if isinstance(text, str) else list(text)
         if self.alias:
             texts = [t.replace(self.alias, self.image_placeholder) for t in texts]
@@ -416,6 +419,14 @@ class Qwen2VLImageTextProcessor(StockProcessor):
         pixels = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
         if videos:
             pixels.update(self.videos(videos))
+            if fps is not None:
+                rates = [fps] * len(videos) if isinstance(fps, (int, float)) else list(fps)
+                if len(rates) != len(videos) or not all(r > 0 for r in rates):
+                    raise ValueError(f"fps must be one rate > 0 or one per video ({len(videos)}), got {fps}")
+                tp = self.image_processor.temporal_patch_size
+                pixels["second_per_grid_ts"] = torch.tensor([tp / r for r in rates])
+        elif fps is not None:
+            raise ValueError("fps is the frame rate of videos, and no videos were given")
         for token, grid in ((self.image_token, "image_grid_thw"), (self.video_token, "video_grid_thw")):
             counts = iter((pixels[grid].prod(-1) // self.merge_size**2).tolist() if grid in pixels else [])
             texts = [self._expand(t, token, counts) for t in texts]
