@@ -11,7 +11,7 @@ from PIL import Image
 
 import meteor_vlm as mv
 from meteor_vlm.methods.base import keep_most_attended
-from meteor_vlm.models.adapters import adapt
+from meteor_vlm.models.adapters import adapt, attention_configs
 from meteor_vlm.models.llava import LlavaOnevisionImageTextProcessor
 
 from .test_oracles import (PEERS, DropAt, GapsAtOutput, check_batch_and_cache, check_beams_against_the_stock_model,
@@ -306,12 +306,6 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
                 pruned_logits(model, inputs, mv.FastV())
         finally:
             setattr(model.config, key, old)
-    model.config.text_config._attn_implementation = "eager"
-    try:
-        with pytest.raises(ValueError, match="runs 'eager' attention; pruning needs 'sdpa'"):
-            pruned_logits(model, inputs, mv.FastV())
-    finally:
-        model.config.text_config._attn_implementation = "sdpa"
     with pytest.raises(ValueError, match="image_sizes are not supported"):
         pruned_logits(model, {**inputs, "image_sizes": torch.tensor([[32, 32]])}, mv.FastV())
     next_model, next_processor = mv.testing.tiny_llava(seed=2, anyres=True)
@@ -323,6 +317,39 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
     with pytest.raises(ValueError, match="unsupported model class Linear.*LlavaForConditionalGeneration.*LlavaNext"):
         with mv.FastV()(torch.nn.Linear(2, 2)):
             pass
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-onevision", "qwen2-vl", "internvl"])
+def test_a_model_loaded_with_eager_attention_runs_sdpa_inside_the_block(family, pictures, tile_pictures):
+    """The runtime hands the language model's layers boolean masks and the vision blocks additive ones, which SDPA
+    reads: a model loaded with eager attention (or flash attention, on a GPU) runs SDPA inside the block, equal to
+    the stock model's eager logits pruning nothing, and has its own attention back after the block."""
+    from .test_internvl import inputs_for
+
+    if family == "qwen2-vl":
+        model, processor = mv.testing.tiny_qwen2_vl(seed=2)
+        inputs = processor(images=[p.resize((40, 24)) for p in pictures[:3]], text=PROMPTS[:2])
+    elif family == "internvl":
+        model, processor = mv.testing.tiny_internvl(seed=2)
+        inputs = inputs_for(processor, tile_pictures, which=(0, 1))
+    else:
+        model, processor = mv.testing.tiny_llava(seed=2, onevision=family == "llava-onevision")
+        inputs = llava_inputs(processor, pictures, which=(0, 1))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():  # Qwen2-VL's multimodal positions from its own get_rope_index
+        stock = model(**inputs, use_cache=False).logits if family == "qwen2-vl" else stock_logits(model, inputs)
+    method = mv.NoPruning()
+    with method(model), torch.no_grad():
+        inside = [c._attn_implementation for c in attention_configs(model.config)]
+        same = model(**inputs, use_cache=False).logits
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(same[real], stock[real], atol=1e-5, rtol=0)
+    assert set(inside) == {"sdpa"} and {c._attn_implementation for c in attention_configs(model.config)} == {"eager"}
+    with mv.FastV(layer=1, ratio=0.5)(model), torch.no_grad():
+        pruned = model(**inputs, use_cache=False).logits
+    model.set_attn_implementation("sdpa")
+    with mv.FastV(layer=1, ratio=0.5)(model), torch.no_grad():
+        torch.testing.assert_close(model(**inputs, use_cache=False).logits, pruned, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["llava", "next", "onevision"])

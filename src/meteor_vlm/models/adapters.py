@@ -103,12 +103,11 @@ def items_in_prompt_order(is_video: list[bool], counts: list[int], first_video: 
     return order
 
 
-def check_sdpa(text_config) -> None:
-    """ValueError unless the language model runs SDPA attention (the runtime hands its layers boolean masks)."""
-    attention = getattr(text_config, "_attn_implementation", None)
-    if attention != "sdpa":
-        raise ValueError(f"the language model runs {attention!r} attention; pruning needs 'sdpa' (load the model "
-                         "with attn_implementation='sdpa')")
+def attention_configs(config) -> list:
+    """A transformers config and its sub-configs (text, vision, ...): those whose `_attn_implementation` says which
+    attention their model's modules call."""
+    subs = [getattr(config, name, None) for name in getattr(config, "sub_configs", {})]
+    return [config, *(c for c in subs if c is not None)]
 
 
 def tower_depth(layer, num_layers: int) -> int:
@@ -232,8 +231,11 @@ class StockAdapter:
     @contextlib.contextmanager
     def pruning(self, method):
         """Replace this instance's forward, prepare_inputs_for_generation and _expand_inputs_for_generation while
-        the block runs."""
+        the block runs, and run its attention as SDPA (the runtime hands the language model's layers boolean masks,
+        the vision blocks additive ones): a model loaded with eager or flash attention is switched to SDPA inside
+        the block and back after it."""
         model = self.model
+        attention = [(c, c._attn_implementation) for c in attention_configs(model.config)]
         saved = {k: vars(model)[k] for k in ("forward", "prepare_inputs_for_generation", "_expand_inputs_for_generation")
                  if k in vars(model)}
         adapter = self
@@ -267,8 +269,12 @@ class StockAdapter:
         model.prepare_inputs_for_generation = prepare_inputs_for_generation
         model._expand_inputs_for_generation = expand_inputs_for_generation
         try:
+            for config, _ in attention:
+                config._attn_implementation = "sdpa"
             yield
         finally:
+            for config, implementation in attention:
+                config._attn_implementation = implementation
             for k in ("forward", "prepare_inputs_for_generation", "_expand_inputs_for_generation"):
                 if k in saved:
                     setattr(model, k, saved[k])

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
 
-from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa
+from .adapters import Layout, StockAdapter, StockProcessor
 from .experts import ExpertSpec, PixelShuffleWindows, _ViTRunner
 from .vlm import fuse_and_prune, run_expert
 
@@ -103,7 +103,6 @@ class Idefics3Adapter(StockAdapter):
 
     def __init__(self, model):
         cfg = model.config
-        check_sdpa(cfg.text_config)
         tower = model.model.vision_model
         spec = ExpertSpec(EXPERT, Idefics3Runner.kind, tower.config.image_size, {})
         self._locate(model, [Idefics3Runner(tower, spec, cfg.scale_factor)], language_model=model.model.text_model)

@@ -22,7 +22,7 @@ import torch
 from transformers import InternVLForConditionalGeneration
 
 from . import runtime
-from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa, tower_depth
+from .adapters import Layout, StockAdapter, StockProcessor, tower_depth
 from .experts import ExpertRunner, ExpertSpec, PixelShuffleWindows
 from .vlm import fuse_and_prune, run_expert
 
@@ -115,7 +115,6 @@ class InternVLAdapter(StockAdapter):
 
     def __init__(self, model: InternVLForConditionalGeneration):
         cfg = model.config
-        check_sdpa(cfg.text_config)
         layer = cfg.vision_feature_layer
         if cfg.vision_feature_select_strategy != "default":
             raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} is not supported "

@@ -36,7 +36,7 @@ from transformers import (LlavaForConditionalGeneration, LlavaNextForConditional
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from . import runtime
-from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa, items_in_prompt_order, tower_depth
+from .adapters import Layout, StockAdapter, StockProcessor, items_in_prompt_order, tower_depth
 from .experts import CLIPRunner, ExpertSpec, SiglipRunner
 from .vlm import fuse_and_prune, run_expert
 
@@ -107,7 +107,6 @@ class LlavaAdapter(StockAdapter):
         if cfg.vision_feature_select_strategy != strategy:
             raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} with a {name} tower "
                              f"is not supported (only {strategy!r}: every patch token, no CLS, none dropped)")
-        check_sdpa(cfg.text_config)
         vcfg = tower.config
         depth = tower_depth(cfg.vision_feature_layer, vcfg.num_hidden_layers)
         spec = ExpertSpec(EXPERT, name, vcfg.image_size, {})

@@ -26,7 +26,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 from transformers.vision_utils import get_vision_position_ids
 
 from . import runtime
-from .adapters import Layout, StockAdapter, StockProcessor, check_sdpa, items_in_prompt_order
+from .adapters import Layout, StockAdapter, StockProcessor, items_in_prompt_order
 from .experts import ExpertRunner, ExpertSpec
 from .vlm import VisualTokens, fuse_and_prune, run_expert
 
@@ -216,7 +216,6 @@ class Qwen2VLAdapter(StockAdapter):
     _KINDS = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
 
     def __init__(self, model: Qwen2VLForConditionalGeneration):
-        check_sdpa(model.config.text_config)
         self._locate(model, [Qwen2VLRunner(model.model.visual, ExpertSpec(EXPERT, Qwen2VLRunner.kind, 0, {}))])
         self.video_token_id = model.config.video_token_id
 
