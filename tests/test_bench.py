@@ -1026,11 +1026,11 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
     assert "a video of 4 frames" in capsys.readouterr().out
     data = json.loads((tmp_path / "speed.json").read_text())
     assert data["video_frames"] == 4 and [r["tokens"] for r in data["rows"]][0] == 18 > data["rows"][1]["tokens"]
-    assert main(["speed", "--shape", "smollm2-135m", "--internvl", "--video", "4"]) == 2
-    assert "--video runs on Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision only" in capsys.readouterr().err
+    assert main(["speed", "--shape", "smollm2-135m", "--smolvlm", "--video", "4"]) == 2
+    assert "--video runs on Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / InternVL only" in capsys.readouterr().err
     assert main(["speed", "--model", "tiny", "--video", "4", "--samples", "1"]) == 2
-    assert ("videos run on a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision model only, not with a MultiEncoderProcessor"
-            in capsys.readouterr().err)
+    assert ("videos run on a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / InternVL model only, not with a "
+            "MultiEncoderProcessor" in capsys.readouterr().err)
     assert main(["speed", "--qwen2-vl", "--model", "tiny"]) == 2
     assert "--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm / --onevision need --shape" in capsys.readouterr().err
     for bad in (["--llava", "--qwen2-vl"], ["--qwen2-vl", "--qwen2.5-vl"], ["--internvl", "--qwen2-vl"],

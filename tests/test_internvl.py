@@ -2,8 +2,12 @@
 model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached), and windows dropped
 inside its ViT == the stock blocks run without them, folded by the model's own pixel shuffle."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
@@ -144,6 +148,50 @@ def test_beam_search_keeps_each_prompts_tiles_with_its_rows(tile_pictures):
     check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
+VIDEO_PROMPTS = ["<video> what is in the video ? <image>", "<image> and <video> how many ?", "describe <video>"]
+
+
+def video_inputs(processor, tile_pictures, which=(0, 1, 2)):
+    """Prompts with a video (3, 2 and 4 frames of 32 px) after or before an image (1 and 3 tiles), or alone."""
+    rng = np.random.default_rng(11)
+    videos = [[Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(n)] for n in (3, 2, 4)]
+    images = [[tile_pictures[0]], [tile_pictures[1]], []]
+    return processor(images=[im for i in which for im in images[i]] or None, videos=[videos[i] for i in which],
+                     text=[VIDEO_PROMPTS[i] for i in which])
+
+
+@pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
+def test_videos_are_their_frames_as_one_tile_images_and_pruning_nothing_is_the_stock_model(internvl, tile_pictures,
+                                                                                          make):
+    """A video's frames are one-tile images to the model ("FrameK: <img>...</img>", the pixels merged with the
+    images' tiles in prompt order, as the stock processor writes them): pruning nothing equals the stock model, and
+    `stats` count each frame as an image."""
+    model, processor = internvl
+    inputs = video_inputs(processor, tile_pictures)
+    assert inputs["pixel_values"].shape[0] == (3 + 1) + (3 + 2) + 4  # frames and tiles, in prompt order
+    one = processor(images=[tile_pictures[0]], text=["<image>"])
+    assert torch.equal(inputs["pixel_values"][3], one["pixel_values"][0]), "the image after the video's 3 frames"
+    method = make()
+    assert_noop_is_the_stock_model(model, inputs, method, stock_logits, pruned_logits)
+    assert [s["images"] for s in method.stats] == [3 + 1, 1 + 2, 4]
+
+
+@pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
+def test_every_method_on_videos_obeys_the_batch_and_cache_oracles(tile_pictures, make):
+    model, processor = mv.testing.tiny_internvl(seed=2)
+    check_batch_and_cache(model, make(), lambda which: video_inputs(processor, tile_pictures, which),
+                          lambda batch, ids: {"pixel_values": batch["pixel_values"]},
+                          [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
+
+
+def test_the_processor_refuses_videos_the_prompts_do_not_hold(tile_pictures):
+    _, processor = mv.testing.tiny_internvl(seed=2)
+    with pytest.raises(ValueError, match="the prompts hold 0 <video> tokens for 1 videos"):
+        processor(videos=[[tile_pictures[0]]], text=["<image>"], images=[tile_pictures[1]])
+    with pytest.raises(ValueError, match="a video must be a non-empty list of frames"):
+        processor(videos=[[]], text=["<video>"])
+
+
 def test_proportional_attention_makes_a_merged_window_act_as_its_duplicates(internvl):
     """A block run with one window present three times equals, for every token (CLS and windows), the block run on
     one copy with log(3) added to the attention logits of that window's four patches (ToMe's proportional attention
@@ -197,6 +245,7 @@ def test_bad_inputs_and_settings_are_refused(internvl, tile_pictures):
 
 
 TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<IMG_CONTEXT>\n"
+            "{% elif c['type'] == 'video' %}<video>\n"
             "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} a{% endif %}")
 
 
@@ -204,6 +253,7 @@ def test_meteor_ask_and_speed_run_an_internvl_checkpoint_folder(tmp_path, capsys
     """A transformers InternVL checkpoint folder (saved model, tokenizer, image processor, chat template) runs under
     `meteor ask` (the answer greedy generate gives on the chat template's prompt under the same method; ToMe merges
     windows in every tile) and `meteor speed`; the processor read back from the folder gives the same inputs."""
+    from meteor_vlm.cli import main
     from meteor_vlm.models.internvl import InternVLImageTextProcessor
 
     model, processor = mv.testing.tiny_internvl(seed=3)
@@ -218,6 +268,11 @@ def test_meteor_ask_and_speed_run_an_internvl_checkpoint_folder(tmp_path, capsys
     mine = processor(images=[tile_pictures[1]], text=["<image>\nwhat is in the image ? a"])
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
     assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys)
+    # videos of 2 frames, each a one-tile image of 4 tokens
+    assert main(["speed", "--model", str(ckpt), "--samples", "2", "--new-tokens", "2", "--video", "2", "--methods",
+                 "unpruned,tome:keep0.5", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert "a video of 2 frames" in capsys.readouterr().out and rows[0]["tokens"] == 2 * 4 > rows[1]["tokens"]
 
 
 def assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys):

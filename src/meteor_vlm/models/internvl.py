@@ -16,6 +16,7 @@ instance's `forward`, `prepare_inputs_for_generation` and `_expand_inputs_for_ge
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -186,12 +187,17 @@ class InternVLImageTextProcessor(StockProcessor):
     """What transformers' `InternVLProcessor` does for still images, without its video processor (which needs
     torchvision): a tokenizer and `GotOcr2ImageProcessorPil` cutting each image into tiles (`crop_to_patches`).
     Each `image_token` ("<IMG_CONTEXT>") in a prompt, one per image as the chat template writes it, becomes
-    `<img>`, `image_seq_length` of it per tile of the next image, `</img>`. Returns input_ids and attention_mask
-    (PyTorch tensors, left-padded) and pixel_values (every image's tiles, one after another). `alias`, if given,
+    `<img>`, `image_seq_length` of it per tile of the next image, `</img>`. Videos come as lists of frames
+    (`videos=[[frame, ...], ...]`), each `video_token` ("<video>") in a prompt for the next one: each frame is one
+    tile (resized whole, as the stock video processor does; it also samples frames), written "FrameK: <img>...</img>"
+    on a line of its own, so the model sees a video as one-tile images. Returns input_ids and attention_mask
+    (PyTorch tensors, left-padded) and pixel_values (every image's tiles and every video's frames, in the order the
+    prompts show them, as the stock processor merges them). `alias`, if given,
     is a shorter word that means the same (the tests' tiny models write "<image>")."""
 
     image_token, start_token, end_token = IMAGE_TOKENS[2], IMAGE_TOKENS[0], IMAGE_TOKENS[1]
     image_placeholder = IMAGE_TOKENS[2]
+    video_token = video_placeholder = "<video>"
 
     def __init__(self, image_processor, tokenizer, image_seq_length: int = 256, chat_template: str | None = None,
                  alias: str | None = None):
@@ -222,24 +228,38 @@ class InternVLImageTextProcessor(StockProcessor):
         super().save_pretrained(path)
         (Path(path) / "processor_config.json").write_text(json.dumps({"image_seq_length": self.image_seq_length}))
 
-    def __call__(self, images=None, text=(), return_tensors="pt", padding=True):
+    def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True):
         texts = [text] if isinstance(text, str) else list(text)
         if self.alias:
             texts = [t.replace(self.alias, self.image_token) for t in texts]
         images = list(images) if images is not None else []
-        wanted = sum(t.count(self.image_token) for t in texts)
-        if wanted != len(images):
-            raise ValueError(f"the prompts hold {wanted} {self.image_token} tokens for {len(images)} images")
-        out = {}
-        tiles = iter([])
+        videos = [list(v) for v in videos] if videos is not None else []
+        for token, given, kind in ((self.image_token, images, "images"), (self.video_token, videos, "videos")):
+            wanted = sum(t.count(token) for t in texts)
+            if wanted != len(given):
+                raise ValueError(f"the prompts hold {wanted} {token} tokens for {len(given)} {kind}")
+        if any(not v for v in videos):
+            raise ValueError("a video must be a non-empty list of frames")
+        tiles, image_tiles = [], iter([])
         if images:
             pixels = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
-            out["pixel_values"] = pixels["pixel_values"]
-            tiles = iter([int(n) for n in pixels["num_patches"]])
-        texts = [self._expand(t, tiles) for t in texts]
-        return {**dict(self.tokenizer(texts, return_tensors="pt", padding=True)), **out}
+            counts = [int(n) for n in pixels["num_patches"]]
+            starts = [sum(counts[:i]) for i in range(len(counts))]
+            image_tiles = iter([pixels["pixel_values"][s:s + n] for s, n in zip(starts, counts)])
+        frames = iter([self.image_processor(images=v, crop_to_patches=False, return_tensors="pt")["pixel_values"]
+                       for v in videos])
+        expanded = []
+        for t in texts:  # each image's tiles, or each video's frames, in the order the prompts show them
+            parts = re.split(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})", t)
+            for i in range(1, len(parts), 2):
+                tiles.append(next(image_tiles) if parts[i] == self.image_token else next(frames))
+                parts[i] = self._written(tiles[-1].shape[0], parts[i] == self.video_token)
+            expanded.append("".join(parts))
+        out = dict(self.tokenizer(expanded, return_tensors="pt", padding=True))
+        return {**out, "pixel_values": torch.cat(tiles)} if tiles else out
 
-    def _expand(self, text: str, tiles) -> str:
-        parts = text.split(self.image_token)
-        return parts[0] + "".join(self.start_token + self.image_token * self.image_seq_length * next(tiles)
-                                  + self.end_token + rest for rest in parts[1:])
+    def _written(self, tiles: int, video: bool) -> str:
+        """What stands in the prompt for an image of `tiles` tiles, or a video of that many frames (each frame an
+        image of one tile, after "FrameK: ", one per line)."""
+        one = self.start_token + self.image_token * self.image_seq_length * (1 if video else tiles) + self.end_token
+        return "\n".join(f"Frame{k + 1}: {one}" for k in range(tiles)) if video else one
