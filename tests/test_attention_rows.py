@@ -1,7 +1,8 @@
 """Scores computed from one query row equal the rows of the eager attention map."""
 
+import pytest
 import torch
-from transformers import AutoModelForCausalLM, CLIPVisionModel
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 
 from meteor_vlm.methods.base import EncoderPoint
 from meteor_vlm.models.runtime import LLMLayerContext
@@ -24,15 +25,32 @@ def test_cls_row_and_received_attention_equal_eager_map(tiny, images):
             torch.testing.assert_close(ctx.received_attention(), maps[i].mean((1, 2))[:, 1:], atol=1e-6, rtol=1e-5)
 
 
-def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny):
+@pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3"])
+def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder):
+    """On the project's Llama, a Qwen2 (biased q/k/v) and a Qwen3 (per-head q/k norms before RoPE); and the keys
+    `key_states` gives (DART's) are the ones the layer's attention computes before RoPE."""
     model, _ = tiny
     lm_sdpa = model.language_model
     cfg = lm_sdpa.config.__class__(**lm_sdpa.config.to_dict())
+    if decoder != "project":
+        cfg = AutoConfig.for_model(decoder, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=4, head_dim=16)
     cfg._attn_implementation = "eager"
+    torch.manual_seed(1)
     lm = AutoModelForCausalLM.from_config(cfg)
-    lm.load_state_dict(lm_sdpa.state_dict())
+    if decoder == "project":
+        lm.load_state_dict(lm_sdpa.state_dict())
+    else:  # norms that are not the identity
+        for name, weights in lm.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                weights.data.uniform_(0.5, 1.5)
     g = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, 13, cfg.hidden_size, generator=g)
+    keys = {}  # each layer's keys before RoPE, as its attention computed them
+    for i, block in enumerate(lm.model.layers):
+        attn = block.self_attn
+        source = getattr(attn, "k_norm", None) or attn.k_proj
+        source.register_forward_hook(lambda module, args, k, i=i: keys.__setitem__(i, k.flatten(2)))
     with torch.no_grad():
         out = lm(inputs_embeds=embeds, output_attentions=True, output_hidden_states=True)
         pos = torch.arange(13).expand(2, -1)
@@ -47,3 +65,4 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny):
             torch.testing.assert_close(rows[:, :, 0], want[:, :, 12], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(rows[0, :, 1], want[0, :, 5], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(rows[1, :, 1], want[1, :, 7], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(ctx.key_states(), keys[layer], atol=1e-6, rtol=1e-5)

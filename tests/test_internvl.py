@@ -21,9 +21,10 @@ PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circl
 IMAGES = [1, 2, 1]  # images per prompt
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["internvl", "internvl-qknorm"])
+@pytest.fixture(scope="module", params=[{}, {"qk_norm": True}, {"decoder": "qwen3"}],
+                ids=["internvl", "internvl-qknorm", "internvl-qwen3"])
 def internvl(request):
-    return mv.testing.tiny_internvl(seed=2, qk_norm=request.param)
+    return mv.testing.tiny_internvl(seed=2, **request.param)
 
 
 def inputs_for(processor, tile_pictures, which=(0, 1, 2)):

@@ -100,9 +100,12 @@ class LLMLayerContext:
     llm_visual_tokens: torch.Tensor
 
     def key_states(self, normed: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, KV_heads * head_dim) this layer's key projection of its normed input (`normed`, if the
-        caller has it), before RoPE."""
-        return self.layer.self_attn.k_proj(self.layer.input_layernorm(self.hidden) if normed is None else normed)
+        """(B, T, KV_heads * head_dim) this layer's keys of its normed input (`normed`, if the caller has it),
+        before RoPE: the key projection, and the attention's per-head key norm where it has one (Qwen3's
+        `k_norm`)."""
+        attn = self.layer.self_attn
+        k = attn.k_proj(self.layer.input_layernorm(self.hidden) if normed is None else normed)
+        return _head_norm(attn, "k_norm", k)
 
     def attention_rows(self, query_index: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head attention of a few query rows over all current tokens, from this layer's own q/k.
@@ -123,7 +126,7 @@ class LLMLayerContext:
         cos, sin = self.position_embeddings
         k = self.key_states(normed).view(B, T, -1, hd).transpose(1, 2)
         rows = ops.gather_tokens(normed, query_index)
-        q = attn.q_proj(rows).view(B, rows.shape[1], -1, hd).transpose(1, 2)
+        q = _head_norm(attn, "q_norm", attn.q_proj(rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)
         qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)
         q = q * qc.unsqueeze(1) + _rotate_half(q) * qs.unsqueeze(1)
         k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
@@ -173,6 +176,15 @@ def place_merged(answer: LLMMerge, hidden: torch.Tensor, valid: torch.Tensor, vi
     hidden = hidden.clone()
     hidden[rows[slot], at[slot]] = answer.merged[slot].to(hidden.dtype)
     return hidden, keep | placed
+
+
+def _head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """(..., heads * head_dim) projected queries or keys through the attention's per-head norm `name` (q_norm /
+    k_norm: Qwen3's RMSNorm over each head's dims, before RoPE), or as they are where it has none."""
+    norm = getattr(attn, name, None)
+    if norm is None:
+        return x
+    return norm(x.view(*x.shape[:-1], -1, attn.head_dim)).flatten(-2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
