@@ -108,10 +108,11 @@ def reference_masked_logits(model, inputs, drop, layer, replace=None):
     return out.gather(1, text_col[:, :, None].expand(-1, -1, out.shape[-1]))
 
 
-def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None, positions=None):
+def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None, positions=None, residuals=None):
     """(B, T, V) logits of a Llama-style backbone `lm` run layer by layer on `embeds` (B, T, D) with valid (B, T)
     left-padded columns, the columns listed per sample in `drop` masked as keys from `layer` on; `positions`:
-    the rotary embedding's position ids (default: the running count of real tokens)."""
+    the rotary embedding's position ids (default: the running count of real tokens); `residuals`: (B, T, D)
+    tensors added to the hidden states after layers 0, 1, ... (Qwen3-VL's DeepStack)."""
     B, T, _ = embeds.shape
     dropped = torch.zeros(B, T, dtype=torch.bool)
     for b, cs in enumerate(drop):
@@ -128,6 +129,8 @@ def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None,
             keys = valid & ~dropped if i >= layer else valid
             mask = ((causal[None] & keys[:, None, :]) | eye[None]).unsqueeze(1)
             h = block(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+            if residuals is not None and i < len(residuals):
+                h = h + residuals[i]
         return lm_head(lm.norm(h))
 
 

@@ -7,7 +7,8 @@ import re
 
 import pytest
 import torch
-from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+from transformers.vision_utils import (get_vision_interpolation_indices_and_weights, get_vision_position_ids,
+                                     get_vision_window_index)
 
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
@@ -22,8 +23,14 @@ IMAGES = [1, 2, 1]
 SIZES = [(48, 32), (30, 60), (40, 40), (64, 20)]  # each its own token count (6, 8, 4, 4 visual tokens)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3"], ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def qwen(request):
+    return mv.testing.tiny_qwen2_vl(seed=2, version=request.param)
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
+def qwen_video(request):
+    """The versions whose videos the adapter takes."""
     return mv.testing.tiny_qwen2_vl(seed=2, version=request.param)
 
 
@@ -46,17 +53,20 @@ def logits(model, inputs, method=None, **kw):
 
 
 def stock_reference(model, inputs, drop, layer):
-    """The stock model's embeddings and multimodal RoPE positions, run layer by layer with the columns in `drop`
-    masked as keys from `layer` on."""
+    """The stock model's embeddings and multimodal RoPE positions (and Qwen3-VL's DeepStack features at the image
+    tokens after its first layers), run layer by layer with the columns in `drop` masked as keys from `layer` on."""
     with torch.no_grad():
         ids = inputs["input_ids"]
-        feats = torch.cat(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+        out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        is_img = (ids == model.config.image_token_id)[..., None]
         embeds = model.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None].expand_as(embeds), feats)
+        embeds = embeds.masked_scatter(is_img.expand_as(embeds), torch.cat(out.pooler_output))
+        residuals = [torch.zeros_like(embeds).masked_scatter(is_img.expand_as(embeds), torch.cat(list(level)))
+                     for level in getattr(out, "deepstack_features", None) or []]
         positions, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"],
                                                   attention_mask=inputs["attention_mask"])
     return masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
-                                 drop, layer, positions=positions)
+                                 drop, layer, positions=positions, residuals=residuals)
 
 
 NOOPS = {"none": mv.NoPruning, "fastv": lambda: mv.FastV(layer=2, ratio=0.0),
@@ -155,10 +165,16 @@ def stock_blocks_without(visual, pixels, grid_thw):
     """One image's or video's merged tokens from the stock encoder's own blocks and merger, the windows `survivors`
     drops at each block removed from the packed sequence (each temporal patch of a video attending within itself,
     as the stock cu_seqlens say, and the stock attention windows of Qwen2.5-VL, as its get_vision_window_index
-    lays them out, among those left): (kept window indices, (K, D) tokens)."""
+    lays them out, among those left; Qwen3-VL's learned position embeddings resampled to the grid, and its DeepStack
+    mergers after their blocks): (kept window indices, (K, D) tokens, [(K, D) DeepStack features per level])."""
     cfg, m = visual.config, visual.spatial_merge_size
     grid = torch.tensor([grid_thw])
     hidden = visual.patch_embed(pixels)
+    if hasattr(visual, "pos_embed"):  # Qwen3-VL
+        index, weight = get_vision_interpolation_indices_and_weights(
+            grid, visual.num_grid_per_side, visual.interpolation_mode, visual.interpolation_align_corners, m)
+        hidden = hidden + (visual.pos_embed(index) * weight[:, :, None]).sum(1)
+    deepstack = {}  # level: {window: its DeepStack features}
     cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, m))
     alive = torch.arange(hidden.shape[0] // m**2)
     frame = alive // (grid_thw[1] * grid_thw[2] // m**2)  # a video's temporal patches attend each within itself
@@ -176,18 +192,22 @@ def stock_blocks_without(visual, pixels, grid_thw):
         rows = (torch.arange(len(alive))[order, None] * m**2 + torch.arange(m**2)).flatten()
         out = hidden.clone()
         out[rows] = block(hidden[rows], cu_seqlens=cu, position_embeddings=(cos[patch], sin[patch]))
+        if b in getattr(visual, "deepstack_visual_indexes", []):
+            level = visual.deepstack_visual_indexes.index(b)
+            deepstack[level] = dict(zip(alive.tolist(), visual.deepstack_merger_list[level](out)))
         kept = survivors(alive, b, 4)
         rows = (torch.searchsorted(alive, kept)[:, None] * m**2 + torch.arange(m**2)).flatten()
         hidden, alive = out[rows], kept
-    return alive, visual.merger(hidden)
+    return alive, visual.merger(hidden), [torch.stack([deepstack[k][w] for w in alive.tolist()]) for k in sorted(deepstack)]
 
 
-@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3"])
 def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_them(version, pictures):
     """After each block of a 3-block encoder (Qwen2.5-VL: the first two windowed) a test method drops whole merge
     windows: the tokens that leave it equal the stock blocks and merger run on the packed sequence with those
     windows removed (two images of one grid encoded together, two of others), and the logits equal the stock
-    language model with the dropped windows' image tokens masked from layer 0 on."""
+    language model with the dropped windows' image tokens masked from layer 0 on (Qwen3-VL: each kept window's
+    DeepStack features, from the stock blocks and mergers, added at its column after the first layers)."""
     model, processor = mv.testing.tiny_qwen2_vl(seed=4, version=version, vision_depth=3)
     imgs = [pictures[0], pictures[3].resize((48, 32)), pictures[1], pictures[2].resize((48, 48))]  # 3 x 3: 4 windows
     inputs = processor(images=imgs, text=["<image> <image> what is it ?", "<image> and <image> ?"])
@@ -195,34 +215,40 @@ def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_t
     with torch.no_grad():
         tokens = target.encode_expert(0, {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}, DropWindows(4))
         starts = [0, *inputs["image_grid_thw"].prod(-1).cumsum(0).tolist()]
-        visual, embeds_at = model.model.visual, {}
+        visual, embeds_at, deepstack_at = model.model.visual, {}, {}
         is_img = inputs["input_ids"] == model.config.image_token_id
         ib, it = is_img.nonzero(as_tuple=True)
         first = 0
         for i, g in enumerate(inputs["image_grid_thw"].tolist()):
-            alive, want = stock_blocks_without(visual, inputs["pixel_values"][starts[i]:starts[i + 1]], g)
+            alive, want, deepstack = stock_blocks_without(visual, inputs["pixel_values"][starts[i]:starts[i + 1]], g)
             got = tokens.features[i][tokens.mask[i]]
             assert tokens.grid_index[i][tokens.mask[i]].tolist() == alive.tolist()
             assert 0 < len(alive) < g[1] * g[2] // 4
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-            for w, feat in zip(alive.tolist(), want):
+            for j, (w, feat) in enumerate(zip(alive.tolist(), want)):
                 embeds_at[(int(ib[first + w]), int(it[first + w]))] = feat
+                deepstack_at[(int(ib[first + w]), int(it[first + w]))] = [level[j] for level in deepstack]
             first += g[1] * g[2] // 4
         embeds = model.get_input_embeddings()(inputs["input_ids"])
+        residuals = [torch.zeros_like(embeds) for _ in getattr(visual, "deepstack_visual_indexes", [])]
+        assert len(residuals) == (2 if version == "3" else 0)
         for (r, c), feat in embeds_at.items():
             embeds[r, c] = feat
+            for level, extra in zip(residuals, deepstack_at[(r, c)]):
+                level[r, c] = extra
         drop = [[c for c in is_img[r].nonzero()[:, 0].tolist() if (r, c) not in embeds_at] for r in range(2)]
-        assert_windows_dropped_are_masked(model, inputs, embeds, drop, is_img)
+        assert_windows_dropped_are_masked(model, inputs, embeds, drop, is_img, residuals)
 
 
-def assert_windows_dropped_are_masked(model, inputs, embeds, drop, vis):
+def assert_windows_dropped_are_masked(model, inputs, embeds, drop, vis, residuals=None):
     """Under `DropWindows(4)` the logits on the text equal the stock language model run on `embeds` with the
-    `drop` columns masked from layer 0 on, at the stock multimodal positions of the prompts."""
+    `drop` columns masked from layer 0 on, at the stock multimodal positions of the prompts (`residuals` added
+    after its first layers)."""
     positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                               inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
                                               attention_mask=inputs["attention_mask"])
     want = masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
-                                 drop, 0, positions=positions)
+                                 drop, 0, positions=positions, residuals=residuals)
     got = logits(model, inputs, DropWindows(4))
     text = inputs["attention_mask"].bool() & ~vis
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
@@ -298,9 +324,9 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
             "{% if add_generation_prompt %} a{% endif %}")
 
 
-@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3"])
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
-    """A transformers Qwen2-VL / Qwen2.5-VL checkpoint folder (saved model, tokenizer, image processor, chat
+    """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder (saved model, tokenizer, image processor, chat
     template) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
     the same method, a heatmap on the merged grid) and `meteor speed` (its prompts in the chat template too),
     with the processor read back from the folder giving the same inputs; ToMe merges windows inside its encoder."""
@@ -360,11 +386,11 @@ def video_inputs(processor, which=(0, 1, 2)):
                      text=[prompts[i] for i in which])
 
 
-def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen):
+def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen_video):
     """A video of one frame twice is that frame as an image (the image processor repeats an image over a temporal
     patch); a video of three frames is two temporal patches, its last frame repeated to fill the second; the
     prompt gets one video token per merged token, typed 2."""
-    _, processor = qwen
+    _, processor = qwen_video
     a, b, c = video_frames(3)
     same = processor(videos=[[a, a]], text=[processor.video_placeholder])
     image = processor(images=[a], text=["<image>"])
@@ -383,10 +409,10 @@ def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen):
 
 
 @pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
-def test_pruning_nothing_on_videos_equals_the_stock_model(qwen, make):
+def test_pruning_nothing_on_videos_equals_the_stock_model(qwen_video, make):
     """Videos beside images, in either order in a prompt: pruning nothing gives the stock model's logits (its
     per-temporal-patch attention, its video positions)."""
-    model, processor = qwen
+    model, processor = qwen_video
     method = make()
     assert_noop_is_the_stock_model(model, video_inputs(processor), method, logits, logits)
     assert [s["images"] for s in method.stats] == [2, 2, 1]  # images and videos
@@ -408,7 +434,7 @@ def test_windows_dropped_inside_the_encoder_on_videos_equal_the_stock_blocks_run
             starts = [0, *inputs[grids].prod(-1).cumsum(0).tolist()]
             for i, g in enumerate(inputs[grids].tolist()):
                 want_at.append(stock_blocks_without(visual, inputs[pixels][starts[i]:starts[i + 1]], g))
-        for i, (alive, want) in enumerate(want_at):
+        for i, (alive, want, _) in enumerate(want_at):
             assert tokens.grid_index[i][tokens.mask[i]].tolist() == alive.tolist()
             torch.testing.assert_close(tokens.features[i][tokens.mask[i]], want, atol=1e-5, rtol=1e-5)
         assert inputs["video_grid_thw"][:, 0].tolist() == [2, 2] and 0 < len(want_at[1][0]) < 12
@@ -416,7 +442,7 @@ def test_windows_dropped_inside_the_encoder_on_videos_equal_the_stock_blocks_run
         ids, vis = inputs["input_ids"], inputs["mm_token_type_ids"] > 0
         ib, it = vis.nonzero(as_tuple=True)
         embeds, placed, first = model.get_input_embeddings()(ids), torch.zeros_like(vis), 0
-        for (alive, want), n in zip((want_at[1], want_at[0], want_at[2]), (12, 4, 8)):
+        for (alive, want, _), n in zip((want_at[1], want_at[0], want_at[2]), (12, 4, 8)):
             for w, feat in zip(alive.tolist(), want):
                 embeds[ib[first + w], it[first + w]] = feat
                 placed[ib[first + w], it[first + w]] = True
@@ -430,24 +456,24 @@ VIDEO_PRUNING = {k: PRUNING[k] for k in ("fastv", "divprune", "meteor-stage1+3",
 
 
 @pytest.mark.parametrize("make", list(VIDEO_PRUNING.values()), ids=list(VIDEO_PRUNING))
-def test_every_method_on_videos_obeys_the_batch_and_cache_oracles(qwen, make):
+def test_every_method_on_videos_obeys_the_batch_and_cache_oracles(qwen_video, make):
     """As for images: decoding goes on after the prompt's last token, where the stock model's positions for the
     grown prompt put the next one (in Qwen2.5-VL a video's temporal positions reach past it)."""
-    model, processor = qwen
+    model, processor = qwen_video
     check_batch_and_cache(model, make(), lambda which: video_inputs(processor, which), grown_inputs,
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
-def test_beam_search_keeps_each_prompts_videos_and_images_with_its_rows(qwen):
+def test_beam_search_keeps_each_prompts_videos_and_images_with_its_rows(qwen_video):
     """Beams repeat each prompt's row, and its images and videos follow it: pruning nothing, beam search equals the
     stock model's; under METEOR cached equals uncached."""
-    model, processor = qwen
+    model, processor = qwen_video
     inputs = video_inputs(processor)
     check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
-def test_video_tokens_that_do_not_match_the_videos_are_refused(qwen):
-    model, processor = qwen
+def test_video_tokens_that_do_not_match_the_videos_are_refused(qwen_video):
+    model, processor = qwen_video
     inputs = video_inputs(processor, which=(0, 2))
     fewer = {**inputs, "video_grid_thw": inputs["video_grid_thw"][:1],
              "pixel_values_videos": inputs["pixel_values_videos"][:48]}

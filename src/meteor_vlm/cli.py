@@ -18,6 +18,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+               "qwen3_vl": "Qwen3VLForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration"}
 
@@ -49,7 +50,7 @@ def _load(model_arg: str, llava: bool = False):
 
         cls = getattr(transformers, STOCK_TYPES[model_type])
         model = cls.from_pretrained(path, attn_implementation="sdpa").eval()
-        if model_type in ("qwen2_vl", "qwen2_5_vl"):  # its AutoProcessor needs torchvision for videos
+        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # its AutoProcessor needs torchvision for videos
             from .models.qwen2_vl import Qwen2VLImageTextProcessor
 
             return model, Qwen2VLImageTextProcessor.from_pretrained(path)

@@ -190,15 +190,17 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     vision encoder on 8 px patches, 2x2 merged (an image of 16 to 48 px a side gives 2 to 9 visual tokens, by
     its size), and a `num_layers`-deep decoder with 8 heads (GQA, 4 kv heads) and multimodal RoPE.
     `version="2.5"`: a `Qwen2_5_VLForConditionalGeneration` instead (attention windows of 2x2 visual tokens in
-    its vision blocks but the last, full attention in the last)."""
+    its vision blocks but the last, full attention in the last). `version="3"`: a `Qwen3VLForConditionalGeneration`
+    (learned position embeddings resampled to each grid, DeepStack: the merged features of vision blocks 0 and 1
+    added to the decoder's hidden states after its layers 0 and 1; a Qwen3 decoder, per-head q/k norms)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
+                              Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from .models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens
 
-    if version not in ("2", "2.5"):
-        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2' or '2.5'")
+    if version not in ("2", "2.5", "3"):
+        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5' or '3'")
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     ids = add_vision_tokens(tokenizer)
@@ -212,13 +214,21 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                 num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
-    config_cls, model_cls = ((Qwen2VLConfig, Qwen2VLForConditionalGeneration) if version == "2" else
-                             (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration))
+    if version == "3":
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                      patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+        text.update(head_dim=8, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                                                 "rope_theta": 10000.0})
+    config_cls, model_cls = {"2": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+                             "2.5": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+                             "3": (Qwen3VLConfig, Qwen3VLForConditionalGeneration)}[version]
     config = config_cls(vision_config=vision, text_config=text, **ids)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    _peaked([*model.model.language_model.parameters(), *model.model.visual.merger.parameters()], seed)
+    mergers = [model.model.visual.merger, *getattr(model.model.visual, "deepstack_merger_list", [])]
+    _peaked([*model.model.language_model.parameters(), *(p for m in mergers for p in m.parameters())], seed)
     model.generation_config.suppress_tokens = [ids[k] for k in ("image_token_id", "video_token_id",
                                                                 "vision_start_token_id", "vision_end_token_id")]
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,

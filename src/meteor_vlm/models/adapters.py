@@ -6,7 +6,7 @@
 exactly as it was afterwards; a target may also have `check_method(method)`, asked before the method's
 `setup`, to refuse what it cannot run. The project's `MultiEncoderVLM` is its own target. A stock transformers
 VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaOnevisionAdapter` (`models/llava.py`),
-`Qwen2VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`) or `Idefics3Adapter`
+`Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`) or `Idefics3Adapter`
 (`models/idefics3.py`, for Idefics3 and SmolVLM), which patch that one instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
@@ -34,7 +34,8 @@ __all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "it
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
              "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
-             "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "InternVLForConditionalGeneration",
+             "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+             "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -224,6 +225,12 @@ class StockAdapter:
         own features."""
         return visual.features[vi, vj]
 
+    def layer_residuals(self, visual, vis_index: torch.Tensor) -> list[torch.Tensor] | None:
+        """(B, L, D) tensors the runtime adds to the hidden states after LLM layers 0, 1, ... (`runtime.prefill`),
+        for the spliced prompt whose columns hold the tokens `vis_index` (B, L) of `visual` (-1 elsewhere); None
+        by default (Qwen3-VL's DeepStack)."""
+        return None
+
     def check_method(self, method) -> None:
         """ValueError if this model cannot run `method` (asked when the method is attached, before its setup)."""
 
@@ -371,7 +378,8 @@ class StockAdapter:
             # the query: the last token still present at or before the query column (a prompt may end with an image)
             query_col = (torch.searchsorted(input_col.contiguous(), qpos[:, None].contiguous(), right=True) - 1)[:, 0]
             hidden, cols, kept = runtime.prefill(parts, embeds, valid, is_vis, query_col, cache if use_cache else None,
-                                                 method.llm_layers(self.num_llm_layers), method.prune_llm, positions)
+                                                 method.llm_layers(self.num_llm_layers), method.prune_llm, positions,
+                                                 self.layer_residuals(visual, vis_index))
             survivors = torch.where(cols >= 0, vis_index.gather(1, cols.clamp_min(0)), -1)
             unpruned = self.encoder_tokens(images) if images is not None else []
             image_owner = list(dict(zip(layout.tile_image.tolist(), owner)).values()) if layout is not None else []

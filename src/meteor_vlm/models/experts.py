@@ -154,6 +154,11 @@ class ExpertRunner:
         """Tokens after the last block -> (B, N_patches, D_out) features (CLS dropped)."""
         raise NotImplementedError
 
+    def tap(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Features the model reads off block i's output besides the final ones, (B, N, D') for the tokens x
+        (Qwen3-VL's DeepStack), or None (the default: none)."""
+        return None
+
     # --- shared ------------------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:

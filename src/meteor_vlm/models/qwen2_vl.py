@@ -1,6 +1,7 @@
 """Pruning on a stock transformers Qwen2-VL or Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
-`Qwen2_5_VLForConditionalGeneration`), on images and videos: inside its vision encoder, where its visual tokens
-enter the language model, and inside the language model.
+`Qwen2_5_VLForConditionalGeneration`), on images and videos, and Qwen3-VL (`Qwen3VLForConditionalGeneration`,
+images; `Qwen3VLAdapter`): inside its vision encoder, where its visual tokens enter the language model, and inside
+the language model.
 
 Qwen2-VL's vision encoder merges each 2x2 window of patches into one visual token at its end (the merger), so a
 token inside it is a whole merge window (`Qwen2VLRunner`: the window's patches side by side): stage-1 methods
@@ -21,17 +22,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-from transformers.vision_utils import get_vision_position_ids
+from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from . import runtime
 from .adapters import Layout, StockAdapter, StockProcessor, items_in_prompt_order
 from .experts import ExpertRunner, ExpertSpec
 from .vlm import VisualTokens, fuse_and_prune, run_expert
 
-__all__ = ["Qwen2VLAdapter", "Qwen2VLRunner", "Qwen2VLImageTextProcessor", "qwen2_vl_adapter", "VISION_TOKENS",
-           "add_vision_tokens"]
+__all__ = ["Qwen2VLAdapter", "Qwen2VLRunner", "Qwen3VLAdapter", "Qwen3VLRunner", "Qwen2VLImageTextProcessor",
+           "qwen2_vl_adapter", "VISION_TOKENS", "add_vision_tokens"]
 
 EXPERT = "vision"
 
@@ -48,8 +49,10 @@ def add_vision_tokens(tokenizer) -> dict[str, int]:
 
 
 def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
-    """The adapter for a transformers Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration, or None
-    for any other model."""
+    """The adapter for a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration or
+    Qwen3VLForConditionalGeneration, or None for any other model."""
+    if type(model) is Qwen3VLForConditionalGeneration:
+        return Qwen3VLAdapter(model)
     stock = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     return Qwen2VLAdapter(model) if type(model) in stock else None
 
@@ -215,8 +218,10 @@ class Qwen2VLAdapter(StockAdapter):
     PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     _KINDS = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
 
+    RUNNER = Qwen2VLRunner
+
     def __init__(self, model: Qwen2VLForConditionalGeneration):
-        self._locate(model, [Qwen2VLRunner(model.model.visual, ExpertSpec(EXPERT, Qwen2VLRunner.kind, 0, {}))])
+        self._locate(model, [self.RUNNER(model.model.visual, ExpertSpec(EXPERT, self.RUNNER.kind, 0, {}))])
         self.video_token_id = model.config.video_token_id
 
     def _grids(self, images: dict) -> tuple[torch.Tensor, int]:
@@ -290,7 +295,7 @@ class Qwen2VLAdapter(StockAdapter):
             same_grid.setdefault(tuple(g), []).append(i)
         parts = []
         for g, members in same_grid.items():
-            runner = Qwen2VLRunner(visual, self.runners[0].spec, g)
+            runner = self.RUNNER(visual, self.runners[0].spec, g)
             batch = torch.stack([pixels[starts[i]:starts[i + 1]] for i in members])
             parts.append((members, run_expert(runner, index, batch, method)))
         n, dev = max(counts), pixels.device
@@ -304,7 +309,15 @@ class Qwen2VLAdapter(StockAdapter):
             rows = torch.tensor(members, device=dev)
             features[rows, :k], grid[rows, :k] = tokens.features, tokens.grid_index
             size[rows, :k], valid[rows, :k] = tokens.size, tokens.mask
-        return VisualTokens(features, torch.zeros_like(grid), grid, size, valid=None if bool(valid.all()) else valid)
+        taps = []  # each tapped block's features of every item, by window (zeros where a window was gone by then)
+        for level in range(len(parts[0][1].taps or [])):
+            dense = parts[0][1].taps[level][0].new_zeros(len(counts), n, parts[0][1].taps[level][0].shape[-1])
+            for members, tokens in parts:
+                tapped, at = tokens.taps[level]
+                dense[torch.tensor(members, device=dev)[:, None].expand_as(at), at] = tapped
+            taps.append((dense, torch.arange(n, device=dev).expand(len(counts), n)))
+        return VisualTokens(features, torch.zeros_like(grid), grid, size, valid=None if bool(valid.all()) else valid,
+                            taps=taps or None)
 
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         """Item i's token g at offset g of its span; the items (images, then videos) in the order the prompts show
@@ -340,6 +353,71 @@ class Qwen2VLAdapter(StockAdapter):
                                                        grids["pixel_values_videos"], attention_mask=attention_mask,
                                                        **extra)
         return positions.permute(1, 2, 0)
+
+
+class Qwen3VLRunner(Qwen2VLRunner):
+    """Qwen3-VL's vision encoder walked as Qwen2-VL's (`Qwen2VLRunner`), with what it adds: learned position
+    embeddings resampled to the grid, added to the patches before block 0, and DeepStack: after each block
+    `deepstack_visual_indexes` names, its own merger on each window's patches (`tap`), features the language model
+    adds to the visual tokens' hidden states after its first layers."""
+
+    kind = "qwen3_vl"
+
+    def __init__(self, visual, spec: ExpertSpec, grid_thw: tuple[int, int, int] | None = None):
+        super().__init__(visual, spec, grid_thw)
+        self.deepstack = list(visual.config.deepstack_visual_indexes)
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.merger.linear_fc2.out_features
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        B, P, _ = pixel_values.shape
+        visual = self.module
+        x = visual.patch_embed(pixel_values.reshape(B * P, -1)).reshape(B, P, -1)
+        grid = torch.tensor([self.grid_thw], device=pixel_values.device)
+        index, weight = get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=self.merge)
+        x = x + (visual.pos_embed(index) * weight[:, :, None]).sum(1).to(x.dtype)  # each patch's, in pixel order
+        return x.reshape(B, P // self.window, -1)
+
+    def tap(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """After a DeepStack block: (B, N, D') its merger on each window's patches."""
+        if i not in self.deepstack:
+            return None
+        B, N, _ = x.shape
+        merger = self.module.deepstack_merger_list[self.deepstack.index(i)]
+        return merger(x.reshape(B * N * self.window, -1)).view(B, N, -1)
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """`Qwen3VLForConditionalGeneration` (images): Qwen2-VL's adapter with `Qwen3VLRunner`, and DeepStack carried
+    through pruning: each visual token that enters the language model takes the DeepStack features of its own
+    window (a merged token, those of the window it was merged into, from the block that tapped them), which the
+    runtime adds to its hidden state after layers 0, 1, ... (`layer_residuals`); a token pruned before such a layer
+    takes its features with it. Its decoder is a Qwen3 (per-head q/k norms, which the stage-3 scores apply). Videos
+    are refused: Qwen3-VL writes each temporal patch of a video as a frame of its own, with its timestamp, which
+    this adapter does not lay out yet."""
+
+    RUNNER = Qwen3VLRunner
+
+    def encode_images(self, images: dict, method):
+        if images.get("pixel_values_videos") is not None:
+            raise ValueError("Qwen3-VL videos are not supported yet (images are)")
+        tokens = self.encode_expert(0, images, method)
+        fused = fuse_and_prune([tokens], [tokens.features], self.expert_names, method)
+        index = fused.grid_index[..., None]
+        fused.taps = [(dense.gather(1, index.expand(-1, -1, dense.shape[-1])), fused.grid_index)
+                      for dense, _ in tokens.taps]
+        return fused
+
+    def layer_residuals(self, visual, vis_index: torch.Tensor) -> list[torch.Tensor] | None:
+        """Each DeepStack level's features at the columns of the tokens they belong to, zeros elsewhere."""
+        if visual is None or not visual.taps:
+            return None
+        present = (vis_index >= 0)[..., None]
+        return [tapped.flatten(0, 1)[vis_index.clamp_min(0)] * present for tapped, _ in visual.taps]
 
 
 class Qwen2VLImageTextProcessor(StockProcessor):

@@ -262,6 +262,7 @@ def prefill(
     hook_layers: set[int] | frozenset[int] = frozenset(),
     hook: LLMHook | None = None,
     positions: torch.Tensor | None = None,
+    residuals: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     """Run all decoder layers on a full sequence, letting `hook` drop visual tokens before chosen layers.
 
@@ -276,6 +277,8 @@ def prefill(
         positions: (B, T) RoPE positions (default: the running count of real tokens), or (B, T, 3) for a
             decoder with multimodal RoPE (Qwen2-VL: temporal, height, width). Tokens pruned before the LLM leave
             gaps here, so the kept ones keep their unpruned positions.
+        residuals: (B, T, D) each, the k-th added to the hidden states after layer k (Qwen3-VL's DeepStack: each
+            visual token's features from a vision block, zeros elsewhere); they leave with their tokens.
     Returns:
         hidden (B, T', D) after the final norm, cols (B, T') the original column of each output
         (-1 for padding), and {layer: (B,) visual tokens kept from that layer on}.
@@ -305,7 +308,7 @@ def prefill(
             if keep is not None:
                 if (~keep & valid & ~visual).any():
                     raise ValueError(f"layer {i}: a method tried to drop text tokens; only visual tokens may be dropped")
-                valid, h, pos, visual, cols = compact(keep & valid, h, pos, visual, cols)
+                valid, h, pos, visual, cols, *residuals = compact(keep & valid, h, pos, visual, cols, *(residuals or []))
                 cols = cols.masked_fill(~valid, -1)
                 pe = parts.rotary_emb(h, position_ids=_rope_ids(pos))
                 mask = prefill_mask(valid)
@@ -318,6 +321,8 @@ def prefill(
             use_cache=cache is not None,
             position_embeddings=pe,
         )
+        if residuals and i < len(residuals):
+            h = h + residuals[i].to(h.dtype)
         key_valid.append(valid)
     if cache is not None:
         setattr(cache, _STATE_ATTR, CacheState(key_valid, nxt, seen=0))

@@ -66,6 +66,7 @@ def run_expert(runner, index: int, pixel_values: torch.Tensor, method: PruningMe
     proportional = method is not None and method.proportional_attention
     within = method is not None and method.merges_within_block
     valid = None
+    taps = []
     for i in range(runner.num_blocks):
         x_in = x
         bias = None
@@ -73,6 +74,7 @@ def run_expert(runner, index: int, pixel_values: torch.Tensor, method: PruningMe
             bias = size.log() if not runner.has_cls else torch.cat([torch.zeros_like(size[:, :1]), size.log()], 1)
         if method is None or i not in points:
             x = runner.run_block(i, x, bias, grid)
+            _tap(runner, i, x, grid, taps)
             continue
         keys = None
         if within:  # the method acts between the block's attention and its MLP
@@ -87,12 +89,20 @@ def run_expert(runner, index: int, pixel_values: torch.Tensor, method: PruningMe
                              "the keep indices) is only possible after the expert's last block")
         if within:
             x = runner.run_mlp(i, x)
+        _tap(runner, i, x, grid, taps)
     feats = runner.finalize(x)
     if method is not None and runner.num_blocks == 0:  # a CNN is pruned once, at its output
         ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner, size)
         feats, grid, size, valid = apply_encoder_keep(method.prune_encoder(ctx), feats, grid, size, False)
     return VisualTokens(feats, torch.full(grid.shape, index, dtype=torch.long, device=feats.device), grid, size,
-                        valid=valid)
+                        valid=valid, taps=taps or None)
+
+
+def _tap(runner, i: int, x: torch.Tensor, grid: torch.Tensor, taps: list) -> None:
+    """The runner's tap of block i's output (`ExpertRunner.tap`), with the grid index of each of its tokens."""
+    tapped = runner.tap(i, x)
+    if tapped is not None:
+        taps.append((tapped, grid))
 
 
 def apply_encoder_keep(answer, x, grid, size, has_cls):
@@ -256,6 +266,9 @@ class VisualTokens:
     size: torch.Tensor
     stage1: dict[str, list[int]] | None = None  # per expert: patch tokens it handed to fusion, per image
     valid: torch.Tensor | None = None
+    # what the expert's runner tapped off its blocks (Qwen3-VL's DeepStack), in block order: (features (B, N_i, D'),
+    # grid index (B, N_i)) of the tokens at that block's output; set by `run_expert` only, not carried by `select`
+    taps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def mask(self) -> torch.Tensor:
