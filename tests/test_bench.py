@@ -992,6 +992,37 @@ def test_speed_on_a_stock_llava(tmp_path, capsys, monkeypatch):
     assert rows["visionzip:keep0.25"]["tokens"] == 4 * 5 + 8  # 4 of 16 in each of the 5 tiles, and the row ends
 
 
+def test_speed_on_a_stock_qwen3_vl(tmp_path, capsys, monkeypatch):
+    """`meteor speed --shape S --qwen3-vl` profiles a stock transformers Qwen3-VL through its adapter. The real layout
+    (built on the meta device at qwen3-1.7b, Qwen3-VL-2B's): 16 px patches, a 672 px image is 441 visual tokens, the
+    DeepStack mergers after blocks 5, 11 and 17, interleaved multimodal RoPE over [24, 20, 20] of each head's 64
+    frequencies; videos are refused."""
+    from meteor_vlm.bench import shapes
+    from meteor_vlm.bench.speed import _image_side
+    from meteor_vlm.cli import main
+
+    real = shapes.shaped_qwen2_vl
+    model, processor = mv.testing.tiny_qwen2_vl(seed=0, version="3")
+    built = []
+    monkeypatch.setattr(shapes, "shaped_qwen2_vl", lambda shape, dtype, version: built.append((shape, version)) or
+                        (model, processor))
+    names = ["unpruned", "fastv:k1-r0.75", "tome:keep0.5"]
+    assert main(["speed", "--shape", "smollm2-135m", "--qwen3-vl", "--samples", "2", "--new-tokens", "2",
+                 "--methods", ",".join(names), "--out", str(tmp_path)]) == 0
+    assert built == [("smollm2-135m", "3")] and "Qwen3-VL" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert rows[0]["tokens"] > rows[1]["tokens"] and rows[0]["tokens"] > rows[2]["tokens"]
+    assert main(["speed", "--shape", "smollm2-135m", "--qwen3-vl", "--video", "4"]) == 2
+    assert "--video runs on Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / InternVL only" in capsys.readouterr().err
+    with torch.device("meta"):
+        big, big_processor = real("qwen3-1.7b", dtype=torch.bfloat16, version="3")
+    side = _image_side(big_processor)
+    inputs = big_processor(images=[Image.new("RGB", (side, side))], text=[big_processor.image_placeholder + " what ?"])
+    assert side == 672 and int((inputs["input_ids"] == big.config.image_token_id).sum()) == 441
+    assert big.config.vision_config.deepstack_visual_indexes == [5, 11, 17]
+    assert big.config.text_config.rope_parameters["mrope_section"] == [24, 20, 20]
+
+
 def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
     """`meteor speed --shape S --qwen2-vl` profiles a stock transformers Qwen2-VL through its adapter: its vision
     encoder is the one expert timed, methods inside and after it leave fewer tokens, FLOPs and KV cache; the config puts
@@ -1032,9 +1063,9 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
     assert ("videos run on a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / InternVL model only, not with a "
             "MultiEncoderProcessor" in capsys.readouterr().err)
     assert main(["speed", "--qwen2-vl", "--model", "tiny"]) == 2
-    assert "--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm / --onevision need --shape" in capsys.readouterr().err
+    assert "--qwen2-vl / --qwen2.5-vl / --qwen3-vl / --internvl / --smolvlm / --onevision need --shape" in capsys.readouterr().err
     for bad in (["--llava", "--qwen2-vl"], ["--qwen2-vl", "--qwen2.5-vl"], ["--internvl", "--qwen2-vl"],
-                ["--smolvlm", "--internvl"], ["--onevision", "--llava"]):
+                ["--smolvlm", "--internvl"], ["--onevision", "--llava"], ["--qwen3-vl", "--qwen2-vl"]):
         assert main(["speed", "--shape", "smollm2-135m", *bad]) == 2
         assert "exclude each other" in capsys.readouterr().err
     tokenizer = build_tokenizer()
@@ -1149,8 +1180,8 @@ def test_greedy_steps_equal_generate(tiny):
 
 def test_shapes_have_the_real_llms():
     """Each shape's decoder has exactly the parameter count its real checkpoint publishes (and `--qwen2-vl` at
-    qwen2-1.5b Qwen2-VL-2B's, `--qwen2.5-vl` at qwen2.5-3b Qwen2.5-VL-3B's), and a shaped model sees the visual
-    tokens its experts' geometry gives:
+    qwen2-1.5b Qwen2-VL-2B's, `--qwen2.5-vl` at qwen2.5-3b Qwen2.5-VL-3B's; Qwen3-1.7B's card gives 1.7 B, 1.4 B
+    without the embedding), and a shaped model sees the visual tokens its experts' geometry gives:
     (224/16)^2 + 2 * (384/16)^2."""
     from transformers import (AutoConfig, AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration,
                               Qwen2VLForConditionalGeneration)
@@ -1162,8 +1193,12 @@ def test_shapes_have_the_real_llms():
 
     published = {"smollm2-135m": 134_515_008, "qwen2-0.5b": 494_032_768, "qwen2-1.5b": 1_543_714_304,
                  "qwen2.5-3b": 3_085_938_688, "vicuna-7b": 6_738_415_616}
-    assert set(SHAPES) == set(published)
+    assert set(SHAPES) == set(published) | {"qwen3-1.7b"}
     tokenizer = build_tokenizer()
+    text = shape_text_config("qwen3-1.7b", tokenizer)
+    with torch.device("meta"):
+        total = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.for_model(**text)).parameters())
+    assert round(total / 1e9, 1) == 1.7 and round((total - text["vocab_size"] * text["hidden_size"]) / 1e9, 1) == 1.4
     for shape, count in published.items():
         text = shape_text_config(shape, tokenizer)
         config = AutoConfig.for_model(text.pop("model_type"), **text)

@@ -187,13 +187,14 @@ def cmd_speed(args) -> int:
         raise ValueError("--llava needs --shape (the decoder behind LLaVA-1.5's tower)")
     if args.anyres and not args.llava:
         raise ValueError("--anyres needs --llava (it makes the LLaVA a LLaVA-NeXT)")
-    qwen = "2.5" if args.qwen2_5_vl else "2" if args.qwen2_vl else None
-    stock = (args.llava, args.qwen2_vl, args.qwen2_5_vl, args.internvl, args.smolvlm, args.onevision)
+    qwen = "3" if args.qwen3_vl else "2.5" if args.qwen2_5_vl else "2" if args.qwen2_vl else None
+    stock = (args.llava, args.qwen2_vl, args.qwen2_5_vl, args.qwen3_vl, args.internvl, args.smolvlm, args.onevision)
     if sum(map(bool, stock)) > 1:
-        raise ValueError("--llava, --qwen2-vl, --qwen2.5-vl, --internvl, --smolvlm and --onevision exclude each other")
+        raise ValueError("--llava, --qwen2-vl, --qwen2.5-vl, --qwen3-vl, --internvl, --smolvlm and --onevision exclude "
+                         "each other")
     if (qwen or args.internvl or args.smolvlm or args.onevision) and not args.shape:
-        raise ValueError("--qwen2-vl / --qwen2.5-vl / --internvl / --smolvlm / --onevision need --shape (the decoder "
-                         "behind the vision encoder)")
+        raise ValueError("--qwen2-vl / --qwen2.5-vl / --qwen3-vl / --internvl / --smolvlm / --onevision need --shape "
+                         "(the decoder behind the vision encoder)")
     _, dtype = _device_dtype(args)
     if args.onevision:
         print(f"building a random LLaVA-OneVision with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
@@ -245,9 +246,12 @@ def cmd_speed(args) -> int:
     if qwen == "2":
         what += (f" (a stock transformers Qwen2-VL: its 675 M-parameter vision encoder, 32 blocks of 1280 on 14 px "
                  f"patches merged 2x2, on {QWEN_SIDE} px images, 576 image tokens)")
-    elif qwen:
+    elif qwen == "2.5":
         what += (f" (a stock transformers Qwen2.5-VL: its 669 M-parameter vision encoder, 32 blocks of 1280 on 14 px "
                  f"patches, windowed but in 4, merged 2x2, on {QWEN_SIDE} px images, 576 image tokens)")
+    elif qwen:
+        what += (f" (a stock transformers Qwen3-VL: Qwen3-VL-2B's vision encoder, 24 blocks of 1024 on 16 px patches "
+                 f"merged 2x2, DeepStack from blocks 5, 11 and 17, on {QWEN_SIDE} px images, 441 image tokens)")
     if args.internvl:
         what += (f" (a stock transformers InternVL: InternViT-300M, 24 blocks of 1024 on 14 px patches of 448 px "
                  f"tiles, 2x2 folded; {2 * shapes.INTERNVIT_300M['image_size']} px images, 2x2 tiles and a thumbnail, "
@@ -619,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / Idefics3 / SmolVLM: "
                     "your own model, timed on the synthetic prompts)")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
-                    "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2.5-3b, vicuna-7b; see meteor_vlm.bench.shapes)")
+                    "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2.5-3b, qwen3-1.7b, vicuna-7b; see meteor_vlm.bench.shapes)")
     sp.add_argument("--llava", action="store_true",
                     help="with --shape: a stock transformers LLaVA-1.5 (CLIP ViT-L/14 at 336 px, 576 image tokens) in "
                     "front of that decoder instead of the three experts (METEOR: its stage1/stage3 names)")
@@ -629,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "image) in front of that decoder (qwen2-1.5b: Qwen2-VL-2B)")
     sp.add_argument("--qwen2.5-vl", dest="qwen2_5_vl", action="store_true",
                     help="as --qwen2-vl with Qwen2.5-VL's windowed vision encoder (qwen2.5-3b: Qwen2.5-VL-3B)")
+    sp.add_argument("--qwen3-vl", dest="qwen3_vl", action="store_true",
+                    help="with --shape: a stock transformers Qwen3-VL (Qwen3-VL-2B's vision encoder with DeepStack, 441 "
+                    "image tokens per 672 px image) in front of that decoder (qwen3-1.7b: Qwen3-VL-2B)")
     sp.add_argument("--internvl", action="store_true",
                     help="with --shape: a stock transformers InternVL (InternViT-300M, 448 px tiles of 256 image tokens; "
                     "an 896 px image is 2x2 tiles and a thumbnail) in front of that decoder (qwen2-0.5b: InternVL3-1B)")

@@ -23,7 +23,8 @@ from ..models.experts import ExpertSpec
 from ..models.processor import MultiEncoderProcessor
 from ..models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
-__all__ = ["SHAPES", "LLAVA_TOWER", "LLAVA_NEXT_GRIDS", "QWEN2_VL_VISION", "QWEN2_5_VL_VISION", "INTERNVIT_300M",
+__all__ = ["SHAPES", "LLAVA_TOWER", "LLAVA_NEXT_GRIDS", "QWEN2_VL_VISION", "QWEN2_5_VL_VISION", "QWEN3_VL_VISION",
+           "INTERNVIT_300M",
            "shape_experts", "shape_text_config", "shaped_model", "shaped_llava", "qwen2_vl_config", "shaped_qwen2_vl",
            "shaped_internvl", "SMOLVLM_VISION", "shaped_smolvlm", "SIGLIP_SO400M", "ONEVISION_GRIDS", "shaped_onevision"]
 
@@ -42,6 +43,12 @@ QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_c
 QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
                          spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", window_size=112,
                          fullatt_block_indexes=[7, 15, 23, 31])
+
+# Qwen3-VL-2B's and -4B's vision encoder: 24 blocks of 1024 on 16 px patches, learned position embeddings (a 48 x 48
+# grid resampled to each image's), 2x2 merged at its end, DeepStack mergers after blocks 5, 11 and 17
+QWEN3_VL_VISION = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, in_channels=3, patch_size=16,
+                       spatial_merge_size=2, temporal_patch_size=2, hidden_act="gelu_pytorch_tanh",
+                       num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17])
 
 # InternVL2.5 / InternVL3's 300 M vision encoder (InternViT-300M-448px): 24 blocks of 1024 with CLS and layer scale
 # on 448 px tiles of 14 px patches; each 2x2 window folds into one of 256 visual tokens per tile
@@ -79,6 +86,10 @@ SHAPES: dict[str, dict] = {
     "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0,
                        tie_word_embeddings=True),
+    # Qwen3-1.7B: the decoder of Qwen3-VL-2B (per-head q/k norms)
+    "qwen3-1.7b": dict(model_type="qwen3", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       rope_theta=1000000.0, tie_word_embeddings=True),
     # Vicuna-7B / Llama-2-7B: the decoder of LLaVA-1.5-7B and of the paper's METEOR numbers (about 13.5 GB in bf16)
     "vicuna-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0,
@@ -184,20 +195,26 @@ def qwen2_vl_config(shape: str, tokenizer, version: str = "2"):
     """The config of `shaped_qwen2_vl`: Qwen2-VL's vision encoder (`QWEN2_VL_VISION`; version "2.5":
     Qwen2.5-VL's, `QWEN2_5_VL_VISION`) merging into the width of a shape's decoder, whose multimodal RoPE
     splits each head's frequencies as Qwen2-VL's do (temporal, height, width = 1/4, 3/8, 3/8 of them:
-    [16, 24, 24] for 128-wide heads). `tokenizer` holds Qwen's vision tokens (`qwen2_vl.add_vision_tokens`)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    [16, 24, 24] for 128-wide heads). `tokenizer` holds Qwen's vision tokens (`qwen2_vl.add_vision_tokens`).
+    Version "3": Qwen3-VL's (`QWEN3_VL_VISION`, DeepStack), its interleaved multimodal RoPE splitting the
+    frequencies 3/8, 5/16, 5/16 ([24, 20, 20] for 128-wide heads)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     from ..models.qwen2_vl import VISION_TOKENS
 
-    if version not in ("2", "2.5"):
-        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2' or '2.5'")
+    if version not in ("2", "2.5", "3"):
+        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5' or '3'")
 
     text = {k: v for k, v in shape_text_config(shape, tokenizer).items() if k != "model_type"}
-    half = text["hidden_size"] // text["num_attention_heads"] // 2
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"),
-                               "mrope_section": [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]}
-    config_cls, vision = ((Qwen2VLConfig, dict(QWEN2_VL_VISION, hidden_size=text["hidden_size"])) if version == "2" else
-                          (Qwen2_5_VLConfig, dict(QWEN2_5_VL_VISION, out_hidden_size=text["hidden_size"])))
+    half = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]) // 2
+    section = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
+    if version == "3":
+        section = [half * 3 // 8, (half - half * 3 // 8) // 2, half - half * 3 // 8 - (half - half * 3 // 8) // 2]
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"), "mrope_section": section,
+                               **({"mrope_interleaved": True} if version == "3" else {})}
+    config_cls, vision = {"2": (Qwen2VLConfig, dict(QWEN2_VL_VISION, hidden_size=text["hidden_size"])),
+                          "2.5": (Qwen2_5_VLConfig, dict(QWEN2_5_VL_VISION, out_hidden_size=text["hidden_size"])),
+                          "3": (Qwen3VLConfig, dict(QWEN3_VL_VISION, out_hidden_size=text["hidden_size"]))}[version]
     ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in VISION_TOKENS.items()}
     return config_cls(vision_config=vision, text_config=text, tie_word_embeddings=text["tie_word_embeddings"], **ids)
 
@@ -205,10 +222,11 @@ def qwen2_vl_config(shape: str, tokenizer, version: str = "2"):
 def shaped_qwen2_vl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0, version: str = "2"):
     """A random stock transformers `Qwen2VLForConditionalGeneration` (`qwen2_vl_config`: Qwen2-VL's vision encoder
     before a shape's decoder; qwen2-1.5b makes it Qwen2-VL-2B), or with version "2.5" a
-    `Qwen2_5_VLForConditionalGeneration` (qwen2.5-3b: Qwen2.5-VL-3B), and its `Qwen2VLImageTextProcessor`
-    (Qwen2-VL's image processor defaults, which Qwen2.5-VL shares; the synthetic benchmark's word tokenizer
-    with Qwen's vision tokens), in eval mode and SDPA attention."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    `Qwen2_5_VLForConditionalGeneration` (qwen2.5-3b: Qwen2.5-VL-3B), or with version "3" a
+    `Qwen3VLForConditionalGeneration` (qwen3-1.7b: Qwen3-VL-2B), and its `Qwen2VLImageTextProcessor`
+    (Qwen2-VL's image processor defaults, which Qwen2.5-VL shares, on 16 px patches for Qwen3-VL; the synthetic
+    benchmark's word tokenizer with Qwen's vision tokens), in eval mode and SDPA attention."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from ..models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens
@@ -218,10 +236,12 @@ def shaped_qwen2_vl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 
     ids = add_vision_tokens(tokenizer)
     config = qwen2_vl_config(shape, tokenizer, version)
     config._attn_implementation = "sdpa"
-    model_cls = Qwen2VLForConditionalGeneration if version == "2" else Qwen2_5_VLForConditionalGeneration
+    model_cls = {"2": Qwen2VLForConditionalGeneration, "2.5": Qwen2_5_VLForConditionalGeneration,
+                 "3": Qwen3VLForConditionalGeneration}[version]
     model = _built(model_cls, config, dtype, seed)
     model.generation_config.suppress_tokens = list(ids.values())
-    return model, Qwen2VLImageTextProcessor(Qwen2VLImageProcessorPil(), tokenizer)
+    patch = config.vision_config.patch_size
+    return model, Qwen2VLImageTextProcessor(Qwen2VLImageProcessorPil(patch_size=patch), tokenizer)
 
 
 def shaped_internvl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0):
