@@ -393,10 +393,10 @@ class Qwen3VLRunner(Qwen2VLRunner):
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     """`Qwen3VLForConditionalGeneration` (images): Qwen2-VL's adapter with `Qwen3VLRunner`, and DeepStack carried
-    through pruning: each visual token that enters the language model takes the DeepStack features of its own
-    window (a merged token, those of the window it was merged into, from the block that tapped them), which the
-    runtime adds to its hidden state after layers 0, 1, ... (`layer_residuals`); a token pruned before such a layer
-    takes its features with it. Its decoder is a Qwen3 (per-head q/k norms, which the stage-3 scores apply). Videos
+    through pruning: each visual token that enters the language model takes the DeepStack features its window had
+    at each tapped block (after that block's own pruning: a token merged there or before is tapped as merged; one
+    merged later takes the features of the window it was merged into), which the runtime adds to its hidden state
+    after layers 0, 1, ... (`layer_residuals`); a token pruned before such a layer takes its features with it. Its decoder is a Qwen3 (per-head q/k norms, which the stage-3 scores apply). Videos
     are refused: Qwen3-VL writes each temporal patch of a video as a frame of its own, with its timestamp, which
     this adapter does not lay out yet."""
 

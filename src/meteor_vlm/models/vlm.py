@@ -267,7 +267,8 @@ class VisualTokens:
     stage1: dict[str, list[int]] | None = None  # per expert: patch tokens it handed to fusion, per image
     valid: torch.Tensor | None = None
     # what the expert's runner tapped off its blocks (Qwen3-VL's DeepStack), in block order: (features (B, N_i, D'),
-    # grid index (B, N_i)) of the tokens at that block's output; set by `run_expert` only, not carried by `select`
+    # grid index (B, N_i)) of the tokens at that block's output, after any pruning there; set by `run_expert` (and
+    # by adapters that align them with the tokens kept), not carried by `select`
     taps: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
