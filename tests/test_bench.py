@@ -996,7 +996,7 @@ def test_speed_on_a_stock_qwen3_vl(tmp_path, capsys, monkeypatch):
     """`meteor speed --shape S --qwen3-vl` profiles a stock transformers Qwen3-VL through its adapter. The real layout
     (built on the meta device at qwen3-1.7b, Qwen3-VL-2B's): 16 px patches, a 672 px image is 441 visual tokens, the
     DeepStack mergers after blocks 5, 11 and 17, interleaved multimodal RoPE over [24, 20, 20] of each head's 64
-    frequencies; videos are refused."""
+    frequencies; it also runs on videos."""
     from meteor_vlm.bench import shapes
     from meteor_vlm.bench.speed import _image_side
     from meteor_vlm.cli import main
@@ -1012,8 +1012,11 @@ def test_speed_on_a_stock_qwen3_vl(tmp_path, capsys, monkeypatch):
     assert built == [("smollm2-135m", "3")] and "Qwen3-VL" in capsys.readouterr().out
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
     assert rows[0]["tokens"] > rows[1]["tokens"] and rows[0]["tokens"] > rows[2]["tokens"]
-    assert main(["speed", "--shape", "smollm2-135m", "--qwen3-vl", "--video", "4"]) == 2
-    assert "--video runs on Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / InternVL only" in capsys.readouterr().err
+    # videos of 4 frames: 2 temporal patches, each written apart with its time, of 3 x 3 merged tokens
+    assert main(["speed", "--shape", "smollm2-135m", "--qwen3-vl", "--video", "4", "--samples", "2", "--new-tokens",
+                 "2", "--methods", "unpruned,tome:keep0.5", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert "a video of 4 frames" in capsys.readouterr().out and rows[0]["tokens"] == 18 > rows[1]["tokens"]
     with torch.device("meta"):
         big, big_processor = real("qwen3-1.7b", dtype=torch.bfloat16, version="3")
     side = _image_side(big_processor)
@@ -1058,9 +1061,9 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
     data = json.loads((tmp_path / "speed.json").read_text())
     assert data["video_frames"] == 4 and [r["tokens"] for r in data["rows"]][0] == 18 > data["rows"][1]["tokens"]
     assert main(["speed", "--shape", "smollm2-135m", "--smolvlm", "--video", "4"]) == 2
-    assert "--video runs on Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / InternVL only" in capsys.readouterr().err
+    assert "--video runs on Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision / InternVL only" in capsys.readouterr().err
     assert main(["speed", "--model", "tiny", "--video", "4", "--samples", "1"]) == 2
-    assert ("videos run on a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / InternVL model only, not with a "
+    assert ("videos run on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision / InternVL model only, not with a "
             "MultiEncoderProcessor" in capsys.readouterr().err)
     assert main(["speed", "--qwen2-vl", "--model", "tiny"]) == 2
     assert "--qwen2-vl / --qwen2.5-vl / --qwen3-vl / --internvl / --smolvlm / --onevision need --shape" in capsys.readouterr().err

@@ -28,11 +28,6 @@ def qwen(request):
     return mv.testing.tiny_qwen2_vl(seed=2, version=request.param)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
-def qwen_video(request):
-    """The versions whose videos the adapter takes."""
-    return mv.testing.tiny_qwen2_vl(seed=2, version=request.param)
-
 
 @pytest.fixture(scope="module")
 def pictures():
@@ -386,11 +381,11 @@ def video_inputs(processor, which=(0, 1, 2)):
                      text=[prompts[i] for i in which])
 
 
-def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen_video):
+def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen):
     """A video of one frame twice is that frame as an image (the image processor repeats an image over a temporal
     patch); a video of three frames is two temporal patches, its last frame repeated to fill the second; the
     prompt gets one video token per merged token, typed 2."""
-    _, processor = qwen_video
+    _, processor = qwen
     a, b, c = video_frames(3)
     same = processor(videos=[[a, a]], text=[processor.video_placeholder])
     image = processor(images=[a], text=["<image>"])
@@ -406,23 +401,32 @@ def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen_video):
     assert (three["mm_token_type_ids"] == 2).sum() == 12 and (three["mm_token_type_ids"] == 1).sum() == 0
     with pytest.raises(ValueError, match="hold 1 <\\|video_pad\\|> tokens for 0 videos"):
         processor(text=[processor.video_placeholder])
+    if processor.timestamps:  # Qwen3-VL: each temporal patch at the mean time of its frames, as its processor has it
+        from transformers import Qwen3VLProcessor
+
+        v, start, end = processor.video_placeholder, "<|vision_start|>", "<|vision_end|>"
+        written = processor._timestamped([f"a {v} b"], [5], [3.0], torch.tensor([[3, 4, 6]]))[0]
+        times = Qwen3VLProcessor._calculate_timestamps(None, list(range(5)), 3.0, 2)
+        patch = start + "<|video_pad|>" * 6 + end
+        assert written == "a " + "".join(f"<{t:.1f} seconds>{patch}" for t in times) + " b" and len(times) == 3
 
 
 @pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
-def test_pruning_nothing_on_videos_equals_the_stock_model(qwen_video, make):
+def test_pruning_nothing_on_videos_equals_the_stock_model(qwen, make):
     """Videos beside images, in either order in a prompt: pruning nothing gives the stock model's logits (its
     per-temporal-patch attention, its video positions)."""
-    model, processor = qwen_video
+    model, processor = qwen
     method = make()
     assert_noop_is_the_stock_model(model, video_inputs(processor), method, logits, logits)
     assert [s["images"] for s in method.stats] == [2, 2, 1]  # images and videos
 
 
-@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3"])
 def test_windows_dropped_inside_the_encoder_on_videos_equal_the_stock_blocks_run_without_them(version):
     """A test method drops whole merge windows after each block: a video's tokens equal the stock blocks (each
     temporal patch attending within itself) and merger run without them, and the logits equal the stock language
-    model with the dropped windows' video tokens masked from layer 0 on, at the stock video positions."""
+    model with the dropped windows' video tokens masked from layer 0 on, at the stock video positions (Qwen3-VL,
+    whose prompt writes each temporal patch apart with its time: with each kept window's DeepStack features)."""
     model, processor = mv.testing.tiny_qwen2_vl(seed=4, version=version, vision_depth=3)
     inputs = video_inputs(processor, which=(0, 2))
     target = adapt(model)
@@ -442,38 +446,41 @@ def test_windows_dropped_inside_the_encoder_on_videos_equal_the_stock_blocks_run
         ids, vis = inputs["input_ids"], inputs["mm_token_type_ids"] > 0
         ib, it = vis.nonzero(as_tuple=True)
         embeds, placed, first = model.get_input_embeddings()(ids), torch.zeros_like(vis), 0
-        for (alive, want, _), n in zip((want_at[1], want_at[0], want_at[2]), (12, 4, 8)):
-            for w, feat in zip(alive.tolist(), want):
+        residuals = [torch.zeros_like(embeds) for _ in getattr(visual, "deepstack_visual_indexes", [])]
+        for (alive, want, deepstack), n in zip((want_at[1], want_at[0], want_at[2]), (12, 4, 8)):
+            for j, (w, feat) in enumerate(zip(alive.tolist(), want)):
                 embeds[ib[first + w], it[first + w]] = feat
                 placed[ib[first + w], it[first + w]] = True
+                for level, extra in zip(residuals, deepstack):
+                    level[ib[first + w], it[first + w]] = extra[j]
             first += n
         assert first == len(ib)
         drop = [(vis[r] & ~placed[r]).nonzero()[:, 0].tolist() for r in range(2)]
-        assert_windows_dropped_are_masked(model, inputs, embeds, drop, vis)
+        assert_windows_dropped_are_masked(model, inputs, embeds, drop, vis, residuals)
 
 
 VIDEO_PRUNING = {k: PRUNING[k] for k in ("fastv", "divprune", "meteor-stage1+3", "tome", "evoprune", "visionzip")}
 
 
 @pytest.mark.parametrize("make", list(VIDEO_PRUNING.values()), ids=list(VIDEO_PRUNING))
-def test_every_method_on_videos_obeys_the_batch_and_cache_oracles(qwen_video, make):
+def test_every_method_on_videos_obeys_the_batch_and_cache_oracles(qwen, make):
     """As for images: decoding goes on after the prompt's last token, where the stock model's positions for the
     grown prompt put the next one (in Qwen2.5-VL a video's temporal positions reach past it)."""
-    model, processor = qwen_video
+    model, processor = qwen
     check_batch_and_cache(model, make(), lambda which: video_inputs(processor, which), grown_inputs,
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
-def test_beam_search_keeps_each_prompts_videos_and_images_with_its_rows(qwen_video):
+def test_beam_search_keeps_each_prompts_videos_and_images_with_its_rows(qwen):
     """Beams repeat each prompt's row, and its images and videos follow it: pruning nothing, beam search equals the
     stock model's; under METEOR cached equals uncached."""
-    model, processor = qwen_video
+    model, processor = qwen
     inputs = video_inputs(processor)
     check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
-def test_video_tokens_that_do_not_match_the_videos_are_refused(qwen_video):
-    model, processor = qwen_video
+def test_video_tokens_that_do_not_match_the_videos_are_refused(qwen):
+    model, processor = qwen
     inputs = video_inputs(processor, which=(0, 2))
     fewer = {**inputs, "video_grid_thw": inputs["video_grid_thw"][:1],
              "pixel_values_videos": inputs["pixel_values_videos"][:48]}

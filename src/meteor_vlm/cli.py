@@ -180,9 +180,10 @@ def cmd_speed(args) -> int:
         raise ValueError("give --model or --shape, not both")
     if args.video < 0:
         raise ValueError(f"--video must be a number of frames >= 1, got {args.video}")
-    if args.video and args.shape and not (args.qwen2_vl or args.qwen2_5_vl or args.onevision or args.internvl):
-        raise ValueError("--video runs on Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / InternVL only: with --shape, give "
-                         "--qwen2-vl, --qwen2.5-vl, --onevision or --internvl")
+    if args.video and args.shape and not (args.qwen2_vl or args.qwen2_5_vl or args.qwen3_vl or args.onevision
+                                          or args.internvl):
+        raise ValueError("--video runs on Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision / InternVL only: with "
+                         "--shape, give --qwen2-vl, --qwen2.5-vl, --qwen3-vl, --onevision or --internvl")
     if args.llava and not args.shape:
         raise ValueError("--llava needs --shape (the decoder behind LLaVA-1.5's tower)")
     if args.anyres and not args.llava:
@@ -648,8 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "image tokens; a 1152 px image is a base tile and 3x3 tiles) in front of that decoder "
                     "(qwen2-0.5b: LLaVA-OneVision-0.5B)")
     sp.add_argument("--video", type=int, default=0, metavar="FRAMES",
-                    help="Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / InternVL (--qwen2-vl, --qwen2.5-vl, --onevision, "
-                    "--internvl or such a --model): ask each question of a video of this many 336 px frames instead of "
+                    help="Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision / InternVL (--qwen2-vl, --qwen2.5-vl, "
+                    "--qwen3-vl, --onevision, --internvl or such a --model): ask each question of a video of this many "
+                    "336 px frames instead of "
                     "an image (Qwen2-VL: 8 frames are 4 temporal patches, 576 tokens; LLaVA-OneVision: 196 tokens a "
                     "frame; InternVL: 256)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",

@@ -192,7 +192,8 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     `version="2.5"`: a `Qwen2_5_VLForConditionalGeneration` instead (attention windows of 2x2 visual tokens in
     its vision blocks but the last, full attention in the last). `version="3"`: a `Qwen3VLForConditionalGeneration`
     (learned position embeddings resampled to each grid, DeepStack: the merged features of vision blocks 0 and 1
-    added to the decoder's hidden states after its layers 0 and 1; a Qwen3 decoder, per-head q/k norms)."""
+    added to the decoder's hidden states after its layers 0 and 1; a Qwen3 decoder, per-head q/k norms; its
+    processor writes each temporal patch of a video as a frame of its own, with its time, as Qwen3-VL's does)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -233,7 +234,7 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                                                                 "vision_start_token_id", "vision_end_token_id")]
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                       temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>")
+    return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version == "3")
 
 
 def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_norm: bool = False,

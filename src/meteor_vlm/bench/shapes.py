@@ -241,7 +241,8 @@ def shaped_qwen2_vl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 
     model = _built(model_cls, config, dtype, seed)
     model.generation_config.suppress_tokens = list(ids.values())
     patch = config.vision_config.patch_size
-    return model, Qwen2VLImageTextProcessor(Qwen2VLImageProcessorPil(patch_size=patch), tokenizer)
+    return model, Qwen2VLImageTextProcessor(Qwen2VLImageProcessorPil(patch_size=patch), tokenizer,
+                                            timestamps=version == "3")
 
 
 def shaped_internvl(shape: str, dtype: torch.dtype = torch.float32, seed: int = 0):

@@ -279,8 +279,8 @@ def _prompts(processor, samples, video_frames: int = 0) -> dict:
     if video_frames:
         onevision = isinstance(processor, LlavaOnevisionImageTextProcessor)
         if not (onevision or isinstance(processor, (Qwen2VLImageTextProcessor, InternVLImageTextProcessor))):
-            raise ValueError("videos run on a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision / InternVL model only, not with a "
-                             f"{type(processor).__name__}")
+            raise ValueError("videos run on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision / InternVL model only, "
+                             f"not with a {type(processor).__name__}")
         return dict(processor(videos=[sample_video(s.image, video_frames) for s in samples],
                               text=[stock_prompt(processor, s.question, video=True) for s in samples],
                               **(dict(return_tensors="pt", padding=True) if onevision else {})))

@@ -20,6 +20,10 @@ a prompt may hold images and videos in any order. Inside
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration
@@ -392,19 +396,18 @@ class Qwen3VLRunner(Qwen2VLRunner):
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
-    """`Qwen3VLForConditionalGeneration` (images): Qwen2-VL's adapter with `Qwen3VLRunner`, and DeepStack carried
-    through pruning: each visual token that enters the language model takes the DeepStack features its window had
-    at each tapped block (after that block's own pruning: a token merged there or before is tapped as merged; one
-    merged later takes the features of the window it was merged into), which the runtime adds to its hidden state
-    after layers 0, 1, ... (`layer_residuals`); a token pruned before such a layer takes its features with it. Its decoder is a Qwen3 (per-head q/k norms, which the stage-3 scores apply). Videos
-    are refused: Qwen3-VL writes each temporal patch of a video as a frame of its own, with its timestamp, which
-    this adapter does not lay out yet."""
+    """`Qwen3VLForConditionalGeneration` (images and videos): Qwen2-VL's adapter with `Qwen3VLRunner`, and DeepStack
+    carried through pruning: each visual token that enters the language model takes the DeepStack features its
+    window had at each tapped block (after that block's own pruning: a token merged there or before is tapped as
+    merged; one merged later takes the features of the window it was merged into), which the runtime adds to its
+    hidden state after layers 0, 1, ... (`layer_residuals`); a token pruned before such a layer takes its features
+    with it. Its decoder is a Qwen3 (per-head q/k norms, which the stage-3 scores apply). Its prompts write each
+    temporal patch of a video apart, with its time (`Qwen2VLImageTextProcessor(timestamps=True)`): a video's tokens
+    come in several runs, which the layout reads in order like one."""
 
     RUNNER = Qwen3VLRunner
 
     def encode_images(self, images: dict, method):
-        if images.get("pixel_values_videos") is not None:
-            raise ValueError("Qwen3-VL videos are not supported yet (images are)")
         tokens = self.encode_expert(0, images, method)
         fused = fuse_and_prune([tokens], [tokens.features], self.expert_names, method)
         index = fused.grid_index[..., None]
@@ -435,7 +438,10 @@ class Qwen2VLImageTextProcessor(StockProcessor):
     frames were sampled at (one number, or one per video), gives `second_per_grid_ts` (temporal_patch_size / fps
     seconds per temporal patch of each video, as Qwen2.5-VL's processor returns it; Qwen2.5-VL spaces the temporal
     positions by it); without, none is returned (Qwen2.5-VL then spaces temporal patches 1 s apart, which is
-    2 fps; Qwen2-VL ignores it). `image_placeholder` /
+    2 fps; Qwen2-VL ignores it). With `timestamps` (Qwen3-VL; `from_pretrained` sets it for a Qwen3-VL folder),
+    each video is written a temporal patch at a time, "<T seconds>" and the patch's tokens between vision start and
+    end, T the mean time of its frames (frame k at k / fps; 2 fps without `fps`), as Qwen3-VL's processor writes
+    it, and no `second_per_grid_ts` is returned. `image_placeholder` /
     `video_placeholder` are what stand for one image / video in a prompt written by hand, and `alias`, if given,
     a shorter word for an image (the tests' tiny models write "<image>")."""
 
@@ -443,8 +449,10 @@ class Qwen2VLImageTextProcessor(StockProcessor):
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
     video_placeholder = "<|vision_start|><|video_pad|><|vision_end|>"
 
-    def __init__(self, image_processor, tokenizer, chat_template: str | None = None, alias: str | None = None):
+    def __init__(self, image_processor, tokenizer, chat_template: str | None = None, alias: str | None = None,
+                 timestamps: bool = False):
         self.image_processor, self.tokenizer, self.alias = image_processor, tokenizer, alias
+        self.timestamps = timestamps
         self.merge_size = image_processor.merge_size
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         if self.image_token not in tokenizer.get_vocab():
@@ -458,8 +466,10 @@ class Qwen2VLImageTextProcessor(StockProcessor):
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+        config = Path(path) / "config.json"
+        qwen3 = config.is_file() and json.loads(config.read_text()).get("model_type") == "qwen3_vl"
         return cls(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                   cls.read_chat_template(path))
+                   cls.read_chat_template(path), timestamps=qwen3)
 
     def videos(self, videos) -> dict:
         """pixel_values_videos and video_grid_thw for videos given as lists of frames (see the class docstring):
@@ -494,17 +504,21 @@ class Qwen2VLImageTextProcessor(StockProcessor):
                 raise ValueError(f"the prompts hold {wanted} {token} tokens for {len(given)} "
                                  f"{'images' if token == self.image_token else 'videos'}")
         pixels = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
+        tp = self.image_processor.temporal_patch_size
         if videos:
             pixels.update(self.videos(videos))
-            if fps is not None:
-                rates = [fps] * len(videos) if isinstance(fps, (int, float)) else list(fps)
-                if len(rates) != len(videos) or not all(r > 0 for r in rates):
-                    raise ValueError(f"fps must be one rate > 0 or one per video ({len(videos)}), got {fps}")
-                tp = self.image_processor.temporal_patch_size
+            rates = [fps if fps is not None else 2.0] * len(videos) if not isinstance(fps, (list, tuple)) else list(fps)
+            if len(rates) != len(videos) or not all(r > 0 for r in rates):
+                raise ValueError(f"fps must be one rate > 0 or one per video ({len(videos)}), got {fps}")
+            if self.timestamps:  # Qwen3-VL: each temporal patch written as a frame of its own, at its time
+                texts = self._timestamped(texts, [len(v) for v in videos], rates, pixels["video_grid_thw"])
+            elif fps is not None:
                 pixels["second_per_grid_ts"] = torch.tensor([tp / r for r in rates])
         elif fps is not None:
             raise ValueError("fps is the frame rate of videos, and no videos were given")
         for token, grid in ((self.image_token, "image_grid_thw"), (self.video_token, "video_grid_thw")):
+            if token == self.video_token and self.timestamps:
+                continue
             counts = iter((pixels[grid].prod(-1) // self.merge_size**2).tolist() if grid in pixels else [])
             texts = [self._expand(t, token, counts) for t in texts]
         out = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
@@ -512,6 +526,21 @@ class Qwen2VLImageTextProcessor(StockProcessor):
         out["mm_token_type_ids"] = ((ids == self.tokenizer.convert_tokens_to_ids(self.image_token)).int()
                                     + 2 * (ids == self.tokenizer.convert_tokens_to_ids(self.video_token)).int())
         return {**out, **pixels}
+
+    def _timestamped(self, texts: list[str], frames: list[int], rates: list[float], grids: torch.Tensor) -> list[str]:
+        """Qwen3-VL's prompts for videos: each video (its placeholder, or a bare video token) becomes, per temporal
+        patch, "<T seconds>" (the mean time of its frames, frame k at k / fps, the last repeated to fill the patch)
+        and the patch's tokens between vision start and end."""
+        tp, start, end = self.image_processor.temporal_patch_size, *self.video_placeholder.split(self.video_token)
+        written = []
+        for n, rate, (t, h, w) in zip(frames, rates, grids.tolist()):
+            index = list(range(n)) + [n - 1] * (-n % tp)
+            times = [(index[i] + index[i + tp - 1]) / 2 / rate for i in range(0, len(index), tp)]
+            pads = self.video_token * (h * w // self.merge_size**2)
+            written.append("".join(f"<{s:.1f} seconds>{start}{pads}{end}" for s in times[:t]))
+        parts = [re.split(f"{re.escape(self.video_placeholder)}|{re.escape(self.video_token)}", text) for text in texts]
+        fill = iter(written)
+        return [p[0] + "".join(next(fill) + rest for rest in p[1:]) for p in parts]
 
     @staticmethod
     def _expand(text: str, token: str, counts) -> str:
