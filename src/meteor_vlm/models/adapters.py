@@ -73,7 +73,8 @@ class Layout:
     e.g. cut off by LLaVA-NeXT's unpadding, or an empty slot); span: (num_images,) image tokens per image;
     extra_image, extra_offset: (M,) image tokens that are no patch (LLaVA-NeXT's row ends), and extra: (D,)
     their embedding; mixed: what an adapter's `placed_features` needs for images whose tokens mix several patches
-    (LLaVA-OneVision's interpolated grids; there slot gives each token's place to the patch nearest to it), or None.
+    (LLaVA-OneVision's interpolated grids and pooled video frames; there slot gives each token's place to the patch
+    nearest to it), or None.
     """
 
     tile_image: torch.Tensor

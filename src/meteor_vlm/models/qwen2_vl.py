@@ -1,7 +1,7 @@
 """Pruning on a stock transformers Qwen2-VL or Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
-`Qwen2_5_VLForConditionalGeneration`), on images and videos, and Qwen3-VL (`Qwen3VLForConditionalGeneration`,
-images; `Qwen3VLAdapter`): inside its vision encoder, where its visual tokens enter the language model, and inside
-the language model.
+`Qwen2_5_VLForConditionalGeneration`) and Qwen3-VL (`Qwen3VLForConditionalGeneration`, `Qwen3VLAdapter`: DeepStack),
+on images and videos: inside its vision encoder, where its visual tokens enter the language model, and inside the
+language model.
 
 Qwen2-VL's vision encoder merges each 2x2 window of patches into one visual token at its end (the merger), so a
 token inside it is a whole merge window (`Qwen2VLRunner`: the window's patches side by side): stage-1 methods
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                          Qwen3VLForConditionalGeneration)
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
