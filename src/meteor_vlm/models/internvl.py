@@ -243,9 +243,7 @@ class InternVLImageTextProcessor(StockProcessor):
         tiles, image_tiles = [], iter([])
         if images:
             pixels = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
-            counts = [int(n) for n in pixels["num_patches"]]
-            starts = [sum(counts[:i]) for i in range(len(counts))]
-            image_tiles = iter([pixels["pixel_values"][s:s + n] for s, n in zip(starts, counts)])
+            image_tiles = iter(pixels["pixel_values"].split([int(n) for n in pixels["num_patches"]]))
         frames = iter([self.image_processor(images=v, crop_to_patches=False, return_tensors="pt")["pixel_values"]
                        for v in videos])
         expanded = []

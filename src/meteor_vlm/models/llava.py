@@ -330,44 +330,44 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return torch.where(slot >= 0, slot + offsets, -1), per_frame
 
     def _items(self, images: dict, input_ids: torch.Tensor | None):
-        """The image part's layout (None without images), the number of images, and the order in which the prompts
-        show the items (images, then videos)."""
+        """The image part's layout (None without images), the number of images, the order in which the prompts show
+        the items (images, then videos), and each item's image tokens (in item order)."""
         base = super().layout(images, input_ids) if images.get("pixel_values") is not None else None
         videos = self._videos(images)
         num_images = 0 if base is None else len(base.span)
+        counts = [] if base is None else base.span.tolist()
         if videos is None:
-            return base, num_images, list(range(num_images))
+            return base, num_images, list(range(num_images)), counts
         if input_ids is None:
             raise ValueError("with videos, LLaVA-OneVision's layout needs the prompt (where each image and video comes)")
         per_video = videos.shape[1] * self._frame_slots(1, videos.device)[1] + 1  # and a row end
-        counts = ([] if base is None else base.span.tolist()) + [per_video] * videos.shape[0]
+        counts += [per_video] * videos.shape[0]
         is_video = (input_ids[self.visual_columns(input_ids, images)] == self.video_token_id).tolist()  # row-major
-        return base, num_images, items_in_prompt_order(is_video, counts, num_images)
+        return base, num_images, items_in_prompt_order(is_video, counts, num_images), counts
 
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         """LLaVA-NeXT's layout of the images (nearest patches where interpolated), and each video's frames: frame f's
         pooled tokens after the earlier frames', then a row end; the items in the order the prompts show them.
         ValueError where the prompts' visual tokens do not split into the items given."""
-        base, num_images, order = self._items(images, input_ids)
+        base, num_images, order, spans = self._items(images, input_ids)
         videos = self._videos(images)
         if videos is None:
             return base
         V, F = videos.shape[:2]
         dev = videos.device
-        frame, per_frame = self._frame_slots(F, dev)
-        per_video = F * per_frame + 1  # and a row end
+        frame, _ = self._frame_slots(F, dev)
+        per_video = spans[-1]  # its frames' pooled tokens and a row end
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         video_items = num_images + torch.arange(V, device=dev)
         item = torch.cat([empty if base is None else base.tile_image, video_items.repeat_interleave(F)])
         slot = torch.cat([frame.new_zeros(0, frame.shape[1]) if base is None else base.slot, frame.repeat(V, 1)])
-        span = torch.cat([empty if base is None else base.span, torch.full((V,), per_video, device=dev)])
         extra_item = torch.cat([empty if base is None else base.extra_image, video_items])
         extra_offset = torch.cat([empty if base is None else base.extra_offset, torch.full((V,), per_video - 1, device=dev)])
         place = torch.empty(len(order), dtype=torch.long, device=dev)  # each item's place in the prompts
         place[torch.tensor(order, device=dev)] = torch.arange(len(order), device=dev)
         counts = ([] if base is None else self._tile_counts(images["image_sizes"], images)) + [F] * V
         packs = base.mixed.packs if base is not None and base.mixed is not None else [None] * num_images
-        layout = Layout(place[item], slot, span[torch.tensor(order, device=dev)], place[extra_item], extra_offset,
+        layout = Layout(place[item], slot, torch.tensor(spans, device=dev)[order], place[extra_item], extra_offset,
                         self.model.model.image_newline)
         layout.mixed = MixedItems(counts, packs + [self._pack_video] * V)
         return layout
@@ -377,9 +377,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if images.get("pixel_values_videos") is None:
             return super().expand_images(images, input_ids, expand_size, context)
         both = {**images, **(context or {})}
-        layout = self.layout(both, input_ids)
-        rows = self.visual_columns(input_ids, both).nonzero(as_tuple=True)[0][layout.span.cumsum(0) - layout.span]
-        _, num_images, order = self._items(both, input_ids)
+        _, num_images, order, spans = self._items(both, input_ids)
+        span = torch.tensor(spans, device=input_ids.device)[order]  # in prompt order
+        rows = self.visual_columns(input_ids, both).nonzero(as_tuple=True)[0][span.cumsum(0) - span]
         items = torch.tensor(order, device=rows.device)[runtime.images_for_expanded_rows(rows, input_ids.shape[0],
                                                                                              expand_size)]
         out = {"pixel_values_videos": images["pixel_values_videos"][items[items >= num_images] - num_images]}

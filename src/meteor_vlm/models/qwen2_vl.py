@@ -315,8 +315,8 @@ class Qwen2VLAdapter(StockAdapter):
             features[rows, :k], grid[rows, :k] = tokens.features, tokens.grid_index
             size[rows, :k], valid[rows, :k] = tokens.size, tokens.mask
         taps = []  # each tapped block's features of every item, by window (zeros where a window was gone by then)
-        for level in range(len(parts[0][1].taps or [])):
-            dense = parts[0][1].taps[level][0].new_zeros(len(counts), n, parts[0][1].taps[level][0].shape[-1])
+        for level, (first_tap, _) in enumerate(parts[0][1].taps or []):
+            dense = first_tap.new_zeros(len(counts), n, first_tap.shape[-1])
             for members, tokens in parts:
                 tapped, at = tokens.taps[level]
                 dense[torch.tensor(members, device=dev)[:, None].expand_as(at), at] = tapped
