@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 
 from meteor_vlm.methods.base import EncoderPoint
-from meteor_vlm.models.runtime import LLMLayerContext
+from meteor_vlm.models.runtime import DecoderParts, LLMLayerContext
 
 
 def test_cls_row_and_received_attention_equal_eager_map(tiny, images):
@@ -25,16 +25,20 @@ def test_cls_row_and_received_attention_equal_eager_map(tiny, images):
             torch.testing.assert_close(ctx.received_attention(), maps[i].mean((1, 2))[:, 1:], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3"])
+@pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3", "gemma3_text"])
 def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder):
-    """On the project's Llama, a Qwen2 (biased q/k/v) and a Qwen3 (per-head q/k norms before RoPE); and the keys
-    `key_states` gives (DART's) are the ones the layer's attention computes before RoPE."""
+    """On the project's Llama, a Qwen2 (biased q/k/v), a Qwen3 (per-head q/k norms before RoPE) and a Gemma 3 text
+    decoder (its own attention scale, local and global layers at different RoPE bases; a window longer than the
+    sequence, which attention_rows does not apply); and the keys `key_states` gives (DART's) are the ones the
+    layer's attention computes before RoPE."""
     model, _ = tiny
     lm_sdpa = model.language_model
     cfg = lm_sdpa.config.__class__(**lm_sdpa.config.to_dict())
     if decoder != "project":
+        extra = dict(query_pre_attn_scalar=24, sliding_window=16,
+                     layer_types=["sliding_attention", "full_attention"] * 2) if decoder == "gemma3_text" else {}
         cfg = AutoConfig.for_model(decoder, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+                                   num_attention_heads=8, num_key_value_heads=4, head_dim=16, **extra)
     cfg._attn_implementation = "eager"
     torch.manual_seed(1)
     lm = AutoModelForCausalLM.from_config(cfg)
@@ -54,9 +58,10 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
     with torch.no_grad():
         out = lm(inputs_embeds=embeds, output_attentions=True, output_hidden_states=True)
         pos = torch.arange(13).expand(2, -1)
+        parts = DecoderParts.of(lm)
         for layer in (0, 3):
             h = out.hidden_states[layer]
-            pe = lm.model.rotary_emb(h, position_ids=pos)
+            pe = parts.position_embeddings(h, pos)[layer]
             valid = torch.ones(2, 13, dtype=torch.bool)
             ctx = LLMLayerContext(layer, cfg.num_hidden_layers, lm.model.layers[layer], h, valid, valid, pos, pe,
                                   torch.tensor([12, 12]), valid, torch.tensor([13, 13]))

@@ -23,7 +23,9 @@ IMAGES = [1, 2, 1]  # images per prompt
 KINDS = {"clip": dict(tower="clip"), "siglip": dict(tower="siglip"), "next": dict(tower="clip", anyres=True),
          "onevision": dict(onevision=True),
          # one tile's worth of high-resolution patches at most: the one-image prompts' grids are interpolated
-         "onevision-interpolated": dict(onevision=True, max_tiles=1)}
+         "onevision-interpolated": dict(onevision=True, max_tiles=1),
+         # a Mistral decoder whose every layer attends within 12 tokens: an image's 16 and the prompts cross it
+         "mistral": dict(tower="clip", decoder="mistral")}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))

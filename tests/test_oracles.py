@@ -112,22 +112,33 @@ def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None,
     """(B, T, V) logits of a Llama-style backbone `lm` run layer by layer on `embeds` (B, T, D) with valid (B, T)
     left-padded columns, the columns listed per sample in `drop` masked as keys from `layer` on; `positions`:
     the rotary embedding's position ids (default: the running count of real tokens); `residuals`: (B, T, D)
-    tensors added to the hidden states after layers 0, 1, ... (Qwen3-VL's DeepStack)."""
+    tensors added to the hidden states after layers 0, 1, ... (Qwen3-VL's DeepStack). A layer its config makes
+    sliding (Mistral) gets transformers' own sliding-window mask."""
+    from transformers.masking_utils import create_sliding_window_causal_mask
+
     B, T, _ = embeds.shape
     dropped = torch.zeros(B, T, dtype=torch.bool)
     for b, cs in enumerate(drop):
         dropped[b, list(cs)] = True
     pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+    cfg = lm.config
+    window = getattr(cfg, "sliding_window", None)
+    kinds = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * len(lm.layers)
     with torch.no_grad():
         pe = lm.rotary_emb(embeds, position_ids=pos if positions is None else positions)
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         eye = torch.eye(T, dtype=torch.bool)
+        sliding = (create_sliding_window_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=valid.long(),
+                                                     cache=None, position_ids=pos)
+                   if "sliding_attention" in kinds else None)
         h = embeds
         for i, block in enumerate(lm.layers):
             if i == layer and replace is not None:
                 h = replace(h)
             keys = valid & ~dropped if i >= layer else valid
             mask = ((causal[None] & keys[:, None, :]) | eye[None]).unsqueeze(1)
+            if kinds[i] == "sliding_attention":
+                mask = (sliding & keys[:, None, None, :]) | eye
             h = block(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
             if residuals is not None and i < len(residuals):
                 h = h + residuals[i]

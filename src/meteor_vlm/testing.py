@@ -107,7 +107,7 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEn
 
 
 def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: bool = False, onevision: bool = False,
-               pinpoints: list | None = None, max_tiles: int = 9):
+               pinpoints: list | None = None, max_tiles: int = 9, decoder: str = "llama"):
     """A tiny random stock transformers `LlavaForConditionalGeneration` and its `LlavaProcessor` (CPU, fp32,
     eval mode, SDPA), the shape of LLaVA-1.5 at toy size: a 4-block vision tower ("clip": CLIP with CLS,
     features from block -2 without CLS; "siglip": SigLIP, every token) at 32 px (16 patches, so 16 image
@@ -121,14 +121,17 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     at its last block, a row-end token after every image, and in a prompt with several images each image as its
     base tile alone, and `max_tiles` tiles' worth of high-resolution patches at most (`vision_aspect_ratio`
     "anyres_max_9"; an image with more has its grid shrunk by interpolation). `pinpoints`: the (height, width)
-    grids of tiles, in pixels, instead of those three."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+    grids of tiles, in pixels, instead of those three. `decoder="mistral"`: a Mistral decoder instead of the Llama,
+    every layer attending within a sliding window of 12 tokens (shorter than one image's tokens)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, MistralConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     if tower not in ("clip", "siglip"):
         raise ValueError(f"unknown tower {tower!r}; choose 'clip' or 'siglip'")
+    if decoder not in ("llama", "mistral"):
+        raise ValueError(f"unknown decoder {decoder!r}; choose 'llama' or 'mistral'")
     if onevision:
         tower, anyres = "siglip", True
     tokenizer = build_word_tokenizer(TINY_WORDS)
@@ -142,10 +145,11 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         from transformers import SiglipVisionConfig
 
         vision_config = SiglipVisionConfig(**vision)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+    text = (LlamaConfig if decoder == "llama" else MistralConfig)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **({"sliding_window": 12, "head_dim": 8} if decoder == "mistral" else {}))
     strategy = "default" if tower == "clip" else "full"
     pinpoints = pinpoints or [[32, 64], [64, 32], [64, 64]]
     config_cls, model_cls = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else (LlavaConfig,

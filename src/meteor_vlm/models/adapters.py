@@ -188,7 +188,7 @@ class StockAdapter:
         self.config = SimpleNamespace(fusion="post", text_config=cfg.text_config, rank_table=getattr(cfg, "rank_table", None))
         self.image_token_id = cfg.image_token_id
         lm = model.model.language_model if language_model is None else language_model
-        self.decoder = runtime.DecoderParts(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, model.lm_head)
+        self.decoder = runtime.DecoderParts.of_backbone(lm, model.lm_head)
 
     @property
     def device(self) -> torch.device:
@@ -230,6 +230,12 @@ class StockAdapter:
         """(B, L, D) tensors the runtime adds to the hidden states after LLM layers 0, 1, ... (`runtime.prefill`),
         for the spliced prompt whose columns hold the tokens `vis_index` (B, L) of `visual` (-1 elsewhere); None
         by default (Qwen3-VL's DeepStack)."""
+        return None
+
+    def attention_blocks(self, input_ids: torch.Tensor, images: dict) -> torch.Tensor | None:
+        """(B, T) long: prompt columns that see each other both ways share an id >= 0 (-1 elsewhere), or None (by
+        default: the LLM is causal everywhere). `images`: the forward's image inputs as given (Gemma 3's
+        `token_type_ids` among them)."""
         return None
 
     def check_method(self, method) -> None:
@@ -364,6 +370,7 @@ class StockAdapter:
         else:
             if use_cache and cache is None:
                 cache = DynamicCache(config=self.config.text_config)
+            blocks = self.attention_blocks(input_ids, images)
             images = images if pixels is not None else None
             visual = self.encode_images(images, method) if images is not None else None
             layout = self.layout(images, input_ids) if images is not None else None
@@ -378,9 +385,11 @@ class StockAdapter:
                 qpos = torch.as_tensor(query_positions, device=input_ids.device).long().expand_as(qpos)
             # the query: the last token still present at or before the query column (a prompt may end with an image)
             query_col = (torch.searchsorted(input_col.contiguous(), qpos[:, None].contiguous(), right=True) - 1)[:, 0]
+            if blocks is not None:  # the spliced columns' blocks
+                blocks = torch.where(input_col >= 0, blocks.gather(1, input_col.clamp_min(0)), -1)
             hidden, cols, kept = runtime.prefill(parts, embeds, valid, is_vis, query_col, cache if use_cache else None,
                                                  method.llm_layers(self.num_llm_layers), method.prune_llm, positions,
-                                                 self.layer_residuals(visual, vis_index))
+                                                 self.layer_residuals(visual, vis_index), blocks)
             survivors = torch.where(cols >= 0, vis_index.gather(1, cols.clamp_min(0)), -1)
             unpruned = self.encoder_tokens(images) if images is not None else []
             image_owner = list(dict(zip(layout.tile_image.tolist(), owner)).values()) if layout is not None else []

@@ -9,11 +9,13 @@ What it keeps straight after tokens are dropped at layer L:
   RoPE position, of one dropped visual column, so recycling at layer L is exactly writing the merged
   states there and masking the other dropped keys from layer L on;
 - every layer keeps running its own SDPA attention with an explicit boolean mask (causal in the
-  compacted order, which preserves the original order, and padding-aware);
+  compacted order, which preserves the original order, and padding-aware); a sliding-window layer
+  (Mistral, Gemma 3's local layers) also masks keys a window or more behind the query, counted in the
+  unpruned positions, and tokens of one image may see each other both ways (Gemma 3's image blocks);
 - the KV cache holds, per layer, only the tokens that layer saw; a per-layer key-validity mask and the
   next RoPE position travel with the cache so decoding after pruning stays correct.
 
-It works on any Llama-style causal LM (Llama, Qwen2, ...) located by `DecoderParts`.
+It works on any Llama-style causal LM (Llama, Qwen2, Qwen3, Gemma 3, ...) located by `DecoderParts`.
 """
 
 from __future__ import annotations
@@ -34,13 +36,18 @@ __all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "LLMMerge", "prefill
 
 @dataclass
 class DecoderParts:
-    """Where the pieces of a decoder-only LM are. Adapters fill this; nothing else knows model classes."""
+    """Where the pieces of a decoder-only LM are. Adapters fill this; nothing else knows model classes.
+
+    layer_types: per layer "full_attention" or "sliding_attention" (empty: every layer full); sliding_window:
+    a sliding layer's window W (a query sees keys less than W positions behind it, as transformers' masks do)."""
 
     embed_tokens: nn.Module
     layers: nn.ModuleList
     rotary_emb: nn.Module
     norm: nn.Module
     lm_head: nn.Module
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
 
     @classmethod
     def of(cls, causal_lm: nn.Module) -> DecoderParts:
@@ -52,20 +59,58 @@ class DecoderParts:
                 f"unsupported language model class {type(causal_lm).__name__}: expected a Llama-style "
                 "*ForCausalLM with .model.{embed_tokens,layers,rotary_emb,norm} and .lm_head"
             )
-        return cls(backbone.embed_tokens, backbone.layers, backbone.rotary_emb, backbone.norm, causal_lm.lm_head)
+        return cls.of_backbone(backbone, causal_lm.lm_head)
+
+    @classmethod
+    def of_backbone(cls, lm: nn.Module, lm_head: nn.Module) -> DecoderParts:
+        """The parts of a transformers decoder backbone (`.embed_tokens`, `.layers`, `.rotary_emb`, `.norm`) and its
+        output head, with each layer's kind read from its config: `layer_types` where it has them (Qwen2, Gemma 3),
+        else every layer sliding where it has a `sliding_window` (Mistral), else every layer full. ValueError for a
+        decoder whose text attends both ways (`use_bidirectional_attention`: an encoder, not a causal LM)."""
+        cfg = getattr(lm, "config", None)
+        if getattr(cfg, "use_bidirectional_attention", False):
+            raise ValueError("a decoder with use_bidirectional_attention is not a causal LM: the runtime cannot run it")
+        window = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * len(lm.layers)
+        if "sliding_attention" in types and not window:
+            raise ValueError("the config has sliding-window layers but no sliding_window")
+        return cls(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, lm_head, tuple(types[: len(lm.layers)]),
+                   window if "sliding_attention" in types else None)
+
+    def window(self, i: int) -> int | None:
+        """Layer i's sliding window, or None for a full-attention layer."""
+        return self.sliding_window if self.layer_types and self.layer_types[i] == "sliding_attention" else None
+
+    def position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (cos, sin) for `position_ids`: one rotary embedding for all, or, for a rotary embedding that
+        takes a `layer_type` (Gemma 3: local and global layers rotate at different bases), one per kind of layer."""
+        if not _takes_layer_type(type(self.rotary_emb)):
+            pe = self.rotary_emb(h, position_ids=position_ids)
+            return [pe] * len(self.layers)
+        types = self.layer_types or ("full_attention",) * len(self.layers)
+        per_type = {t: self.rotary_emb(h, position_ids=position_ids, layer_type=t) for t in dict.fromkeys(types)}
+        return [per_type[t] for t in types]
+
+
+@functools.cache
+def _takes_layer_type(rotary_cls: type) -> bool:
+    return "layer_type" in inspect.signature(rotary_cls.forward).parameters
 
 
 @dataclass
 class CacheState:
     """Bookkeeping that travels with the KV cache once tokens were dropped.
 
-    key_valid[l]: (B, S_l) bool, which cached keys of layer l are real (not padding);
-    next_position: (B,) RoPE position of the next token; seen: input_ids columns consumed so far.
+    key_valid[l]: (B, S_l) bool, which cached keys of layer l are real (not padding); key_positions[l]: (B, S_l)
+    their positions (what a sliding window is counted in); next_position: (B,) RoPE position of the next token;
+    seen: input_ids columns consumed so far. A sliding-window cache layer keeps only its last keys: the two lists
+    keep as many columns as it does.
     """
 
     key_valid: list[torch.Tensor]
     next_position: torch.Tensor
     seen: int
+    key_positions: list[torch.Tensor] | None = None
 
 
 _STATE_ATTR = "_meteor_state"
@@ -111,7 +156,9 @@ class LLMLayerContext:
         """Per-head attention of a few query rows over all current tokens, from this layer's own q/k.
 
         Computes only the Q rows asked for (RoPE applied, GQA heads repeated, causal and padding masks),
-        never the T x T map and without switching the layer to eager attention.
+        never the T x T map and without switching the layer to eager attention. On a sliding-window layer the
+        window is not applied: a query scores every token before it, as on a global layer (Gemma 3 scores on
+        its local layers too, and tokens outside the window would otherwise all score 0 and be dropped).
 
         Args:
             query_index: (B, Q) long column indices of the query tokens.
@@ -218,10 +265,27 @@ def _text_positions(positions: torch.Tensor) -> torch.Tensor:
 
 def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
     """(B, 1, T, T) bool: causal over real tokens; padded rows see themselves so softmax stays finite."""
-    T = valid.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
-    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
-    return ((causal[None] & valid[:, None, :]) | eye[None]).unsqueeze(1)
+    return attention_mask(valid)
+
+
+def attention_mask(valid: torch.Tensor, positions: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
+                   window: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, Q, T) bool: what each query row (all T, or the columns `rows` (B, Q)) may see: the real keys before
+    it and itself, and with `blocks` (B, T) long also those of its own block after it (a block id >= 0: Gemma 3's
+    tokens of one image see each other); with a sliding `window`, only keys less than `window` positions
+    ((B, T) `positions`) behind it, as transformers' sliding-window masks count. A row always sees itself, so
+    padded rows stay finite."""
+    B, T = valid.shape
+    cols = torch.arange(T, device=valid.device)
+    rows = cols.expand(B, T) if rows is None else rows
+    sees = (cols[None, None, :] <= rows[:, :, None]) & valid[:, None, :]
+    if blocks is not None:
+        own = blocks.gather(1, rows)
+        sees = sees | ((own[:, :, None] == blocks[:, None, :]) & (own[:, :, None] >= 0) & valid[:, None, :])
+    if window is not None:
+        q_pos = positions.gather(1, rows)
+        sees = sees & (q_pos[:, :, None] - positions[:, None, :] < window)
+    return (sees | (cols[None, None, :] == rows[:, :, None])).unsqueeze(1)
 
 
 def compact(keep: torch.Tensor, *tensors: torch.Tensor, fill: int | float = 0) -> tuple[torch.Tensor, ...]:
@@ -263,6 +327,7 @@ def prefill(
     hook: LLMHook | None = None,
     positions: torch.Tensor | None = None,
     residuals: list[torch.Tensor] | None = None,
+    blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     """Run all decoder layers on a full sequence, letting `hook` drop visual tokens before chosen layers.
 
@@ -279,6 +344,8 @@ def prefill(
             gaps here, so the kept ones keep their unpruned positions.
         residuals: (B, T, D) each, the k-th added to the hidden states after layer k (Qwen3-VL's DeepStack: each
             visual token's features from a vision block, zeros elsewhere); they leave with their tokens.
+        blocks: (B, T) long, tokens that see each other both ways (Gemma 3: an image's tokens) share an id >= 0;
+            -1 elsewhere. None: every layer causal.
     Returns:
         hidden (B, T', D) after the final norm, cols (B, T') the original column of each output
         (-1 for padding), and {layer: (B,) visual tokens kept from that layer on}.
@@ -286,21 +353,30 @@ def prefill(
     B, T, _ = embeds.shape
     cols = torch.arange(T, device=embeds.device).expand(B, T).masked_fill(~valid, -1)
     pos = positions_from_mask(valid) if positions is None else positions.masked_fill(~_per_token(valid, positions), 0)
+    if parts.sliding_window is not None and pos.dim() != 2:
+        raise ValueError("sliding-window layers with multimodal RoPE positions are not supported")
     # decoding goes on after the prompt's last token, as generate does (its position + 1; multimodal RoPE: its
     # largest component, all of them the same for text; not the largest position of the prompt, which a video's
     # temporal positions in Qwen2.5-VL can exceed)
     nxt = (pos[:, -1] if pos.dim() == 2 else pos[:, -1].amax(-1)) + 1
+    blocks = None if blocks is None else blocks.masked_fill(~valid, -1)
     h = embeds
-    pe = parts.rotary_emb(h, position_ids=_rope_ids(pos))
-    mask = prefill_mask(valid)
+    extra = [t for t in (blocks,) if t is not None]
+
+    def attention_inputs():  # per layer (cos, sin) and mask, for the columns now present
+        text_pos = _text_positions(pos)
+        masks = {w: attention_mask(valid, text_pos, blocks, w) for w in dict.fromkeys(map(parts.window, range(len(parts.layers))))}
+        return parts.position_embeddings(h, _rope_ids(pos)), masks
+
+    pe, masks = attention_inputs()
     kept: dict[int, torch.Tensor] = {}
-    key_valid = []
+    key_valid, key_positions = [], []
     entered = (visual & valid).sum(1)
     for i, layer in enumerate(parts.layers):
         if hook is not None and i in hook_layers:
             qidx = (cols == query_col[:, None]).long().argmax(1)
             text_q = valid & ~visual & (cols <= query_col[:, None])
-            ctx = LLMLayerContext(i, len(parts.layers), layer, h, valid, visual, _text_positions(pos), pe, qidx, text_q,
+            ctx = LLMLayerContext(i, len(parts.layers), layer, h, valid, visual, _text_positions(pos), pe[i], qidx, text_q,
                                   entered)
             keep = hook(ctx)
             if isinstance(keep, LLMMerge):
@@ -308,25 +384,42 @@ def prefill(
             if keep is not None:
                 if (~keep & valid & ~visual).any():
                     raise ValueError(f"layer {i}: a method tried to drop text tokens; only visual tokens may be dropped")
-                valid, h, pos, visual, cols, *residuals = compact(keep & valid, h, pos, visual, cols, *(residuals or []))
+                n_res = len(residuals or [])
+                valid, h, pos, visual, cols, *rest = compact(keep & valid, h, pos, visual, cols, *(residuals or []), *extra)
+                residuals, extra = rest[:n_res], rest[n_res:]
+                blocks = extra[0] if blocks is not None else None
                 cols = cols.masked_fill(~valid, -1)
-                pe = parts.rotary_emb(h, position_ids=_rope_ids(pos))
-                mask = prefill_mask(valid)
+                pe, masks = attention_inputs()
                 kept[i] = (visual & valid).sum(1)
         h = layer(
             h,
-            attention_mask=mask,
+            attention_mask=masks[parts.window(i)],
             position_ids=_text_positions(pos),
             **{cache_arg(type(layer)): cache},
             use_cache=cache is not None,
-            position_embeddings=pe,
+            position_embeddings=pe[i],
         )
         if residuals and i < len(residuals):
             h = h + residuals[i].to(h.dtype)
         key_valid.append(valid)
+        key_positions.append(_text_positions(pos))
     if cache is not None:
-        setattr(cache, _STATE_ATTR, CacheState(key_valid, nxt, seen=0))
+        state = CacheState(key_valid, nxt, seen=0, key_positions=key_positions)
+        _match_cache(state, cache)
+        setattr(cache, _STATE_ATTR, state)
     return parts.norm(h), cols, kept
+
+
+def _match_cache(state: CacheState, cache) -> None:
+    """Keep, per layer, as many key columns in `state` as the cache holds (a sliding-window cache layer keeps only
+    its last keys; the others keep all)."""
+    layers = getattr(cache, "layers", None)
+    for i, kv in enumerate(state.key_valid):
+        keys = getattr(layers[i], "keys", None) if layers is not None and i < len(layers) else None
+        if keys is not None and keys.dim() >= 2 and keys.shape[-2] < kv.shape[1]:
+            n = keys.shape[-2]
+            state.key_valid[i] = kv[:, kv.shape[1] - n :]
+            state.key_positions[i] = state.key_positions[i][:, kv.shape[1] - n :]
 
 
 def at_columns(hidden: torch.Tensor, cols: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
@@ -385,17 +478,24 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
         raise ValueError("decode needs a cache filled by prefill")
     B, q, _ = embeds.shape
     pos = positions_from_mask(new_valid, state.next_position)
-    pe = parts.rotary_emb(embeds, position_ids=pos)
+    pe = parts.position_embeddings(embeds, pos)
     tri = torch.ones(q, q, dtype=torch.bool, device=embeds.device).tril()
     eye = torch.eye(q, dtype=torch.bool, device=embeds.device)
     new_block = (tri[None] & new_valid[:, None, :]) | eye[None]  # (B, q, q)
     h = embeds
     for i, layer in enumerate(parts.layers):
         past = state.key_valid[i][:, None, :].expand(B, q, -1)
-        mask = torch.cat([past, new_block], dim=-1).unsqueeze(1)
+        window = parts.window(i)
+        block = new_block
+        if window is not None:  # keys less than `window` positions behind each new token
+            past = past & (pos[:, :, None] - state.key_positions[i][:, None, :] < window)
+            block = block & ((pos[:, :, None] - pos[:, None, :] < window) | eye[None])
+        mask = torch.cat([past, block], dim=-1).unsqueeze(1)
         h = layer(h, attention_mask=mask, position_ids=pos, **{cache_arg(type(layer)): cache}, use_cache=True,
-                  position_embeddings=pe)
+                  position_embeddings=pe[i])
         state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)
+        state.key_positions[i] = torch.cat([state.key_positions[i], pos], dim=1)
+    _match_cache(state, cache)
     state.next_position = state.next_position + new_valid.long().sum(1)
     return parts.norm(h)
 
