@@ -276,10 +276,10 @@ def test_meteor_ask_and_speed_run_an_internvl_checkpoint_folder(tmp_path, capsys
     assert "a video of 2 frames" in capsys.readouterr().out and rows[0]["tokens"] == 2 * 4 > rows[1]["tokens"]
 
 
-def assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys):
+def assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys, tokens=12):
     """`meteor ask` on tmp_path/img.png with the checkpoint folder `ckpt` answers what greedy generate gives on
-    `inputs` (the chat template's prompt for that image) under ToMe keeping half, which keeps 6 of its 12 tokens
-    (3 tiles of 4) and writes a heatmap; `meteor speed` runs the folder."""
+    `inputs` (the chat template's prompt for that image) under ToMe keeping half, which keeps half of the image's
+    `tokens` (12 by default: 3 tiles of 4) and writes a heatmap; `meteor speed` runs the folder."""
     from meteor_vlm.cli import main
 
     heat = tmp_path / "heat.png"
@@ -289,8 +289,8 @@ def assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path
     with mv.ToMe(keep=0.5)(model), torch.no_grad():
         want = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     answer = processor.decode(want[0, inputs["input_ids"].shape[1]:]).strip()
-    assert f"answer: {answer}\n" in out and "visual tokens: 12 from the experts" in out  # 3 tiles of 4
-    assert "stage 1 (in the experts): 6" in out and heat.is_file()
+    assert f"answer: {answer}\n" in out and f"visual tokens: {tokens} from the experts" in out
+    assert f"stage 1 (in the experts): {tokens // 2}" in out and heat.is_file()
     assert main(["speed", "--model", str(ckpt), "--samples", "1", "--new-tokens", "2", "--methods",
                  "unpruned,tome:keep0.5"]) == 0
     assert "tome:keep0.5" in capsys.readouterr().out

@@ -321,7 +321,7 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
             pass
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-onevision", "qwen2-vl", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "llava-onevision", "qwen2-vl", "internvl", "gemma3"])
 def test_a_model_loaded_with_eager_attention_runs_sdpa_inside_the_block(family, pictures, tile_pictures):
     """The runtime hands the language model's layers boolean masks and the vision blocks additive ones, which SDPA
     reads: a model loaded with eager attention (or flash attention, on a GPU) runs SDPA inside the block, equal to
@@ -334,6 +334,11 @@ def test_a_model_loaded_with_eager_attention_runs_sdpa_inside_the_block(family, 
     elif family == "internvl":
         model, processor = mv.testing.tiny_internvl(seed=2)
         inputs = inputs_for(processor, tile_pictures, which=(0, 1))
+    elif family == "gemma3":  # sliding-window layers and image blocks in eager's own masks
+        from .test_gemma3 import inputs_for as gemma3_inputs
+
+        model, processor = mv.testing.tiny_gemma3(seed=2)
+        inputs = gemma3_inputs(processor, pictures, which=(0, 1))
     else:
         model, processor = mv.testing.tiny_llava(seed=2, onevision=family == "llava-onevision")
         inputs = llava_inputs(processor, pictures, which=(0, 1))

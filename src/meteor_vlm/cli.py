@@ -20,7 +20,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                "qwen3_vl": "Qwen3VLForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
-               "smolvlm": "SmolVLMForConditionalGeneration"}
+               "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
 
 
 def _load(model_arg: str, llava: bool = False):
@@ -28,7 +28,7 @@ def _load(model_arg: str, llava: bool = False):
     a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT checkpoint folder
     (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a
     Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
-    an Idefics3 / SmolVLM one (`models.idefics3.load_processor`)."""
+    an Idefics3 / SmolVLM one (`models.idefics3.load_processor`) or a Gemma 3 one (its own AutoProcessor)."""
     import meteor_vlm as mv
 
     if model_arg == "default":

@@ -317,6 +317,43 @@ def tiny_idefics3(seed: int = 0, kind: str = "idefics3", num_layers: int = 6, vi
     return model, Idefics3Processor(images, tokenizer, image_seq_len=4)
 
 
+def tiny_gemma3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, sliding_window: int = 8):
+    """A tiny random stock transformers `Gemma3ForConditionalGeneration` (CPU, fp32, eval mode, SDPA): 32 px images
+    of 4 px patches, each 4x4 window averaged into one visual token (4 per image), and transformers'
+    `Gemma3Processor` with the PIL image processor (its prompts write `<start_of_image>` where an image goes). A
+    `vision_depth`-block SigLIP ViT and a `num_layers`-deep Gemma 3 decoder with 8 heads (GQA, 4 kv heads), whose
+    layers alternate sliding-window (`sliding_window` tokens, short enough that the tests' prompts cross it) and
+    global attention as [local, global, local, local, global, local, ...]."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from .models.gemma3 import PROMPT_TOKENS
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *PROMPT_TOKENS]})
+    tokenizer._set_model_specific_special_tokens(special_tokens=dict(zip(("boi_token", "eoi_token", "image_token"),
+                                                                         PROMPT_TOKENS)))
+    pattern = ["sliding_attention", "full_attention", "sliding_attention"]
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=24,
+                sliding_window=sliding_window, layer_types=[pattern[i % 3] for i in range(num_layers)],
+                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
+                  image_size=32, patch_size=4, vision_use_head=False)
+    ids = tokenizer.convert_tokens_to_ids(list(PROMPT_TOKENS))
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=ids[0],
+                          eoi_token_index=ids[1], image_token_index=ids[2])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = ids
+    images = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, Gemma3Processor(images, tokenizer, image_seq_length=4)
+
+
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
     """n random RGB images (blocks of colour plus noise), deterministic for a seed."""
     rng = np.random.default_rng(seed)

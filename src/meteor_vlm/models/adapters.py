@@ -6,8 +6,8 @@
 exactly as it was afterwards; a target may also have `check_method(method)`, asked before the method's
 `setup`, to refuse what it cannot run. The project's `MultiEncoderVLM` is its own target. A stock transformers
 VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaOnevisionAdapter` (`models/llava.py`),
-`Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`) or `Idefics3Adapter`
-(`models/idefics3.py`, for Idefics3 and SmolVLM), which patch that one instance while the block runs.
+`Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`), `Idefics3Adapter`
+(`models/idefics3.py`, for Idefics3 and SmolVLM) or `Gemma3Adapter` (`models/gemma3.py`), which patch that one instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
 shares (placing each kept token at its own image token's column, with that column's unpruned RoPE
@@ -36,7 +36,7 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
              "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
              "InternVLForConditionalGeneration",
-             "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+             "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here when None / False
@@ -48,6 +48,7 @@ def adapt(model, method_name: str = "a pruning method"):
     """The target `method_name` runs on for `model`; ValueError naming the class if it is not supported.
     An adapter passed in is returned as it is, so `with method(adapter)` runs on the adapter a caller holds
     (`meteor speed` times its parts)."""
+    from .gemma3 import gemma3_adapter
     from .idefics3 import idefics3_adapter
     from .internvl import internvl_adapter
     from .llava import llava_adapter
@@ -57,7 +58,7 @@ def adapt(model, method_name: str = "a pruning method"):
     if isinstance(model, (MultiEncoderVLM, StockAdapter)):
         return model
     adapter = (llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
-               or idefics3_adapter(model))
+               or idefics3_adapter(model) or gemma3_adapter(model))
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
