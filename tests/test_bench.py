@@ -1196,7 +1196,7 @@ def test_shapes_have_the_real_llms():
 
     published = {"smollm2-135m": 134_515_008, "qwen2-0.5b": 494_032_768, "qwen2-1.5b": 1_543_714_304,
                  "qwen2.5-3b": 3_085_938_688, "vicuna-7b": 6_738_415_616}
-    assert set(SHAPES) == set(published) | {"qwen3-1.7b"}
+    assert set(SHAPES) == set(published) | {"qwen3-1.7b", "gemma3-4b"}
     tokenizer = build_tokenizer()
     text = shape_text_config("qwen3-1.7b", tokenizer)
     with torch.device("meta"):
@@ -1276,6 +1276,39 @@ def test_speed_on_a_stock_smolvlm(tmp_path, capsys, monkeypatch):
     assert inputs["pixel_values"].shape[1:] == (17, 3, 512, 512)
     layout = adapt(big).layout({k: inputs[k] for k in ("pixel_values", "pixel_attention_mask")}, inputs["input_ids"])
     assert layout.tile_image.tolist() == [0] * 17 and layout.span.tolist() == [17 * 64]  # one image of 17 tiles
+
+
+def test_speed_on_a_stock_gemma3(tmp_path, capsys, monkeypatch):
+    """`meteor speed --shape S --gemma3` profiles a stock transformers Gemma 3 through its adapter; methods inside its
+    tower and after it leave fewer tokens and FLOPs. The real layout (built on the meta device): Gemma 3 4B's 4.3 B
+    parameters (3.9 B in the decoder), 256 tokens per 896 px image, each a 4x4 window of 14 px patches, and 34
+    decoder layers, every sixth global and the others within 1024 tokens; another decoder shape, or this one
+    without --gemma3, is refused."""
+    from meteor_vlm.bench import shapes
+    from meteor_vlm.bench.speed import _image_side
+    from meteor_vlm.cli import main
+    from meteor_vlm.models.adapters import adapt
+
+    real = shapes.shaped_gemma3
+    stock_speed_rows(monkeypatch, tmp_path, capsys, "gemma3", "shaped_gemma3", mv.testing.tiny_gemma3(seed=0), "Gemma 3")
+    with torch.device("meta"):
+        big, big_processor = real("gemma3-4b", dtype=torch.bfloat16)
+    total = sum(p.numel() for p in big.parameters())
+    decoder = sum(p.numel() for p in big.model.language_model.parameters())
+    assert (round(total / 1e9, 1), round(decoder / 1e9, 1)) == (4.3, 3.9)
+    target = adapt(big)
+    runner = target.runners[0]
+    assert (target.tokens_per_image, runner.window, runner.grid(), runner.num_blocks) == (256, 16, (16, 16), 27)
+    assert [target.decoder.window(i) for i in range(34)] == [None if i % 6 == 5 else 1024 for i in range(34)]
+    side = _image_side(big_processor)
+    inputs = big_processor(images=[Image.new("RGB", (side, side))], text=["<start_of_image> what ?"], return_tensors="pt")
+    assert side == 896 and inputs["pixel_values"].shape == (1, 3, 896, 896)
+    assert int((inputs["input_ids"] == big.config.image_token_id).sum()) == 256 == int(inputs["token_type_ids"].sum())
+    assert target.layout(dict(inputs), inputs["input_ids"]).span.tolist() == [256]
+    with pytest.raises(ValueError, match="needs a Gemma 3 decoder shape"):
+        real("qwen2-0.5b")
+    assert main(["speed", "--shape", "gemma3-4b"]) == 2
+    assert "Gemma 3's decoder: it runs behind Gemma 3's vision tower (--gemma3)" in capsys.readouterr().err
 
 
 def test_speed_on_a_stock_llava_onevision(tmp_path, capsys, monkeypatch):

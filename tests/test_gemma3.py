@@ -238,31 +238,3 @@ def test_meteor_ask_and_speed_run_a_gemma3_checkpoint_folder(tmp_path, capsys, p
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
     assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys, tokens=4)
 
-
-def test_gemma3_4b_layout_on_the_meta_device():
-    """Gemma 3 4B's published layout (its config's numbers, weights on the meta device): 256 visual tokens per 896 px
-    image, each a 4x4 window of 14 px patches; 34 decoder layers, every sixth global and the others within 1024
-    tokens; each image's tokens one block."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-    text = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
-                num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=1024, vocab_size=262208,
-                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                 "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}})
-    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                  image_size=896, patch_size=14, vision_use_head=False)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=255999,
-                          eoi_token_index=256000, image_token_index=262144)
-    with torch.device("meta"):
-        model = Gemma3ForConditionalGeneration(config)
-    target = adapt(model)
-    runner = target.runners[0]
-    assert (target.tokens_per_image, runner.window, runner.grid(), runner.num_blocks) == (256, 16, (16, 16), 27)
-    windows = [target.decoder.window(i) for i in range(34)]
-    assert windows == [None if i % 6 == 5 else 1024 for i in range(34)]
-    ids = torch.full((1, 600), 5)
-    ids[0, 10:266] = ids[0, 300:556] = 262144
-    images = {"pixel_values": torch.zeros(2, 3, 896, 896), "token_type_ids": (ids == 262144).long()}
-    layout = target.layout(images, ids)
-    assert layout.span.tolist() == [256, 256] and target.encoder_tokens(images) == [256, 256]
-    assert target.attention_blocks(ids, images)[0, [9, 10, 265, 266, 300, 555]].tolist() == [-1, 0, 0, -1, 1, 1]

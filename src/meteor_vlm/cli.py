@@ -189,15 +189,21 @@ def cmd_speed(args) -> int:
     if args.anyres and not args.llava:
         raise ValueError("--anyres needs --llava (it makes the LLaVA a LLaVA-NeXT)")
     qwen = "3" if args.qwen3_vl else "2.5" if args.qwen2_5_vl else "2" if args.qwen2_vl else None
-    stock = (args.llava, args.qwen2_vl, args.qwen2_5_vl, args.qwen3_vl, args.internvl, args.smolvlm, args.onevision)
+    stock = (args.llava, args.qwen2_vl, args.qwen2_5_vl, args.qwen3_vl, args.internvl, args.smolvlm, args.onevision,
+             args.gemma3)
     if sum(map(bool, stock)) > 1:
-        raise ValueError("--llava, --qwen2-vl, --qwen2.5-vl, --qwen3-vl, --internvl, --smolvlm and --onevision exclude "
-                         "each other")
-    if (qwen or args.internvl or args.smolvlm or args.onevision) and not args.shape:
-        raise ValueError("--qwen2-vl / --qwen2.5-vl / --qwen3-vl / --internvl / --smolvlm / --onevision need --shape "
-                         "(the decoder behind the vision encoder)")
+        raise ValueError("--llava, --qwen2-vl, --qwen2.5-vl, --qwen3-vl, --internvl, --smolvlm, --onevision and --gemma3 "
+                         "exclude each other")
+    if (qwen or args.internvl or args.smolvlm or args.onevision or args.gemma3) and not args.shape:
+        raise ValueError("--qwen2-vl / --qwen2.5-vl / --qwen3-vl / --internvl / --smolvlm / --onevision / --gemma3 need "
+                         "--shape (the decoder behind the vision encoder)")
+    if args.shape in shapes.SHAPES and shapes.SHAPES[args.shape]["model_type"] == "gemma3_text" and not args.gemma3:
+        raise ValueError(f"--shape {args.shape} is Gemma 3's decoder: it runs behind Gemma 3's vision tower (--gemma3)")
     _, dtype = _device_dtype(args)
-    if args.onevision:
+    if args.gemma3:
+        print(f"building a random Gemma 3 with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
+        model, processor = shapes.shaped_gemma3(args.shape, dtype=dtype)
+    elif args.onevision:
         print(f"building a random LLaVA-OneVision with the {args.shape} decoder ({args.dtype}) ...", file=sys.stderr)
         model, processor = shapes.shaped_onevision(args.shape, dtype=dtype)
     elif args.smolvlm:
@@ -265,6 +271,9 @@ def cmd_speed(args) -> int:
     if args.video:
         what += (f"; a video of {args.video} frames of {VIDEO_SIDE} px per question (each 8 px right of the last), "
                  "not an image")
+    if args.gemma3:
+        what += (" (a stock transformers Gemma 3: SigLIP-so400m, 27 blocks of 1152 on 896 px images of 4096 patches, "
+                 "4x4 pooled, 256 image tokens)")
     if args.onevision:
         what += (" (a stock transformers LLaVA-OneVision: SigLIP-so400m, 27 blocks of 1152 on 384 px tiles of 729 "
                  "patches; 1152 px images, a base tile and 3x3 tiles, 7371 image tokens)")
@@ -277,7 +286,8 @@ def cmd_speed(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         meta = {"model": args.model or ("default" if not args.shape else None), "shape": args.shape,
                 "llava": bool(args.llava), "anyres": bool(args.anyres), "qwen2_vl": qwen, "internvl": bool(args.internvl),
-                "smolvlm": bool(args.smolvlm), "onevision": bool(args.onevision), "video_frames": args.video,
+                "smolvlm": bool(args.smolvlm), "onevision": bool(args.onevision), "gemma3": bool(args.gemma3),
+                "video_frames": args.video,
                 "seed": args.seed,
                 "samples": args.samples, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                 "dtype": args.dtype, "device": args.device if not cuda else torch.cuda.get_device_name(model.device),
@@ -621,10 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder (a MultiEncoderVLM, "
-                    "or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / Idefics3 / SmolVLM: "
+                    "or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / Idefics3 / SmolVLM / "
+                    "Gemma 3: "
                     "your own model, timed on the synthetic prompts)")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
-                    "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2.5-3b, qwen3-1.7b, vicuna-7b; see meteor_vlm.bench.shapes)")
+                    "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2.5-3b, qwen3-1.7b, gemma3-4b, vicuna-7b; see "
+                    "meteor_vlm.bench.shapes)")
     sp.add_argument("--llava", action="store_true",
                     help="with --shape: a stock transformers LLaVA-1.5 (CLIP ViT-L/14 at 336 px, 576 image tokens) in "
                     "front of that decoder instead of the three experts (METEOR: its stage1/stage3 names)")
@@ -648,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --shape: a stock transformers LLaVA-OneVision (SigLIP-so400m on 384 px tiles of 729 "
                     "image tokens; a 1152 px image is a base tile and 3x3 tiles) in front of that decoder "
                     "(qwen2-0.5b: LLaVA-OneVision-0.5B)")
+    sp.add_argument("--gemma3", action="store_true",
+                    help="with --shape gemma3-4b: a stock transformers Gemma 3 (SigLIP-so400m on 896 px images, 4x4 "
+                    "pooled to 256 image tokens) in front of that decoder (Gemma 3 4B)")
     sp.add_argument("--video", type=int, default=0, metavar="FRAMES",
                     help="Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision / InternVL (--qwen2-vl, --qwen2.5-vl, "
                     "--qwen3-vl, --onevision, --internvl or such a --model): ask each question of a video of this many "

@@ -26,7 +26,8 @@ from ..models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 __all__ = ["SHAPES", "LLAVA_TOWER", "LLAVA_NEXT_GRIDS", "QWEN2_VL_VISION", "QWEN2_5_VL_VISION", "QWEN3_VL_VISION",
            "INTERNVIT_300M",
            "shape_experts", "shape_text_config", "shaped_model", "shaped_llava", "qwen2_vl_config", "shaped_qwen2_vl",
-           "shaped_internvl", "SMOLVLM_VISION", "shaped_smolvlm", "SIGLIP_SO400M", "ONEVISION_GRIDS", "shaped_onevision"]
+           "shaped_internvl", "SMOLVLM_VISION", "shaped_smolvlm", "SIGLIP_SO400M", "ONEVISION_GRIDS", "shaped_onevision",
+           "GEMMA3_VISION", "shaped_gemma3"]
 
 # LLaVA-1.5's vision tower: openai/clip-vit-large-patch14-336's vision config
 LLAVA_TOWER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -66,6 +67,10 @@ SMOLVLM_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                      image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 
+# Gemma 3's vision tower (4B, 12B and 27B alike): SigLIP-so400m at 896 px, 64 x 64 patches, no pooling head; its
+# projector averages each 4x4 window into one of 256 visual tokens
+GEMMA3_VISION = dict(SIGLIP_SO400M, image_size=896, vision_use_head=False)
+
 # LLaVA-OneVision's grids (height, width in pixels): 1x1 to 6x6 tiles of 384 px
 ONEVISION_GRIDS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 
@@ -90,6 +95,14 @@ SHAPES: dict[str, dict] = {
     "qwen3-1.7b": dict(model_type="qwen3", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                        rope_theta=1000000.0, tie_word_embeddings=True),
+    # Gemma 3 4B's decoder (3.9 B parameters): 34 layers, five of every six within a 1024-token window, local and
+    # global layers at their own RoPE bases (the global ones scaled 8x), per-head q/k norms
+    "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                      sliding_window=1024, vocab_size=262208, tie_word_embeddings=True,
+                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                       "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
+                                                          "factor": 8.0}}),
     # Vicuna-7B / Llama-2-7B: the decoder of LLaVA-1.5-7B and of the paper's METEOR numbers (about 13.5 GB in bf16)
     "vicuna-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0,
@@ -331,3 +344,34 @@ def shaped_onevision(shape: str, dtype: torch.dtype = torch.float32, seed: int =
     tokens = (side // SIGLIP_SO400M["patch_size"]) ** 2
     return model, LlavaOnevisionImageTextProcessor(image_processor=images, tokenizer=tokenizer, num_image_tokens=tokens,
                                                    vision_feature_select_strategy="full")
+
+
+def shaped_gemma3(shape: str = "gemma3-4b", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random stock transformers `Gemma3ForConditionalGeneration` in Gemma 3's layout (`GEMMA3_VISION`, 256 visual
+    tokens per 896 px image) with a Gemma 3 decoder shape (gemma3-4b: Gemma 3 4B's), and transformers'
+    `Gemma3Processor` with the PIL image processor (the synthetic benchmark's word tokenizer with Gemma 3's image
+    tokens), in eval mode and SDPA attention. ValueError for a shape whose decoder is not Gemma 3's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from ..models.gemma3 import PROMPT_TOKENS
+    from ..train import build_tokenizer
+
+    if SHAPES.get(shape, {}).get("model_type") != "gemma3_text":
+        raise ValueError(f"--gemma3 needs a Gemma 3 decoder shape: "
+                         f"{sorted(k for k, v in SHAPES.items() if v['model_type'] == 'gemma3_text')}, got {shape!r}")
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(PROMPT_TOKENS)})
+    tokenizer._set_model_specific_special_tokens(special_tokens=dict(zip(("boi_token", "eoi_token", "image_token"),
+                                                                         PROMPT_TOKENS)))
+    ids = tokenizer.convert_tokens_to_ids(list(PROMPT_TOKENS))
+    tokens = 256
+    config = Gemma3Config(text_config=shape_text_config(shape, tokenizer), vision_config=GEMMA3_VISION,
+                          mm_tokens_per_image=tokens, boi_token_index=ids[0], eoi_token_index=ids[1],
+                          image_token_index=ids[2])
+    config._attn_implementation = "sdpa"
+    model = _built(Gemma3ForConditionalGeneration, config, dtype, seed)
+    model.generation_config.suppress_tokens = ids
+    side = GEMMA3_VISION["image_size"]
+    images = Gemma3ImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, Gemma3Processor(images, tokenizer, image_seq_length=tokens)
