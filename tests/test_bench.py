@@ -1066,14 +1066,16 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
     assert ("videos run on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision / InternVL model only, not with a "
             "MultiEncoderProcessor" in capsys.readouterr().err)
     assert main(["speed", "--qwen2-vl", "--model", "tiny"]) == 2
-    assert "--qwen2-vl / --qwen2.5-vl / --qwen3-vl / --internvl / --smolvlm / --onevision need --shape" in capsys.readouterr().err
+    assert ("--qwen2-vl / --qwen2.5-vl / --qwen3-vl / --internvl / --smolvlm / --onevision / --gemma3 need --shape"
+            in capsys.readouterr().err)
     for bad in (["--llava", "--qwen2-vl"], ["--qwen2-vl", "--qwen2.5-vl"], ["--internvl", "--qwen2-vl"],
-                ["--smolvlm", "--internvl"], ["--onevision", "--llava"], ["--qwen3-vl", "--qwen2-vl"]):
+                ["--smolvlm", "--internvl"], ["--onevision", "--llava"], ["--qwen3-vl", "--qwen2-vl"],
+                ["--gemma3", "--smolvlm"]):
         assert main(["speed", "--shape", "smollm2-135m", *bad]) == 2
         assert "exclude each other" in capsys.readouterr().err
     tokenizer = build_tokenizer()
     add_vision_tokens(tokenizer)
-    for shape in shapes.SHAPES:
+    for shape in [k for k, v in shapes.SHAPES.items() if v["model_type"] != "gemma3_text"]:  # Gemma 3's: --gemma3 only
         config, config25 = shapes.qwen2_vl_config(shape, tokenizer), shapes.qwen2_vl_config(shape, tokenizer, "2.5")
         text = config.text_config
         assert 2 * sum(text.rope_parameters["mrope_section"]) == text.hidden_size // text.num_attention_heads

@@ -238,3 +238,19 @@ def test_meteor_ask_and_speed_run_a_gemma3_checkpoint_folder(tmp_path, capsys, p
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
     assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys, tokens=4)
 
+
+
+def test_pan_and_scan_crops_are_images_of_their_own(gemma3, pictures):
+    """With pan-and-scan, a wide image comes as itself and its crops, each 256 (here 4) image tokens of its own in the
+    prompt: pruning nothing equals the stock model, `stats` count each crop as an image, and stage 1 keeps its share of
+    each."""
+    model, processor = gemma3
+    wide = pictures[0].resize((192, 64))
+    inputs = dict(processor(images=[[wide], [pictures[1]]], text=[PROMPTS[0], "a <start_of_image> how many ?"],
+                            return_tensors="pt", padding=True, do_pan_and_scan=True, pan_and_scan_min_crop_size=16))
+    assert inputs["pixel_values"].shape[0] == 1 + 3 + 1  # the wide image, its 3 crops, the other image
+    image_tokens = assert_noop_is_the_stock_model(model, inputs, mv.NoPruning(), stock_logits, pruned_logits)
+    assert image_tokens == [16, 4]
+    method = mv.Meteor.preset("stage1", encoder_keep=0.5)
+    pruned_logits(model, inputs, method)
+    assert [(s["images"], s["stage1_tokens"]) for s in method.stats] == [(4, 8), (1, 2)]
