@@ -149,7 +149,7 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        **({"sliding_window": 12, "head_dim": 8} if decoder == "mistral" else {}))
+        **({"sliding_window": 12} if decoder == "mistral" else {}))
     strategy = "default" if tower == "clip" else "full"
     pinpoints = pinpoints or [[32, 64], [64, 32], [64, 64]]
     config_cls, model_cls = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else (LlavaConfig,

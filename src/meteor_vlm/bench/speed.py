@@ -247,8 +247,9 @@ def _image_side(processor) -> int:
     side of its largest square grid, so a square image fills it as a large photo would), at least 128; for
     Qwen2-VL, which takes any size, QWEN_SIDE (its processor may still resize within its min and max pixels); for
     InternVL, two tiles a side (2 x 2 tiles and a thumbnail); for Idefics3 and SmolVLM, the longest side their
-    processor scales an image to; for Gemma 3, the side it resizes every image to; for LLaVA-OneVision, at most the largest square grid of tiles within its
-    `vision_aspect_ratio` budget (3 x 3 for "anyres_max_9"), where it does not interpolate the patches."""
+    processor scales an image to; for Gemma 3, the side it resizes every image to; for LLaVA-OneVision, at most
+    the largest square grid of tiles within its `vision_aspect_ratio` budget (3 x 3 for "anyres_max_9"), where it
+    does not interpolate the patches."""
     sizes = getattr(processor, "experts", None)
     if sizes:
         return max(128, max(s.image_size for s in sizes))

@@ -7,7 +7,8 @@ exactly as it was afterwards; a target may also have `check_method(method)`, ask
 `setup`, to refuse what it cannot run. The project's `MultiEncoderVLM` is its own target. A stock transformers
 VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaOnevisionAdapter` (`models/llava.py`),
 `Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`), `Idefics3Adapter`
-(`models/idefics3.py`, for Idefics3 and SmolVLM) or `Gemma3Adapter` (`models/gemma3.py`), which patch that one instance while the block runs.
+(`models/idefics3.py`, for Idefics3 and SmolVLM) or `Gemma3Adapter` (`models/gemma3.py`), which patch that one
+instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
 shares (placing each kept token at its own image token's column, with that column's unpruned RoPE

@@ -263,29 +263,21 @@ def _text_positions(positions: torch.Tensor) -> torch.Tensor:
     return positions if positions.dim() == 2 else positions[..., 0]
 
 
-def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: causal over real tokens; padded rows see themselves so softmax stays finite."""
-    return attention_mask(valid)
-
-
-def attention_mask(valid: torch.Tensor, positions: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
-                   window: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 1, Q, T) bool: what each query row (all T, or the columns `rows` (B, Q)) may see: the real keys before
-    it and itself, and with `blocks` (B, T) long also those of its own block after it (a block id >= 0: Gemma 3's
-    tokens of one image see each other); with a sliding `window`, only keys less than `window` positions
-    ((B, T) `positions`) behind it, as transformers' sliding-window masks count. A row always sees itself, so
-    padded rows stay finite."""
-    B, T = valid.shape
-    cols = torch.arange(T, device=valid.device)
-    rows = cols.expand(B, T) if rows is None else rows
-    sees = (cols[None, None, :] <= rows[:, :, None]) & valid[:, None, :]
+def prefill_mask(valid: torch.Tensor, positions: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
+                 window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) bool: each row sees the real keys before it, and with `blocks` (B, T) long also those of its own
+    block after it (a block id >= 0: Gemma 3's tokens of one image see each other); with a sliding `window`, only
+    keys less than `window` positions ((B, T) `positions`) behind it, as transformers' sliding-window masks count.
+    A row always sees itself, so padded rows stay finite."""
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
+    sees = causal[None] & valid[:, None, :]
     if blocks is not None:
-        own = blocks.gather(1, rows)
-        sees = sees | ((own[:, :, None] == blocks[:, None, :]) & (own[:, :, None] >= 0) & valid[:, None, :])
+        sees = sees | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0) & valid[:, None, :])
     if window is not None:
-        q_pos = positions.gather(1, rows)
-        sees = sees & (q_pos[:, :, None] - positions[:, None, :] < window)
-    return (sees | (cols[None, None, :] == rows[:, :, None])).unsqueeze(1)
+        sees = sees & (positions[:, :, None] - positions[:, None, :] < window)
+    return (sees | eye[None]).unsqueeze(1)
 
 
 def compact(keep: torch.Tensor, *tensors: torch.Tensor, fill: int | float = 0) -> tuple[torch.Tensor, ...]:
@@ -361,11 +353,10 @@ def prefill(
     nxt = (pos[:, -1] if pos.dim() == 2 else pos[:, -1].amax(-1)) + 1
     blocks = None if blocks is None else blocks.masked_fill(~valid, -1)
     h = embeds
-    extra = [t for t in (blocks,) if t is not None]
+    windows = [parts.window(i) for i in range(len(parts.layers))]
 
-    def attention_inputs():  # per layer (cos, sin) and mask, for the columns now present
-        text_pos = _text_positions(pos)
-        masks = {w: attention_mask(valid, text_pos, blocks, w) for w in dict.fromkeys(map(parts.window, range(len(parts.layers))))}
+    def attention_inputs():  # per layer (cos, sin), and the masks by window, for the columns now present
+        masks = {w: prefill_mask(valid, _text_positions(pos), blocks, w) for w in dict.fromkeys(windows)}
         return parts.position_embeddings(h, _rope_ids(pos)), masks
 
     pe, masks = attention_inputs()
@@ -384,16 +375,16 @@ def prefill(
             if keep is not None:
                 if (~keep & valid & ~visual).any():
                     raise ValueError(f"layer {i}: a method tried to drop text tokens; only visual tokens may be dropped")
-                n_res = len(residuals or [])
-                valid, h, pos, visual, cols, *rest = compact(keep & valid, h, pos, visual, cols, *(residuals or []), *extra)
-                residuals, extra = rest[:n_res], rest[n_res:]
-                blocks = extra[0] if blocks is not None else None
+                residuals, n = residuals or [], len(residuals or [])
+                extra = [] if blocks is None else [blocks]
+                valid, h, pos, visual, cols, *rest = compact(keep & valid, h, pos, visual, cols, *residuals, *extra)
+                residuals, blocks = rest[:n], (rest[n] if blocks is not None else None)
                 cols = cols.masked_fill(~valid, -1)
                 pe, masks = attention_inputs()
                 kept[i] = (visual & valid).sum(1)
         h = layer(
             h,
-            attention_mask=masks[parts.window(i)],
+            attention_mask=masks[windows[i]],
             position_ids=_text_positions(pos),
             **{cache_arg(type(layer)): cache},
             use_cache=cache is not None,
