@@ -395,7 +395,7 @@ def test_meteor_ask_and_speed_run_a_llava_checkpoint_folder(tmp_path, capsys, ki
     assert "`meteor ask` and `meteor speed` run it" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "gemma3"])
 def test_text_only_prompts_beside_an_image_or_alone_equal_the_stock_model(family):
     """A batch whose first prompt has no image, and a batch with no image at all: pruning nothing gives the stock
     model's logits, and generation under a method runs."""
@@ -404,6 +404,11 @@ def test_text_only_prompts_beside_an_image_or_alone_equal_the_stock_model(family
         model, processor = mv.testing.tiny_qwen2_vl(seed=1, version="2" if family == "qwen2-vl" else "2.5")
         batches = [processor(images=[pics[0].resize((40, 24))], text=["what is red ?", "<image> what is in the image ?"]),
                    processor(images=None, text=["what is red ?", "a b c what is in it"])]
+    elif family == "gemma3":  # token_type_ids with no image token, and no image at all
+        model, processor = mv.testing.tiny_gemma3(seed=1)
+        batches = [dict(processor(images=[[], [pics[0]]], text=["what is red ?", "<start_of_image> what is in the image ?"],
+                                  return_tensors="pt", padding=True)),
+                   dict(processor(text=["what is red ?", "a b c what is in it"], return_tensors="pt", padding=True))]
     else:
         model, processor = mv.testing.tiny_llava(seed=1, anyres=family == "llava-next")
         batches = [dict(processor(images=[pics[0]], text=["what is red ?", "<image> what is in the image ?"],
