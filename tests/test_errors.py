@@ -118,3 +118,14 @@ def test_decoders_the_runtime_cannot_run_causally_are_refused():
         DecoderParts.of_backbone(windowless, torch.nn.Identity())
     parts = DecoderParts.of_backbone(Gemma3TextModel(Gemma3TextConfig(**small, sliding_window=5)), torch.nn.Identity())
     assert [parts.window(i) for i in range(2)] == [5, 5]  # Gemma 3's default pattern: local layers first
+
+
+def test_a_static_cache_is_refused_with_a_clear_error(images):
+    """generate with cache_implementation="static" (fixed-length layers) under a method: a ValueError naming it, not
+    a shape error inside attention; the default cache still works."""
+    model, processor = mv.testing.tiny_llava(seed=1)
+    inputs = dict(processor(images=[images[0]], text=["<image> what is in the image ?"], return_tensors="pt"))
+    with mv.NoPruning()(model), torch.no_grad():
+        with pytest.raises(ValueError, match="StaticCache .* cannot hold a pruned prompt"):
+            model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+        assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2

@@ -342,6 +342,10 @@ def prefill(
         hidden (B, T', D) after the final norm, cols (B, T') the original column of each output
         (-1 for padding), and {layer: (B,) visual tokens kept from that layer on}.
     """
+    if cache is not None and getattr(cache, "is_compileable", False):
+        raise ValueError(f"a {type(cache).__name__} (cache_implementation='static' or similar) cannot hold a pruned "
+                         "prompt: its layers have fixed lengths, and pruning leaves each layer its own; use the default "
+                         "dynamic cache")
     B, T, _ = embeds.shape
     cols = torch.arange(T, device=embeds.device).expand(B, T).masked_fill(~valid, -1)
     pos = positions_from_mask(valid) if positions is None else positions.masked_fill(~_per_token(valid, positions), 0)
