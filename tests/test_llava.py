@@ -321,7 +321,7 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
             pass
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-onevision", "qwen2-vl", "internvl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "llava-onevision", "qwen2-vl", "internvl", "gemma3", "mistral3"])
 def test_a_model_loaded_with_eager_attention_runs_sdpa_inside_the_block(family, pictures, tile_pictures):
     """The runtime hands the language model's layers boolean masks and the vision blocks additive ones, which SDPA
     reads: a model loaded with eager attention (or flash attention, on a GPU) runs SDPA inside the block, equal to
@@ -339,6 +339,10 @@ def test_a_model_loaded_with_eager_attention_runs_sdpa_inside_the_block(family, 
 
         model, processor = mv.testing.tiny_gemma3(seed=2)
         inputs = gemma3_inputs(processor, pictures, which=(0, 1))
+    elif family == "mistral3":  # the Pixtral tower's own block mask over images of two sizes
+        model, processor = mv.testing.tiny_mistral3(seed=2)
+        inputs = processor(images=[[pictures[0]], [pictures[1], pictures[2]]],
+                           text=["[IMG] what is in the image ?", "[IMG] [IMG] how many ?"])
     else:
         model, processor = mv.testing.tiny_llava(seed=2, onevision=family == "llava-onevision")
         inputs = llava_inputs(processor, pictures, which=(0, 1))
@@ -395,7 +399,7 @@ def test_meteor_ask_and_speed_run_a_llava_checkpoint_folder(tmp_path, capsys, ki
     assert "`meteor ask` and `meteor speed` run it" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "gemma3", "mistral3"])
 def test_text_only_prompts_beside_an_image_or_alone_equal_the_stock_model(family):
     """A batch whose first prompt has no image, and a batch with no image at all: pruning nothing gives the stock
     model's logits, and generation under a method runs."""
@@ -409,6 +413,10 @@ def test_text_only_prompts_beside_an_image_or_alone_equal_the_stock_model(family
         batches = [dict(processor(images=[[], [pics[0]]], text=["what is red ?", "<start_of_image> what is in the image ?"],
                                   return_tensors="pt", padding=True)),
                    dict(processor(text=["what is red ?", "a b c what is in it"], return_tensors="pt", padding=True))]
+    elif family == "mistral3":
+        model, processor = mv.testing.tiny_mistral3(seed=1)
+        batches = [processor(images=[[], [pics[0]]], text=["what is red ?", "[IMG] what is in the image ?"]),
+                   processor(text=["what is red ?", "a b c what is in it"])]
     else:
         model, processor = mv.testing.tiny_llava(seed=1, anyres=family == "llava-next")
         batches = [dict(processor(images=[pics[0]], text=["what is red ?", "<image> what is in the image ?"],

@@ -20,7 +20,8 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                "qwen3_vl": "Qwen3VLForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
-               "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
+               "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
+               "mistral3": "Mistral3ForConditionalGeneration"}
 
 
 def _load(model_arg: str, llava: bool = False):
@@ -28,7 +29,8 @@ def _load(model_arg: str, llava: bool = False):
     a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT checkpoint folder
     (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a
     Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
-    an Idefics3 / SmolVLM one (`models.idefics3.load_processor`) or a Gemma 3 one (its own AutoProcessor)."""
+    an Idefics3 / SmolVLM one (`models.idefics3.load_processor`), a Gemma 3 one (its own AutoProcessor) or a Mistral 3
+    one (`PixtralImageTextProcessor`)."""
     import meteor_vlm as mv
 
     if model_arg == "default":
@@ -62,6 +64,10 @@ def _load(model_arg: str, llava: bool = False):
             from .models.llava import LlavaOnevisionImageTextProcessor
 
             return model, LlavaOnevisionImageTextProcessor.from_pretrained(path)
+        if model_type == "mistral3":  # PixtralProcessor needs torchvision
+            from .models.mistral3 import PixtralImageTextProcessor
+
+            return model, PixtralImageTextProcessor.from_pretrained(path)
         if model_type in ("idefics3", "smolvlm"):  # SmolVLM's own processor needs torchvision for videos
             from .models.idefics3 import load_processor
 
@@ -472,6 +478,8 @@ def cmd_ask(args) -> int:
         if "image_grid_thw" in inputs:  # Qwen2-VL: its grid of merged tokens, as the processor resized the image
             _, rows, cols = inputs["image_grid_thw"][0].tolist()
             grids = {target.expert_names[0]: (rows // processor.merge_size, cols // processor.merge_size)}
+        elif getattr(target, "image_grid", None) is not None:  # Mistral 3: each image's own grid
+            grids = {target.expert_names[0]: target.image_grid(inputs, 0)}
         else:
             grids = {r.spec.name: r.grid() for r in target.runners}  # a tiled image: the grid of the tile drawn
         # of a tiled image (LLaVA-NeXT, InternVL, Idefics3), the tile that shows all of it
@@ -632,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
     sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder (a MultiEncoderVLM, "
                     "or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / Idefics3 / SmolVLM / "
-                    "Gemma 3: "
+                    "Gemma 3 / Mistral 3: "
                     "your own model, timed on the synthetic prompts)")
     sp.add_argument("--shape", help="instead of --model: a random model at a real checkpoint's shape "
                     "(smollm2-135m, qwen2-0.5b, qwen2-1.5b, qwen2.5-3b, qwen3-1.7b, gemma3-4b, vicuna-7b; see "

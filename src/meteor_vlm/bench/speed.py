@@ -247,7 +247,8 @@ def _image_side(processor) -> int:
     side of its largest square grid, so a square image fills it as a large photo would), at least 128; for
     Qwen2-VL, which takes any size, QWEN_SIDE (its processor may still resize within its min and max pixels); for
     InternVL, two tiles a side (2 x 2 tiles and a thumbnail); for Idefics3 and SmolVLM, the longest side their
-    processor scales an image to; for Gemma 3, the side it resizes every image to; for LLaVA-OneVision, at most
+    processor scales an image to; for Gemma 3, the side it resizes every image to (Mistral 3: the longest it takes);
+    for LLaVA-OneVision, at most
     the largest square grid of tiles within its `vision_aspect_ratio` budget (3 x 3 for "anyres_max_9"), where it
     does not interpolate the patches."""
     sizes = getattr(processor, "experts", None)
@@ -261,7 +262,7 @@ def _image_side(processor) -> int:
         return max(128, processor.image_processor.size["longest_edge"])
     grids = getattr(processor.image_processor, "image_grid_pinpoints", None)
     crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size  # Gemma 3: size
-    side = max(min(g) for g in grids) if grids else crop["height"]
+    side = max(min(g) for g in grids) if grids else crop.get("height") or crop["longest_edge"]  # Mistral 3: its longest
     budget = getattr(processor, "vision_aspect_ratio", None)  # LLaVA-OneVision: no more tiles than it interpolates
     if budget:
         side = min(side, math.isqrt(int(budget.removeprefix("anyres_max_"))) * processor.image_processor.size["height"])

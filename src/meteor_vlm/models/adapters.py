@@ -37,7 +37,8 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
              "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
              "InternVLForConditionalGeneration",
-             "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration")
+             "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
+             "Mistral3ForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here when None / False
@@ -53,13 +54,14 @@ def adapt(model, method_name: str = "a pruning method"):
     from .idefics3 import idefics3_adapter
     from .internvl import internvl_adapter
     from .llava import llava_adapter
+    from .mistral3 import mistral3_adapter
     from .qwen2_vl import qwen2_vl_adapter
     from .vlm import MultiEncoderVLM
 
     if isinstance(model, (MultiEncoderVLM, StockAdapter)):
         return model
     adapter = (llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
-               or idefics3_adapter(model) or gemma3_adapter(model))
+               or idefics3_adapter(model) or gemma3_adapter(model) or mistral3_adapter(model))
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")

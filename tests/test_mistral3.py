@@ -1,0 +1,189 @@
+"""Stock transformers Mistral 3 (`Mistral3ForConditionalGeneration`) under every method: the oracles the project's own
+model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached, beams), on images of three
+sizes (each its own patch grid and token count); and 2x2 windows dropped inside its Pixtral ViT == the stock blocks
+run without them, merged by the model's own projector."""
+
+import pytest
+import torch
+
+import meteor_vlm as mv
+from meteor_vlm.models.adapters import adapt
+
+from .test_internvl import assert_ask_and_speed_run_the_folder
+from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
+from .test_oracles import (PEERS, DropAt, DropWindows, check_batch_and_cache, check_beams_against_the_stock_model,
+                           masked_decoder_logits, survivors)
+
+PROMPTS = ["[IMG] what is in the image ?", "[IMG] [IMG] how many red circle are there in the image on the left ?",
+           "describe [IMG] what is it ?"]
+IMAGES = [1, 2, 1]  # images per prompt
+SIZES = [(64, 64), (64, 32), (64, 64), (40, 64)]  # (width, height) of each picture: 16, 8, 16 and 12 tokens
+NOOPS = {"none": mv.NoPruning, **{k: noop for k, (noop, _) in PEERS.items()},
+         "meteor": lambda: mv.Meteor.preset("stage1+3", encoder_keep=1.0, lam=1e9)}
+PRUNING = {**{k: pruning for k, (_, pruning) in PEERS.items()},
+           "meteor": lambda: mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0)}
+
+
+@pytest.fixture(scope="module")
+def mistral3():
+    return mv.testing.tiny_mistral3(seed=2)
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    return [p.resize(s) for p, s in zip(mv.testing.random_images(4, size=64, seed=5), SIZES)]
+
+
+def inputs_for(processor, pictures, which=(0, 1, 2)):
+    starts = [sum(IMAGES[:i]) for i in range(len(IMAGES))]
+    imgs = [[pictures[starts[i] + j] for j in range(IMAGES[i])] for i in which]
+    return processor(images=imgs, text=[PROMPTS[i] for i in which])
+
+
+def stock_embeds(model, inputs):
+    with torch.no_grad():
+        ids = inputs["input_ids"]
+        embeds = model.get_input_embeddings()(ids)
+        feats = torch.cat(model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                   image_sizes=inputs["image_sizes"]).pooler_output)
+        return embeds.masked_scatter((ids == model.config.image_token_id)[..., None].expand_as(embeds), feats)
+
+
+@pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
+def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(mistral3, pictures, make):
+    model, processor = mistral3
+    inputs = inputs_for(processor, pictures)
+    assert inputs["image_sizes"].tolist() == [[64, 64], [32, 64], [64, 64], [64, 48]]  # 40 px: up to 48
+    method = make()
+    image_tokens = assert_noop_is_the_stock_model(model, inputs, method, stock_logits, pruned_logits)
+    assert image_tokens == [16, 8 + 16, 12] and [s["images"] for s in method.stats] == IMAGES
+
+
+def stock_tower_without(model, pixels, size):
+    """(kept windows, (K, D) projected tokens) of one image: the stock Pixtral blocks on the patches left, the windows
+    `survivors` drops at each block removed, then the stock projector (its norm, 2x2 merger and MLP) over the grid
+    with the dropped windows' patches zero-filled."""
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    p = tower.config.patch_size
+    rows, cols = size[0] // p, size[1] // p
+    hidden = tower.ln_pre(tower.patch_conv(pixels[None, :, : size[0], : size[1]]).flatten(2).transpose(1, 2))[0]
+    ids = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).view(-1, 2)
+    cos, sin = tower.patch_positional_embedding(hidden, ids)
+    window_of = torch.arange(rows * cols).view(rows // 2, 2, cols // 2, 2).permute(0, 2, 1, 3).reshape(-1, 4)
+    alive, patches = torch.arange(rows * cols // 4), torch.arange(rows * cols)
+    for b, block in enumerate(tower.transformer.layers):
+        hidden = block(hidden[None], attention_mask=None, position_embeddings=(cos[patches], sin[patches]))[0]
+        alive = survivors(alive, b, 3)
+        left = torch.isin(patches, window_of[alive].flatten())
+        hidden, patches = hidden[left], patches[left]
+    full = hidden.new_zeros(rows * cols, hidden.shape[-1])
+    full[patches] = hidden
+    return alive, projector(full, torch.tensor([size]))[alive]
+
+
+def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(mistral3, pictures):
+    """After each of the ViT's 3 blocks a test method drops whole 2x2 windows of each image (a 64x64 one and a
+    64x32 one, each on its own grid): the tokens that leave the tower equal the stock blocks run on the patches left,
+    merged and projected by the model's own projector, and the logits equal the stock decoder with the dropped
+    windows' image tokens masked from layer 0 on."""
+    model, processor = mistral3
+    inputs = inputs_for(processor, pictures, which=(0, 1))
+    images = {k: inputs[k] for k in ("pixel_values", "image_sizes")}
+    with torch.no_grad():
+        tokens = adapt(model).encode_images(images, DropWindows(3))
+        ids = inputs["input_ids"]
+        is_img = ids == model.config.image_token_id
+        embeds = model.get_input_embeddings()(ids)
+        spans = [16, 8, 16]
+        drop, k = [[] for _ in ids], 0
+        columns = list(zip(*is_img.nonzero(as_tuple=True)))
+        for image, span in enumerate(spans):
+            alive, want = stock_tower_without(model, inputs["pixel_values"][image], inputs["image_sizes"][image].tolist())
+            assert 0 < len(alive) < span
+            assert tokens.grid_index[image, : len(alive)].tolist() == alive.tolist()
+            torch.testing.assert_close(tokens.features[image, : len(alive)], want, atol=1e-5, rtol=1e-5)
+            for g in range(span):
+                r, c = columns[k + g]
+                if g in alive.tolist():
+                    embeds[r, c] = want[alive.tolist().index(g)]
+                else:
+                    drop[r].append(int(c))
+            k += span
+        reference = masked_decoder_logits(model.model.language_model, model.lm_head, embeds,
+                                          inputs["attention_mask"].bool(), drop, 0)
+    got = pruned_logits(model, inputs, DropWindows(3))
+    text = inputs["attention_mask"].bool() & ~is_img
+    torch.testing.assert_close(got[text], reference[text], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_dropping_at_llm_layer_equals_masking_keys(mistral3, pictures, layer):
+    model, processor = mistral3
+    inputs = inputs_for(processor, pictures, which=(0, 1))
+    vis = inputs["input_ids"] == model.config.image_token_id
+    drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
+    got = pruned_logits(model, inputs, DropAt(layer, drop))
+    want = masked_decoder_logits(model.model.language_model, model.lm_head, stock_embeds(model, inputs),
+                                 inputs["attention_mask"].bool(), drop, layer)
+    text = inputs["attention_mask"].bool() & ~vis
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
+def test_every_method_obeys_the_batch_and_cache_oracles(mistral3, pictures, make):
+    model, processor = mistral3
+    check_batch_and_cache(model, make(), lambda which: inputs_for(processor, pictures, which),
+                          lambda batch, ids: {k: batch[k] for k in ("pixel_values", "image_sizes")},
+                          [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
+
+
+def test_beam_search_keeps_each_prompts_images_with_its_rows(pictures):
+    model, processor = mv.testing.tiny_mistral3(seed=2)
+    inputs = inputs_for(processor, pictures, which=(0, 1))
+    check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
+
+
+def test_meteor_stage1_keeps_its_share_of_every_image(mistral3, pictures):
+    model, processor = mistral3
+    method = mv.Meteor.preset("stage1", encoder_keep=0.5)
+    pruned_logits(model, inputs_for(processor, pictures), method)
+    assert [s["stage1_tokens"] for s in method.stats] == [8, 4 + 8, 6]
+    assert [s["encoder_tokens"] for s in method.stats] == [16, 8 + 16, 12]
+
+
+def test_bad_inputs_are_refused(mistral3, pictures):
+    model, processor = mistral3
+    inputs = inputs_for(processor, pictures, which=(0,))
+    with pytest.raises(ValueError, match="needs image_sizes"):
+        pruned_logits(model, {**inputs, "image_sizes": None}, mv.FastV())
+    with pytest.raises(ValueError, match="must give each of the 1 images a grid of 16 px windows"):
+        pruned_logits(model, {**inputs, "image_sizes": torch.tensor([[64, 56]])}, mv.FastV())
+    with pytest.raises(ValueError, match=r"the prompts hold more \[IMG\] than the 1 image\(s\) given"):
+        processor(images=[[pictures[0]]], text=["[IMG] [IMG] what ?"])
+    with pytest.raises(ValueError, match=r"the prompts hold 1 \[IMG\] but 2 image\(s\) were given"):
+        processor(images=[pictures[:2]], text=["[IMG] what ?"])
+    assert "forward" not in vars(model)
+
+
+TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}[IMG]"
+            "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} a{% endif %}")
+
+
+def test_meteor_ask_and_speed_run_a_mistral3_checkpoint_folder(tmp_path, capsys, pictures):
+    """A transformers Mistral 3 checkpoint folder (saved model, tokenizer, image processor, chat template) runs under
+    `meteor ask` (the answer greedy generate gives on the chat template's prompt under ToMe, which keeps 8 of a square
+    image's 16 tokens; a heatmap) and `meteor speed`; the processor read back from the folder gives the same inputs."""
+    from meteor_vlm.models.mistral3 import PixtralImageTextProcessor
+
+    model, processor = mv.testing.tiny_mistral3(seed=3)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    PixtralImageTextProcessor(processor.image_processor, processor.tokenizer, 8, 2, TEMPLATE).save_pretrained(ckpt)
+    loaded = PixtralImageTextProcessor.from_pretrained(ckpt)
+    pictures[0].save(tmp_path / "img.png")
+    prompt = loaded.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                      {"type": "text", "text": "what is in the image ?"}]}])
+    inputs = loaded(images=[pictures[0]], text=[prompt])
+    mine = processor(images=[pictures[0]], text=["[IMG]what is in the image ? a"])
+    assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
+    assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys, tokens=16)
