@@ -1,7 +1,10 @@
-"""Stock transformers Mistral 3 (`Mistral3ForConditionalGeneration`) under every method: the oracles the project's own
+"""Stock transformers Mistral 3 (`Mistral3ForConditionalGeneration`), and a LLaVA with a Pixtral tower (Pixtral-12B's
+kind: no merge), under every method: the oracles the project's own
 model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached, beams), on images of three
 sizes (each its own patch grid and token count); and 2x2 windows dropped inside its Pixtral ViT == the stock blocks
 run without them, merged by the model's own projector."""
+
+KINDS = ["mistral3", "llava-pixtral"]
 
 import pytest
 import torch
@@ -24,9 +27,9 @@ PRUNING = {**{k: pruning for k, (_, pruning) in PEERS.items()},
            "meteor": lambda: mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0)}
 
 
-@pytest.fixture(scope="module")
-def mistral3():
-    return mv.testing.tiny_mistral3(seed=2)
+@pytest.fixture(scope="module", params=KINDS)
+def mistral3(request):
+    return mv.testing.tiny_mistral3(seed=2, llava=request.param == "llava-pixtral")
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +64,16 @@ def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(mistra
 
 def stock_tower_without(model, pixels, size):
     """(kept windows, (K, D) projected tokens) of one image: the stock Pixtral blocks on the patches left, the windows
-    `survivors` drops at each block removed, then the stock projector (its norm, 2x2 merger and MLP) over the grid
-    with the dropped windows' patches zero-filled."""
+    `survivors` drops at each block removed, then the stock projector over the grid with the dropped windows'
+    patches zero-filled (Mistral 3's norm, 2x2 merger and MLP; LLaVA's MLP on each patch, a window of one)."""
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
-    p = tower.config.patch_size
+    p, m = tower.config.patch_size, getattr(model.config, "spatial_merge_size", 1)
     rows, cols = size[0] // p, size[1] // p
     hidden = tower.ln_pre(tower.patch_conv(pixels[None, :, : size[0], : size[1]]).flatten(2).transpose(1, 2))[0]
     ids = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).view(-1, 2)
     cos, sin = tower.patch_positional_embedding(hidden, ids)
-    window_of = torch.arange(rows * cols).view(rows // 2, 2, cols // 2, 2).permute(0, 2, 1, 3).reshape(-1, 4)
-    alive, patches = torch.arange(rows * cols // 4), torch.arange(rows * cols)
+    window_of = torch.arange(rows * cols).view(rows // m, m, cols // m, m).permute(0, 2, 1, 3).reshape(-1, m * m)
+    alive, patches = torch.arange(rows * cols // (m * m)), torch.arange(rows * cols)
     for b, block in enumerate(tower.transformer.layers):
         hidden = block(hidden[None], attention_mask=None, position_embeddings=(cos[patches], sin[patches]))[0]
         alive = survivors(alive, b, 3)
@@ -78,12 +81,12 @@ def stock_tower_without(model, pixels, size):
         hidden, patches = hidden[left], patches[left]
     full = hidden.new_zeros(rows * cols, hidden.shape[-1])
     full[patches] = hidden
-    return alive, projector(full, torch.tensor([size]))[alive]
+    return alive, (projector(full, torch.tensor([size])) if m > 1 else projector(full))[alive]
 
 
 def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(mistral3, pictures):
-    """After each of the ViT's 3 blocks a test method drops whole 2x2 windows of each image (a 64x64 one and a
-    64x32 one, each on its own grid): the tokens that leave the tower equal the stock blocks run on the patches left,
+    """After each of the ViT's 3 blocks a test method drops whole windows of each image (2x2 patches, or one patch on
+    the Pixtral LLaVA; a 64x64 image and a 64x32 one, each on its own grid): the tokens that leave the tower equal the stock blocks run on the patches left,
     merged and projected by the model's own projector, and the logits equal the stock decoder with the dropped
     windows' image tokens masked from layer 0 on."""
     model, processor = mistral3
@@ -130,15 +133,16 @@ def test_dropping_at_llm_layer_equals_masking_keys(mistral3, pictures, layer):
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
-def test_every_method_obeys_the_batch_and_cache_oracles(mistral3, pictures, make):
+def test_every_method_obeys_the_batch_and_cache_oracles(mistral3, pictures, make):  # both kinds
     model, processor = mistral3
     check_batch_and_cache(model, make(), lambda which: inputs_for(processor, pictures, which),
                           lambda batch, ids: {k: batch[k] for k in ("pixel_values", "image_sizes")},
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
-def test_beam_search_keeps_each_prompts_images_with_its_rows(pictures):
-    model, processor = mv.testing.tiny_mistral3(seed=2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_beam_search_keeps_each_prompts_images_with_its_rows(pictures, kind):
+    model, processor = mv.testing.tiny_mistral3(seed=2, llava=kind == "llava-pixtral")
     inputs = inputs_for(processor, pictures, which=(0, 1))
     check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
@@ -156,8 +160,11 @@ def test_bad_inputs_are_refused(mistral3, pictures):
     inputs = inputs_for(processor, pictures, which=(0,))
     with pytest.raises(ValueError, match="needs image_sizes"):
         pruned_logits(model, {**inputs, "image_sizes": None}, mv.FastV())
-    with pytest.raises(ValueError, match="must give each of the 1 images a grid of 16 px windows"):
-        pruned_logits(model, {**inputs, "image_sizes": torch.tensor([[64, 56]])}, mv.FastV())
+    odd = {**inputs, "image_sizes": torch.tensor([[64, 56]])}  # 56 px: 7 patches of 8 px, 3.5 of 16
+    message = ("must give each of the 1 images a grid of 16 px windows" if hasattr(model.config, "spatial_merge_size")
+               else r"the prompts hold \[16\] image tokens but the 1 image\(s\) given need \[12\]")  # 4 x 3 patches
+    with pytest.raises(ValueError, match=message):
+        pruned_logits(model, odd, mv.FastV())
     with pytest.raises(ValueError, match=r"the prompts hold more \[IMG\] than the 1 image\(s\) given"):
         processor(images=[[pictures[0]]], text=["[IMG] [IMG] what ?"])
     with pytest.raises(ValueError, match=r"the prompts hold 1 \[IMG\] but 2 image\(s\) were given"):
@@ -169,16 +176,18 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
             "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} a{% endif %}")
 
 
-def test_meteor_ask_and_speed_run_a_mistral3_checkpoint_folder(tmp_path, capsys, pictures):
+@pytest.mark.parametrize("kind", KINDS)
+def test_meteor_ask_and_speed_run_a_mistral3_checkpoint_folder(tmp_path, capsys, pictures, kind):
     """A transformers Mistral 3 checkpoint folder (saved model, tokenizer, image processor, chat template) runs under
     `meteor ask` (the answer greedy generate gives on the chat template's prompt under ToMe, which keeps 8 of a square
     image's 16 tokens; a heatmap) and `meteor speed`; the processor read back from the folder gives the same inputs."""
     from meteor_vlm.models.mistral3 import PixtralImageTextProcessor
 
-    model, processor = mv.testing.tiny_mistral3(seed=3)
+    model, processor = mv.testing.tiny_mistral3(seed=3, llava=kind == "llava-pixtral")
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    PixtralImageTextProcessor(processor.image_processor, processor.tokenizer, 8, 2, TEMPLATE).save_pretrained(ckpt)
+    PixtralImageTextProcessor(processor.image_processor, processor.tokenizer, processor.patch_size,
+                              processor.spatial_merge_size, TEMPLATE).save_pretrained(ckpt)
     loaded = PixtralImageTextProcessor.from_pretrained(ckpt)
     pictures[0].save(tmp_path / "img.png")
     prompt = loaded.apply_chat_template([{"role": "user", "content": [{"type": "image"},

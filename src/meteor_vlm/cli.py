@@ -64,7 +64,8 @@ def _load(model_arg: str, llava: bool = False):
             from .models.llava import LlavaOnevisionImageTextProcessor
 
             return model, LlavaOnevisionImageTextProcessor.from_pretrained(path)
-        if model_type == "mistral3":  # PixtralProcessor needs torchvision
+        vision_type = json.loads(config.read_text()).get("vision_config", {}).get("model_type")
+        if model_type == "mistral3" or vision_type == "pixtral":  # PixtralProcessor needs torchvision (also Pixtral-12B)
             from .models.mistral3 import PixtralImageTextProcessor
 
             return model, PixtralImageTextProcessor.from_pretrained(path)

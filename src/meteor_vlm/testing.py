@@ -354,36 +354,44 @@ def tiny_gemma3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, slidi
     return model, Gemma3Processor(images, tokenizer, image_seq_length=4)
 
 
-def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3):
+def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, llava: bool = False):
     """A tiny random stock transformers `Mistral3ForConditionalGeneration` (CPU, fp32, eval mode, SDPA): a Pixtral ViT
     on 8 px patches of images whose longer side is 64 px (each side a multiple of 16 px), each 2x2 window of patches
     one visual token (16 for a square image), a `vision_depth`-block tower and a `num_layers`-deep Mistral decoder
     with 8 heads (GQA, 4 kv heads), and `models.mistral3.PixtralImageTextProcessor` (transformers' PixtralProcessor
-    without torchvision): write `[IMG]` where an image goes."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    without torchvision): write `[IMG]` where an image goes. With `llava`, a `LlavaForConditionalGeneration` with that
+    Pixtral tower on 16 px patches instead (Pixtral-12B's kind: no merge, each patch one visual token, LLaVA's
+    projector), the same token counts."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Mistral3Config, Mistral3ForConditionalGeneration
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     from .models.mistral3 import IMAGE_TOKENS, PixtralImageTextProcessor
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *IMAGE_TOKENS]})
+    patch, merge = (16, 1) if llava else (8, 2)
     vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth,
-                  num_attention_heads=4, head_dim=8, image_size=64, patch_size=8)
+                  num_attention_heads=4, head_dim=8, image_size=64, patch_size=patch)
     text = dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                 num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                 sliding_window=None, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id)
-    config = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=2, vision_feature_layer=-1,
-                            image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[0]))
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[0])
+    if llava:
+        config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1, image_token_id=image_token,
+                             vision_feature_select_strategy="full")
+    else:
+        config = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=merge, vision_feature_layer=-1,
+                                image_token_index=image_token)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = Mistral3ForConditionalGeneration(config).eval()
+    model = (LlavaForConditionalGeneration if llava else Mistral3ForConditionalGeneration)(config).eval()
     _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters(),
              *model.lm_head.parameters()], seed)
     model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS))
     images = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 16, "width": 16},
                                       image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return model, PixtralImageTextProcessor(images, tokenizer, patch_size=8, spatial_merge_size=2)
+    return model, PixtralImageTextProcessor(images, tokenizer, patch_size=patch, spatial_merge_size=merge)
 
 
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

@@ -60,8 +60,8 @@ def adapt(model, method_name: str = "a pruning method"):
 
     if isinstance(model, (MultiEncoderVLM, StockAdapter)):
         return model
-    adapter = (llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
-               or idefics3_adapter(model) or gemma3_adapter(model) or mistral3_adapter(model))
+    adapter = (mistral3_adapter(model) or llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
+               or idefics3_adapter(model) or gemma3_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")

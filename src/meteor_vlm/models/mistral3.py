@@ -1,5 +1,5 @@
 """Pruning on a stock transformers Mistral 3 (`Mistral3ForConditionalGeneration`: Mistral Small 3.1 / 3.2 and their
-kin).
+kin), and on a LLaVA with a Pixtral tower (`LlavaForConditionalGeneration`: Pixtral-12B), the same without the merge.
 
 Mistral 3 encodes each image at its own size (its longer side at most 1540 px, both sides multiples of 28) with a
 Pixtral ViT: 14 px patches, 2D axial RoPE, each image attending within itself, no final norm. Its projector RMS-norms
@@ -19,21 +19,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Mistral3ForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, Mistral3ForConditionalGeneration
 
 from .adapters import Layout, StockAdapter, StockProcessor, tower_depth
 from .experts import ExpertRunner, ExpertSpec
 from .vlm import VisualTokens, fuse_and_prune, run_expert
 
-__all__ = ["Mistral3Adapter", "Mistral3Runner", "PixtralImageTextProcessor", "mistral3_adapter", "IMAGE_TOKENS"]
+__all__ = ["Mistral3Adapter", "LlavaPixtralAdapter", "Mistral3Runner", "PixtralImageTextProcessor", "mistral3_adapter",
+           "IMAGE_TOKENS"]
 
 EXPERT = "vision"
 IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")  # one visual token, a row's end, the image's end
 
 
 def mistral3_adapter(model) -> Mistral3Adapter | None:
-    """The adapter for a transformers Mistral3ForConditionalGeneration, or None for any other model."""
-    return Mistral3Adapter(model) if type(model) is Mistral3ForConditionalGeneration else None
+    """The adapter for a transformers Mistral3ForConditionalGeneration, or a LlavaForConditionalGeneration with a
+    Pixtral tower; None for any other model."""
+    if type(model) is Mistral3ForConditionalGeneration:
+        return Mistral3Adapter(model)
+    if type(model) is LlavaForConditionalGeneration and model.config.vision_config.model_type == "pixtral":
+        return LlavaPixtralAdapter(model)
+    return None
 
 
 class Mistral3Runner(ExpertRunner):
@@ -137,11 +143,13 @@ class Mistral3Adapter(StockAdapter):
     PER_IMAGE_INPUTS = ("pixel_values", "image_sizes")
 
     def __init__(self, model):
-        cfg = model.config
+        self._setup(model, model.config.spatial_merge_size)
+
+    def _setup(self, model, merge: int) -> None:
         tower = model.model.vision_tower
-        depth = tower_depth(cfg.vision_feature_layer, tower.config.num_hidden_layers)
+        depth = tower_depth(model.config.vision_feature_layer, tower.config.num_hidden_layers)
         spec = ExpertSpec(EXPERT, Mistral3Runner.kind, 0, {})
-        self._locate(model, [Mistral3Runner(tower, spec, cfg.spatial_merge_size, depth)])
+        self._locate(model, [Mistral3Runner(tower, spec, merge, depth)])
         self.patch = tower.config.patch_size
 
     def _grids(self, images: dict) -> torch.Tensor:
@@ -219,6 +227,21 @@ class Mistral3Adapter(StockAdapter):
         grid = torch.arange(int(counts.max()), device=counts.device).expand(len(counts), -1)
         return Layout(torch.arange(len(counts), device=counts.device), grid.masked_fill(grid >= counts[:, None], -1),
                       counts)
+
+
+class LlavaPixtralAdapter(Mistral3Adapter):
+    """A `LlavaForConditionalGeneration` with a Pixtral tower (Pixtral-12B): Mistral 3's tower and prompt without the
+    merge, each patch one visual token (`[IMG]` per patch, each row ended by `[IMG_BREAK]`) through LLaVA's
+    two-layer projector. ValueError for a select strategy other than "full" (every patch)."""
+
+    def __init__(self, model):
+        if model.config.vision_feature_select_strategy != "full":
+            raise ValueError(f"vision_feature_select_strategy={model.config.vision_feature_select_strategy!r} with a "
+                             "Pixtral tower is not supported (only 'full': every patch)")
+        self._setup(model, 1)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(features)
 
 
 class PixtralImageTextProcessor(StockProcessor):
