@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration, Mistral3ForConditionalGeneration
+from transformers.models.pixtral.modeling_pixtral import apply_rotary_pos_emb
 
 from .adapters import Layout, StockAdapter, StockProcessor, tower_depth
 from .experts import ExpertRunner, ExpertSpec
@@ -107,9 +108,8 @@ class Mistral3Runner(ExpertRunner):
         attn = self.blocks[i].attention
         n = self.blocks[i].attention_norm(h)
         q, k, v = (self._split_heads(p(n), attn.num_heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        cos, sin = (f.unsqueeze(1) for f in self._rotation(grid, h))
-        rotate = lambda t: torch.cat((-t[..., t.shape[-1] // 2:], t[..., : t.shape[-1] // 2]), -1)  # noqa: E731
-        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin, v
+        q, k = apply_rotary_pos_emb(q, k, *self._rotation(grid, h), unsqueeze_dim=1)  # the tower's own rotation
+        return q, k, v
 
     def run_attention(self, i, x, bias=None, grid=None):
         block, h = self.blocks[i], self._patches(x)
