@@ -161,11 +161,17 @@ def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
 @pytest.mark.parametrize("layer", [1, 3])  # a global layer and a sliding one
 def test_dropping_at_llm_layer_equals_masking_keys(gemma3, pictures, layer):
     model, processor = gemma3
-    inputs = inputs_for(processor, pictures, which=(0, 1))
+    assert_drop_is_masking(model, inputs_for(processor, pictures, which=(0, 1)), stock_decoder_logits, layer)
+
+
+def assert_drop_is_masking(model, inputs, decoder_logits, layer):
+    """Dropping some image tokens of the two prompts of `inputs` before LLM layer `layer` gives, on the text,
+    `decoder_logits(model, inputs, the stock embeddings, drop, layer)`: the stock decoder under the model's own masks
+    with those keys masked from `layer` on."""
     vis = inputs["input_ids"] == model.config.image_token_id
     drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
     got = pruned_logits(model, inputs, DropAt(layer, drop))
-    want = stock_decoder_logits(model, inputs, stock_embeds(model, inputs), drop, layer)
+    want = decoder_logits(model, inputs, stock_embeds(model, inputs), drop, layer)
     text = inputs["attention_mask"].bool() & ~vis
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
 

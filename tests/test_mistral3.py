@@ -12,19 +12,15 @@ import torch
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
 
+from .test_gemma3 import IMAGES, NOOPS, PRUNING
 from .test_internvl import assert_ask_and_speed_run_the_folder
 from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
-from .test_oracles import (PEERS, DropAt, DropWindows, check_batch_and_cache, check_beams_against_the_stock_model,
+from .test_oracles import (DropAt, DropWindows, check_batch_and_cache, check_beams_against_the_stock_model,
                            masked_decoder_logits, survivors)
 
 PROMPTS = ["[IMG] what is in the image ?", "[IMG] [IMG] how many red circle are there in the image on the left ?",
            "describe [IMG] what is it ?"]
-IMAGES = [1, 2, 1]  # images per prompt
 SIZES = [(64, 64), (64, 32), (64, 64), (40, 64)]  # (width, height) of each picture: 16, 8, 16 and 12 tokens
-NOOPS = {"none": mv.NoPruning, **{k: noop for k, (noop, _) in PEERS.items()},
-         "meteor": lambda: mv.Meteor.preset("stage1+3", encoder_keep=1.0, lam=1e9)}
-PRUNING = {**{k: pruning for k, (_, pruning) in PEERS.items()},
-           "meteor": lambda: mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0)}
 
 
 @pytest.fixture(scope="module", params=KINDS)

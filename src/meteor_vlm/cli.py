@@ -21,7 +21,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
                "qwen3_vl": "Qwen3VLForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
-               "mistral3": "Mistral3ForConditionalGeneration"}
+               "mistral3": "Mistral3ForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration"}
 
 
 def _load(model_arg: str, llava: bool = False):

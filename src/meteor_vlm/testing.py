@@ -394,6 +394,36 @@ def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, lla
     return model, PixtralImageTextProcessor(images, tokenizer, patch_size=patch, spatial_merge_size=merge)
 
 
+def tiny_paligemma(seed: int = 0, num_layers: int = 6, vision_depth: int = 3):
+    """A tiny random stock transformers `PaliGemmaForConditionalGeneration` (CPU, fp32, eval mode, SDPA): a
+    `vision_depth`-block SigLIP tower at 32 px (16 patches of 8 px, so 16 image tokens per image) read at its final
+    norm, a linear projector and a `num_layers`-deep Gemma decoder with 8 heads (GQA, 4 kv heads), and transformers'
+    `PaliGemmaProcessor` with the PIL image processor (it puts every image's tokens before the text and returns
+    token_type_ids: the prompt is a prefix that attends both ways)."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    images = SiglipImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images.image_seq_length = 16
+    processor = PaliGemmaProcessor(images, tokenizer)  # adds its location and segmentation tokens to the tokenizer
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
+                  image_size=32, patch_size=8, projection_dim=64)
+    text = dict(model_type="gemma", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                             projection_dim=64)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = [processor.image_token_id]
+    return model, processor
+
+
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
     """n random RGB images (blocks of colour plus noise), deterministic for a seed."""
     rng = np.random.default_rng(seed)

@@ -7,7 +7,8 @@ exactly as it was afterwards; a target may also have `check_method(method)`, ask
 `setup`, to refuse what it cannot run. The project's `MultiEncoderVLM` is its own target. A stock transformers
 VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaOnevisionAdapter` (`models/llava.py`),
 `Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`), `Idefics3Adapter`
-(`models/idefics3.py`, for Idefics3 and SmolVLM) or `Gemma3Adapter` (`models/gemma3.py`), which patch that one
+(`models/idefics3.py`, for Idefics3 and SmolVLM), `Gemma3Adapter` (`models/gemma3.py`), `Mistral3Adapter` /
+`LlavaPixtralAdapter` (`models/mistral3.py`) or `PaliGemmaAdapter` (`models/paligemma.py`), which patch that one
 instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
@@ -38,7 +39,7 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
              "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
-             "Mistral3ForConditionalGeneration")
+             "Mistral3ForConditionalGeneration", "PaliGemmaForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here when None / False
@@ -55,13 +56,15 @@ def adapt(model, method_name: str = "a pruning method"):
     from .internvl import internvl_adapter
     from .llava import llava_adapter
     from .mistral3 import mistral3_adapter
+    from .paligemma import paligemma_adapter
     from .qwen2_vl import qwen2_vl_adapter
     from .vlm import MultiEncoderVLM
 
     if isinstance(model, (MultiEncoderVLM, StockAdapter)):
         return model
     adapter = (mistral3_adapter(model) or llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
-               or idefics3_adapter(model) or gemma3_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
+               or idefics3_adapter(model) or gemma3_adapter(model) or paligemma_adapter(model))  # Mistral 3's
+    # first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")

@@ -65,11 +65,10 @@ class DecoderParts:
     def of_backbone(cls, lm: nn.Module, lm_head: nn.Module) -> DecoderParts:
         """The parts of a transformers decoder backbone (`.embed_tokens`, `.layers`, `.rotary_emb`, `.norm`) and its
         output head, with each layer's kind read from its config: `layer_types` where it has them (Qwen2, Gemma 3),
-        else every layer sliding where it has a `sliding_window` (Mistral), else every layer full. ValueError for a
-        decoder whose text attends both ways (`use_bidirectional_attention`: an encoder, not a causal LM)."""
+        else every layer sliding where it has a `sliding_window` (Mistral), else every layer full. The runtime hands
+        every layer its own mask, causal but for the blocks an adapter gives (`prefill(blocks=)`), so a config's
+        `use_bidirectional_attention` (PaliGemma sets it, and builds its prefix's mask itself) changes nothing here."""
         cfg = getattr(lm, "config", None)
-        if getattr(cfg, "use_bidirectional_attention", False):
-            raise ValueError("a decoder with use_bidirectional_attention is not a causal LM: the runtime cannot run it")
         window = getattr(cfg, "sliding_window", None)
         types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * len(lm.layers)
         if "sliding_attention" in types and not window:
