@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from transformers import PaliGemmaForConditionalGeneration
 
-from .adapters import StockAdapter
 from .experts import ExpertSpec, SiglipRunner
 from .llava import EXPERT, LlavaAdapter
 
@@ -42,7 +41,7 @@ class PaliGemmaAdapter(LlavaAdapter):
         tower = model.model.vision_tower
         tower = getattr(tower, "vision_model", tower)  # SiglipVisionModel wraps its transformer in older transformers
         spec = ExpertSpec(EXPERT, SiglipRunner.kind, tower.config.image_size, {})
-        StockAdapter._locate(self, model, [SiglipRunner(tower, spec)])
+        self._locate(model, [SiglipRunner(tower, spec)])
 
     def attention_blocks(self, input_ids: torch.Tensor, images: dict) -> torch.Tensor | None:
         """The prefix (token_type_ids 0) one block, the suffix causal, as the stock model reads them; None without
