@@ -176,17 +176,20 @@ def assert_drop_is_masking(model, inputs, decoder_logits, layer):
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
 
 
-def images_for(batch, ids):
-    """The batch's images, and its token_type_ids grown with text (0) to `ids`."""
-    types = torch.cat([batch["token_type_ids"], torch.zeros_like(ids[:, batch["input_ids"].shape[1]:])], 1)
-    return {"pixel_values": batch["pixel_values"], "token_type_ids": types}
+def types_grown_with(fill: int):
+    """`images_for` of check_batch_and_cache: the batch's images, and its token_type_ids grown to `ids` with `fill`,
+    the type of the generated tokens (Gemma 3: 0, text; PaliGemma: 1, the causal suffix, as generate marks it)."""
+    def images_for(batch, ids):
+        grown = torch.full_like(ids[:, batch["input_ids"].shape[1]:], fill)
+        return {"pixel_values": batch["pixel_values"], "token_type_ids": torch.cat([batch["token_type_ids"], grown], 1)}
+    return images_for
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
 def test_every_method_obeys_the_batch_and_cache_oracles(gemma3, pictures, make):
     """Generation runs past the sliding window, whose cache layers keep only their last keys."""
     model, processor = gemma3
-    check_batch_and_cache(model, make(), lambda which: inputs_for(processor, pictures, which), images_for,
+    check_batch_and_cache(model, make(), lambda which: inputs_for(processor, pictures, which), types_grown_with(0),
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id], steps=6)
 
 

@@ -10,7 +10,7 @@ from transformers.masking_utils import create_causal_mask
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
 
-from .test_gemma3 import IMAGES, NOOPS, PRUNING, assert_drop_is_masking, stock_embeds
+from .test_gemma3 import IMAGES, NOOPS, PRUNING, assert_drop_is_masking, stock_embeds, types_grown_with
 from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
 from .test_oracles import DropWindows, check_batch_and_cache, check_beams_against_the_stock_model, survivors
 
@@ -121,16 +121,10 @@ def test_dropping_at_llm_layer_equals_masking_keys(paligemma, pictures, layer):
     assert_drop_is_masking(model, inputs_for(processor, pictures, which=(0, 1)), stock_decoder_logits, layer)
 
 
-def images_for(batch, ids):
-    """The batch's images, and its token_type_ids grown with the suffix's (1: causal) to `ids`, as generate does."""
-    types = torch.cat([batch["token_type_ids"], torch.ones_like(ids[:, batch["input_ids"].shape[1]:])], 1)
-    return {"pixel_values": batch["pixel_values"], "token_type_ids": types}
-
-
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
 def test_every_method_obeys_the_batch_and_cache_oracles(paligemma, pictures, make):
     model, processor = paligemma
-    check_batch_and_cache(model, make(), lambda which: inputs_for(processor, pictures, which), images_for,
+    check_batch_and_cache(model, make(), lambda which: inputs_for(processor, pictures, which), types_grown_with(1),
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 

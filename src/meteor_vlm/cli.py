@@ -43,7 +43,8 @@ def _load(model_arg: str, llava: bool = False):
     if not path.is_dir():
         raise SystemExit(f"error: model directory not found: {path}")
     config = path / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    fields = json.loads(config.read_text()) if config.is_file() else {}
+    model_type = fields.get("model_type")
     if model_type in STOCK_TYPES:
         if not llava:
             raise ValueError(f"{path} is a {model_type} checkpoint: `meteor ask` and `meteor speed` run it; this "
@@ -64,7 +65,7 @@ def _load(model_arg: str, llava: bool = False):
             from .models.llava import LlavaOnevisionImageTextProcessor
 
             return model, LlavaOnevisionImageTextProcessor.from_pretrained(path)
-        vision_type = json.loads(config.read_text()).get("vision_config", {}).get("model_type")
+        vision_type = (fields.get("vision_config") or {}).get("model_type")
         if model_type == "mistral3" or vision_type == "pixtral":  # PixtralProcessor needs torchvision (also Pixtral-12B)
             from .models.mistral3 import PixtralImageTextProcessor
 

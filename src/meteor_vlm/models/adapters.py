@@ -32,7 +32,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import runtime
 
-__all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "items_in_prompt_order", "tower_depth"]
+__all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "encode_by_grid", "items_in_prompt_order",
+           "tower_depth"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
              "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
@@ -110,6 +111,40 @@ def items_in_prompt_order(is_video: list[bool], counts: list[int], first_video: 
         raise ValueError(f"the prompts' image and video tokens do not split into the {first_video} image(s) "
                          f"and {len(counts) - first_video} video(s) given ({counts} tokens each)")
     return order
+
+
+def encode_by_grid(grids: torch.Tensor, counts: list[int], encode):
+    """`VisualTokens` of items whose encoder runs each on its own grid (Qwen2-VL's images and videos, Mistral 3's
+    images), items of equal grid encoded together: `encode(grid, members)` gives the tokens of the items `members`
+    (a list, in that order) of `grid` (a tuple, a row of `grids`). Returns them in item order, (items, most tokens,
+    D) with empty slots after an item's last token (`counts`: each item's unpruned tokens), and each tapped block's
+    features by token (zeros where a token was gone by then)."""
+    from .vlm import VisualTokens
+
+    same_grid: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grids.tolist()):
+        same_grid.setdefault(tuple(g), []).append(i)
+    parts = [(members, encode(g, members)) for g, members in same_grid.items()]
+    first = parts[0][1]
+    n, dev = max(counts), first.features.device
+    features = first.features.new_zeros(len(counts), n, first.features.shape[-1])
+    grid = torch.zeros(len(counts), n, dtype=torch.long, device=dev)
+    size = torch.ones(len(counts), n, device=dev)
+    valid = torch.zeros(len(counts), n, dtype=torch.bool, device=dev)
+    for members, tokens in parts:
+        k = tokens.features.shape[1]
+        rows = torch.tensor(members, device=dev)
+        features[rows, :k], grid[rows, :k] = tokens.features, tokens.grid_index
+        size[rows, :k], valid[rows, :k] = tokens.size, tokens.mask
+    taps = []  # each tapped block's features of every item, by token (zeros where a token was gone by then)
+    for level, (first_tap, _) in enumerate(first.taps or []):
+        dense = first_tap.new_zeros(len(counts), n, first_tap.shape[-1])
+        for members, tokens in parts:
+            tapped, at = tokens.taps[level]
+            dense[torch.tensor(members, device=dev)[:, None].expand_as(at), at] = tapped
+        taps.append((dense, torch.arange(n, device=dev).expand(len(counts), n)))
+    return VisualTokens(features, torch.zeros_like(grid), grid, size, valid=None if bool(valid.all()) else valid,
+                        taps=taps or None)
 
 
 def attention_configs(config) -> list:

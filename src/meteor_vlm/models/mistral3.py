@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration, Mistral3ForConditionalGeneration
 from transformers.models.pixtral.modeling_pixtral import apply_rotary_pos_emb
 
-from .adapters import Layout, StockAdapter, StockProcessor, tower_depth
+from .adapters import Layout, StockAdapter, StockProcessor, encode_by_grid, tower_depth
 from .experts import ExpertRunner, ExpertSpec
 from .vlm import VisualTokens, fuse_and_prune, run_expert
 
@@ -190,31 +190,15 @@ class Mistral3Adapter(StockAdapter):
         """The tower's kept windows of every image (grouped by size, each group one runner), with the method's
         stage-1 pruning: (num_images, most windows, m*m*D), empty slots after an image's last window."""
         grids = self._grids(images)
-        counts = self._counts(grids)
-        tower = self.runners[0].module
-        pixels = images["pixel_values"]
-        same: dict[tuple, list[int]] = {}
-        for i, g in enumerate(grids.tolist()):
-            same.setdefault(tuple(g), []).append(i)
-        n, dev = max(counts), pixels.device
-        out = None
-        for (rows, cols), members in same.items():
-            runner = Mistral3Runner(tower, self.runners[0].spec, self.runners[0].merge, len(self.runners[0].blocks),
-                                    (rows, cols))
-            batch = pixels[members][:, :, : rows * self.patch, : cols * self.patch]
-            tokens = run_expert(runner, index, batch, method)
-            if out is None:
-                width = tokens.features.shape[-1]
-                out = dict(features=tokens.features.new_zeros(len(counts), n, width),
-                           grid=torch.zeros(len(counts), n, dtype=torch.long, device=dev),
-                           size=torch.ones(len(counts), n, device=dev),
-                           valid=torch.zeros(len(counts), n, dtype=torch.bool, device=dev))
-            k, at = tokens.features.shape[1], torch.tensor(members, device=dev)
-            out["features"][at, :k], out["grid"][at, :k] = tokens.features, tokens.grid_index
-            out["size"][at, :k], out["valid"][at, :k] = tokens.size, tokens.mask
-        valid = out["valid"]
-        return VisualTokens(out["features"], torch.zeros_like(out["grid"]), out["grid"], out["size"],
-                            valid=None if bool(valid.all()) else valid)
+        described = self.runners[0]
+
+        def encode(g, members):
+            rows, cols = g
+            runner = Mistral3Runner(described.module, described.spec, described.merge, len(described.blocks), g)
+            batch = images["pixel_values"][members][:, :, : rows * self.patch, : cols * self.patch]
+            return run_expert(runner, index, batch, method)
+
+        return encode_by_grid(grids, self._counts(grids), encode)
 
     def encode_images(self, images: dict, method):
         """Every image's kept windows, projected into the LLM's width, then stage 2."""

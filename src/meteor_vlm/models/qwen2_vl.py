@@ -32,7 +32,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from . import runtime
-from .adapters import Layout, StockAdapter, StockProcessor, items_in_prompt_order
+from .adapters import Layout, StockAdapter, StockProcessor, encode_by_grid, items_in_prompt_order
 from .experts import ExpertRunner, ExpertSpec
 from .vlm import VisualTokens, fuse_and_prune, run_expert
 
@@ -291,38 +291,15 @@ class Qwen2VLAdapter(StockAdapter):
         with the method's stage-1 pruning: (items, most tokens, D), empty slots after an item's last token. The
         items of one grid are encoded together (`Qwen2VLRunner`)."""
         grids = self._grids(images)[0]
-        counts = self._counts(grids)
         visual = self.model.model.visual
         pixels = torch.cat([images[k] for k, _ in self._KINDS if images.get(k) is not None]).to(visual.dtype)
         starts = [0, *grids.prod(-1).cumsum(0).tolist()]
-        same_grid: dict[tuple, list[int]] = {}
-        for i, g in enumerate(grids.tolist()):
-            same_grid.setdefault(tuple(g), []).append(i)
-        parts = []
-        for g, members in same_grid.items():
-            runner = self.RUNNER(visual, self.runners[0].spec, g)
+
+        def encode(g, members):
             batch = torch.stack([pixels[starts[i]:starts[i + 1]] for i in members])
-            parts.append((members, run_expert(runner, index, batch, method)))
-        n, dev = max(counts), pixels.device
-        width = parts[0][1].features.shape[-1]
-        features = parts[0][1].features.new_zeros(len(counts), n, width)
-        grid = torch.zeros(len(counts), n, dtype=torch.long, device=dev)
-        size = torch.ones(len(counts), n, device=dev)
-        valid = torch.zeros(len(counts), n, dtype=torch.bool, device=dev)
-        for members, tokens in parts:
-            k = tokens.features.shape[1]
-            rows = torch.tensor(members, device=dev)
-            features[rows, :k], grid[rows, :k] = tokens.features, tokens.grid_index
-            size[rows, :k], valid[rows, :k] = tokens.size, tokens.mask
-        taps = []  # each tapped block's features of every item, by window (zeros where a window was gone by then)
-        for level, (first_tap, _) in enumerate(parts[0][1].taps or []):
-            dense = first_tap.new_zeros(len(counts), n, first_tap.shape[-1])
-            for members, tokens in parts:
-                tapped, at = tokens.taps[level]
-                dense[torch.tensor(members, device=dev)[:, None].expand_as(at), at] = tapped
-            taps.append((dense, torch.arange(n, device=dev).expand(len(counts), n)))
-        return VisualTokens(features, torch.zeros_like(grid), grid, size, valid=None if bool(valid.all()) else valid,
-                            taps=taps or None)
+            return run_expert(self.RUNNER(visual, self.runners[0].spec, g), index, batch, method)
+
+        return encode_by_grid(grids, self._counts(grids), encode)
 
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         """Item i's token g at offset g of its span; the items (images, then videos) in the order the prompts show
