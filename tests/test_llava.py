@@ -222,14 +222,20 @@ def interpolated_embeds(model, inputs, keep):
         embeds = model.get_input_embeddings()(ids)
         drop = [[] for _ in range(ids.shape[0])]
         for token, tokens in [(cfg.image_token_id, image_tokens), (cfg.video_token_id, video_tokens)]:
-            ib, it = (ids == token).nonzero(as_tuple=True)
-            assert len(tokens) == len(ib), "the tokens the prompts hold"
-            for b, t, x in zip(ib.tolist(), it.tolist(), tokens):
-                if x is None:
-                    drop[b].append(t)
-                else:
-                    embeds[b, t] = x
+            place_tokens(embeds, ids == token, tokens, drop)
     return embeds, drop
+
+
+def place_tokens(embeds, columns, tokens, drop):
+    """Write `tokens` ((D,) features, or None where absent) into `embeds` (B, T, D) at the `columns` (B, T) holding
+    them, in row-major order, and add each absent one's column to its sample's list in `drop`."""
+    ib, it = columns.nonzero(as_tuple=True)
+    assert len(tokens) == len(ib), "the tokens the prompts hold"
+    for b, t, x in zip(ib.tolist(), it.tolist(), tokens):
+        if x is None:
+            drop[b].append(t)
+        else:
+            embeds[b, t] = x
 
 
 @pytest.mark.parametrize("make", [lambda: mv.DivPrune(keep=0.4), GapsAtOutput], ids=["divprune", "count-per-image"])
@@ -259,8 +265,16 @@ def test_pruning_before_the_llm_equals_masking_those_image_columns_from_layer_0(
 @pytest.mark.parametrize("layer", [0, 3])
 def test_dropping_at_llm_layer_equals_masking_keys_from_that_layer_on(llava, pictures, layer):
     model, processor = llava
-    inputs = llava_inputs(processor, pictures, which=(0, 1))
+    assert_drop_at_layer_is_masking(model, llava_inputs(processor, pictures, which=(0, 1)), layer)
+
+
+def assert_drop_at_layer_is_masking(model, inputs, layer):
+    """Dropping some visual tokens (image tokens, and video tokens where videos are given) of the two prompts of
+    `inputs` before LLM layer `layer` gives, on the text, the stock decoder with those keys masked from `layer` on,
+    which differs from the stock model's logits."""
     vis = inputs["input_ids"] == model.config.image_token_id
+    if "pixel_values_videos" in inputs:
+        vis = vis | (inputs["input_ids"] == model.config.video_token_id)
     drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
     got = pruned_logits(model, inputs, DropAt(layer, drop))
     lm = model.model.language_model
@@ -321,7 +335,8 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
             pass
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-onevision", "qwen2-vl", "internvl", "gemma3", "mistral3"])
+@pytest.mark.parametrize("family", ["llava", "llava-onevision", "llava-next-video", "qwen2-vl", "internvl", "gemma3",
+                                    "mistral3"])
 def test_a_model_loaded_with_eager_attention_runs_sdpa_inside_the_block(family, pictures, tile_pictures):
     """The runtime hands the language model's layers boolean masks and the vision blocks additive ones, which SDPA
     reads: a model loaded with eager attention (or flash attention, on a GPU) runs SDPA inside the block, equal to
@@ -343,6 +358,11 @@ def test_a_model_loaded_with_eager_attention_runs_sdpa_inside_the_block(family, 
         model, processor = mv.testing.tiny_mistral3(seed=2)
         inputs = processor(images=[[pictures[0]], [pictures[1], pictures[2]]],
                            text=["[IMG] what is in the image ?", "[IMG] [IMG] how many ?"])
+    elif family == "llava-next-video":  # its frames' pooled windows beside images
+        from .test_llava_next_video import video_inputs
+
+        model, processor = mv.testing.tiny_llava(seed=2, video="average")
+        inputs = video_inputs(processor, pictures, which=(0, 1))
     else:
         model, processor = mv.testing.tiny_llava(seed=2, onevision=family == "llava-onevision")
         inputs = llava_inputs(processor, pictures, which=(0, 1))
@@ -590,8 +610,12 @@ def test_llava_onevision_videos_pruning_nothing_equals_the_stock_model(onevision
     """Videos (each frame pooled to half its side, a row end after the video) beside images, before or after them,
     or alone: pruning nothing is the stock model, and `stats` count a sample's images and videos."""
     model, processor = onevision
-    inputs = onevision_video_inputs(processor, pictures)
-    method = make()
+    assert_videos_noop_is_the_stock_model(model, onevision_video_inputs(processor, pictures), make())
+
+
+def assert_videos_noop_is_the_stock_model(model, inputs, method):
+    """`assert_noop_is_the_stock_model` on the three video prompts (a video and an image; an image, a video, an image;
+    a video alone): every visual token enters the LLM, and `stats` count 2, 3 and 1 images and videos."""
     image_tokens = assert_noop_is_the_stock_model(model, inputs, method, stock_logits, pruned_logits)
     assert [s["fusion_tokens"] for s in method.stats] == image_tokens
     assert [s["images"] for s in method.stats] == [2, 3, 1]
@@ -619,16 +643,21 @@ def test_every_method_on_llava_onevision_videos_obeys_the_batch_and_cache_oracle
 
 def test_llava_onevision_video_inputs_it_cannot_run_get_clear_errors(onevision, pictures):
     model, processor = onevision
-    inputs = onevision_video_inputs(processor, pictures, which=(2,))
+    assert_bad_videos_refused(model, processor, onevision_video_inputs(processor, pictures, which=(2,)))
+    twice = processor(videos=[[pictures[0]] * 2], text=["<video> a"], return_tensors="pt")
+    image = processor(images=[[pictures[0]]], text=["<image> a"], return_tensors="pt")
+    assert torch.equal(twice["pixel_values_videos"][0, 1], image["pixel_values"][0, 0]), "a frame is its image's base tile"
+
+
+def assert_bad_videos_refused(model, processor, inputs):
+    """A prompt with one video of 3 frames of 32 px (`inputs`): given too few frames, or videos not 5-dimensional, the
+    pruned model raises a clear ValueError; the processor refuses videos of different lengths in one batch."""
     with pytest.raises(ValueError, match=r"the prompts hold more videos than the 0 image\(s\) and 1 video\(s\) given"):
         pruned_logits(model, {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:, :2]}, mv.FastV())
     with pytest.raises(ValueError, match=r"pixel_values_videos \(3, 3, 32, 32\) are not \(videos, frames, 3, 32, 32\)"):
         pruned_logits(model, {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][0]}, mv.FastV())
     with pytest.raises(ValueError, match=r"the same number of frames, not \[2, 3\]"):
         processor(videos=[mv.testing.random_images(2), mv.testing.random_images(3)], text=["<video> a", "<video> b"])
-    twice = processor(videos=[[pictures[0]] * 2], text=["<video> a"], return_tensors="pt")
-    image = processor(images=[[pictures[0]]], text=["<image> a"], return_tensors="pt")
-    assert torch.equal(twice["pixel_values_videos"][0, 1], image["pixel_values"][0, 0]), "a frame is its image's base tile"
 
 
 def test_speed_draws_llava_onevision_images_it_does_not_interpolate():

@@ -16,6 +16,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 # checkpoint model_types that `meteor ask` and `meteor speed` load, and their transformers classes
 STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+               "llava_next_video": "LlavaNextVideoForConditionalGeneration",
                "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                "qwen3_vl": "Qwen3VLForConditionalGeneration",
@@ -28,6 +29,7 @@ def _load(model_arg: str, llava: bool = False):
     """(model, processor) from 'default' (embedded), 'tiny' (random, calibrated on synthetic images) or a path:
     a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT checkpoint folder
     (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a
+    LLaVA-NeXT-Video one (`LlavaNextVideoImageTextProcessor`), a
     Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
     an Idefics3 / SmolVLM one (`models.idefics3.load_processor`), a Gemma 3 one (its own AutoProcessor) or a Mistral 3
     one (`PixtralImageTextProcessor`)."""
@@ -65,6 +67,10 @@ def _load(model_arg: str, llava: bool = False):
             from .models.llava import LlavaOnevisionImageTextProcessor
 
             return model, LlavaOnevisionImageTextProcessor.from_pretrained(path)
+        if model_type == "llava_next_video":  # likewise
+            from .models.llava import LlavaNextVideoImageTextProcessor
+
+            return model, LlavaNextVideoImageTextProcessor.from_pretrained(path)
         vision_type = (fields.get("vision_config") or {}).get("model_type")
         if model_type == "mistral3" or vision_type == "pixtral":  # PixtralProcessor needs torchvision (also Pixtral-12B)
             from .models.mistral3 import PixtralImageTextProcessor
@@ -675,10 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "pooled to 256 image tokens) in front of that decoder (Gemma 3 4B)")
     sp.add_argument("--video", type=int, default=0, metavar="FRAMES",
                     help="Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision / InternVL (--qwen2-vl, --qwen2.5-vl, "
-                    "--qwen3-vl, --onevision, --internvl or such a --model): ask each question of a video of this many "
-                    "336 px frames instead of "
+                    "--qwen3-vl, --onevision, --internvl or such a --model; also a LLaVA-NeXT-Video --model): ask each "
+                    "question of a video of this many 336 px frames instead of "
                     "an image (Qwen2-VL: 8 frames are 4 temporal patches, 576 tokens; LLaVA-OneVision: 196 tokens a "
-                    "frame; InternVL: 256)")
+                    "frame; LLaVA-NeXT-Video: 144; InternVL: 256)")
     sp.add_argument("--methods", default="unpruned,meteor:paper-242,meteor:e0.5-f0.5-l200",
                     help="comma-separated bench names (see `meteor methods`)")
     sp.add_argument("--samples", type=int, default=12, help="held-out samples, families in turn")

@@ -107,7 +107,7 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEn
 
 
 def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: bool = False, onevision: bool = False,
-               pinpoints: list | None = None, max_tiles: int = 9, decoder: str = "llama"):
+               pinpoints: list | None = None, max_tiles: int = 9, decoder: str = "llama", video: str | None = None):
     """A tiny random stock transformers `LlavaForConditionalGeneration` and its `LlavaProcessor` (CPU, fp32,
     eval mode, SDPA), the shape of LLaVA-1.5 at toy size: a 4-block vision tower ("clip": CLIP with CLS,
     features from block -2 without CLS; "siglip": SigLIP, every token) at 32 px (16 patches, so 16 image
@@ -122,7 +122,10 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     base tile alone, and `max_tiles` tiles' worth of high-resolution patches at most (`vision_aspect_ratio`
     "anyres_max_9"; an image with more has its grid shrunk by interpolation). `pinpoints`: the (height, width)
     grids of tiles, in pixels, instead of those three. `decoder="mistral"`: a Mistral decoder instead of the Llama,
-    every layer attending within a sliding window of 12 tokens (shorter than one image's tokens)."""
+    every layer attending within a sliding window of 12 tokens (shorter than one image's tokens). With `video`
+    ("average" or "max", its `spatial_pool_mode`), a `LlavaNextVideoForConditionalGeneration` and
+    `models.llava.LlavaNextVideoImageTextProcessor`: LLaVA-NeXT's images, and videos whose 32 px frames' 4 x 4 patches
+    are pooled over 2 x 2 windows (4 tokens a frame) before the projector."""
     from transformers import (CLIPVisionConfig, LlamaConfig, MistralConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -134,8 +137,10 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         raise ValueError(f"unknown decoder {decoder!r}; choose 'llama' or 'mistral'")
     if onevision:
         tower, anyres = "siglip", True
+    if video is not None:
+        anyres = True
     tokenizer = build_word_tokenizer(TINY_WORDS)
-    if onevision:  # its processor counts video tokens too
+    if onevision or video is not None:  # its processor counts video tokens too
         tokenizer.add_special_tokens({"additional_special_tokens": ["<video>"]})
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
                   patch_size=8)
@@ -158,17 +163,24 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
         config_cls, model_cls = LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    if video is not None:
+        from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+        config_cls, model_cls = LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
     config = config_cls(vision_config=vision_config, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                         vision_feature_select_strategy=strategy, vision_feature_layer=-1 if onevision else -2,
                         **({"image_grid_pinpoints": pinpoints} if anyres else {}),
                         **({"vision_aspect_ratio": f"anyres_max_{max_tiles}",
-                            "video_token_id": tokenizer.convert_tokens_to_ids("<video>")} if onevision else {}))
+                            "video_token_id": tokenizer.convert_tokens_to_ids("<video>")} if onevision else {}),
+                        **({"video_token_id": tokenizer.convert_tokens_to_ids("<video>"), "spatial_pool_mode": video,
+                            "spatial_pool_stride": 2} if video is not None else {}))
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters()], seed)
     # a generated <image> (or <video>) has no pixels behind it
-    model.generation_config.suppress_tokens = [config.image_token_id] + ([config.video_token_id] if onevision else [])
+    model.generation_config.suppress_tokens = [config.image_token_id] + ([config.video_token_id]
+                                                                         if onevision or video is not None else [])
     sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     if onevision:
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
@@ -182,6 +194,12 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
                                                        vision_feature_select_strategy=strategy,
                                                        vision_aspect_ratio=f"anyres_max_{max_tiles}")
     images = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints) if anyres else CLIPImageProcessorPil(**sizes)
+    if video is not None:
+        from .models.llava import LlavaNextVideoImageTextProcessor
+
+        return model, LlavaNextVideoImageTextProcessor(
+            image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,
+            num_additional_image_tokens=int(tower == "clip"), frame_settings=sizes)
     processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
         image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,
         num_additional_image_tokens=int(tower == "clip"))

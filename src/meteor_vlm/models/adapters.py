@@ -5,11 +5,11 @@
 `pruning(method)` context manager that runs the model with the method inside the block and leaves it
 exactly as it was afterwards; a target may also have `check_method(method)`, asked before the method's
 `setup`, to refuse what it cannot run. The project's `MultiEncoderVLM` is its own target. A stock transformers
-VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaOnevisionAdapter` (`models/llava.py`),
-`Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter` (`models/internvl.py`), `Idefics3Adapter`
-(`models/idefics3.py`, for Idefics3 and SmolVLM), `Gemma3Adapter` (`models/gemma3.py`), `Mistral3Adapter` /
-`LlavaPixtralAdapter` (`models/mistral3.py`) or `PaliGemmaAdapter` (`models/paligemma.py`), which patch that one
-instance while the block runs.
+VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaNextVideoAdapter` / `LlavaOnevisionAdapter`
+(`models/llava.py`), `Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter`
+(`models/internvl.py`), `Idefics3Adapter` (`models/idefics3.py`, for Idefics3 and SmolVLM), `Gemma3Adapter`
+(`models/gemma3.py`), `Mistral3Adapter` / `LlavaPixtralAdapter` (`models/mistral3.py`) or `PaliGemmaAdapter`
+(`models/paligemma.py`), which patch that one instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
 shares (placing each kept token at its own image token's column, with that column's unpruned RoPE
@@ -36,7 +36,8 @@ __all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "en
            "tower_depth"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
-             "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+             "LlavaNextForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
+             "LlavaOnevisionForConditionalGeneration",
              "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
              "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
