@@ -1,11 +1,11 @@
-"""Stock transformers PaliGemma (`PaliGemmaForConditionalGeneration`, a Gemma decoder) under every method: the oracles
-the project's own model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached, beams), on
-prompts whose prefix (images and text) attends both ways; and patches dropped inside its SigLIP tower == the stock
-blocks run without them."""
+"""Stock transformers PaliGemma (`PaliGemmaForConditionalGeneration`: a Gemma decoder, and PaliGemma 2's Gemma 2 one,
+with sliding-window layers and soft-capped logits) under every method: the oracles the project's own model obeys (no-op
+== stock model, drop == mask, batch == one by one, cached == uncached, beams), on prompts whose prefix (images and text)
+attends both ways; and patches dropped inside its SigLIP tower == the stock blocks run without them."""
 
 import pytest
 import torch
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
@@ -20,9 +20,9 @@ PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circl
            "<image> describe it ?"]
 
 
-@pytest.fixture(scope="module")
-def paligemma():
-    return mv.testing.tiny_paligemma(seed=2)
+@pytest.fixture(scope="module", params=[1, 2], ids=["paligemma", "paligemma2"])
+def paligemma(request):
+    return mv.testing.tiny_paligemma(seed=2, version=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +40,23 @@ def inputs_for(processor, pictures, which=(0, 1, 2)):
 
 
 def stock_decoder_logits(model, inputs, embeds, drop=(), layer=0):
-    """(B, T, V) the stock Gemma decoder's layers on `embeds` under the mask PaliGemma builds (causal, the prefix of
-    token_type_ids 0 one block that attends both ways), the columns listed per sample in `drop` masked as keys from
-    `layer` on (a dropped row still sees itself)."""
+    """(B, T, V) the stock Gemma (or Gemma 2) decoder's layers on `embeds` under the masks PaliGemma builds (causal, the
+    prefix of token_type_ids 0 one block that attends both ways; PaliGemma 2's sliding layers: the sliding causal mask
+    or that block), the columns listed per sample in `drop` masked as keys from `layer` on (a dropped row still sees
+    itself); Gemma 2's eager layers take the masks additive, and its logits are soft-capped as the stock head does."""
     lm = model.model.language_model
+    text = model.config.get_text_config()
     mask = inputs["attention_mask"]
     B, T = mask.shape
     pos = (mask.long().cumsum(1) - 1).clamp_min(0)
-    full = create_causal_mask(config=model.config.get_text_config(), inputs_embeds=embeds, attention_mask=mask,
-                              cache=None, position_ids=pos,
-                              block_sequence_ids=torch.where(inputs["token_type_ids"] == 0, 0, -1))
+    kwargs = dict(inputs_embeds=embeds, attention_mask=mask, cache=None, position_ids=pos,
+                  block_sequence_ids=torch.where(inputs["token_type_ids"] == 0, 0, -1))
+    boolean = text.__class__.from_dict(text.to_dict())  # the masks as booleans (what SDPA takes)
+    boolean._attn_implementation = "sdpa"
+    masks = {"full_attention": create_causal_mask(config=boolean, **kwargs)}
+    if getattr(text, "sliding_window", None) is not None:
+        masks["sliding_attention"] = create_sliding_window_causal_mask(config=boolean, **kwargs)
+    types = getattr(text, "layer_types", None) or ["full_attention"] * len(lm.layers)
     dropped = torch.zeros(B, T, dtype=torch.bool)
     for b, cols in enumerate(drop):
         dropped[b, list(cols)] = True
@@ -57,9 +64,14 @@ def stock_decoder_logits(model, inputs, embeds, drop=(), layer=0):
     with torch.no_grad():
         h, pe = embeds, lm.rotary_emb(embeds, pos)
         for i, block in enumerate(lm.layers):
-            m = (full & ~dropped[:, None, None, :]) | eye if i >= layer else full
+            m = masks[types[i]]
+            m = (m & ~dropped[:, None, None, :]) | eye if i >= layer else m
+            if text._attn_implementation == "eager":
+                m = torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)
             h = block(h, attention_mask=m, position_ids=pos, position_embeddings=pe)
-        return model.lm_head(lm.norm(h))
+        logits = model.lm_head(lm.norm(h))
+        cap = getattr(text, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def test_the_reference_is_the_stock_model_and_the_prefix_matters(paligemma, pictures):
@@ -128,15 +140,14 @@ def test_every_method_obeys_the_batch_and_cache_oracles(paligemma, pictures, mak
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
-def test_beam_search_keeps_each_prompts_images_with_its_rows(pictures):
-    model, processor = mv.testing.tiny_paligemma(seed=2)
+@pytest.mark.parametrize("version", [1, 2])
+def test_beam_search_keeps_each_prompts_images_with_its_rows(pictures, version):
+    model, processor = mv.testing.tiny_paligemma(seed=2, version=version)
     inputs = inputs_for(processor, pictures, which=(0, 1))
     check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
-def test_labels_with_targets_and_paligemma_2_are_refused(paligemma, pictures):
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-
+def test_labels_with_targets_are_refused(paligemma, pictures):
     model, processor = paligemma
     inputs = inputs_for(processor, pictures, which=(0,))
     labels = torch.full_like(inputs["input_ids"], -100)
@@ -144,13 +155,53 @@ def test_labels_with_targets_and_paligemma_2_are_refused(paligemma, pictures):
     labels[0, -1] = 5
     with pytest.raises(ValueError, match="labels with targets"):
         pruned_logits(model, {**inputs, "labels": labels}, mv.FastV())
-    text = dict(model.config.text_config.to_dict(), model_type="gemma2", attn_logit_softcapping=50.0, layer_types=None)
-    config = PaliGemmaConfig(vision_config=model.config.vision_config.to_dict(), text_config=text, projection_dim=64,
-                             image_token_index=model.config.image_token_id)
-    with torch.device("meta"):
-        two = PaliGemmaForConditionalGeneration(config)
-    with pytest.raises(ValueError, match="soft-caps its attention logits"):
-        adapt(two)
+
+
+def test_paligemma_2_runs_eager_inside_the_block_and_its_caps_and_windows_bind(pictures, monkeypatch):
+    """PaliGemma 2's decoder runs eager attention inside the block (SDPA cannot soft-cap) and its own setting after
+    it; on this tiny one the caps and the windows change the stock model's logits on a causal prompt (so the oracles
+    above, which match them, test them), and its sliding layers see the whole prefix, as its stock mask has it (a
+    window over the prefix too is another model)."""
+    from meteor_vlm.models import paligemma as paligemma_module
+    from meteor_vlm.models import runtime
+    from meteor_vlm.models.adapters import attention_configs
+
+    model, processor = mv.testing.tiny_paligemma(seed=2, version=2)
+    inputs = inputs_for(processor, pictures, which=(0, 1))
+    real = inputs["attention_mask"].bool()
+    with mv.NoPruning()(model), torch.no_grad():
+        inside = [c._attn_implementation for c in attention_configs(model.config)]
+        got = model(**inputs, use_cache=False).logits
+    assert inside[-1] == "eager" and "eager" not in inside[:-1]
+    assert model.config.text_config._attn_implementation == "eager"
+    text = model.config.text_config
+    stock = stock_logits(model, inputs)
+    assert stock[real].abs().max() <= text.final_logit_softcapping
+    attentions = [layer.self_attn for layer in model.model.language_model.layers]
+    causal = {k: v for k, v in inputs.items() if k != "token_type_ids"}  # a causal prompt: its windows bind
+    for owners, key, value in [(attentions, "attn_logit_softcapping", None), ([text], "final_logit_softcapping", None),
+                               ([text], "sliding_window", 10**6)]:
+        old = getattr(owners[0], key)
+        before = stock_logits(model, causal)
+        for owner in owners:
+            setattr(owner, key, value)
+        try:
+            changed = stock_logits(model, causal)
+        finally:
+            for owner in owners:
+                setattr(owner, key, old)
+        assert (changed[real] - before[real]).abs().max() > 1e-3, key
+    init = paligemma_module.PaliGemmaAdapter.__init__
+
+    def windowed(self, model):  # a window over the prefix too: not the stock model
+        init(self, model)
+        self.decoder.blocks_over_window = False
+    monkeypatch.setattr(paligemma_module.PaliGemmaAdapter, "__init__", windowed)
+    windowed = pruned_logits(model, inputs, mv.NoPruning())
+    monkeypatch.undo()
+    torch.testing.assert_close(got[real], stock[real], atol=1e-5, rtol=0)
+    assert (windowed[real] - stock[real]).abs().max() > 1e-3
+    assert runtime.DecoderParts.of_backbone(model.model.language_model, model.lm_head).attn_softcap == 5.0
 
 
 def test_meteor_ask_and_speed_run_a_paligemma_checkpoint_folder(tmp_path, capsys, pictures):

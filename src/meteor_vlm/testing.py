@@ -412,12 +412,15 @@ def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, lla
     return model, PixtralImageTextProcessor(images, tokenizer, patch_size=patch, spatial_merge_size=merge)
 
 
-def tiny_paligemma(seed: int = 0, num_layers: int = 6, vision_depth: int = 3):
+def tiny_paligemma(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, version: int = 1):
     """A tiny random stock transformers `PaliGemmaForConditionalGeneration` (CPU, fp32, eval mode, SDPA): a
     `vision_depth`-block SigLIP tower at 32 px (16 patches of 8 px, so 16 image tokens per image) read at its final
     norm, a linear projector and a `num_layers`-deep Gemma decoder with 8 heads (GQA, 4 kv heads), and transformers'
     `PaliGemmaProcessor` with the PIL image processor (it puts every image's tokens before the text and returns
-    token_type_ids: the prompt is a prefix that attends both ways)."""
+    token_type_ids: the prompt is a prefix that attends both ways). `version=2`: PaliGemma 2's Gemma 2 decoder
+    instead (eager attention, which transformers requires for it), its layers alternating between a sliding window
+    of 8 tokens (shorter than an image's) and global attention, attention logits soft-capped at 5 and output logits
+    at 3 (low caps, so that they bind on this random model's logits)."""
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -427,13 +430,18 @@ def tiny_paligemma(seed: int = 0, num_layers: int = 6, vision_depth: int = 3):
     processor = PaliGemmaProcessor(images, tokenizer)  # adds its location and segmentation tokens to the tokenizer
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
                   image_size=32, patch_size=8, projection_dim=64)
+    if version not in (1, 2):
+        raise ValueError(f"PaliGemma version {version!r}: 1 or 2")
     text = dict(model_type="gemma", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                 num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id)
+    if version == 2:
+        text.update(model_type="gemma2", sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                    query_pre_attn_scalar=8)
     config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
                              projection_dim=64)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "sdpa" if version == 1 else "eager"
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config).eval()
     _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters(),

@@ -290,7 +290,8 @@ class StockAdapter:
         """Replace this instance's forward, prepare_inputs_for_generation and _expand_inputs_for_generation while
         the block runs, and run its attention as SDPA (the runtime hands the language model's layers boolean masks,
         the vision blocks additive ones): a model loaded with eager or flash attention is switched to SDPA inside
-        the block and back after it."""
+        the block and back after it. A decoder that soft-caps its attention logits (Gemma 2), which SDPA cannot,
+        runs eager attention instead, on additive masks (`runtime.DecoderParts.layer_mask`)."""
         model = self.model
         attention = [(c, c._attn_implementation) for c in attention_configs(model.config)]
         saved = {k: vars(model)[k] for k in ("forward", "prepare_inputs_for_generation", "_expand_inputs_for_generation")
@@ -326,8 +327,8 @@ class StockAdapter:
         model.prepare_inputs_for_generation = prepare_inputs_for_generation
         model._expand_inputs_for_generation = expand_inputs_for_generation
         try:
-            for config, _ in attention:
-                config._attn_implementation = "sdpa"
+            for config, _ in attention:  # the text config after its parent: its own setting stands
+                config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
             yield
         finally:
             for config, implementation in attention:
@@ -444,5 +445,5 @@ class StockAdapter:
                 runtime.get_state(cache).seen = T
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = parts.lm_head(hidden)
+        logits = parts.logits(hidden)
         return CausalLMOutputWithPast(logits=logits, **{_OUTPUT_CACHE: cache if use_cache else None})

@@ -1,11 +1,13 @@
-"""Pruning on a stock transformers PaliGemma (`PaliGemmaForConditionalGeneration` with a Gemma decoder: PaliGemma
-3B at 224, 448 or 896 px).
+"""Pruning on a stock transformers PaliGemma (`PaliGemmaForConditionalGeneration`: PaliGemma 3B with a Gemma decoder,
+at 224, 448 or 896 px, and PaliGemma 2 with a Gemma 2 decoder, 3B to 28B).
 
 PaliGemma is LLaVA-1.5's shape with a SigLIP tower read whole (its last block and final norm: 256, 1024 or 4096
 tokens per image) and a linear projector, so `LlavaAdapter` does most of it. Its prompt is a prefix (the images'
 tokens, then the text) that attends both ways, given the processor's `token_type_ids` (0 on the prefix), and the
 generated suffix, causal: the whole prefix is one block of the runtime (`attention_blocks`), which pruned tokens
-leave. PaliGemma 2's Gemma 2 decoder soft-caps its attention logits, which SDPA cannot, so it is refused.
+leave. PaliGemma 2's Gemma 2 decoder alternates sliding-window and global layers and soft-caps its attention logits
+and its output logits: SDPA cannot soft-cap, so its layers run eager attention on the runtime's masks made additive,
+stage-3 scores soft-cap their logits as its layers do, and the head caps the logits (`runtime.DecoderParts`).
 """
 
 from __future__ import annotations
@@ -27,21 +29,18 @@ def paligemma_adapter(model) -> PaliGemmaAdapter | None:
 class PaliGemmaAdapter(LlavaAdapter):
     """What the methods and the runtime need to know about one PaliGemma: LLaVA-1.5's layout (one tile per image,
     patch g at offset g of its image's tokens) with the tower read at its final norm, and the prompt's prefix one
-    block that attends both ways. ValueError for a decoder that soft-caps its attention logits (PaliGemma 2)."""
+    block that attends both ways (a PaliGemma 2 decoder's soft-capping and sliding windows are the runtime's)."""
 
     # the processor returns labels with every prompt (all -100 without a suffix): named here so generate takes them
     IMAGE_INPUTS = ("pixel_values", "token_type_ids", "labels")
     PER_IMAGE_INPUTS = ("pixel_values",)
 
     def __init__(self, model):
-        text = model.config.text_config
-        if getattr(text, "attn_logit_softcapping", None) is not None:
-            raise ValueError(f"a {text.model_type} decoder soft-caps its attention logits (PaliGemma 2), which SDPA "
-                             "cannot: the pruning runtime runs SDPA only")
         tower = model.model.vision_tower
         tower = getattr(tower, "vision_model", tower)  # SiglipVisionModel wraps its transformer in older transformers
         spec = ExpertSpec(EXPERT, SiglipRunner.kind, tower.config.image_size, {})
         self._locate(model, [SiglipRunner(tower, spec)])
+        self.decoder.blocks_over_window = True  # PaliGemma 2's sliding layers: the prefix is seen whole, as stock
 
     def attention_blocks(self, input_ids: torch.Tensor, images: dict) -> torch.Tensor | None:
         """The prefix (token_type_ids 0) one block, the suffix causal, as the stock model reads them; None without

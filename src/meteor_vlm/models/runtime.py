@@ -39,7 +39,12 @@ class DecoderParts:
     """Where the pieces of a decoder-only LM are. Adapters fill this; nothing else knows model classes.
 
     layer_types: per layer "full_attention" or "sliding_attention" (empty: every layer full); sliding_window:
-    a sliding layer's window W (a query sees keys less than W positions behind it, as transformers' masks do)."""
+    a sliding layer's window W (a query sees keys less than W positions behind it, as transformers' masks do);
+    attn_softcap, final_softcap: where the decoder soft-caps its attention logits and its output logits (Gemma 2:
+    c * tanh(x / c)), the caps. SDPA cannot soft-cap, so such a decoder's layers run eager attention, which takes
+    additive masks (`layer_mask`); blocks_over_window: on a sliding layer, the tokens of one block (`prefill(blocks=)`)
+    see each other at any distance (transformers' PaliGemma 2 mask: the sliding causal mask OR the blocks), rather
+    than only within the window (Gemma 3's: the window AND (causal OR the blocks)). Adapters set it."""
 
     embed_tokens: nn.Module
     layers: nn.ModuleList
@@ -48,6 +53,9 @@ class DecoderParts:
     lm_head: nn.Module
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    blocks_over_window: bool = False
 
     @classmethod
     def of(cls, causal_lm: nn.Module) -> DecoderParts:
@@ -74,7 +82,22 @@ class DecoderParts:
         if "sliding_attention" in types and not window:
             raise ValueError("the config has sliding-window layers but no sliding_window")
         return cls(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, lm_head, tuple(types[: len(lm.layers)]),
-                   window if "sliding_attention" in types else None)
+                   window if "sliding_attention" in types else None, getattr(cfg, "attn_logit_softcapping", None),
+                   getattr(cfg, "final_logit_softcapping", None))
+
+    def layer_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A boolean attention mask as the layers take it: itself for SDPA, or, on a decoder whose layers run eager
+        attention (a soft-capped one), 0 where a key is seen and the dtype's lowest value where it is not."""
+        if self.attn_softcap is None:
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on final hidden states, soft-capped where the decoder caps its logits."""
+        out = self.lm_head(hidden)
+        if self.final_softcap is not None:
+            out = torch.tanh(out / self.final_softcap) * self.final_softcap
+        return out
 
     def window(self, i: int) -> int | None:
         """Layer i's sliding window, or None for a full-attention layer."""
@@ -179,7 +202,7 @@ class LLMLayerContext:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         cols = torch.arange(T, device=normed.device)
         key_mask = self.valid[:, None, :] & (cols[None, None, :] <= query_index[:, :, None])
-        out = ops.attention_rows(q, k, attn.scaling, key_mask)
+        out = ops.attention_rows(q, k, attn.scaling, key_mask, getattr(attn, "attn_logit_softcapping", None))
         if query_valid is not None:
             out = out * query_valid[:, None, :, None]
         return out
@@ -263,19 +286,23 @@ def _text_positions(positions: torch.Tensor) -> torch.Tensor:
 
 
 def prefill_mask(valid: torch.Tensor, positions: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
-                 window: int | None = None) -> torch.Tensor:
+                 window: int | None = None, blocks_over_window: bool = False) -> torch.Tensor:
     """(B, 1, T, T) bool: each row sees the real keys before it, and with `blocks` (B, T) long also those of its own
     block after it (a block id >= 0: Gemma 3's tokens of one image see each other); with a sliding `window`, only
-    keys less than `window` positions ((B, T) `positions`) behind it, as transformers' sliding-window masks count.
-    A row always sees itself, so padded rows stay finite."""
+    keys less than `window` positions ((B, T) `positions`) behind it, as transformers' sliding-window masks count,
+    except, with `blocks_over_window`, a row's own block, seen whole (PaliGemma 2). A row always sees itself, so
+    padded rows stay finite."""
     T = valid.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=valid.device)
     sees = causal[None] & valid[:, None, :]
-    if blocks is not None:
-        sees = sees | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0) & valid[:, None, :])
     if window is not None:
         sees = sees & (positions[:, :, None] - positions[:, None, :] < window)
+    if blocks is not None:
+        block = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0) & valid[:, None, :]
+        if window is not None and not blocks_over_window:
+            block = block & (positions[:, :, None] - positions[:, None, :] < window)
+        sees = sees | block
     return (sees | eye[None]).unsqueeze(1)
 
 
@@ -359,7 +386,8 @@ def prefill(
     windows = [parts.window(i) for i in range(len(parts.layers))]
 
     def attention_inputs():  # per layer (cos, sin), and the masks by window, for the columns now present
-        masks = {w: prefill_mask(valid, _text_positions(pos), blocks, w) for w in dict.fromkeys(windows)}
+        masks = {w: parts.layer_mask(prefill_mask(valid, _text_positions(pos), blocks, w, parts.blocks_over_window),
+                                     h.dtype) for w in dict.fromkeys(windows)}
         return parts.position_embeddings(h, _rope_ids(pos)), masks
 
     pe, masks = attention_inputs()
@@ -484,7 +512,7 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
         if window is not None:  # keys less than `window` positions behind each new token
             past = past & (pos[:, :, None] - state.key_positions[i][:, None, :] < window)
             block = block & ((pos[:, :, None] - pos[:, None, :] < window) | eye[None])
-        mask = torch.cat([past, block], dim=-1).unsqueeze(1)
+        mask = parts.layer_mask(torch.cat([past, block], dim=-1).unsqueeze(1), h.dtype)
         h = layer(h, attention_mask=mask, position_ids=pos, **{cache_arg(type(layer)): cache}, use_cache=True,
                   position_embeddings=pe[i])
         state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)

@@ -46,6 +46,7 @@ def attention_rows(
     k: torch.Tensor,
     scale: float,
     key_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of a few query rows over all keys, without the full N x N map.
 
@@ -54,10 +55,14 @@ def attention_rows(
         k: (B, H, N, d) keys.
         scale: the layer's softmax scale (usually d ** -0.5).
         key_mask: (B, N) or (B, Q, N) bool, True where a key may be attended to.
+        softcap: where the layer soft-caps its attention logits (Gemma 2), the cap c: logits become
+            c * tanh(logits / c) before the softmax.
     Returns:
         (B, H, Q, N) attention probabilities in float32; masked keys get 0.
     """
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     if key_mask is None:
         return torch.softmax(logits, dim=-1)
     m = key_mask.bool()
