@@ -86,3 +86,51 @@ def test_train_passes_every_option_into_the_config(tmp_path, monkeypatch):
     for bad in ("1-0", "-1", "a-b", "0.5-"):
         with pytest.raises(SystemExit):
             main(argv[:-1] + ["--background", bad])
+
+
+@pytest.mark.skipif(not has_default(), reason="this install has no embedded model")
+def test_probe_llm_prints_accuracy_fed_perfect_and_own_tokens_at_three_background_shares(capsys, monkeypatch):
+    """`meteor probe --checkpoint --llm` on the embedded model: one row per (tokens, background share), each family's
+    accuracy and their average, as `train.llm_report` gives them; its row of the model's own tokens with every
+    background token is the model's plain held-out accuracy (no feed attached), and its perfect rows never run an
+    expert (an expert broken leaves the LLM's logits on them as they were, not on its own tokens)."""
+    import torch
+
+    import meteor_vlm as mv
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+    from meteor_vlm.default import DEFAULT_DIR
+
+    assert main(["probe", "--checkpoint", str(DEFAULT_DIR), "--samples", "2", "--llm"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["tokens", "background", *synth.FAMILIES, "average"]
+    assert [ln.split()[:2] for ln in lines[2:]] == [[t, b] for t in ("perfect", "own") for b in ("all", "0.1", "none")]
+    model, processor = mv.load_default()
+    rows = tr.llm_report(model, processor, per_family=2)
+    for line, row in zip(lines[2:], rows):
+        assert [float(x) for x in line.split()[2:]] == [round(row["accuracy"][n], 2) for n in [*synth.FAMILIES, "average"]]
+    assert rows[3]["accuracy"] == tr.evaluate(model, processor, per_family=2) and rows[3]["accuracy"]["average"] > 0
+    seen = []  # what each evaluation ran under: pixels or not, and the background share the LLM saw
+
+    def spy(model, processor, *args, pixels=True, **kwargs):
+        thin = model._pruning_method
+        seen.append((pixels, 1.0 if thin is None else thin.share))
+        return {"average": 0.0}
+    monkeypatch.setattr(tr, "evaluate", spy)
+    tr.llm_report(model, processor, per_family=1)
+    assert seen == [(pixels, share) for pixels in (False, True) for share in (1.0, 0.1, 0.0)]
+    monkeypatch.undo()
+    sample = synth.make_split(tr.EVAL_SEED, 1)[:1]
+    for source in tr.LLM_FEEDS:
+        with tr.token_feed(model, processor.tokenizer, source=source) as feed, torch.no_grad():
+            feed[:] = sample
+            inputs = tr.encode_samples(processor, sample, with_answers=False, pixels=source == "experts")
+            before = model(**inputs).logits
+            saved = [p.clone() for p in model.experts[0].parameters()]
+            for p in model.experts[0].parameters():
+                p.mul_(0)
+            assert torch.equal(model(**inputs).logits, before) == (source == "words")
+            for p, v in zip(model.experts[0].parameters(), saved):
+                p.copy_(v)
+    assert main(["probe", "--llm", "--samples", "1"]) == 2
+    assert "--llm needs --checkpoint" in capsys.readouterr().err

@@ -425,6 +425,23 @@ def cmd_train(args) -> int:
 def cmd_probe(args) -> int:
     from meteor_vlm.train import READOUT_MIN_TOKENS, grounding_report, has_glyphs, memorization_probe
 
+    if args.llm and not args.checkpoint:
+        raise ValueError("--llm needs --checkpoint (a trained model with projector='vocab')")
+    if args.checkpoint and args.llm:
+        from meteor_vlm import synth
+        from meteor_vlm.train import llm_report
+
+        model, processor = _load(args.checkpoint)
+        rows = llm_report(model, processor, args.samples, progress=True)
+        print(f"held-out accuracy ({args.samples} per family), the LLM fed perfect tokens (the words each cell covers) "
+              "or the model's own, with every background token, a tenth of them or none")
+        names = [*synth.FAMILIES, "average"]
+        print(f"{'tokens':8s} {'background':>10s} " + " ".join(f"{n:>8s}" for n in names))
+        for r in rows:
+            share = {1.0: "all", 0.0: "none"}.get(r["background"], f"{r['background']:g}")
+            print(f"{('perfect' if r['source'] == 'words' else 'own'):8s} {share:>10s} "
+                  + " ".join(f"{r['accuracy'][n]:8.2f}" for n in names))
+        return 0
     if args.checkpoint:
         model, processor = _load(args.checkpoint)
         names = model.expert_names
@@ -643,6 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=int, default=100)
     pr.add_argument("--lr", type=float, default=1.5e-3)
     pr.add_argument("--checkpoint", help="instead: report how well a trained model's visual tokens name their content")
+    pr.add_argument("--llm", action="store_true",
+                    help="with --checkpoint: its held-out accuracy with the LLM fed perfect tokens or its own, with all, "
+                    "a tenth or none of the background tokens (--samples per family): is the vision side, the LLM or "
+                    "the background what loses accuracy?")
     pr.set_defaults(fn=cmd_probe)
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")

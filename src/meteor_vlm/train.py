@@ -873,6 +873,29 @@ def export(ckpt, dest=None, seed: int = 1, calibration_images: int = 60) -> Path
 READOUT_MIN_TOKENS = 20  # grounding_report: fewer tokens to score than this, no score
 
 
+LLM_FEEDS = ("words", "experts")  # `llm_report`'s sources of visual tokens
+LLM_BACKGROUNDS = (1.0, 0.1, 0.0)  # and shares of background tokens
+
+
+@torch.no_grad()
+def llm_report(model, processor, per_family: int = 50, seed: int = EVAL_SEED, progress: bool = False) -> list[dict]:
+    """Where a trained model's accuracy is lost: its held-out accuracy (`evaluate`) with the LLM fed the tokens a
+    perfect vision side would give (`visual_words`, source "words") and its own tokens (source "experts"), each with
+    every background token, a tenth of them (`ThinBackground`, seeded by `seed`) and none; covered tokens are always
+    kept. Perfect tokens well above its own: the vision side loses it; both alike and low: the LLM has not learned the
+    questions; much better with less background: the background dilutes its attention. One row per (source,
+    background): {"source", "background", "accuracy"} (`evaluate`'s dict)."""
+    rows = []
+    size = _synth_size(processor)
+    for source in LLM_FEEDS:
+        for share in LLM_BACKGROUNDS:
+            with token_feed(model, processor.tokenizer, background=share, seed=seed, source=source) as feed:
+                acc = evaluate(model, processor, per_family, seed=seed, image_size=size, progress=progress,
+                               on_batch=lambda batch: feed.__setitem__(slice(None), batch), pixels=source == "experts")
+            rows.append({"source": source, "background": share, "accuracy": acc})
+    return rows
+
+
 @torch.no_grad()
 def grounding_report(model, processor, per_family: int = 12, seed: int = EVAL_SEED, glyphs: bool = False,
                      min_tokens: int = READOUT_MIN_TOKENS) -> dict:
