@@ -189,6 +189,12 @@ def test_meteor_ask_and_speed_run_a_llava_next_video_checkpoint_folder(tmp_path,
     processor.save_pretrained(tmp_path / "ckpt")
     loaded = LlavaNextVideoImageTextProcessor.from_pretrained(tmp_path / "ckpt")
     assert loaded.frame_settings == processor.frame_settings and loaded.patch_size == 8
+    older = tmp_path / "older"  # a folder without a video processor's settings: the image processor's, as stock reads
+    processor.save_pretrained(older)
+    (older / "video_preprocessor_config.json").unlink()
+    images = json.loads((older / "preprocessor_config.json").read_text())
+    frames = LlavaNextVideoImageTextProcessor.from_pretrained(older).frame_settings
+    assert frames["crop_size"] == images["crop_size"] and frames["size"] == images["size"] == {"shortest_edge": 32}
     picture = mv.testing.random_images(1, seed=9)[0].resize((80, 48))
     picture.save(tmp_path / "img.png")
     ckpt = str(tmp_path / "ckpt")

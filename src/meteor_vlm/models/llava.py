@@ -632,18 +632,19 @@ class LlavaNextVideoImageTextProcessor(_FramesWithoutVideoProcessor, LlavaNextVi
     def from_pretrained(cls, path) -> LlavaNextVideoImageTextProcessor:
         """From a LLaVA-NeXT-Video checkpoint folder: its tokenizer, image processor (the PIL one where torchvision
         is missing), chat template, processor_config.json's patch_size, vision_feature_select_strategy and
-        num_additional_image_tokens, and video_preprocessor_config.json's frame settings (the defaults of transformers'
-        video processor where the folder has none)."""
+        num_additional_image_tokens, and the frame settings where transformers' video processor would find them:
+        processor_config.json's "video_processor", else video_preprocessor_config.json, else (older folders)
+        preprocessor_config.json; the video processor's defaults where none of them says."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
         path = Path(path)
-        settings, frames = {}, {}
-        if (path / "processor_config.json").is_file():
-            saved = json.loads((path / "processor_config.json").read_text())
-            settings = {k: saved[k] for k in ("patch_size", "vision_feature_select_strategy",
-                                              "num_additional_image_tokens") if k in saved}
-        if (path / "video_preprocessor_config.json").is_file():
-            frames = json.loads((path / "video_preprocessor_config.json").read_text())
+        saved = json.loads((path / "processor_config.json").read_text()) if (path / "processor_config.json").is_file() else {}
+        settings = {k: saved[k] for k in ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens")
+                    if k in saved}
+        frames = saved.get("video_processor")
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            if frames is None and (path / name).is_file():
+                frames = json.loads((path / name).read_text())
         return cls(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
                    chat_template=StockProcessor.read_chat_template(path), frame_settings=frames, **settings)
 
