@@ -101,12 +101,19 @@ def test_probe_llm_prints_accuracy_fed_perfect_and_own_tokens_at_three_backgroun
     from meteor_vlm import train as tr
     from meteor_vlm.default import DEFAULT_DIR
 
+    report, reported = tr.llm_report, []  # the rows the command computed, kept to check what it prints
+
+    def keep(*args, **kwargs):
+        reported.append(report(*args, **kwargs))
+        return reported[-1]
+    monkeypatch.setattr(tr, "llm_report", keep)
     assert main(["probe", "--checkpoint", str(DEFAULT_DIR), "--samples", "2", "--llm"]) == 0
+    monkeypatch.undo()
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["tokens", "background", *synth.FAMILIES, "average"]
     assert [ln.split()[:2] for ln in lines[2:]] == [[t, b] for t in ("perfect", "own") for b in ("all", "0.1", "none")]
     model, processor = mv.load_default()
-    rows = tr.llm_report(model, processor, per_family=2)
+    rows = reported[0]
     for line, row in zip(lines[2:], rows):
         assert [float(x) for x in line.split()[2:]] == [round(row["accuracy"][n], 2) for n in [*synth.FAMILIES, "average"]]
     assert rows[3]["accuracy"] == tr.evaluate(model, processor, per_family=2) and rows[3]["accuracy"]["average"] > 0

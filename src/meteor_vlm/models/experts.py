@@ -210,6 +210,11 @@ class PixelShuffleWindows:
     window: int
     has_cls: bool
 
+    @property
+    def out_dim(self) -> int:
+        """A token's width: its window's s*s patches side by side."""
+        return self.module.config.hidden_size * self.window
+
     def _pack(self, h: torch.Tensor, window_major: bool = False) -> torch.Tensor:
         """(B, [1 +] L, D) [CLS and] patches -> (B, [1 +] N, s*s*D) tokens. window_major=False: the patches in
         row-major grid order (the embeddings'); True: already window by window."""

@@ -55,10 +55,6 @@ class Idefics3Runner(PixelShuffleWindows, _ViTRunner):
         super().__init__(tower, spec)
         self.scale, self.window = scale, scale * scale
 
-    @property
-    def out_dim(self) -> int:
-        return self.module.config.hidden_size * self.window
-
     def grid(self) -> tuple[int, int]:
         g = self.module.config.image_size // self.module.config.patch_size // self.scale
         return g, g

@@ -58,10 +58,6 @@ class InternVLRunner(PixelShuffleWindows, ExpertRunner):
     def blocks(self):
         return self._blocks
 
-    @property
-    def out_dim(self) -> int:
-        return self.module.config.hidden_size * self.window
-
     def grid(self) -> tuple[int, int]:
         g = self.module.config.image_size[0] // self.module.config.patch_size[0] // self.scale
         return g, g
