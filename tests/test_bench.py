@@ -15,9 +15,10 @@ from meteor_vlm.cli import main
 
 
 def _vocab_config(tokenizer, image_size=336, cnn_kind="convnext", cnn_size=None, projector_norm="batch",
-                  hide_glyphs=True):
+                  hide_glyphs=True, rope_theta=10000.0):
     """A tiny vocab-projector config over the synthetic benchmark's tokenizer (stands in for the default:
-    glyph tokens hidden from the LLM); its CNN expert is named "cnn" and of `cnn_kind`."""
+    glyph tokens hidden from the LLM); its CNN expert is named "cnn" and of `cnn_kind`, its RoPE base
+    `rope_theta`."""
     from meteor_vlm import train as tr
 
     experts = [mv.testing._expert("clip"), mv.testing._expert("pix2struct"), mv.testing._expert(cnn_kind, "cnn")]
@@ -25,6 +26,7 @@ def _vocab_config(tokenizer, image_size=336, cnn_kind="convnext", cnn_size=None,
     cfg = mv.testing.tiny_config(experts=experts, tokenizer=tokenizer, num_layers=2, projector="vocab",
                                  projector_hidden_ids=hidden)
     cfg.text_config.vocab_size = len(tokenizer)
+    cfg.text_config.rope_parameters["rope_theta"] = float(rope_theta)
     return cfg
 
 
@@ -316,8 +318,10 @@ def test_training_phases_log_resume_and_freeze_the_vision_side_in_qa(tmp_path, m
     monkeypatch.setattr(tr, "default_model_config", _vocab_config)
     cfg = tr.TrainConfig(out=str(tmp_path), word_steps=2, vision_steps=2, steps=0, batch_size=6, image_size=64,
                          eval_every=100, eval_per_family=1, save_every=1, bf16=False, background=0.2,
-                         full_background_steps=1)
+                         full_background_steps=1, rope_theta=5e5)
     tr.train(cfg)
+    assert mv.MultiEncoderVLM.from_pretrained(tmp_path / "checkpoint").config.text_config.rope_parameters[
+        "rope_theta"] == 5e5  # the run's RoPE base is the model's
     before = load_file(tmp_path / "checkpoint" / "model.safetensors")
     cfg.steps = 2
     tr.train(cfg)
@@ -748,6 +752,21 @@ def test_token_feed_of_the_experts_is_the_plain_encoder_and_restores_the_method(
             assert isinstance(model._pruning_method, tr.ThinBackground)
     assert model._pruning_method is None
     torch.testing.assert_close(same.features, plain.features)
+
+
+def test_default_config_rope_base_sets_the_decoders_rotary_frequencies():
+    """default_model_config(rope_theta=B): the decoder's rotary frequencies are B^(-2i/d) over its 32-wide
+    heads (the default base 10000); a base <= 1 is refused."""
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    for base in (None, 1e6):
+        cfg = tr.default_model_config(tok, 112, **({} if base is None else {"rope_theta": base}))
+        rotary = mv.MultiEncoderVLM(cfg).language_model.model.rotary_emb
+        expected = 1.0 / (base or 10000.0) ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+        torch.testing.assert_close(rotary.inv_freq.double(), expected, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="rope_theta"):
+        tr.default_model_config(tok, 112, rope_theta=1.0)
 
 
 def test_extra_questions_keep_the_test_prompt_and_label_only_answers():

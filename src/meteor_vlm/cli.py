@@ -412,7 +412,7 @@ def cmd_train(args) -> int:
                       word_lr=args.word_lr, full_background_steps=args.full_background_steps, background=args.background,
                       projector_norm=None if args.projector_norm == "none" else args.projector_norm,
                       vision_from=args.vision_from, one_family_batches=not args.mixed_batches,
-                      centre_token=args.centre_token, expert_dropout=args.expert_dropout,
+                      centre_token=args.centre_token, expert_dropout=args.expert_dropout, rope_theta=args.rope_theta,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
     ckpt = train(cfg, resume=not args.no_resume)
     print(f"checkpoint: {ckpt}")
@@ -615,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--expert-dropout", type=float, default=0.0, metavar="P",
                    help="phases 2-3: a share P of the samples show the LLM no token of one random expert "
                         "(default 0; not in the shipped recipe)")
+    t.add_argument("--rope-theta", type=float, default=TrainConfig.rope_theta, metavar="BASE",
+                   help=f"the decoder's RoPE base (default {TrainConfig.rope_theta:g}); a new run only, a resumed "
+                        "one keeps its checkpoint's")
     t.add_argument("--cnn", choices=CNN_KINDS, default="convnext",
                    help="the CNN expert: ConvNeXt from scratch, or EfficientNet-Lite0's trunk")
     t.add_argument("--cnn-size", type=int, default=None, help="the CNN expert's input side")
