@@ -303,7 +303,7 @@ def test_family_mix_weights_turns_and_never_repeats_a_sample(one_family):
         tr.TrainConfig(llm_mix={"ocrr": 2})
     with pytest.raises(ValueError, match="every family"):
         tr.family_cycle({f: 0 for f in synth.FAMILIES})
-    for bad in (dict(full_background_steps=-1), dict(word_steps=-5), dict(batch_size=0)):
+    for bad in (dict(full_background_steps=-1), dict(word_steps=-5), dict(batch_size=0), dict(extra_questions=-1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tr.TrainConfig(**bad)
 

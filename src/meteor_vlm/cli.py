@@ -413,6 +413,7 @@ def cmd_train(args) -> int:
                       projector_norm=None if args.projector_norm == "none" else args.projector_norm,
                       vision_from=args.vision_from, one_family_batches=not args.mixed_batches,
                       centre_token=args.centre_token, expert_dropout=args.expert_dropout, rope_theta=args.rope_theta,
+                      extra_questions=args.extra_questions, describe=not args.no_describe,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
     ckpt = train(cfg, resume=not args.no_resume)
     print(f"checkpoint: {ckpt}")
@@ -615,6 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--expert-dropout", type=float, default=0.0, metavar="P",
                    help="phases 2-3: a share P of the samples show the LLM no token of one random expert "
                         "(default 0; not in the shipped recipe)")
+    t.add_argument("--extra-questions", type=int, default=TrainConfig.extra_questions, metavar="K",
+                   help=f"phases 2-3: K more questions about each training image after its own (default "
+                        f"{TrainConfig.extra_questions}; only their answers are labelled)")
+    t.add_argument("--no-describe", action="store_true",
+                   help="phases 2-3: no 'describe : <contents>' continuation after the questions")
     t.add_argument("--rope-theta", type=float, default=TrainConfig.rope_theta, metavar="BASE",
                    help=f"the decoder's RoPE base (default {TrainConfig.rope_theta:g}); a new run only, a resumed "
                         "one keeps its checkpoint's")

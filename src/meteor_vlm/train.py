@@ -167,7 +167,7 @@ class TrainConfig:
     def __post_init__(self):
         family_cycle(self.vision_mix), family_cycle(self.llm_mix)  # fail early on a bad mix
         for name, least in (("steps", 0), ("vision_steps", 0), ("word_steps", 0), ("full_background_steps", 0),
-                            ("batch_size", 1)):
+                            ("extra_questions", 0), ("batch_size", 1)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         check_background(self.background)
