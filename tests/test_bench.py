@@ -756,7 +756,7 @@ def test_token_feed_of_the_experts_is_the_plain_encoder_and_restores_the_method(
 
 def test_default_config_rope_base_sets_the_decoders_rotary_frequencies():
     """default_model_config(rope_theta=B): the decoder's rotary frequencies are B^(-2i/d) over its 32-wide
-    heads (the default base 10000); a base <= 1 is refused."""
+    heads (the default base 10000); a base <= 1, and a CNN kind it does not know, are refused."""
     from meteor_vlm import train as tr
 
     tok = tr.build_tokenizer()
@@ -767,6 +767,8 @@ def test_default_config_rope_base_sets_the_decoders_rotary_frequencies():
         torch.testing.assert_close(rotary.inv_freq.double(), expected, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="rope_theta"):
         tr.default_model_config(tok, 112, rope_theta=1.0)
+    with pytest.raises(ValueError, match="cnn_kind"):
+        tr.default_model_config(tok, 112, cnn_kind="resnet")
 
 
 def test_extra_questions_keep_the_test_prompt_and_label_only_answers():

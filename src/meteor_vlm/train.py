@@ -86,9 +86,10 @@ def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "conv
     more of each head's dimensions rotate slowly enough to match a question word with a visual token
     hundreds of positions before it.
     """
+    if cnn_kind not in CNN_KINDS:
+        raise ValueError(f"cnn_kind must be one of {CNN_KINDS}, got {cnn_kind!r}")
     if not rope_theta > 1.0:
         raise ValueError(f"rope_theta must be > 1, got {rope_theta}")
-        raise ValueError(f"cnn_kind must be one of {CNN_KINDS}, got {cnn_kind!r}")
     low = image_size // 3
     if cnn_kind == "convnext":
         cnn_spec = ExpertSpec("cnn", "convnext", cnn_size or image_size * 2 // 3,
