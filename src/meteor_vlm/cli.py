@@ -428,7 +428,7 @@ def cmd_probe(args) -> int:
 
     if args.llm and not args.checkpoint:
         raise ValueError("--llm needs --checkpoint (a trained model with projector='vocab')")
-    if args.checkpoint and args.llm:
+    if args.llm:
         from meteor_vlm import synth
         from meteor_vlm.train import llm_report
 
