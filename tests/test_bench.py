@@ -771,6 +771,22 @@ def test_default_config_rope_base_sets_the_decoders_rotary_frequencies():
         tr.default_model_config(tok, 112, cnn_kind="resnet")
 
 
+def test_default_config_decoder_shape():
+    """default_model_config's decoder: 8 layers of width 128 (MLP 320, 8 heads of 32, 4 key-value heads) by
+    default; llm_width and llm_layers change the residual (and the MLP with it) and the depth, never the heads;
+    a width that is not a positive multiple of 8, or no layer, is refused."""
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    for kwargs, (width, mlp, layers) in (({}, (128, 320, 8)), ({"llm_width": 192, "llm_layers": 10}, (192, 480, 10))):
+        text = mv.MultiEncoderVLM(tr.default_model_config(tok, 112, **kwargs)).language_model.config
+        assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (width, mlp, layers)
+        assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (8, 4, 32)
+    for bad in ({"llm_width": 100}, {"llm_width": 0}, {"llm_layers": 0}):
+        with pytest.raises(ValueError, match="llm_"):
+            tr.default_model_config(tok, 112, **bad)
+
+
 def test_extra_questions_keep_the_test_prompt_and_label_only_answers():
     """Training sequences with follow-up turns: the first question is tokenised exactly as at test time,
     and the labels are the answers (+ </s>) of every turn, then the description, nothing else."""

@@ -413,6 +413,7 @@ def cmd_train(args) -> int:
                       projector_norm=None if args.projector_norm == "none" else args.projector_norm,
                       vision_from=args.vision_from, one_family_batches=not args.mixed_batches,
                       centre_token=args.centre_token, expert_dropout=args.expert_dropout, rope_theta=args.rope_theta,
+                      llm_width=args.llm_width, llm_layers=args.llm_layers,
                       extra_questions=args.extra_questions, describe=not args.no_describe,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
     ckpt = train(cfg, resume=not args.no_resume)
@@ -624,6 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rope-theta", type=float, default=TrainConfig.rope_theta, metavar="BASE",
                    help=f"the decoder's RoPE base (default {TrainConfig.rope_theta:g}); a new run only, a resumed "
                         "one keeps its checkpoint's")
+    t.add_argument("--llm-width", type=int, default=TrainConfig.llm_width, metavar="D",
+                   help=f"the decoder's residual width (default {TrainConfig.llm_width}; its MLP 2.5 D, its 8 heads 32 "
+                        "wide); a new run only")
+    t.add_argument("--llm-layers", type=int, default=TrainConfig.llm_layers, metavar="L",
+                   help=f"the decoder's layers (default {TrainConfig.llm_layers}); a new run only")
     t.add_argument("--cnn", choices=CNN_KINDS, default="convnext",
                    help="the CNN expert: ConvNeXt from scratch, or EfficientNet-Lite0's trunk")
     t.add_argument("--cnn-size", type=int, default=None, help="the CNN expert's input side")

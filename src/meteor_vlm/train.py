@@ -68,7 +68,8 @@ CNN_KINDS = ("convnext", "efficientnet_lite")
 
 def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "convnext",
                          cnn_size: int | None = None, projector_norm: str | None = "batch",
-                         rope_theta: float = 10000.0) -> MultiEncoderVLMConfig:
+                         rope_theta: float = 10000.0, llm_width: int = 128,
+                         llm_layers: int = 8) -> MultiEncoderVLMConfig:
     """The embedded model's architecture: three experts of different kinds and resolutions + an 8-layer Llama.
 
     - ``lowres``: CLIP-style ViT with CLS at image_size/3 (patch 14): 64 patches;
@@ -84,12 +85,15 @@ def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "conv
     dimensions): with 16-wide heads the lookups the documents family needs (find a key, read the word
     after it) were learned far more slowly. `rope_theta` is the decoder's RoPE base: the larger it is, the
     more of each head's dimensions rotate slowly enough to match a question word with a visual token
-    hundreds of positions before it.
+    hundreds of positions before it. `llm_width` is the decoder's residual width (its MLP 2.5 times that;
+    the 8 heads stay 32 wide) and `llm_layers` its depth.
     """
     if cnn_kind not in CNN_KINDS:
         raise ValueError(f"cnn_kind must be one of {CNN_KINDS}, got {cnn_kind!r}")
     if not rope_theta > 1.0:
         raise ValueError(f"rope_theta must be > 1, got {rope_theta}")
+    if llm_width < 8 or llm_width % 8 or llm_layers < 1:
+        raise ValueError(f"llm_width must be a positive multiple of 8 and llm_layers positive, got {llm_width}, {llm_layers}")
     low = image_size // 3
     if cnn_kind == "convnext":
         cnn_spec = ExpertSpec("cnn", "convnext", cnn_size or image_size * 2 // 3,
@@ -105,7 +109,8 @@ def default_model_config(tokenizer, image_size: int = 336, cnn_kind: str = "conv
         cnn_spec,
     ]
     text = dict(
-        model_type="llama", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=320, num_hidden_layers=8,
+        model_type="llama", vocab_size=len(tokenizer), hidden_size=llm_width, intermediate_size=llm_width * 5 // 2,
+        num_hidden_layers=llm_layers,
         num_attention_heads=8, num_key_value_heads=4, head_dim=32,  # wider heads than 128/8: see the docstring
         max_position_embeddings=1024, rope_theta=float(rope_theta),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -163,6 +168,8 @@ class TrainConfig:
     vision_from: str | None = None  # phase 3 starts with the experts and word classifiers of this checkpoint
     centre_token: bool = False  # a tokenizer with CENTRE_TOKEN: every cell of an object names its shape (region_words)
     rope_theta: float = 10000.0  # the decoder's RoPE base (default_model_config)
+    llm_width: int = 128  # the decoder's residual width (default_model_config)
+    llm_layers: int = 8  # and its depth
     expert_dropout: float = 0.0  # phases 2-3 (not their full-background steps): share of samples whose LLM sees no token of one random expert
 
     def __post_init__(self):
@@ -752,7 +759,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
     else:
         tokenizer = build_tokenizer(centres=cfg.centre_token)
         model = MultiEncoderVLM(default_model_config(tokenizer, cfg.image_size, cfg.cnn, cfg.cnn_size,
-                                                   cfg.projector_norm, rope_theta=cfg.rope_theta))
+                                                   cfg.projector_norm, rope_theta=cfg.rope_theta,
+                                                   llm_width=cfg.llm_width, llm_layers=cfg.llm_layers))
         processor = MultiEncoderProcessor(tokenizer, model.config.expert_specs, PROMPT_TEMPLATE)
         if cfg.cnn_pretrained:
             load_lite0_imagenet(model.experts[model.expert_names.index("cnn")])
