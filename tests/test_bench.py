@@ -15,10 +15,10 @@ from meteor_vlm.cli import main
 
 
 def _vocab_config(tokenizer, image_size=336, cnn_kind="convnext", cnn_size=None, projector_norm="batch",
-                  hide_glyphs=True, rope_theta=10000.0):
+                  hide_glyphs=True, rope_theta=10000.0, llm_width=None, llm_layers=None):
     """A tiny vocab-projector config over the synthetic benchmark's tokenizer (stands in for the default:
     glyph tokens hidden from the LLM); its CNN expert is named "cnn" and of `cnn_kind`, its RoPE base
-    `rope_theta`."""
+    `rope_theta`; its decoder is always the tiny one (2 layers), whatever `llm_width` and `llm_layers` say."""
     from meteor_vlm import train as tr
 
     experts = [mv.testing._expert("clip"), mv.testing._expert("pix2struct"), mv.testing._expert(cnn_kind, "cnn")]
@@ -303,9 +303,12 @@ def test_family_mix_weights_turns_and_never_repeats_a_sample(one_family):
         tr.TrainConfig(llm_mix={"ocrr": 2})
     with pytest.raises(ValueError, match="every family"):
         tr.family_cycle({f: 0 for f in synth.FAMILIES})
-    for bad in (dict(full_background_steps=-1), dict(word_steps=-5), dict(batch_size=0), dict(extra_questions=-1)):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+    for bad in (dict(full_background_steps=-1), dict(word_steps=-5), dict(batch_size=0), dict(extra_questions=-1),
+                dict(lookup_hint=-0.1), dict(lookup_hint=0.3, lookup_layers=(0, 3)),
+                dict(lookup_hint=0.3, lookup_layers=(3, 8))):
+        with pytest.raises(ValueError, match="lookup_|hint layers" if "lookup_hint" in bad else next(iter(bad))):
             tr.TrainConfig(**bad)
+    assert tr.TrainConfig(lookup_layers=(0,)).lookup_layers == (0,)  # off: not checked
 
 
 def test_training_phases_log_resume_and_freeze_the_vision_side_in_qa(tmp_path, monkeypatch):
@@ -697,7 +700,7 @@ def test_a_background_range_draws_one_share_per_sample():
     g = torch.Generator().manual_seed(0)
     visual = torch.zeros(8, 1010, dtype=torch.bool)
     visual[:, 5:1005] = True  # 1000 visual columns between text
-    ctx = SimpleNamespace(visual=visual, valid=torch.ones_like(visual))
+    ctx = SimpleNamespace(layer_idx=0, visual=visual, valid=torch.ones_like(visual))
     covered = torch.rand(8, 1000, generator=g) < 0.2
 
     def keep(share, seed=4):
@@ -899,7 +902,7 @@ def test_expert_dropout_removes_one_whole_expert_from_a_share_of_the_samples():
     sizes = (10, 30, 20)
     visual = torch.zeros(64, 64, dtype=torch.bool)
     visual[:, 2:62] = True
-    ctx = SimpleNamespace(visual=visual, valid=torch.ones_like(visual))
+    ctx = SimpleNamespace(layer_idx=0, visual=visual, valid=torch.ones_like(visual))
     covered = torch.rand(64, 60, generator=torch.Generator().manual_seed(1)) < 0.3
 
     def keep(p):
@@ -1382,3 +1385,112 @@ def test_speed_on_a_stock_llava_onevision(tmp_path, capsys, monkeypatch):
         assert layout.span.tolist() == [tokens] and layout.mixed is not None
         assert len(places.unique()) == len(places) == tokens - len(layout.extra_offset)
     assert tokens == 8 * 196 + 1
+
+
+def test_lookup_evidence_is_what_holds_each_answer():
+    """lookup_evidence, read against each expert's grounding targets: a document's value cells; the tallest
+    bar's cells; the cells naming both a bar's value and its label, or a scene's asked shape and its colour
+    (its centre cells); counting's shape from its plural; yes/no questions the cells of any word asked about."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    model, _, tok = _vocab_model(seed=0)
+    vocab = tok.get_vocab()
+    kinds = ("docs", "value", "tallest", "compare", "color", "relation", "counting", "present", "adversarial")
+    picked = {}
+    for fam in ("docs", "charts", "scenes", "counting", "pope"):
+        for i in range(40):
+            s = synth.make_sample(fam, i, 5, 96)
+            if synth.question_kind(s) in kinds:
+                picked.setdefault(synth.question_kind(s), s)
+    assert sorted(picked) == sorted(kinds)
+    samples = list(picked.values())
+    evidence = tr.lookup_evidence(samples, tr.cell_distributions(model, samples, tok), tok)
+    names = torch.cat([tr.grounding_targets(samples, r.grid(), tok) > 0 for r in model.runners], 1)  # (B, N, V)
+    for b, (kind, s) in enumerate(picked.items()):
+        q = s.question.split()
+        if kind in ("docs", "tallest"):
+            want = names[b, :, vocab[s.answer]]
+        elif kind in ("value", "color"):  # the value or colour where the asked label or shape also is
+            want = names[b, :, vocab[s.answer]] & names[b, :, vocab[q[-2]]]
+        elif kind == "counting":
+            want = names[b, :, vocab[q[2][:-1]]]  # "how many triangles": the cells naming "triangle"
+        else:  # yes/no: every cell naming a word of the question
+            want = names[b][:, [vocab[w] for w in q if w in vocab]].any(-1)
+        assert want.any() and torch.equal(evidence[b], want), (kind, s.question)
+
+
+def test_answer_queries_point_at_the_token_before_each_answer():
+    """answer_queries on a left-padded batch: the text token at the index, counted over the real text
+    tokens of its row, is followed by the first answer token."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    model, processor, tok = _vocab_model(seed=0)
+    samples = [synth.make_sample(f, 1, 5, 64) for f in ("ocr", "scenes", "docs")]
+    inputs = tr.encode_samples(processor, samples, with_answers=True, describe=True, pixels=False, extra_questions=2)
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) > 1  # rows of different lengths: padding
+    q = tr.answer_queries(inputs, model.config.image_token_id)
+    for b, s in enumerate(samples):
+        ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+        text = ids[ids != model.config.image_token_id]
+        assert tok.convert_ids_to_tokens(int(text[q[b]])) == ":" and int(text[q[b] + 1]) == tok.convert_tokens_to_ids(s.answer)
+    with pytest.raises(ValueError, match="labelled"):
+        tr.answer_queries({**inputs, "labels": torch.full_like(inputs["labels"], -100)}, model.config.image_token_id)
+
+
+def test_lookup_hint_is_the_attention_share_on_the_evidence(images):
+    """The lookup hint at layer 1 with the background thinned away (share 0) equals -log of head 0's
+    share of attention on the evidence, read from the decoder's own eager attention weights on the full
+    sequence with the background masked out (the drop == mask oracle), from the column of the token that
+    predicts the answer; its gradient reaches layer 1's query projection."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    model, processor, tok = _vocab_model(seed=0)
+    samples = [synth.make_sample(f, 2, 5, 64) for f in ("docs", "charts", "scenes")]
+    inputs = tr.encode_samples(processor, samples, with_answers=True, describe=True, pixels=False)
+    with tr.token_feed(model, tok, background=0.0, hint_layers=(1,)) as feed:
+        feed[:] = samples
+        model._pruning_method.hint_queries = tr.answer_queries(inputs, model.config.image_token_id)
+        model(**inputs, use_cache=False)
+        (loss,) = model._pruning_method.hint_losses
+    loss.backward()
+    assert model.language_model.model.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    dists = tr.cell_distributions(model, samples, tok)
+    covered, evidence = tr.covered_cells(model, samples, tok, dists), tr.lookup_evidence(samples, dists, tok)
+    with torch.no_grad():
+        with tr.token_feed(model, tok) as feed:
+            feed[:] = samples
+            visual = model.encode_images({})
+        embeds, valid, is_vis, text_col, vis_index, _ = model._splice(inputs["input_ids"], inputs["attention_mask"], visual)
+        at = lambda m: m.flatten()[vis_index.clamp_min(0)].view_as(is_vis) & is_vis
+        keep = valid & ~(is_vis & ~at(covered))
+        pos = mv.models.runtime.positions_from_mask(valid)
+        model.language_model.model.config._attn_implementation = "eager"
+        out = model.language_model.model(inputs_embeds=embeds, attention_mask=keep.long(), position_ids=pos,
+                                         output_attentions=True)
+        first = (inputs["labels"] != -100).long().argmax(1)
+        query = text_col.gather(1, (first - 1)[:, None])[:, 0]
+        rows = out.attentions[1][torch.arange(len(samples)), 0, query]  # (B, T) head 0 of layer 1
+        share = (rows * at(evidence)).sum(1)
+    assert at(evidence).any(1).all() and (share > 0).all() and (share < 1).all()
+    torch.testing.assert_close(loss.detach(), -share.log().mean(), atol=1e-4, rtol=1e-4)
+
+
+def test_training_with_the_lookup_hint_logs_it_in_the_llm_phases(tmp_path, monkeypatch):
+    """A tiny run with lookup_hint > 0: phases 2 and 3 (thinned and full-background steps alike) log a
+    positive hint and stay finite; a run without it logs none."""
+    from meteor_vlm import train as tr
+
+    monkeypatch.setattr(tr, "default_model_config", _vocab_config)
+    base = dict(word_steps=2, vision_steps=0, steps=2, batch_size=6, image_size=64, eval_every=100, eval_per_family=1,
+                bf16=False, background=0.2, full_background_steps=1, one_family_batches=False)
+    tr.train(tr.TrainConfig(out=str(tmp_path / "hint"), lookup_hint=0.5, lookup_layers=(1,), **base))
+    log = [json.loads(line) for line in (tmp_path / "hint" / "log.jsonl").read_text().splitlines()]
+    assert [r["background"] for r in log] == [0.2, 1.0, 0.2, 1.0]
+    assert all(r["lookup_hint"] > 0 and np.isfinite(r["loss"]) for r in log)
+    tr.train(tr.TrainConfig(out=str(tmp_path / "plain"), **base))
+    assert not any("lookup_hint" in json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines())
+    with pytest.raises(ValueError, match="hint_layers"):  # a layer the LLM does not have
+        tr.train(tr.TrainConfig(out=str(tmp_path / "deep"), lookup_hint=0.5, lookup_layers=(2,), **base))

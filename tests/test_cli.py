@@ -72,7 +72,7 @@ def test_train_passes_every_option_into_the_config(tmp_path, monkeypatch):
     argv = ["train", "--out", str(tmp_path), "--seed", "3", "--vision-steps", "0", "--word-steps", "7", "--steps", "5",
             "--vision-lr", "1e-4", "--word-lr", "2e-4", "--lr", "3e-4", "--batch-size", "4", "--eval-every", "9",
             "--llm-mix", "docs=2", "--full-background-steps", "6", "--background", "0-1.25", "--cnn", "efficientnet_lite", "--projector-norm", "none", "--mixed-batches", "--centre-token", "--rope-theta", "5e5", "--extra-questions", "11", "--no-describe",
-            "--llm-width", "192", "--llm-layers", "10", "--no-resume"]
+            "--llm-width", "192", "--llm-layers", "10", "--lookup-hint", "0.25", "--lookup-layers", "2,6", "--no-resume"]
     assert main(argv) == 0
     cfg = seen["cfg"]
     assert (cfg.seed, cfg.vision_steps, cfg.word_steps, cfg.steps) == (3, 0, 7, 5)
@@ -80,7 +80,7 @@ def test_train_passes_every_option_into_the_config(tmp_path, monkeypatch):
     assert cfg.llm_mix == {"docs": 2} and cfg.full_background_steps == 6 and cfg.cnn == "efficientnet_lite" and cfg.projector_norm is None
     assert cfg.one_family_batches is False and cfg.background == (0.0, 1.25) and cfg.centre_token is True
     assert cfg.rope_theta == 5e5 and cfg.extra_questions == 11 and cfg.describe is False
-    assert (cfg.llm_width, cfg.llm_layers) == (192, 10)
+    assert (cfg.llm_width, cfg.llm_layers) == (192, 10) and (cfg.lookup_hint, cfg.lookup_layers) == (0.25, (2, 6))
     assert seen["resume"] is False
     assert main(argv[:-1] + ["--word-lr", "5e-4"]) == 0 and seen["cfg"].word_lr == 5e-4 and seen["resume"] is True
     assert main([a for a in argv[:-1] if a != "--mixed-batches"]) == 0 and seen["cfg"].one_family_batches is True
@@ -91,6 +91,11 @@ def test_train_passes_every_option_into_the_config(tmp_path, monkeypatch):
     assert seen["cfg"].extra_questions == 4 and seen["cfg"].describe is True
     assert main([a for a in argv[:-1] if a not in ("--llm-width", "192", "--llm-layers", "10")]) == 0
     assert (seen["cfg"].llm_width, seen["cfg"].llm_layers) == (128, 8)
+    assert main([a for a in argv[:-1] if a not in ("--lookup-hint", "0.25", "--lookup-layers", "2,6")]) == 0
+    assert (seen["cfg"].lookup_hint, seen["cfg"].lookup_layers) == (0.0, (3, 5))
+    for bad in ("", "2,x"):
+        with pytest.raises(SystemExit):
+            main(argv[:-1] + ["--lookup-layers", bad])
     for bad in ("1-0", "-1", "a-b", "0.5-"):
         with pytest.raises(SystemExit):
             main(argv[:-1] + ["--background", bad])

