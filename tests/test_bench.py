@@ -1494,3 +1494,29 @@ def test_training_with_the_lookup_hint_logs_it_in_the_llm_phases(tmp_path, monke
     assert not any("lookup_hint" in json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines())
     with pytest.raises(ValueError, match="hint_layers"):  # a layer the LLM does not have
         tr.train(tr.TrainConfig(out=str(tmp_path / "deep"), lookup_hint=0.5, lookup_layers=(2,), **base))
+
+
+def test_lookup_report_of_even_attention_is_the_evidence_share(monkeypatch):
+    """lookup_report on a model whose layer-1 queries are zero (every head attends evenly over the keys its
+    query sees): each family's layer-1 share equals its 'uniform' share, strictly between 0 and 1; with
+    the trained query projection back, its best head differs from it. OCR is left out; shares are in [0, 1]."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    model, processor, tok = _vocab_model(seed=0)
+    monkeypatch.setattr(tr, "_synth_size", lambda processor: 64)
+    q = model.language_model.model.layers[1].self_attn.q_proj
+    saved = q.weight.detach().clone()
+    with torch.no_grad():
+        q.weight.zero_()
+    flat = tr.lookup_report(model, processor, per_family=3)
+    with torch.no_grad():
+        q.weight.copy_(saved)
+    peaked = tr.lookup_report(model, processor, per_family=3)
+    assert list(flat) == [f for f in synth.FAMILIES if f != "ocr"]
+    for fam, row in flat.items():
+        ((layer, head, share),) = row["layers"]  # the tiny decoder has 2 layers: the report reads layer 1
+        assert layer == 1 and 0 <= head < model.config.text_config.num_attention_heads
+        assert 0 < row["uniform"] < 1 and share == pytest.approx(row["uniform"], rel=1e-5)
+        assert peaked[fam]["uniform"] == pytest.approx(row["uniform"])
+        assert 0 <= peaked[fam]["layers"][0][2] <= 1 and peaked[fam]["layers"][0][2] != pytest.approx(share, rel=1e-3)

@@ -154,3 +154,25 @@ def test_probe_llm_prints_accuracy_fed_perfect_and_own_tokens_at_three_backgroun
                 p.copy_(v)
     assert main(["probe", "--llm", "--samples", "1"]) == 2
     assert "--llm needs --checkpoint" in capsys.readouterr().err
+    assert main(["probe", "--lookups", "--samples", "1"]) == 2
+    assert "--lookups needs --checkpoint" in capsys.readouterr().err
+
+
+def test_probe_lookups_prints_the_report(capsys, monkeypatch):
+    """meteor probe --checkpoint PATH --lookups prints lookup_report's rows: a family, its even share, then
+    per layer the best head and its share, as computed."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+    from meteor_vlm.default import DEFAULT_DIR
+
+    reported = []
+    report = tr.lookup_report
+    monkeypatch.setattr(tr, "lookup_report", lambda *a, **k: reported.append(report(*a, **k)) or reported[-1])
+    assert main(["probe", "--checkpoint", str(DEFAULT_DIR), "--samples", "2", "--lookups"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [ln.split()[0] for ln in lines] == [f for f in synth.FAMILIES if f != "ocr"]
+    for line, (fam, row) in zip(lines, reported[0].items()):
+        want = [fam, "even", f"{row['uniform']:.2f}"] + [x for layer, head, share in row["layers"]
+                                                          for x in (f"L{layer}", f"h{head}", f"{share:.2f}")]
+        assert line.split() == want
+    assert [layer for layer, _, _ in reported[0]["docs"]["layers"]] == list(range(1, 8))

@@ -439,8 +439,20 @@ def cmd_train(args) -> int:
 def cmd_probe(args) -> int:
     from meteor_vlm.train import READOUT_MIN_TOKENS, grounding_report, has_glyphs, memorization_probe
 
-    if args.llm and not args.checkpoint:
-        raise ValueError("--llm needs --checkpoint (a trained model with projector='vocab')")
+    if (args.llm or args.lookups) and not args.checkpoint:
+        raise ValueError(f"--{'llm' if args.llm else 'lookups'} needs --checkpoint (a trained model with projector='vocab')")
+    if args.lookups:
+        from meteor_vlm.train import lookup_report
+
+        model, processor = _load(args.checkpoint)
+        report = lookup_report(model, processor, args.samples)
+        print(f"attention from the token before the answer on the tokens that hold it ({args.samples} held-out samples "
+              "per family, perfect tokens, no background): per LLM layer, the best head and its share; 'even': the "
+              "share attention spread evenly over the tokens before would give")
+        for fam, row in report.items():
+            print(f"{fam:10s} even {row['uniform']:.2f}  "
+                  + "  ".join(f"L{layer} h{head} {share:.2f}" for layer, head, share in row["layers"]))
+        return 0
     if args.llm:
         from meteor_vlm import synth
         from meteor_vlm.train import llm_report
@@ -696,6 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --checkpoint: its held-out accuracy with the LLM fed perfect tokens or its own, with all, "
                     "a tenth or none of the background tokens (--samples per family): is the vision side, the LLM or "
                     "the background what loses accuracy?")
+    pr.add_argument("--lookups", action="store_true",
+                    help="with --checkpoint: per family and LLM layer, the best head's share of attention from the token "
+                         "before the answer on the tokens that hold it (perfect tokens, no background): does the LLM "
+                         "look where the answer is?")
     pr.set_defaults(fn=cmd_probe)
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")

@@ -579,6 +579,8 @@ class ThinBackground(PruningMethod):
         super().__post_init__()
         self._generator = torch.Generator().manual_seed(self.seed)
         self.hint_losses: list[torch.Tensor] = []
+        # for lookup_report: (layer, (B, H) every head's share, (B,) the evidence's share of the keys seen)
+        self.hint_shares: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._kept_evidence: torch.Tensor | None = None
 
     def validate(self) -> None:
@@ -616,7 +618,10 @@ class ThinBackground(PruningMethod):
         text = ctx.valid & ~ctx.visual
         nth = text.long().cumsum(1) - 1
         query = ((nth == self.hint_queries.to(nth.device)[:, None]) & text).long().argmax(1)
-        rows = ctx.attention_rows(query[:, None])[:, self.hint_head, 0]  # (B, T)
+        heads = ctx.attention_rows(query[:, None])[:, :, 0]  # (B, H, T)
+        seen = ctx.valid & (torch.arange(vis.shape[1], device=vis.device) <= query[:, None])  # keys the query sees
+        self.hint_shares.append((ctx.layer_idx, (heads * on[:, None]).sum(-1).detach(), on.sum(1) / seen.sum(1)))
+        rows = heads[:, self.hint_head]  # (B, T)
         share = (rows * on).sum(1)
         has = on.any(1)
         if not bool(has.any()):
@@ -1024,6 +1029,34 @@ def llm_report(model, processor, per_family: int = 50, seed: int = EVAL_SEED, pr
                                on_batch=lambda batch: feed.__setitem__(slice(None), batch), pixels=source == "experts")
             rows.append({"source": source, "background": share, "accuracy": acc})
     return rows
+
+
+@torch.no_grad()
+def lookup_report(model, processor, per_family: int = 24, seed: int = EVAL_SEED, background: float = 0.0,
+                  source: str = "words") -> dict[str, dict]:
+    """Does the LLM look where the answer is? For every family but OCR, on `per_family` held-out samples fed
+    as in `token_feed` (by default perfect tokens, no background), the share of each head's attention from
+    the token before the answer that falls on the answer's evidence (`lookup_evidence`), averaged over the
+    samples. Per family: {"uniform": the evidence's share of the tokens that query sees (what attention
+    spread evenly would give), "layers": one (layer, best head, its share) per LLM layer from 1 (layer 0
+    sees the thinning)}. A head near 1 finds the evidence; heads near "uniform" do not look for it."""
+    tok = processor.tokenizer
+    layers = tuple(range(1, model.config.text_config.num_hidden_layers))
+    size = _synth_size(processor)
+    report = {}
+    for fam in (f for f in synth.FAMILIES if f != "ocr"):
+        samples = [synth.make_sample(fam, i, seed, size) for i in range(per_family)]
+        inputs = encode_samples(processor, samples, with_answers=True, pixels=source == "experts")
+        with token_feed(model, tok, background=background, seed=seed, source=source, hint_layers=layers) as feed:
+            feed[:] = samples
+            thin = model._pruning_method
+            thin.hint_queries = answer_queries(inputs, model.config.image_token_id)
+            model(**inputs, use_cache=False)
+            shares = {layer: s.mean(0) for layer, s, _ in thin.hint_shares}
+            uniform = float(thin.hint_shares[0][2].mean())
+        report[fam] = {"uniform": uniform,
+                       "layers": [(layer, int(shares[layer].argmax()), float(shares[layer].max())) for layer in layers]}
+    return report
 
 
 @torch.no_grad()
