@@ -850,7 +850,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
 
     Phases 2 and 3 see every background token in their last `full_background_steps` steps: a model
     trained on thinned sequences alone loses accuracy on full ones (attention spreads over the extra
-    tokens), and a short stretch on full sequences restores it.
+    tokens), and a short stretch on full sequences restores it. With `lookup_hint` > 0 they also add that
+    weight times the lookup hint (`ThinBackground`: head 0 of `lookup_layers` attending to the answer's tokens).
 
     Held-out accuracy (every visual token kept) is logged every `eval_every` steps of phases 2 and 3
     and at their ends (phase 2: on visual words), never in phase 1 (the LLM is untrained; `meteor probe`
