@@ -156,6 +156,8 @@ def test_probe_llm_prints_accuracy_fed_perfect_and_own_tokens_at_three_backgroun
     assert "--llm needs --checkpoint" in capsys.readouterr().err
     assert main(["probe", "--lookups", "--samples", "1"]) == 2
     assert "--lookups needs --checkpoint" in capsys.readouterr().err
+    assert main(["probe", "--checkpoint", str(DEFAULT_DIR), "--llm", "--lookups"]) == 2
+    assert "one at a time" in capsys.readouterr().err
 
 
 def test_probe_lookups_prints_the_report(capsys, monkeypatch):

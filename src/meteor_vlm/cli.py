@@ -441,6 +441,8 @@ def cmd_probe(args) -> int:
 
     if (args.llm or args.lookups) and not args.checkpoint:
         raise ValueError(f"--{'llm' if args.llm else 'lookups'} needs --checkpoint (a trained model with projector='vocab')")
+    if args.llm and args.lookups:
+        raise ValueError("--llm and --lookups are two reports: ask for one at a time")
     if args.lookups:
         from meteor_vlm.train import lookup_report
 

@@ -941,6 +941,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 if hint is not None:
                     lookup = torch.stack(hint.hint_losses).mean()
                     hint.hint_losses.clear()
+                    hint.hint_shares.clear()
             opt.zero_grad(set_to_none=True)
             (loss + weight * aux + cfg.lookup_hint * lookup).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
