@@ -598,12 +598,11 @@ class ThinBackground(PruningMethod):
         if ctx.layer_idx > 0:
             self.hint_losses.append(self._hint_loss(ctx))
             return None
-        keep = self._thin(ctx)
-        if self.hint_layers:
-            vis = ctx.visual & ctx.valid
-            order = (vis.long().cumsum(1) - 1).clamp_min(0)
-            evidence = self.evidence.to(vis.device).gather(1, order.clamp_max(self.evidence.shape[1] - 1)) & vis
-            self._kept_evidence = evidence[keep & vis]  # the kept visual columns' evidence, in sequence order
+        vis = ctx.visual & ctx.valid
+        order = (vis.long().cumsum(1) - 1).clamp_min(0)  # index of each visual column in its image
+        keep = self._thin(vis, order)
+        if self.hint_layers:  # the kept visual columns' evidence, in sequence order
+            self._kept_evidence = _at_columns(self.evidence, order, vis)[keep & vis]
         return keep
 
     def _hint_loss(self, ctx) -> torch.Tensor:
@@ -618,20 +617,17 @@ class ThinBackground(PruningMethod):
         text = ctx.valid & ~ctx.visual
         nth = text.long().cumsum(1) - 1
         query = ((nth == self.hint_queries.to(nth.device)[:, None]) & text).long().argmax(1)
-        heads = ctx.attention_rows(query[:, None])[:, :, 0]  # (B, H, T)
+        shares = (ctx.attention_rows(query[:, None])[:, :, 0] * on[:, None]).sum(-1)  # (B, H) each head's share
         seen = ctx.valid & (torch.arange(vis.shape[1], device=vis.device) <= query[:, None])  # keys the query sees
-        self.hint_shares.append((ctx.layer_idx, (heads * on[:, None]).sum(-1).detach(), on.sum(1) / seen.sum(1)))
-        rows = heads[:, self.hint_head]  # (B, T)
-        share = (rows * on).sum(1)
+        self.hint_shares.append((ctx.layer_idx, shares.detach(), on.sum(1) / seen.sum(1)))
         has = on.any(1)
         if not bool(has.any()):
-            return rows.sum() * 0.0
-        return -torch.log(share[has].clamp_min(1e-6)).mean()
+            return shares.sum() * 0.0
+        return -torch.log(shares[has, self.hint_head].clamp_min(1e-6)).mean()
 
-    def _thin(self, ctx) -> torch.Tensor:
-        vis = ctx.visual & ctx.valid
-        order = (vis.long().cumsum(1) - 1).clamp_min(0)  # index of each visual column in its image
-        covered = self.covered.to(vis.device).gather(1, order.clamp_max(self.covered.shape[1] - 1)) & vis
+    def _thin(self, vis: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Layer 0's keep mask over the columns; `vis` (B, T) the visual columns, `order` each one's index in its image."""
+        covered = _at_columns(self.covered, order, vis)
         noise = torch.rand(vis.shape, generator=self._generator).to(vis.device)
         share = self.share
         if isinstance(share, (tuple, list)):  # one share per sample
@@ -646,6 +642,12 @@ class ThinBackground(PruningMethod):
             where = order % int(bounds[-1])  # the column's index in its own image
             keep = keep & ~((where >= lo[:, None]) & (where < hi[:, None]) & vis & drop.to(vis.device)[:, None])
         return keep
+
+
+def _at_columns(per_token: torch.Tensor, order: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool over each image's visual tokens -> (B, T) over the columns (`order`: each column's index in its
+    image; False off the visual columns `vis`)."""
+    return per_token.to(vis.device).gather(1, order.clamp_max(per_token.shape[1] - 1)) & vis
 
 
 @contextlib.contextmanager
