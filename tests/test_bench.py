@@ -891,19 +891,24 @@ def test_reading_names_the_best_setting_within_the_budget_and_its_intervals():
     assert "answers none of these questions" in reading([row("unpruned", 1.0, 0.0, 0.0), row("meteor:a", 0.2, 0.0, 0.0)])
 
 
+def _thin_case(batch):
+    """A layer-0 context for ThinBackground: `batch` rows of 2 text columns, 60 visual ones (three experts of 10, 30
+    and 20 tokens) and 2 text columns, a seeded 30% of the visual tokens covered. Returns (ctx, covered, sizes)."""
+    from types import SimpleNamespace
+
+    visual = torch.zeros(batch, 64, dtype=torch.bool)
+    visual[:, 2:62] = True
+    ctx = SimpleNamespace(layer_idx=0, visual=visual, valid=torch.ones_like(visual))
+    return ctx, torch.rand(batch, 60, generator=torch.Generator().manual_seed(1)) < 0.3, (10, 30, 20)
+
+
 def test_expert_dropout_removes_one_whole_expert_from_a_share_of_the_samples():
     """ThinBackground with expert_dropout p: a dropped sample loses every token of exactly one expert's
     block (covered ones too) and keeps the rest as without dropout; p = 0 changes nothing, p = 1 drops from
     every sample, p = 0.5 from some; the trainer's option is checked."""
-    from types import SimpleNamespace
-
     from meteor_vlm import train as tr
 
-    sizes = (10, 30, 20)
-    visual = torch.zeros(64, 64, dtype=torch.bool)
-    visual[:, 2:62] = True
-    ctx = SimpleNamespace(layer_idx=0, visual=visual, valid=torch.ones_like(visual))
-    covered = torch.rand(64, 60, generator=torch.Generator().manual_seed(1)) < 0.3
+    ctx, covered, sizes = _thin_case(64)
 
     def keep(p):
         return tr.ThinBackground(share=0.5, seed=7, covered=covered, expert_dropout=p, expert_sizes=sizes).prune_llm(ctx)
@@ -926,6 +931,86 @@ def test_expert_dropout_removes_one_whole_expert_from_a_share_of_the_samples():
         tr.TrainConfig(expert_dropout=1.5)
     with pytest.raises(ValueError, match="expert_sizes"):
         tr.ThinBackground(expert_dropout=0.5)
+
+
+def test_word_experts_keep_every_token_of_the_named_experts_and_none_of_the_others():
+    """ThinBackground with `experts`: the named experts' columns are kept exactly as without the option
+    (covered ones, and the background's share), every column of the other experts goes, covered or not,
+    and the text stays; naming every expert changes nothing; bad settings are refused."""
+    from meteor_vlm import train as tr
+
+    ctx, covered, sizes = _thin_case(8)
+
+    def keep(experts):
+        return tr.ThinBackground(share=0.5, seed=7, covered=covered, expert_sizes=sizes, experts=experts).prune_llm(ctx)
+
+    plain = keep(None)
+    assert torch.equal(keep((0, 1, 2)), plain)
+    columns = {0: slice(2, 12), 1: slice(12, 42), 2: slice(42, 62)}
+    for experts in ((2,), (0, 2), (1,)):
+        k = keep(experts)
+        assert k[:, :2].all() and k[:, 62:].all()
+        for e, cols in columns.items():
+            assert torch.equal(k[:, cols], plain[:, cols]) if e in experts else not k[:, cols].any()
+    for bad in ((), (3,), (-1,)):
+        with pytest.raises(ValueError, match="experts"):
+            tr.ThinBackground(expert_sizes=sizes, experts=bad)
+    for bad in ((), ("cnn", "cnn")):
+        with pytest.raises(ValueError, match="word_experts"):
+            tr.TrainConfig(word_experts=bad)
+
+
+def test_word_experts_feed_equals_the_other_experts_masked_out():
+    """token_feed(experts=("cnn",)) with every background token: the LLM's logits equal those of the decoder
+    run on the full spliced sequence with every column of the other experts masked out of attention, at
+    their unpruned positions (drop == mask); an unknown expert is refused."""
+    from meteor_vlm import synth
+    from meteor_vlm import train as tr
+
+    model, processor, tok = _vocab_model(seed=0)
+    samples = [synth.make_sample(f, 3, 5, 64) for f in ("docs", "counting", "scenes")]
+    inputs = tr.encode_samples(processor, samples, with_answers=False, pixels=False)
+    with torch.no_grad():
+        with tr.token_feed(model, tok, background=1.0, experts=("cnn",)) as feed:
+            feed[:] = samples
+            got = model(**inputs, use_cache=False).logits[:, -1]
+        with tr.token_feed(model, tok) as feed:
+            feed[:] = samples
+            visual = model.encode_images({})
+            full = model(**inputs, use_cache=False).logits[:, -1]
+        embeds, valid, is_vis, _, vis_index, pos = model._splice(inputs["input_ids"], inputs["attention_mask"], visual)
+        cnn = visual.expert.flatten()[vis_index.clamp_min(0)].view_as(is_vis) == model.expert_names.index("cnn")
+        keep = valid & ~(is_vis & ~cnn)
+        assert (is_vis & ~cnn).any() and (is_vis & cnn).any()
+        want = model.language_model(inputs_embeds=embeds, attention_mask=keep.long(), position_ids=pos).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, full, atol=1e-3)  # the other experts' tokens did count
+    with pytest.raises(ValueError, match="unknown experts"):
+        with tr.token_feed(model, tok, experts=("cnn", "sam")):
+            pass
+
+
+def test_training_with_word_experts_restricts_only_phase_2s_thinned_steps(tmp_path, monkeypatch):
+    """A tiny run with word_experts: the LLM's feed names those experts in phase 2's thinned steps only (not
+    its full-background steps, phase 3 or the evaluations); an unknown name is refused before any step."""
+    from meteor_vlm import train as tr
+
+    monkeypatch.setattr(tr, "default_model_config", _vocab_config)
+    feeds, original = [], tr.token_feed
+
+    def recording(model, tokenizer, background=1.0, seed=0, source="words", **kwargs):
+        feeds.append((source, background, kwargs.get("experts")))
+        return original(model, tokenizer, background, seed, source, **kwargs)
+
+    monkeypatch.setattr(tr, "token_feed", recording)
+    base = dict(word_steps=2, vision_steps=0, steps=2, batch_size=6, image_size=64, eval_every=100, eval_per_family=1,
+                bf16=False, background=0.2, full_background_steps=1, one_family_batches=False)
+    tr.train(tr.TrainConfig(out=str(tmp_path / "cnn"), word_experts=("cnn",), **base))
+    assert [f for f in feeds if f[2] is not None] == [("words", 0.2, ("cnn",))]
+    assert ("words", 1.0, None) in feeds and ("experts", 0.2, None) in feeds
+    with pytest.raises(ValueError, match="unknown experts"):
+        tr.train(tr.TrainConfig(out=str(tmp_path / "bad"), word_experts=("cnn", "sam"), **{**base, "vision_steps": 1}))
+    assert not (tmp_path / "bad" / "log.jsonl").exists()
 
 
 def test_part_timer_charges_each_part_and_leaves_nothing_behind(tiny, monkeypatch):

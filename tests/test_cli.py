@@ -72,7 +72,7 @@ def test_train_passes_every_option_into_the_config(tmp_path, monkeypatch):
     argv = ["train", "--out", str(tmp_path), "--seed", "3", "--vision-steps", "0", "--word-steps", "7", "--steps", "5",
             "--vision-lr", "1e-4", "--word-lr", "2e-4", "--lr", "3e-4", "--batch-size", "4", "--eval-every", "9",
             "--llm-mix", "docs=2", "--full-background-steps", "6", "--background", "0-1.25", "--cnn", "efficientnet_lite", "--projector-norm", "none", "--mixed-batches", "--centre-token", "--rope-theta", "5e5", "--extra-questions", "11", "--no-describe",
-            "--llm-width", "192", "--llm-layers", "10", "--lookup-hint", "0.25", "--lookup-layers", "2,6", "--no-resume"]
+            "--llm-width", "192", "--llm-layers", "10", "--lookup-hint", "0.25", "--lookup-layers", "2,6", "--word-experts", "cnn, hires", "--no-resume"]
     assert main(argv) == 0
     cfg = seen["cfg"]
     assert (cfg.seed, cfg.vision_steps, cfg.word_steps, cfg.steps) == (3, 0, 7, 5)
@@ -81,7 +81,7 @@ def test_train_passes_every_option_into_the_config(tmp_path, monkeypatch):
     assert cfg.one_family_batches is False and cfg.background == (0.0, 1.25) and cfg.centre_token is True
     assert cfg.rope_theta == 5e5 and cfg.extra_questions == 11 and cfg.describe is False
     assert (cfg.llm_width, cfg.llm_layers) == (192, 10) and (cfg.lookup_hint, cfg.lookup_layers) == (0.25, (2, 6))
-    assert seen["resume"] is False
+    assert cfg.word_experts == ("cnn", "hires") and seen["resume"] is False
     assert main(argv[:-1] + ["--word-lr", "5e-4"]) == 0 and seen["cfg"].word_lr == 5e-4 and seen["resume"] is True
     assert main([a for a in argv[:-1] if a != "--mixed-batches"]) == 0 and seen["cfg"].one_family_batches is True
     assert main([a for a in argv[:-1] if a != "--centre-token"]) == 0 and seen["cfg"].centre_token is False
@@ -93,6 +93,9 @@ def test_train_passes_every_option_into_the_config(tmp_path, monkeypatch):
     assert (seen["cfg"].llm_width, seen["cfg"].llm_layers) == (128, 8)
     assert main([a for a in argv[:-1] if a not in ("--lookup-hint", "0.25", "--lookup-layers", "2,6")]) == 0
     assert (seen["cfg"].lookup_hint, seen["cfg"].lookup_layers) == (0.0, (3, 5))
+    assert main([a for a in argv[:-1] if a not in ("--word-experts", "cnn, hires")]) == 0 and seen["cfg"].word_experts is None
+    with pytest.raises(SystemExit):
+        main(argv[:-1] + ["--word-experts", " , "])
     for bad in ("", "2,x"):
         with pytest.raises(SystemExit):
             main(argv[:-1] + ["--lookup-layers", bad])
@@ -134,11 +137,18 @@ def test_probe_llm_prints_accuracy_fed_perfect_and_own_tokens_at_three_backgroun
 
     def spy(model, processor, *args, pixels=True, **kwargs):
         thin = model._pruning_method
-        seen.append((pixels, 1.0 if thin is None else thin.share))
-        return {"average": 0.0}
+        seen.append((pixels, 1.0 if thin is None else thin.share) + ((thin.experts,) if thin is not None and thin.experts else ()))
+        return {n: 0.0 for n in [*synth.FAMILIES, "average"]}
     monkeypatch.setattr(tr, "evaluate", spy)
     tr.llm_report(model, processor, per_family=1)
     assert seen == [(pixels, share) for pixels in (False, True) for share in (1.0, 0.1, 0.0)]
+    seen.clear()  # --experts: every row sees the named expert's tokens only
+    cnn = (model.expert_names.index("cnn"),)
+    tr.llm_report(model, processor, per_family=1, experts=("cnn",))
+    assert seen == [(pixels, share, cnn) for pixels in (False, True) for share in (1.0, 0.1, 0.0)]
+    seen.clear()
+    assert main(["probe", "--checkpoint", str(DEFAULT_DIR), "--samples", "1", "--llm", "--experts", "cnn"]) == 0
+    assert len(seen) == 6 and all(s[2:] == (cnn,) for s in seen) and "only the tokens of cnn" in capsys.readouterr().out
     monkeypatch.undo()
     sample = synth.make_split(tr.EVAL_SEED, 1)[:1]
     for source in tr.LLM_FEEDS:
@@ -158,6 +168,8 @@ def test_probe_llm_prints_accuracy_fed_perfect_and_own_tokens_at_three_backgroun
     assert "--lookups needs --checkpoint" in capsys.readouterr().err
     assert main(["probe", "--checkpoint", str(DEFAULT_DIR), "--llm", "--lookups"]) == 2
     assert "one at a time" in capsys.readouterr().err
+    assert main(["probe", "--checkpoint", str(DEFAULT_DIR), "--experts", "cnn"]) == 2
+    assert "--experts goes with --llm" in capsys.readouterr().err
 
 
 def test_probe_lookups_prints_the_report(capsys, monkeypatch):

@@ -401,6 +401,14 @@ def _background(text: str) -> float | tuple[float, float]:
     return value
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    """'hires,cnn' -> ("hires", "cnn")."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     """'3,5' -> (3, 5)."""
     try:
@@ -425,7 +433,7 @@ def cmd_train(args) -> int:
                       vision_from=args.vision_from, one_family_batches=not args.mixed_batches,
                       centre_token=args.centre_token, expert_dropout=args.expert_dropout, rope_theta=args.rope_theta,
                       llm_width=args.llm_width, llm_layers=args.llm_layers, lookup_hint=args.lookup_hint,
-                      lookup_layers=args.lookup_layers,
+                      lookup_layers=args.lookup_layers, word_experts=args.word_experts,
                       extra_questions=args.extra_questions, describe=not args.no_describe,
                       **{k: v for k, v in (("vision_mix", args.vision_mix), ("llm_mix", args.llm_mix)) if v is not None})
     ckpt = train(cfg, resume=not args.no_resume)
@@ -443,6 +451,8 @@ def cmd_probe(args) -> int:
         raise ValueError(f"--{'llm' if args.llm else 'lookups'} needs --checkpoint (a trained model with projector='vocab')")
     if args.llm and args.lookups:
         raise ValueError("--llm and --lookups are two reports: ask for one at a time")
+    if args.experts and not args.llm:
+        raise ValueError("--experts goes with --llm (the LLM fed only those experts' tokens)")
     if args.lookups:
         from meteor_vlm.train import lookup_report
 
@@ -460,9 +470,10 @@ def cmd_probe(args) -> int:
         from meteor_vlm.train import llm_report
 
         model, processor = _load(args.checkpoint)
-        rows = llm_report(model, processor, args.samples, progress=True)
+        rows = llm_report(model, processor, args.samples, progress=True, experts=args.experts)
         print(f"held-out accuracy ({args.samples} per family), the LLM fed perfect tokens (the words each cell covers) "
-              "or the model's own, with every background token, a tenth of them or none")
+              "or the model's own, with every background token, a tenth of them or none"
+              + (f"; only the tokens of {', '.join(args.experts)}" if args.experts else ""))
         names = [*synth.FAMILIES, "average"]
         print(f"{'tokens':8s} {'background':>10s} " + " ".join(f"{n:>8s}" for n in names))
         for r in rows:
@@ -643,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--expert-dropout", type=float, default=0.0, metavar="P",
                    help="phases 2-3: a share P of the samples show the LLM no token of one random expert "
                         "(default 0; not in the shipped recipe)")
+    t.add_argument("--word-experts", type=_name_list, default=None, metavar="NAMES",
+                   help="phase 2 (not its full-background steps): the LLM sees only these experts' visual words, "
+                        "e.g. 'cnn' (shorter sequences, so cheaper steps; default: every expert's)")
     t.add_argument("--extra-questions", type=int, default=TrainConfig.extra_questions, metavar="K",
                    help=f"phases 2-3: K more questions about each training image after its own (default "
                         f"{TrainConfig.extra_questions}; only their answers are labelled)")
@@ -710,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --checkpoint: its held-out accuracy with the LLM fed perfect tokens or its own, with all, "
                     "a tenth or none of the background tokens (--samples per family): is the vision side, the LLM or "
                     "the background what loses accuracy?")
+    pr.add_argument("--experts", type=_name_list, default=None, metavar="NAMES",
+                    help="with --llm: the LLM sees only these experts' tokens, e.g. 'cnn' (a model trained with "
+                         "meteor train --word-experts)")
     pr.add_argument("--lookups", action="store_true",
                     help="with --checkpoint: per family and LLM layer, the best head's share of attention from the token "
                          "before the answer on the tokens that hold it (perfect tokens, no background): does the LLM "

@@ -173,6 +173,7 @@ class TrainConfig:
     lookup_hint: float = 0.0  # phases 2-3: weight of the lookup hint (ThinBackground; 0 = off)
     lookup_layers: tuple[int, ...] = (3, 5)  # the LLM layers whose head 0 the hint trains to attend to the answer
     expert_dropout: float = 0.0  # phases 2-3 (not their full-background steps): share of samples whose LLM sees no token of one random expert
+    word_experts: tuple[str, ...] | None = None  # phase 2 (not its full-background steps): the LLM sees only these experts' tokens
 
     def __post_init__(self):
         family_cycle(self.vision_mix), family_cycle(self.llm_mix)  # fail early on a bad mix
@@ -193,6 +194,10 @@ class TrainConfig:
             raise ValueError("cnn_pretrained needs cnn='efficientnet_lite' (the one CNN with installable weights)")
         if self.vision_from is not None and self.vision_steps:
             raise ValueError("vision_from replaces phase 1: it needs vision_steps=0")
+        if self.word_experts is not None:
+            self.word_experts = tuple(self.word_experts)
+            if not self.word_experts or len(set(self.word_experts)) != len(self.word_experts):
+                raise ValueError(f"word_experts must name distinct experts, got {self.word_experts}")
 
     @property
     def total_steps(self) -> int:
@@ -555,6 +560,8 @@ class ThinBackground(PruningMethod):
     With `expert_dropout` p > 0 and `expert_sizes` (each expert's tokens per image, in sequence order),
     a share p of the samples also lose every token of one expert drawn at random, covered or not: the
     LLM learns to answer from the other experts' copies, as it must once pruning removes some of them.
+    With `experts` (indices into `expert_sizes`), every token of the other experts goes too, in every sample:
+    a cheaper sequence, for phase 2 (`TrainConfig.word_experts`).
 
     With `hint_layers`, before each of those layers (>= 1) it also scores the *lookup hint*: how much of
     head `hint_head`'s attention, from the token that predicts each sample's first answer (`hint_queries`:
@@ -570,6 +577,7 @@ class ThinBackground(PruningMethod):
     covered: torch.Tensor | None = None
     expert_dropout: float = 0.0
     expert_sizes: tuple[int, ...] | None = None
+    experts: tuple[int, ...] | None = None
     hint_layers: tuple[int, ...] = ()
     hint_head: int = 0
     evidence: torch.Tensor | None = None
@@ -587,6 +595,10 @@ class ThinBackground(PruningMethod):
         check_expert_dropout(self.expert_dropout)
         if self.expert_dropout > 0 and not self.expert_sizes:
             raise ValueError("expert_dropout needs expert_sizes (each expert's tokens per image)")
+        if self.experts is not None:
+            n = len(self.expert_sizes or ())
+            if not self.experts or not all(0 <= i < n for i in self.experts):
+                raise ValueError(f"experts {self.experts} must be indices into expert_sizes ({n} experts)")
         check_hint_layers(self.hint_layers)
 
     def llm_layers(self, num_layers: int) -> set[int]:
@@ -634,6 +646,11 @@ class ThinBackground(PruningMethod):
             lo, hi = share
             share = (lo + (hi - lo) * torch.rand(vis.shape[0], 1, generator=self._generator)).to(vis.device)
         keep = ~vis | covered | (noise < share)
+        if self.experts is not None:
+            bounds = torch.tensor(self.expert_sizes).cumsum(0)
+            where = order % int(bounds[-1])  # the column's index in its own image
+            expert = torch.bucketize(where, bounds.to(vis.device), right=True)  # the column's expert
+            keep = keep & (~vis | torch.isin(expert, torch.tensor(self.experts, device=vis.device)))
         if self.expert_dropout > 0:
             bounds = torch.tensor([0, *self.expert_sizes]).cumsum(0)
             drop = torch.rand(vis.shape[0], generator=self._generator) < self.expert_dropout
@@ -652,24 +669,30 @@ def _at_columns(per_token: torch.Tensor, order: torch.Tensor, vis: torch.Tensor)
 
 @contextlib.contextmanager
 def token_feed(model: MultiEncoderVLM, tokenizer, background: float | tuple[float, float] = 1.0, seed: int = 0,
-               source: str = "words", expert_dropout: float = 0.0, hint_layers: tuple[int, ...] = (), hint_head: int = 0):
+               source: str = "words", expert_dropout: float = 0.0, hint_layers: tuple[int, ...] = (), hint_head: int = 0,
+               experts: tuple[str, ...] | None = None):
     """Within the block, the model's visual tokens for the samples put in the yielded list are
     `visual_words` (source="words": no expert runs) or its own (source="experts"), and with
     `background` < 1 (or a range reaching below 1) the LLM sees only that share of background tokens,
     and with `expert_dropout` > 0 that share of the samples lose one random expert's tokens (`ThinBackground`);
     with `hint_layers`, its lookup hint is scored at those layers (the caller sets `hint_queries` on
-    `model._pruning_method` for each batch; the evidence is read from the samples).
+    `model._pruning_method` for each batch; the evidence is read from the samples); with `experts`
+    (names), the LLM sees only those experts' tokens.
     On this instance only; the previous encoder and pruning method are restored on exit."""
     if source not in ("words", "experts"):
         raise ValueError(f"source must be 'words' or 'experts', got {source!r}")
     current: list = []
     check_background(background)
     check_expert_dropout(expert_dropout)
+    unknown = [e for e in experts or () if e not in model.expert_names]
+    if unknown:
+        raise ValueError(f"unknown experts {unknown}: the model has {model.expert_names}")
     thin = None
-    if background_range(background)[0] < 1 or expert_dropout > 0 or hint_layers:
+    if background_range(background)[0] < 1 or expert_dropout > 0 or hint_layers or experts is not None:
         sizes = tuple(rows * cols for rows, cols in (r.grid() for r in model.runners))
         thin = ThinBackground(share=background, seed=seed, expert_dropout=expert_dropout, expert_sizes=sizes,
-                              hint_layers=tuple(hint_layers), hint_head=hint_head)
+                              hint_layers=tuple(hint_layers), hint_head=hint_head,
+                              experts=None if experts is None else tuple(model.expert_names.index(e) for e in experts))
     own = type(model).encode_images.__get__(model)  # the class's encoder, whatever feed is active
 
     def encode_images(pixel_values, method=None):
@@ -887,6 +910,9 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                     proj.position.weight[: rows * cols] = grid_sincos(rows, cols, proj.position.embedding_dim,
                                                                       cfg.embed_std / 2)
         state, start = None, 0
+    unknown = [e for e in cfg.word_experts or () if e not in model.expert_names]
+    if unknown:  # before phase 1, not when phase 2 begins
+        raise ValueError(f"word_experts: unknown experts {unknown}; the model has {model.expert_names}")
     grounding = Grounding(model, cfg.grounding_per_image) if cfg.grounding > 0 or cfg.vision_steps > 0 else None
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -914,7 +940,8 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                 current = None if phase == "vision" else feeds.enter_context(token_feed(
                     model, tokenizer, 1.0 if full else cfg.background, seed=cfg.seed + step,
                     source="words" if phase == "words" else "experts", expert_dropout=0.0 if full else cfg.expert_dropout,
-                    hint_layers=cfg.lookup_layers if cfg.lookup_hint > 0 else ()))
+                    hint_layers=cfg.lookup_layers if cfg.lookup_hint > 0 else (),
+                    experts=cfg.word_experts if phase == "words" and not full else None))
                 fed_phase = phase, full
                 bar.set_description(f"train ({phase}{', all background' if full else ''})")
                 frozen = vision_modules(model) if phase == "qa" and cfg.qa_freeze_vision else []
@@ -1017,18 +1044,21 @@ LLM_BACKGROUNDS = (1.0, 0.1, 0.0)  # and shares of background tokens
 
 
 @torch.no_grad()
-def llm_report(model, processor, per_family: int = 50, seed: int = EVAL_SEED, progress: bool = False) -> list[dict]:
+def llm_report(model, processor, per_family: int = 50, seed: int = EVAL_SEED, progress: bool = False,
+               experts: tuple[str, ...] | None = None) -> list[dict]:
     """Where a trained model's accuracy is lost: its held-out accuracy (`evaluate`) with the LLM fed the tokens a
     perfect vision side would give (`visual_words`, source "words") and its own tokens (source "experts"), each with
     every background token, a tenth of them (`ThinBackground`, seeded by `seed`) and none; covered tokens are always
     kept. Perfect tokens well above its own: the vision side loses it; both alike and low: the LLM has not learned the
-    questions; much better with less background: the background dilutes its attention. One row per (source,
-    background): {"source", "background", "accuracy"} (`evaluate`'s dict)."""
+    questions; much better with less background: the background dilutes its attention. With `experts` (names),
+    the LLM sees only those experts' tokens (`token_feed`), as phase 2 trains with `word_experts`. One row per
+    (source, background): {"source", "background", "accuracy"} (`evaluate`'s dict)."""
     rows = []
     size = _synth_size(processor)
     for source in LLM_FEEDS:
         for share in LLM_BACKGROUNDS:
-            with token_feed(model, processor.tokenizer, background=share, seed=seed, source=source) as feed:
+            with token_feed(model, processor.tokenizer, background=share, seed=seed, source=source,
+                            experts=experts) as feed:
                 acc = evaluate(model, processor, per_family, seed=seed, image_size=size, progress=progress,
                                on_batch=lambda batch: feed.__setitem__(slice(None), batch), pixels=source == "experts")
             rows.append({"source": source, "background": share, "accuracy": acc})
