@@ -646,18 +646,16 @@ class ThinBackground(PruningMethod):
             lo, hi = share
             share = (lo + (hi - lo) * torch.rand(vis.shape[0], 1, generator=self._generator)).to(vis.device)
         keep = ~vis | covered | (noise < share)
+        if self.experts is None and self.expert_dropout == 0:
+            return keep
+        ends = torch.tensor(self.expert_sizes, device=vis.device).cumsum(0)
+        expert = torch.bucketize(order % int(ends[-1]), ends, right=True)  # each column's expert (by its index in its image)
         if self.experts is not None:
-            bounds = torch.tensor(self.expert_sizes).cumsum(0)
-            where = order % int(bounds[-1])  # the column's index in its own image
-            expert = torch.bucketize(where, bounds.to(vis.device), right=True)  # the column's expert
             keep = keep & (~vis | torch.isin(expert, torch.tensor(self.experts, device=vis.device)))
         if self.expert_dropout > 0:
-            bounds = torch.tensor([0, *self.expert_sizes]).cumsum(0)
             drop = torch.rand(vis.shape[0], generator=self._generator) < self.expert_dropout
             which = torch.randint(0, len(self.expert_sizes), (vis.shape[0],), generator=self._generator)
-            lo, hi = bounds[which].to(vis.device), bounds[which + 1].to(vis.device)
-            where = order % int(bounds[-1])  # the column's index in its own image
-            keep = keep & ~((where >= lo[:, None]) & (where < hi[:, None]) & vis & drop.to(vis.device)[:, None])
+            keep = keep & ~((expert == which.to(vis.device)[:, None]) & vis & drop.to(vis.device)[:, None])
         return keep
 
 
@@ -665,6 +663,13 @@ def _at_columns(per_token: torch.Tensor, order: torch.Tensor, vis: torch.Tensor)
     """(B, N) bool over each image's visual tokens -> (B, T) over the columns (`order`: each column's index in its
     image; False off the visual columns `vis`)."""
     return per_token.to(vis.device).gather(1, order.clamp_max(per_token.shape[1] - 1)) & vis
+
+
+def check_expert_names(model: MultiEncoderVLM, names) -> None:
+    """ValueError unless every one of `names` (or None) is one of the model's experts."""
+    unknown = [e for e in names or () if e not in model.expert_names]
+    if unknown:
+        raise ValueError(f"unknown experts {unknown}: the model has {model.expert_names}")
 
 
 @contextlib.contextmanager
@@ -684,9 +689,7 @@ def token_feed(model: MultiEncoderVLM, tokenizer, background: float | tuple[floa
     current: list = []
     check_background(background)
     check_expert_dropout(expert_dropout)
-    unknown = [e for e in experts or () if e not in model.expert_names]
-    if unknown:
-        raise ValueError(f"unknown experts {unknown}: the model has {model.expert_names}")
+    check_expert_names(model, experts)
     thin = None
     if background_range(background)[0] < 1 or expert_dropout > 0 or hint_layers or experts is not None:
         sizes = tuple(rows * cols for rows, cols in (r.grid() for r in model.runners))
@@ -910,9 +913,7 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
                     proj.position.weight[: rows * cols] = grid_sincos(rows, cols, proj.position.embedding_dim,
                                                                       cfg.embed_std / 2)
         state, start = None, 0
-    unknown = [e for e in cfg.word_experts or () if e not in model.expert_names]
-    if unknown:  # before phase 1, not when phase 2 begins
-        raise ValueError(f"word_experts: unknown experts {unknown}; the model has {model.expert_names}")
+    check_expert_names(model, cfg.word_experts)  # before phase 1, not when phase 2 begins
     grounding = Grounding(model, cfg.grounding_per_image) if cfg.grounding > 0 or cfg.vision_steps > 0 else None
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
