@@ -345,6 +345,28 @@ def test_training_phases_log_resume_and_freeze_the_vision_side_in_qa(tmp_path, m
     tr.train(cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7]  # resumed at step 6, did one more
+    cfg.steps, cfg.rope_theta, cfg.cnn = 4, 1e4, "efficientnet_lite"  # not the checkpoint's: refused, not ignored
+    with pytest.raises(ValueError, match=r"rope_theta: 500000.0 -> 10000.0; experts: .*'convnext'.*'efficientnet_lite'"):
+        tr.train(cfg)
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 7
+
+
+def test_architecture_mismatches_name_what_a_resumed_run_would_ignore():
+    """The embedded model's real config against itself and against one setting changed at a time."""
+    from meteor_vlm import train as tr
+
+    tok = tr.build_tokenizer()
+    base = dict(cnn_kind="efficientnet_lite", projector_norm=None)
+    have = tr.default_model_config(tok, **base)
+    assert tr.architecture_mismatches(have, tr.default_model_config(tok, **base)) == []
+    cnn, low = "('cnn', 'efficientnet_lite', {})", "('lowres', 'clip', {})"
+    for change, expect in [(dict(llm_width=192), ["llm_width: 128 -> 192"]), (dict(llm_layers=10), ["llm_layers: 8 -> 10"]),
+                           (dict(rope_theta=5e5), ["rope_theta: 10000.0 -> 500000.0"]),
+                           (dict(projector_norm="batch"), ["projector_norm: None -> batch"]),
+                           (dict(cnn_size=224), ["experts: [", cnn.format(336) + "] -> [", cnn.format(224) + "]"]),
+                           (dict(image_size=288), ["experts: [" + low.format(112), "-> [" + low.format(96)])]:
+        got = tr.architecture_mismatches(have, tr.default_model_config(tok, **{**base, **change}))
+        assert len(got) == 1 and got[0].startswith(expect[0]) and all(e in got[0] for e in expect), (change, got)
 
 
 def test_vision_from_starts_phase_3_with_another_runs_vision_side(tmp_path, monkeypatch):

@@ -663,13 +663,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-describe", action="store_true",
                    help="phases 2-3: no 'describe : <contents>' continuation after the questions")
     t.add_argument("--rope-theta", type=float, default=TrainConfig.rope_theta, metavar="BASE",
-                   help=f"the decoder's RoPE base (default {TrainConfig.rope_theta:g}); a new run only, a resumed "
-                        "one keeps its checkpoint's")
+                   help=f"the decoder's RoPE base (default {TrainConfig.rope_theta:g}); a resumed run "
+                        "must match its checkpoint's")
     t.add_argument("--llm-width", type=int, default=TrainConfig.llm_width, metavar="D",
                    help=f"the decoder's residual width (default {TrainConfig.llm_width}; its MLP 2.5 D, its 8 heads 32 "
-                        "wide); a new run only")
+                        "wide); a resumed run must match its checkpoint's")
     t.add_argument("--llm-layers", type=int, default=TrainConfig.llm_layers, metavar="L",
-                   help=f"the decoder's layers (default {TrainConfig.llm_layers}); a new run only")
+                   help=f"the decoder's layers (default {TrainConfig.llm_layers}); a resumed run must "
+                        "match its checkpoint's")
     t.add_argument("--lookup-hint", type=float, default=TrainConfig.lookup_hint, metavar="W",
                    help="phases 2-3: add W times the lookup hint to the loss, training head 0 of the --lookup-layers to "
                         "attend, from the token before each answer, to the visual tokens that hold it (default 0: off)")

@@ -672,6 +672,23 @@ def check_expert_names(model: MultiEncoderVLM, names) -> None:
         raise ValueError(f"unknown experts {unknown}: the model has {model.expert_names}")
 
 
+def architecture_mismatches(have: MultiEncoderVLMConfig, want: MultiEncoderVLMConfig) -> list[str]:
+    """What differs between a checkpoint's architecture (`have`) and the one a run's settings build
+    (`want`): the decoder's width, depth and RoPE base, the projectors' norm, and each expert's kind and
+    input side, as `"name: have -> want"` lines (empty when they agree)."""
+    def rope(text):
+        params = getattr(text, "rope_parameters", None) or {}
+        return float(params.get("rope_theta", getattr(text, "rope_theta", 0.0)))
+
+    pairs = [("llm_width", have.text_config.hidden_size, want.text_config.hidden_size),
+             ("llm_layers", have.text_config.num_hidden_layers, want.text_config.num_hidden_layers),
+             ("rope_theta", rope(have.text_config), rope(want.text_config)),
+             ("projector_norm", have.projector_norm, want.projector_norm),
+             ("experts", [(e.name, e.kind, e.image_size) for e in have.expert_specs],
+              [(e.name, e.kind, e.image_size) for e in want.expert_specs])]
+    return [f"{name}: {a} -> {b}" for name, a, b in pairs if a != b]
+
+
 @contextlib.contextmanager
 def token_feed(model: MultiEncoderVLM, tokenizer, background: float | tuple[float, float] = 1.0, seed: int = 0,
                source: str = "words", expert_dropout: float = 0.0, hint_layers: tuple[int, ...] = (), hint_head: int = 0,
@@ -894,6 +911,12 @@ def train(cfg: TrainConfig, resume: bool = True) -> Path:
         model = MultiEncoderVLM.from_pretrained(ckpt)
         processor = MultiEncoderProcessor.from_pretrained(ckpt)
         tokenizer = processor.tokenizer  # the run's own, with or without `CENTRE_TOKEN` as it began
+        wanted = default_model_config(tokenizer, cfg.image_size, cfg.cnn, cfg.cnn_size, cfg.projector_norm,
+                                      rope_theta=cfg.rope_theta, llm_width=cfg.llm_width, llm_layers=cfg.llm_layers)
+        differs = architecture_mismatches(model.config, wanted)
+        if differs:  # resuming would silently train the checkpoint's model, not the one asked for
+            raise ValueError(f"{ckpt} holds another architecture than these settings ask for ("
+                             + "; ".join(differs) + "): pass the checkpoint's settings, a new --out, or --no-resume")
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
         start = state["step"]
     else:
