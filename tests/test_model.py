@@ -274,3 +274,48 @@ def test_vocab_projector_mixes_word_embeddings_at_each_tokens_own_cell(images):
     words = model.get_input_embeddings().weight
     want = proj.word_logits(x).softmax(-1) @ words + proj.position.weight[cells]
     torch.testing.assert_close(proj(x, cells, words), want, atol=1e-5, rtol=0)
+
+
+def test_meteor_cnn_activation_score_keeps_the_cnn_cells_of_largest_norm(tiny, images):
+    """cnn_score="activation": at its output the CNN keeps its planned count of cells, those whose trunk
+    features (before the ConvNeXt's output LayerNorm, which leaves every cell the same norm) have the
+    largest norm, in grid order, and the transformer experts keep what they keep by default; the default
+    ranks the CNN's output cells by cosine similarity to their mean cell, dropping the most similar. Bench
+    names with -act build it; an unknown score is refused."""
+    from meteor_vlm.bench.accuracy import make_method
+
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0], images[1]], ["what ?", "what ?"])
+    pixels = mv.models.vlm.expert_pixels(inputs)
+    cnn = model.expert_names.index("convnext")
+    act = mv.Meteor(fusion=False, llm=False, encoder_keep=0.3, cnn_score="activation")
+    plain = act.with_(cnn_score="mean-similarity")
+    got = {}
+    with torch.no_grad():
+        full = model.encode_expert(cnn, pixels["convnext"], None)
+        for m in (act, plain):
+            with m(model):
+                got[m.cnn_score] = [model.encode_expert(i, pixels[n], m) for i, n in enumerate(model.expert_names)]
+        runner = model.runners[cnn]  # the trunk's feature map, one row per cell
+        trunk = runner.module.encoder(runner.module.embeddings(pixels["convnext"])).last_hidden_state.flatten(2).mT
+    x = full.features
+    k = got["activation"][cnn].grid_index.shape[1]
+    assert 0 < k < x.shape[1] and got["mean-similarity"][cnn].grid_index.shape[1] == k
+    by_norm = torch.sqrt((trunk.double() ** 2).sum(-1)).topk(k, dim=1).indices.sort(1).values
+    assert got["activation"][cnn].grid_index.tolist() == by_norm.tolist()
+    torch.testing.assert_close(got["activation"][cnn].features, x.gather(1, by_norm[..., None].expand(-1, -1, x.shape[-1])))
+    sim = torch.nn.functional.cosine_similarity(x, x.mean(1, keepdim=True).expand_as(x), dim=-1)
+    by_sim = sim.topk(k, dim=1, largest=False).indices.sort(1).values
+    assert got["mean-similarity"][cnn].grid_index.tolist() == by_sim.tolist() != by_norm.tolist()
+    for i in range(len(model.expert_names)):
+        if i != cnn:
+            assert got["activation"][i].grid_index.tolist() == got["mean-similarity"][i].grid_index.tolist()
+            torch.testing.assert_close(got["activation"][i].features, got["mean-similarity"][i].features)
+    assert make_method("meteor:e0.5-f0.5-l200-act").cnn_score == "activation"
+    assert make_method("meteor:e0.5-f0.5-l200").cnn_score == "mean-similarity"
+    assert make_method("meteor:e0.3-l50-act").cnn_score == "activation"
+    stage1 = make_method("alloc:rank-reverse-act")
+    assert (stage1.allocation, stage1.cnn_score, stage1.fusion, stage1.llm) == ("rank-reverse", "activation", False, False)
+    assert stage1.settings() == {**make_method("alloc:rank-reverse").settings(), "cnn_score": "activation"}
+    with pytest.raises(ValueError, match="unknown cnn_score"):
+        mv.Meteor(cnn_score="norm")

@@ -96,15 +96,22 @@ class NamePattern:
 
 
 NAME_PATTERNS = (
-    NamePattern(re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)$"),
-                lambda e, f, lam: Meteor(encoder_keep=float(e), fusion_keep=float(f), lam=float(lam)),
-                "meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>", "all three stages at a chosen budget",
-                "meteor:e0.5-f0.6-l100"),
-    NamePattern(re.compile(r"^meteor:e([0-9.]+)-l([0-9.]+)$"),
-                lambda e, lam: Meteor(fusion=False, encoder_keep=float(e), lam=float(lam)),
-                "meteor:e<encoder_keep>-l<lambda>",
+    NamePattern(re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)(-act)?$"),
+                lambda e, f, lam, act: Meteor(encoder_keep=float(e), fusion_keep=float(f), lam=float(lam),
+                                              cnn_score=_cnn_score(act)),
+                "meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>[-act]",
+                "all three stages at a chosen budget; -act: a CNN expert keeps its cells of largest activation norm "
+                "(cnn_score='activation') instead of those least like its mean cell", "meteor:e0.5-f0.6-l100"),
+    NamePattern(re.compile(r"^meteor:e([0-9.]+)-l([0-9.]+)(-act)?$"),
+                lambda e, lam, act: Meteor(fusion=False, encoder_keep=float(e), lam=float(lam), cnn_score=_cnn_score(act)),
+                "meteor:e<encoder_keep>-l<lambda>[-act]",
                 "stages 1 and 3 at a chosen budget, no fusion stage (a model with one vision encoder, e.g. a LLaVA)",
                 "meteor:e0.333-l50"),
+    NamePattern(re.compile(r"^alloc:(rank|average|rank-reverse)-act$"),
+                lambda alloc: Meteor(allocation=alloc, fusion=False, llm=False, encoder_keep=0.25, cnn_score="activation"),
+                "alloc:<allocation>-act",
+                "the stage-1 ablation (that allocation, 25% of the tokens) with a CNN expert pruned by activation norm",
+                "alloc:rank-act"),
     NamePattern(re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$"), lambda budget, lam: _stage3_alone(budget, float(lam)),
                 "stage3:adaptive-l<lambda>, stage3:fixed-l<lambda>",
                 "the stage-3 ablation at another lambda (default 50; the fixed ratios are matched at run time to "
@@ -157,6 +164,10 @@ NAME_PATTERNS = (
                 "layers on (scaled), 30% of the dropped ones recycled into merged tokens (-r sets that share); "
                 "its 192-of-576 setting is k0.52-0.35-0.19", "sparsevlm:k0.52-0.35-0.19"),
 )
+
+
+def _cnn_score(act: str | None) -> str:
+    return "activation" if act else "mean-similarity"
 
 
 def budget_method(name: str):

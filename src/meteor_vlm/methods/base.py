@@ -49,7 +49,8 @@ class EncoderPoint:
     thirds: 0, 1, 2); size: (B, N_patches) how many of the expert's patches each patch token stands for (1
     until a method merges tokens); keys: (B, H, N, d) the keys the block's attention used, where the
     runner caught them (within a block), else None and computed from block_input when asked; grid:
-    (B, N_patches) each patch token's grid index.
+    (B, N_patches) each patch token's grid index; trunk: at a CNN's output (block None), its features before
+    the runner's output norm (`finalize`; the same tensor as `tokens` where there is none), else None.
 
     Where a token is a window of several patches (`runner.window` > 1, Qwen2-VL's 2x2 merge windows), the
     tokens hold the window's patches side by side, scores add up its patches' attention and keys are its
@@ -68,6 +69,7 @@ class EncoderPoint:
     size: torch.Tensor | None = field(repr=False, default=None)
     keys: torch.Tensor | None = field(repr=False, default=None)
     grid: torch.Tensor | None = field(repr=False, default=None)
+    trunk: torch.Tensor | None = field(repr=False, default=None)
 
     @property
     def patches(self) -> torch.Tensor:

@@ -3,7 +3,8 @@
 1. Inside each expert (rank-guided assignment): at the ends of the expert's three thirds, drop the
    patch tokens most similar to the mean token (first point) or least attended by CLS (later points;
    mean received attention for experts without CLS). The tokens kept at each point are split over the
-   experts in proportion to their stored feature rank. A CNN is pruned once, at its output.
+   experts in proportion to their stored feature rank. A CNN is pruned once, at its output (by the
+   mean-similarity score, or by its activations' norm: ``cnn_score``).
 2. At fusion (cooperative pruning): keep the K tokens, over all experts, least redundant with the
    other experts' tokens.
 3. In the LLM (instance-adaptive, text-guided): at layers scaled from 4/12/20 of 32, score visual
@@ -36,6 +37,7 @@ __all__ = ["Meteor", "scaled_llm_layers", "PAPER_LLM_LAYERS"]
 PAPER_LLM_LAYERS = (4, 12, 20)  # of a 32-layer LLM
 FUSION_STRATEGIES = ("cooperative", "separate", "random")
 QUERIES = ("last", "text")
+CNN_SCORES = ("mean-similarity", "activation")
 BUDGETS = ("adaptive", "fixed")
 
 
@@ -54,7 +56,10 @@ class Meteor(PruningMethod):
     (or ``encoder_tokens`` as a count), reached geometrically over the three pruning points (on a model
     whose images each have their own grid, Qwen2-VL, the share of each image's tokens; no count);
     ``allocation`` = "rank" | "average" | "rank-reverse"; ``rank_table``: a dict, a JSON path, or
-    None to use the model's ``config.rank_table`` (from ``meteor calibrate``).
+    None to use the model's ``config.rank_table`` (from ``meteor calibrate``). ``cnn_score``: how an expert
+    with no blocks to prune inside (a CNN, pruned once at its output) ranks its cells: "mean-similarity"
+    (the shallow score: drop the cells most like the mean cell) or "activation" (keep the cells whose
+    trunk features, before the CNN's output norm if it has one, have the largest norm, `ops.activation_norm`).
 
     Stage 2 (fusion): ``fusion_keep`` share of stage 1's output kept (or ``fusion_tokens``);
     ``fusion_strategy`` = "cooperative" | "separate" | "random".
@@ -73,6 +78,7 @@ class Meteor(PruningMethod):
     encoder_tokens: int | None = None
     allocation: str = "rank"
     rank_table: dict | str | None = None
+    cnn_score: str = "mean-similarity"
 
     fusion: bool = True
     fusion_keep: float = 576 / 1193
@@ -129,6 +135,8 @@ class Meteor(PruningMethod):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.allocation not in ops.ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {ops.ALLOCATIONS}")
+        if self.cnn_score not in CNN_SCORES:
+            raise ValueError(f"unknown cnn_score {self.cnn_score!r}; choose one of {CNN_SCORES}")
         if self.fusion_strategy not in FUSION_STRATEGIES:
             raise ValueError(f"unknown fusion_strategy {self.fusion_strategy!r}; choose one of {FUSION_STRATEGIES}")
         if self.query not in QUERIES:
@@ -217,6 +225,8 @@ class Meteor(PruningMethod):
         patches = ctx.patches
         if keep >= patches.shape[1]:
             return None
+        if ctx.block is None and self.cnn_score == "activation":  # a CNN's output, before any output norm
+            return ops.topk_indices(ops.activation_norm(patches if ctx.trunk is None else ctx.trunk), keep)
         if ctx.point == 0 or ctx.block is None:
             return ops.topk_indices(ops.mean_similarity(patches), keep, largest=False)
         score = ctx.cls_attention() if ctx.has_cls else ctx.received_attention()

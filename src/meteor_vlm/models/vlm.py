@@ -92,7 +92,7 @@ def run_expert(runner, index: int, pixel_values: torch.Tensor, method: PruningMe
         _tap(runner, i, x, grid, taps)
     feats = runner.finalize(x)
     if method is not None and runner.num_blocks == 0:  # a CNN is pruned once, at its output
-        ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner, size)
+        ctx = EncoderPoint(runner.spec.name, index, runner.kind, 2, None, feats, None, False, runner, size, trunk=x)
         feats, grid, size, valid = apply_encoder_keep(method.prune_encoder(ctx), feats, grid, size, False)
     return VisualTokens(feats, torch.full(grid.shape, index, dtype=torch.long, device=feats.device), grid, size,
                         valid=valid, taps=taps or None)

@@ -7,6 +7,7 @@ from .budgets import ALLOCATIONS, adaptive_budget, allocate_budget, allocation_w
 from .merging import bipartite_soft_matching, density_peak_clusters, merge_groups, merge_into_kept, merge_into_targets, supplement_from_neighbours
 from .metrics import diversity, layer_averaged_tokens, tokens_per_layer
 from .scores import (
+    activation_norm,
     attention_rows,
     cls_attention,
     cooperative_redundancy,
@@ -28,6 +29,7 @@ from .selection import (
 
 __all__ = [
     "ALLOCATIONS",
+    "activation_norm",
     "adaptive_budget",
     "allocate_budget",
     "allocation_weights",

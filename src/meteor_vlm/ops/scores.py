@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "mean_similarity",
+    "activation_norm",
     "attention_rows",
     "cls_attention",
     "received_attention",
@@ -39,6 +40,21 @@ def mean_similarity(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     w = valid.to(x.dtype).unsqueeze(-1)
     mean = (x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
     return F.cosine_similarity(x, mean.expand_as(x), dim=-1, eps=1e-8)
+
+
+def activation_norm(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each token's feature vector: how strongly a CNN's output cell responds.
+
+    A CNN has no attention to score its cells with; the energy of its activations over channels is the
+    usual spatial saliency map of a convolutional network (strong on edges and objects, weak on flat
+    background).
+
+    Args:
+        x: (B, N, D) token features.
+    Returns:
+        (B, N) non-negative norms; high means "salient".
+    """
+    return x.float().norm(dim=-1)
 
 
 def attention_rows(
