@@ -108,7 +108,7 @@ NAME_PATTERNS = (
                 "stages 1 and 3 at a chosen budget, no fusion stage (a model with one vision encoder, e.g. a LLaVA)",
                 "meteor:e0.333-l50"),
     NamePattern(re.compile(r"^alloc:(rank|average|rank-reverse)-act$"),
-                lambda alloc: Meteor(allocation=alloc, fusion=False, llm=False, encoder_keep=0.25, cnn_score="activation"),
+                lambda alloc: method_catalog()[f"alloc:{alloc}"]().with_(cnn_score="activation"),
                 "alloc:<allocation>-act",
                 "the stage-1 ablation (that allocation, 25% of the tokens) with a CNN expert pruned by activation norm",
                 "alloc:rank-act"),
