@@ -1405,6 +1405,51 @@ def test_compare_reproduces_the_bench_pairs_from_a_results_file(folder, capsys):
         compare_rows(short, "unpruned", row["method"])
 
 
+def test_compare_pools_splits_as_one_bench_of_all_their_questions(capsys):
+    """`meteor compare A B C --pool D`: two committed benches of the same rows on different splits compare exactly
+    as one bench holding all their questions (each family's answers put together, the first split's first; 200 and 250
+    per family, so averaging the splits instead of counting would fail), and a
+    single file gives the bench's own kept interval."""
+    from pathlib import Path
+
+    from meteor_vlm import synth
+    from meteor_vlm.bench.report import compare_rows
+
+    root = Path(__file__).parent.parent / "results"
+    first, second = (json.loads((root / f / "results.json").read_text())
+                     for f in ("cnn-activation-e0.25", "cnn-activation-e0.25-4242"))
+    base, other = "unpruned", "meteor:e0.25-f1-l200-act"
+    fams = [f for f in synth.FAMILIES if f in first["rows"][0]["accuracy"]]
+    n1, n2 = first["samples_per_family"], second["samples_per_family"]
+
+    def merged_row(name):
+        rows = [{r["method"]: r for r in res["rows"]}[name]["correct"] for res in (first, second)]
+        per_family = [rows[0][j::len(fams)] + rows[1][j::len(fams)] for j in range(len(fams))]
+        correct = [per_family[i % len(fams)][i // len(fams)] for i in range((n1 + n2) * len(fams))]
+        return {"method": name, "correct": correct, "accuracy": {f: 0.0 for f in fams}}
+
+    merged = {"samples_per_family": n1 + n2, "rows": [merged_row(base), merged_row(other)]}
+    pooled, one = compare_rows([first, second], base, other), compare_rows(merged, base, other)
+    assert pooled == one and pooled["questions"] == (n1 + n2) * len(fams)
+    single = compare_rows(first, base, other)
+    row = {r["method"]: r for r in first["rows"]}[other]
+    assert single["kept_ci95"] == row["kept_ci95"] and single["kept"] == pytest.approx(row["kept"])
+    # each family counted over all its questions (not the two splits' accuracies averaged)
+    rows = [[int(c) for c in merged_row(name)["correct"]] for name in (base, other)]  # files keep "0101..."
+    for j, f in enumerate(fams):
+        right = [sum(r[j::len(fams)]) for r in rows]
+        assert pooled["delta"][f] == pytest.approx((right[1] - right[0]) / (n1 + n2))
+    assert pooled["kept"] == pytest.approx(sum(rows[1]) / sum(rows[0]))
+    assert main(["compare", str(root / "cnn-activation-e0.25"), base, other, "--pool",
+                 str(root / "cnn-activation-e0.25-4242")]) == 0
+    out = capsys.readouterr().out
+    assert "2 results pooled" in out and f"{(n1 + n2) * len(fams)} questions" in out
+    fewer = {**second, "rows": [{**r, "accuracy": {k: v for k, v in r["accuracy"].items() if k != "charts"},
+                                 "correct": r["correct"][: n2 * (len(fams) - 1)]} for r in second["rows"]]}
+    with pytest.raises(ValueError, match="same families"):
+        compare_rows([first, fewer], base, other)
+
+
 def test_speed_on_a_stock_smolvlm(tmp_path, capsys, monkeypatch):
     """`meteor speed --shape S --smolvlm` profiles a stock transformers SmolVLM through its adapter (square images at
     the processor's longest side: 2 x 2 tiles and the whole image on the tiny one); methods inside its ViT and after

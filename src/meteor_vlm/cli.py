@@ -556,15 +556,21 @@ def cmd_ask(args) -> int:
 def cmd_compare(args) -> int:
     from meteor_vlm.bench.report import compare_rows
 
-    path = Path(args.results)
-    if path.is_dir():
-        path = path / "results.json"
-    if not path.is_file():
-        raise ValueError(f"results file not found: {path}")
-    c = compare_rows(json.loads(path.read_text()), args.base, args.other)
+    paths = []
+    for given in [args.results, *(args.pool or [])]:
+        path = Path(given)
+        if path.is_dir():
+            path = path / "results.json"
+        if not path.is_file():
+            raise ValueError(f"results file not found: {path}")
+        paths.append(path)
+    c = compare_rows([json.loads(p.read_text()) for p in paths], args.base, args.other)
+    where = str(paths[0]) if len(paths) == 1 else f"{len(paths)} results pooled ({', '.join(str(p.parent) for p in paths)})"
     lo, hi = c["difference_ci95"]
-    print(f"{c['other']} - {c['base']} on {path}: average {100 * c['difference']:+.1f} points [{100 * lo:+.1f}, "
-          f"{100 * hi:+.1f}] (paired bootstrap, 95%)")
+    klo, khi = c["kept_ci95"]
+    print(f"{c['other']} - {c['base']} on {where}, {c['questions']} questions: average {100 * c['difference']:+.1f} "
+          f"points [{100 * lo:+.1f}, {100 * hi:+.1f}], kept {100 * c['kept']:.1f}% [{100 * klo:.1f}, {100 * khi:.1f}] "
+          f"(paired bootstrap, 95%)")
     for f, d in c["delta"].items():
         lo, hi = c["delta_ci95"][f]
         print(f"  {f:9s} {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
@@ -789,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("results", help="a results.json (or its folder) written by meteor bench")
     c.add_argument("base", help="the row to compare against (a method name)")
     c.add_argument("other", help="the row compared (a method name)")
+    c.add_argument("--pool", nargs="+", metavar="RESULTS",
+                   help="more results (the same rows on other splits) pooled with the first: answers put together, "
+                        "each family counted over all its questions")
     c.set_defaults(fn=cmd_compare)
 
     m = sub.add_parser("methods", help="list the method names bench accepts")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from .. import synth
 from .stats import paired_bootstrap
@@ -104,30 +107,52 @@ def format_ablations(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare_rows(results: dict, base: str, other: str) -> dict:
-    """Two rows of one bench's results.json against each other, after the fact: `other`'s average and
+def compare_rows(results: dict | Sequence[dict], base: str, other: str) -> dict:
+    """Two rows of a bench's results.json against each other, after the fact: `other`'s average and
     per-family accuracy minus `base`'s, with the paired bootstrap's 95% intervals (`stats.paired_bootstrap`,
     as the bench computes them), from the per-sample answers the file keeps (`correct`, in
     `synth.make_split` order: families in turn).
 
-    Returns {"base", "other", "difference", "difference_ci95", "delta": {family: difference},
-    "delta_ci95": {family: [lo, hi]}} (fractions: -0.02 = 2 points lost).
+    `results` may also be a list of results (benches of the same families on different splits, e.g. seeds):
+    the two rows' answers are then pooled, each family's accuracy counted over all its questions, and the
+    bootstrap resamples within each family across the splits. One results dict gives exactly the bench's own
+    intervals.
+
+    Returns {"base", "other", "questions", "difference", "difference_ci95", "kept", "kept_ci95",
+    "delta": {family: difference}, "delta_ci95": {family: [lo, hi]}} (differences as fractions: -0.02 = 2
+    points lost; kept: other's average over base's).
     """
-    rows = {r["method"]: r for r in results["rows"]}
-    missing = [n for n in (base, other) if n not in rows]
-    if missing:
-        raise ValueError(f"no row {missing} in these results; rows: {list(rows)}")
-    a, b = rows[base]["correct"], rows[other]["correct"]
-    fams = [f for f in synth.FAMILIES if f in rows[base]["accuracy"]]
-    if len(a) != len(b) or len(a) != len(fams) * results["samples_per_family"]:
-        raise ValueError(f"the rows hold {len(a)} and {len(b)} answers, not {len(fams)} families x "
-                         f"{results['samples_per_family']} samples")
-    families = [fams[i % len(fams)] for i in range(len(a))]
-    ci = paired_bootstrap([int(c) for c in a], [int(c) for c in b], families)
-    acc_a, acc_b = rows[base]["accuracy"], rows[other]["accuracy"]
-    return {"base": base, "other": other, "difference": acc_b["average"] - acc_a["average"],
-            "difference_ci95": ci["difference"], "delta": {f: acc_b[f] - acc_a[f] for f in fams},
-            "delta_ci95": ci["delta"]}
+    runs = [results] if isinstance(results, dict) else list(results)
+    if not runs:
+        raise ValueError("no results to compare")
+    a: list[int] = []
+    b: list[int] = []
+    families: list[str] = []
+    fams: list[str] | None = None
+    for res in runs:
+        rows = {r["method"]: r for r in res["rows"]}
+        missing = [n for n in (base, other) if n not in rows]
+        if missing:
+            raise ValueError(f"no row {missing} in these results; rows: {list(rows)}")
+        ra, rb = rows[base]["correct"], rows[other]["correct"]
+        these = [f for f in synth.FAMILIES if f in rows[base]["accuracy"]]
+        if fams is not None and these != fams:
+            raise ValueError(f"pooled results must hold the same families: {fams} and {these}")
+        fams = these
+        if len(ra) != len(rb) or len(ra) != len(fams) * res["samples_per_family"]:
+            raise ValueError(f"the rows hold {len(ra)} and {len(rb)} answers, not {len(fams)} families x "
+                             f"{res['samples_per_family']} samples")
+        a += [int(c) for c in ra]
+        b += [int(c) for c in rb]
+        families += [fams[i % len(fams)] for i in range(len(ra))]
+    ci = paired_bootstrap(a, b, families)
+    fam = np.asarray(families)
+    acc_a = {f: float(np.mean(np.asarray(a)[fam == f])) for f in fams}
+    acc_b = {f: float(np.mean(np.asarray(b)[fam == f])) for f in fams}
+    avg_a, avg_b = float(np.mean(list(acc_a.values()))), float(np.mean(list(acc_b.values())))
+    return {"base": base, "other": other, "questions": len(a), "difference": avg_b - avg_a,
+            "difference_ci95": ci["difference"], "kept": avg_b / max(avg_a, 1e-12), "kept_ci95": ci["kept"],
+            "delta": {f: acc_b[f] - acc_a[f] for f in fams}, "delta_ci95": ci["delta"]}
 
 
 def write_results(rows: list[dict], out, meta: dict) -> list[Path]:
