@@ -1405,6 +1405,33 @@ def test_compare_reproduces_the_bench_pairs_from_a_results_file(folder, capsys):
         compare_rows(short, "unpruned", row["method"])
 
 
+@pytest.mark.skipif(not mv.has_default(), reason="this install has no embedded model")
+@pytest.mark.parametrize("folder,methods", [
+    ("large", ["unpruned", "meteor:paper-242", "meteor:e0.5-f0.5-l200"]),
+    ("cnn-activation-e0.25-5151", ["meteor:e0.25-f1-l200-act"]),
+])
+def test_the_embedded_model_still_gives_the_committed_answers(folder, methods):
+    """The README's figures come from committed results of the embedded model: rerun now on the first samples of
+    each family of the same split, the model and runtime give, method by method, exactly the answers those results
+    hold (their `correct` strings, `synth.make_split` order, of which these samples are the first). A change to the
+    model, the runtime or a method that changes answers fails here, so the figures are rerun with it."""
+    from pathlib import Path
+
+    from meteor_vlm import synth
+
+    path = Path(__file__).parent.parent / "results" / folder / "results.json"
+    results = json.loads(path.read_text())
+    assert results["model"] == "default"
+    per_family = 4
+    model, processor = mv.load_default()
+    rows = run_bench(model, processor, methods, per_family=per_family, seed=results["seed"],
+                     image_size=results["image_size"], flops_samples=1, progress=False)
+    committed = {r["method"]: r["correct"] for r in results["rows"]}
+    n = per_family * len(synth.FAMILIES)
+    for row in rows:
+        assert row["correct"] == committed[row["method"]][:n], row["method"]
+
+
 def test_compare_pools_splits_as_one_bench_of_all_their_questions(capsys):
     """`meteor compare A B C --pool D`: two committed benches of the same rows on different splits compare exactly
     as one bench holding all their questions (each family's answers put together, the first split's first; 200 and 250
