@@ -71,6 +71,40 @@ def test_answer_ends_reads_the_second_greedy_token(tiny, name):
     assert checked >= 3
 
 
+@pytest.mark.parametrize("name", ["unpruned", "alloc:rank", "meteor:paper-242"])
+def test_the_bench_reads_ends_from_its_prefill_as_generate_does(tiny, name):
+    """The bench's `ends` (`ends_after_prefill`: one decode step on the cache of the prefill it timed) = `answer_ends`
+    (a whole greedy `generate`) on every sample, for the second greedy token as the end token, another one and the
+    first; also when the generation config suppresses the prefill's own argmax, so that generate starts elsewhere."""
+    from meteor_vlm import synth
+    from meteor_vlm.bench.accuracy import answer_ends, ends_after_prefill, make_method
+    from meteor_vlm.train import encode_samples
+
+    model, processor = tiny
+    method = make_method(name)
+    suppressed = list(model.generation_config.suppress_tokens or [])  # the image placeholder
+    seen = set()
+    try:
+        for suppress in (False, True):
+            for s in synth.make_split(5, 1, image_size=128):
+                inputs = encode_samples(processor, [s], with_answers=False)
+                model.generation_config.suppress_tokens = suppressed
+                with torch.no_grad(), method(model):
+                    out = model(**inputs, use_cache=True, logits_to_keep=1)
+                    first = int(out.logits[0, -1].argmax())
+                    if suppress:
+                        model.generation_config.suppress_tokens = suppressed + [first]
+                    second = int(model.generate(**inputs, max_new_tokens=2, do_sample=False, eos_token_id=-1,
+                                                pad_token_id=0)[0, -1])
+                    for eos in (second, (second + 1) % 7, first):
+                        got = ends_after_prefill(model, inputs, out, eos)
+                        assert got == answer_ends(model, inputs, eos)
+                        seen.add(got)
+    finally:
+        model.generation_config.suppress_tokens = suppressed
+    assert seen == {True, False}
+
+
 def test_bench_rows_and_files(tiny, tmp_path):
     model, processor = tiny
     names = ["unpruned", "meteor:paper-242", "stage3:adaptive", "stage3:fixed"]

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import synth
+from ..models.vlm import _OUTPUT_CACHE
 from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMerge, PyramidDrop, SparseVLM, ToMe, VisionZip
 from .flops import count_flops
 from .speed import _sync
@@ -213,6 +214,30 @@ def _predict(model, inputs) -> torch.Tensor:
     return model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1)
 
 
+def _greedy(model, logits: torch.Tensor) -> torch.Tensor:
+    """argmax of (B, V) logits as greedy `generate` takes it: the generation config's suppress_tokens never win."""
+    suppress = getattr(getattr(model, "generation_config", None), "suppress_tokens", None) or []
+    if suppress:
+        logits = logits.clone()
+        logits[:, suppress] = float("-inf")
+    return logits.argmax(-1)
+
+
+def ends_after_prefill(model, inputs, out, eos_id: int) -> bool:
+    """What `answer_ends` says, read from `out`, the output of a cached prefill of `inputs` (batch 1, under the same
+    method), with one decode step on its cache instead of a second prefill: greedy generation's first token is the
+    prefill's last argmax (suppress_tokens masked), and the answer ends when that token is not `eos_id` and the next
+    one is."""
+    first = _greedy(model, out.logits[:, -1])
+    if int(first[0]) == eos_id:
+        return False
+    mask = inputs["attention_mask"]
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    nxt = model(input_ids=first[:, None], attention_mask=mask, past_key_values=getattr(out, _OUTPUT_CACHE),
+                use_cache=True, logits_to_keep=1)
+    return int(_greedy(model, nxt.logits[:, -1])[0]) == eos_id
+
+
 def answer_ends(model, inputs, eos_id: int) -> bool:
     """Whether greedy generation (KV cache, the active pruning method) stops right after the one-word
     answer: its second token is `eos_id`. Answers are one word; a model that runs on ("red circle
@@ -261,12 +286,13 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
             m = methods[n]
             with m(model):
                 t0 = time.perf_counter()
-                pred = _predict(model, inputs)
+                out = model(**inputs, use_cache=True, logits_to_keep=1)  # the prefill that gives the first word
+                pred = out.logits[:, -1].argmax(-1)
                 _sync(pred.device)  # on a GPU the reading waits for the queued work
                 times[n].append((time.perf_counter() - t0) * 1000)
+                # untimed: does the generated answer stop after its word? (one decode step on the prefill's cache)
+                ends[n] += int(ends_after_prefill(model, inputs, out, eos_id))
             stats[n].extend(m.stats)
-            with m(model):  # untimed: does the generated answer stop after its word?
-                ends[n] += int(answer_ends(model, inputs, eos_id))
             word = processor.tokenizer.convert_ids_to_tokens(int(pred[0]))
             hits[n].append(int(synth.is_correct(word, s.answer)))
             right[n][kind] += hits[n][-1]
