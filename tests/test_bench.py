@@ -1509,6 +1509,8 @@ def test_compare_pools_splits_as_one_bench_of_all_their_questions(capsys):
                                  "correct": r["correct"][: n2 * (len(fams) - 1)]} for r in second["rows"]]}
     with pytest.raises(ValueError, match="same families"):
         compare_rows([first, fewer], base, other)
+    with pytest.raises(ValueError, match="share a split"):
+        compare_rows([first, second, first], base, other)
 
 
 def test_speed_on_a_stock_smolvlm(tmp_path, capsys, monkeypatch):

@@ -115,8 +115,8 @@ def compare_rows(results: dict | Sequence[dict], base: str, other: str) -> dict:
 
     `results` may also be a list of results (benches of the same families on different splits, e.g. seeds):
     the two rows' answers are then pooled, each family's accuracy counted over all its questions, and the
-    bootstrap resamples within each family across the splits. One results dict gives exactly the bench's own
-    intervals.
+    bootstrap resamples within each family across the splits (two results of the same seed are refused: the same
+    questions twice). One results dict gives exactly the bench's own intervals.
 
     Returns {"base", "other", "questions", "difference", "difference_ci95", "kept", "kept_ci95",
     "delta": {family: difference}, "delta_ci95": {family: [lo, hi]}} (differences as fractions: -0.02 = 2
@@ -125,6 +125,10 @@ def compare_rows(results: dict | Sequence[dict], base: str, other: str) -> dict:
     runs = [results] if isinstance(results, dict) else list(results)
     if not runs:
         raise ValueError("no results to compare")
+    seeds = [res.get("seed") for res in runs]
+    twice = sorted({x for x in seeds if x is not None and seeds.count(x) > 1})
+    if twice:
+        raise ValueError(f"these results share a split (seed {twice}): pooling them would count its questions twice")
     a: list[int] = []
     b: list[int] = []
     families: list[str] = []
@@ -146,9 +150,9 @@ def compare_rows(results: dict | Sequence[dict], base: str, other: str) -> dict:
         b += [int(c) for c in rb]
         families += [fams[i % len(fams)] for i in range(len(ra))]
     ci = paired_bootstrap(a, b, families)
-    fam = np.asarray(families)
-    acc_a = {f: float(np.mean(np.asarray(a)[fam == f])) for f in fams}
-    acc_b = {f: float(np.mean(np.asarray(b)[fam == f])) for f in fams}
+    fam, a_arr, b_arr = np.asarray(families), np.asarray(a), np.asarray(b)
+    acc_a = {f: float(a_arr[fam == f].mean()) for f in fams}
+    acc_b = {f: float(b_arr[fam == f].mean()) for f in fams}
     avg_a, avg_b = float(np.mean(list(acc_a.values()))), float(np.mean(list(acc_b.values())))
     return {"base": base, "other": other, "questions": len(a), "difference": avg_b - avg_a,
             "difference_ci95": ci["difference"], "kept": avg_b / max(avg_a, 1e-12), "kept_ci95": ci["kept"],
