@@ -1496,7 +1496,7 @@ def test_compare_pools_splits_as_one_bench_of_all_their_questions(capsys):
     row = {r["method"]: r for r in first["rows"]}[other]
     assert single["kept_ci95"] == row["kept_ci95"] and single["kept"] == pytest.approx(row["kept"])
     # each family counted over all its questions (not the two splits' accuracies averaged)
-    rows = [[int(c) for c in merged_row(name)["correct"]] for name in (base, other)]  # files keep "0101..."
+    rows = [[int(c) for c in r["correct"]] for r in merged["rows"]]  # files keep "0101..."
     for j, f in enumerate(fams):
         right = [sum(r[j::len(fams)]) for r in rows]
         assert pooled["delta"][f] == pytest.approx((right[1] - right[0]) / (n1 + n2))
