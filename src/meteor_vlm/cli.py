@@ -26,17 +26,17 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
 
 
 def _load(model_arg: str, llava: bool = False):
-    """(model, processor) from 'default' (embedded), 'tiny' (random, calibrated on synthetic images) or a path:
-    a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT checkpoint folder
-    (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a
+    """(model, processor) from 'default' or 'cnn-words' (embedded), 'tiny' (random, calibrated on synthetic images)
+    or a path: a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT
+    checkpoint folder (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a
     LLaVA-NeXT-Video one (`LlavaNextVideoImageTextProcessor`), a
     Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
     an Idefics3 / SmolVLM one (`models.idefics3.load_processor`), a Gemma 3 one (its own AutoProcessor) or a Mistral 3
     one (`PixtralImageTextProcessor`)."""
     import meteor_vlm as mv
 
-    if model_arg == "default":
-        return mv.load_default()
+    if model_arg in mv.default.EMBEDDED:
+        return mv.load_default(model_arg)
     if model_arg == "tiny":
         model, processor = mv.testing.tiny_model(seed=0)
         model.config.rank_table = mv.calibrate(model, processor, _synthetic_images(8, seed=1), progress=False)
@@ -603,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="a short bench of METEOR's presets and ablations on the embedded model")
-    d.add_argument("--model", default="default", help="'default' (embedded), 'tiny' (random tiny model) or a directory")
+    d.add_argument("--model", default="default", help="'default' or 'cnn-words' (embedded), 'tiny' (random tiny model) "
+                   "or a directory")
     d.add_argument("--samples-per-family", type=int, default=8, help="held-out samples per family (trained model)")
     d.add_argument("--samples", type=int, default=6, help="synthetic samples in the batch (tiny model)")
     d.add_argument("--repeats", type=int, default=5, help="timed rounds (methods interleaved)")
@@ -624,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_calibrate)
 
     b = sub.add_parser("bench", help="methods x budgets: tokens, accuracy per family, FLOPs, latency")
-    b.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a local model directory")
+    b.add_argument("--model", default="default", help="'default' or 'cnn-words' (embedded), 'tiny' "
+                   "or a local model directory")
     b.add_argument("--methods", default="unpruned,meteor:paper-312,meteor:paper-242,meteor:paper-126",
                    help="comma-separated names, as in results.json's `method` field (see `meteor methods`)")
     b.add_argument("--samples", type=int, default=20, help="held-out samples per family")
@@ -710,8 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer a question about an image; show the tokens kept per stage")
     a.add_argument("image")
     a.add_argument("question")
-    a.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a local model directory: a "
-                   "MultiEncoderVLM checkpoint, or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / "
+    a.add_argument("--model", default="default", help="'default' or 'cnn-words' (embedded), 'tiny' or a local model "
+                   "directory: a MultiEncoderVLM checkpoint, or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / "
                    "InternVL / Idefics3 / SmolVLM one (then a --method that runs on one tower, e.g. fastv:k2-r0.75, "
                    "visionzip:keep0.333 or stage1+3)")
     a.add_argument("--method", default="paper-242",

@@ -1,26 +1,40 @@
-"""The embedded default model: a small multi-encoder VLM trained here on the synthetic benchmark."""
+"""The embedded models: small multi-encoder VLMs trained here on the synthetic benchmark.
+
+"default" is the shipped recipe's model (the one `meteor demo` runs); "cnn-words" is the same vision side with an
+LLM whose phase 2 read only the CNN expert's visual words (README, "One expert's words in phase 2"), carried so
+that its figures can be reproduced without retraining it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 DEFAULT_DIR = Path(__file__).parent / "default_model"
+EMBEDDED = {"default": DEFAULT_DIR, "cnn-words": Path(__file__).parent / "cnn_words_model"}
 
-__all__ = ["load_default", "has_default", "DEFAULT_DIR"]
-
-
-def has_default() -> bool:
-    """Whether this install carries the embedded checkpoint."""
-    return (DEFAULT_DIR / "config.json").is_file() and (DEFAULT_DIR / "model.safetensors").is_file()
+__all__ = ["load_default", "has_default", "DEFAULT_DIR", "EMBEDDED"]
 
 
-def load_default():
-    """(model, processor) of the embedded default model, in eval mode on the CPU."""
+def _folder(name: str) -> Path:
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded model {name!r}; the embedded ones are {', '.join(EMBEDDED)}")
+    return EMBEDDED[name]
+
+
+def has_default(name: str = "default") -> bool:
+    """Whether this install carries the embedded checkpoint `name` (see `EMBEDDED`)."""
+    folder = _folder(name)
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def load_default(name: str = "default"):
+    """(model, processor) of the embedded model `name` ("default" or "cnn-words"), in eval mode on the CPU."""
     from .models import MultiEncoderProcessor, MultiEncoderVLM
 
-    if not has_default():
+    folder = _folder(name)
+    if not has_default(name):
         raise ValueError(
-            f"the embedded default model is not in this install ({DEFAULT_DIR}); "
+            f"the embedded model {name!r} is not in this install ({folder}); "
             "train it with `meteor train --export` or pass --model PATH"
         )
-    return MultiEncoderVLM.from_pretrained(DEFAULT_DIR).eval(), MultiEncoderProcessor.from_pretrained(DEFAULT_DIR)
+    return MultiEncoderVLM.from_pretrained(folder).eval(), MultiEncoderProcessor.from_pretrained(folder)
