@@ -743,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_probe)
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
-    sp.add_argument("--model", help="default (embedded; the default), tiny, or a checkpoint folder (a MultiEncoderVLM, "
+    sp.add_argument("--model", help="default (embedded; the default), cnn-words (embedded), tiny, or a checkpoint folder (a MultiEncoderVLM, "
                     "or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / Idefics3 / SmolVLM / "
                     "Gemma 3 / Mistral 3: "
                     "your own model, timed on the synthetic prompts)")
