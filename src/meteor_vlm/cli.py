@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 
 from .synth import EVAL_SEED as _EVAL_SEED  # noqa: E402 - light import (numpy, pillow)
+from .default import EMBEDDED as _EMBEDDED  # noqa: E402 - light import (pathlib)
+
+_EMBEDDED_HELP = " or ".join(f"'{n}'" for n in _EMBEDDED) + " (embedded)"
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -603,8 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="a short bench of METEOR's presets and ablations on the embedded model")
-    d.add_argument("--model", default="default", help="'default' or 'cnn-words' (embedded), 'tiny' (random tiny model) "
-                   "or a directory")
+    d.add_argument("--model", default="default", help=f"{_EMBEDDED_HELP}, 'tiny' (random tiny model) or a directory")
     d.add_argument("--samples-per-family", type=int, default=8, help="held-out samples per family (trained model)")
     d.add_argument("--samples", type=int, default=6, help="synthetic samples in the batch (tiny model)")
     d.add_argument("--repeats", type=int, default=5, help="timed rounds (methods interleaved)")
@@ -625,8 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_calibrate)
 
     b = sub.add_parser("bench", help="methods x budgets: tokens, accuracy per family, FLOPs, latency")
-    b.add_argument("--model", default="default", help="'default' or 'cnn-words' (embedded), 'tiny' "
-                   "or a local model directory")
+    b.add_argument("--model", default="default", help=f"{_EMBEDDED_HELP}, 'tiny' or a local model directory")
     b.add_argument("--methods", default="unpruned,meteor:paper-312,meteor:paper-242,meteor:paper-126",
                    help="comma-separated names, as in results.json's `method` field (see `meteor methods`)")
     b.add_argument("--samples", type=int, default=20, help="held-out samples per family")
@@ -712,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer a question about an image; show the tokens kept per stage")
     a.add_argument("image")
     a.add_argument("question")
-    a.add_argument("--model", default="default", help="'default' or 'cnn-words' (embedded), 'tiny' or a local model "
+    a.add_argument("--model", default="default", help=f"{_EMBEDDED_HELP}, 'tiny' or a local model "
                    "directory: a MultiEncoderVLM checkpoint, or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / "
                    "InternVL / Idefics3 / SmolVLM one (then a --method that runs on one tower, e.g. fastv:k2-r0.75, "
                    "visionzip:keep0.333 or stage1+3)")
@@ -743,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_probe)
 
     sp = sub.add_parser("speed", help="where a request's time and memory go, per method: prefill FLOPs and time by part, decode per token, KV cache")
-    sp.add_argument("--model", help="default (embedded; the default), cnn-words (embedded), tiny, or a checkpoint folder (a MultiEncoderVLM, "
+    sp.add_argument("--model", help=f"{_EMBEDDED_HELP} ('default' unless given), 'tiny', or a checkpoint folder (a MultiEncoderVLM, "
                     "or a transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / Qwen2-VL / InternVL / Idefics3 / SmolVLM / "
                     "Gemma 3 / Mistral 3: "
                     "your own model, timed on the synthetic prompts)")
