@@ -162,18 +162,24 @@ def test_bench_rows_and_files(tiny, tmp_path):
 
 
 def test_stage3_ablation_at_another_lambda(tiny):
-    """stage3:adaptive-l<lambda> is stage 3 alone at that lambda; stage3:fixed-l<lambda> is matched to it."""
+    """stage3:adaptive-l<lambda> is stage 3 alone at that lambda (meteor:stage3-l<lambda> too);
+    stage3:fixed-l<lambda> is matched to it."""
     from meteor_vlm.bench.accuracy import make_method, resolve_methods
+    from meteor_vlm.bench.report import reading
 
     m = make_method("stage3:adaptive-l10")
     assert (m.lam, m.budget, m.encoder, m.fusion) == (10.0, "adaptive", False, False)
+    assert make_method("meteor:stage3-l10") == m  # METEOR's name for the same setting
     with pytest.raises(ValueError, match="stage3:adaptive-l<lambda>"):
         resolve_methods(["stage3:fixed-lx"])
     model, processor = tiny
-    names = ["stage3:adaptive", "stage3:adaptive-l10", "stage3:fixed-l10"]
+    names = ["unpruned", "stage3:adaptive", "stage3:adaptive-l10", "stage3:fixed-l10", "meteor:stage3-l10"]
     rows = run_bench(model, processor, names, per_family=1, seed=5, image_size=128, flops_samples=1, progress=False)
     by = {r["method"]: r for r in rows}
     assert by["stage3:adaptive-l10"]["tokens"] < by["stage3:adaptive"]["tokens"]
+    same = ("tokens", "correct", "tflops")
+    assert [by["meteor:stage3-l10"][k] for k in same] == [by["stage3:adaptive-l10"][k] for k in same]
+    assert "meteor:stage3-l10" in reading(rows)  # the one-line reading counts it as a METEOR setting
     assert abs(by["stage3:fixed-l10"]["tokens"] - by["stage3:adaptive-l10"]["tokens"]) <= 0.15 * by["stage3:adaptive-l10"]["tokens"]
 
 

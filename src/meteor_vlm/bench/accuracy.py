@@ -108,6 +108,10 @@ NAME_PATTERNS = (
                 "meteor:e<encoder_keep>-l<lambda>[-act]",
                 "stages 1 and 3 at a chosen budget, no fusion stage (a model with one vision encoder, e.g. a LLaVA)",
                 "meteor:e0.333-l50"),
+    NamePattern(re.compile(r"^meteor:stage3-l([0-9.]+)$"), lambda lam: _stage3_alone("adaptive", float(lam)),
+                "meteor:stage3-l<lambda>",
+                "METEOR's stage 3 alone at a chosen lambda: the experts and the fusion run whole, the LLM drops "
+                "tokens by its text-guided scores (the same method as stage3:adaptive-l<lambda>)", "meteor:stage3-l15"),
     NamePattern(re.compile(r"^alloc:(rank|average|rank-reverse)-act$"),
                 lambda alloc: method_catalog()[f"alloc:{alloc}"]().with_(cnn_score="activation"),
                 "alloc:<allocation>-act",
