@@ -193,17 +193,17 @@ def test_probe_lookups_prints_the_report(capsys, monkeypatch):
 
 
 def test_embedded_models_are_named_and_an_unknown_name_is_refused(monkeypatch):
-    """`--model` takes each embedded model by its name ('default', 'cnn-words'), loading that folder and not the
-    other; a name that is not one of them is refused with the names listed."""
+    """`--model` takes each embedded model by its name ('default', which is 'cnn-words', and 'all-words'), loading
+    that folder and not the other; a name that is not one of them is refused with the names listed."""
     import meteor_vlm as mv
     from meteor_vlm import cli
 
     loaded = []
     monkeypatch.setattr(mv, "load_default", lambda name="default": loaded.append(name) or ("model", "processor"))
-    assert cli._load("cnn-words") == ("model", "processor") and cli._load("default") == ("model", "processor")
-    assert loaded == ["cnn-words", "default"]
+    assert all(cli._load(n) == ("model", "processor") for n in ("cnn-words", "default", "all-words"))
+    assert loaded == ["cnn-words", "default", "all-words"]
     monkeypatch.undo()
-    assert mv.default.EMBEDDED["cnn-words"] != mv.default.EMBEDDED["default"]
+    assert mv.default.EMBEDDED["cnn-words"] == mv.default.EMBEDDED["default"] != mv.default.EMBEDDED["all-words"]
     for call in (mv.load_default, mv.has_default):
-        with pytest.raises(ValueError, match="default, cnn-words"):
+        with pytest.raises(ValueError, match="default, cnn-words, all-words"):
             call("cnn_words")

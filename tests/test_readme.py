@@ -50,3 +50,36 @@ def test_readme_commands_table_names_every_method_pattern():
         for usage in p.usage.split(", "):
             prefix = usage.split("<")[0]
             assert f"`{prefix}<" in row, f"the README's `meteor methods` row does not name {usage}"
+
+
+def test_readme_bench_commands_match_the_results_they_wrote():
+    """Each `meteor bench ... --out results/X` the README shows names what the committed results/X/results.json
+    holds: the same model (an embedded one by any of its names; a scratch folder's results are not checked for it),
+    split seed, samples per family and methods in the same order. A command edited without rerunning it, or a
+    results folder rerun with other settings, fails here."""
+    import json
+    import shlex
+
+    from meteor_vlm.cli import build_parser
+    from meteor_vlm.default import EMBEDDED
+
+    root = Path(__file__).parent.parent
+    text = (root / "README.md").read_text().replace("\\\n", " ")
+    parser = build_parser()
+    checked = 0
+    for line in text.splitlines():
+        m = re.match(r"^\s+(meteor bench .*)$", line)
+        if not m or "[" in line:
+            continue
+        args = parser.parse_args(shlex.split(m.group(1).split("#")[0])[1:])
+        path = root / (args.out or "") / "results.json"
+        if not (args.out and args.out.startswith("results") and path.is_file()):
+            continue
+        results = json.loads(path.read_text())
+        where = f"README: {m.group(1)[:80]}"
+        if results["model"] in EMBEDDED:
+            assert EMBEDDED.get(args.model) == EMBEDDED[results["model"]], where
+        assert (args.seed, args.samples) == (results["seed"], results["samples_per_family"]), where
+        assert args.methods.split(",") == [r["method"] for r in results["rows"]], where
+        checked += 1
+    assert checked >= 40

@@ -29,7 +29,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
 
 
 def _load(model_arg: str, llava: bool = False):
-    """(model, processor) from 'default' or 'cnn-words' (embedded), 'tiny' (random, calibrated on synthetic images)
+    """(model, processor) from an embedded model's name (`default.EMBEDDED`), 'tiny' (random, calibrated on synthetic images)
     or a path: a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT
     checkpoint folder (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a
     LLaVA-NeXT-Video one (`LlavaNextVideoImageTextProcessor`), a

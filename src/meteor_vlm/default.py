@@ -1,16 +1,17 @@
 """The embedded models: small multi-encoder VLMs trained here on the synthetic benchmark.
 
-"default" is the shipped recipe's model (the one `meteor demo` runs); "cnn-words" is the same vision side with an
-LLM whose phase 2 read only the CNN expert's visual words (README, "One expert's words in phase 2"), carried so
-that its figures can be reproduced without retraining it.
+"default" (the one `meteor demo` runs) is "cnn-words": an LLM whose phase 2 read only the CNN expert's visual
+words (README, "One expert's words in phase 2"). "all-words" is the earlier default, whose phase 2 read every
+expert's words: the same vision side, a weaker LLM; it is carried so that the figures measured on it can be
+reproduced without retraining it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_DIR = Path(__file__).parent / "default_model"
-EMBEDDED = {"default": DEFAULT_DIR, "cnn-words": Path(__file__).parent / "cnn_words_model"}
+DEFAULT_DIR = Path(__file__).parent / "cnn_words_model"
+EMBEDDED = {"default": DEFAULT_DIR, "cnn-words": DEFAULT_DIR, "all-words": Path(__file__).parent / "all_words_model"}
 
 __all__ = ["load_default", "has_default", "DEFAULT_DIR", "EMBEDDED"]
 
@@ -28,7 +29,7 @@ def has_default(name: str = "default") -> bool:
 
 
 def load_default(name: str = "default"):
-    """(model, processor) of the embedded model `name` ("default" or "cnn-words"), in eval mode on the CPU."""
+    """(model, processor) of the embedded model `name` (see `EMBEDDED`), in eval mode on the CPU."""
     from .models import MultiEncoderProcessor, MultiEncoderVLM
 
     folder = _folder(name)
