@@ -1447,6 +1447,7 @@ def test_compare_reproduces_the_bench_pairs_from_a_results_file(folder, capsys):
 
 @pytest.mark.parametrize("name,folder,methods", [
     ("default", ".", ["meteor:stage3-l15", "alloc:average"]),  # the README's demo table
+    ("default", "cnn-words-stages23-2026", ["meteor:e1-f0.5-l30"]),
     ("all-words", "large", ["unpruned", "meteor:paper-242", "meteor:e0.5-f0.5-l200"]),
     ("all-words", "cnn-activation-e0.25-5151", ["meteor:e0.25-f1-l200-act"]),
     ("cnn-words", "word-experts-cnn", ["unpruned", "meteor:e0.5-f0.5-l200", "stage3:adaptive-l10"]),
