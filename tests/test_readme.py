@@ -13,13 +13,9 @@ def test_readme_python_example_runs(capsys):
     assert "paper-242" in capsys.readouterr().out
 
 
-def test_readme_meteor_commands_parse():
-    """Every concrete `meteor ...` command the README shows (not the usage lines with [options]) is
-    accepted by the CLI's parser as written, shell variables of the same page filled in."""
-    import shlex
-
-    from meteor_vlm.cli import build_parser
-
+def _readme_commands() -> list[str]:
+    """Every concrete `meteor ...` command of the README's code lines (not the usage lines with [options]), its
+    continuation lines joined and the page's shell variables filled in."""
     text = (Path(__file__).parent.parent / "README.md").read_text().replace("\\\n", " ")
     env = dict(re.findall(r"^\s*([A-Z_]+)=(\S+)", text, flags=re.M))
     commands = []
@@ -30,6 +26,17 @@ def test_readme_meteor_commands_parse():
             piece = re.sub(r"\$([A-Z_]+)", lambda m: env[m.group(1)], piece.strip())
             if piece.startswith("meteor ") and "[" not in piece:
                 commands.append(piece)
+    return commands
+
+
+def test_readme_meteor_commands_parse():
+    """Every concrete `meteor ...` command the README shows (not the usage lines with [options]) is
+    accepted by the CLI's parser as written, shell variables of the same page filled in."""
+    import shlex
+
+    from meteor_vlm.cli import build_parser
+
+    commands = _readme_commands()
     assert any(c.startswith("meteor train") for c in commands) and "meteor demo" in commands
     parser = build_parser()
     for command in commands:
@@ -64,19 +71,15 @@ def test_readme_bench_commands_match_the_results_they_wrote():
     from meteor_vlm.default import EMBEDDED
 
     root = Path(__file__).parent.parent
-    text = (root / "README.md").read_text().replace("\\\n", " ")
     parser = build_parser()
     checked = 0
-    for line in text.splitlines():
-        m = re.match(r"^\s+(meteor bench .*)$", line)
-        if not m or "[" in line:
-            continue
-        args = parser.parse_args(shlex.split(m.group(1).split("#")[0])[1:])
+    for command in (c for c in _readme_commands() if c.startswith("meteor bench ")):
+        args = parser.parse_args(shlex.split(command)[1:])
         path = root / (args.out or "") / "results.json"
         if not (args.out and args.out.startswith("results") and path.is_file()):
             continue
         results = json.loads(path.read_text())
-        where = f"README: {m.group(1)[:80]}"
+        where = f"README: {command[:80]}"
         if results["model"] in EMBEDDED:
             assert EMBEDDED.get(args.model) == EMBEDDED[results["model"]], where
         assert (args.seed, args.samples) == (results["seed"], results["samples_per_family"]), where
