@@ -949,6 +949,8 @@ def test_reading_names_the_best_setting_within_the_budget_and_its_intervals():
     assert line.startswith("meteor:a keeps 20 of 100 visual tokens (20%)")  # b is over the budget, c scores less
     assert "92.3% of the unpruned accuracy, 95% CI 90.0-102.0%" in line
     assert "worst family scenes -10.0 points [-15.0, -5.0]" in line
+    assert line.endswith("; the best of 2 METEOR settings at <= 25% on these same samples, so it leans high")
+    assert "the best of" not in reading(rows[:2])  # one candidate: nothing was picked
     assert "no unpruned baseline" in reading(rows[1:])
     assert "answers none of these questions" in reading([row("unpruned", 1.0, 0.0, 0.0), row("meteor:a", 0.2, 0.0, 0.0)])
 
