@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,7 +45,9 @@ class DecoderParts:
     c * tanh(x / c)), the caps. SDPA cannot soft-cap, so such a decoder's layers run eager attention, which takes
     additive masks (`layer_mask`); blocks_over_window: on a sliding layer, the tokens of one block (`prefill(blocks=)`)
     see each other at any distance (transformers' PaliGemma 2 mask: the sliding causal mask OR the blocks), rather
-    than only within the window (Gemma 3's: the window AND (causal OR the blocks)). Adapters set it."""
+    than only within the window (Gemma 3's: the window AND (causal OR the blocks)). Adapters set it. nope_layers:
+    the layers whose attention rotates nothing (Cohere 2's full-attention layers): they get the identity rotation
+    (cos 1, sin 0), which their own attention ignores and `LLMLayerContext.attention_rows` applies as none."""
 
     embed_tokens: nn.Module
     layers: nn.ModuleList
@@ -56,6 +59,7 @@ class DecoderParts:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     blocks_over_window: bool = False
+    nope_layers: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, causal_lm: nn.Module) -> DecoderParts:
@@ -75,15 +79,19 @@ class DecoderParts:
         output head, with each layer's kind read from its config: `layer_types` where it has them (Qwen2, Gemma 3),
         else every layer sliding where it has a `sliding_window` (Mistral), else every layer full. The runtime hands
         every layer its own mask, causal but for the blocks an adapter gives (`prefill(blocks=)`), so a config's
-        `use_bidirectional_attention` (PaliGemma sets it, and builds its prefix's mask itself) changes nothing here."""
+        `use_bidirectional_attention` (PaliGemma sets it, and builds its prefix's mask itself) changes nothing here.
+        A Cohere 2 decoder (Aya Vision's) rotates queries and keys on its sliding layers only."""
         cfg = getattr(lm, "config", None)
         window = getattr(cfg, "sliding_window", None)
         types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * len(lm.layers)
         if "sliding_attention" in types and not window:
             raise ValueError("the config has sliding-window layers but no sliding_window")
-        return cls(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, lm_head, tuple(types[: len(lm.layers)]),
+        types = tuple(types[: len(lm.layers)])
+        cohere2 = getattr(cfg, "model_type", None) == "cohere2"
+        return cls(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, lm_head, types,
                    window if "sliding_attention" in types else None, getattr(cfg, "attn_logit_softcapping", None),
-                   getattr(cfg, "final_logit_softcapping", None))
+                   getattr(cfg, "final_logit_softcapping", None),
+                   nope_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if cohere2 else ())
 
     def layer_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A boolean attention mask as the layers take it: itself for SDPA, or, on a decoder whose layers run eager
@@ -105,13 +113,20 @@ class DecoderParts:
 
     def position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (cos, sin) for `position_ids`: one rotary embedding for all, or, for a rotary embedding that
-        takes a `layer_type` (Gemma 3: local and global layers rotate at different bases), one per kind of layer."""
+        takes a `layer_type` (Gemma 3: local and global layers rotate at different bases), one per kind of layer;
+        the identity rotation on `nope_layers`."""
         if not _takes_layer_type(type(self.rotary_emb)):
             pe = self.rotary_emb(h, position_ids=position_ids)
-            return [pe] * len(self.layers)
-        types = self.layer_types or ("full_attention",) * len(self.layers)
-        per_type = {t: self.rotary_emb(h, position_ids=position_ids, layer_type=t) for t in dict.fromkeys(types)}
-        return [per_type[t] for t in types]
+            out = [pe] * len(self.layers)
+        else:
+            types = self.layer_types or ("full_attention",) * len(self.layers)
+            per_type = {t: self.rotary_emb(h, position_ids=position_ids, layer_type=t) for t in dict.fromkeys(types)}
+            out = [per_type[t] for t in types]
+        if self.nope_layers:
+            cos, sin = out[0]
+            none = (torch.ones_like(cos), torch.zeros_like(sin))
+            out = [none if i in self.nope_layers else pe for i, pe in enumerate(out)]
+        return out
 
 
 @functools.cache
@@ -197,8 +212,9 @@ class LLMLayerContext:
         rows = ops.gather_tokens(normed, query_index)
         q = _head_norm(attn, "q_norm", attn.q_proj(rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)
         qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)
-        q = q * qc.unsqueeze(1) + _rotate_half(q) * qs.unsqueeze(1)
-        k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+        rotate = _rotate_half_of(type(attn))
+        q = q * qc.unsqueeze(1) + rotate(q) * qs.unsqueeze(1)
+        k = k * cos.unsqueeze(1) + rotate(k) * sin.unsqueeze(1)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         cols = torch.arange(T, device=normed.device)
         key_mask = self.valid[:, None, :] & (cols[None, None, :] <= query_index[:, :, None])
@@ -259,6 +275,14 @@ def _head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@functools.cache
+def _rotate_half_of(attention_cls: type) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The `rotate_half` of the transformers module an attention class is defined in: most pair dimension i with
+    i + d/2 (Llama's), Cohere's pairs neighbours (2i, 2i + 1) and its rotary embedding interleaves cos and sin to
+    match. Llama's where the module has none."""
+    return getattr(sys.modules.get(attention_cls.__module__), "rotate_half", _rotate_half)
 
 
 def positions_from_mask(valid: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
