@@ -25,7 +25,8 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
                "qwen3_vl": "Qwen3VLForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
-               "mistral3": "Mistral3ForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration"}
+               "mistral3": "Mistral3ForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration",
+               "aya_vision": "AyaVisionForConditionalGeneration"}
 
 
 def _load(model_arg: str, llava: bool = False):
@@ -35,7 +36,7 @@ def _load(model_arg: str, llava: bool = False):
     LLaVA-NeXT-Video one (`LlavaNextVideoImageTextProcessor`), a
     Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
     an Idefics3 / SmolVLM one (`models.idefics3.load_processor`), a Gemma 3 one (its own AutoProcessor) or a Mistral 3
-    one (`PixtralImageTextProcessor`)."""
+    one (`PixtralImageTextProcessor`) or an Aya Vision one (`models.aya_vision.load_processor`)."""
     import meteor_vlm as mv
 
     if model_arg in mv.default.EMBEDDED:
@@ -81,6 +82,10 @@ def _load(model_arg: str, llava: bool = False):
             return model, PixtralImageTextProcessor.from_pretrained(path)
         if model_type in ("idefics3", "smolvlm"):  # SmolVLM's own processor needs torchvision for videos
             from .models.idefics3 import load_processor
+
+            return model, load_processor(path)
+        if model_type == "aya_vision":  # its AutoProcessor's image processor may need torchvision
+            from .models.aya_vision import load_processor
 
             return model, load_processor(path)
         return model, transformers.AutoProcessor.from_pretrained(path)

@@ -372,6 +372,42 @@ def tiny_gemma3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, slidi
     return model, Gemma3Processor(images, tokenizer, image_seq_length=4)
 
 
+def tiny_aya_vision(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, sliding_window: int = 8):
+    """A tiny random stock transformers `AyaVisionForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and
+    transformers' `AyaVisionProcessor` with the PIL image processor, where "<image>" stands for one image: a
+    `vision_depth`-block SigLIP ViT on 32 px tiles of 8 px patches, each 2x2 window folded into one visual token (4
+    per tile), tiles cut as Aya Vision cuts them (1 to 4 by the image's aspect, plus the whole image when there are
+    several), and a `num_layers`-deep Cohere 2 decoder with 8 heads (GQA, 4 kv heads) whose layers are [sliding,
+    sliding, full] over and over (`sliding_window` tokens, short enough that the tests' prompts cross it; only the
+    sliding layers rotate)."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from .models.aya_vision import IMAGE_TOKENS
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *IMAGE_TOKENS, "TILE", "TILE_GLOBAL"]})
+    pattern = ["sliding_attention", "sliding_attention", "full_attention"]
+    text = dict(model_type="cohere2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                sliding_window=sliding_window, layer_types=[pattern[i % 3] for i in range(num_layers)],
+                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=vision_depth, num_attention_heads=4, image_size=32, patch_size=8)
+    config = AyaVisionConfig(vision_config=vision, text_config=text, downsample_factor=2,
+                             image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[2]), tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = AyaVisionForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS))
+    images = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, max_patches=4, image_mean=[0.5] * 3,
+                                      image_std=[0.5] * 3)
+    return model, AyaVisionProcessor(images, tokenizer, patch_size=8, img_size=32, downsample_factor=2)
+
+
 def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, llava: bool = False):
     """A tiny random stock transformers `Mistral3ForConditionalGeneration` (CPU, fp32, eval mode, SDPA): a Pixtral ViT
     on 8 px patches of images whose longer side is 64 px (each side a multiple of 16 px), each 2x2 window of patches

@@ -41,7 +41,7 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
              "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
-             "Mistral3ForConditionalGeneration", "PaliGemmaForConditionalGeneration")
+             "Mistral3ForConditionalGeneration", "PaliGemmaForConditionalGeneration", "AyaVisionForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here when None / False
@@ -53,6 +53,7 @@ def adapt(model, method_name: str = "a pruning method"):
     """The target `method_name` runs on for `model`; ValueError naming the class if it is not supported.
     An adapter passed in is returned as it is, so `with method(adapter)` runs on the adapter a caller holds
     (`meteor speed` times its parts)."""
+    from .aya_vision import aya_vision_adapter
     from .gemma3 import gemma3_adapter
     from .idefics3 import idefics3_adapter
     from .internvl import internvl_adapter
@@ -65,8 +66,8 @@ def adapt(model, method_name: str = "a pruning method"):
     if isinstance(model, (MultiEncoderVLM, StockAdapter)):
         return model
     adapter = (mistral3_adapter(model) or llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
-               or idefics3_adapter(model) or gemma3_adapter(model) or paligemma_adapter(model))  # Mistral 3's
-    # first: it takes Pixtral LLaVAs
+               or idefics3_adapter(model) or gemma3_adapter(model) or paligemma_adapter(model)
+               or aya_vision_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
