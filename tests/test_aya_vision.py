@@ -9,15 +9,10 @@ import torch
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
 
-from .test_internvl import (assert_ask_and_speed_run_the_folder, assert_drop_at_layer_is_masking,
-                            assert_windows_dropped_match)
+from .test_internvl import (IMAGES, NOOPS, PROMPTS, PRUNING, assert_ask_and_speed_run_the_folder,
+                            assert_drop_at_layer_is_masking, assert_windows_dropped_match)
 from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
-from .test_oracles import PEERS, check_batch_and_cache, check_beams_against_the_stock_model, survivors
-
-PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circle are there in the image on the left ?",
-           "<image> describe the shape ?"]
-IMAGES = [1, 2, 1]  # images per prompt
-
+from .test_oracles import check_batch_and_cache, check_beams_against_the_stock_model, survivors
 
 @pytest.fixture(scope="module")
 def aya():
@@ -25,13 +20,10 @@ def aya():
 
 
 def inputs_for(processor, tile_pictures, which=(0, 1, 2)):
+    """InternVL's test prompts (`PROMPTS`, with `IMAGES` images each) as Aya Vision's processor writes them."""
     starts = [sum(IMAGES[:i]) for i in range(len(IMAGES))]
     imgs = [tile_pictures[s + j] for i in which for s in [starts[i]] for j in range(IMAGES[i])]
     return dict(processor(images=imgs, text=[PROMPTS[i] for i in which], return_tensors="pt", padding=True))
-
-
-NOOPS = {"none": mv.NoPruning, **{k: noop for k, (noop, _) in PEERS.items()},
-         "meteor": lambda: mv.Meteor.preset("stage1+3", encoder_keep=1.0, lam=1e9)}
 
 
 @pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
@@ -103,10 +95,6 @@ def test_dropping_at_llm_layer_equals_masking_keys(aya, tile_pictures, layer):
     with torch.no_grad():
         feats = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.flatten(0, 1)
     assert_drop_at_layer_is_masking(model, inputs, feats, model.model.language_model, layer)
-
-
-PRUNING = {**{k: pruning for k, (_, pruning) in PEERS.items()},
-           "meteor": lambda: mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0)}
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import runtime
 
 __all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "encode_by_grid", "items_in_prompt_order",
-           "tower_depth"]
+           "tower_depth", "token_runs"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
              "LlavaNextForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
@@ -154,6 +154,17 @@ def attention_configs(config) -> list:
     attention their model's modules call."""
     subs = [getattr(config, name, None) for name in getattr(config, "sub_configs", {})]
     return [config, *(c for c in subs if c is not None)]
+
+
+def token_runs(input_ids: torch.Tensor, token_id: int):
+    """Each run of `token_id` in (B, T) `input_ids`, in row-major order: (rows, starts, ends, last), its row, its
+    first column, the column after its last, and whether it is the last run of its row."""
+    is_tok = (input_ids == token_id).int()
+    edges = torch.diff(torch.nn.functional.pad(is_tok, (1, 1)), dim=1)  # +1 where a run starts, -1 after it ends
+    (rows, starts), ends = (edges == 1).nonzero(as_tuple=True), (edges == -1).nonzero()[:, 1]
+    last = torch.ones_like(rows, dtype=torch.bool)
+    last[:-1] = rows[1:] != rows[:-1]
+    return rows, starts, ends, last
 
 
 def tower_depth(layer, num_layers: int) -> int:

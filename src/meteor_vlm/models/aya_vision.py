@@ -9,12 +9,12 @@ methods keep, drop or merge whole windows between its blocks, and what leaves th
 shuffle would have made of the kept windows. In the prompt an image is `<|START_OF_IMG|>`, then for each tile but
 the last `TILE_k` and its tokens, then `TILE_GLOBAL` and the whole-image tile's tokens, then `<|END_OF_IMG|>`
 (`AyaVisionProcessor`); each kept token takes its own column (and RoPE position), as on LLaVA, and the adapter
-counts an image's tiles from the image tokens between its start and end tokens.
+groups the tiles into images by the token after each run (an image's last run is followed by `<|END_OF_IMG|>`).
 
 The decoder is Cohere 2: its layers add attention and MLP in parallel and rotate queries and keys only on their
 sliding-window layers (the shared runtime reads which from the decoder's config, `runtime.DecoderParts.of_backbone`);
-the model's head does not apply the text config's `logit_scale`, nor does the adapter. Inside `with method(model)` this one instance's
-`forward`, `prepare_inputs_for_generation` and `_expand_inputs_for_generation` are replaced
+the model's head does not apply the text config's `logit_scale`, nor does the adapter. Inside `with method(model)`
+this one instance's `forward`, `prepare_inputs_for_generation` and `_expand_inputs_for_generation` are replaced
 (`adapters.StockAdapter`).
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from transformers import AyaVisionForConditionalGeneration
 
-from .adapters import tower_depth
+from .adapters import token_runs, tower_depth
 from .experts import ExpertSpec
 from .idefics3 import Idefics3Runner
 from .internvl import InternVLAdapter
@@ -105,16 +105,12 @@ class AyaVisionAdapter(InternVLAdapter):
         tile's `TILE_k`). ValueError unless every run is one tile, the runs add up to `tiles`, and the prompts
         agree on that token."""
         n = self.tokens_per_tile
-        is_img = (input_ids == self.image_token_id).int()
-        edges = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)  # +1 where a run starts, -1 after it ends
-        (rows, starts), ends = (edges == 1).nonzero(as_tuple=True), (edges == -1).nonzero()[:, 1]
+        rows, starts, ends, last = token_runs(input_ids, self.image_token_id)
         runs = (ends - starts).tolist()
         if any(r != n for r in runs) or len(runs) != tiles:
             raise ValueError(f"the prompts' image-token runs {runs} are not one run of {n} tokens per tile of the "
                              f"{tiles} tiles given")
         after = input_ids[rows, ends.clamp_max(input_ids.shape[1] - 1)]  # the token after each run
-        last = torch.ones_like(rows, dtype=torch.bool)
-        last[:-1] = rows[1:] != rows[:-1]  # each prompt's last run
         tags = sorted(set(after[last].tolist()))
         if len(tags) > 1 or (ends[last] >= input_ids.shape[1]).any():
             raise ValueError(f"the prompts' last image-token runs are followed by different tokens {tags}: each "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
 
-from .adapters import Layout, StockAdapter, StockProcessor
+from .adapters import Layout, StockAdapter, StockProcessor, token_runs
 from .experts import ExpertSpec, PixelShuffleWindows, _ViTRunner
 from .vlm import fuse_and_prune, run_expert
 
@@ -164,16 +164,13 @@ class Idefics3Adapter(StockAdapter):
             raise ValueError("Idefics3's layout needs the prompt (each tile's place is read from its tokens)")
         counts = self.tile_counts(images)
         n, dev = self.tokens_per_tile, counts.device
-        is_img = (input_ids == self.image_token_id).int()
-        edges = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)  # +1 where a run starts, -1 after it ends
-        (rows, starts), ends = (edges == 1).nonzero(as_tuple=True), (edges == -1).nonzero()[:, 1]
+        per_prompt = (input_ids == self.image_token_id).sum(1).tolist()
+        rows, starts, ends, last = token_runs(input_ids, self.image_token_id)
         runs = (ends - starts).tolist()
-        if any(r != n for r in runs) or is_img.sum(1).tolist() != (counts * n).tolist():
-            raise ValueError(f"the prompts' image-token runs {runs} (per prompt {is_img.sum(1).tolist()} tokens) are "
+        if any(r != n for r in runs) or per_prompt != (counts * n).tolist():
+            raise ValueError(f"the prompts' image-token runs {runs} (per prompt {per_prompt} tokens) are "
                              f"not one run of {n} tokens per tile of the {counts.tolist()} tiles given per sample")
         tag = input_ids[rows, (starts - 1).clamp_min(0)]  # the token before each run
-        last = torch.ones_like(rows, dtype=torch.bool)
-        last[:-1] = rows[1:] != rows[:-1]  # each prompt's last run
         tags = sorted(set(tag[last].tolist()))
         if len(tags) > 1:
             raise ValueError(f"the prompts' last image-token runs follow different tokens {tags}: each image should "

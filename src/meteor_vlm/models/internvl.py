@@ -23,7 +23,7 @@ import torch
 from transformers import InternVLForConditionalGeneration
 
 from . import runtime
-from .adapters import Layout, StockAdapter, StockProcessor, tower_depth
+from .adapters import Layout, StockAdapter, StockProcessor, token_runs, tower_depth
 from .experts import ExpertRunner, ExpertSpec, PixelShuffleWindows
 from .vlm import fuse_and_prune, run_expert
 
@@ -146,9 +146,7 @@ class InternVLAdapter(StockAdapter):
     def tiles_per_image(self, input_ids: torch.Tensor, tiles: int) -> list[int]:
         """The tiles of each image, in row-major order over the batch: each run of image tokens in `input_ids`
         is one image, 256 (tokens_per_tile) per tile. ValueError if the runs do not add up to `tiles`."""
-        is_img = (input_ids == self.image_token_id).int()
-        edges = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)  # +1 where a run starts, -1 after it ends
-        starts, ends = (edges == 1).nonzero()[:, 1], (edges == -1).nonzero()[:, 1]
+        _, starts, ends, _ = token_runs(input_ids, self.image_token_id)
         runs = (ends - starts).tolist()
         n = self.tokens_per_tile
         if any(r % n for r in runs) or sum(runs) != tiles * n:
