@@ -1,5 +1,5 @@
-"""Stock transformers Qwen2-VL and Qwen2.5-VL (multimodal RoPE) under every method, inside the vision encoder
-(whole 2x2 merge windows) and after it: the oracles the project's own model obeys (no-op == stock model,
+"""Stock transformers Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (multimodal RoPE) under every method,
+inside the vision encoder (whole 2x2 merge windows) and after it: the oracles the project's own model obeys (no-op == stock model,
 drop == mask, batch == one by one, cached == uncached), with each kept token at its stock (temporal, height,
 width) position, and windows dropped inside the encoder == the stock blocks run without them."""
 
@@ -23,7 +23,8 @@ IMAGES = [1, 2, 1]
 SIZES = [(48, 32), (30, 60), (40, 40), (64, 20)]  # each its own token count (6, 8, 4, 4 visual tokens)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5", "3"], ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe"],
+                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"])
 def qwen(request):
     return mv.testing.tiny_qwen2_vl(seed=2, version=request.param)
 
@@ -319,9 +320,9 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
             "{% if add_generation_prompt %} a{% endif %}")
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe"])
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
-    """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder (saved model, tokenizer, image processor, chat
+    """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE checkpoint folder (saved model, tokenizer, image processor, chat
     template) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
     the same method, a heatmap on the merged grid) and `meteor speed` (its prompts in the chat template too),
     with the processor read back from the folder giving the same inputs; ToMe merges windows inside its encoder."""

@@ -45,11 +45,12 @@ TINY_EXPERTS = ("clip", "pix2struct", "convnext")
 
 
 def _peaked(params, seed: int) -> None:
-    """Re-draw the matrices among `params` at std 0.15: a random LLM at std 0.02 attends almost uniformly; larger
-    weights give peaked, varied attention, and visual tokens as large as words."""
+    """Re-draw the matrices among `params` (and stacks of them: a mixture of experts' weights) at std 0.15: a random
+    LLM at std 0.02 attends almost uniformly; larger weights give peaked, varied attention, and visual tokens as
+    large as words."""
     with torch.no_grad():
         for p in params:
-            if p.dim() == 2:
+            if p.dim() in (2, 3):
                 p.normal_(0, 0.15, generator=torch.Generator().manual_seed(seed + p.numel()))
 
 
@@ -215,15 +216,18 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     its vision blocks but the last, full attention in the last). `version="3"`: a `Qwen3VLForConditionalGeneration`
     (learned position embeddings resampled to each grid, DeepStack: the merged features of vision blocks 0 and 1
     added to the decoder's hidden states after its layers 0 and 1; a Qwen3 decoder, per-head q/k norms; its
-    processor writes each temporal patch of a video as a frame of its own, with its time, as Qwen3-VL's does)."""
+    processor writes each temporal patch of a video as a frame of its own, with its time, as Qwen3-VL's does).
+    `version="3-moe"`: Qwen3-VL's with a mixture-of-experts decoder, `Qwen3VLMoeForConditionalGeneration` (4
+    experts, 2 routed per token, in every layer but layer 1, which keeps a dense MLP)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+                              Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from .models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens
 
-    if version not in ("2", "2.5", "3"):
-        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5' or '3'")
+    if version not in ("2", "2.5", "3", "3-moe"):
+        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5', '3' or '3-moe'")
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     ids = add_vision_tokens(tokenizer)
@@ -237,15 +241,19 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                 num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
-    if version == "3":
+    if version in ("3", "3-moe"):
         vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
                       patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                       num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
         text.update(head_dim=8, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
                                                  "rope_theta": 10000.0})
+    if version == "3-moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                    mlp_only_layers=[1])
     config_cls, model_cls = {"2": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
                              "2.5": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-                             "3": (Qwen3VLConfig, Qwen3VLForConditionalGeneration)}[version]
+                             "3": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
+                             "3-moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)}[version]
     config = config_cls(vision_config=vision, text_config=text, **ids)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -256,7 +264,7 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                                                                 "vision_start_token_id", "vision_end_token_id")]
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                       temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version == "3")
+    return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"))
 
 
 def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_norm: bool = False,

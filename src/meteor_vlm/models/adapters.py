@@ -39,7 +39,7 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "LlavaNextForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
              "LlavaOnevisionForConditionalGeneration",
              "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
-             "InternVLForConditionalGeneration",
+             "Qwen3VLMoeForConditionalGeneration", "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
              "Mistral3ForConditionalGeneration", "PaliGemmaForConditionalGeneration", "AyaVisionForConditionalGeneration")
 

@@ -1,7 +1,7 @@
 """Pruning on a stock transformers Qwen2-VL or Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
-`Qwen2_5_VLForConditionalGeneration`) and Qwen3-VL (`Qwen3VLForConditionalGeneration`, `Qwen3VLAdapter`: DeepStack),
-on images and videos: inside its vision encoder, where its visual tokens enter the language model, and inside the
-language model.
+`Qwen2_5_VLForConditionalGeneration`) and Qwen3-VL (`Qwen3VLForConditionalGeneration`, `Qwen3VLAdapter`: DeepStack;
+also the mixture-of-experts Qwen3-VL, `Qwen3VLMoeForConditionalGeneration`), on images and videos: inside its
+vision encoder, where its visual tokens enter the language model, and inside the language model.
 
 Qwen2-VL's vision encoder merges each 2x2 window of patches into one visual token at its end (the merger), so a
 token inside it is a whole merge window (`Qwen2VLRunner`: the window's patches side by side): stage-1 methods
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
-                          Qwen3VLForConditionalGeneration)
+                          Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
@@ -54,9 +54,9 @@ def add_vision_tokens(tokenizer) -> dict[str, int]:
 
 
 def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
-    """The adapter for a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration or
-    Qwen3VLForConditionalGeneration, or None for any other model."""
-    if type(model) is Qwen3VLForConditionalGeneration:
+    """The adapter for a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration or Qwen3VLMoeForConditionalGeneration, or None for any other model."""
+    if type(model) in (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration):
         return Qwen3VLAdapter(model)
     stock = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     return Qwen2VLAdapter(model) if type(model) in stock else None
@@ -374,7 +374,9 @@ class Qwen3VLRunner(Qwen2VLRunner):
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
-    """`Qwen3VLForConditionalGeneration` (images and videos): Qwen2-VL's adapter with `Qwen3VLRunner`, and DeepStack
+    """`Qwen3VLForConditionalGeneration` and `Qwen3VLMoeForConditionalGeneration` (Qwen3-VL-30B-A3B, -235B-A22B: the
+    same vision encoder and attention, sparse MLPs that route each token alone, so pruning needs nothing more) on
+    images and videos: Qwen2-VL's adapter with `Qwen3VLRunner`, and DeepStack
     carried through pruning: each visual token that enters the language model takes the DeepStack features its
     window had at each tapped block (after that block's own pruning: a token merged there or before is tapped as
     merged; one merged later takes the features of the window it was merged into), which the runtime adds to its
@@ -439,13 +441,14 @@ class Qwen2VLImageTextProcessor(StockProcessor):
 
     @classmethod
     def from_pretrained(cls, path) -> Qwen2VLImageTextProcessor:
-        """From a Qwen2-VL / Qwen2.5-VL checkpoint folder: its tokenizer, preprocessor_config.json, and the chat
-        template of chat_template.jinja or chat_template.json where the folder has one (else the tokenizer's)."""
+        """From a Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE) checkpoint folder: its tokenizer,
+        preprocessor_config.json, and the chat template of chat_template.jinja or chat_template.json where the folder
+        has one (else the tokenizer's); a Qwen3-VL's writes each video's temporal patches with their times."""
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         config = Path(path) / "config.json"
-        qwen3 = config.is_file() and json.loads(config.read_text()).get("model_type") == "qwen3_vl"
+        qwen3 = config.is_file() and json.loads(config.read_text()).get("model_type") in ("qwen3_vl", "qwen3_vl_moe")
         return cls(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
                    cls.read_chat_template(path), timestamps=qwen3)
 
