@@ -25,13 +25,13 @@ def test_cls_row_and_received_attention_equal_eager_map(tiny, images):
             torch.testing.assert_close(ctx.received_attention(), maps[i].mean((1, 2))[:, 1:], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3", "gemma3_text", "gemma2", "cohere2"])
+@pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3", "gemma3_text", "gemma2", "cohere2", "glm4"])
 def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder):
     """On the project's Llama, a Qwen2 (biased q/k/v), a Qwen3 (per-head q/k norms before RoPE), a Gemma 3 text
     decoder (its own attention scale, local and global layers at different RoPE bases; a window longer than the
     sequence, which attention_rows does not apply) and a Gemma 2 (its attention logits soft-capped, here at 1 so
     that the cap binds) and a Cohere 2 (Aya Vision's: neighbouring dimensions rotated together, on its sliding
-    layers only); and the keys `key_states` gives (DART's) are the ones the layer's attention computes before
+    layers only) and a GLM-4 (GLM-4.1V's decoder: neighbouring dimensions, half of each head rotated); and the keys `key_states` gives (DART's) are the ones the layer's attention computes before
     RoPE."""
     model, _ = tiny
     lm_sdpa = model.language_model
@@ -41,6 +41,9 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
                      layer_types=["sliding_attention", "full_attention"] * 2) if decoder.startswith("gemma") else {}
         if decoder == "cohere2":
             extra = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)
+        if decoder == "glm4":
+            extra = dict(pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": 0.5})
         if decoder == "gemma2":
             extra.update(attn_logit_softcapping=1.0, query_pre_attn_scalar=1)
         cfg = AutoConfig.for_model(decoder, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

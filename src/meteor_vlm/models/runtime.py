@@ -212,9 +212,8 @@ class LLMLayerContext:
         rows = ops.gather_tokens(normed, query_index)
         q = _head_norm(attn, "q_norm", attn.q_proj(rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)
         qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)
-        rotate = _rotate_half_of(type(attn))
-        q = q * qc.unsqueeze(1) + rotate(q) * qs.unsqueeze(1)
-        k = k * cos.unsqueeze(1) + rotate(k) * sin.unsqueeze(1)
+        rotate = _apply_rotary_of(type(attn))
+        q, k = rotate(q, q, qc, qs)[0], rotate(k, k, cos, sin)[0]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         cols = torch.arange(T, device=normed.device)
         key_mask = self.valid[:, None, :] & (cols[None, None, :] <= query_index[:, :, None])
@@ -272,17 +271,24 @@ def _head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return norm(x.view(*x.shape[:-1], -1, attn.head_dim)).flatten(-2)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1):
+    """Llama's RoPE: dimension i paired with i + d/2."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 @functools.cache
-def _rotate_half_of(attention_cls: type) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The `rotate_half` of the transformers module an attention class is defined in: most pair dimension i with
-    i + d/2 (Llama's), Cohere's pairs neighbours (2i, 2i + 1) and its rotary embedding interleaves cos and sin to
-    match. Llama's where the module has none."""
-    return getattr(sys.modules.get(attention_cls.__module__), "rotate_half", _rotate_half)
+def _apply_rotary_of(attention_cls: type) -> Callable:
+    """The `apply_rotary_pos_emb(q, k, cos, sin)` of the transformers module an attention class is defined in,
+    the one its forward calls: most pair dimension i with i + d/2 (Llama's); Cohere's pairs neighbours (2i, 2i + 1),
+    its rotary embedding interleaving cos and sin to match; GLM-4's and GLM-4V's pair neighbours and rotate only
+    the first part of each head, as long as cos is. Llama's where the module has none."""
+    return getattr(sys.modules.get(attention_cls.__module__), "apply_rotary_pos_emb", _apply_rotary)
 
 
 def positions_from_mask(valid: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
