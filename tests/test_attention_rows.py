@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 
+import meteor_vlm as mv
 from meteor_vlm.methods.base import EncoderPoint
 from meteor_vlm.models.runtime import DecoderParts, LLMLayerContext
 
@@ -80,3 +81,28 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
             torch.testing.assert_close(rows[0, :, 1], want[0, :, 5], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(rows[1, :, 1], want[1, :, 7], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(ctx.key_states(), keys[layer], atol=1e-6, rtol=1e-5)
+
+
+def test_glm4v_attention_rows_equal_eager_map_rows_at_multimodal_positions():
+    """GLM-4.1V's decoder (its rotary embedding interleaves cos and sin over the first half of each head, at
+    multimodal positions that repeat and jump): the rows equal its eager attention map's."""
+    model, _ = mv.testing.tiny_glm4v(seed=1)
+    lm = model.model.language_model
+    lm.config._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 13, lm.config.hidden_size, generator=g)
+    pos = torch.stack([torch.arange(13), torch.arange(13).div(2, rounding_mode="floor"),
+                       torch.arange(13) % 4]).expand(2, 3, 13).permute(1, 0, 2) + torch.tensor([0, 3])[None, :, None]
+    with torch.no_grad():
+        out = lm(inputs_embeds=embeds, position_ids=pos, output_attentions=True, output_hidden_states=True)
+        parts = DecoderParts.of_backbone(lm, model.lm_head)
+        valid = torch.ones(2, 13, dtype=torch.bool)
+        for layer in (0, 3):
+            h = out.hidden_states[layer]
+            pe = parts.position_embeddings(h, pos)[layer]
+            ctx = LLMLayerContext(layer, len(lm.layers), lm.layers[layer], h, valid, valid, pos[0], pe,
+                                  torch.tensor([12, 12]), valid, torch.tensor([13, 13]))
+            rows = ctx.attention_rows(torch.tensor([[12, 5], [12, 7]]))
+            want = out.attentions[layer]
+            torch.testing.assert_close(rows[:, :, 0], want[:, :, 12], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(rows[1, :, 1], want[1, :, 7], atol=1e-5, rtol=1e-4)

@@ -1,5 +1,5 @@
-"""Stock transformers Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (multimodal RoPE) under every method,
-inside the vision encoder (whole 2x2 merge windows) and after it: the oracles the project's own model obeys (no-op == stock model,
+"""Stock transformers Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and GLM-4.1V (multimodal RoPE) under every
+method, inside the vision encoder (whole 2x2 merge windows) and after it: the oracles the project's own model obeys (no-op == stock model,
 drop == mask, batch == one by one, cached == uncached), with each kept token at its stock (temporal, height,
 width) position, and windows dropped inside the encoder == the stock blocks run without them."""
 
@@ -23,10 +23,25 @@ IMAGES = [1, 2, 1]
 SIZES = [(48, 32), (30, 60), (40, 40), (64, 20)]  # each its own token count (6, 8, 4, 4 visual tokens)
 
 
+def tiny(version: str, **kwargs):
+    """A tiny Qwen-VL of that version ("2", "2.5", "3", "3-moe"), or, for "glm4v", a tiny GLM-4.1V: the same
+    encoder in shape (2x2 merge windows, its own positions and ends) and the same kind of prompts and inputs."""
+    if version == "glm4v":
+        return mv.testing.tiny_glm4v(**kwargs)
+    return mv.testing.tiny_qwen2_vl(version=version, **kwargs)
+
+
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "glm4v"],
+                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "glm4.1v"])
+def qwen(request):
+    return tiny(request.param, seed=2)
+
+
 @pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe"],
                 ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"])
-def qwen(request):
-    return mv.testing.tiny_qwen2_vl(seed=2, version=request.param)
+def qwen_video(request):
+    """The models that take videos (GLM-4.1V's adapter refuses them)."""
+    return tiny(request.param, seed=2)
 
 
 
@@ -162,7 +177,8 @@ def stock_blocks_without(visual, pixels, grid_thw):
     drops at each block removed from the packed sequence (each temporal patch of a video attending within itself,
     as the stock cu_seqlens say, and the stock attention windows of Qwen2.5-VL, as its get_vision_window_index
     lays them out, among those left; Qwen3-VL's learned position embeddings resampled to the grid, and its DeepStack
-    mergers after their blocks): (kept window indices, (K, D) tokens, [(K, D) DeepStack features per level])."""
+    mergers after their blocks; GLM-4.1V's norm and position embeddings after the patch embedding, and its norm and
+    2x2 convolution before the merger): (kept window indices, (K, D) tokens, [(K, D) DeepStack features per level])."""
     cfg, m = visual.config, visual.spatial_merge_size
     grid = torch.tensor([grid_thw])
     hidden = visual.patch_embed(pixels)
@@ -170,6 +186,9 @@ def stock_blocks_without(visual, pixels, grid_thw):
         index, weight = get_vision_interpolation_indices_and_weights(
             grid, visual.num_grid_per_side, visual.interpolation_mode, visual.interpolation_align_corners, m)
         hidden = hidden + (visual.pos_embed(index) * weight[:, :, None]).sum(1)
+    if hasattr(visual, "post_conv_layernorm"):  # GLM-4.1V
+        ids = get_vision_position_ids(grid, m)
+        hidden = visual.embeddings(visual.post_conv_layernorm(hidden), [hidden.shape[0]], grid, ids[:, 0], ids[:, 1])
     deepstack = {}  # level: {window: its DeepStack features}
     cos, sin = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, m))
     alive = torch.arange(hidden.shape[0] // m**2)
@@ -194,17 +213,20 @@ def stock_blocks_without(visual, pixels, grid_thw):
         kept = survivors(alive, b, 4)
         rows = (torch.searchsorted(alive, kept)[:, None] * m**2 + torch.arange(m**2)).flatten()
         hidden, alive = out[rows], kept
+    if hasattr(visual, "downsample"):  # GLM-4.1V
+        hidden = visual.downsample(visual.post_layernorm(hidden).view(-1, m, m, hidden.shape[-1]).permute(0, 3, 1, 2))
+        hidden = hidden.flatten(1)
     return alive, visual.merger(hidden), [torch.stack([deepstack[k][w] for w in alive.tolist()]) for k in sorted(deepstack)]
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "glm4v"])
 def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_them(version, pictures):
     """After each block of a 3-block encoder (Qwen2.5-VL: the first two windowed) a test method drops whole merge
     windows: the tokens that leave it equal the stock blocks and merger run on the packed sequence with those
     windows removed (two images of one grid encoded together, two of others), and the logits equal the stock
     language model with the dropped windows' image tokens masked from layer 0 on (Qwen3-VL: each kept window's
     DeepStack features, from the stock blocks and mergers, added at its column after the first layers)."""
-    model, processor = mv.testing.tiny_qwen2_vl(seed=4, version=version, vision_depth=3)
+    model, processor = tiny(version, seed=4, vision_depth=3)
     imgs = [pictures[0], pictures[3].resize((48, 32)), pictures[1], pictures[2].resize((48, 48))]  # 3 x 3: 4 windows
     inputs = processor(images=imgs, text=["<image> <image> what is it ?", "<image> and <image> ?"])
     target = adapt(model)
@@ -320,25 +342,26 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
             "{% if add_generation_prompt %} a{% endif %}")
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "glm4v"])
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
-    """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE checkpoint folder (saved model, tokenizer, image processor, chat
-    template) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
+    """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE / GLM-4.1V checkpoint folder (saved model,
+    tokenizer, image processor, chat template, where an image is its processor's placeholder) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
     the same method, a heatmap on the merged grid) and `meteor speed` (its prompts in the chat template too),
     with the processor read back from the folder giving the same inputs; ToMe merges windows inside its encoder."""
     from meteor_vlm.cli import main
-    from meteor_vlm.models.qwen2_vl import Qwen2VLImageTextProcessor
 
-    model, processor = mv.testing.tiny_qwen2_vl(seed=3, version=version)
+    model, processor = tiny(version, seed=3)
+    kind, placeholder = type(processor), processor.image_placeholder
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    Qwen2VLImageTextProcessor(processor.image_processor, processor.tokenizer, TEMPLATE).save_pretrained(ckpt)
-    loaded = Qwen2VLImageTextProcessor.from_pretrained(ckpt)
+    template = TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", placeholder)
+    kind(processor.image_processor, processor.tokenizer, template).save_pretrained(ckpt)
+    loaded = kind.from_pretrained(ckpt)
     picture = mv.testing.random_images(1, seed=9)[0].resize((48, 32))
     picture.save(tmp_path / "img.png")
     prompt = loaded.apply_chat_template([{"role": "user", "content": [{"type": "image"},
                                                                       {"type": "text", "text": "what is in the image ?"}]}])
-    assert prompt == "<|vision_start|><|image_pad|><|vision_end|> what is in the image ? a"
+    assert prompt == f"{placeholder} what is in the image ? a"
     inputs = loaded(images=[picture], text=[prompt])
     mine = processor(images=[picture], text=["<image> what is in the image ? a"])
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
@@ -362,7 +385,7 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
     assert main(["ask", str(tmp_path / "img.png"), "what ?", "--model", str(ckpt), "--method", "tome:keep0.5",
                  "--heatmap", str(heat)]) == 0
     assert "stage 1 (in the experts): 3" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=re.escape("hold 1 <|image_pad|> tokens for 2 images")):
+    with pytest.raises(ValueError, match=re.escape(f"hold 1 {processor.image_token} tokens for 2 images")):
         loaded(images=[picture, picture], text=[prompt])
 
 
@@ -382,11 +405,11 @@ def video_inputs(processor, which=(0, 1, 2)):
                      text=[prompts[i] for i in which])
 
 
-def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen):
+def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen_video):
     """A video of one frame twice is that frame as an image (the image processor repeats an image over a temporal
     patch); a video of three frames is two temporal patches, its last frame repeated to fill the second; the
     prompt gets one video token per merged token, typed 2."""
-    _, processor = qwen
+    _, processor = qwen_video
     a, b, c = video_frames(3)
     same = processor(videos=[[a, a]], text=[processor.video_placeholder])
     image = processor(images=[a], text=["<image>"])
@@ -413,10 +436,10 @@ def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen):
 
 
 @pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
-def test_pruning_nothing_on_videos_equals_the_stock_model(qwen, make):
+def test_pruning_nothing_on_videos_equals_the_stock_model(qwen_video, make):
     """Videos beside images, in either order in a prompt: pruning nothing gives the stock model's logits (its
     per-temporal-patch attention, its video positions)."""
-    model, processor = qwen
+    model, processor = qwen_video
     method = make()
     assert_noop_is_the_stock_model(model, video_inputs(processor), method, logits, logits)
     assert [s["images"] for s in method.stats] == [2, 2, 1]  # images and videos
@@ -464,24 +487,24 @@ VIDEO_PRUNING = {k: PRUNING[k] for k in ("fastv", "divprune", "meteor-stage1+3",
 
 
 @pytest.mark.parametrize("make", list(VIDEO_PRUNING.values()), ids=list(VIDEO_PRUNING))
-def test_every_method_on_videos_obeys_the_batch_and_cache_oracles(qwen, make):
+def test_every_method_on_videos_obeys_the_batch_and_cache_oracles(qwen_video, make):
     """As for images: decoding goes on after the prompt's last token, where the stock model's positions for the
     grown prompt put the next one (in Qwen2.5-VL a video's temporal positions reach past it)."""
-    model, processor = qwen
+    model, processor = qwen_video
     check_batch_and_cache(model, make(), lambda which: video_inputs(processor, which), grown_inputs,
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
-def test_beam_search_keeps_each_prompts_videos_and_images_with_its_rows(qwen):
+def test_beam_search_keeps_each_prompts_videos_and_images_with_its_rows(qwen_video):
     """Beams repeat each prompt's row, and its images and videos follow it: pruning nothing, beam search equals the
     stock model's; under METEOR cached equals uncached."""
-    model, processor = qwen
+    model, processor = qwen_video
     inputs = video_inputs(processor)
     check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
-def test_video_tokens_that_do_not_match_the_videos_are_refused(qwen):
-    model, processor = qwen
+def test_video_tokens_that_do_not_match_the_videos_are_refused(qwen_video):
+    model, processor = qwen_video
     inputs = video_inputs(processor, which=(0, 2))
     fewer = {**inputs, "video_grid_thw": inputs["video_grid_thw"][:1],
              "pixel_values_videos": inputs["pixel_values_videos"][:48]}
@@ -513,3 +536,33 @@ def test_qwen2_5_vl_spaces_a_videos_temporal_patches_by_the_seconds_given():
     torch.testing.assert_close(same[real], logits(model, inputs)[real], atol=1e-5, rtol=0)
     assert (same[real] - logits(model, {k: v for k, v in inputs.items() if k != "second_per_grid_ts"})[real]).abs().max() > 1e-3
     check_beams_against_the_stock_model(model, inputs, mv.ToMe(keep=0.5))
+
+
+def test_glm4v_greedy_and_beams_give_the_stock_models_scores_and_videos_are_refused(pictures):
+    """GLM-4.1V: pruning nothing, greedy decoding equals the stock model's, and beam search (each prompt's images
+    following its repeated rows) returns beams whose scores are the stock model's log-probabilities of them,
+    recomputed without cache over the whole sequence (the stock model's own beam search with its cache does not
+    here: transformers 5.24 returns a beam that scores below the one found); under METEOR cached beams equal
+    uncached. Its processor and adapter refuse videos."""
+    model, processor = tiny("glm4v", seed=2)
+    inputs = qwen_inputs(processor, pictures)
+    n = inputs["input_ids"].shape[1]
+    beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        greedy = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        with mv.NoPruning()(model):
+            assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), greedy)
+            out = model.generate(**inputs, **beams, output_scores=True, return_dict_in_generate=True)
+        ids = out.sequences
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids[:, n:])], 1)
+        lp = model(input_ids=ids, attention_mask=mask, **grown_inputs(inputs, ids), use_cache=False).logits.log_softmax(-1)
+        want = lp[:, n - 1:-1].gather(2, ids[:, n:, None])[..., 0].sum(1) / 4  # the mean over the 4 new tokens
+        torch.testing.assert_close(out.sequences_scores, want, atol=1e-4, rtol=1e-4)
+        with mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0)(model):
+            cached = model.generate(**inputs, **beams)
+            assert torch.equal(cached, model.generate(**inputs, **beams, use_cache=False, query_positions=n - 1))
+    with pytest.raises(ValueError, match="takes images only"):
+        processor(videos=[video_frames(2)], text=[processor.video_placeholder])
+    as_video = {**inputs, "pixel_values_videos": inputs["pixel_values"], "video_grid_thw": inputs["image_grid_thw"]}
+    with pytest.raises(ValueError, match="videos .* are not supported"):
+        logits(model, as_video, mv.FastV())

@@ -267,6 +267,45 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"))
 
 
+def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2):
+    """A tiny random stock transformers `Glm4vForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
+    `models.glm4v.Glm4vImageTextProcessor` where "<image>" stands for one image: a `vision_depth`-block vision
+    encoder on 8 px patches with learned position embeddings for a 4x4 grid (resampled to each image's), each 2x2
+    window one visual token (an image of 16 to 48 px a side gives 2 to 9, by its size), and a `num_layers`-deep
+    GLM-4 decoder 128 wide with 8 heads (GQA, 4 kv heads), multimodal RoPE on half of each head's dimensions."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    from .models.glm4v import VISION_TOKENS, Glm4vImageTextProcessor
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *VISION_TOKENS.values()]})
+    ids = {field: tokenizer.convert_tokens_to_ids(token) for field, token in VISION_TOKENS.items()}
+    vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=128,
+                  patch_size=8, image_size=32, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5})  # 16 dims a head, the first 8 rotated
+    config = Glm4vConfig(vision_config=vision, text_config=text, **ids)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Glm4vForConditionalGeneration(config).eval()
+    visual = model.model.visual
+    _peaked([*model.model.language_model.parameters(), *visual.merger.parameters()], seed)
+    with torch.no_grad():  # norms and position embeddings that are not the identity and not all alike
+        g = torch.Generator().manual_seed(seed)
+        for norm in (visual.post_conv_layernorm, visual.post_layernorm):
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
+        visual.embeddings.position_embedding.weight.normal_(0, 1.0, generator=g)
+    model.generation_config.suppress_tokens = list(ids.values())
+    # its pixel limits count the two frames of a temporal patch: Qwen2-VL's tiny sizes, doubled
+    images = Glm4vImageProcessorPil(size={"shortest_edge": 2 * 16 * 16, "longest_edge": 2 * 48 * 48}, patch_size=8,
+                                    merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, Glm4vImageTextProcessor(images, tokenizer, alias="<image>")
+
+
 def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_norm: bool = False,
                   decoder: str = "qwen2"):
     """A tiny random stock transformers `InternVLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
