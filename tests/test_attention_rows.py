@@ -83,10 +83,12 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
             torch.testing.assert_close(ctx.key_states(), keys[layer], atol=1e-6, rtol=1e-5)
 
 
-def test_glm4v_attention_rows_equal_eager_map_rows_at_multimodal_positions():
-    """GLM-4.1V's decoder (its rotary embedding interleaves cos and sin over the first half of each head, at
-    multimodal positions that repeat and jump): the rows equal its eager attention map's."""
-    model, _ = mv.testing.tiny_glm4v(seed=1)
+@pytest.mark.parametrize("moe", [False, True], ids=["glm4.1v", "glm4.5v"])
+def test_glm4v_attention_rows_equal_eager_map_rows_at_multimodal_positions(moe):
+    """GLM-4.1V's decoder (its rotary embedding interleaves cos and sin over the first half of each head) and
+    GLM-4.5V's (the first half of each head, dimension i with i + d/2), at multimodal positions that repeat and
+    jump: the rows equal its eager attention map's."""
+    model, _ = mv.testing.tiny_glm4v(seed=1, moe=moe)
     lm = model.model.language_model
     lm.config._attn_implementation = "eager"
     g = torch.Generator().manual_seed(0)

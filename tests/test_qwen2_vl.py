@@ -24,15 +24,16 @@ SIZES = [(48, 32), (30, 60), (40, 40), (64, 20)]  # each its own token count (6,
 
 
 def tiny(version: str, **kwargs):
-    """A tiny Qwen-VL of that version ("2", "2.5", "3", "3-moe"), or, for "glm4v", a tiny GLM-4.1V: the same
+    """A tiny Qwen-VL of that version ("2", "2.5", "3", "3-moe"), or, for "glm4v" / "glm4v-moe", a tiny GLM-4.1V /
+    GLM-4.5V: the same
     encoder in shape (2x2 merge windows, its own positions and ends) and the same kind of prompts and inputs."""
-    if version == "glm4v":
-        return mv.testing.tiny_glm4v(**kwargs)
+    if version.startswith("glm4v"):
+        return mv.testing.tiny_glm4v(moe=version == "glm4v-moe", **kwargs)
     return mv.testing.tiny_qwen2_vl(version=version, **kwargs)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "glm4v"],
-                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "glm4.1v"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "glm4v", "glm4v-moe"],
+                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "glm4.1v", "glm4.5v"])
 def qwen(request):
     return tiny(request.param, seed=2)
 
@@ -342,7 +343,7 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
             "{% if add_generation_prompt %} a{% endif %}")
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "glm4v"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "glm4v", "glm4v-moe"])
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
     """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE / GLM-4.1V checkpoint folder (saved model,
     tokenizer, image processor, chat template, where an image is its processor's placeholder) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under

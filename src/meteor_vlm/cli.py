@@ -26,7 +26,8 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
                "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
                "mistral3": "Mistral3ForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration",
-               "aya_vision": "AyaVisionForConditionalGeneration", "glm4v": "Glm4vForConditionalGeneration"}
+               "aya_vision": "AyaVisionForConditionalGeneration", "glm4v": "Glm4vForConditionalGeneration",
+               "glm4v_moe": "Glm4vMoeForConditionalGeneration"}
 
 
 def _load(model_arg: str, llava: bool = False):
@@ -36,8 +37,8 @@ def _load(model_arg: str, llava: bool = False):
     LLaVA-NeXT-Video one (`LlavaNextVideoImageTextProcessor`), a
     Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
     an Idefics3 / SmolVLM one (`models.idefics3.load_processor`), a Gemma 3 one (its own AutoProcessor) or a Mistral 3
-    one (`PixtralImageTextProcessor`) or an Aya Vision one (`models.aya_vision.load_processor`) or a GLM-4.1V one
-    (`Glm4vImageTextProcessor`)."""
+    one (`PixtralImageTextProcessor`) or an Aya Vision one (`models.aya_vision.load_processor`) or a GLM-4.1V / GLM-4.5V
+    one (`Glm4vImageTextProcessor`)."""
     import meteor_vlm as mv
 
     if model_arg in mv.default.EMBEDDED:
@@ -64,7 +65,7 @@ def _load(model_arg: str, llava: bool = False):
             from .models.qwen2_vl import Qwen2VLImageTextProcessor
 
             return model, Qwen2VLImageTextProcessor.from_pretrained(path)
-        if model_type == "glm4v":  # likewise
+        if model_type in ("glm4v", "glm4v_moe"):  # likewise
             from .models.glm4v import Glm4vImageTextProcessor
 
             return model, Glm4vImageTextProcessor.from_pretrained(path)

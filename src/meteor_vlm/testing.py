@@ -267,13 +267,16 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"))
 
 
-def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2):
+def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: bool = False):
     """A tiny random stock transformers `Glm4vForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
     `models.glm4v.Glm4vImageTextProcessor` where "<image>" stands for one image: a `vision_depth`-block vision
     encoder on 8 px patches with learned position embeddings for a 4x4 grid (resampled to each image's), each 2x2
     window one visual token (an image of 16 to 48 px a side gives 2 to 9, by its size), and a `num_layers`-deep
-    GLM-4 decoder 128 wide with 8 heads (GQA, 4 kv heads), multimodal RoPE on half of each head's dimensions."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+    GLM-4 decoder 128 wide with 8 heads (GQA, 4 kv heads), multimodal RoPE on half of each head's dimensions. With
+    `moe`, a `Glm4vMoeForConditionalGeneration` (GLM-4.5V's kind): its decoder rotates dimension i with i + d/2, and
+    its layers after the first are mixtures of 4 routed experts (2 per token, in 2 groups) and a shared one."""
+    from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig,
+                              Glm4vMoeForConditionalGeneration)
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
     from .models.glm4v import VISION_TOKENS, Glm4vImageTextProcessor
@@ -288,10 +291,15 @@ def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2):
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
                                  "partial_rotary_factor": 0.5})  # 16 dims a head, the first 8 rotated
-    config = Glm4vConfig(vision_config=vision, text_config=text, **ids)
+    if moe:
+        text.update(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                    n_group=2, topk_group=1, first_k_dense_replace=1, attention_bias=True)
+    config_cls, model_cls = ((Glm4vMoeConfig, Glm4vMoeForConditionalGeneration) if moe
+                             else (Glm4vConfig, Glm4vForConditionalGeneration))
+    config = config_cls(vision_config=vision, text_config=text, **ids)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = Glm4vForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     visual = model.model.visual
     _peaked([*model.model.language_model.parameters(), *visual.merger.parameters()], seed)
     with torch.no_grad():  # norms and position embeddings that are not the identity and not all alike

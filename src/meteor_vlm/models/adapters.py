@@ -42,7 +42,7 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "Qwen3VLMoeForConditionalGeneration", "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
              "Mistral3ForConditionalGeneration", "PaliGemmaForConditionalGeneration", "AyaVisionForConditionalGeneration",
-             "Glm4vForConditionalGeneration")
+             "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here when None / False

@@ -1,18 +1,21 @@
-"""Pruning on a stock transformers GLM-4.1V / GLM-4.5V (`Glm4vForConditionalGeneration`), on images.
+"""Pruning on a stock transformers GLM-4.1V (`Glm4vForConditionalGeneration`) and GLM-4.5V
+(`Glm4vMoeForConditionalGeneration`), on images.
 
 GLM-4.1V's vision encoder is Qwen2-VL's in shape: each image on its own patch grid, 2D rotary positions, whole
 2x2 merge windows (a 2x2 convolution, then a merger, turns each into one visual token), multimodal RoPE in the
 language model. So `Glm4vRunner` walks it as `Qwen2VLRunner` does (stage-1 methods keep, drop or merge whole
 windows between its blocks) with what it adds: an RMSNorm after the patch embedding and learned position
 embeddings resampled (bicubic) to each patch of the grid before block 0; an RMSNorm, the 2x2 convolution and the
-merger at its end. Its decoder (GLM-4) rotates only part of each head, neighbouring dimensions paired, which the
-runtime's stage-3 scores follow. Videos (GLM's prompts write each frame apart, with its time) are refused.
+merger at its end. Its decoder (GLM-4) rotates only part of each head (GLM-4.1V pairing neighbouring dimensions,
+GLM-4.5V's mixture-of-experts decoder dimension i with i + d/2), which the runtime's stage-3 scores follow; GLM-4.5V
+routes each token on its own, so a pruned token changes no other token's experts. Videos (GLM's prompts write each
+frame apart, with its time) are refused.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import Glm4vForConditionalGeneration
+from transformers import Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration
 from transformers.vision_utils import get_vision_position_ids
 
 from .experts import ExpertSpec
@@ -27,8 +30,10 @@ VISION_TOKENS = {"image_start_token_id": "<|begin_of_image|>", "image_end_token_
 
 
 def glm4v_adapter(model) -> Glm4vAdapter | None:
-    """The adapter for a transformers Glm4vForConditionalGeneration, or None for any other model."""
-    return Glm4vAdapter(model) if type(model) is Glm4vForConditionalGeneration else None
+    """The adapter for a transformers Glm4vForConditionalGeneration or Glm4vMoeForConditionalGeneration, or None for
+    any other model."""
+    stock = (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration)
+    return Glm4vAdapter(model) if type(model) in stock else None
 
 
 class Glm4vRunner(Qwen2VLRunner):
@@ -63,13 +68,14 @@ class Glm4vRunner(Qwen2VLRunner):
 
 
 class Glm4vAdapter(Qwen2VLAdapter):
-    """`Glm4vForConditionalGeneration` (GLM-4.1V-9B, GLM-4.5V's dense sibling) on images: Qwen2-VL's adapter with
+    """`Glm4vForConditionalGeneration` (GLM-4.1V-9B) and `Glm4vMoeForConditionalGeneration` (GLM-4.5V) on images:
+    Qwen2-VL's adapter with
     `Glm4vRunner`. Its prompts hold each image's tokens between <|begin_of_image|> and <|end_of_image|>, and its
     multimodal RoPE positions are the stock model's `get_rope_index`. ValueError for videos."""
 
     RUNNER = Glm4vRunner
 
-    def __init__(self, model: Glm4vForConditionalGeneration):
+    def __init__(self, model: Glm4vForConditionalGeneration | Glm4vMoeForConditionalGeneration):
         self._locate(model, [self.RUNNER(model.model.visual, ExpertSpec(EXPERT, self.RUNNER.kind, 0, {}))])
         self.video_token_id = model.config.video_token_id
 
@@ -98,8 +104,8 @@ class Glm4vImageTextProcessor(Qwen2VLImageTextProcessor):
 
     @classmethod
     def from_pretrained(cls, path) -> Glm4vImageTextProcessor:
-        """From a GLM-4.1V checkpoint folder: its tokenizer, preprocessor_config.json, and the chat template of
-        chat_template.jinja or chat_template.json where the folder has one (else the tokenizer's)."""
+        """From a GLM-4.1V or GLM-4.5V checkpoint folder: its tokenizer, preprocessor_config.json, and the chat
+        template of chat_template.jinja or chat_template.json where the folder has one (else the tokenizer's)."""
         from transformers import AutoTokenizer
         from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
