@@ -21,8 +21,8 @@ PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circl
 IMAGES = [1, 2, 1]  # images per prompt
 
 
-@pytest.fixture(scope="module", params=[{}, {"qk_norm": True}, {"decoder": "qwen3"}],
-                ids=["internvl", "internvl-qknorm", "internvl-qwen3"])
+@pytest.fixture(scope="module", params=[{}, {"qk_norm": True}, {"decoder": "qwen3"}, {"decoder": "qwen3_moe"}],
+                ids=["internvl", "internvl-qknorm", "internvl-qwen3", "internvl-qwen3-moe"])
 def internvl(request):
     return mv.testing.tiny_internvl(seed=2, **request.param)
 

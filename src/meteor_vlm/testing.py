@@ -321,7 +321,8 @@ def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_
     InternViT (CLS, layer scale; `qk_norm`: RMS-normed queries and keys, as the 6B InternViT) on 32 px tiles of
     8 px patches, each 2x2 window folded into one visual token (4 per tile), tiles cut as InternVL cuts them (1
     to 4 by the image's aspect, plus a thumbnail when there are several), and a `num_layers`-deep Qwen2 decoder
-    with 8 heads (GQA, 4 kv heads); `decoder="qwen3"`: a Qwen3 one instead (per-head q/k norms, as InternVL3.5's)."""
+    with 8 heads (GQA, 4 kv heads); `decoder="qwen3"`: a Qwen3 one instead (per-head q/k norms, as InternVL3.5's);
+    `decoder="qwen3_moe"`: a Qwen3-MoE one (InternVL3.5-30B-A3B's kind: 4 experts, 2 per token, layer 1 dense)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
@@ -331,12 +332,15 @@ def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *IMAGE_TOKENS]})
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
                   image_size=32, patch_size=8, use_qk_norm=qk_norm, layer_scale_init_value=0.5)
-    if decoder not in ("qwen2", "qwen3"):
-        raise ValueError(f"unknown decoder {decoder!r}; choose 'qwen2' or 'qwen3'")
+    if decoder not in ("qwen2", "qwen3", "qwen3_moe"):
+        raise ValueError(f"unknown decoder {decoder!r}; choose 'qwen2', 'qwen3' or 'qwen3_moe'")
     text = dict(model_type=decoder, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                 num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, **({"head_dim": 8} if decoder == "qwen3" else {}))
+                eos_token_id=tokenizer.eos_token_id, **({"head_dim": 8} if decoder != "qwen2" else {}))
+    if decoder == "qwen3_moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                    mlp_only_layers=[1])
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[2])
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_id, image_seq_length=4,
                             downsample_ratio=0.5, tie_word_embeddings=False)
