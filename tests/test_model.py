@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import meteor_vlm as mv
+from meteor_vlm import ops
 from meteor_vlm.methods import scaled_llm_layers
 from meteor_vlm.models.adapters import adapt
 
@@ -319,3 +320,51 @@ def test_meteor_cnn_activation_score_keeps_the_cnn_cells_of_largest_norm(tiny, i
     assert stage1.settings() == {**make_method("alloc:rank-reverse").settings(), "cnn_score": "activation"}
     with pytest.raises(ValueError, match="unknown cnn_score"):
         mv.Meteor(cnn_score="norm")
+
+
+def test_meteor_nocls_score_ranks_an_expert_without_cls_by_mean_similarity_at_every_point(tiny, images):
+    """nocls_score="mean-similarity": at each pruning point of the expert without CLS (Pix2Struct) the kept tokens
+    are those least like the mean of the tokens there; by default, from the second point on, those that receive the
+    most attention. The two differ where they see the same tokens (the second point), and the expert with CLS keeps
+    the same tokens under both. Bench names with -ms build it; an unknown score is refused."""
+    from meteor_vlm.bench.accuracy import make_method
+
+    model, processor = tiny
+    pixels = mv.models.vlm.expert_pixels(make_inputs(processor, [images[0], images[1]], ["what ?", "what ?"]))
+    seen = {}
+
+    class Recorded(mv.Meteor):
+        def prune_encoder(self, ctx):
+            out = super().prune_encoder(ctx)
+            score = ctx.received_attention() if ctx.block is not None and not ctx.has_cls else None
+            seen.setdefault(self.nocls_score, []).append((ctx.expert, ctx.point, ctx.patches, score, out))
+            return out
+
+    for nocls in ("received-attention", "mean-similarity"):
+        method = Recorded(fusion=False, llm=False, encoder_keep=0.3, nocls_score=nocls)
+        with torch.no_grad(), method(model):
+            for i, name in enumerate(model.expert_names):
+                model.encode_expert(i, pixels[name], method)
+    points = {nocls: {(e, p): (x, a, out) for e, p, x, a, out in rec} for nocls, rec in seen.items()}
+    later = [key for key in points["mean-similarity"] if key[0] == "pix2struct" and key[1] > 0]
+    assert len(later) == 2
+    for key in later:
+        x, _, out = points["mean-similarity"][key]
+        want = ops.topk_indices(ops.mean_similarity(x), out.shape[1], largest=False)
+        assert out.tolist() == want.tolist()
+        _, received, out = points["received-attention"][key]
+        assert out.tolist() == ops.topk_indices(received, out.shape[1]).tolist()
+    first = ("pix2struct", 1)
+    torch.testing.assert_close(points["mean-similarity"][first][0], points["received-attention"][first][0])
+    assert points["mean-similarity"][first][2].tolist() != points["received-attention"][first][2].tolist()
+    for key, (_, _, out) in points["mean-similarity"].items():
+        if key[0] == "clip":
+            assert out.tolist() == points["received-attention"][key][2].tolist()
+    assert make_method("meteor:e0.5-f0.5-l200-ms").nocls_score == "mean-similarity"
+    assert make_method("meteor:e0.5-f0.5-l200-act-ms").settings() == {
+        **make_method("meteor:e0.5-f0.5-l200").settings(), "cnn_score": "activation", "nocls_score": "mean-similarity"}
+    assert make_method("meteor:e0.5-f0.5-l200").nocls_score == "received-attention"
+    assert make_method("alloc:rank-ms").settings() == {**make_method("alloc:rank").settings(),
+                                                       "nocls_score": "mean-similarity"}
+    with pytest.raises(ValueError, match="unknown nocls_score"):
+        mv.Meteor(nocls_score="attention")

@@ -99,26 +99,30 @@ class NamePattern:
 
 
 NAME_PATTERNS = (
-    NamePattern(re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)(-act)?$"),
-                lambda e, f, lam, act: Meteor(encoder_keep=float(e), fusion_keep=float(f), lam=float(lam),
-                                              cnn_score=_cnn_score(act)),
-                "meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>[-act]",
+    NamePattern(re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)-l([0-9.]+)(-act)?(-ms)?$"),
+                lambda e, f, lam, act, ms: Meteor(encoder_keep=float(e), fusion_keep=float(f), lam=float(lam),
+                                                  cnn_score=_cnn_score(act), nocls_score=_nocls_score(ms)),
+                "meteor:e<encoder_keep>-f<fusion_keep>-l<lambda>[-act][-ms]",
                 "all three stages at a chosen budget; -act: a CNN expert keeps its cells of largest activation norm "
-                "(cnn_score='activation') instead of those least like its mean cell", "meteor:e0.5-f0.6-l100"),
-    NamePattern(re.compile(r"^meteor:e([0-9.]+)-l([0-9.]+)(-act)?$"),
-                lambda e, lam, act: Meteor(fusion=False, encoder_keep=float(e), lam=float(lam), cnn_score=_cnn_score(act)),
-                "meteor:e<encoder_keep>-l<lambda>[-act]",
+                "(cnn_score='activation') instead of those least like its mean cell; -ms: an expert without CLS "
+                "drops the tokens most like its mean token at every pruning point (nocls_score='mean-similarity') "
+                "instead of keeping the most attended at the later ones", "meteor:e0.5-f0.6-l100"),
+    NamePattern(re.compile(r"^meteor:e([0-9.]+)-l([0-9.]+)(-act)?(-ms)?$"),
+                lambda e, lam, act, ms: Meteor(fusion=False, encoder_keep=float(e), lam=float(lam),
+                                               cnn_score=_cnn_score(act), nocls_score=_nocls_score(ms)),
+                "meteor:e<encoder_keep>-l<lambda>[-act][-ms]",
                 "stages 1 and 3 at a chosen budget, no fusion stage (a model with one vision encoder, e.g. a LLaVA)",
                 "meteor:e0.333-l50"),
     NamePattern(re.compile(r"^meteor:stage3-l([0-9.]+)$"), lambda lam: _stage3_alone("adaptive", float(lam)),
                 "meteor:stage3-l<lambda>",
                 "METEOR's stage 3 alone at a chosen lambda: the experts and the fusion run whole, the LLM drops "
                 "tokens by its text-guided scores (the same method as stage3:adaptive-l<lambda>)", "meteor:stage3-l15"),
-    NamePattern(re.compile(r"^alloc:(rank|average|rank-reverse)-act$"),
-                lambda alloc: method_catalog()[f"alloc:{alloc}"]().with_(cnn_score="activation"),
-                "alloc:<allocation>-act",
-                "the stage-1 ablation (that allocation, 25% of the tokens) with a CNN expert pruned by activation norm",
-                "alloc:rank-act"),
+    NamePattern(re.compile(r"^alloc:(rank|average|rank-reverse)(?=-)(-act)?(-ms)?$"),
+                lambda alloc, act, ms: method_catalog()[f"alloc:{alloc}"]().with_(cnn_score=_cnn_score(act),
+                                                                                  nocls_score=_nocls_score(ms)),
+                "alloc:<allocation>[-act][-ms]",
+                "the stage-1 ablation (that allocation, 25% of the tokens) with a CNN expert pruned by activation norm "
+                "(-act) and experts without CLS by mean similarity at every point (-ms)", "alloc:rank-act"),
     NamePattern(re.compile(r"^stage3:(adaptive|fixed)-l([0-9.]+)$"), lambda budget, lam: _stage3_alone(budget, float(lam)),
                 "stage3:adaptive-l<lambda>, stage3:fixed-l<lambda>",
                 "the stage-3 ablation at another lambda (default 50; the fixed ratios are matched at run time to "
@@ -175,6 +179,10 @@ NAME_PATTERNS = (
 
 def _cnn_score(act: str | None) -> str:
     return "activation" if act else "mean-similarity"
+
+
+def _nocls_score(ms: str | None) -> str:
+    return "mean-similarity" if ms else "received-attention"
 
 
 def budget_method(name: str):

@@ -2,7 +2,7 @@
 
 1. Inside each expert (rank-guided assignment): at the ends of the expert's three thirds, drop the
    patch tokens most similar to the mean token (first point) or least attended by CLS (later points;
-   mean received attention for experts without CLS). The tokens kept at each point are split over the
+   mean received attention for experts without CLS, or mean similarity there too: ``nocls_score``). The tokens kept at each point are split over the
    experts in proportion to their stored feature rank. A CNN is pruned once, at its output (by the
    mean-similarity score, or by its activations' norm: ``cnn_score``).
 2. At fusion (cooperative pruning): keep the K tokens, over all experts, least redundant with the
@@ -38,6 +38,7 @@ PAPER_LLM_LAYERS = (4, 12, 20)  # of a 32-layer LLM
 FUSION_STRATEGIES = ("cooperative", "separate", "random")
 QUERIES = ("last", "text")
 CNN_SCORES = ("mean-similarity", "activation")
+NOCLS_SCORES = ("received-attention", "mean-similarity")
 BUDGETS = ("adaptive", "fixed")
 
 
@@ -60,6 +61,9 @@ class Meteor(PruningMethod):
     with no blocks to prune inside (a CNN, pruned once at its output) ranks its cells: "mean-similarity"
     (the shallow score: drop the cells most like the mean cell) or "activation" (keep the cells whose
     trunk features, before the CNN's output norm if it has one, have the largest norm, `ops.activation_norm`).
+    ``nocls_score``: how an expert without CLS ranks its tokens at its later pruning points (PAPER.md leaves it
+    open): "received-attention" (keep the tokens that receive the most attention, averaged over queries and
+    heads) or "mean-similarity" (drop those most like the mean token, the first point's score, at every point).
 
     Stage 2 (fusion): ``fusion_keep`` share of stage 1's output kept (or ``fusion_tokens``);
     ``fusion_strategy`` = "cooperative" | "separate" | "random".
@@ -79,6 +83,7 @@ class Meteor(PruningMethod):
     allocation: str = "rank"
     rank_table: dict | str | None = None
     cnn_score: str = "mean-similarity"
+    nocls_score: str = "received-attention"
 
     fusion: bool = True
     fusion_keep: float = 576 / 1193
@@ -137,6 +142,8 @@ class Meteor(PruningMethod):
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {ops.ALLOCATIONS}")
         if self.cnn_score not in CNN_SCORES:
             raise ValueError(f"unknown cnn_score {self.cnn_score!r}; choose one of {CNN_SCORES}")
+        if self.nocls_score not in NOCLS_SCORES:
+            raise ValueError(f"unknown nocls_score {self.nocls_score!r}; choose one of {NOCLS_SCORES}")
         if self.fusion_strategy not in FUSION_STRATEGIES:
             raise ValueError(f"unknown fusion_strategy {self.fusion_strategy!r}; choose one of {FUSION_STRATEGIES}")
         if self.query not in QUERIES:
@@ -227,7 +234,7 @@ class Meteor(PruningMethod):
             return None
         if ctx.block is None and self.cnn_score == "activation":  # a CNN's output, before any output norm
             return ops.topk_indices(ops.activation_norm(patches if ctx.trunk is None else ctx.trunk), keep)
-        if ctx.point == 0 or ctx.block is None:
+        if ctx.point == 0 or ctx.block is None or (not ctx.has_cls and self.nocls_score == "mean-similarity"):
             return ops.topk_indices(ops.mean_similarity(patches), keep, largest=False)
         score = ctx.cls_attention() if ctx.has_cls else ctx.received_attention()
         return ops.topk_indices(score, keep)
