@@ -2,9 +2,9 @@
 
 1. Inside each expert (rank-guided assignment): at the ends of the expert's three thirds, drop the
    patch tokens most similar to the mean token (first point) or least attended by CLS (later points;
-   mean received attention for experts without CLS, or mean similarity there too: ``nocls_score``). The tokens kept at each point are split over the
-   experts in proportion to their stored feature rank. A CNN is pruned once, at its output (by the
-   mean-similarity score, or by its activations' norm: ``cnn_score``).
+   mean received attention for experts without CLS, or mean similarity there too: ``nocls_score``). The
+   tokens kept at each point are split over the experts in proportion to their stored feature rank. A CNN
+   is pruned once, at its output (by the mean-similarity score, or by its activations' norm: ``cnn_score``).
 2. At fusion (cooperative pruning): keep the K tokens, over all experts, least redundant with the
    other experts' tokens.
 3. In the LLM (instance-adaptive, text-guided): at layers scaled from 4/12/20 of 32, score visual

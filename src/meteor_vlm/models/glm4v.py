@@ -18,8 +18,7 @@ import torch
 from transformers import Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration
 from transformers.vision_utils import get_vision_position_ids
 
-from .experts import ExpertSpec
-from .qwen2_vl import EXPERT, Qwen2VLAdapter, Qwen2VLImageTextProcessor, Qwen2VLRunner
+from .qwen2_vl import Qwen2VLAdapter, Qwen2VLImageTextProcessor, Qwen2VLRunner
 
 __all__ = ["Glm4vAdapter", "Glm4vRunner", "Glm4vImageTextProcessor", "glm4v_adapter", "VISION_TOKENS"]
 
@@ -69,15 +68,10 @@ class Glm4vRunner(Qwen2VLRunner):
 
 class Glm4vAdapter(Qwen2VLAdapter):
     """`Glm4vForConditionalGeneration` (GLM-4.1V-9B) and `Glm4vMoeForConditionalGeneration` (GLM-4.5V) on images:
-    Qwen2-VL's adapter with
-    `Glm4vRunner`. Its prompts hold each image's tokens between <|begin_of_image|> and <|end_of_image|>, and its
+    Qwen2-VL's adapter with `Glm4vRunner`. Its prompts hold each image's tokens between <|begin_of_image|> and <|end_of_image|>, and its
     multimodal RoPE positions are the stock model's `get_rope_index`. ValueError for videos."""
 
     RUNNER = Glm4vRunner
-
-    def __init__(self, model: Glm4vForConditionalGeneration | Glm4vMoeForConditionalGeneration):
-        self._locate(model, [self.RUNNER(model.model.visual, ExpertSpec(EXPERT, self.RUNNER.kind, 0, {}))])
-        self.video_token_id = model.config.video_token_id
 
     def _grids(self, images: dict):
         if images.get("pixel_values_videos") is not None:
