@@ -61,7 +61,8 @@ def _load(model_arg: str, llava: bool = False):
 
         cls = getattr(transformers, STOCK_TYPES[model_type])
         model = cls.from_pretrained(path, attn_implementation="sdpa").eval()
-        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # its AutoProcessor needs torchvision for videos
+        # Qwen-VL's AutoProcessor needs torchvision for videos
+        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
             from .models.qwen2_vl import Qwen2VLImageTextProcessor
 
             return model, Qwen2VLImageTextProcessor.from_pretrained(path)

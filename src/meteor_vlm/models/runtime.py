@@ -212,8 +212,8 @@ class LLMLayerContext:
         rows = ops.gather_tokens(normed, query_index)
         q = _head_norm(attn, "q_norm", attn.q_proj(rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)
         qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)
-        rotate = _apply_rotary_of(type(attn))
-        q, k = rotate(q, q, qc, qs)[0], rotate(k, k, cos, sin)[0]
+        rotate = _apply_rotary_of(type(attn))  # it rotates a pair; the second here is one head, not a copy of all
+        q, k = rotate(q, q[:, :1], qc, qs)[0], rotate(k, k[:, :1], cos, sin)[0]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         cols = torch.arange(T, device=normed.device)
         key_mask = self.valid[:, None, :] & (cols[None, None, :] <= query_index[:, :, None])
