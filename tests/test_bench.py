@@ -112,6 +112,7 @@ def test_bench_rows_and_files(tiny, tmp_path):
     assert [r["method"] for r in rows] == names
     by = {r["method"]: r for r in rows}
     assert by["unpruned"]["tokens_share"] == 1.0
+    assert by["unpruned"]["counted_kept"]["any"] == 1.0 and by["unpruned"]["counted_kept"]["objects"] > 0
     assert by["meteor:paper-242"]["tokens"] < by["unpruned"]["tokens"]
     assert by["meteor:paper-242"]["tflops"] < by["unpruned"]["tflops"]
     # the fixed-ratio ablation is matched to the adaptive one's average count
@@ -145,12 +146,14 @@ def test_bench_rows_and_files(tiny, tmp_path):
     assert lo <= ab["difference"] <= hi
     assert ab["verdict"] == ("holds" if hi < 0 else "reversed" if lo > 0 else "tie")
     assert [r["method"] for r in rows if "ablation" in r] == ["stage3:fixed"]
-    from meteor_vlm.bench.report import format_ablations, format_kinds, format_table, write_results
+    from meteor_vlm.bench.report import format_ablations, format_counted, format_kinds, format_table, write_results
 
     assert format_ablations(rows).startswith("stage3:fixed vs stage3:adaptive: ")
 
     assert "ends" in format_table(rows).splitlines()[0] and "kept [95% CI]" in format_table(rows).splitlines()[0]
     assert format_kinds(rows).splitlines()[0].startswith("method")
+    counted = format_counted(rows).splitlines()  # one line per row, the unpruned one keeping every object
+    assert len(counted) == len(rows) + 2 and counted[2].split()[1:] == ["100.0"] * (1 + len(model.runners))
 
     paths = write_results(rows, tmp_path, {"model": "tiny"})
     data = json.loads(paths[0].read_text())
@@ -158,7 +161,59 @@ def test_bench_rows_and_files(tiny, tmp_path):
     table = list(csv.reader(paths[1].open()))
     assert len(table) == len(names) + 1
     assert dict(zip(table[0], table[-1]))["ablation_against"] == "stage3:adaptive"
+    assert float(dict(zip(table[0], table[1]))["counted_kept_any"]) == 1.0
     assert Image.open(paths[2]).size[0] > 100
+
+
+class KeepCells(mv.PruningMethod):
+    """Test method: at fusion keep the tokens of grid cells `cells` of expert `expert` (its index), and no other."""
+
+    name = "keep-cells-test"
+
+    def __init__(self, expert, cells):
+        self.expert, self.cells = expert, cells
+        self.stats = []
+
+    def setup(self, model):
+        self.offset = sum(r.num_patches for r in model.runners[: self.expert])
+        self.size = model.runners[self.expert].num_patches
+
+    def prune_fusion(self, ctx):
+        assert (ctx.expert_ids[self.offset: self.offset + self.size] == self.expert).all()  # nothing pruned before
+        return torch.tensor([self.offset + c for c in sorted(self.cells)]).expand(ctx.tokens.shape[0], -1)
+
+
+def test_counted_objects_kept_counts_the_centre_cells_that_reach_the_last_layer(tiny):
+    """`counted_objects_kept` (the bench's counted_kept): unpruned, every counted object is kept in every expert; when
+    only one expert's cell under the first counted object's centre reaches the LLM, that object alone is kept, in
+    that expert alone; samples of other families are not counted."""
+    from meteor_vlm.bench.accuracy import counted_objects_kept, inputs_to_model
+    from meteor_vlm.train import encode_samples, point_cell
+
+    model, processor = tiny
+    samples = mv.synth.make_split(7, 3, image_size=128)
+    counting = [s for s in samples if s.family == "counting"]
+    targets = [[o for o in s.meta["objects"] if o["shape"] == s.meta["target"]] for s in counting]
+    assert sorted(len(t) for t in targets)[-1] > 1 and sum(len(t) for t in targets) > len(targets)
+    runner = model.runners[1]
+    stats_none, stats_one = [], []
+    with torch.no_grad():
+        for s in samples:
+            inputs = inputs_to_model(model, encode_samples(processor, [s], with_answers=False))
+            mine = [o for o in s.meta["objects"] if o["shape"] == s.meta["target"]] if s.family == "counting" else []
+            cells = {point_cell(o["x"], o["y"], runner.grid()) for o in mine[:1]} or {0}
+            assert all(point_cell(o["x"], o["y"], runner.grid()) not in cells for o in mine[1:])  # one object per cell
+            for method, out in ((mv.NoPruning(), stats_none), (KeepCells(1, cells), stats_one)):
+                with method(model):
+                    model(**inputs, use_cache=False, logits_to_keep=1)
+                out.extend(method.stats)
+    names = [r.spec.name for r in model.runners]
+    total = sum(len(t) for t in targets)
+    assert counted_objects_kept(model, samples, stats_none) == {"any": 1.0, **{n: 1.0 for n in names}, "objects": total}
+    first = sum(1 for t in targets if t) / total
+    expected = {"any": first, **{n: first if i == 1 else 0.0 for i, n in enumerate(names)}, "objects": total}
+    assert counted_objects_kept(model, samples, stats_one) == pytest.approx(expected)
+    assert counted_objects_kept(model, samples[:1], stats_one[:1]) is None  # scenes only: nothing counted
 
 
 def test_stage3_ablation_at_another_lambda(tiny):

@@ -167,7 +167,7 @@ def _device_dtype(args) -> tuple[str, torch.dtype]:
 
 def cmd_bench(args) -> int:
     from meteor_vlm.bench.accuracy import resolve_methods, run_bench
-    from meteor_vlm.bench.report import format_ablations, format_kinds, format_table, reading, write_results
+    from meteor_vlm.bench.report import format_ablations, format_counted, format_kinds, format_table, reading, write_results
 
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
     if args.samples < 1:
@@ -183,6 +183,8 @@ def cmd_bench(args) -> int:
     print(format_table(rows))
     if getattr(args, "by_kind", False):
         print("\naccuracy (%) by kind of question (samples):\n" + format_kinds(rows))
+        if counted := format_counted(rows):
+            print("\ncounted objects (%) whose centre cell reaches the LLM's last layer:\n" + counted)
     if ablations := format_ablations(rows):
         print("\nablations, the paper's order (95% interval of the difference):\n" + ablations)
     print("\n" + reading(rows))
@@ -648,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="the model's dtype for the run")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     b.add_argument("--by-kind", action="store_true",
-                   help="also print accuracy per kind of question (scenes: color/relation/neighbor, ...)")
+                   help="also print accuracy per kind of question (scenes: color/relation/neighbor, ...) and how "
+                        "many of the objects counting questions count reach the LLM's last layer")
     b.add_argument("--positions", choices=VISUAL_POSITIONS,
                    help="RoPE positions of the visual tokens kept before the LLM: those of the unpruned sequence "
                         "(original) or renumbered from the shorter one (compact); default: the model's config "

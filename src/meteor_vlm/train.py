@@ -343,6 +343,13 @@ def _content_regions(meta, side: float, centres: bool = False
     return []
 
 
+def point_cell(x: float, y: float, grid: tuple[int, int]) -> int:
+    """Row-major index of the cell of a (rows, cols) token grid that holds the point (x, y) in unit coordinates
+    (a point on the last edge goes to the last cell)."""
+    rows, cols = grid
+    return min(int(y * rows), rows - 1) * cols + min(int(x * cols), cols - 1)
+
+
 def grounding_targets(samples, grid: tuple[int, int], tokenizer, min_cover: float = 0.1) -> torch.Tensor:
     """Multi-hot (B, rows*cols, V): for every cell of an expert's token grid, the words of what covers it
     (`region_words`, with glyphs and centres when the tokenizer has their tokens).
@@ -362,7 +369,7 @@ def grounding_targets(samples, grid: tuple[int, int], tokenizer, min_cover: floa
             h = ((torch.clamp(y0 + 1 / rows, max=by1) - torch.clamp(y0, min=by0)).clamp_min(0)) * rows
             if bx0 == bx1 and by0 == by1:  # a point: the cell that contains it
                 cover = torch.zeros(rows * cols, dtype=torch.bool)
-                cover[min(int(by0 * rows), rows - 1) * cols + min(int(bx0 * cols), cols - 1)] = True
+                cover[point_cell(bx0, by0, grid)] = True
             else:
                 cover = (w * h).reshape(-1) >= min_cover
             ids = tokenizer.convert_tokens_to_ids(words)

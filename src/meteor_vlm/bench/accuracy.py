@@ -19,7 +19,7 @@ from .flops import count_flops
 from .speed import _sync
 from .stats import paired_bootstrap
 
-__all__ = ["method_catalog", "resolve_methods", "run_bench", "paper_order_pairs", "inputs_to_model", "DEMO_METHODS", "NAME_PATTERNS"]
+__all__ = ["method_catalog", "resolve_methods", "run_bench", "counted_objects_kept", "paper_order_pairs", "inputs_to_model", "DEMO_METHODS", "NAME_PATTERNS"]
 
 
 def method_catalog() -> dict[str, Callable[[], object]]:
@@ -113,6 +113,12 @@ NAME_PATTERNS = (
                 "meteor:e<encoder_keep>-l<lambda>[-act][-ms]",
                 "stages 1 and 3 at a chosen budget, no fusion stage (a model with one vision encoder, e.g. a LLaVA)",
                 "meteor:e0.333-l50"),
+    NamePattern(re.compile(r"^meteor:e([0-9.]+)-f([0-9.]+)(-act)?(-ms)?$"),
+                lambda e, f, act, ms: Meteor(llm=False, encoder_keep=float(e), fusion_keep=float(f),
+                                             cnn_score=_cnn_score(act), nocls_score=_nocls_score(ms)),
+                "meteor:e<encoder_keep>-f<fusion_keep>[-act][-ms]",
+                "stages 1 and 2 at a chosen budget, no stage 3 (what the LLM receives is what every layer sees)",
+                "meteor:e0.5-f0.5-ms"),
     NamePattern(re.compile(r"^meteor:stage3-l([0-9.]+)$"), lambda lam: _stage3_alone("adaptive", float(lam)),
                 "meteor:stage3-l<lambda>",
                 "METEOR's stage 3 alone at a chosen lambda: the experts and the fusion run whole, the LLM drops "
@@ -269,7 +275,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     Returns one row per method: method, tokens (layer-averaged visual tokens), tokens_share (of the
     unpruned count), stage1_tokens, fusion_tokens, accuracy {family: acc, "average": mean over
     families} of the first answer word, accuracy_by_kind and samples_by_kind {"family/kind": ...} per
-    kind of question (`synth.question_kind`; e.g. scenes/neighbor, whose answer is a shape), ends
+    kind of question (`synth.question_kind`; e.g. scenes/neighbor, whose answer is a shape), counted_kept (how
+    many of the objects counting questions count reach the LLM's last layer, `counted_objects_kept`), ends
     (share of answers that stop after that word, see `answer_ends`), tflops (per sample), latency_ms (median per sample, batch 1, the prefill that
     gives the first word), correct ("1"/"0" per sample, in `synth.make_split` order). When "unpruned" is
     among the names, every other row also has kept (its average over the unpruned one), kept_ci95 and
@@ -342,6 +349,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
                 "correct": "".join(map(str, hits[n])),
             }
         )
+        if (counted := counted_objects_kept(model, samples, st)) is not None:
+            rows[-1]["counted_kept"] = counted
     base = next((r for r in rows if r["method"] == "unpruned"), None)
     ref = base["tokens"] if base else rows[0]["encoder_tokens"]
     families = [s.family for s in samples]
@@ -358,6 +367,40 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
         verdict = "holds" if ci[1] < 0 else "reversed" if ci[0] > 0 else "tie"
         by_name[worse]["ablation"] = {"against": better, "difference": diff, "difference_ci95": ci, "verdict": verdict}
     return rows
+
+
+def counted_objects_kept(model, samples, stats: list[dict]) -> dict | None:
+    """Of the objects counting questions count, how many still reach the LLM's last layer.
+
+    Each counted object (a shape the question names) holds one cell of each expert's token grid, the one with its
+    centre (where the embedded models' grounding names its shape, so the cell a count reads). Over the counting
+    samples among `samples` (`stats`: one `method.stats` entry per sample, in the same order): {"any": the share of
+    counted objects whose centre cell survives in at least one expert, expert name: the share of them whose centre
+    cell of that expert's grid survives, "objects": how many were counted}. None when no sample counts anything or
+    the model's experts have no fixed grid (the tokens' cells are not known)."""
+    from ..train import point_cell
+
+    runners = getattr(model, "runners", None)
+    if not runners or not all(r.fixed_grid for r in runners) or len(stats) != len(samples):
+        return None
+    names = [r.spec.name for r in runners]
+    kept = Counter()
+    total = 0
+    for s, st in zip(samples, stats):
+        if s.family != "counting":
+            continue
+        grid = st["kept_grid"][0] if st.get("kept_grid") else {}
+        for o in s.meta["objects"]:
+            if o["shape"] != s.meta["target"]:
+                continue
+            total += 1
+            alive = [point_cell(o["x"], o["y"], r.grid()) in grid.get(n, ()) for n, r in zip(names, runners)]
+            kept["any"] += any(alive)
+            for n, a in zip(names, alive):
+                kept[n] += a
+    if not total:
+        return None
+    return {"any": kept["any"] / total, **{n: kept[n] / total for n in names}, "objects": total}
 
 
 def inputs_to_model(model, inputs: dict) -> dict:

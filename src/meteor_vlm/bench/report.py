@@ -12,7 +12,7 @@ import numpy as np
 from .. import synth
 from .stats import paired_bootstrap
 
-__all__ = ["format_table", "format_kinds", "format_ablations", "write_results", "reading", "compare_rows"]
+__all__ = ["format_table", "format_kinds", "format_counted", "format_ablations", "write_results", "reading", "compare_rows"]
 
 _SHORT = {"scenes": "scene", "pope": "pope", "counting": "count", "ocr": "ocr", "docs": "docs", "charts": "chart"}
 
@@ -62,6 +62,19 @@ def format_kinds(rows: list[dict]) -> str:
         return "no family in this run asks more than one kind of question"
     head = ["method"] + [f"{_SHORT[k.split('/')[0]]}/{k.split('/')[1]} ({counts[k]})" for k in kinds]
     return _render([head] + [[r["method"]] + [f"{100 * r['accuracy_by_kind'][k]:.1f}" for k in kinds] for r in rows])
+
+
+def format_counted(rows: list[dict]) -> str:
+    """Plain-text table of `counted_kept`: per method, the share of the objects counting questions count whose
+    centre cell reaches the LLM's last layer in at least one expert, and in each expert's grid; "" when no row
+    has it."""
+    with_counted = [r for r in rows if "counted_kept" in r]
+    if not with_counted:
+        return ""
+    experts = [k for k in with_counted[0]["counted_kept"] if k not in ("any", "objects")]
+    head = ["method", f"any expert ({with_counted[0]['counted_kept']['objects']} objects)", *experts]
+    return _render([head] + [[r["method"]] + [f"{100 * r['counted_kept'][k]:.1f}" for k in ["any", *experts]]
+                             for r in with_counted])
 
 
 def reading(rows: list[dict]) -> str:
@@ -173,14 +186,15 @@ def write_results(rows: list[dict], out, meta: dict) -> list[Path]:
     with paths[1].open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "tokens", "tokens_share", *[f"acc_{k}" for k in fams], "kept", "kept_lo95", "kept_hi95",
-                    "ablation_against", "ablation_diff", "ablation_lo95", "ablation_hi95", "ends", "tflops", "latency_ms"])
+                    "ablation_against", "ablation_diff", "ablation_lo95", "ablation_hi95", "ends", "tflops", "latency_ms",
+                    "counted_kept_any"])
         for r in rows:
             ci = [f"{v:.4f}" for v in [r["kept"], *r["kept_ci95"]]] if "kept" in r else ["", "", ""]
             a = r.get("ablation")
             ab = [a["against"], *(f"{v:.4f}" for v in [a["difference"], *a["difference_ci95"]])] if a else [""] * 4
             w.writerow([r["method"], f"{r['tokens']:.2f}", f"{r['tokens_share']:.4f}",
                         *[f"{r['accuracy'][k]:.4f}" for k in fams], *ci, *ab, f"{r['ends']:.4f}", f"{r['tflops']:.6f}",
-                        f"{r['latency_ms']:.2f}"])
+                        f"{r['latency_ms']:.2f}", f"{r['counted_kept']['any']:.4f}" if "counted_kept" in r else ""])
     _plot(rows, paths[2])
     return paths
 
