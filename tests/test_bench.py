@@ -185,8 +185,9 @@ class KeepCells(mv.PruningMethod):
 
 def test_counted_objects_kept_counts_the_centre_cells_that_reach_the_last_layer(tiny):
     """`counted_objects_kept` (the bench's counted_kept): unpruned, every counted object is kept in every expert; when
-    only one expert's cell under the first counted object's centre reaches the LLM, that object alone is kept, in
-    that expert alone; samples of other families are not counted."""
+    only one expert's cell under the first counted object's centre enters the LLM, that object alone is kept, in
+    that expert alone; stage 3, which drops tokens inside the LLM, keeps every one (what entered counts, not what
+    reached the last layer); samples of other families are not counted."""
     from meteor_vlm.bench.accuracy import counted_objects_kept, inputs_to_model
     from meteor_vlm.train import encode_samples, point_cell
 
@@ -196,20 +197,23 @@ def test_counted_objects_kept_counts_the_centre_cells_that_reach_the_last_layer(
     targets = [[o for o in s.meta["objects"] if o["shape"] == s.meta["target"]] for s in counting]
     assert sorted(len(t) for t in targets)[-1] > 1 and sum(len(t) for t in targets) > len(targets)
     runner = model.runners[1]
-    stats_none, stats_one = [], []
+    stats_none, stats_one, stats_llm = [], [], []
+    stage3 = mv.Meteor.preset("stage3", lam=1.0)
     with torch.no_grad():
         for s in samples:
             inputs = inputs_to_model(model, encode_samples(processor, [s], with_answers=False))
             mine = [o for o in s.meta["objects"] if o["shape"] == s.meta["target"]] if s.family == "counting" else []
             cells = {point_cell(o["x"], o["y"], runner.grid()) for o in mine[:1]} or {0}
             assert all(point_cell(o["x"], o["y"], runner.grid()) not in cells for o in mine[1:])  # one object per cell
-            for method, out in ((mv.NoPruning(), stats_none), (KeepCells(1, cells), stats_one)):
+            for method, out in ((mv.NoPruning(), stats_none), (KeepCells(1, cells), stats_one), (stage3, stats_llm)):
                 with method(model):
                     model(**inputs, use_cache=False, logits_to_keep=1)
                 out.extend(method.stats)
     names = [r.spec.name for r in model.runners]
     total = sum(len(t) for t in targets)
     assert counted_objects_kept(model, samples, stats_none) == {"any": 1.0, **{n: 1.0 for n in names}, "objects": total}
+    assert all(sum(map(len, st["kept_grid"][0].values())) < st["encoder_tokens"] for st in stats_llm)  # it pruned
+    assert counted_objects_kept(model, samples, stats_llm) == counted_objects_kept(model, samples, stats_none)
     first = sum(1 for t in targets if t) / total
     expected = {"any": first, **{n: first if i == 1 else 0.0 for i, n in enumerate(names)}, "objects": total}
     assert counted_objects_kept(model, samples, stats_one) == pytest.approx(expected)

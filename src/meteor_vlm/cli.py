@@ -184,7 +184,7 @@ def cmd_bench(args) -> int:
     if getattr(args, "by_kind", False):
         print("\naccuracy (%) by kind of question (samples):\n" + format_kinds(rows))
         if counted := format_counted(rows):
-            print("\ncounted objects (%) whose centre cell reaches the LLM's last layer:\n" + counted)
+            print("\ncounted objects (%) whose centre cell enters the LLM (after stages 1 and 2):\n" + counted)
     if ablations := format_ablations(rows):
         print("\nablations, the paper's order (95% interval of the difference):\n" + ablations)
     print("\n" + reading(rows))
@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     b.add_argument("--by-kind", action="store_true",
                    help="also print accuracy per kind of question (scenes: color/relation/neighbor, ...) and how "
-                        "many of the objects counting questions count reach the LLM's last layer")
+                        "many of the objects counting questions count enter the LLM")
     b.add_argument("--positions", choices=VISUAL_POSITIONS,
                    help="RoPE positions of the visual tokens kept before the LLM: those of the unpruned sequence "
                         "(original) or renumbered from the shorter one (compact); default: the model's config "

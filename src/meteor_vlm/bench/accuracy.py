@@ -276,7 +276,7 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     unpruned count), stage1_tokens, fusion_tokens, accuracy {family: acc, "average": mean over
     families} of the first answer word, accuracy_by_kind and samples_by_kind {"family/kind": ...} per
     kind of question (`synth.question_kind`; e.g. scenes/neighbor, whose answer is a shape), counted_kept (how
-    many of the objects counting questions count reach the LLM's last layer, `counted_objects_kept`), ends
+    many of the objects counting questions count enter the LLM, `counted_objects_kept`), ends
     (share of answers that stop after that word, see `answer_ends`), tflops (per sample), latency_ms (median per sample, batch 1, the prefill that
     gives the first word), correct ("1"/"0" per sample, in `synth.make_split` order). When "unpruned" is
     among the names, every other row also has kept (its average over the unpruned one), kept_ci95 and
@@ -370,13 +370,13 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
 
 
 def counted_objects_kept(model, samples, stats: list[dict]) -> dict | None:
-    """Of the objects counting questions count, how many still reach the LLM's last layer.
+    """Of the objects counting questions count, how many still enter the LLM (after stages 1 and 2).
 
     Each counted object (a shape the question names) holds one cell of each expert's token grid, the one with its
     centre (where the embedded models' grounding names its shape, so the cell a count reads). Over the counting
     samples among `samples` (`stats`: one `method.stats` entry per sample, in the same order): {"any": the share of
-    counted objects whose centre cell survives in at least one expert, expert name: the share of them whose centre
-    cell of that expert's grid survives, "objects": how many were counted}. None when no sample counts anything or
+    counted objects whose centre cell enters the LLM in at least one expert, expert name: the share of them whose centre
+    cell of that expert's grid enters it, "objects": how many were counted}. None when no sample counts anything or
     the model's experts have no fixed grid (the tokens' cells are not known)."""
     from ..train import point_cell
 
@@ -389,7 +389,7 @@ def counted_objects_kept(model, samples, stats: list[dict]) -> dict | None:
     for s, st in zip(samples, stats):
         if s.family != "counting":
             continue
-        grid = st["kept_grid"][0] if st.get("kept_grid") else {}
+        grid = st["llm_grid"][0] if st.get("llm_grid") else {}
         for o in s.meta["objects"]:
             if o["shape"] != s.meta["target"]:
                 continue

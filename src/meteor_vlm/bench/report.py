@@ -66,7 +66,7 @@ def format_kinds(rows: list[dict]) -> str:
 
 def format_counted(rows: list[dict]) -> str:
     """Plain-text table of `counted_kept`: per method, the share of the objects counting questions count whose
-    centre cell reaches the LLM's last layer in at least one expert, and in each expert's grid; "" when no row
+    centre cell enters the LLM (after stages 1 and 2) from at least one expert, and from each expert's grid; "" when no row
     has it."""
     with_counted = [r for r in rows if "counted_kept" in r]
     if not with_counted:

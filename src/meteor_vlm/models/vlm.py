@@ -672,7 +672,7 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
     tokens_per_layer / layer_avg_tokens: visual tokens each LLM layer saw, and their mean ("242*").
     Counts are summed over the sample's images. kept_grid: per image (per tile where owner lists tiles),
     {expert: grid cells of the tokens that reached the last LLM layer}, {} where none did (what
-    `meteor ask --heatmap` draws).
+    `meteor ask --heatmap` draws); llm_grid: the same for the tokens that entered the LLM (after stages 1 and 2).
     """
     llm_in = vis_valid.sum(1).tolist()
     out = []
@@ -685,6 +685,7 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
                   for n, per_image in (visual.stage1 or {}).items()} if visual is not None else {}
         owned = [i for i, o in enumerate(owner) if o == b]
         kept_grid = _kept_grid(visual, survivors[b], expert_names, owned) if visual is not None else []
+        llm_grid = _kept_grid(visual, _entered(visual, owned), expert_names, owned) if visual is not None else []
         out.append(
             {
                 "images": images,
@@ -696,9 +697,18 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
                 "tokens_per_layer": counts,
                 "layer_avg_tokens": ops.layer_averaged_tokens(counts),
                 "kept_grid": kept_grid,
+                "llm_grid": llm_grid,
             }
         )
     return out
+
+
+def _entered(visual: VisualTokens, owned: list[int]) -> torch.Tensor:
+    """Indices image * N + j (as `survivors` gives them) of every token of images `owned` that entered the LLM."""
+    n_vis = visual.features.shape[1]
+    rows = torch.tensor(owned, dtype=torch.long, device=visual.mask.device)
+    image, j = visual.mask[rows].nonzero(as_tuple=True)
+    return rows[image] * n_vis + j
 
 
 def _kept_grid(visual: VisualTokens, survivors: torch.Tensor, expert_names: list[str],
