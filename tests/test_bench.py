@@ -571,8 +571,10 @@ def test_budget_names_parse_and_reject():
     assert (m.encoder_keep, m.fusion_keep, m.lam) == (0.5, 0.6, 100.0)
     with pytest.raises(ValueError, match="ratio in"):
         make_method("meteor:e1.5-f0.6-l100")
+    m = make_method("meteor:e0.5-f0.6-act")  # stages 1 and 2, no stage 3
+    assert (m.encoder_keep, m.fusion_keep, m.llm, m.cnn_score) == (0.5, 0.6, False, "activation")
     with pytest.raises(ValueError, match="unknown method"):
-        resolve_methods(["meteor:e0.5-f0.6"])
+        resolve_methods(["meteor:e0.5-f0.6-x"])
 
 
 def test_memorization_probe_reports_loss_and_gradients():
