@@ -383,18 +383,19 @@ def counted_objects_kept(model, samples, stats: list[dict]) -> dict | None:
     runners = getattr(model, "runners", None)
     if not runners or not all(r.fixed_grid for r in runners) or len(stats) != len(samples):
         return None
-    names = [r.spec.name for r in runners]
+    names, grids = [r.spec.name for r in runners], [r.grid() for r in runners]
     kept = Counter()
     total = 0
     for s, st in zip(samples, stats):
         if s.family != "counting":
             continue
-        grid = st["llm_grid"][0] if st.get("llm_grid") else {}
+        entered = st["llm_grid"][0] if st.get("llm_grid") else {}
+        cells = [set(entered.get(n, ())) for n in names]
         for o in s.meta["objects"]:
             if o["shape"] != s.meta["target"]:
                 continue
             total += 1
-            alive = [point_cell(o["x"], o["y"], r.grid()) in grid.get(n, ()) for n, r in zip(names, runners)]
+            alive = [point_cell(o["x"], o["y"], g) in c for g, c in zip(grids, cells)]
             kept["any"] += any(alive)
             for n, a in zip(names, alive):
                 kept[n] += a

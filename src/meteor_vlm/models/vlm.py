@@ -685,7 +685,9 @@ def prefill_stats(owner: list[int], vis_valid: torch.Tensor, visual: VisualToken
                   for n, per_image in (visual.stage1 or {}).items()} if visual is not None else {}
         owned = [i for i, o in enumerate(owner) if o == b]
         kept_grid = _kept_grid(visual, survivors[b], expert_names, owned) if visual is not None else []
-        llm_grid = _kept_grid(visual, _entered(visual, owned), expert_names, owned) if visual is not None else []
+        # what entered the LLM: what reached its last layer, unless LLM layers pruned
+        entered = _entered(visual, owned) if kept and visual is not None else None
+        llm_grid = kept_grid if entered is None else _kept_grid(visual, entered, expert_names, owned)
         out.append(
             {
                 "images": images,
