@@ -50,6 +50,7 @@ DEMO_METHODS = (
     "meteor:e0.5-f0.5-l200",  # exactly 25% of the tokens (half per expert, half at fusion): the target's budget
     "meteor:stage3-l15",  # stage 3 alone, about 21% of the tokens on the default model
     "meteor:e1-f0.5-l30",  # stages 2 and 3 (experts whole), about 15% of the tokens on the default model
+    "meteor:e0.35-l50-act-ms",  # stages 1 and 3 (no fusion pruning; open scores -act and -ms), about 15% too
     "alloc:rank",
     "alloc:average",
     "alloc:rank-reverse",
