@@ -41,7 +41,7 @@ def qwen(request):
 @pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe"],
                 ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"])
 def qwen_video(request):
-    """The models that take videos (GLM-4.1V's adapter refuses them)."""
+    """The models that take videos beside images in one call (GLM-4.1V's take one kind per call: `glm4v_video`)."""
     return tiny(request.param, seed=2)
 
 
@@ -339,7 +339,8 @@ def test_given_multimodal_position_ids_are_read_as_transformers_passes_them(qwen
 
 
 TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|>"
-            "<|vision_end|> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+            "<|vision_end|> {% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
+            "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
             "{% if add_generation_prompt %} a{% endif %}")
 
 
@@ -347,15 +348,16 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
     """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE / GLM-4.1V checkpoint folder (saved model,
     tokenizer, image processor, chat template, where an image is its processor's placeholder) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
-    the same method, a heatmap on the merged grid) and `meteor speed` (its prompts in the chat template too),
-    with the processor read back from the folder giving the same inputs; ToMe merges windows inside its encoder."""
+    the same method, a heatmap on the merged grid) and `meteor speed` (its prompts in the chat template too, on
+    images and on videos), with the processor read back from the folder giving the same inputs; ToMe merges windows inside its encoder."""
     from meteor_vlm.cli import main
 
     model, processor = tiny(version, seed=3)
     kind, placeholder = type(processor), processor.image_placeholder
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    template = TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", placeholder)
+    template = TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", placeholder).replace(
+        "<|vision_start|><|video_pad|><|vision_end|>", processor.video_placeholder)
     kind(processor.image_processor, processor.tokenizer, template).save_pretrained(ckpt)
     loaded = kind.from_pretrained(ckpt)
     picture = mv.testing.random_images(1, seed=9)[0].resize((48, 32))
@@ -383,6 +385,9 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
     assert main(["speed", "--model", str(ckpt), "--samples", "1", "--new-tokens", "2", "--methods",
                  "unpruned,fastv:k1-r0.5"]) == 0
     assert "fastv:k1-r0.5" in capsys.readouterr().out
+    assert main(["speed", "--model", str(ckpt), "--video", "4", "--samples", "1", "--new-tokens", "2", "--methods",
+                 "unpruned,meteor:e0.5-l3"]) == 0  # a video of 4 frames: 2 temporal patches
+    assert "a video of 4 frames" in capsys.readouterr().out
     assert main(["ask", str(tmp_path / "img.png"), "what ?", "--model", str(ckpt), "--method", "tome:keep0.5",
                  "--heatmap", str(heat)]) == 0
     assert "stage 1 (in the experts): 3" in capsys.readouterr().out
@@ -539,14 +544,15 @@ def test_qwen2_5_vl_spaces_a_videos_temporal_patches_by_the_seconds_given():
     check_beams_against_the_stock_model(model, inputs, mv.ToMe(keep=0.5))
 
 
-def test_glm4v_greedy_and_beams_give_the_stock_models_scores_and_videos_are_refused(pictures):
-    """GLM-4.1V: pruning nothing, greedy decoding equals the stock model's, and beam search (each prompt's images
-    following its repeated rows) returns beams whose scores are the stock model's log-probabilities of them,
-    recomputed without cache over the whole sequence (the stock model's own beam search with its cache does not
-    here: transformers 5.24 returns a beam that scores below the one found); under METEOR cached beams equal
-    uncached. Its processor and adapter refuse videos."""
+@pytest.mark.parametrize("kind", ["images", "videos"])
+def test_glm4v_greedy_and_beams_give_the_stock_models_scores(pictures, kind):
+    """GLM-4.1V, on images and on videos: pruning nothing, greedy decoding equals the stock model's, and beam
+    search (each prompt's images or videos following its repeated rows) returns beams whose scores are the stock
+    model's log-probabilities of them, recomputed without cache over the whole sequence (the stock model's own beam
+    search with its cache does not here: transformers 5.24 returns a beam that scores below the one found); under
+    METEOR cached beams equal uncached."""
     model, processor = tiny("glm4v", seed=2)
-    inputs = qwen_inputs(processor, pictures)
+    inputs = qwen_inputs(processor, pictures) if kind == "images" else glm4v_video_inputs(processor)
     n = inputs["input_ids"].shape[1]
     beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
     with torch.no_grad():
@@ -562,8 +568,108 @@ def test_glm4v_greedy_and_beams_give_the_stock_models_scores_and_videos_are_refu
         with mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0)(model):
             cached = model.generate(**inputs, **beams)
             assert torch.equal(cached, model.generate(**inputs, **beams, use_cache=False, query_positions=n - 1))
-    with pytest.raises(ValueError, match="takes images only"):
-        processor(videos=[video_frames(2)], text=[processor.video_placeholder])
-    as_video = {**inputs, "pixel_values_videos": inputs["pixel_values"], "video_grid_thw": inputs["image_grid_thw"]}
-    with pytest.raises(ValueError, match="videos .* are not supported"):
-        logits(model, as_video, mv.FastV())
+
+
+@pytest.fixture(scope="module", params=["glm4v", "glm4v-moe"], ids=["glm4.1v", "glm4.5v"])
+def glm4v_video(request):
+    return tiny(request.param, seed=2)
+
+
+def glm4v_video_inputs(processor, which=(0, 1, 2)):
+    """GLM-4.1V prompts with videos (3, 2 and 4 frames at 1, 2 and 0.5 fps: 2, 1 and 2 temporal patches; 12, 4 and
+    8 visual tokens), and no images: the stock model takes one kind per call."""
+    v = processor.video_placeholder
+    prompts = [f"{v} what is in the video ?", f"how many ? {v}", f"describe {v}"]
+    videos = [video_frames(3), video_frames(2, (32, 40), seed=12), video_frames(4, (32, 32), seed=13)]
+    return processor(videos=[videos[i] for i in which], text=[prompts[i] for i in which],
+                     fps=[[1.0, 2.0, 0.5][i] for i in which])
+
+
+def test_the_glm4v_processor_writes_each_temporal_patch_as_an_image_with_its_time(glm4v_video):
+    """GLM-4.1V's prompts, as its own processor writes them: each temporal patch of a video an image block (its
+    `replace_frame_token_id`) followed by the time of its first frame, in whole seconds; the <|image|> tokens
+    inside a video typed 2, others 1 (its `create_mm_token_type_ids`); a video of one frame twice has that frame's
+    pixels as an image."""
+    from types import SimpleNamespace
+
+    from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
+
+    _, processor = glm4v_video
+    a, b, c = video_frames(3)
+    five = processor(images=[a], videos=[[a, b, c, a, b]], fps=3.0,
+                     text=[f"see <image> then {processor.video_placeholder} ?"])
+    assert five["video_grid_thw"].tolist() == [[3, 4, 6]] and five["image_grid_thw"].tolist() == [[1, 4, 6]]
+    stock = SimpleNamespace(image_token="<|image|>")
+    frames = "".join(Glm4vProcessor.replace_frame_token_id(stock, t, num_image_tokens=6) for t in (0, 2 / 3, 4 / 3))
+    want = ("see <|begin_of_image|>" + "<|image|>" * 6 + "<|end_of_image|> then <|begin_of_video|>" + frames
+            + "<|end_of_video|> ?")
+    tok = processor.tokenizer
+    assert five["input_ids"][0].tolist() == tok(want)["input_ids"]
+    assert frames.count("<|end_of_image|>0") == 2 and frames.endswith("<|end_of_image|>1")
+    vocab = tok.convert_tokens_to_ids
+    ids = SimpleNamespace(video_start_id=vocab("<|begin_of_video|>"), video_end_id=vocab("<|end_of_video|>"),
+                          image_token_id=vocab("<|image|>"))
+    assert five["mm_token_type_ids"].tolist() == Glm4vProcessor.create_mm_token_type_ids(ids, five["input_ids"].tolist())
+    assert five["mm_token_type_ids"].tolist()[0].count(2) == 18 and five["mm_token_type_ids"].tolist()[0].count(1) == 6
+    same = processor(videos=[[a, a]], text=[processor.video_placeholder])
+    assert torch.equal(same["pixel_values_videos"], five["pixel_values"])
+    for bad, message in [(dict(videos=[[a]], fps=[1, 2]), "one per video"), (dict(fps=2), "no videos"),
+                         (dict(videos=[[a], [b]]), "hold 1 <\\|video\\|> tokens for 2 videos")]:
+        with pytest.raises(ValueError, match=message):
+            processor(text=[processor.video_placeholder if "videos" in bad else "a"], **bad)
+
+
+@pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
+def test_pruning_nothing_on_glm4v_videos_equals_the_stock_model(glm4v_video, make):
+    """GLM-4.1V and GLM-4.5V videos: pruning nothing gives the stock model's logits (its video features, each
+    temporal patch an image of its own, at its video positions); in `stats` each temporal patch counts as an image."""
+    model, processor = glm4v_video
+    method = make()
+    assert_noop_is_the_stock_model(model, glm4v_video_inputs(processor), method, logits, logits)
+    assert [s["images"] for s in method.stats] == [2, 1, 2]
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_dropping_at_llm_layer_on_glm4v_videos_equals_masking_keys_at_their_positions(glm4v_video, layer):
+    """A drop at LLM layer L on videos = the stock model's video features and video positions (token types 2) run
+    layer by layer with those keys masked from L on."""
+    model, processor = glm4v_video
+    inputs = glm4v_video_inputs(processor, which=(0, 2))
+    vis = inputs["mm_token_type_ids"] == 2
+    drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
+    got = logits(model, inputs, lambda m: DropAt(layer, drop)(m))
+    with torch.no_grad():
+        ids = inputs["input_ids"]
+        out = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        embeds = model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter(vis[..., None].expand_as(embeds), torch.cat(out.pooler_output))
+        positions, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], None, inputs["video_grid_thw"],
+                                                  attention_mask=inputs["attention_mask"])
+        want = masked_decoder_logits(model.model.language_model, model.lm_head, embeds,
+                                     inputs["attention_mask"].bool(), drop, layer, positions=positions)
+    text = inputs["attention_mask"].bool() & ~vis
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+    assert (got[text] - logits(model, inputs)[text]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("make", list(VIDEO_PRUNING.values()), ids=list(VIDEO_PRUNING))
+def test_every_method_on_glm4v_videos_obeys_the_batch_and_cache_oracles(glm4v_video, make):
+    model, processor = glm4v_video
+    check_batch_and_cache(model, make(), lambda which: glm4v_video_inputs(processor, which), grown_inputs,
+                          [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
+
+
+def test_glm4v_stage1_keeps_its_share_of_each_temporal_patch_and_refuses_images_beside_videos(glm4v_video, pictures):
+    """METEOR's stage 1 keeps half of each temporal patch's windows (rounded), as of an image's; images and videos
+    in one call are refused (the stock model cannot take both either), as are videos without their grids."""
+    model, processor = glm4v_video
+    inputs = glm4v_video_inputs(processor)
+    method = mv.Meteor.preset("stage1", encoder_keep=0.5)
+    logits(model, inputs, method)
+    assert [s["fusion_tokens"] for s in method.stats] == [6, 2, 4]
+    assert [[len(cells) for grid in s["kept_grid"] for cells in grid.values()] for s in method.stats] == [[3, 3], [2], [2, 2]]
+    both = {**inputs, **{k: v for k, v in qwen_inputs(processor, pictures).items() if k in ("pixel_values", "image_grid_thw")}}
+    with pytest.raises(ValueError, match="images or videos, not both"):
+        logits(model, both, mv.FastV())
+    with pytest.raises(ValueError, match="needs video_grid_thw"):
+        logits(model, {k: v for k, v in inputs.items() if k != "video_grid_thw"}, mv.FastV())

@@ -136,7 +136,7 @@ def profile_methods(model, processor, names: Sequence[str], samples: int = 12, n
     greedy steps after the prefill, each a forward of one token against its cache); kv_cache_mb (keys and
     values the prefill cached, read from the cache itself); peak_mb (on a GPU: the most memory the prefill
     allocated beyond what was allocated before it; None on CPU); tokens (layer-averaged visual tokens, mean
-    over samples). With `video_frames` (a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision / InternVL
+    over samples). With `video_frames` (a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / LLaVA-OneVision / InternVL
     processor), each sample's question is asked of a video of that many frames instead of its image
     (`sample_video`).
     """
@@ -272,7 +272,7 @@ def _image_side(processor) -> int:
 def _prompts(processor, samples, video_frames: int = 0) -> dict:
     """The model's inputs for synthetic samples' questions (no answers): the project's processor and prompt
     template, or a stock VLM processor's `stock_prompt` (its chat template where it has one); with
-    `video_frames`, each question asked of a `sample_video` of its image (the project's Qwen-VL, LLaVA-OneVision,
+    `video_frames`, each question asked of a `sample_video` of its image (the project's Qwen-VL, GLM-4.1V, LLaVA-OneVision,
     LLaVA-NeXT-Video and InternVL processors only)."""
     from ..models.internvl import InternVLImageTextProcessor
     from ..models.llava import LlavaNextVideoImageTextProcessor, LlavaOnevisionImageTextProcessor

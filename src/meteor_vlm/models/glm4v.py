@@ -8,8 +8,13 @@ windows between its blocks) with what it adds: an RMSNorm after the patch embedd
 embeddings resampled (bicubic) to each patch of the grid before block 0; an RMSNorm, the 2x2 convolution and the
 merger at its end. Its decoder (GLM-4) rotates only part of each head (GLM-4.1V pairing neighbouring dimensions,
 GLM-4.5V's mixture-of-experts decoder dimension i with i + d/2), which the runtime's stage-3 scores follow; GLM-4.5V
-routes each token on its own, so a pruned token changes no other token's experts. Videos (GLM's prompts write each
-frame apart, with its time) are refused.
+routes each token on its own, so a pruned token changes no other token's experts.
+
+Videos: GLM-4.1V encodes each temporal patch of a video (two frames) as an image of its own, and its prompts write
+each one as an image (<|begin_of_image|>, its <|image|> tokens, <|end_of_image|>) followed by its time in seconds,
+inside <|begin_of_video|> ... <|end_of_video|>. So the adapter runs a video as those images: every method prunes a
+video's temporal patches as it prunes images (stage 1 keeps its share of each), and in `stats` each temporal patch
+counts as an image. As in the stock model, a call holds images or videos, not both.
 """
 
 from __future__ import annotations
@@ -67,34 +72,99 @@ class Glm4vRunner(Qwen2VLRunner):
 
 
 class Glm4vAdapter(Qwen2VLAdapter):
-    """`Glm4vForConditionalGeneration` (GLM-4.1V-9B) and `Glm4vMoeForConditionalGeneration` (GLM-4.5V) on images:
-    Qwen2-VL's adapter with `Glm4vRunner`. Its prompts hold each image's tokens between <|begin_of_image|> and <|end_of_image|>, and its
-    multimodal RoPE positions are the stock model's `get_rope_index`. ValueError for videos."""
+    """`Glm4vForConditionalGeneration` (GLM-4.1V-9B) and `Glm4vMoeForConditionalGeneration` (GLM-4.5V) on images
+    or videos: Qwen2-VL's adapter with `Glm4vRunner`. Its prompts hold each image's tokens between
+    <|begin_of_image|> and <|end_of_image|>, and its multimodal RoPE positions are the stock model's
+    `get_rope_index`. A video's inputs become its temporal patches' images (`as_frames`) before anything else
+    reads them."""
 
     RUNNER = Glm4vRunner
 
+    @staticmethod
+    def as_frames(inputs: dict) -> dict:
+        """The forward's image inputs with each video as the images GLM-4.1V makes of it: pixel_values_videos become
+        pixel_values, each temporal patch of video_grid_thw an image grid (1, h, w) (what the stock model's
+        `get_video_features` encodes); mm_token_type_ids 2 (a video's <|image|> tokens) become 1, which gives the
+        stock positions (`get_rope_index` places a video's temporal patches as it places images). ValueError for
+        images and videos together: the prompts write both with <|image|> tokens, and the stock model takes one
+        kind per call."""
+        kinds = inputs.get("mm_token_type_ids")
+        out = {**inputs, "mm_token_type_ids": (kinds > 0).to(kinds.dtype)} if kinds is not None else dict(inputs)
+        if inputs.get("pixel_values_videos") is None:
+            return out
+        if inputs.get("pixel_values") is not None:
+            raise ValueError("GLM-4.1V: a call holds images or videos, not both (its prompts write both with <|image|> "
+                             "tokens, and the stock model takes one kind per call)")
+        grid = inputs.get("video_grid_thw")
+        if grid is None:
+            raise ValueError("GLM-4.1V needs video_grid_thw with pixel_values_videos (its processor returns both)")
+        frames = grid[:, 1:].repeat_interleave(grid[:, 0], dim=0)
+        out.update(pixel_values=inputs["pixel_values_videos"], pixel_values_videos=None, video_grid_thw=None,
+                   image_grid_thw=torch.cat([torch.ones_like(frames[:, :1]), frames], 1))
+        return out
+
     def _grids(self, images: dict):
-        if images.get("pixel_values_videos") is not None:
-            raise ValueError("GLM-4.1V: pruning runs on images; videos (each frame written apart, with its time) "
-                             "are not supported")
+        if images.get("pixel_values_videos") is not None:  # forward and expand_images hand over frames
+            raise ValueError("GLM-4.1V: a video reaches the encoder as its temporal patches' images (Glm4vAdapter.as_frames)")
         return super()._grids(images)
+
+    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int, context: dict | None = None) -> dict:
+        """Every prompt's images, or its videos' temporal patches as images, `expand_size` times."""
+        return super().expand_images(self.as_frames(images), input_ids, expand_size, context)
+
+    def forward(self, method, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                logits_to_keep=0, query_positions=None, **kwargs):
+        return super().forward(method, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
+                               query_positions, **self.as_frames(kwargs))
 
 
 class Glm4vImageTextProcessor(Qwen2VLImageTextProcessor):
-    """What transformers' `Glm4vProcessor` does for still images, without its video processor (which needs
-    torchvision): a tokenizer and `Glm4vImageProcessorPil`. Each "<|image|>" in a prompt, one per image as the chat
-    template writes it between <|begin_of_image|> and <|end_of_image|>, becomes one per merged visual token of the
-    next image. Returns input_ids and attention_mask (left-padded), pixel_values, image_grid_thw and
-    mm_token_type_ids (1 on image tokens). `alias`, if given, is a shorter word for an image's placeholder."""
+    """What transformers' `Glm4vProcessor` does, without its video processor (which needs torchvision): a tokenizer
+    and `Glm4vImageProcessorPil`. Each "<|image|>" in a prompt, one per image as the chat template writes it between
+    <|begin_of_image|> and <|end_of_image|>, becomes one per merged visual token of the next image. Each "<|video|>",
+    one per video as the chat template writes it between <|begin_of_video|> and <|end_of_video|>, becomes, per
+    temporal patch of the next video, <|begin_of_image|>, one <|image|> per merged visual token of the patch,
+    <|end_of_image|> and the patch's time in whole seconds (its first frame's, as `Glm4vProcessor` writes it). A video
+    is a list of frames (PIL images of one size), already sampled at `fps` (one rate, or one per video; 2 without,
+    the rate GLM's video processor samples at), each frame sized and normalised as the image processor does an
+    image, consecutive frames paired into temporal patches (`Qwen2VLImageTextProcessor.videos`). Returns input_ids and
+    attention_mask (left-padded), pixel_values and image_grid_thw, pixel_values_videos and video_grid_thw, and
+    mm_token_type_ids (1 on image tokens, 2 on the <|image|> tokens inside a video). `alias`, if given, is a shorter
+    word for an image's placeholder."""
 
     image_token, video_token = "<|image|>", "<|video|>"
     image_placeholder = "<|begin_of_image|><|image|><|end_of_image|>"
     video_placeholder = "<|begin_of_video|><|video|><|end_of_video|>"
 
     def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True, fps=None):
-        if videos is not None or fps is not None:
-            raise ValueError("GLM-4.1V: this processor takes images only")
-        return super().__call__(images=images, text=text, return_tensors=return_tensors, padding=padding)
+        texts, images, videos = self._given(text, images, videos)
+        pixels = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
+        counts = iter((pixels["image_grid_thw"].prod(-1) // self.merge_size**2).tolist() if images else [])
+        texts = [self._expand(t, self.image_token, counts) for t in texts]  # before the videos add <|image|> tokens
+        if videos:
+            pixels.update(self.videos(videos))
+            rates = [fps if fps is not None else 2.0] * len(videos) if not isinstance(fps, (list, tuple)) else list(fps)
+            if len(rates) != len(videos) or not all(r > 0 for r in rates):
+                raise ValueError(f"fps must be one rate > 0 or one per video ({len(videos)}), got {fps}")
+            written = iter(self._frames(rates, pixels["video_grid_thw"]))
+            texts = [t.split(self.video_token)[0] + "".join(next(written) + rest for rest in t.split(self.video_token)[1:])
+                     for t in texts]
+        elif fps is not None:
+            raise ValueError("fps is the frame rate of videos, and no videos were given")
+        out = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
+        ids, vocab = out["input_ids"], self.tokenizer.convert_tokens_to_ids
+        inside = (ids == vocab("<|begin_of_video|>")).cumsum(1) > (ids == vocab("<|end_of_video|>")).cumsum(1)
+        out["mm_token_type_ids"] = (ids == vocab(self.image_token)).int() * (1 + inside.int())
+        return {**out, **pixels}
+
+    def _frames(self, rates: list[float], grids: torch.Tensor) -> list[str]:
+        """Each video's text: per temporal patch, its image block and its first frame's time (frame k at k / fps),
+        in whole seconds."""
+        tp = self.image_processor.temporal_patch_size
+        pads = [self.image_token * (h * w // self.merge_size**2) for _, h, w in grids.tolist()]
+        start, end = self.image_placeholder.split(self.image_token)
+        return ["".join(f"{start}{pad}{end}{int(i * tp / rate)}" for i in range(t))
+                for rate, pad, (t, _, _) in zip(rates, pads, grids.tolist())]
 
     @classmethod
     def from_pretrained(cls, path) -> Glm4vImageTextProcessor:

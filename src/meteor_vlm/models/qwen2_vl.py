@@ -473,7 +473,9 @@ class Qwen2VLImageTextProcessor(StockProcessor):
             grids.append(torch.tensor([len(frames) // tp, int(grid[1]), int(grid[2])]))
         return {"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.stack(grids)}
 
-    def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True, fps=None):
+    def _given(self, text, images, videos) -> tuple[list[str], list, list]:
+        """The prompts (the alias written out), images and videos as lists; ValueError where the prompts' image or
+        video tokens do not match them one to one."""
         texts = [text] if isinstance(text, str) else list(text)
         if self.alias:
             texts = [t.replace(self.alias, self.image_placeholder) for t in texts]
@@ -484,6 +486,10 @@ class Qwen2VLImageTextProcessor(StockProcessor):
             if wanted != len(given):
                 raise ValueError(f"the prompts hold {wanted} {token} tokens for {len(given)} "
                                  f"{'images' if token == self.image_token else 'videos'}")
+        return texts, images, videos
+
+    def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True, fps=None):
+        texts, images, videos = self._given(text, images, videos)
         pixels = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
         tp = self.image_processor.temporal_patch_size
         if videos:
