@@ -105,10 +105,12 @@ class Glm4vAdapter(Qwen2VLAdapter):
 
     def _grids(self, images: dict):
         if images.get("pixel_values_videos") is not None:  # forward and expand_images hand over frames
-            raise ValueError("GLM-4.1V: a video reaches the encoder as its temporal patches' images (Glm4vAdapter.as_frames)")
+            raise ValueError("GLM-4.1V: a video reaches the encoder as its temporal patches' images "
+                             "(Glm4vAdapter.as_frames)")
         return super()._grids(images)
 
-    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int, context: dict | None = None) -> dict:
+    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int,
+                      context: dict | None = None) -> dict:
         """Every prompt's images, or its videos' temporal patches as images, `expand_size` times."""
         return super().expand_images(self.as_frames(images), input_ids, expand_size, context)
 
@@ -147,8 +149,8 @@ class Glm4vImageTextProcessor(Qwen2VLImageTextProcessor):
             if len(rates) != len(videos) or not all(r > 0 for r in rates):
                 raise ValueError(f"fps must be one rate > 0 or one per video ({len(videos)}), got {fps}")
             written = iter(self._frames(rates, pixels["video_grid_thw"]))
-            texts = [t.split(self.video_token)[0] + "".join(next(written) + rest for rest in t.split(self.video_token)[1:])
-                     for t in texts]
+            parts = [t.split(self.video_token) for t in texts]
+            texts = [p[0] + "".join(next(written) + rest for rest in p[1:]) for p in parts]
         elif fps is not None:
             raise ValueError("fps is the frame rate of videos, and no videos were given")
         out = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
