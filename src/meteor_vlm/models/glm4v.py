@@ -145,9 +145,7 @@ class Glm4vImageTextProcessor(Qwen2VLImageTextProcessor):
         texts = [self._expand(t, self.image_token, counts) for t in texts]  # before the videos add <|image|> tokens
         if videos:
             pixels.update(self.videos(videos))
-            rates = [fps if fps is not None else 2.0] * len(videos) if not isinstance(fps, (list, tuple)) else list(fps)
-            if len(rates) != len(videos) or not all(r > 0 for r in rates):
-                raise ValueError(f"fps must be one rate > 0 or one per video ({len(videos)}), got {fps}")
+            rates = self._rates(fps, len(videos))
             written = iter(self._frames(rates, pixels["video_grid_thw"]))
             parts = [t.split(self.video_token) for t in texts]
             texts = [p[0] + "".join(next(written) + rest for rest in p[1:]) for p in parts]

@@ -488,15 +488,21 @@ class Qwen2VLImageTextProcessor(StockProcessor):
                                  f"{'images' if token == self.image_token else 'videos'}")
         return texts, images, videos
 
+    @staticmethod
+    def _rates(fps, videos: int) -> list[float]:
+        """Each video's frame rate: `fps` (one rate, or one per video), 2 without; ValueError otherwise."""
+        rates = [fps if fps is not None else 2.0] * videos if not isinstance(fps, (list, tuple)) else list(fps)
+        if len(rates) != videos or not all(r > 0 for r in rates):
+            raise ValueError(f"fps must be one rate > 0 or one per video ({videos}), got {fps}")
+        return rates
+
     def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True, fps=None):
         texts, images, videos = self._given(text, images, videos)
         pixels = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
         tp = self.image_processor.temporal_patch_size
         if videos:
             pixels.update(self.videos(videos))
-            rates = [fps if fps is not None else 2.0] * len(videos) if not isinstance(fps, (list, tuple)) else list(fps)
-            if len(rates) != len(videos) or not all(r > 0 for r in rates):
-                raise ValueError(f"fps must be one rate > 0 or one per video ({len(videos)}), got {fps}")
+            rates = self._rates(fps, len(videos))
             if self.timestamps:  # Qwen3-VL: each temporal patch written as a frame of its own, at its time
                 texts = self._timestamped(texts, [len(v) for v in videos], rates, pixels["video_grid_thw"])
             elif fps is not None:
