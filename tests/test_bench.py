@@ -1014,6 +1014,11 @@ def test_reading_names_the_best_setting_within_the_budget_and_its_intervals():
     assert "the best of" not in reading(rows[:2])  # one candidate: nothing was picked
     assert "no unpruned baseline" in reading(rows[1:])
     assert "answers none of these questions" in reading([row("unpruned", 1.0, 0.0, 0.0), row("meteor:a", 0.2, 0.0, 0.0)])
+    # a tie on the average goes to the setting with fewer tokens, whichever comes first, and the line names the other
+    for tie in ([rows[0], rows[1], row("meteor:d", 0.15, 0.4, 0.8)], [rows[0], row("meteor:d", 0.15, 0.4, 0.8), rows[1]]):
+        line = reading(tie)
+        assert line.startswith("meteor:d keeps 15 of 100") and "; tied on accuracy with meteor:a, at more tokens" in line
+    assert "tied on accuracy" not in reading(rows)
 
 
 def _thin_case(batch):

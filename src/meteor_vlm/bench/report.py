@@ -78,14 +78,16 @@ def format_counted(rows: list[dict]) -> str:
 
 
 def reading(rows: list[dict]) -> str:
-    """One line: the best METEOR setting at <= 25% of the tokens against the unpruned model. When there is more than
-    one such setting the line says how many it was picked from: a best-of-k pick on the same samples it reports
-    leans high, so a setting's figure is fairer read from a split it was not picked on."""
+    """One line: the best METEOR setting at <= 25% of the tokens against the unpruned model. Of settings with the same
+    average the one with fewer tokens is picked, and the line names the others. When there is more than one such
+    setting the line says how many it was picked from: a best-of-k pick on the same samples it reports leans high,
+    so a setting's figure is fairer read from a split it was not picked on."""
     base = next((r for r in rows if r["method"] == "unpruned"), None)
     cands = [r for r in rows if r["method"].startswith("meteor:") and r["tokens_share"] <= 0.25]
     if base is None or not cands:
         return "no unpruned baseline or no METEOR setting at <= 25% of the tokens in this run"
-    best = max(cands, key=lambda r: r["accuracy"]["average"])
+    best = max(cands, key=lambda r: (r["accuracy"]["average"], -r["tokens_share"]))
+    tied = [r["method"] for r in cands if r is not best and r["accuracy"]["average"] == best["accuracy"]["average"]]
     if base["accuracy"]["average"] == 0:  # a share of nothing would read as a loss (0%) or a gain (inf)
         return (f"the unpruned model answers none of these questions, so there is no accuracy to keep "
                 f"({best['method']}: {100 * best['accuracy']['average']:.1f}%); train the model or run more samples")
@@ -103,6 +105,7 @@ def reading(rows: list[dict]) -> str:
         f"{kept:.1%} of the unpruned accuracy{ci} ({100 * best['accuracy']['average']:.1f} vs "
         f"{100 * base['accuracy']['average']:.1f}; worst family {worst[1]} {worst[0]:+.1f} points{wci}), "
         f"{best['tflops'] / base['tflops']:.0%} of the FLOPs, {best['latency_ms'] / base['latency_ms']:.2f}x the latency"
+        + (f"; tied on accuracy with {', '.join(tied)}, at more tokens" if tied else "")
         + (f"; the best of {len(cands)} METEOR settings at <= 25% on these same samples, so it leans high"
            if len(cands) > 1 else "")
     )
