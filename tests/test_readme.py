@@ -1,11 +1,15 @@
-"""The README's Python example runs as written, and its `meteor` commands parse."""
+"""The README's Python example runs as written, its `meteor` commands (and those of docs/) parse and name the
+results they wrote, and its links land on headings."""
 
 import re
 from pathlib import Path
 
+ROOT = Path(__file__).parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
 
 def test_readme_python_example_runs(capsys):
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "the README has a Python example"
     for code in blocks:
@@ -14,19 +18,55 @@ def test_readme_python_example_runs(capsys):
 
 
 def _readme_commands() -> list[str]:
-    """Every concrete `meteor ...` command of the README's code lines (not the usage lines with [options]), its
-    continuation lines joined and the page's shell variables filled in."""
-    text = (Path(__file__).parent.parent / "README.md").read_text().replace("\\\n", " ")
-    env = dict(re.findall(r"^\s*([A-Z_]+)=(\S+)", text, flags=re.M))
+    """Every concrete `meteor ...` command of the code lines of the README and the pages of docs/ (not the usage
+    lines with [options]), its continuation lines joined and the page's shell variables filled in."""
     commands = []
-    for line in text.splitlines():
-        if not line.startswith("    "):  # code lines only
-            continue
-        for piece in line.split("#")[0].split("&&"):
-            piece = re.sub(r"\$([A-Z_]+)", lambda m: env[m.group(1)], piece.strip())
-            if piece.startswith("meteor ") and "[" not in piece:
-                commands.append(piece)
+    for page in PAGES:
+        text = page.read_text().replace("\\\n", " ")
+        env = dict(re.findall(r"^\s*([A-Z_]+)=(\S+)", text, flags=re.M))
+        for line in text.splitlines():
+            if not line.startswith("    "):  # code lines only
+                continue
+            for piece in line.split("#")[0].split("&&"):
+                piece = re.sub(r"\$([A-Z_]+)", lambda m: env[m.group(1)], piece.strip())
+                if piece.startswith("meteor ") and "[" not in piece:
+                    commands.append(piece)
     return commands
+
+
+def _anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation but '-' and '_' dropped, spaces to '-', a
+    repeated one suffixed -1, -2 ... (code blocks fenced with ``` hold no headings)."""
+    seen, fenced = set(), False
+    for line in text.splitlines():
+        fenced ^= line.startswith("```")
+        if fenced or not re.match(r"#{1,6} ", line):
+            continue
+        base = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        slug, n = base, 0
+        while slug in seen:
+            n += 1
+            slug = f"{base}-{n}"
+        seen.add(slug)
+    return seen
+
+
+def test_readme_and_docs_links_land_on_headings():
+    """Every relative link of the README and docs/ names a file of the repository and, with a #fragment, a heading
+    of that page: moving or renaming a section cannot leave a link dangling."""
+    anchors = {page.resolve(): _anchors(page.read_text()) for page in PAGES}
+    checked = 0
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, fragment = target.partition("#")
+            path = (page.parent / file).resolve() if file else page.resolve()
+            assert path.exists(), f"{page.name}: {target} names no file"
+            if fragment:
+                assert fragment in anchors.get(path, set()), f"{page.name}: {target} names no heading"
+                checked += 1
+    assert checked >= 100
 
 
 def test_readme_meteor_commands_parse():
@@ -51,7 +91,7 @@ def test_readme_commands_table_names_every_method_pattern():
     prefix up to the first setting), so a new peer cannot be left out of it."""
     from meteor_vlm.bench.accuracy import NAME_PATTERNS
 
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    text = (ROOT / "README.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `meteor methods`"))
     for p in NAME_PATTERNS:
         for usage in p.usage.split(", "):
@@ -70,7 +110,7 @@ def test_readme_bench_commands_match_the_results_they_wrote():
     from meteor_vlm.cli import build_parser
     from meteor_vlm.default import EMBEDDED
 
-    root = Path(__file__).parent.parent
+    root = ROOT
     parser = build_parser()
     checked = 0
     for command in (c for c in _readme_commands() if c.startswith("meteor bench ")):
