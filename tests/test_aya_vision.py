@@ -19,6 +19,16 @@ def aya():
     return mv.testing.tiny_aya_vision(seed=2)
 
 
+def stock_head(model):
+    """The stock model's output head: `lm_head`, times the text config's `logit_scale` (0.0625 in the tiny config, so
+    a missing or extra factor fails the oracles) where the installed transformers applies it (5.25 on)."""
+    from meteor_vlm.models.aya_vision import HEAD_SCALES_LOGITS
+
+    scale = model.config.text_config.logit_scale
+    assert scale != 1
+    return lambda hidden: model.lm_head(hidden) * (scale if HEAD_SCALES_LOGITS else 1.0)
+
+
 def inputs_for(processor, tile_pictures, which=(0, 1, 2)):
     """InternVL's test prompts (`PROMPTS`, with `IMAGES` images each) as Aya Vision's processor writes them."""
     starts = [sum(IMAGES[:i]) for i in range(len(IMAGES))]
@@ -84,7 +94,7 @@ def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
     model, processor = aya
     inputs = inputs_for(processor, tile_pictures, which=(0, 1))
     assert_windows_dropped_match(model, inputs, {"pixel_values": inputs["pixel_values"]}, stock_tower_without,
-                                 model.model.language_model)
+                                 model.model.language_model, head=stock_head(model))
 
 
 @pytest.mark.parametrize("layer", [0, 2, 4])
@@ -94,7 +104,7 @@ def test_dropping_at_llm_layer_equals_masking_keys(aya, tile_pictures, layer):
     inputs = inputs_for(processor, tile_pictures, which=(0, 1))
     with torch.no_grad():
         feats = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.flatten(0, 1)
-    assert_drop_at_layer_is_masking(model, inputs, feats, model.model.language_model, layer)
+    assert_drop_at_layer_is_masking(model, inputs, feats, model.model.language_model, layer, head=stock_head(model))
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))

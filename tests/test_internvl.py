@@ -79,10 +79,11 @@ def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
                                  model.model.language_model)
 
 
-def assert_windows_dropped_match(model, inputs, images, stock_tower_without, language_model, per_tile=4):
+def assert_windows_dropped_match(model, inputs, images, stock_tower_without, language_model, per_tile=4, head=None):
     """`DropWindows(3)` inside a stock VLM's tower (`per_tile` windows a tile): the tokens that leave it equal
     `stock_tower_without(model, pixels)`'s (kept windows, projected tokens), and the logits on the text equal
-    `language_model` with those tokens at their image tokens and the dropped windows' masked from layer 0 on."""
+    `language_model` with those tokens at their image tokens and the dropped windows' masked from layer 0 on, read
+    by `head` (the model's `lm_head` unless given: a stock head that also scales its logits)."""
     target = adapt(model)
     with torch.no_grad():
         tokens = target.encode_images(images, DropWindows(3))
@@ -99,7 +100,8 @@ def assert_windows_dropped_match(model, inputs, images, stock_tower_without, lan
                 embeds[r, c] = want[k // per_tile, alive.tolist().index(k % per_tile)]
             else:
                 drop[r].append(c)
-        reference = masked_decoder_logits(language_model, model.lm_head, embeds, inputs["attention_mask"].bool(), drop, 0)
+        reference = masked_decoder_logits(language_model, head or model.lm_head, embeds, inputs["attention_mask"].bool(),
+                                          drop, 0)
         got = pruned_logits(model, inputs, DropWindows(3))
     text = inputs["attention_mask"].bool() & ~is_img
     torch.testing.assert_close(got[text], reference[text], atol=1e-5, rtol=1e-5)
@@ -114,17 +116,18 @@ def test_dropping_at_llm_layer_equals_masking_keys(internvl, tile_pictures, laye
     assert_drop_at_layer_is_masking(model, inputs, feats, model.model.language_model, layer)
 
 
-def assert_drop_at_layer_is_masking(model, inputs, feats, language_model, layer):
+def assert_drop_at_layer_is_masking(model, inputs, feats, language_model, layer, head=None):
     """Dropping some image tokens of the two prompts of `inputs` before LLM layer `layer` gives, on the text, the
     logits of `language_model` with the stock features `feats` at the image tokens and those keys masked from
-    `layer` on."""
+    `layer` on, read by `head` (the model's `lm_head` unless given)."""
     vis = inputs["input_ids"] == model.config.image_token_id
     drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
     got = pruned_logits(model, inputs, DropAt(layer, drop))
     with torch.no_grad():
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         embeds = embeds.masked_scatter(vis[..., None].expand_as(embeds), feats)
-        want = masked_decoder_logits(language_model, model.lm_head, embeds, inputs["attention_mask"].bool(), drop, layer)
+        want = masked_decoder_logits(language_model, head or model.lm_head, embeds, inputs["attention_mask"].bool(), drop,
+                                     layer)
     text = inputs["attention_mask"].bool() & ~vis
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
 

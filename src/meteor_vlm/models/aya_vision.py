@@ -13,12 +13,16 @@ groups the tiles into images by the token after each run (an image's last run is
 
 The decoder is Cohere 2: its layers add attention and MLP in parallel and rotate queries and keys only on their
 sliding-window layers (the shared runtime reads which from the decoder's config, `runtime.DecoderParts.of_backbone`);
-the model's head does not apply the text config's `logit_scale`, nor does the adapter. Inside `with method(model)`
+the adapter's head scales the logits by the text config's `logit_scale` exactly where the installed stock head does
+(transformers 5.25 and later; 5.24's did not, `HEAD_SCALES_LOGITS`). Inside `with method(model)`
 this one instance's `forward`, `prepare_inputs_for_generation` and `_expand_inputs_for_generation` are replaced
 (`adapters.StockAdapter`).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import inspect
 
 import torch
 from transformers import AyaVisionForConditionalGeneration
@@ -29,11 +33,14 @@ from .idefics3 import Idefics3Runner
 from .internvl import InternVLAdapter
 from .vlm import fuse_and_prune
 
-__all__ = ["AyaVisionAdapter", "AyaVisionRunner", "aya_vision_adapter", "IMAGE_TOKENS", "load_processor"]
+__all__ = ["AyaVisionAdapter", "AyaVisionRunner", "aya_vision_adapter", "IMAGE_TOKENS", "HEAD_SCALES_LOGITS", "load_processor"]
 
 EXPERT = "vision"
 # an image's start and end, and one visual token, as AyaVisionProcessor writes them
 IMAGE_TOKENS = ("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>")
+# whether the installed stock model multiplies its logits by text_config.logit_scale (transformers 5.25 on; 5.24 not):
+# read from its forward's source, so the adapter's keep-all logits equal the stock ones on either version
+HEAD_SCALES_LOGITS = "logit_scale" in inspect.getsource(AyaVisionForConditionalGeneration.forward)
 
 
 def aya_vision_adapter(model) -> AyaVisionAdapter | None:
@@ -85,6 +92,8 @@ class AyaVisionAdapter(InternVLAdapter):
         depth = tower_depth(cfg.vision_feature_layer, vcfg.num_hidden_layers)
         spec = ExpertSpec(EXPERT, AyaVisionRunner.kind, vcfg.image_size, {})
         self._locate(model, [AyaVisionRunner(tower, spec, scale, depth)])
+        if HEAD_SCALES_LOGITS:
+            self.decoder = dataclasses.replace(self.decoder, logit_scale=cfg.text_config.logit_scale)
 
     def project(self, windows: torch.Tensor) -> torch.Tensor:
         """(..., s*s*D) windows, as the pixel shuffle lays them out, through the projector after its pixel shuffle:

@@ -60,6 +60,7 @@ class DecoderParts:
     final_softcap: float | None = None
     blocks_over_window: bool = False
     nope_layers: tuple[int, ...] = ()
+    logit_scale: float | None = None  # a factor on the head's logits (Cohere's), where the stock model applies one
 
     @classmethod
     def of(cls, causal_lm: nn.Module) -> DecoderParts:
@@ -101,8 +102,11 @@ class DecoderParts:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output head on final hidden states, soft-capped where the decoder caps its logits."""
+        """The output head on final hidden states, scaled where the stock model scales them (`logit_scale`) and
+        soft-capped where the decoder caps its logits."""
         out = self.lm_head(hidden)
+        if self.logit_scale is not None:
+            out = out * self.logit_scale
         if self.final_softcap is not None:
             out = torch.tanh(out / self.final_softcap) * self.final_softcap
         return out
