@@ -8,6 +8,7 @@ import torch
 
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
+from meteor_vlm.models.aya_vision import HEAD_SCALES_LOGITS
 
 from .test_internvl import (IMAGES, NOOPS, PROMPTS, PRUNING, assert_ask_and_speed_run_the_folder,
                             assert_drop_at_layer_is_masking, assert_windows_dropped_match)
@@ -22,8 +23,6 @@ def aya():
 def stock_head(model):
     """The stock model's output head: `lm_head`, times the text config's `logit_scale` (0.0625 in the tiny config, so
     a missing or extra factor fails the oracles) where the installed transformers applies it (5.25 on)."""
-    from meteor_vlm.models.aya_vision import HEAD_SCALES_LOGITS
-
     scale = model.config.text_config.logit_scale
     assert scale != 1
     return lambda hidden: model.lm_head(hidden) * (scale if HEAD_SCALES_LOGITS else 1.0)

@@ -33,7 +33,8 @@ from .idefics3 import Idefics3Runner
 from .internvl import InternVLAdapter
 from .vlm import fuse_and_prune
 
-__all__ = ["AyaVisionAdapter", "AyaVisionRunner", "aya_vision_adapter", "IMAGE_TOKENS", "HEAD_SCALES_LOGITS", "load_processor"]
+__all__ = ["AyaVisionAdapter", "AyaVisionRunner", "aya_vision_adapter", "IMAGE_TOKENS", "HEAD_SCALES_LOGITS",
+           "load_processor"]
 
 EXPERT = "vision"
 # an image's start and end, and one visual token, as AyaVisionProcessor writes them

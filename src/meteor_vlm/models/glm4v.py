@@ -147,8 +147,7 @@ class Glm4vImageTextProcessor(Qwen2VLImageTextProcessor):
             pixels.update(self.videos(videos))
             rates = self._rates(fps, len(videos))
             written = iter(self._frames(rates, pixels["video_grid_thw"]))
-            parts = [t.split(self.video_token) for t in texts]
-            texts = [p[0] + "".join(next(written) + rest for rest in p[1:]) for p in parts]
+            texts = [self._fill(t, self.video_token, written) for t in texts]
         elif fps is not None:
             raise ValueError("fps is the frame rate of videos, and no videos were given")
         out = dict(self.tokenizer(texts, return_tensors="pt", padding=True))

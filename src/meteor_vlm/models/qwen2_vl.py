@@ -536,6 +536,12 @@ class Qwen2VLImageTextProcessor(StockProcessor):
         return [p[0] + "".join(next(fill) + rest for rest in p[1:]) for p in parts]
 
     @staticmethod
-    def _expand(text: str, token: str, counts) -> str:
+    def _fill(text: str, token: str, fills) -> str:
+        """`text` with each `token` replaced by the next string of the iterator `fills` (shared across prompts)."""
         parts = text.split(token)
-        return parts[0] + "".join(token * next(counts) + rest for rest in parts[1:])
+        return parts[0] + "".join(next(fills) + rest for rest in parts[1:])
+
+    @classmethod
+    def _expand(cls, text: str, token: str, counts) -> str:
+        """Each `token` repeated the next of `counts` times."""
+        return cls._fill(text, token, (token * n for n in counts))
