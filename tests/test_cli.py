@@ -20,6 +20,17 @@ def test_calibrate_on_a_missing_folder_fails_clearly(tmp_path):
         main(["calibrate", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "r.json")])
 
 
+@pytest.mark.parametrize("command", ["bench", "speed"])
+@pytest.mark.parametrize("config", [None, {"model_type": "bert"}], ids=["no-config", "unknown-type"])
+def test_a_folder_that_is_no_model_fails_clearly(tmp_path, capsys, command, config):
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main([command, "--model", str(tmp_path), "--samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not a model folder" in err and "Traceback" not in err
+    assert ("no config.json" if config is None else "'bert'") in err
+
+
 def test_demo_prints_the_table_and_writes_json(tmp_path, capsys):
     assert main(["demo", "--model", "tiny", "--samples", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out

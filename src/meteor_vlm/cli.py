@@ -53,6 +53,11 @@ def _load(model_arg: str, llava: bool = False):
     config = path / "config.json"
     fields = json.loads(config.read_text()) if config.is_file() else {}
     model_type = fields.get("model_type")
+    if model_type not in STOCK_TYPES and model_type != mv.MultiEncoderVLM.config_class.model_type:
+        found = f"its config.json names model_type {model_type!r}" if config.is_file() else "it has no config.json"
+        raise ValueError(f"{path} is not a model folder this command can load ({found}): pass one of the embedded "
+                         f"models {sorted(mv.default.EMBEDDED)}, 'tiny', a folder `meteor train --export` wrote, or a "
+                         f"transformers checkpoint of a supported VLM (model_type one of {sorted(STOCK_TYPES)})")
     if model_type in STOCK_TYPES:
         if not llava:
             raise ValueError(f"{path} is a {model_type} checkpoint: `meteor ask` and `meteor speed` run it; this "
