@@ -31,6 +31,15 @@ def test_a_folder_that_is_no_model_fails_clearly(tmp_path, capsys, command, conf
     assert ("no config.json" if config is None else "'bert'") in err
 
 
+@pytest.mark.parametrize("command", ["demo", "bench", "speed", "train"])
+def test_out_on_a_file_is_refused_before_any_work(tmp_path, capsys, command):
+    taken = tmp_path / "results.png"
+    taken.write_text("not a folder")
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--out", str(taken)])
+    assert stop.value.code == 2 and f"{taken} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_demo_prints_the_table_and_writes_json(tmp_path, capsys):
     assert main(["demo", "--model", "tiny", "--samples", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out

@@ -431,6 +431,13 @@ def _name_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _folder(text: str) -> str:
+    """An --out folder: refused before any work when the path is an existing file (it is created later if missing)."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return text
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     """'3,5' -> (3, 5)."""
     try:
@@ -630,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, default=6, help="synthetic samples in the batch (tiny model)")
     d.add_argument("--repeats", type=int, default=5, help="timed rounds (methods interleaved)")
     d.add_argument("--seed", type=int, default=_EVAL_SEED, help="seed of the held-out samples")
-    d.add_argument("--out", help="folder for the results (trained model) or demo.json (tiny model)")
+    d.add_argument("--out", type=_folder, help="folder for the results (trained model) or demo.json (tiny model)")
     d.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("calibrate", help="feature-rank table for METEOR's stage-1 allocation")
@@ -651,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated names, as in results.json's `method` field (see `meteor methods`)")
     b.add_argument("--samples", type=int, default=20, help="held-out samples per family")
     b.add_argument("--seed", type=int, default=_EVAL_SEED, help="seed of the held-out split")
-    b.add_argument("--out", help="folder for results.json, results.csv and pareto.png")
+    b.add_argument("--out", type=_folder, help="folder for results.json, results.csv and pareto.png")
     b.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="the model's dtype for the run")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     b.add_argument("--by-kind", action="store_true",
@@ -664,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     t = sub.add_parser("train", help="train the embedded model from scratch on the synthetic benchmark")
-    t.add_argument("--out", default="runs/default", help="run folder (checkpoint, log.jsonl)")
+    t.add_argument("--out", type=_folder, default="runs/default", help="run folder (checkpoint, log.jsonl)")
     t.add_argument("--seed", type=int, default=1)
     t.add_argument("--vision-steps", type=int, default=None,
                    help=f"phase 1: experts + projectors on the grounding target (no LLM); default "
@@ -811,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="float32", choices=list(_DTYPES))
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--seed", type=int, default=_EVAL_SEED, help="held-out split (default: the bench's)")
-    sp.add_argument("--out", help="folder for speed.json")
+    sp.add_argument("--out", type=_folder, help="folder for speed.json")
     sp.set_defaults(fn=cmd_speed)
 
     c = sub.add_parser("compare", help="two rows of a bench's results.json against each other, with 95%% intervals")
