@@ -329,7 +329,7 @@ def test_bench_dtype_and_device_reach_the_model_its_inputs_and_the_results(tmp_p
 def test_ask_prints_stages_and_writes_heatmap(tmp_path, capsys):
     img = tmp_path / "img.png"
     mv.testing.random_images(1, size=64)[0].save(img)
-    heat = tmp_path / "heat.png"
+    heat = tmp_path / "new" / "folder" / "heat.png"  # created as --out folders are
     assert main(["ask", str(img), "what is in the image ?", "--model", "tiny", "--heatmap", str(heat)]) == 0
     out = capsys.readouterr().out
     assert "stage 1" in out and "stage 3" in out and "layer-averaged" in out

@@ -577,6 +577,7 @@ def cmd_ask(args) -> int:
             grids = {r.spec.name: r.grid() for r in target.runners}  # a tiled image: the grid of the tile drawn
         # of a tiled image (LLaVA-NeXT, InternVL, Idefics3), the tile that shows all of it
         kept = s["kept_grid"][getattr(target, "WHOLE_IMAGE_TILE", 0)] if s["kept_grid"] else {}
+        Path(args.heatmap).parent.mkdir(parents=True, exist_ok=True)  # like every --out folder
         kept_token_heatmap(image, kept, grids).save(args.heatmap)
         print(f"heatmap written to {args.heatmap}")
     return 0
@@ -747,7 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--method", default="paper-242",
                    help="a METEOR preset, 'none' for the unpruned model, or any name `meteor methods` lists "
                         "(e.g. evoprune:keep0.23, tome:keep0.23, fastv:k1-r0.875)")
-    a.add_argument("--heatmap", help="write the image with each expert's kept tokens to this PNG")
+    a.add_argument("--heatmap", help="write the image with each expert's kept tokens to this PNG (its folder is "
+                   "created if missing)")
     a.add_argument("--max-new-tokens", type=int, default=8)
     a.set_defaults(fn=cmd_ask)
 
