@@ -267,6 +267,15 @@ def test_every_name_pattern_is_listed_refused_names_list_them_and_examples_resol
         assert type(budget_method(p.example)) is type(p.make(*p.pattern.match(p.example).groups()))
     kinds = {type(budget_method(p.example)).__name__ for p in NAME_PATTERNS}
     assert {"FastV", "PyramidDrop", "DART", "DivPrune", "VisionZip", "EvoPrune", "ToMe", "PruMerge", "SparseVLM"} <= kinds
+    # each named method's line is the Python call that builds it: its class and the settings that differ from the
+    # class defaults
+    from meteor_vlm.bench.accuracy import make_method, method_catalog
+
+    lines = {line.split()[0]: line.split(maxsplit=1)[1] for line in listed.splitlines()}
+    for name in method_catalog():
+        built = eval(f"mv.{lines[name]}")
+        assert built.settings() == make_method(name).settings(), name
+    assert lines["alloc:average"] == "Meteor(encoder_keep=0.25, allocation='average', fusion=False, llm=False)"
 
 
 def test_bench_positions_option_reaches_the_model_and_the_results(tmp_path, monkeypatch):

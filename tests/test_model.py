@@ -368,3 +368,18 @@ def test_meteor_nocls_score_ranks_an_expert_without_cls_by_mean_similarity_at_ev
                                                        "nocls_score": "mean-similarity"}
     with pytest.raises(ValueError, match="unknown nocls_score"):
         mv.Meteor(nocls_score="attention")
+
+
+def test_settings_name_the_method_and_rebuild_it():
+    """A results row's `settings` are the method's name and constructor fields, nothing else: every bench name's
+    method, rebuilt from its settings, has the same settings (class constants such as Meteor's PRESETS are not
+    settings)."""
+    from meteor_vlm.bench.accuracy import NAME_PATTERNS, make_method, method_catalog
+
+    names = list(method_catalog()) + [p.example for p in NAME_PATTERNS]
+    for name in names:
+        method = make_method(name)
+        settings = method.settings()
+        assert settings["name"] == method.name and "PRESETS" not in settings, name
+        rebuilt = type(method)(**{k: v for k, v in settings.items() if k != "name"})
+        assert rebuilt.settings() == settings, name

@@ -612,7 +612,9 @@ def cmd_methods(args) -> int:
 
     for name, make in method_catalog().items():
         m = make()
-        print(f"{name:22s} {type(m).__name__}")
+        default = type(m)().settings()
+        changed = ", ".join(f"{k}={v!r}" for k, v in m.settings().items() if k != "name" and v != default[k])
+        print(f"{name:22s} {type(m).__name__}({changed})")
     for p in NAME_PATTERNS:
         print(f"{p.usage}   {p.help}, e.g. {p.example}")
     return 0

@@ -21,6 +21,7 @@ keep, or None to keep everything:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
@@ -312,9 +313,10 @@ class PruningMethod:
             yield self
 
     def settings(self) -> dict:
-        """The method's settings as a plain dict (for results files)."""
-        fields = getattr(self, "__dataclass_fields__", {})
-        return {k: getattr(self, k) for k in fields if not k.startswith("_")}
+        """The method's name and its settings (its dataclass fields, not class constants such as Meteor's PRESETS)
+        as a plain dict (for results files)."""
+        fields = dataclasses.fields(self) if dataclasses.is_dataclass(self) else ()
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in fields if not f.name.startswith("_")}}
 
     def summary(self) -> dict:
         """Means over the recorded samples: tokens per stage and the layer-averaged count."""
