@@ -11,6 +11,7 @@ from meteor_vlm.methods import scaled_llm_layers
 from meteor_vlm.models.adapters import adapt
 
 from .conftest import make_inputs
+from .test_oracles import right_padded
 
 
 @pytest.mark.parametrize(
@@ -179,37 +180,43 @@ def test_projector_batch_norm_is_a_fixed_map_at_inference(images):
 
 
 def test_splice_equals_a_token_by_token_reference(tiny, images):
-    """Each placeholder becomes its image's tokens, in order; rows are left-padded to the longest."""
+    """Each placeholder becomes its image's tokens, in order; padding leaves the rows, which are left-padded to the
+    longest again (the same prompts padded on the right give the same rows)."""
     model, processor = tiny
-    inputs = make_inputs(processor, [images[0], [images[1], images[2]], images[3]],
-                         ["what is it ?", "<image> and <image> ?", "how many circle are there in the image ?"])
-    with torch.no_grad():
-        visual = model.encode_images({k[len("pixel_values_"):]: v for k, v in inputs.items() if k.startswith("pixel_")})
-        embeds, valid, is_vis, text_col, vis_index, positions = model._splice(inputs["input_ids"], inputs["attention_mask"], visual)
-        text_emb = model.get_input_embeddings()(inputs["input_ids"])
-    n_vis, image = visual.features.shape[1], 0
-    for b in range(inputs["input_ids"].shape[0]):
-        rows = []  # (embedding, valid, is_visual, vis_index) per expanded column, built token by token
-        for t, tok in enumerate(inputs["input_ids"][b].tolist()):
-            ok = bool(inputs["attention_mask"][b, t])
-            if tok == model.config.image_token_id:
-                rows += [(visual.features[image, j], ok, True, image * n_vis + j) for j in range(n_vis)]
-                image += 1
-            else:
-                rows.append((text_emb[b, t], ok, False, -1))
-        pad = embeds.shape[1] - len(rows)
-        assert not valid[b, :pad].any() and not is_vis[b, :pad].any() and (embeds[b, :pad] == 0).all()
-        count = 0  # unpruned, every real token takes the next RoPE position
-        for j, (e, ok, vis, idx) in enumerate(rows):
-            assert torch.equal(embeds[b, pad + j], e)
-            assert (bool(valid[b, pad + j]), bool(is_vis[b, pad + j]), int(vis_index[b, pad + j])) == (ok, vis, idx)
-            assert int(positions[b, pad + j]) == (count if ok else 0)
-            count += ok
-        # each input column maps to its own expanded column (a placeholder: its image's last token)
-        widths = [n_vis if tok == model.config.image_token_id else 1 for tok in inputs["input_ids"][b].tolist()]
-        ends = torch.tensor(widths).cumsum(0) - 1 + pad
-        assert torch.equal(text_col[b], ends)
-    assert image == visual.features.shape[0]
+    left = make_inputs(processor, [images[0], [images[1], images[2]], images[3]],
+                       ["what is it ?", "<image> and <image> ?", "how many circle are there in the image ?"])
+    for inputs in (left, right_padded(left)):
+        with torch.no_grad():
+            visual = model.encode_images({k[len("pixel_values_"):]: v for k, v in inputs.items()
+                                          if k.startswith("pixel_")})
+            embeds, valid, is_vis, text_col, vis_index, positions = model._splice(inputs["input_ids"],
+                                                                                  inputs["attention_mask"], visual)
+            text_emb = model.get_input_embeddings()(inputs["input_ids"])
+        n_vis, image, widths = visual.features.shape[1], 0, []
+        for b in range(inputs["input_ids"].shape[0]):
+            rows = []  # (embedding, vis_index) per expanded column of a real token, built token by token
+            ends = []  # the expanded column each input column reads: its own, or for padding the one before it
+            for t, tok in enumerate(inputs["input_ids"][b].tolist()):
+                if not inputs["attention_mask"][b, t]:
+                    ends.append(len(rows) - 1)
+                elif tok == model.config.image_token_id:
+                    rows += [(visual.features[image, j], image * n_vis + j) for j in range(n_vis)]
+                    ends.append(len(rows) - 1)
+                    image += 1
+                else:
+                    rows.append((text_emb[b, t], -1))
+                    ends.append(len(rows) - 1)
+            pad = embeds.shape[1] - len(rows)
+            assert not valid[b, :pad].any() and not is_vis[b, :pad].any() and (embeds[b, :pad] == 0).all()
+            for j, (e, idx) in enumerate(rows):  # unpruned, every token takes the next RoPE position
+                assert torch.equal(embeds[b, pad + j], e)
+                assert (bool(valid[b, pad + j]), bool(is_vis[b, pad + j]), int(vis_index[b, pad + j])) == (
+                    True, idx >= 0, idx)
+                assert int(positions[b, pad + j]) == j
+            assert text_col[b].tolist() == [e + pad for e in ends]
+            widths.append(len(rows))
+        assert image == visual.features.shape[0]
+        assert embeds.shape[1] == max(widths), "the longest row has no padding"
 
 
 def test_vocab_projector_hides_its_hidden_ids_from_the_llm(tmp_path):

@@ -1,5 +1,7 @@
 """The runtime's oracles: no-op == unmodified, drop == mask, cache == recompute, batch == one by one."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -547,8 +549,9 @@ def check_batch_and_cache(model, method, inputs_for, images_for, never, steps=4)
     inputs_for(which): the model's inputs for prompts `which` (a left-padded batch); images_for(batch, ids): the
     image inputs (and any per-column ones, grown to `ids`) to run the batch's prompts grown to `ids` again
     without cache; never: token ids greedy generation must not pick (suppressed ones, and the end under
-    min_new_tokens). Checks that the batch of prompts 0, 1, 2 equals each alone, that the method pruned, and
-    that greedy generate with the KV cache equals step-by-step recomputation without it."""
+    min_new_tokens). Checks that the batch of prompts 0, 1, 2 equals each alone, that the method pruned, that
+    the same prompts padded on the right give the same logits, kept tokens and generated tokens, and that greedy
+    generate with the KV cache equals step-by-step recomputation without it and generate without the cache."""
     with method(model), torch.no_grad():
         batch_in = inputs_for((0, 1, 2))
         assert (batch_in["attention_mask"] == 0).any(), "left padding is exercised"
@@ -557,6 +560,9 @@ def check_batch_and_cache(model, method, inputs_for, images_for, never, steps=4)
             alone = model(**inputs_for((b,)), use_cache=False).logits[0]
             torch.testing.assert_close(batch[b, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
         assert all(s["layer_avg_tokens"] < s["encoder_tokens"] for s in method.stats[:3]), "it pruned"
+        left_stats = method.stats[:3]
+        check_right_padding(model, batch_in, batch)
+        assert [s["tokens_per_layer"] for s in method.stats[-3:]] == [s["tokens_per_layer"] for s in left_stats]
         out = model.generate(**batch_in, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                              return_dict_in_generate=True, output_logits=True)
         ids, mask = batch_in["input_ids"], batch_in["attention_mask"]
@@ -567,7 +573,36 @@ def check_batch_and_cache(model, method, inputs_for, images_for, never, steps=4)
             full[:, never] = float("-inf")
             ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        # right-padded prompts generate the same tokens (transformers' stock models need left padding for that)
+        right = model.generate(**right_padded(batch_in), max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        # generate without the cache runs each step on the whole sequence, choosing with the prompt's query too
+        uncached = model.generate(**batch_in, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                  use_cache=False)
     assert torch.equal(out.sequences, ids)
+    assert torch.equal(right[:, -steps:], ids[:, -steps:])
+    assert torch.equal(uncached, ids)
+
+
+def right_padded(inputs: dict) -> dict:
+    """A left-padded batch's inputs with each row's padding moved to its end: every (B, T) tensor (input_ids,
+    attention_mask and per-column ones such as token_type_ids) rolled left by the row's padding."""
+    ids = inputs["input_ids"]
+    pads = (inputs["attention_mask"] == 0).sum(1)
+    out = dict(inputs)
+    for k, v in inputs.items():
+        if torch.is_tensor(v) and v.shape == ids.shape:
+            out[k] = torch.stack([row.roll(-int(p)) for row, p in zip(v, pads)])
+    return out
+
+
+def check_right_padding(model, left_in: dict, left_logits: torch.Tensor) -> None:
+    """The same prompts right-padded give each real column the logits of the left-padded batch (whose rows
+    equal the samples alone): padding after a prompt is no token, and not its query either."""
+    right_in = right_padded(left_in)
+    assert (right_in["attention_mask"][:, -1] == 0).any(), "right padding is exercised"
+    right = model(**right_in, use_cache=False).logits
+    for b, n in enumerate(left_in["attention_mask"].sum(1).tolist()):
+        torch.testing.assert_close(right[b, :n], left_logits[b, -n:], atol=1e-4, rtol=1e-4)
 
 
 def check_beams_against_the_stock_model(model, inputs, method):
@@ -596,3 +631,16 @@ def test_beam_search_keeps_each_prompts_images_with_its_rows(tiny, images):
         cached = model.generate(**inputs, **beams)
         uncached = model.generate(**inputs, **beams, use_cache=False, query_positions=inputs["input_ids"].shape[1] - 1)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("pruning", [False, True])
+def test_a_right_padded_batch_without_images_equals_the_left_padded_one(tiny, pruning):
+    """Prompts with no image, padded on the right: each real column has its left-padded logits (padding leaves the
+    sequence whichever side it is on), with the model alone and inside a method's block."""
+    model, processor = tiny
+    left_in = processor(text=["what ?", "how many red circle are there in the image ?"], return_tensors="pt",
+                        padding=True)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        if pruning:
+            stack.enter_context(mv.FastV(layer=2, ratio=0.5)(model))
+        check_right_padding(model, left_in, model(**left_in, use_cache=False).logits)

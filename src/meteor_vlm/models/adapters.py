@@ -330,6 +330,7 @@ class StockAdapter:
         def expand_inputs_for_generation(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
             per_image = {k: model_kwargs.pop(k) for k in adapter.PER_IMAGE_INPUTS if model_kwargs.get(k) is not None}
             context = {k: model_kwargs[k] for k in adapter.IMAGE_INPUTS if model_kwargs.get(k) is not None}
+            model_kwargs = runtime.prompt_query(input_ids, model_kwargs)
             input_ids_out, model_kwargs = type(model)._expand_inputs_for_generation(
                 model, expand_size, is_encoder_decoder, input_ids, **model_kwargs)
             if per_image:

@@ -489,6 +489,16 @@ def at_columns(hidden: torch.Tensor, cols: torch.Tensor, wanted: torch.Tensor) -
     return ops.gather_tokens(hidden, src.clamp_min(0)) * found[..., None]
 
 
+def prompt_query(input_ids: torch.Tensor | None, model_kwargs: dict) -> dict:
+    """`generate`'s model kwargs with `query_positions` set to the prompt's last column unless the caller gave it,
+    so that every forward of the generation chooses with the prompt's query: the prefill with the KV cache (where it
+    is the default anyway) and each step's whole sequence without it (`use_cache=False`), which would otherwise
+    take the newest token as the query and prune differently at each step."""
+    if input_ids is None or model_kwargs.get("query_positions") is not None:
+        return model_kwargs
+    return {**model_kwargs, "query_positions": input_ids.shape[1] - 1}
+
+
 def generation_inputs(input_ids, cache, attention_mask, kwargs: dict, is_image_input: Callable[[str], bool]) -> dict:
     """What `generate` hands a pruning-aware forward at each step: the whole prompt with its images (and
     `query_positions`) while the cache is empty, afterwards only the input_ids columns the cache has not

@@ -348,7 +348,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
     """A multi-encoder vision-language model with hooks for token pruning at every stage.
 
     Inputs (as `MultiEncoderProcessor` returns them): input_ids (B, T) with one image placeholder per
-    image, attention_mask (B, T) (left padding), and `pixel_values_<expert>` (num_images, 3, S, S)
+    image, attention_mask (B, T) (padding on either side), and `pixel_values_<expert>` (num_images, 3, S, S)
     for each expert, images in prompt order.
     """
 
@@ -473,7 +473,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
 
     # ---- splicing -----------------------------------------------------------------------------
     def _splice(self, input_ids, attention_mask, visual: VisualTokens | None):
-        """Replace each placeholder with its image's tokens; left-pad the expanded rows again.
+        """Replace each placeholder with its image's tokens; padding leaves the rows, left-padded again.
 
         Returns embeds (B, L, D), valid (B, L), is_visual (B, L), text_col (B, T) the expanded column of
         each input column (for a placeholder: its image's last visual token), vis_index (B, L): for a
@@ -487,29 +487,27 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         if n_images != have:
             raise ValueError(f"the prompts hold {n_images} image placeholders but {have} images were given")
         text_emb = self.get_input_embeddings()(input_ids.masked_fill(is_img, 0))
-        if visual is None:
-            cols = torch.arange(T, device=input_ids.device).expand(B, T)
-            valid = attention_mask.bool()
-            return (text_emb, valid, torch.zeros_like(is_img), cols, torch.full_like(cols, -1),
-                    runtime.positions_from_mask(valid))
-        n_vis = visual.features.shape[1]
         dev = input_ids.device
-        vis_mask = visual.mask
+        mask = attention_mask.bool()
         ib, it = is_img.nonzero(as_tuple=True)  # row-major: the order images are given in
-        lens = torch.ones_like(input_ids)  # expanded width of each input column
-        lens[ib, it] = vis_mask.sum(1)
+        lens = mask.long()  # expanded width of each input column: padding (left or right) leaves the sequence
+        if visual is not None:
+            lens[ib, it] = visual.mask.sum(1)
         cum = lens.cumsum(1)
         L = int(cum[:, -1].max())
         start = (L - cum[:, -1:]) + cum - lens  # first expanded column of each input column (left padded)
-        text_col = start + lens - 1
-        mask = attention_mask.bool()
+        text_col = start + lens - 1  # a padding column reads as the column before it
         embeds = text_emb.new_zeros(B, L, text_emb.shape[-1])
         valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
         is_vis = torch.zeros_like(valid)
         vis_index = torch.full((B, L), -1, dtype=torch.long, device=dev)
-        tb, tt = (~is_img).nonzero(as_tuple=True)
+        tb, tt = (~is_img & mask).nonzero(as_tuple=True)
         embeds[tb, start[tb, tt]] = text_emb[tb, tt]
-        valid[tb, start[tb, tt]] = mask[tb, tt]
+        valid[tb, start[tb, tt]] = True
+        if visual is None:
+            return embeds, valid, is_vis, text_col, vis_index, runtime.positions_from_mask(valid)
+        n_vis = visual.features.shape[1]
+        vis_mask = visual.mask
         vi, vj = vis_mask.nonzero(as_tuple=True)  # image, slot of each visual token (empty slots left out)
         rank = vis_mask.long().cumsum(1) - 1
         rows = ib[vi]
@@ -555,7 +553,8 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         """Logits aligned with `input_ids` (B, T, V); a placeholder's column predicts the token after its image.
 
         Args:
-            input_ids, attention_mask: the prompt, left-padded, one placeholder per image.
+            input_ids, attention_mask: the prompt (padded on the left, as the processor pads, or on the right),
+                one placeholder per image.
             pixel_values_<expert>: (num_images, 3, S, S) per expert (prefill only).
             past_key_values (or `cache`, its name from transformers 5.24): a DynamicCache; the first call
                 fills it (prefill), later calls decode.
@@ -642,6 +641,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         # beams / num_return_sequences repeat each prompt's row; its images (one placeholder each) must follow it as
         # a group, not be repeated one by one in place (a prompt with two images would get the wrong ones)
         pixels = {k: model_kwargs.pop(k) for k in list(model_kwargs) if k.startswith(PIXEL_PREFIX)}
+        model_kwargs = runtime.prompt_query(input_ids, model_kwargs)
         ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
         if pixels and expand_size > 1:
             rows = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)[0]
