@@ -125,3 +125,22 @@ def test_a_static_cache_is_refused_with_a_clear_error(images):
         with pytest.raises(ValueError, match="StaticCache .* cannot hold a pruned prompt"):
             model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
         assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+@pytest.mark.parametrize("asked", ["output_attentions", "output_hidden_states"])
+def test_per_layer_outputs_are_refused_not_answered_with_none(tiny, images, asked):
+    """The runtime collects no per-layer hidden states or attention maps: asking for them (in a forward or through
+    generate) is a clear error on the project's model, pruned or not, and on a stock VLM under a method; False is
+    what generate passes by default and runs."""
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0]], ["what ?"])
+    llava, llava_processor = mv.testing.tiny_llava(seed=0)
+    llava_inputs = llava_processor(images=[images[0]], text=["<image> what ?"], return_tensors="pt")
+    for target, given, method in [(model, inputs, None), (model, inputs, mv.FastV(layer=2, ratio=0.5)),
+                                  (llava, llava_inputs, mv.FastV(layer=2, ratio=0.5))]:
+        with method(target) if method is not None else torch.no_grad(), torch.no_grad():
+            assert target(**given, **{asked: False}).logits.shape[1] == given["input_ids"].shape[1]
+            with pytest.raises(ValueError, match=f"{asked} is not supported by .*logits and the cache only"):
+                target(**given, **{asked: True})
+            with pytest.raises(ValueError, match=f"{asked} is not supported"):
+                target.generate(**given, max_new_tokens=2, return_dict_in_generate=True, **{asked: True})

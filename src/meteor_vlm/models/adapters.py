@@ -45,7 +45,8 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-# keyword arguments generate or a caller may pass that change nothing here when None / False
+# keyword arguments generate or a caller may pass that change nothing here (output_* only when not true:
+# `runtime.refuse_layer_outputs`)
 _HARMLESS = ("cache_position", "output_attentions", "output_hidden_states", "return_dict", "is_first_iteration",
              "next_sequence_length")
 
@@ -409,6 +410,7 @@ class StockAdapter:
         from .vlm import prefill_stats
 
         images = {k: kwargs.pop(k, None) for k in self.IMAGE_INPUTS}
+        runtime.refuse_layer_outputs(kwargs, f"a {type(self.model).__name__} while a pruning method is attached")
         unknown = [k for k, v in kwargs.items() if k not in _HARMLESS and v is not None and v is not False]
         if unknown:
             raise ValueError(f"unexpected inputs while a pruning method is attached to a {type(self.model).__name__}: "

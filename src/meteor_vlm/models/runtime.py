@@ -489,6 +489,16 @@ def at_columns(hidden: torch.Tensor, cols: torch.Tensor, wanted: torch.Tensor) -
     return ops.gather_tokens(hidden, src.clamp_min(0)) * found[..., None]
 
 
+def refuse_layer_outputs(kwargs: dict, who: str) -> None:
+    """ValueError when a caller asks for per-layer outputs (`output_attentions` / `output_hidden_states` true):
+    the runtime runs the decoder layer by layer on a sequence it shortens and collects neither, so they are
+    refused, not answered with None."""
+    asked = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
+    if asked:
+        raise ValueError(f"{' and '.join(asked)} {'are' if len(asked) > 1 else 'is'} not supported by {who}: it "
+                         "returns the logits and the cache only (no per-layer hidden states or attention maps)")
+
+
 def prompt_query(input_ids: torch.Tensor | None, model_kwargs: dict) -> dict:
     """`generate`'s model kwargs with `query_positions` set to the prompt's last column unless the caller gave it,
     so that every forward of the generation chooses with the prompt's query: the prefill with the KV cache (where it
@@ -508,6 +518,7 @@ def generation_inputs(input_ids, cache, attention_mask, kwargs: dict, is_image_i
               "use_cache": kwargs.get("use_cache", True)}
     if kwargs.get("logits_to_keep") is not None:
         inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+    inputs.update({k: True for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)})  # refused there
     if state is not None:
         inputs["input_ids"] = input_ids[:, state.seen :]
     else:

@@ -565,6 +565,7 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         """
         past_key_values = cache if cache is not None else past_key_values  # cache: the name from transformers 5.24
         pixel_values = expert_pixels(kwargs)
+        runtime.refuse_layer_outputs(kwargs, "MultiEncoderVLM")
         unknown = [k for k in kwargs if not k.startswith(PIXEL_PREFIX) and kwargs[k] is not None]
         unknown = [k for k in unknown if k not in ("cache_position", "position_ids", "output_attentions", "output_hidden_states")]
         if unknown:
