@@ -107,6 +107,29 @@ def test_beam_search_keeps_each_prompts_tiles_with_its_rows(tile_pictures, kind)
     check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
+def smolvlm2_video_inputs(processor, frames, which=(0, 1, 2)):
+    """SmolVLM2's video prompts as its processor writes them (`SmolVLMProcessor`, whose video processor needs
+    torchvision): each frame a whole image, not cut into tiles, after its timestamp ("Frame from 00:0k:"), so a
+    frame is one `<global-img>` run; prompts of 3, 2 and 4 frames."""
+    counts, questions = [3, 2, 4], ["what happens ?", "how many circle are there ?", "describe it ?"]
+    text = ["".join(f"Frame from 00:0{k}: <image>" for k in range(counts[i])) + " " + questions[i] for i in which]
+    videos = [frames[: counts[i]] for i in which]
+    return dict(processor(images=videos, text=text, return_tensors="pt", padding=True, do_image_splitting=False))
+
+
+@pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
+def test_every_method_on_smolvlm2_videos_obeys_the_batch_and_cache_oracles(tile_pictures, make):
+    """SmolVLM2 videos (frames as whole-image tiles between timestamps) under every method: the batch and cache
+    oracles, each frame counted as an image with its own windows."""
+    model, processor = mv.testing.tiny_idefics3(seed=2, kind="smolvlm")
+    method = make()
+    check_batch_and_cache(model, method, lambda which: smolvlm2_video_inputs(processor, tile_pictures, which),
+                          lambda batch, ids: {k: batch[k] for k in ("pixel_values", "pixel_attention_mask")},
+                          [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
+    assert [s["images"] for s in method.stats[:3]] == [3, 2, 4]
+    assert [s["encoder_tokens"] for s in method.stats[:3]] == [3 * 4, 2 * 4, 4 * 4]
+
+
 def test_proportional_attention_makes_a_merged_window_act_as_its_duplicates(idefics3):
     """A block run with one window present three times equals, for every window, the block run on one copy with
     log(3) added to the attention logits of that window's patches (ToMe's proportional attention through the

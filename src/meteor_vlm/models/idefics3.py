@@ -85,7 +85,8 @@ class Idefics3Runner(PixelShuffleWindows, _ViTRunner):
 
 
 class Idefics3Adapter(StockAdapter):
-    """What the methods and the runtime need to know about one Idefics3 or SmolVLM (images only).
+    """What the methods and the runtime need to know about one Idefics3 or SmolVLM (images; SmolVLM2's videos reach
+    it as their frames, each a whole-image tile after its timestamp, so each frame is an image here).
 
     Attributes read by methods' `setup`: runners (one, "vision", walking each tile), expert_names, num_llm_layers,
     config (fusion "post", text_config, rank_table: the model config's `rank_table` attribute if it has one). The
