@@ -166,7 +166,13 @@ def test_meteor_ask_and_speed_run_an_aya_vision_checkpoint_folder(tmp_path, caps
     windows in every tile) and `meteor speed`; the processor read back from the folder gives the same inputs."""
     from meteor_vlm.models.aya_vision import load_processor
 
-    model, processor = mv.testing.tiny_aya_vision(seed=3)
+    assert_a_templated_folder_runs(*mv.testing.tiny_aya_vision(seed=3), load_processor, tile_pictures, tmp_path, capsys)
+
+
+def assert_a_templated_folder_runs(model, processor, load_processor, tile_pictures, tmp_path, capsys, tokens=12):
+    """`model` and `processor` saved with `TEMPLATE` as chat template, read back by `load_processor`: the template's
+    prompt for one picture gives the processor's inputs for "<image>\nQUESTION a", and the folder runs under `meteor
+    ask` and `meteor speed` (`assert_ask_and_speed_run_the_folder`, the image's `tokens` unpruned)."""
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     processor.chat_template = TEMPLATE
@@ -179,4 +185,4 @@ def test_meteor_ask_and_speed_run_an_aya_vision_checkpoint_folder(tmp_path, caps
     inputs = dict(loaded(images=[tile_pictures[1]], text=[prompt], return_tensors="pt"))
     mine = processor(images=[tile_pictures[1]], text=["<image>\nwhat is in the image ? a"], return_tensors="pt")
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
-    assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys)
+    assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys, tokens=tokens)

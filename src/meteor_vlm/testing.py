@@ -467,6 +467,34 @@ def tiny_aya_vision(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, s
     return model, AyaVisionProcessor(images, tokenizer, patch_size=8, img_size=32, downsample_factor=2)
 
 
+def tiny_deepseek_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3):
+    """A tiny random stock transformers `DeepseekVLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and
+    transformers' `DeepseekVLProcessor` with the PIL image processor (each image padded to a square and scaled to
+    32 px): a `vision_depth`-block SigLIP ViT of 8 px patches read to its final norm (16 image tokens per
+    "<image>"), the aligner MLP and a `num_layers`-deep Llama decoder with 8 heads (GQA, 4 kv heads)."""
+    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLProcessor
+    from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer._set_model_specific_special_tokens(special_tokens={"image_token": "<image>"})  # DeepseekVLProcessor reads it
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=vision_depth, num_attention_heads=4, image_size=32, patch_size=8)
+    config = DeepseekVLConfig(vision_config=vision, text_config=text,
+                              image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = DeepseekVLForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.aligner.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> has no pixels behind it
+    images = DeepseekVLImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, DeepseekVLProcessor(images, tokenizer, num_image_tokens=16)
+
+
 def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, llava: bool = False):
     """A tiny random stock transformers `Mistral3ForConditionalGeneration` (CPU, fp32, eval mode, SDPA): a Pixtral ViT
     on 8 px patches of images whose longer side is 64 px (each side a multiple of 16 px), each 2x2 window of patches
