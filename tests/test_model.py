@@ -390,3 +390,18 @@ def test_settings_name_the_method_and_rebuild_it():
         assert settings["name"] == method.name and "PRESETS" not in settings, name
         rebuilt = type(method)(**{k: v for k, v in settings.items() if k != "name"})
         assert rebuilt.settings() == settings, name
+
+
+@pytest.mark.parametrize("method", [None, lambda: mv.Meteor.preset("paper-242", allocation="average")])
+def test_a_bfloat16_model_takes_the_processors_float32_pixels(tiny, images, method):
+    """Loaded in bfloat16, the model casts the pixels it is given to each expert's dtype, as stock VLMs do: float32
+    pixels (what the processor returns) give the logits of pixels cast beforehand, pruned or not."""
+    import copy
+
+    model = copy.deepcopy(tiny[0]).to(torch.bfloat16)
+    inputs = make_inputs(tiny[1], [images[0], images[1]], ["what ?", "how many circle are there ?"])
+    cast = {k: v.to(torch.bfloat16) if k.startswith("pixel_values_") else v for k, v in inputs.items()}
+    assert all(v.dtype == torch.float32 for k, v in inputs.items() if k.startswith("pixel_values_"))
+    with method()(model) if method else torch.no_grad(), torch.no_grad():
+        got, want = model(**inputs).logits, model(**cast).logits
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)

@@ -427,8 +427,11 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
 
     # ---- vision: stage 1 and 2 --------------------------------------------------------------
     def encode_expert(self, index: int, pixel_values: torch.Tensor, method: PruningMethod | None) -> VisualTokens:
-        """Run one expert block by block, letting the method drop patch tokens (stage 1)."""
-        return run_expert(self.runners[index], index, pixel_values, method)
+        """Run one expert block by block, letting the method drop patch tokens (stage 1). The pixels are cast to the
+        expert's dtype (a model loaded in bfloat16 takes the processor's float32 pixels, as stock VLMs do)."""
+        runner = self.runners[index]
+        dtype = next(runner.module.parameters()).dtype
+        return run_expert(runner, index, pixel_values.to(dtype), method)
 
     def encode_images(self, pixel_values: dict[str, torch.Tensor], method: PruningMethod | None = None) -> VisualTokens:
         """Images -> fused visual tokens in the LLM's width, (num_images, N, D), after stages 1 and 2."""
