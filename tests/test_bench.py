@@ -285,8 +285,8 @@ def test_bench_positions_option_reaches_the_model_and_the_results(tmp_path, monk
     seen = []
     load = cli._load
 
-    def spy(name):
-        model, processor = load(name)
+    def spy(name, **kw):
+        model, processor = load(name, **kw)
         real = model.forward
         model.forward = lambda *a, **k: (seen.append(model.config.visual_positions), real(*a, **k))[1]
         return model, processor
@@ -313,8 +313,8 @@ def test_bench_dtype_and_device_reach_the_model_its_inputs_and_the_results(tmp_p
     seen = []
     load = cli._load
 
-    def spy(name):
-        model, processor = load(name)
+    def spy(name, **kw):
+        model, processor = load(name, **kw)
         real = model.forward
 
         def forward(*a, **k):

@@ -415,8 +415,56 @@ def test_meteor_ask_and_speed_run_a_llava_checkpoint_folder(tmp_path, capsys, ki
         assert rows[0]["tokens"] == 9 > rows[1]["tokens"]
     assert main(["ask", str(tmp_path / "img.png"), "what ?", "--model", ckpt]) == 2  # paper-242 needs two experts
     assert "needs at least two experts" in capsys.readouterr().err
-    assert main(["bench", "--model", ckpt, "--samples", "1", "--methods", "unpruned"]) == 2
-    assert "`meteor ask` and `meteor speed` run it" in capsys.readouterr().err
+    assert main(["calibrate", "--model", ckpt, "--synthetic", "2", "--out", str(tmp_path / "ranks.json")]) == 2
+    assert "`meteor ask`, `meteor speed` and `meteor bench` run it" in capsys.readouterr().err
+    assert main(["demo", "--model", ckpt]) == 2
+    assert "run `meteor bench --model PATH --methods ...`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
+def test_meteor_bench_asks_a_stock_vlm_folder_the_synthetic_questions(tmp_path, capsys, kind):
+    """`meteor bench --model PATH` on a stock VLM's folder: each method's row holds, per sample, whether the first
+    word of its greedy reply to the question and "Answer with a single word or number." (the processor's prompt,
+    its chat template where it has one) is the answer, recomputed here with the folder's model and processor; the
+    tokens are the image's unpruned count for the unpruned row and fewer for the others."""
+    from meteor_vlm.bench.accuracy import SHORT_ANSWER, first_word
+    from meteor_vlm.bench.speed import _image_side, stock_prompt
+    from meteor_vlm.cli import _load, main
+    from meteor_vlm import synth
+
+    model, processor = mv.testing.tiny_llava(seed=3) if kind == "llava" else mv.testing.tiny_qwen2_vl(seed=3)
+    # the reply always starts with "yes" (a bias its generation config keeps), so some answers are right
+    model.generation_config.sequence_bias = [[[processor.tokenizer.convert_tokens_to_ids("yes")], 100.0]]
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    names = ["unpruned", "fastv:k1-r0.5", "tome:keep0.5"]
+    assert main(["bench", "--model", str(ckpt), "--samples", "2", "--methods", ",".join(names), "--seed", "7",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "tome:keep0.5" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    model, processor = _load(str(ckpt), llava=True)
+    samples = synth.make_split(7, 2, image_size=_image_side(processor))
+    for row, make in zip(rows, [mv.NoPruning, lambda: mv.FastV(layer=1, ratio=0.5), lambda: mv.ToMe(keep=0.5)]):
+        hits, tokens = [], []
+        for s in samples:
+            inputs = processor(images=[s.image], text=[stock_prompt(processor, s.question + SHORT_ANSWER)],
+                               return_tensors="pt")
+            with make()(model) as method, torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            reply = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            hits.append(str(int(first_word(reply) == s.answer)))
+            tokens.append(method.stats[0]["layer_avg_tokens"])
+        assert row["correct"] == "".join(hits) and "1" in hits and "0" in hits
+        assert row["tokens"] == pytest.approx(sum(tokens) / len(tokens))
+    assert rows[0]["tokens"] > max(rows[1]["tokens"], rows[2]["tokens"])
+
+
+def test_first_word_reads_a_reply_as_the_synthetic_answers_are_written():
+    from meteor_vlm.bench.accuracy import first_word
+
+    assert [first_word(r) for r in ["Three.", " Yes, it is.", "circle", "12 bars", "", "Pig!"]] == [
+        "3", "yes", "circle", "12", "", "pig"]
 
 
 @pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl", "gemma3", "mistral3"])

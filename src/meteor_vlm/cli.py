@@ -60,8 +60,8 @@ def _load(model_arg: str, llava: bool = False):
                          f"transformers checkpoint of a supported VLM (model_type one of {sorted(STOCK_TYPES)})")
     if model_type in STOCK_TYPES:
         if not llava:
-            raise ValueError(f"{path} is a {model_type} checkpoint: `meteor ask` and `meteor speed` run it; this "
-                             "command needs the project's multi-encoder model (synthetic prompts, rank table, training)")
+            raise ValueError(f"{path} is a {model_type} checkpoint: `meteor ask`, `meteor speed` and `meteor bench` "
+                             "run it; this command needs the project's multi-encoder model (synthetic prompts, rank table, training)")
         import transformers
 
         cls = getattr(transformers, STOCK_TYPES[model_type])
@@ -175,19 +175,28 @@ def _device_dtype(args) -> tuple[str, torch.dtype]:
 
 
 def cmd_bench(args) -> int:
+    from meteor_vlm import MultiEncoderVLM
     from meteor_vlm.bench.accuracy import resolve_methods, run_bench
     from meteor_vlm.bench.report import format_ablations, format_counted, format_kinds, format_table, reading, write_results
+    from meteor_vlm.bench.speed import _image_side
 
     names = resolve_methods([n.strip() for n in args.methods.split(",") if n.strip()])
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     device, dtype = _device_dtype(args) if hasattr(args, "device") else ("cpu", torch.float32)  # demo: CPU float32
-    model, processor = _load(args.model)
+    model, processor = _load(args.model, llava=True)  # a stock VLM's folder too
     model = model.to(device, dtype)
+    stock = not isinstance(model, MultiEncoderVLM)
+    if stock and not hasattr(args, "device"):
+        raise ValueError(f"`meteor demo` shows the project's models; on {args.model} run `meteor bench --model PATH "
+                         "--methods ...` (methods that run on one vision tower: `meteor methods`)")
     if getattr(args, "positions", None):  # demo has no such option: the model's own setting
+        if stock:
+            raise ValueError("--positions sets the project's model's RoPE positions; a stock VLM has its own")
         model.config.visual_positions = args.positions
-    positions = model.config.visual_positions
-    size = max(128, max(s.image_size for s in processor.experts))  # synthetic images need >= 64 px
+    positions = getattr(model.config, "visual_positions", None)
+    # synthetic images need >= 64 px; a stock VLM's: as `meteor speed` draws them for its processor
+    size = _image_side(processor) if stock else max(128, max(s.image_size for s in processor.experts))
     rows = run_bench(model, processor, names, per_family=args.samples, seed=args.seed, image_size=size)
     print(format_table(rows))
     if getattr(args, "by_kind", False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import string
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from .. import synth
 from ..models.vlm import _OUTPUT_CACHE
 from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMerge, PyramidDrop, SparseVLM, ToMe, VisionZip
 from .flops import count_flops
-from .speed import _sync
+from .speed import _image_side, _sync, stock_prompt
 from .stats import paired_bootstrap
 
 __all__ = ["method_catalog", "resolve_methods", "run_bench", "counted_objects_kept", "paper_order_pairs", "inputs_to_model", "DEMO_METHODS", "NAME_PATTERNS"]
@@ -268,10 +269,37 @@ def answer_ends(model, inputs, eos_id: int) -> bool:
     return len(new) >= 2 and int(new[0]) != eos_id and int(new[1]) == eos_id
 
 
+# what a stock VLM is asked after each synthetic question, and how many tokens its reply may take
+SHORT_ANSWER = " Answer with a single word or number."
+ANSWER_TOKENS = 6
+NUMBER_WORDS = dict(zip("zero one two three four five six seven eight nine ten eleven twelve".split(),
+                        map(str, range(13))))
+
+
+def first_word(reply: str) -> str:
+    """The first word of a stock VLM's free-text reply, written as the synthetic answers are: lowercased, without the
+    punctuation around it, a number word as its digits ("Three." -> "3", "Yes, it is." -> "yes")."""
+    words = reply.strip().lower().split()
+    word = words[0].strip(string.punctuation) if words else ""
+    return NUMBER_WORDS.get(word, word)
+
+
+def stock_inputs(processor, sample) -> dict:
+    """A stock VLM's inputs for one synthetic sample: its question and `SHORT_ANSWER` in the processor's chat template
+    (`speed.stock_prompt`), with the sample's image."""
+    return dict(processor(images=[sample.image], text=[stock_prompt(processor, sample.question + SHORT_ANSWER)],
+                          return_tensors="pt"))
+
+
 @torch.no_grad()
 def run_bench(model, processor, names: list[str], per_family: int = 10, seed: int = synth.EVAL_SEED,
               image_size: int = 336, flops_samples: int = 6, progress: bool = True) -> list[dict]:
     """Run each named method on the same held-out samples, one sample at a time, methods interleaved.
+
+    On a stock transformers VLM (any processor but the project's) each question is asked through the processor's
+    chat template with "Answer with a single word or number." after it (`stock_inputs`), the reply is greedy
+    `generate` of up to `ANSWER_TOKENS` tokens under the method, and its first word (`first_word`) is the answer;
+    ends is then the share of replies that are that one word. The images are drawn at `speed._image_side`.
 
     Returns one row per method: method, tokens (layer-averaged visual tokens), tokens_share (of the
     unpruned count), stage1_tokens, fusion_tokens, accuracy {family: acc, "average": mean over
@@ -287,11 +315,17 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     minus that one's), difference_ci95, verdict}: "holds" when the interval lies below 0, "reversed" above
     it, "tie" when it holds 0.
     """
+    from ..models.processor import MultiEncoderProcessor
     from ..train import encode_samples  # the prompt format the model was trained with
 
     resolve_methods(names)
-    samples = synth.make_split(seed, per_family, image_size=image_size)
-    encoded = [inputs_to_model(model, encode_samples(processor, [s], with_answers=False)) for s in samples]
+    stock = not isinstance(processor, MultiEncoderProcessor)
+    if stock:
+        samples = synth.make_split(seed, per_family, image_size=_image_side(processor))
+        encoded = [inputs_to_model(model, stock_inputs(processor, s)) for s in samples]
+    else:
+        samples = synth.make_split(seed, per_family, image_size=image_size)
+        encoded = [inputs_to_model(model, encode_samples(processor, [s], with_answers=False)) for s in samples]
     methods = build_methods(model, names, encoded)
     model.eval()
     times = {n: [] for n in names}
@@ -312,10 +346,17 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
                 pred = out.logits[:, -1].argmax(-1)
                 _sync(pred.device)  # on a GPU the reading waits for the queued work
                 times[n].append((time.perf_counter() - t0) * 1000)
-                # untimed: does the generated answer stop after its word? (one decode step on the prefill's cache)
-                ends[n] += int(ends_after_prefill(model, inputs, out, eos_id))
-            stats[n].extend(m.stats)
-            word = processor.tokenizer.convert_ids_to_tokens(int(pred[0]))
+                prefill = list(m.stats)
+                if stock:  # untimed: the reply, greedy, and its first word
+                    reply = model.generate(**inputs, max_new_tokens=ANSWER_TOKENS, do_sample=False)
+                    reply = processor.tokenizer.decode(reply[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                    word = first_word(reply)
+                    ends[n] += int(len(reply.split()) == 1)
+                else:
+                    # untimed: does the generated answer stop after its word? (one decode step on the prefill's cache)
+                    ends[n] += int(ends_after_prefill(model, inputs, out, eos_id))
+                    word = processor.tokenizer.convert_ids_to_tokens(int(pred[0]))
+            stats[n].extend(prefill)
             hits[n].append(int(synth.is_correct(word, s.answer)))
             right[n][kind] += hits[n][-1]
     flop_inputs = encoded[:: max(1, len(encoded) // max(1, flops_samples))][:flops_samples]
