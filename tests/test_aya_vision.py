@@ -1,10 +1,13 @@
-"""Stock transformers Aya Vision (`AyaVisionForConditionalGeneration`) under every method: the oracles the project's
-own model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached) on its Cohere 2
-decoder (parallel blocks, rotation on the sliding layers only), and windows dropped inside its SigLIP ViT == the
-stock blocks run without them, folded by the model's own pixel shuffle and projector."""
+"""Stock transformers Aya Vision (`AyaVisionForConditionalGeneration`) and Command A Vision
+(`Cohere2VisionForConditionalGeneration`, the same layout: its tower read to its final norm, no norm in its projector,
+a line break after each tile) under every method: the oracles the project's own model obeys (no-op == stock model,
+drop == mask, batch == one by one, cached == uncached) on their Cohere 2 decoder (parallel blocks, rotation on the
+sliding layers only), and windows dropped inside their SigLIP ViT == the stock blocks run without them, folded by the
+model's own pixel shuffle and projector."""
 
 import pytest
 import torch
+from transformers import AyaVisionForConditionalGeneration
 
 import meteor_vlm as mv
 from meteor_vlm.models.adapters import adapt
@@ -15,9 +18,16 @@ from .test_internvl import (IMAGES, NOOPS, PROMPTS, PRUNING, assert_ask_and_spee
 from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
 from .test_oracles import check_batch_and_cache, check_beams_against_the_stock_model, survivors
 
-@pytest.fixture(scope="module")
-def aya():
-    return mv.testing.tiny_aya_vision(seed=2)
+KINDS = {"aya-vision": mv.testing.tiny_aya_vision, "command-a-vision": mv.testing.tiny_cohere2_vision}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def aya(request):
+    return KINDS[request.param](seed=2)
+
+
+def is_aya(model) -> bool:
+    return type(model) is AyaVisionForConditionalGeneration
 
 
 def stock_head(model):
@@ -25,6 +35,8 @@ def stock_head(model):
     a missing or extra factor fails the oracles) where the installed transformers applies it (5.25 on)."""
     scale = model.config.text_config.logit_scale
     assert scale != 1
+    if not is_aya(model):  # Command A Vision's head never scales
+        return model.lm_head
     return lambda hidden: model.lm_head(hidden) * (scale if HEAD_SCALES_LOGITS else 1.0)
 
 
@@ -32,7 +44,8 @@ def inputs_for(processor, tile_pictures, which=(0, 1, 2)):
     """InternVL's test prompts (`PROMPTS`, with `IMAGES` images each) as Aya Vision's processor writes them."""
     starts = [sum(IMAGES[:i]) for i in range(len(IMAGES))]
     imgs = [tile_pictures[s + j] for i in which for s in [starts[i]] for j in range(IMAGES[i])]
-    return dict(processor(images=imgs, text=[PROMPTS[i] for i in which], return_tensors="pt", padding=True))
+    text = [PROMPTS[i].replace("<image>", processor.image_token) for i in which]  # Command A Vision: <|IMG_PATCH|>
+    return dict(processor(images=imgs, text=text, return_tensors="pt", padding=True))
 
 
 @pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
@@ -68,8 +81,8 @@ def test_the_decoder_rotates_on_its_sliding_layers_only(aya):
 
 def stock_tower_without(model, pixels):
     """(kept windows, (tiles, K, D) projected tokens): the stock SigLIP's blocks on the patches left, the windows
-    `survivors` drops at each block removed, then the stock projector (its pixel shuffle, dropped windows
-    zero-filled, then its norm and MLP)."""
+    `survivors` drops at each block removed (Command A Vision: then its final norm), then the stock projector (its
+    pixel shuffle, dropped windows zero-filled, then its norm, if any, and MLP)."""
     tower = model.model.vision_tower
     hidden = tower.embeddings(pixels)  # (tiles, g*g, D)
     g = round(hidden.shape[1] ** 0.5)
@@ -81,7 +94,7 @@ def stock_tower_without(model, pixels):
         left = torch.isin(patches, window_of[alive].flatten())
         hidden, patches = hidden[:, left], patches[left]
     full = hidden.new_zeros(hidden.shape[0], g * g, hidden.shape[-1])
-    full[:, patches] = hidden
+    full[:, patches] = hidden if is_aya(model) else tower.post_layernorm(hidden)
     projected = model.model.multi_modal_projector(full)  # (tiles, g/2, g/2, D)
     return alive, projected.reshape(projected.shape[0], -1, projected.shape[-1])[:, alive]
 
@@ -139,8 +152,11 @@ def test_bad_inputs_and_settings_are_refused(aya, tile_pictures):
     two = inputs_for(processor, tile_pictures, which=(0, 2))
     end = processor.tokenizer.convert_tokens_to_ids("<|END_OF_IMG|>")
     two["input_ids"][1][two["input_ids"][1] == end] = processor.tokenizer.convert_tokens_to_ids("what")
-    with pytest.raises(ValueError, match=r"last image-token runs are followed by different tokens"):
+    with pytest.raises(ValueError, match=r"last image-token runs are followed by different tokens|every image's "
+                                         r"last by <\|END_OF_IMG\|>"):
         pruned_logits(model, two, mv.FastV())
+    if not is_aya(model):  # no feature-layer settings
+        return
     model.config.vision_feature_select_strategy = "default"
     try:
         with pytest.raises(ValueError, match="vision_feature_select_strategy='default' is not supported"):

@@ -431,6 +431,21 @@ def tiny_gemma3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, slidi
     return model, Gemma3Processor(images, tokenizer, image_seq_length=4)
 
 
+def _cohere2_configs(tokenizer, num_layers: int, vision_depth: int, sliding_window: int) -> tuple[dict, dict]:
+    """The text and vision configs of the tiny Aya Vision and Command A Vision: a `num_layers`-deep Cohere 2 decoder
+    with 8 heads (GQA, 4 kv heads) whose layers are [sliding, sliding, full] over and over, and a `vision_depth`-block
+    SigLIP ViT on 32 px tiles of 8 px patches."""
+    pattern = ["sliding_attention", "sliding_attention", "full_attention"]
+    text = dict(model_type="cohere2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                sliding_window=sliding_window, layer_types=[pattern[i % 3] for i in range(num_layers)],
+                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=vision_depth, num_attention_heads=4, image_size=32, patch_size=8)
+    return text, vision
+
+
 def tiny_aya_vision(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, sliding_window: int = 8):
     """A tiny random stock transformers `AyaVisionForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and
     transformers' `AyaVisionProcessor` with the PIL image processor, where "<image>" stands for one image: a
@@ -446,14 +461,7 @@ def tiny_aya_vision(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, s
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *IMAGE_TOKENS, "TILE", "TILE_GLOBAL"]})
-    pattern = ["sliding_attention", "sliding_attention", "full_attention"]
-    text = dict(model_type="cohere2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
-                sliding_window=sliding_window, layer_types=[pattern[i % 3] for i in range(num_layers)],
-                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=vision_depth, num_attention_heads=4, image_size=32, patch_size=8)
+    text, vision = _cohere2_configs(tokenizer, num_layers, vision_depth, sliding_window)
     config = AyaVisionConfig(vision_config=vision, text_config=text, downsample_factor=2,
                              image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[2]), tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
@@ -493,6 +501,37 @@ def tiny_deepseek_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3):
     model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> has no pixels behind it
     images = DeepseekVLImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return model, DeepseekVLProcessor(images, tokenizer, num_image_tokens=16)
+
+
+def tiny_cohere2_vision(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, sliding_window: int = 8):
+    """A tiny random stock transformers `Cohere2VisionForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and
+    transformers' `Cohere2VisionProcessor`, with the PIL image processor of Aya Vision (`GotOcr2ImageProcessorPil`:
+    1 to 4 tiles of 32 px by the image's aspect, plus the whole image when there are several) standing in for its
+    own, which needs torchvision: a `vision_depth`-block SigLIP ViT of 8 px patches read to its final norm, each 2x2
+    window folded into one visual token (4 per tile), and `tiny_aya_vision`'s Cohere 2 decoder."""
+    from transformers import Cohere2VisionConfig, Cohere2VisionForConditionalGeneration, Cohere2VisionProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from .models.cohere2_vision import IMAGE_TOKENS
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *IMAGE_TOKENS]})
+    tokenizer._set_model_specific_special_tokens(special_tokens=dict(zip(
+        ("boi_token", "eoi_token", "image_token", "img_line_break_token"), IMAGE_TOKENS)))
+    text, vision = _cohere2_configs(tokenizer, num_layers, vision_depth, sliding_window)
+    config = Cohere2VisionConfig(vision_config=vision, text_config=text, downsample_factor=2,
+                                 alignment_intermediate_size=96,
+                                 image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[2]), tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Cohere2VisionForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS))
+    images = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=4,
+                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images.patch_size = 2  # what Cohere2VisionProcessor reads: visual tokens per side of a tile
+    return model, Cohere2VisionProcessor(images, tokenizer)
 
 
 def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, llava: bool = False):

@@ -42,7 +42,8 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "Qwen3VLMoeForConditionalGeneration", "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
              "Mistral3ForConditionalGeneration", "PaliGemmaForConditionalGeneration", "AyaVisionForConditionalGeneration",
-             "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "DeepseekVLForConditionalGeneration")
+             "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "DeepseekVLForConditionalGeneration",
+             "Cohere2VisionForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here (output_* only when not true:
@@ -56,6 +57,7 @@ def adapt(model, method_name: str = "a pruning method"):
     An adapter passed in is returned as it is, so `with method(adapter)` runs on the adapter a caller holds
     (`meteor speed` times its parts)."""
     from .aya_vision import aya_vision_adapter
+    from .cohere2_vision import cohere2_vision_adapter
     from .deepseek_vl import deepseek_vl_adapter
     from .gemma3 import gemma3_adapter
     from .glm4v import glm4v_adapter
@@ -71,7 +73,8 @@ def adapt(model, method_name: str = "a pruning method"):
         return model
     adapter = (mistral3_adapter(model) or llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
                or idefics3_adapter(model) or gemma3_adapter(model) or paligemma_adapter(model)
-               or aya_vision_adapter(model) or glm4v_adapter(model) or deepseek_vl_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
+               or aya_vision_adapter(model) or glm4v_adapter(model) or deepseek_vl_adapter(model)
+               or cohere2_vision_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
