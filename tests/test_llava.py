@@ -417,7 +417,9 @@ def test_meteor_ask_and_speed_run_a_llava_checkpoint_folder(tmp_path, capsys, ki
     assert "needs at least two experts" in capsys.readouterr().err
     assert main(["calibrate", "--model", ckpt, "--synthetic", "2", "--out", str(tmp_path / "ranks.json")]) == 2
     assert "`meteor ask`, `meteor speed` and `meteor bench` run it" in capsys.readouterr().err
-    assert main(["demo", "--model", ckpt]) == 2
+    with pytest.MonkeyPatch.context() as patch:  # refused before the model is loaded
+        patch.setattr("meteor_vlm.cli._load", lambda *a, **k: pytest.fail("demo loaded the folder"))
+        assert main(["demo", "--model", ckpt]) == 2
     assert "run `meteor bench --model PATH --methods ...`" in capsys.readouterr().err
 
 

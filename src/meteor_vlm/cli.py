@@ -187,9 +187,6 @@ def cmd_bench(args) -> int:
     model, processor = _load(args.model, llava=True)  # a stock VLM's folder too
     model = model.to(device, dtype)
     stock = not isinstance(model, MultiEncoderVLM)
-    if stock and not hasattr(args, "device"):
-        raise ValueError(f"`meteor demo` shows the project's models; on {args.model} run `meteor bench --model PATH "
-                         "--methods ...` (methods that run on one vision tower: `meteor methods`)")
     if getattr(args, "positions", None):  # demo has no such option: the model's own setting
         if stock:
             raise ValueError("--positions sets the project's model's RoPE positions; a stock VLM has its own")
@@ -352,6 +349,10 @@ def cmd_demo(args) -> int:
     if args.model == "default" and not mv.has_default():
         print("the embedded default model is not in this install: showing the tiny random model instead\n")
         args.model = "tiny"
+    config = Path(args.model) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") in STOCK_TYPES:  # refused before loading
+        raise ValueError(f"`meteor demo` shows the project's models; on {args.model} run `meteor bench --model PATH "
+                         "--methods ...` (methods that run on one vision tower: `meteor methods`)")
     if args.model != "tiny":
         from meteor_vlm.bench.accuracy import DEMO_METHODS
 
