@@ -644,3 +644,32 @@ def test_a_right_padded_batch_without_images_equals_the_left_padded_one(tiny, pr
         if pruning:
             stack.enter_context(mv.FastV(layer=2, ratio=0.5)(model))
         check_right_padding(model, left_in, model(**left_in, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("family", ["project", "llava"])
+def test_a_method_attached_inside_another_runs_alone_and_hands_back_to_it(tiny, images, family):
+    """`with b(model)` inside `with a(model)`: inside, the model is b's alone (a is not applied on top); after b's
+    block, a's again; after both, the unmodified model."""
+    if family == "project":
+        model, processor = tiny
+        inputs = make_inputs(processor, [images[0], images[1]], ["what ?", "how many circle are there ?"])
+    else:
+        model, processor = mv.testing.tiny_llava(seed=0)
+        inputs = processor(images=[images[0], images[1]], text=["<image> what ?", "<image> how many circle ?"],
+                           return_tensors="pt", padding=True)
+    outer, inner = (lambda: mv.FastV(layer=1, ratio=0.75)), (lambda: mv.VisionZip(keep=0.25))
+
+    def alone(make):
+        with make()(model), torch.no_grad():
+            return model(**inputs, use_cache=False).logits
+
+    with torch.no_grad():
+        plain = model(**inputs, use_cache=False).logits
+        want_outer, want_inner = alone(outer), alone(inner)
+        assert not torch.allclose(want_outer, want_inner)
+        with outer()(model) as a:
+            with inner()(model) as b:
+                torch.testing.assert_close(model(**inputs, use_cache=False).logits, want_inner, atol=0, rtol=0)
+            torch.testing.assert_close(model(**inputs, use_cache=False).logits, want_outer, atol=0, rtol=0)
+        torch.testing.assert_close(model(**inputs, use_cache=False).logits, plain, atol=0, rtol=0)
+    assert len(a.stats) == 2 and len(b.stats) == 2
