@@ -144,3 +144,13 @@ def test_per_layer_outputs_are_refused_not_answered_with_none(tiny, images, aske
                 target(**given, **{asked: True})
             with pytest.raises(ValueError, match=f"{asked} is not supported"):
                 target.generate(**given, max_new_tokens=2, return_dict_in_generate=True, **{asked: True})
+
+
+def test_position_ids_are_refused_by_the_projects_model_not_ignored(tiny, images):
+    """The project's model places its tokens itself, so position_ids given to it are an error (they used to be
+    dropped without a word); generate never passes them."""
+    model, processor = tiny
+    inputs = make_inputs(processor, [images[0]], ["what ?"])
+    with pytest.raises(ValueError, match="position_ids are not taken"):
+        model(**inputs, position_ids=torch.arange(inputs["input_ids"].shape[1])[None])
+    assert model.generate(**inputs, max_new_tokens=2, min_new_tokens=2).shape[1] == inputs["input_ids"].shape[1] + 2

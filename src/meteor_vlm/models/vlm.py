@@ -570,7 +570,10 @@ class MultiEncoderVLM(PreTrainedModel, GenerationMixin):
         pixel_values = expert_pixels(kwargs)
         runtime.refuse_layer_outputs(kwargs, "MultiEncoderVLM")
         unknown = [k for k in kwargs if not k.startswith(PIXEL_PREFIX) and kwargs[k] is not None]
-        unknown = [k for k in unknown if k not in ("cache_position", "position_ids", "output_attentions", "output_hidden_states")]
+        unknown = [k for k in unknown if k not in ("cache_position", "output_attentions", "output_hidden_states")]
+        if "position_ids" in unknown:
+            raise ValueError("position_ids are not taken: the model places its tokens itself (config.visual_positions; "
+                             "the running count of real tokens for text)")
         if unknown:
             raise ValueError(f"unexpected inputs {unknown}")
         if attention_mask is None:
