@@ -405,3 +405,10 @@ def test_a_bfloat16_model_takes_the_processors_float32_pixels(tiny, images, meth
     with method()(model) if method else torch.no_grad(), torch.no_grad():
         got, want = model(**inputs).logits, model(**cast).logits
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_the_testing_module_exports_every_tiny_model():
+    """`from meteor_vlm.testing import *` brings every tiny model builder (they are public: README examples and
+    users' own tests call them)."""
+    builders = {n for n in dir(mv.testing) if n.startswith("tiny_") and callable(getattr(mv.testing, n))}
+    assert len(builders) >= 13 and builders <= set(mv.testing.__all__)

@@ -10,8 +10,9 @@ from .models.experts import ExpertSpec
 from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
-__all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_internvl", "tiny_idefics3", "random_images",
-           "TINY_WORDS", "TINY_EXPERTS"]
+__all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
+           "tiny_gemma3", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_cohere2_vision", "tiny_mistral3", "tiny_paligemma",
+           "random_images", "TINY_WORDS", "TINY_EXPERTS"]
 
 TINY_WORDS = (
     "what is in the image ? describe color shape how many are there a an of red green blue yellow circle "
