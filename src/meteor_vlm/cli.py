@@ -192,8 +192,7 @@ def cmd_bench(args) -> int:
             raise ValueError("--positions sets the project's model's RoPE positions; a stock VLM has its own")
         model.config.visual_positions = args.positions
     positions = getattr(model.config, "visual_positions", None)
-    # synthetic images need >= 64 px; a stock VLM's: as `meteor speed` draws them for its processor
-    size = _image_side(processor) if stock else max(128, max(s.image_size for s in processor.experts))
+    size = _image_side(processor)  # as `meteor speed` draws them for the processor (>= 128 px)
     rows = run_bench(model, processor, names, per_family=args.samples, seed=args.seed, image_size=size)
     print(format_table(rows))
     if getattr(args, "by_kind", False):

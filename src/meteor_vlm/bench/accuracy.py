@@ -17,7 +17,7 @@ from .. import synth
 from ..models.vlm import _OUTPUT_CACHE
 from ..methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMerge, PyramidDrop, SparseVLM, ToMe, VisionZip
 from .flops import count_flops
-from .speed import _image_side, _sync, stock_prompt
+from .speed import _sync, stock_prompt
 from .stats import paired_bootstrap
 
 __all__ = ["method_catalog", "resolve_methods", "run_bench", "counted_objects_kept", "paper_order_pairs", "inputs_to_model", "DEMO_METHODS", "NAME_PATTERNS"]
@@ -299,7 +299,8 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
     On a stock transformers VLM (any processor but the project's) each question is asked through the processor's
     chat template with "Answer with a single word or number." after it (`stock_inputs`), the reply is greedy
     `generate` of up to `ANSWER_TOKENS` tokens under the method, and its first word (`first_word`) is the answer;
-    ends is then the share of replies that are that one word. The images are drawn at `speed._image_side`.
+    ends is then the share of replies that are that one word. `image_size`: the synthetic images' side (`meteor
+    bench` draws them at `speed._image_side` of the processor).
 
     Returns one row per method: method, tokens (layer-averaged visual tokens), tokens_share (of the
     unpruned count), stage1_tokens, fusion_tokens, accuracy {family: acc, "average": mean over
@@ -320,11 +321,10 @@ def run_bench(model, processor, names: list[str], per_family: int = 10, seed: in
 
     resolve_methods(names)
     stock = not isinstance(processor, MultiEncoderProcessor)
+    samples = synth.make_split(seed, per_family, image_size=image_size)
     if stock:
-        samples = synth.make_split(seed, per_family, image_size=_image_side(processor))
         encoded = [inputs_to_model(model, stock_inputs(processor, s)) for s in samples]
     else:
-        samples = synth.make_split(seed, per_family, image_size=image_size)
         encoded = [inputs_to_model(model, encode_samples(processor, [s], with_answers=False)) for s in samples]
     methods = build_methods(model, names, encoded)
     model.eval()

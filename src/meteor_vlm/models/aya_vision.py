@@ -84,17 +84,22 @@ class AyaVisionAdapter(InternVLAdapter):
         if cfg.vision_feature_select_strategy != "full":
             raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} is not supported "
                              "(only 'full': every patch of a SigLIP tower)")
+        depth = tower_depth(cfg.vision_feature_layer, model.model.vision_tower.config.num_hidden_layers)
+        self._locate_windows(model, AyaVisionRunner, depth)
+        if HEAD_SCALES_LOGITS:
+            self.decoder = dataclasses.replace(self.decoder, logit_scale=cfg.text_config.logit_scale)
+
+    def _locate_windows(self, model, runner_cls, depth: int) -> None:
+        """Locate the model's parts with `runner_cls` walking the first `depth` blocks of its SigLIP tower, one token
+        per `downsample_factor` x `downsample_factor` window; ValueError when the tower's patch grid does not fold
+        into such windows."""
         tower = model.model.vision_tower
-        vcfg = tower.config
-        scale = cfg.downsample_factor
+        vcfg, scale = tower.config, model.config.downsample_factor
         if (vcfg.image_size // vcfg.patch_size) % scale:
             raise ValueError(f"a {vcfg.image_size // vcfg.patch_size}-patch grid does not fold into {scale}x{scale} "
                              "windows")
-        depth = tower_depth(cfg.vision_feature_layer, vcfg.num_hidden_layers)
-        spec = ExpertSpec(EXPERT, AyaVisionRunner.kind, vcfg.image_size, {})
-        self._locate(model, [AyaVisionRunner(tower, spec, scale, depth)])
-        if HEAD_SCALES_LOGITS:
-            self.decoder = dataclasses.replace(self.decoder, logit_scale=cfg.text_config.logit_scale)
+        spec = ExpertSpec(EXPERT, runner_cls.kind, vcfg.image_size, {})
+        self._locate(model, [runner_cls(tower, spec, scale, depth)])
 
     def project(self, windows: torch.Tensor) -> torch.Tensor:
         """(..., s*s*D) windows, as the pixel shuffle lays them out, through the projector after its pixel shuffle:

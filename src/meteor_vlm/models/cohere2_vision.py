@@ -17,12 +17,10 @@ from transformers import Cohere2VisionForConditionalGeneration
 
 from .adapters import token_runs
 from .aya_vision import AyaVisionAdapter, AyaVisionRunner
-from .experts import ExpertSpec
 from .idefics3 import Idefics3Runner
 
 __all__ = ["Cohere2VisionAdapter", "Cohere2VisionRunner", "cohere2_vision_adapter", "IMAGE_TOKENS"]
 
-EXPERT = "vision"
 # an image's start and end, one visual token, and the end of a tile, as Cohere2VisionProcessor writes them
 IMAGE_TOKENS = ("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>")
 
@@ -49,14 +47,7 @@ class Cohere2VisionAdapter(AyaVisionAdapter):
     last)."""
 
     def __init__(self, model: Cohere2VisionForConditionalGeneration):
-        tower = model.model.vision_tower
-        vcfg = tower.config
-        scale = model.config.downsample_factor
-        if (vcfg.image_size // vcfg.patch_size) % scale:
-            raise ValueError(f"a {vcfg.image_size // vcfg.patch_size}-patch grid does not fold into {scale}x{scale} "
-                             "windows")
-        spec = ExpertSpec(EXPERT, Cohere2VisionRunner.kind, vcfg.image_size, {})
-        self._locate(model, [Cohere2VisionRunner(tower, spec, scale, vcfg.num_hidden_layers)])
+        self._locate_windows(model, Cohere2VisionRunner, model.model.vision_tower.config.num_hidden_layers)
 
     def project(self, windows: torch.Tensor) -> torch.Tensor:
         """(..., s*s*D) windows, as the pixel shuffle lays them out, through the projector after its pixel shuffle:
