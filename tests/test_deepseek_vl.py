@@ -1,6 +1,8 @@
-"""Stock transformers DeepSeek-VL (`DeepseekVLForConditionalGeneration`) under every method: the oracles the
+"""Stock transformers DeepSeek-VL (`DeepseekVLForConditionalGeneration`) and DeepSeek-VL hybrid
+(`DeepseekVLHybridForConditionalGeneration`: a SAM branch fused by channels) under every method: the oracles the
 project's own model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached), and patches
-dropped inside its SigLIP ViT == the stock blocks run without them, then its final norm and aligner."""
+dropped inside the SigLIP ViT == the stock blocks run without them, then its final norm and the aligner (on the hybrid,
+each kept patch joined with the stock SAM branch's features at its cell)."""
 
 import pytest
 import torch
@@ -14,9 +16,14 @@ from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_log
 from .test_oracles import check_batch_and_cache, check_beams_against_the_stock_model, survivors
 
 
-@pytest.fixture(scope="module")
-def deepseek():
-    return mv.testing.tiny_deepseek_vl(seed=2)
+@pytest.fixture(scope="module", params=[False, True], ids=["deepseek_vl", "hybrid"])
+def deepseek(request):
+    return mv.testing.tiny_deepseek_vl(seed=2, hybrid=request.param)
+
+
+def images_of(model, batch):
+    """The forward's image inputs in `batch` (the hybrid's high-resolution pixels too)."""
+    return {k: batch[k] for k in adapt(model).IMAGE_INPUTS}
 
 
 @pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
@@ -29,9 +36,10 @@ def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(deepse
     assert image_tokens == [16, 2 * 16, 16]  # 16 patches of 8 px per 32 px image
 
 
-def stock_tower_without(model, pixels):
+def stock_tower_without(model, pixels, high_res=None):
     """(kept patches, (images, K, D) projected tokens): the stock SigLIP's blocks on the patches left, the ones
-    `survivors` drops at each block removed, then its final norm and the aligner."""
+    `survivors` drops at each block removed, then its final norm and the aligner; on the hybrid, the aligner joins
+    each kept patch with the stock SAM branch's features (on the high-resolution pixels) at the same cell."""
     tower = model.model.vision_model
     hidden = tower.embeddings(pixels)  # (images, 16, D)
     alive = torch.arange(hidden.shape[1])
@@ -39,7 +47,10 @@ def stock_tower_without(model, pixels):
         hidden = block(hidden, attention_mask=None)
         kept = survivors(alive, b, 3)
         hidden, alive = hidden[:, torch.isin(alive, kept)], kept
-    return alive, model.model.aligner(tower.post_layernorm(hidden))
+    if high_res is None:
+        return alive, model.model.aligner(tower.post_layernorm(hidden))
+    cells = model.model.get_high_res_image_features(high_res).last_hidden_state  # (images, 16, C)
+    return alive, model.model.aligner(tower.post_layernorm(hidden), cells[:, alive])
 
 
 def test_patches_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(deepseek, tile_pictures):
@@ -48,7 +59,8 @@ def test_patches_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
     model with the dropped patches' image tokens masked from layer 0 on."""
     model, processor = deepseek
     inputs = inputs_for(processor, tile_pictures, which=(0, 1))
-    assert_windows_dropped_match(model, inputs, {"pixel_values": inputs["pixel_values"]}, stock_tower_without,
+    assert_windows_dropped_match(model, inputs, images_of(model, inputs),
+                                 lambda m, pixels: stock_tower_without(m, pixels, inputs.get("high_res_pixel_values")),
                                  model.model.language_model, per_tile=16)
 
 
@@ -57,7 +69,7 @@ def test_dropping_at_llm_layer_equals_masking_keys(deepseek, tile_pictures, laye
     model, processor = deepseek
     inputs = inputs_for(processor, tile_pictures, which=(0, 1))
     with torch.no_grad():
-        feats = model.model.get_image_features(inputs["pixel_values"]).pooler_output.flatten(0, 1)
+        feats = model.model.get_image_features(**images_of(model, inputs)).pooler_output.flatten(0, 1)
     assert_drop_at_layer_is_masking(model, inputs, feats, model.model.language_model, layer)
 
 
@@ -65,7 +77,7 @@ def test_dropping_at_llm_layer_equals_masking_keys(deepseek, tile_pictures, laye
 def test_every_method_obeys_the_batch_and_cache_oracles(deepseek, tile_pictures, make):
     model, processor = deepseek
     check_batch_and_cache(model, make(), lambda which: inputs_for(processor, tile_pictures, which),
-                          lambda batch, ids: {"pixel_values": batch["pixel_values"]},
+                          lambda batch, ids: images_of(model, batch),
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
 
 
@@ -91,16 +103,24 @@ def test_bad_inputs_are_refused(deepseek, tile_pictures):
     inputs = inputs_for(processor, tile_pictures, which=(0,))
     with pytest.raises(ValueError, match=r"pixel_values must be \(images, 3, height, width\)"):
         pruned_logits(model, {**inputs, "pixel_values": inputs["pixel_values"][None]}, mv.FastV())
+    twice = {k: torch.cat([v] * 2) for k, v in images_of(model, inputs).items()}
     with pytest.raises(ValueError, match="image tokens but the 2 image"):
-        pruned_logits(model, {**inputs, "pixel_values": torch.cat([inputs["pixel_values"]] * 2)}, mv.FastV())
+        pruned_logits(model, {**inputs, **twice}, mv.FastV())
+    if "high_res_pixel_values" in inputs:  # the hybrid's second branch
+        with pytest.raises(ValueError, match="needs high_res_pixel_values"):
+            pruned_logits(model, {**inputs, "high_res_pixel_values": None}, mv.FastV())
+        with pytest.raises(ValueError, match=r"high_res_pixel_values must be \(images, 3, height, width\) for the 1"):
+            pruned_logits(model, {**inputs, "high_res_pixel_values": twice["high_res_pixel_values"]}, mv.FastV())
     assert "forward" not in vars(model)
 
 
-def test_meteor_ask_and_speed_run_a_deepseek_vl_checkpoint_folder(tmp_path, capsys, tile_pictures):
-    """A transformers DeepSeek-VL checkpoint folder (saved model, its processor with a chat template) runs under
-    `meteor ask` (the answer greedy generate gives on the chat template's prompt under the same method; ToMe merges
-    half of the image's patches) and `meteor speed`; the processor read back from the folder gives the same inputs."""
+@pytest.mark.parametrize("hybrid", [False, True], ids=["deepseek_vl", "hybrid"])
+def test_meteor_ask_and_speed_run_a_deepseek_vl_checkpoint_folder(tmp_path, capsys, tile_pictures, hybrid):
+    """A transformers DeepSeek-VL (hybrid) checkpoint folder (saved model, its processor with a chat template) runs
+    under `meteor ask` (the answer greedy generate gives on the chat template's prompt under the same method; ToMe
+    merges half of the image's patches) and `meteor speed`; the processor read back from the folder gives the same
+    inputs."""
     from meteor_vlm.models.deepseek_vl import load_processor
 
-    assert_a_templated_folder_runs(*mv.testing.tiny_deepseek_vl(seed=3), load_processor, tile_pictures, tmp_path,
-                                   capsys, tokens=16)
+    assert_a_templated_folder_runs(*mv.testing.tiny_deepseek_vl(seed=3, hybrid=hybrid), load_processor, tile_pictures,
+                                   tmp_path, capsys, tokens=16)

@@ -476,13 +476,22 @@ def tiny_aya_vision(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, s
     return model, AyaVisionProcessor(images, tokenizer, patch_size=8, img_size=32, downsample_factor=2)
 
 
-def tiny_deepseek_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3):
+def tiny_deepseek_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, hybrid: bool = False):
     """A tiny random stock transformers `DeepseekVLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and
     transformers' `DeepseekVLProcessor` with the PIL image processor (each image padded to a square and scaled to
     32 px): a `vision_depth`-block SigLIP ViT of 8 px patches read to its final norm (16 image tokens per
-    "<image>"), the aligner MLP and a `num_layers`-deep Llama decoder with 8 heads (GQA, 4 kv heads)."""
-    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLProcessor
+    "<image>"), the aligner MLP and a `num_layers`-deep Llama decoder with 8 heads (GQA, 4 kv heads).
+
+    hybrid: a `DeepseekVLHybridForConditionalGeneration` (DeepSeek-VL 7B's layout) and its processor instead: the
+    same SigLIP ViT and decoder, plus a 2-block SAM ViT on the image at 64 px (8 px patches, windows of 4, its
+    second block global) whose neck and strided convolutions bring it to the SigLIP's 4 x 4 grid, each token's two
+    halves joined by the hybrid aligner; the global branch's weight (`high_res_vision_alpha`, zero at init) is set
+    to 0.5 so that it counts."""
+    from transformers import (DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLHybridConfig,
+                              DeepseekVLHybridForConditionalGeneration, DeepseekVLHybridProcessor, DeepseekVLProcessor)
     from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
+    from transformers.models.deepseek_vl_hybrid.image_processing_pil_deepseek_vl_hybrid import (
+        DeepseekVLHybridImageProcessorPil)
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     tokenizer._set_model_specific_special_tokens(special_tokens={"image_token": "<image>"})  # DeepseekVLProcessor reads it
@@ -492,16 +501,29 @@ def tiny_deepseek_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3):
                 eos_token_id=tokenizer.eos_token_id)
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
                   num_hidden_layers=vision_depth, num_attention_heads=4, image_size=32, patch_size=8)
-    config = DeepseekVLConfig(vision_config=vision, text_config=text,
-                              image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False)
+    common = dict(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                  tie_word_embeddings=False)
+    if hybrid:
+        sam = dict(model_type="sam_vision_model", hidden_size=32, output_channels=16, num_hidden_layers=2,
+                   num_attention_heads=4, image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1],
+                   mlp_dim=64, num_pos_feats=16)
+        config = DeepseekVLHybridConfig(high_res_vision_config=sam, **common)
+    else:
+        config = DeepseekVLConfig(**common)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = DeepseekVLForConditionalGeneration(config).eval()
+    model = (DeepseekVLHybridForConditionalGeneration if hybrid else DeepseekVLForConditionalGeneration)(config).eval()
     _peaked([*model.model.language_model.parameters(), *model.model.aligner.parameters(),
              *model.lm_head.parameters()], seed)
     model.generation_config.suppress_tokens = [config.image_token_id]  # a generated <image> has no pixels behind it
-    images = DeepseekVLImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return model, DeepseekVLProcessor(images, tokenizer, num_image_tokens=16)
+    pixels = dict(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    if not hybrid:
+        return model, DeepseekVLProcessor(DeepseekVLImageProcessorPil(**pixels), tokenizer, num_image_tokens=16)
+    with torch.no_grad():
+        model.model.high_res_vision_alpha.fill_(0.5)
+    images = DeepseekVLHybridImageProcessorPil(**pixels, high_res_size={"height": 64, "width": 64},
+                                               high_res_image_mean=[0.5] * 3, high_res_image_std=[0.5] * 3)
+    return model, DeepseekVLHybridProcessor(images, tokenizer, num_image_tokens=16)
 
 
 def tiny_cohere2_vision(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, sliding_window: int = 8):
