@@ -186,12 +186,12 @@ def test_meteor_ask_and_speed_run_an_aya_vision_checkpoint_folder(tmp_path, caps
 
 
 def assert_a_templated_folder_runs(model, processor, load_processor, tile_pictures, tmp_path, capsys, tokens=12):
-    """`model` and `processor` saved with `TEMPLATE` as chat template, read back by `load_processor`: the template's
-    prompt for one picture gives the processor's inputs for "<image>\nQUESTION a", and the folder runs under `meteor
+    """`model` and `processor` saved with `TEMPLATE` (its image token the processor's) as chat template, read back by
+    `load_processor`: the template's prompt for one picture gives the processor's inputs for "<image>\nQUESTION a", and the folder runs under `meteor
     ask` and `meteor speed` (`assert_ask_and_speed_run_the_folder`, the image's `tokens` unpruned)."""
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    processor.chat_template = TEMPLATE
+    processor.chat_template = TEMPLATE.replace("<image>", processor.image_token)  # Janus: <image_placeholder>
     processor.save_pretrained(ckpt)
     loaded = load_processor(ckpt)
     tile_pictures[1].save(tmp_path / "img.png")
@@ -199,6 +199,7 @@ def assert_a_templated_folder_runs(model, processor, load_processor, tile_pictur
                                                                       {"type": "text", "text": "what is in the image ?"}]}],
                                         add_generation_prompt=True)
     inputs = dict(loaded(images=[tile_pictures[1]], text=[prompt], return_tensors="pt"))
-    mine = processor(images=[tile_pictures[1]], text=["<image>\nwhat is in the image ? a"], return_tensors="pt")
+    mine = processor(images=[tile_pictures[1]], text=[f"{processor.image_token}\nwhat is in the image ? a"],
+                     return_tensors="pt")
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
     assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys, tokens=tokens)

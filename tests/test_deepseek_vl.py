@@ -1,8 +1,11 @@
-"""Stock transformers DeepSeek-VL (`DeepseekVLForConditionalGeneration`) and DeepSeek-VL hybrid
-(`DeepseekVLHybridForConditionalGeneration`: a SAM branch fused by channels) under every method: the oracles the
+"""Stock transformers DeepSeek-VL (`DeepseekVLForConditionalGeneration`), DeepSeek-VL hybrid
+(`DeepseekVLHybridForConditionalGeneration`: a SAM branch fused by channels) and Janus (`JanusForConditionalGeneration`,
+its understanding path) under every method: the oracles the
 project's own model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached), and patches
 dropped inside the SigLIP ViT == the stock blocks run without them, then its final norm and the aligner (on the hybrid,
 each kept patch joined with the stock SAM branch's features at its cell)."""
+
+import functools
 
 import pytest
 import torch
@@ -16,9 +19,13 @@ from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_log
 from .test_oracles import check_batch_and_cache, check_beams_against_the_stock_model, survivors
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["deepseek_vl", "hybrid"])
+BUILDERS = {"deepseek_vl": mv.testing.tiny_deepseek_vl,
+            "hybrid": functools.partial(mv.testing.tiny_deepseek_vl, hybrid=True), "janus": mv.testing.tiny_janus}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
 def deepseek(request):
-    return mv.testing.tiny_deepseek_vl(seed=2, hybrid=request.param)
+    return BUILDERS[request.param](seed=2)
 
 
 def images_of(model, batch):
@@ -114,13 +121,21 @@ def test_bad_inputs_are_refused(deepseek, tile_pictures):
     assert "forward" not in vars(model)
 
 
-@pytest.mark.parametrize("hybrid", [False, True], ids=["deepseek_vl", "hybrid"])
-def test_meteor_ask_and_speed_run_a_deepseek_vl_checkpoint_folder(tmp_path, capsys, tile_pictures, hybrid):
-    """A transformers DeepSeek-VL (hybrid) checkpoint folder (saved model, its processor with a chat template) runs
-    under `meteor ask` (the answer greedy generate gives on the chat template's prompt under the same method; ToMe
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_meteor_ask_and_speed_run_a_deepseek_vl_checkpoint_folder(tmp_path, capsys, tile_pictures, name):
+    """A transformers DeepSeek-VL (hybrid) or Janus checkpoint folder (saved model, its processor with a chat template)
+    runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under the same method; ToMe
     merges half of the image's patches) and `meteor speed`; the processor read back from the folder gives the same
     inputs."""
     from meteor_vlm.models.deepseek_vl import load_processor
 
-    assert_a_templated_folder_runs(*mv.testing.tiny_deepseek_vl(seed=3, hybrid=hybrid), load_processor, tile_pictures,
-                                   tmp_path, capsys, tokens=16)
+    assert_a_templated_folder_runs(*BUILDERS[name](seed=3), load_processor, tile_pictures, tmp_path, capsys, tokens=16)
+
+
+def test_a_janus_tower_with_query_key_norms_is_refused():
+    """Janus's config can ask for LayerNorms on each head's queries and keys, which the tower's runner does not apply
+    when it scores patches: refused when a method attaches (the released checkpoints do not use them)."""
+    model, _ = mv.testing.tiny_janus(seed=2)
+    model.model.vision_model.config.use_qk_norm = True
+    with pytest.raises(ValueError, match="use_qk_norm is not supported"):
+        adapt(model)

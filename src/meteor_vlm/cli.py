@@ -28,7 +28,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNex
                "mistral3": "Mistral3ForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration",
                "aya_vision": "AyaVisionForConditionalGeneration", "glm4v": "Glm4vForConditionalGeneration",
                "glm4v_moe": "Glm4vMoeForConditionalGeneration", "deepseek_vl": "DeepseekVLForConditionalGeneration",
-               "deepseek_vl_hybrid": "DeepseekVLHybridForConditionalGeneration"}
+               "deepseek_vl_hybrid": "DeepseekVLHybridForConditionalGeneration", "janus": "JanusForConditionalGeneration"}
 
 
 def _load(model_arg: str, llava: bool = False):
@@ -39,7 +39,7 @@ def _load(model_arg: str, llava: bool = False):
     Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
     an Idefics3 / SmolVLM one (`models.idefics3.load_processor`), a Gemma 3 one (its own AutoProcessor) or a Mistral 3
     one (`PixtralImageTextProcessor`) or an Aya Vision one (`models.aya_vision.load_processor`) or a GLM-4.1V / GLM-4.5V
-    one (`Glm4vImageTextProcessor`) or a DeepSeek-VL / DeepSeek-VL hybrid one (`models.deepseek_vl.load_processor`)."""
+    one (`Glm4vImageTextProcessor`) or a DeepSeek-VL / DeepSeek-VL hybrid / Janus one (`models.deepseek_vl.load_processor`)."""
     import meteor_vlm as mv
 
     if model_arg in mv.default.EMBEDDED:
@@ -101,7 +101,7 @@ def _load(model_arg: str, llava: bool = False):
             from .models.aya_vision import load_processor
 
             return model, load_processor(path)
-        if model_type in ("deepseek_vl", "deepseek_vl_hybrid"):  # likewise
+        if model_type in ("deepseek_vl", "deepseek_vl_hybrid", "janus"):  # likewise
             from .models.deepseek_vl import load_processor
 
             return model, load_processor(path)

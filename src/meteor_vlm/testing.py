@@ -11,7 +11,7 @@ from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
-           "tiny_gemma3", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_cohere2_vision", "tiny_mistral3", "tiny_paligemma",
+           "tiny_gemma3", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision", "tiny_mistral3", "tiny_paligemma",
            "random_images", "TINY_WORDS", "TINY_EXPERTS"]
 
 TINY_WORDS = (
@@ -524,6 +524,40 @@ def tiny_deepseek_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, 
     images = DeepseekVLHybridImageProcessorPil(**pixels, high_res_size={"height": 64, "width": 64},
                                                high_res_image_mean=[0.5] * 3, high_res_image_std=[0.5] * 3)
     return model, DeepseekVLHybridProcessor(images, tokenizer, num_image_tokens=16)
+
+
+def tiny_janus(seed: int = 0, num_layers: int = 6, vision_depth: int = 3):
+    """A tiny random stock transformers `JanusForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and transformers'
+    `JanusProcessor` with the PIL image processor (each image padded to a square and scaled to 32 px): a
+    `vision_depth`-block Janus (SigLIP-like) ViT of 8 px patches read to its final norm, 16 image tokens per image
+    between "<begin_of_image>" and "<end_of_image>", the aligner MLP, a `num_layers`-deep Llama decoder with 8 heads
+    (GQA, 4 kv heads), and a small VQ-VAE (image generation's, which understanding does not use)."""
+    from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokens = ("<image_placeholder>", "<begin_of_image>", "<end_of_image>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)})
+    tokenizer._set_model_specific_special_tokens(special_tokens=dict(zip(("image_token", "boi_token", "eoi_token"),
+                                                                         tokens)))
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = dict(hidden_size=32, num_hidden_layers=vision_depth, num_attention_heads=4, image_size=32, patch_size=8,
+                  projection_dim=64, depth=2, num_image_tokens=16)
+    vq = dict(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32, channel_multiplier=[1, 1],
+              num_res_blocks=1, num_patches=4, projection_dim=64, image_token_embed_dim=64)
+    config = JanusConfig(vision_config=vision, text_config=text, vq_config=vq, tie_word_embeddings=False,
+                         image_token_id=tokenizer.convert_tokens_to_ids(tokens[0]))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.aligner.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(list(tokens))
+    images = JanusImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, JanusProcessor(images, tokenizer, num_image_tokens=16)
 
 
 def tiny_cohere2_vision(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, sliding_window: int = 8):

@@ -1,5 +1,6 @@
-"""Pruning on a stock transformers DeepSeek-VL (`DeepseekVLForConditionalGeneration`: DeepSeek-VL 1.3B) and
-DeepSeek-VL hybrid (`DeepseekVLHybridForConditionalGeneration`: DeepSeek-VL 7B).
+"""Pruning on a stock transformers DeepSeek-VL (`DeepseekVLForConditionalGeneration`: DeepSeek-VL 1.3B),
+DeepSeek-VL hybrid (`DeepseekVLHybridForConditionalGeneration`: DeepSeek-VL 7B) and Janus
+(`JanusForConditionalGeneration`: Janus and Janus-Pro, when they read images to answer about them).
 
 DeepSeek-VL encodes each image, padded to a square and scaled to the tower's side (384 px), with a SigLIP ViT
 without CLS; its features are the tower's last hidden state (every block, then the final LayerNorm), which a
@@ -19,12 +20,18 @@ positions and convolutional neck need the full grid), and each visual token the 
 features of its grid cell (a token merged in the SigLIP, as ToMe's, VisionZip's contextual ones or PruMerge+'s, with
 those of the cell it sits at). Stage 2 and the LLM-stage methods then see one fused token per cell, as on
 DeepSeek-VL 1.3B.
+
+Janus reads images for understanding as DeepSeek-VL 1.3B does (a SigLIP-like ViT of its own read to its final norm,
+an aligner MLP, one image token per patch, here between begin- and end-of-image tokens), so its adapter is
+DeepSeek-VL's with the tower's runner (`JanusRunner`). Its image generation (a VQ-VAE's codes, fed back as
+`inputs_embeds`) is not pruned: with a method attached it is refused, as any call with `inputs_embeds` is.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
+from transformers import (DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration,
+                          JanusForConditionalGeneration)
 
 from .. import ops
 
@@ -32,22 +39,35 @@ from .experts import ExpertSpec, SiglipRunner
 from .llava import EXPERT, LlavaAdapter
 from .vlm import fuse_and_prune
 
-__all__ = ["DeepseekVLAdapter", "DeepseekVLHybridAdapter", "deepseek_vl_adapter", "load_processor"]
+__all__ = ["DeepseekVLAdapter", "DeepseekVLHybridAdapter", "JanusRunner", "deepseek_vl_adapter", "load_processor"]
 
 
 def deepseek_vl_adapter(model) -> DeepseekVLAdapter | None:
-    """The adapter for a transformers DeepseekVLForConditionalGeneration or DeepseekVLHybridForConditionalGeneration,
-    or None for any other model."""
+    """The adapter for a transformers DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration or
+    JanusForConditionalGeneration, or None for any other model."""
     if type(model) is DeepseekVLHybridForConditionalGeneration:
         return DeepseekVLHybridAdapter(model)
-    return DeepseekVLAdapter(model) if type(model) is DeepseekVLForConditionalGeneration else None
+    if type(model) in (DeepseekVLForConditionalGeneration, JanusForConditionalGeneration):
+        return DeepseekVLAdapter(model)
+    return None
+
+
+class JanusRunner(SiglipRunner):
+    """Janus's ViT (`JanusVisionModel`): SigLIP's block layout (its attention's output projection named otherwise,
+    which the runner does not touch), no CLS, a final LayerNorm."""
+
+    def __init__(self, module, spec):
+        if module.config.use_qk_norm:
+            raise ValueError("a Janus vision tower with use_qk_norm is not supported (the checkpoints do not use it)")
+        super().__init__(module, spec)
 
 
 class DeepseekVLAdapter(LlavaAdapter):
-    """What the methods and the runtime need to know about one `DeepseekVLForConditionalGeneration` (images).
+    """What the methods and the runtime need to know about one `DeepseekVLForConditionalGeneration` or
+    `JanusForConditionalGeneration` (images).
 
     Attributes read by methods' `setup`: runners (one, "vision": every block of the SigLIP tower and its final norm,
-    `SiglipRunner`), expert_names, num_llm_layers, config (fusion "post", text_config, rank_table: the model
+    `SiglipRunner`; Janus's tower, `JanusRunner`), expert_names, num_llm_layers, config (fusion "post", text_config, rank_table: the model
     config's `rank_table` attribute if it has one). The images come as pixel_values (num_images, 3, S, S)."""
 
     IMAGE_INPUTS = ("pixel_values",)
@@ -55,8 +75,9 @@ class DeepseekVLAdapter(LlavaAdapter):
 
     def __init__(self, model: DeepseekVLForConditionalGeneration):
         tower = model.model.vision_model
-        spec = ExpertSpec(EXPERT, SiglipRunner.kind, tower.config.image_size, {})
-        self._locate(model, [SiglipRunner(tower, spec)])
+        runner = JanusRunner if type(model) is JanusForConditionalGeneration else SiglipRunner
+        spec = ExpertSpec(EXPERT, runner.kind, tower.config.image_size, {})
+        self._locate(model, [runner(tower, spec)])
 
     def encode_images(self, images: dict, method):
         """The forward's image inputs -> `VisualTokens` of every image in the LLM's width after stages 1 and 2."""
@@ -105,18 +126,21 @@ class DeepseekVLHybridAdapter(DeepseekVLAdapter):
 
 
 def load_processor(path):
-    """transformers' `DeepseekVLProcessor` (or `DeepseekVLHybridProcessor`) for a DeepSeek-VL (hybrid) checkpoint
-    folder, with the PIL image processor (no torchvision needed)."""
+    """transformers' `DeepseekVLProcessor`, `DeepseekVLHybridProcessor` or `JanusProcessor` for a DeepSeek-VL,
+    DeepSeek-VL hybrid or Janus checkpoint folder (by its config's model_type), with the PIL image processor (no
+    torchvision needed)."""
     import json
     from pathlib import Path
 
-    from transformers import AutoTokenizer, DeepseekVLHybridProcessor, DeepseekVLProcessor
+    from transformers import AutoTokenizer, DeepseekVLHybridProcessor, DeepseekVLProcessor, JanusProcessor
     from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
     from transformers.models.deepseek_vl_hybrid.image_processing_pil_deepseek_vl_hybrid import (
         DeepseekVLHybridImageProcessorPil)
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-    hybrid = json.loads((Path(path) / "config.json").read_text()).get("model_type") == "deepseek_vl_hybrid"
-    processor, images = ((DeepseekVLHybridProcessor, DeepseekVLHybridImageProcessorPil) if hybrid
-                         else (DeepseekVLProcessor, DeepseekVLImageProcessorPil))
+    kinds = {"deepseek_vl_hybrid": (DeepseekVLHybridProcessor, DeepseekVLHybridImageProcessorPil),
+             "janus": (JanusProcessor, JanusImageProcessorPil)}
+    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    processor, images = kinds.get(model_type, (DeepseekVLProcessor, DeepseekVLImageProcessorPil))
     return processor.from_pretrained(path, image_processor=images.from_pretrained(path),
                                      tokenizer=AutoTokenizer.from_pretrained(path))
