@@ -15,7 +15,7 @@ from meteor_vlm.models.adapters import adapt, attention_configs
 from meteor_vlm.models.llava import LlavaOnevisionImageTextProcessor
 
 from .test_oracles import (PEERS, DropAt, GapsAtOutput, check_batch_and_cache, check_beams_against_the_stock_model,
-                          masked_decoder_logits)
+                          masked_decoder_logits, survivors)
 
 PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circle are there in the image on the left ?",
            "<image> describe the shape ?"]
@@ -25,7 +25,9 @@ KINDS = {"clip": dict(tower="clip"), "siglip": dict(tower="siglip"), "next": dic
          # one tile's worth of high-resolution patches at most: the one-image prompts' grids are interpolated
          "onevision-interpolated": dict(onevision=True, max_tiles=1),
          # a Mistral decoder whose every layer attends within 12 tokens: an image's 16 and the prompts cross it
-         "mistral": dict(tower="clip", decoder="mistral")}
+         "mistral": dict(tower="clip", decoder="mistral"),
+         # Granite Vision's reading: LLaVA-NeXT tiles, a SigLIP tower read at several layers, concatenated
+         "next-layers": dict(tower="siglip", anyres=True, feature_layers=[-2, -4, -1])}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -312,7 +314,8 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
     with pytest.raises(ValueError, match="past the model's depth"):
         pruned_logits(model, inputs, mv.FastV(layer=6))
     assert "forward" not in vars(model)
-    for key, value, message in [("vision_feature_layer", [-2, -1], "several layers"),
+    for key, value, message in [("vision_feature_layer", [], "an empty list"),
+                                ("vision_feature_layer", [0, -1], "outside the tower"),
                                 ("vision_feature_select_strategy", "full", "not supported"),
                                 ("vision_feature_layer", -6, "outside the tower")]:
         old = getattr(model.config, key)
@@ -333,6 +336,38 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
     with pytest.raises(ValueError, match="unsupported model class Linear.*LlavaForConditionalGeneration.*LlavaNext"):
         with mv.FastV()(torch.nn.Linear(2, 2)):
             pass
+
+
+@pytest.mark.parametrize("tower", ["siglip", "clip"])
+def test_patches_dropped_in_a_tower_read_at_several_layers_equal_the_stock_blocks_run_without_them(pictures, tower):
+    """LLaVA reading its features at several layers (`vision_feature_layer` [-2, -4, -1] of 4 blocks, out of order on
+    purpose): after each pruning point a test method drops patches, and each kept token's features equal the stock blocks run
+    on the patches left, its hidden states at those layers concatenated in the config's order, through the stock
+    projector; the logits equal the stock decoder with those tokens at their image tokens and the dropped patches'
+    masked from layer 0 on."""
+    from .test_internvl import assert_windows_dropped_match
+
+    model, processor = mv.testing.tiny_llava(seed=2, tower=tower, feature_layers=[-2, -4, -1])
+    inputs = llava_inputs(processor, pictures, which=(0, 1))
+
+    def stock_tower_without(model, pixels):
+        tower = model.model.vision_tower
+        hidden = tower.embeddings(pixels)
+        if tower_has_cls := hasattr(tower, "pre_layrnorm"):  # CLIP: the CLS in front, never dropped
+            hidden = tower.pre_layrnorm(hidden)
+        alive, seen = torch.arange(hidden.shape[1] - tower_has_cls), {}
+        points = adapt(model).runners[0].pruning_points()  # the blocks after which the method drops (0, 2, 3)
+        for b, block in enumerate(tower.encoder.layers):
+            hidden = block(hidden, attention_mask=None)
+            kept = survivors(alive, points.index(b), 3) if b in points else alive
+            keep = torch.cat([torch.ones(int(tower_has_cls), dtype=torch.bool), torch.isin(alive, kept)])
+            hidden, alive = hidden[:, keep], kept
+            seen[b + 1] = (alive, hidden[:, int(tower_has_cls):])  # the hidden states after b + 1 blocks
+        layers = [seen[d][1][:, torch.isin(seen[d][0], alive)] for d in (3, 1, 4)]
+        return alive, model.model.multi_modal_projector(torch.cat(layers, -1))
+
+    assert_windows_dropped_match(model, inputs, {"pixel_values": inputs["pixel_values"]}, stock_tower_without,
+                                 model.model.language_model, per_tile=16)
 
 
 @pytest.mark.parametrize("family", ["llava", "llava-onevision", "llava-next-video", "qwen2-vl", "internvl", "gemma3",

@@ -9,7 +9,9 @@ the ones the multi-encoder VLM uses, so every method runs here unchanged:
 - the vision tower (CLIP with CLS, or SigLIP without) is the one expert, named "vision", walked block by
   block up to the layer LLaVA reads its features from (`vision_feature_layer`, -2 for LLaVA-1.5), so
   stage-1 methods prune inside it; the blocks after that layer, which stock LLaVA runs and discards, are
-  not run;
+  not run. Where the config names several layers (Granite Vision: four of its SigLIP's), each kept token's
+  features are its hidden states at those layers, concatenated in the config's order, as stock LLaVA reads
+  them (a token merged in the tower: the merged token's, and before the merge those of the patch it sits at);
 - the multi-modal projector projects the kept tokens; `prune_fusion` sees them (one expert);
 - the prompt holds one image token per patch (the processor expands `<image>`; LLaVA-NeXT's are the tiles'
   patches in the layout its `pack_image_features` makes, with row-end tokens, see `LlavaNextAdapter`); each
@@ -37,6 +39,7 @@ from transformers import (LlavaForConditionalGeneration, LlavaNextForConditional
                           LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor)
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from .. import ops
 from . import runtime
 from .adapters import Layout, StockAdapter, StockProcessor, items_in_prompt_order, tower_depth
 from .experts import CLIPRunner, ExpertSpec, SiglipRunner
@@ -64,11 +67,15 @@ def llava_adapter(model) -> LlavaAdapter | None:
 
 
 class _TowerBlocks:
-    """LLaVA's reading of a vision tower: the blocks up to its feature layer, no final norm, no CLS."""
+    """LLaVA's reading of a vision tower: the blocks up to its (last) feature layer, no final norm, no CLS.
 
-    def __init__(self, module, spec: ExpertSpec, depth: int):
+    depths: the number of blocks run before each feature layer LLaVA reads, in the config's order (one, or several
+    whose features it concatenates); the runner taps the earlier ones' outputs (`tap`) and `read_layers` joins them."""
+
+    def __init__(self, module, spec: ExpertSpec, depths: tuple[int, ...]):
         super().__init__(module, spec)
-        self._blocks = module.encoder.layers[:depth]
+        self.depths = tuple(depths)
+        self._blocks = module.encoder.layers[:max(self.depths)]
 
     @property
     def blocks(self):
@@ -76,6 +83,30 @@ class _TowerBlocks:
 
     def finalize(self, x):
         return x[:, 1:] if self.has_cls else x
+
+    def tap(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Block i's output patch tokens where an earlier feature layer is read there, else None."""
+        if i + 1 == len(self._blocks) or i + 1 not in self.depths:
+            return None
+        return x[:, 1:] if self.has_cls else x
+
+    def read_layers(self, tokens: VisualTokens) -> torch.Tensor:
+        """(B, N, D * layers) the kept tokens' features at every feature layer, concatenated in the config's order:
+        the last layer's are the tokens' own, an earlier one's its tap at the kept tokens' grid cells (every token
+        kept at the end was there then)."""
+        tapped = [d for d in sorted(set(self.depths)) if d != len(self._blocks)]
+        if len(tapped) != len(tokens.taps or ()):
+            raise RuntimeError(f"expected taps after blocks {tapped}, got {len(tokens.taps or ())}")
+        B, _, D = tokens.features.shape
+        parts = []
+        for depth in self.depths:
+            if depth == len(self._blocks):
+                parts.append(tokens.features)
+                continue
+            feats, grid = tokens.taps[tapped.index(depth)]
+            dense = feats.new_zeros(B, self.num_patches, D).scatter(1, grid[..., None].expand(-1, -1, D), feats)
+            parts.append(ops.gather_tokens(dense, tokens.grid_index))
+        return torch.cat(parts, -1)
 
 
 class LlavaCLIPRunner(_TowerBlocks, CLIPRunner):
@@ -113,9 +144,13 @@ class LlavaAdapter(StockAdapter):
             raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} with a {name} tower "
                              f"is not supported (only {strategy!r}: every patch token, no CLS, none dropped)")
         vcfg = tower.config
-        depth = tower_depth(cfg.vision_feature_layer, vcfg.num_hidden_layers)
+        layers = cfg.vision_feature_layer
+        depths = tuple(tower_depth(layer, vcfg.num_hidden_layers)
+                       for layer in ([layers] if isinstance(layers, int) else layers))
+        if not depths:
+            raise ValueError("vision_feature_layer is an empty list")
         spec = ExpertSpec(EXPERT, name, vcfg.image_size, {})
-        self._locate(model, [runner_cls(tower, spec, depth)])
+        self._locate(model, [runner_cls(tower, spec, depths)])
 
     @property
     def tokens_per_image(self) -> int:
@@ -123,9 +158,13 @@ class LlavaAdapter(StockAdapter):
 
     # ---- stages 1 and 2 ----------------------------------------------------------------------------
     def encode_expert(self, index: int, pixel_values: torch.Tensor, method):
-        """The tower (expert 0) block by block on (num_tiles, 3, S, S) pixels, with stage-1 pruning."""
+        """The tower (expert 0) block by block on (num_tiles, 3, S, S) pixels, with stage-1 pruning; with several
+        feature layers, each kept token's features at all of them (`_TowerBlocks.read_layers`)."""
         runner = self.runners[index]
-        return run_expert(runner, index, pixel_values.to(runner.module.dtype), method)
+        tokens = run_expert(runner, index, pixel_values.to(runner.module.dtype), method)
+        if len(runner.depths) > 1:
+            tokens.features, tokens.taps = runner.read_layers(tokens), None
+        return tokens
 
     def tiles(self, images: dict) -> torch.Tensor:
         """(num_tiles, 3, S, S) what the tower encodes, from the forward's image inputs (LLaVA-1.5: one tile per
