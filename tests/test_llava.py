@@ -27,7 +27,9 @@ KINDS = {"clip": dict(tower="clip"), "siglip": dict(tower="siglip"), "next": dic
          # a Mistral decoder whose every layer attends within 12 tokens: an image's 16 and the prompts cross it
          "mistral": dict(tower="clip", decoder="mistral"),
          # Granite Vision's reading: LLaVA-NeXT tiles, a SigLIP tower read at several layers, concatenated
-         "next-layers": dict(tower="siglip", anyres=True, feature_layers=[-2, -4, -1])}
+         "next-layers": dict(tower="siglip", anyres=True, feature_layers=[-2, -4, -1]),
+         # ViP-LLaVA: a CLIP tower read at layers [-2, -3, 1] without CLS, a LayerNorm in the projector
+         "vip": dict(vip=True)}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -77,7 +79,8 @@ def stock_embeds(model, inputs):
         embeds = model.get_input_embeddings()(ids)
         if "pixel_values" in inputs:
             sizes = {k: inputs[k] for k in ("image_sizes", "batch_num_images") if k in inputs}
-            feats = torch.cat(model.get_image_features(pixel_values=inputs["pixel_values"], **sizes).pooler_output)
+            feats = model.get_image_features(pixel_values=inputs["pixel_values"], **sizes).pooler_output
+            feats = torch.cat(feats) if isinstance(feats, (list, tuple)) else feats.flatten(0, 1)  # ViP-LLaVA: a tensor
             embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None].expand_as(embeds), feats)
         if "pixel_values_videos" in inputs:
             feats = model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"]).pooler_output.flatten(0, 1)
@@ -338,16 +341,19 @@ def test_llava_inputs_and_settings_it_cannot_run_get_clear_errors(clip_llava, im
             pass
 
 
-@pytest.mark.parametrize("tower", ["siglip", "clip"])
-def test_patches_dropped_in_a_tower_read_at_several_layers_equal_the_stock_blocks_run_without_them(pictures, tower):
+@pytest.mark.parametrize("kind, depths", [(dict(tower="siglip", feature_layers=[-2, -4, -1]), (3, 1, 4)),
+                                          (dict(tower="clip", feature_layers=[-2, -4, -1]), (3, 1, 4)),
+                                          (dict(vip=True), (3, 2, 1))], ids=["siglip", "clip", "vip"])
+def test_patches_dropped_in_a_tower_read_at_several_layers_equal_the_stock_blocks_run_without_them(pictures, kind,
+                                                                                                   depths):
     """LLaVA reading its features at several layers (`vision_feature_layer` [-2, -4, -1] of 4 blocks, out of order on
-    purpose): after each pruning point a test method drops patches, and each kept token's features equal the stock blocks run
+    purpose; ViP-LLaVA's [-2, -3, 1]): after each pruning point a test method drops patches, and each kept token's features equal the stock blocks run
     on the patches left, its hidden states at those layers concatenated in the config's order, through the stock
     projector; the logits equal the stock decoder with those tokens at their image tokens and the dropped patches'
     masked from layer 0 on."""
     from .test_internvl import assert_windows_dropped_match
 
-    model, processor = mv.testing.tiny_llava(seed=2, tower=tower, feature_layers=[-2, -4, -1])
+    model, processor = mv.testing.tiny_llava(seed=2, **kind)
     inputs = llava_inputs(processor, pictures, which=(0, 1))
 
     def stock_tower_without(model, pixels):
@@ -363,7 +369,7 @@ def test_patches_dropped_in_a_tower_read_at_several_layers_equal_the_stock_block
             keep = torch.cat([torch.ones(int(tower_has_cls), dtype=torch.bool), torch.isin(alive, kept)])
             hidden, alive = hidden[:, keep], kept
             seen[b + 1] = (alive, hidden[:, int(tower_has_cls):])  # the hidden states after b + 1 blocks
-        layers = [seen[d][1][:, torch.isin(seen[d][0], alive)] for d in (3, 1, 4)]
+        layers = [seen[d][1][:, torch.isin(seen[d][0], alive)] for d in depths]
         return alive, model.model.multi_modal_projector(torch.cat(layers, -1))
 
     assert_windows_dropped_match(model, inputs, {"pixel_values": inputs["pixel_values"]}, stock_tower_without,
@@ -418,14 +424,15 @@ def test_a_model_loaded_with_eager_attention_runs_sdpa_inside_the_block(family, 
         torch.testing.assert_close(model(**inputs, use_cache=False).logits, pruned, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["llava", "next", "onevision"])
+@pytest.mark.parametrize("kind", ["llava", "next", "onevision", "vip"])
 def test_meteor_ask_and_speed_run_a_llava_checkpoint_folder(tmp_path, capsys, kind):
-    """A transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision checkpoint folder (saved model and processor) runs under
+    """A transformers LLaVA / LLaVA-NeXT / LLaVA-OneVision / ViP-LLaVA checkpoint folder (saved model and processor) runs under
     `meteor ask` (the answer greedy generate gives under the same method, the kept tokens, a heatmap) and `meteor
     speed`; the commands built on the project's own model refuse it clearly."""
     from meteor_vlm.cli import main
 
-    model, processor = mv.testing.tiny_llava(seed=3, anyres=kind == "next", onevision=kind == "onevision")
+    model, processor = mv.testing.tiny_llava(seed=3, anyres=kind == "next", onevision=kind == "onevision",
+                                             vip=kind == "vip")
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
     picture = mv.testing.random_images(1, seed=9)[0].resize((80, 48))

@@ -18,7 +18,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 # checkpoint model_types that `meteor ask` and `meteor speed` load, and their transformers classes
-STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaForConditionalGeneration",
+               "llava_next": "LlavaNextForConditionalGeneration",
                "llava_next_video": "LlavaNextVideoForConditionalGeneration",
                "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",

@@ -110,7 +110,7 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[MultiEncoderVLM, MultiEn
 
 def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: bool = False, onevision: bool = False,
                pinpoints: list | None = None, max_tiles: int = 9, decoder: str = "llama", video: str | None = None,
-               feature_layers: list[int] | None = None):
+               feature_layers: list[int] | None = None, vip: bool = False):
     """A tiny random stock transformers `LlavaForConditionalGeneration` and its `LlavaProcessor` (CPU, fp32,
     eval mode, SDPA), the shape of LLaVA-1.5 at toy size: a 4-block vision tower ("clip": CLIP with CLS,
     features from block -2 without CLS; "siglip": SigLIP, every token) at 32 px (16 patches, so 16 image
@@ -129,7 +129,9 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     ("average" or "max", its `spatial_pool_mode`), a `LlavaNextVideoForConditionalGeneration` and
     `models.llava.LlavaNextVideoImageTextProcessor`: LLaVA-NeXT's images, and videos whose 32 px frames' 4 x 4 patches
     are pooled over 2 x 2 windows (4 tokens a frame) before the projector. `feature_layers`: the tower layers whose
-    hidden states LLaVA concatenates as each patch's features (`vision_feature_layer` a list, as Granite Vision's)."""
+    hidden states LLaVA concatenates as each patch's features (`vision_feature_layer` a list, as Granite Vision's).
+    `vip`: a `VipLlavaForConditionalGeneration` (ViP-LLaVA: the CLIP tower read at `feature_layers`, [-2, -3, 1]
+    unless given, each without CLS, and a projector that LayerNorms their concatenation) with the same processor."""
     from transformers import (CLIPVisionConfig, LlamaConfig, MistralConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -141,6 +143,10 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         raise ValueError(f"unknown decoder {decoder!r}; choose 'llama' or 'mistral'")
     if onevision:
         tower, anyres = "siglip", True
+    if vip and (tower != "clip" or anyres or onevision or video is not None):
+        raise ValueError("vip=True is ViP-LLaVA: a CLIP tower, LLaVA-1.5's layout")
+    if vip:
+        feature_layers = feature_layers or [-2, -3, 1]
     if video is not None:
         anyres = True
     tokenizer = build_word_tokenizer(TINY_WORDS)
@@ -171,8 +177,12 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
         config_cls, model_cls = LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    if vip:
+        from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+
+        config_cls, model_cls = VipLlavaConfig, VipLlavaForConditionalGeneration
     config = config_cls(vision_config=vision_config, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                        vision_feature_select_strategy=strategy,
+                        **({} if vip else {"vision_feature_select_strategy": strategy}),
                         vision_feature_layer=feature_layers or (-1 if onevision else -2),
                         **({"image_grid_pinpoints": pinpoints} if anyres else {}),
                         **({"vision_aspect_ratio": f"anyres_max_{max_tiles}",

@@ -36,8 +36,8 @@ __all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "en
            "tower_depth", "token_runs"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
-             "LlavaNextForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
-             "LlavaOnevisionForConditionalGeneration",
+             "VipLlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+             "LlavaNextVideoForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
              "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
              "Qwen3VLMoeForConditionalGeneration", "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",

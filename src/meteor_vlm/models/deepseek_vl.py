@@ -67,8 +67,9 @@ class DeepseekVLAdapter(LlavaAdapter):
     `JanusForConditionalGeneration` (images).
 
     Attributes read by methods' `setup`: runners (one, "vision": every block of the SigLIP tower and its final norm,
-    `SiglipRunner`; Janus's tower, `JanusRunner`), expert_names, num_llm_layers, config (fusion "post", text_config, rank_table: the model
-    config's `rank_table` attribute if it has one). The images come as pixel_values (num_images, 3, S, S)."""
+    `SiglipRunner`; Janus's tower, `JanusRunner`), expert_names, num_llm_layers, config (fusion "post", text_config,
+    rank_table: the model config's `rank_table` attribute if it has one). The images come as pixel_values
+    (num_images, 3, S, S)."""
 
     IMAGE_INPUTS = ("pixel_values",)
     PER_IMAGE_INPUTS = ("pixel_values",)

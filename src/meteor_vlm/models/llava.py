@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
                           LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor,
-                          LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor)
+                          LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, VipLlavaForConditionalGeneration)
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from .. import ops
@@ -52,10 +52,11 @@ EXPERT = "vision"
 
 
 def llava_adapter(model) -> LlavaAdapter | None:
-    """The adapter for a transformers LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+    """The adapter for a transformers LlavaForConditionalGeneration (or ViP-LLaVA's VipLlavaForConditionalGeneration,
+    the same reading of a CLIP tower at several layers), LlavaNextForConditionalGeneration,
     LlavaNextVideoForConditionalGeneration or LlavaOnevisionForConditionalGeneration, or None for any other model
     (subclasses included)."""
-    if type(model) is LlavaForConditionalGeneration:
+    if type(model) in (LlavaForConditionalGeneration, VipLlavaForConditionalGeneration):
         return LlavaAdapter(model)
     if type(model) is LlavaNextForConditionalGeneration:
         return LlavaNextAdapter(model)
@@ -140,8 +141,9 @@ class LlavaAdapter(StockAdapter):
             raise ValueError(f"unsupported LLaVA vision tower {type(tower).__name__}: supported "
                              f"{sorted(_TOWERS)}")
         name, runner_cls, strategy = kind
-        if cfg.vision_feature_select_strategy != strategy:
-            raise ValueError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} with a {name} tower "
+        select = getattr(cfg, "vision_feature_select_strategy", "default")  # ViP-LLaVA: always without CLS
+        if select != strategy:
+            raise ValueError(f"vision_feature_select_strategy={select!r} with a {name} tower "
                              f"is not supported (only {strategy!r}: every patch token, no CLS, none dropped)")
         vcfg = tower.config
         layers = cfg.vision_feature_layer
