@@ -34,7 +34,6 @@ from transformers import (DeepseekVLForConditionalGeneration, DeepseekVLHybridFo
                           JanusForConditionalGeneration)
 
 from .. import ops
-
 from .experts import ExpertSpec, SiglipRunner
 from .llava import EXPERT, LlavaAdapter
 from .vlm import fuse_and_prune
