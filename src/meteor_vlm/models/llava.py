@@ -164,7 +164,7 @@ class LlavaAdapter(StockAdapter):
         feature layers, each kept token's features at all of them (`_TowerBlocks.read_layers`)."""
         runner = self.runners[index]
         tokens = run_expert(runner, index, pixel_values.to(runner.module.dtype), method)
-        if len(runner.depths) > 1:
+        if len(getattr(runner, "depths", ())) > 1:  # a LLaVA tower read at several layers (not DeepSeek-VL's, PaliGemma's)
             tokens.features, tokens.taps = runner.read_layers(tokens), None
         return tokens
 
