@@ -45,6 +45,15 @@ def _expert(kind: str, name: str | None = None) -> ExpertSpec:
 TINY_EXPERTS = ("clip", "pix2struct", "convnext")
 
 
+def _llama_text(tokenizer, num_layers: int) -> dict:
+    """The text config of the tiny stock VLMs with a Llama decoder: 64 wide, `num_layers` deep, 8 heads (GQA, 4 kv
+    heads), the word tokenizer's vocabulary and special ids."""
+    return dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+
+
 def _peaked(params, seed: int) -> None:
     """Re-draw the matrices among `params` (and stacks of them: a mixture of experts' weights) at std 0.15: a random
     LLM at std 0.02 attends almost uniformly; larger weights give peaked, varied attention, and visual tokens as
@@ -389,10 +398,7 @@ def tiny_idefics3(seed: int = 0, kind: str = "idefics3", num_layers: int = 6, vi
     tokenizer.add_special_tokens({"additional_special_tokens": list(PROMPT_TOKENS)})
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
                   image_size=side, patch_size=8)
-    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)
+    text = _llama_text(tokenizer, num_layers)
     config_cls, model_cls = ((Idefics3Config, Idefics3ForConditionalGeneration) if kind == "idefics3" else
                              (SmolVLMConfig, SmolVLMForConditionalGeneration))
     config = config_cls(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -508,10 +514,7 @@ def tiny_deepseek_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, 
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     tokenizer._set_model_specific_special_tokens(special_tokens={"image_token": "<image>"})  # DeepseekVLProcessor reads it
-    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)
+    text = _llama_text(tokenizer, num_layers)
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
                   num_hidden_layers=vision_depth, num_attention_heads=4, image_size=32, patch_size=8)
     common = dict(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -553,10 +556,7 @@ def tiny_janus(seed: int = 0, num_layers: int = 6, vision_depth: int = 3):
     tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)})
     tokenizer._set_model_specific_special_tokens(special_tokens=dict(zip(("image_token", "boi_token", "eoi_token"),
                                                                          tokens)))
-    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)
+    text = _llama_text(tokenizer, num_layers)
     vision = dict(hidden_size=32, num_hidden_layers=vision_depth, num_attention_heads=4, image_size=32, patch_size=8,
                   projection_dim=64, depth=2, num_image_tokens=16)
     vq = dict(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32, channel_multiplier=[1, 1],
