@@ -83,12 +83,16 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
             torch.testing.assert_close(ctx.key_states(), keys[layer], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["glm4.1v", "glm4.5v"])
-def test_glm4v_attention_rows_equal_eager_map_rows_at_multimodal_positions(moe):
-    """GLM-4.1V's decoder (its rotary embedding interleaves cos and sin over the first half of each head) and
-    GLM-4.5V's (the first half of each head, dimension i with i + d/2), at multimodal positions that repeat and
-    jump: the rows equal its eager attention map's."""
-    model, _ = mv.testing.tiny_glm4v(seed=1, moe=moe)
+@pytest.mark.parametrize("kind", ["glm4.1v", "glm4.5v", "qwen3.5"])
+def test_multimodal_attention_rows_equal_eager_map_rows_at_multimodal_positions(kind):
+    """GLM-4.1V's decoder (its rotary embedding interleaves cos and sin over the first half of each head),
+    GLM-4.5V's (the first half of each head, dimension i with i + d/2) and Qwen3.5's (interleaved multimodal RoPE on
+    half of each head; its query projection also holds each head's output gate; attention layers 2 and 5, between
+    linear-attention ones), at multimodal positions that repeat and jump: the rows equal its eager attention map's."""
+    if kind == "qwen3.5":
+        model, _ = mv.testing.tiny_qwen2_vl(seed=1, version="3.5")
+    else:
+        model, _ = mv.testing.tiny_glm4v(seed=1, moe=kind == "glm4.5v")
     lm = model.model.language_model
     lm.config._attn_implementation = "eager"
     g = torch.Generator().manual_seed(0)
@@ -99,12 +103,13 @@ def test_glm4v_attention_rows_equal_eager_map_rows_at_multimodal_positions(moe):
         out = lm(inputs_embeds=embeds, position_ids=pos, output_attentions=True, output_hidden_states=True)
         parts = DecoderParts.of_backbone(lm, model.lm_head)
         valid = torch.ones(2, 13, dtype=torch.bool)
-        for layer in (0, 3):
+        attending = [i for i in range(len(lm.layers)) if not parts.is_linear(i)]  # the maps are theirs, in order
+        for layer in (attending[0], attending[-1]):
             h = out.hidden_states[layer]
             pe = parts.position_embeddings(h, pos)[layer]
             ctx = LLMLayerContext(layer, len(lm.layers), lm.layers[layer], h, valid, valid, pos[0], pe,
                                   torch.tensor([12, 12]), valid, torch.tensor([13, 13]))
             rows = ctx.attention_rows(torch.tensor([[12, 5], [12, 7]]))
-            want = out.attentions[layer]
+            want = out.attentions[attending.index(layer)]
             torch.testing.assert_close(rows[:, :, 0], want[:, :, 12], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(rows[1, :, 1], want[1, :, 7], atol=1e-5, rtol=1e-4)

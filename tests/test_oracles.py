@@ -147,6 +147,39 @@ def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None,
         return lm_head(lm.norm(h))
 
 
+def first_attention_layer(config, layer: int) -> int:
+    """The first layer at or after `layer` that a decoder's config does not make a linear-attention one."""
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return next(i for i in range(layer, len(kinds)) if kinds[i] != "linear_attention")
+
+
+def dropped_decoder_logits(lm, lm_head, embeds, valid, drop, layer, positions):
+    """(B, T, V) logits of a stock transformers decoder backbone `lm` (its own forward, masks and cache-free
+    layers) with the columns listed per sample in `drop` removed from the sequence before `layer`: each sample
+    alone, unpadded, its real columns through layers 0 .. layer - 1, then its columns but the dropped ones, at
+    their (multimodal) `positions` (3, B, T), through the stock decoder cut to layers layer .. N - 1 (the
+    oracle of a decoder whose linear-attention layers read their input as a sequence, where masking a token
+    is not removing it). Logits of the removed and padded columns are zeros."""
+    B, T, _ = embeds.shape
+    cfg, layers = lm.config, lm.layers
+    kinds, depth = list(cfg.layer_types), cfg.num_hidden_layers
+    out = torch.zeros(B, T, lm_head.out_features)
+    with torch.no_grad():
+        for b in range(B):
+            cols = valid[b].nonzero()[:, 0]
+            h, pos = embeds[b : b + 1, cols], positions[:, b : b + 1, cols]
+            if layer > 0:
+                h = lm(inputs_embeds=h, position_ids=pos, use_cache=False, output_hidden_states=True).hidden_states[layer]
+            kept = torch.tensor([int(c) not in set(drop[b]) for c in cols])
+            lm.layers, cfg.num_hidden_layers, cfg.layer_types = layers[layer:], depth - layer, kinds[layer:]
+            try:
+                tail = lm(inputs_embeds=h[:, kept], position_ids=pos[:, :, kept], use_cache=False).last_hidden_state
+            finally:
+                lm.layers, cfg.num_hidden_layers, cfg.layer_types = layers, depth, kinds
+            out[b, cols[kept]] = lm_head(tail)[0]
+    return out
+
+
 def assert_one_drop_equals_masking(model, inputs, got, vis, kept, layer):
     """A batch-1 method that dropped every visual column but `kept` before `layer`: its logits `got` equal
     the unpruned model's with those columns' keys masked from `layer` on."""

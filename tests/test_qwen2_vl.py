@@ -15,7 +15,7 @@ from meteor_vlm.models.adapters import adapt
 
 from .test_llava import assert_noop_is_the_stock_model
 from .test_oracles import (DropAt, DropWindows, check_batch_and_cache, check_beams_against_the_stock_model,
-                          masked_decoder_logits, survivors)
+                          dropped_decoder_logits, first_attention_layer, masked_decoder_logits, survivors)
 
 PROMPTS = ["<image> what is in the image ?", "how many red circle are there ? <image> and <image> on the left",
            "<image> describe the shape ?"]
@@ -32,14 +32,14 @@ def tiny(version: str, **kwargs):
     return mv.testing.tiny_qwen2_vl(version=version, **kwargs)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "glm4v", "glm4v-moe"],
-                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "glm4.1v", "glm4.5v"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe"],
+                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe", "glm4.1v", "glm4.5v"])
 def qwen(request):
     return tiny(request.param, seed=2)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe"],
-                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5"],
+                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5"])
 def qwen_video(request):
     """The models that take videos beside images in one call (GLM-4.1V's take one kind per call: `glm4v_video`)."""
     return tiny(request.param, seed=2)
@@ -66,7 +66,8 @@ def logits(model, inputs, method=None, **kw):
 
 def stock_reference(model, inputs, drop, layer):
     """The stock model's embeddings and multimodal RoPE positions (and Qwen3-VL's DeepStack features at the image
-    tokens after its first layers), run layer by layer with the columns in `drop` masked as keys from `layer` on."""
+    tokens after its first layers), run layer by layer with the columns in `drop` masked as keys from `layer` on
+    (`decoder_reference`)."""
     with torch.no_grad():
         ids = inputs["input_ids"]
         out = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
@@ -77,8 +78,18 @@ def stock_reference(model, inputs, drop, layer):
                      for level in getattr(out, "deepstack_features", None) or []]
         positions, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"],
                                                   attention_mask=inputs["attention_mask"])
-    return masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
-                                 drop, layer, positions=positions, residuals=residuals)
+    return decoder_reference(model, embeds, inputs["attention_mask"].bool(), drop, layer, positions, residuals)
+
+
+def decoder_reference(model, embeds, valid, drop, layer, positions, residuals=None):
+    """The stock language model on `embeds` with the `drop` columns masked as keys from `layer` on, or, on a
+    decoder with linear-attention layers (Qwen3.5), removed from the sequence before `layer`
+    (`dropped_decoder_logits`: there removing a token is not masking it)."""
+    lm = model.model.language_model
+    if "linear_attention" in (getattr(lm.config, "layer_types", None) or ()):
+        assert not residuals
+        return dropped_decoder_logits(lm, model.lm_head, embeds, valid, drop, layer, positions)
+    return masked_decoder_logits(lm, model.lm_head, embeds, valid, drop, layer, positions=positions, residuals=residuals)
 
 
 NOOPS = {"none": mv.NoPruning, "fastv": lambda: mv.FastV(layer=2, ratio=0.0),
@@ -98,13 +109,14 @@ def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(qwen, 
 
 
 @pytest.mark.parametrize("layer", [0, 3])
-def test_dropping_at_llm_layer_equals_masking_keys_at_their_multimodal_positions(qwen, pictures, layer):
+def test_dropping_at_llm_layer_equals_masking_or_removing_them_at_their_multimodal_positions(qwen, pictures, layer):
     model, processor = qwen
     inputs = qwen_inputs(processor, pictures, which=(0, 1))
     vis = inputs["input_ids"] == model.config.image_token_id
     drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
     got = logits(model, inputs, lambda m: DropAt(layer, drop)(m))
-    want = stock_reference(model, inputs, drop, layer)
+    # a linear-attention layer (Qwen3.5's) has no attention to score with: the drop happens before the next one
+    want = stock_reference(model, inputs, drop, first_attention_layer(model.config.text_config, layer))
     text = inputs["attention_mask"].bool() & ~vis
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
     assert (got[text] - logits(model, inputs)[text]).abs().max() > 1e-3
@@ -158,6 +170,22 @@ def test_every_later_method_obeys_the_batch_and_cache_oracles(qwen, pictures, ma
 
     check_batch_and_cache(model, method, lambda which: qwen_inputs(processor, pictures, which), grown_inputs,
                           [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
+
+
+def test_qwen3_5_prunes_before_the_next_attention_layer_and_refuses_a_layer_with_none_after_it(pictures):
+    """On Qwen3.5's hybrid decoder (attention layers 2 and 5 of 7), FastV asked for layer 3, a linear-attention one,
+    drops before layer 5, which is where its counts say it did (layers 0-4 see every visual token); asked for
+    layer 6, after the last attention layer, it is refused."""
+    model, processor = tiny("3.5", seed=2, num_layers=7)
+    inputs = qwen_inputs(processor, pictures, which=(0,))
+    method = mv.FastV(layer=3, ratio=0.5)
+    logits(model, inputs, method)
+    stats = method.stats[0]
+    n = stats["fusion_tokens"]
+    assert list(stats["stage3"]) == [5] and stats["stage3"][5] == n - round(0.5 * n)
+    assert stats["tokens_per_layer"] == [n] * 5 + [n - round(0.5 * n)] * 2
+    with pytest.raises(ValueError, match=r"LLM layer 6 has no attention layer at or after it .*\[2, 5\]"):
+        logits(model, inputs, mv.FastV(layer=6, ratio=0.5))
 
 
 def test_bad_inputs_and_settings_are_refused(qwen, pictures):
@@ -220,7 +248,7 @@ def stock_blocks_without(visual, pixels, grid_thw):
     return alive, visual.merger(hidden), [torch.stack([deepstack[k][w] for w in alive.tolist()]) for k in sorted(deepstack)]
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3", "glm4v"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "3.5", "glm4v"])
 def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_them(version, pictures):
     """After each block of a 3-block encoder (Qwen2.5-VL: the first two windowed) a test method drops whole merge
     windows: the tokens that leave it equal the stock blocks and merger run on the packed sequence with those
@@ -266,8 +294,7 @@ def assert_windows_dropped_are_masked(model, inputs, embeds, drop, vis, residual
     positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                               inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
                                               attention_mask=inputs["attention_mask"])
-    want = masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
-                                 drop, 0, positions=positions, residuals=residuals)
+    want = decoder_reference(model, embeds, inputs["attention_mask"].bool(), drop, 0, positions, residuals)
     got = logits(model, inputs, DropWindows(4))
     text = inputs["attention_mask"].bool() & ~vis
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
@@ -344,7 +371,7 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
             "{% if add_generation_prompt %} a{% endif %}")
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "glm4v", "glm4v-moe"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe"])
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
     """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE / GLM-4.1V checkpoint folder (saved model,
     tokenizer, image processor, chat template, where an image is its processor's placeholder) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
@@ -451,7 +478,7 @@ def test_pruning_nothing_on_videos_equals_the_stock_model(qwen_video, make):
     assert [s["images"] for s in method.stats] == [2, 2, 1]  # images and videos
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "3.5"])
 def test_windows_dropped_inside_the_encoder_on_videos_equal_the_stock_blocks_run_without_them(version):
     """A test method drops whole merge windows after each block: a video's tokens equal the stock blocks (each
     temporal patch attending within itself) and merger run without them, and the logits equal the stock language

@@ -24,6 +24,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+               "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
                "mistral3": "Mistral3ForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration",
@@ -69,7 +70,7 @@ def _load(model_arg: str, llava: bool = False):
         cls = getattr(transformers, STOCK_TYPES[model_type])
         model = cls.from_pretrained(path, attn_implementation="sdpa").eval()
         # Qwen-VL's AutoProcessor needs torchvision for videos
-        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
             from .models.qwen2_vl import Qwen2VLImageTextProcessor
 
             return model, Qwen2VLImageTextProcessor.from_pretrained(path)

@@ -241,16 +241,22 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     added to the decoder's hidden states after its layers 0 and 1; a Qwen3 decoder, per-head q/k norms; its
     processor writes each temporal patch of a video as a frame of its own, with its time, as Qwen3-VL's does).
     `version="3-moe"`: Qwen3-VL's with a mixture-of-experts decoder, `Qwen3VLMoeForConditionalGeneration` (4
-    experts, 2 routed per token, in every layer but layer 1, which keeps a dense MLP)."""
+    experts, 2 routed per token, in every layer but layer 1, which keeps a dense MLP). `version="3.5"`: a
+    `Qwen3_5ForConditionalGeneration` (Qwen3-VL's encoder without DeepStack; a hybrid decoder, layers 2 and 5 of 6
+    attention layers with gated outputs, partial rotary (half of each 16-wide head) and per-head q/k norms, the others
+    linear-attention layers: a causal convolution and the gated delta rule, 2 key and 4 value heads 8 wide).
+    `version="3.5-moe"`: Qwen3.5's with a mixture-of-experts decoder, `Qwen3_5MoeForConditionalGeneration` (4 routed
+    experts, 2 per token, and a shared one in every layer)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                              Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
+                              Qwen2VLForConditionalGeneration, Qwen3_5Config, Qwen3_5ForConditionalGeneration,
+                              Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from .models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens
 
-    if version not in ("2", "2.5", "3", "3-moe"):
-        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5', '3' or '3-moe'")
+    if version not in ("2", "2.5", "3", "3-moe", "3.5", "3.5-moe"):
+        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5', '3', '3-moe', '3.5' or '3.5-moe'")
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     ids = add_vision_tokens(tokenizer)
@@ -264,19 +270,30 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                 num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
-    if version in ("3", "3-moe"):
+    if version in ("3", "3-moe", "3.5", "3.5-moe"):
         vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
                       patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                       num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
         text.update(head_dim=8, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
                                                  "rope_theta": 10000.0})
+    if version.startswith("3.5"):
+        del vision["deepstack_visual_indexes"]
+        text.update(head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                    linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                    layer_types=(["linear_attention"] * 2 + ["full_attention"]) * (num_layers // 3)
+                    + ["linear_attention"] * (num_layers % 3))
+        text["rope_parameters"]["partial_rotary_factor"] = 0.5
+    if version == "3.5-moe":
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     if version == "3-moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
                     mlp_only_layers=[1])
     config_cls, model_cls = {"2": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
                              "2.5": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
                              "3": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
-                             "3-moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)}[version]
+                             "3-moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration),
+                             "3.5": (Qwen3_5Config, Qwen3_5ForConditionalGeneration),
+                             "3.5-moe": (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration)}[version]
     config = config_cls(vision_config=vision, text_config=text, **ids)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)

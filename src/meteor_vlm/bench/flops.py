@@ -26,9 +26,26 @@ def _register_cpu_sdpa() -> None:
     _REGISTERED = True
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: every count goes to the total ("Global") alone. The tracker
+    hooks each module's call to attribute FLOPs to it, and its hooks fail on modules that take tensors it cannot
+    follow (transformers' hub-kernel wrappers, such as Qwen3.5's causal convolution, under no_grad)."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
 def count_flops(fn, *args, **kwargs) -> int:
-    """FLOPs (multiply-add = 2) that `fn(*args, **kwargs)` performs, counting matmuls, convs and attention."""
+    """FLOPs (multiply-add = 2) that `fn(*args, **kwargs)` performs, counting matmuls, convs and attention (the
+    total only, not per module)."""
     _register_cpu_sdpa()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    with torch.no_grad(), counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())

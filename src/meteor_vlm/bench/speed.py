@@ -21,8 +21,15 @@ def _sync(device: torch.device) -> None:
 
 
 def kv_cache_bytes(cache) -> int:
-    """Bytes a transformers DynamicCache holds in keys and values, summed over layers (padding included)."""
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+    """Bytes a transformers DynamicCache holds in keys and values, summed over layers (padding included), and in
+    the convolution and recurrent states of its linear-attention layers (Qwen3.5's: as large whatever the prompt)."""
+    total = 0
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            total += layer.keys.nbytes + layer.values.nbytes
+        for states in (getattr(layer, "conv_states", None), getattr(layer, "recurrent_states", None)):
+            total += sum(t.nbytes for t in (states or {}).values() if t is not None)
+    return total
 
 
 def time_methods(

@@ -39,7 +39,8 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "VipLlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
              "LlavaNextVideoForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
              "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
-             "Qwen3VLMoeForConditionalGeneration", "InternVLForConditionalGeneration",
+             "Qwen3VLMoeForConditionalGeneration", "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
+             "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
              "Mistral3ForConditionalGeneration", "PaliGemmaForConditionalGeneration", "AyaVisionForConditionalGeneration",
              "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "DeepseekVLForConditionalGeneration",
@@ -200,6 +201,20 @@ class StockProcessor:
         if (path / "chat_template.json").is_file():
             return json.loads((path / "chat_template.json").read_text()).get("chat_template")
         return None
+
+    @staticmethod
+    def read_tokenizer(path):
+        """A checkpoint folder's tokenizer: `AutoTokenizer`'s, except where its tokenizer_config.json names the generic
+        fast tokenizer (`TokenizersBackend`, `PreTrainedTokenizerFast`: its tokenizer.json as it is), which
+        AutoTokenizer would replace by the class of the folder's model type (Qwen3.5's rebuilds the vocabulary as its
+        own byte-level BPE)."""
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        config = Path(path) / "tokenizer_config.json"
+        named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+        if named in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
 
     def save_pretrained(self, path) -> None:
         """The tokenizer, preprocessor_config.json and chat_template.jinja (if any) into `path`."""

@@ -1,6 +1,7 @@
 """Pruning on a stock transformers Qwen2-VL or Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
 `Qwen2_5_VLForConditionalGeneration`) and Qwen3-VL (`Qwen3VLForConditionalGeneration`, `Qwen3VLAdapter`: DeepStack;
-also the mixture-of-experts Qwen3-VL, `Qwen3VLMoeForConditionalGeneration`), on images and videos: inside its
+also the mixture-of-experts Qwen3-VL, `Qwen3VLMoeForConditionalGeneration`) and Qwen3.5 (`Qwen3_5ForConditionalGeneration`,
+`Qwen3_5MoeForConditionalGeneration`: a hybrid linear-attention decoder), on images and videos: inside its
 vision encoder, where its visual tokens enter the language model, and inside the language model.
 
 Qwen2-VL's vision encoder merges each 2x2 window of patches into one visual token at its end (the merger), so a
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                          Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration,
                           Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
@@ -53,10 +55,15 @@ def add_vision_tokens(tokenizer) -> dict[str, int]:
     return {field: tokenizer.convert_tokens_to_ids(token) for field, token in VISION_TOKENS.items()}
 
 
+QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # prompts that write each video's patches with times
+
+
 def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
     """The adapter for a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
-    Qwen3VLForConditionalGeneration or Qwen3VLMoeForConditionalGeneration, or None for any other model."""
-    if type(model) in (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration):
+    Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration, Qwen3_5ForConditionalGeneration or
+    Qwen3_5MoeForConditionalGeneration, or None for any other model."""
+    if type(model) in (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration,
+                       Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration):
         return Qwen3VLAdapter(model)
     stock = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
     return Qwen2VLAdapter(model) if type(model) in stock else None
@@ -347,7 +354,7 @@ class Qwen3VLRunner(Qwen2VLRunner):
 
     def __init__(self, visual, spec: ExpertSpec, grid_thw: tuple[int, int, int] | None = None):
         super().__init__(visual, spec, grid_thw)
-        self.deepstack = list(visual.config.deepstack_visual_indexes)
+        self.deepstack = list(getattr(visual.config, "deepstack_visual_indexes", None) or ())  # none in Qwen3.5
 
     @property
     def out_dim(self) -> int:
@@ -383,7 +390,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     hidden state after layers 0, 1, ... (`layer_residuals`); a token pruned before such a layer takes its features
     with it. Its decoder is a Qwen3 (per-head q/k norms, which the stage-3 scores apply). Its prompts write each
     temporal patch of a video apart, with its time (`Qwen2VLImageTextProcessor(timestamps=True)`): a video's tokens
-    come in several runs, which the layout reads in order like one."""
+    come in several runs, which the layout reads in order like one.
+
+    Also `Qwen3_5ForConditionalGeneration` and `Qwen3_5MoeForConditionalGeneration` (Qwen3.5): the same vision
+    encoder without DeepStack, and a hybrid decoder, three linear-attention layers (gated delta rule) to each
+    attention layer with a gated output. Its linear-attention layers have no attention to score tokens with, so an
+    LLM-stage method asked to prune before one prunes before the next attention layer
+    (`runtime.DecoderParts.scoring_layer`); and since they read their input as a sequence, dropping tokens is not
+    masking them there: the oracle is the stock layers run on the shortened sequence."""
 
     RUNNER = Qwen3VLRunner
 
@@ -392,7 +406,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         fused = fuse_and_prune([tokens], [tokens.features], self.expert_names, method)
         index = fused.grid_index[..., None]
         fused.taps = [(dense.gather(1, index.expand(-1, -1, dense.shape[-1])), fused.grid_index)
-                      for dense, _ in tokens.taps]
+                      for dense, _ in tokens.taps or ()]
         return fused
 
     def layer_residuals(self, visual, vis_index: torch.Tensor) -> list[torch.Tensor] | None:
@@ -441,15 +455,14 @@ class Qwen2VLImageTextProcessor(StockProcessor):
 
     @classmethod
     def from_pretrained(cls, path) -> Qwen2VLImageTextProcessor:
-        """From a Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE) checkpoint folder: its tokenizer,
+        """From a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense or MoE) checkpoint folder: its tokenizer,
         preprocessor_config.json, and the chat template of chat_template.jinja or chat_template.json where the folder
-        has one (else the tokenizer's); a Qwen3-VL's writes each video's temporal patches with their times."""
-        from transformers import AutoTokenizer
+        has one (else the tokenizer's); a Qwen3-VL's or Qwen3.5's writes each video's temporal patches with their times."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         config = Path(path) / "config.json"
-        qwen3 = config.is_file() and json.loads(config.read_text()).get("model_type") in ("qwen3_vl", "qwen3_vl_moe")
-        return cls(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+        qwen3 = config.is_file() and json.loads(config.read_text()).get("model_type") in QWEN3_TYPES
+        return cls(Qwen2VLImageProcessorPil.from_pretrained(path), cls.read_tokenizer(path),
                    cls.read_chat_template(path), timestamps=qwen3)
 
     def videos(self, videos) -> dict:

@@ -47,7 +47,10 @@ class DecoderParts:
     see each other at any distance (transformers' PaliGemma 2 mask: the sliding causal mask OR the blocks), rather
     than only within the window (Gemma 3's: the window AND (causal OR the blocks)). Adapters set it. nope_layers:
     the layers whose attention rotates nothing (Cohere 2's full-attention layers): they get the identity rotation
-    (cos 1, sin 0), which their own attention ignores and `LLMLayerContext.attention_rows` applies as none."""
+    (cos 1, sin 0), which their own attention ignores and `LLMLayerContext.attention_rows` applies as none.
+    A "linear_attention" layer (Qwen3.5's gated delta rule: a causal convolution and a recurrent state in place of
+    attention) takes no attention mask and no positions: it gets the real tokens' (B, T) mask, which zeroes the
+    padding's inputs, and its cache holds states, not keys (`scoring_layer`: where hooks asked before it run)."""
 
     embed_tokens: nn.Module
     layers: nn.ModuleList
@@ -111,6 +114,24 @@ class DecoderParts:
             out = torch.tanh(out / self.final_softcap) * self.final_softcap
         return out
 
+    def is_linear(self, i: int) -> bool:
+        """Whether layer i mixes tokens by a recurrence (a "linear_attention" layer) rather than attention."""
+        return bool(self.layer_types) and self.layer_types[i] == "linear_attention"
+
+    def scoring_layer(self, i: int) -> int:
+        """The layer before which a hook asked for before layer i runs: i itself, or, where layer i is a
+        linear-attention layer (it has no attention to score tokens with, and every LLM-stage method scores with
+        one), the first attention layer after it. Dropping there leaves the tokens in the recurrent layers between,
+        which costs a little saving and nothing else. ValueError when no attention layer is at or after i."""
+        j = i
+        while j < len(self.layers) and self.is_linear(j):
+            j += 1
+        if j == len(self.layers):
+            full = [k for k in range(len(self.layers)) if not self.is_linear(k)]
+            raise ValueError(f"LLM layer {i} has no attention layer at or after it to prune before (layers {i} to "
+                             f"{len(self.layers) - 1} are linear-attention ones); the attention layers are {full}")
+        return j
+
     def window(self, i: int) -> int | None:
         """Layer i's sliding window, or None for a full-attention layer."""
         return self.sliding_window if self.layer_types and self.layer_types[i] == "sliding_attention" else None
@@ -165,6 +186,8 @@ def get_state(cache) -> CacheState | None:
 class LLMLayerContext:
     """What a method sees before LLM layer `layer_idx` during prefill.
 
+    layer: the layer the method scores with and drops before: layer `layer_idx`, or, where that is a linear-attention
+    layer, the first attention layer after it (`DecoderParts.scoring_layer`), whose input `hidden` is then.
     hidden: (B, T, D) the layer's input; valid: (B, T) real tokens; visual: (B, T) visual tokens;
     positions: (B, T) RoPE positions; query_index: (B,) column of the text query token (the last
     instruction token); text_query_mask: (B, T) real text tokens up to and including the query token
@@ -214,7 +237,7 @@ class LLMLayerContext:
         cos, sin = self.position_embeddings
         k = self.key_states(normed).view(B, T, -1, hd).transpose(1, 2)
         rows = ops.gather_tokens(normed, query_index)
-        q = _head_norm(attn, "q_norm", attn.q_proj(rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)
+        q = _head_norm(attn, "q_norm", _queries(attn, rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)
         qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)
         rotate = _apply_rotary_of(type(attn))  # it rotates a pair; the second here is one head, not a copy of all
         q, k = rotate(q, q[:, :1], qc, qs)[0], rotate(k, k[:, :1], cos, sin)[0]
@@ -273,6 +296,16 @@ def _head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     if norm is None:
         return x
     return norm(x.view(*x.shape[:-1], -1, attn.head_dim)).flatten(-2)
+
+
+def _queries(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(..., heads * head_dim) the attention's query projection of x, without the output gate that a gated
+    attention's projection (Qwen3.5's, Qwen3-Next's: twice as wide, each head's query then its gate) also holds."""
+    q = attn.q_proj(x)
+    heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
+    if heads is not None and q.shape[-1] == 2 * heads * attn.head_dim:
+        q = q.view(*q.shape[:-1], heads, 2 * attn.head_dim)[..., : attn.head_dim].flatten(-2)
+    return q
 
 
 def _apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1):
@@ -428,12 +461,15 @@ def prefill(
     kept: dict[int, torch.Tensor] = {}
     key_valid, key_positions = [], []
     entered = (visual & valid).sum(1)
+    asked: dict[int, list[int]] = {}  # the layer each hook runs before, and the layers it was asked for there
+    for i in sorted(hook_layers) if hook is not None else ():
+        asked.setdefault(parts.scoring_layer(i), []).append(i)
     for i, layer in enumerate(parts.layers):
-        if hook is not None and i in hook_layers:
+        for wanted in asked.get(i, ()):
             qidx = (cols == query_col[:, None]).long().argmax(1)
             text_q = valid & ~visual & (cols <= query_col[:, None])
-            ctx = LLMLayerContext(i, len(parts.layers), layer, h, valid, visual, _text_positions(pos), pe[i], qidx, text_q,
-                                  entered)
+            ctx = LLMLayerContext(wanted, len(parts.layers), layer, h, valid, visual, _text_positions(pos), pe[i], qidx,
+                                  text_q, entered)
             keep = hook(ctx)
             if isinstance(keep, LLMMerge):
                 h, keep = place_merged(keep, h, valid, visual)
@@ -449,7 +485,7 @@ def prefill(
                 kept[i] = (visual & valid).sum(1)
         h = layer(
             h,
-            attention_mask=masks[windows[i]],
+            attention_mask=valid if parts.is_linear(i) else masks[windows[i]],
             position_ids=_text_positions(pos),
             **{cache_arg(type(layer)): cache},
             use_cache=cache is not None,
@@ -568,6 +604,8 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
             past = past & (pos[:, :, None] - state.key_positions[i][:, None, :] < window)
             block = block & ((pos[:, :, None] - pos[:, None, :] < window) | eye[None])
         mask = parts.layer_mask(torch.cat([past, block], dim=-1).unsqueeze(1), h.dtype)
+        if parts.is_linear(i):  # its state holds only real tokens; padding among new ones is zeroed
+            mask = None if new_valid.all() else new_valid
         h = layer(h, attention_mask=mask, position_ids=pos, **{cache_arg(type(layer)): cache}, use_cache=True,
                   position_embeddings=pe[i])
         state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)
