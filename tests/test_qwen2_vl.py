@@ -27,13 +27,15 @@ def tiny(version: str, **kwargs):
     """A tiny Qwen-VL of that version ("2", "2.5", "3", "3-moe"), or, for "glm4v" / "glm4v-moe", a tiny GLM-4.1V /
     GLM-4.5V: the same
     encoder in shape (2x2 merge windows, its own positions and ends) and the same kind of prompts and inputs."""
-    if version.startswith("glm4v"):
-        return mv.testing.tiny_glm4v(moe=version == "glm4v-moe", **kwargs)
+    if version.startswith("glm4"):
+        return mv.testing.tiny_glm4v(moe=version.endswith("-moe"), v46=version.startswith("glm46v"), **kwargs)
     return mv.testing.tiny_qwen2_vl(version=version, **kwargs)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe"],
-                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe", "glm4.1v", "glm4.5v"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe", "glm46v",
+                                        "glm46v-moe"],
+                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe", "glm4.1v", "glm4.5v",
+                     "glm4.6v-flash", "glm4.6v"])
 def qwen(request):
     return tiny(request.param, seed=2)
 
@@ -371,7 +373,8 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
             "{% if add_generation_prompt %} a{% endif %}")
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe", "glm46v",
+                                     "glm46v-moe"])
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
     """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE / GLM-4.1V checkpoint folder (saved model,
     tokenizer, image processor, chat template, where an image is its processor's placeholder) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
@@ -387,6 +390,9 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
         "<|vision_start|><|video_pad|><|vision_end|>", processor.video_placeholder)
     kind(processor.image_processor, processor.tokenizer, template).save_pretrained(ckpt)
     loaded = kind.from_pretrained(ckpt)
+    # how videos' times are written (Qwen3-VL, Qwen3.5: per temporal patch; GLM-4.6V: to a tenth), read from its config
+    assert (loaded.timestamps, getattr(loaded, "decimal_seconds", None)) == (processor.timestamps,
+                                                                            getattr(processor, "decimal_seconds", None))
     picture = mv.testing.random_images(1, seed=9)[0].resize((48, 32))
     picture.save(tmp_path / "img.png")
     prompt = loaded.apply_chat_template([{"role": "user", "content": [{"type": "image"},
@@ -597,7 +603,7 @@ def test_glm4v_greedy_and_beams_give_the_stock_models_scores(pictures, kind):
             assert torch.equal(cached, model.generate(**inputs, **beams, use_cache=False, query_positions=n - 1))
 
 
-@pytest.fixture(scope="module", params=["glm4v", "glm4v-moe"], ids=["glm4.1v", "glm4.5v"])
+@pytest.fixture(scope="module", params=["glm4v", "glm4v-moe", "glm46v"], ids=["glm4.1v", "glm4.5v", "glm4.6v-flash"])
 def glm4v_video(request):
     return tiny(request.param, seed=2)
 
@@ -614,12 +620,14 @@ def glm4v_video_inputs(processor, which=(0, 1, 2)):
 
 def test_the_glm4v_processor_writes_each_temporal_patch_as_an_image_with_its_time(glm4v_video):
     """GLM-4.1V's prompts, as its own processor writes them: each temporal patch of a video an image block (its
-    `replace_frame_token_id`) followed by the time of its first frame, in whole seconds; the <|image|> tokens
+    `replace_frame_token_id`) followed by the time of its first frame, in whole seconds (GLM-4.6V's: to a tenth,
+    " seconds" after, as `Glm46VProcessor` writes it); the <|image|> tokens
     inside a video typed 2, others 1 (its `create_mm_token_type_ids`); a video of one frame twice has that frame's
     pixels as an image."""
     from types import SimpleNamespace
 
     from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
+    from transformers.models.glm46v.processing_glm46v import Glm46VProcessor
 
     _, processor = glm4v_video
     a, b, c = video_frames(3)
@@ -627,12 +635,17 @@ def test_the_glm4v_processor_writes_each_temporal_patch_as_an_image_with_its_tim
                      text=[f"see <image> then {processor.video_placeholder} ?"])
     assert five["video_grid_thw"].tolist() == [[3, 4, 6]] and five["image_grid_thw"].tolist() == [[1, 4, 6]]
     stock = SimpleNamespace(image_token="<|image|>")
-    frames = "".join(Glm4vProcessor.replace_frame_token_id(stock, t, num_image_tokens=6) for t in (0, 2 / 3, 4 / 3))
+    writer = Glm46VProcessor if processor.decimal_seconds else Glm4vProcessor
+    frames = "".join(writer.replace_frame_token_id(stock, t, num_image_tokens=6) for t in (0, 2 / 3, 4 / 3))
     want = ("see <|begin_of_image|>" + "<|image|>" * 6 + "<|end_of_image|> then <|begin_of_video|>" + frames
             + "<|end_of_video|> ?")
     tok = processor.tokenizer
+    assert processor._frames([3.0], five["video_grid_thw"]) == [frames]  # as text: the tiny vocabulary lacks "seconds"
     assert five["input_ids"][0].tolist() == tok(want)["input_ids"]
-    assert frames.count("<|end_of_image|>0") == 2 and frames.endswith("<|end_of_image|>1")
+    if processor.decimal_seconds:
+        assert frames.endswith("<|end_of_image|>1.3 seconds") and "<|end_of_image|>0.7 seconds" in frames
+    else:
+        assert frames.count("<|end_of_image|>0") == 2 and frames.endswith("<|end_of_image|>1")
     vocab = tok.convert_tokens_to_ids
     ids = SimpleNamespace(video_start_id=vocab("<|begin_of_video|>"), video_end_id=vocab("<|end_of_video|>"),
                           image_token_id=vocab("<|image|>"))

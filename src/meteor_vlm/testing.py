@@ -307,16 +307,19 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"))
 
 
-def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: bool = False):
+def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: bool = False, v46: bool = False):
     """A tiny random stock transformers `Glm4vForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
     `models.glm4v.Glm4vImageTextProcessor` where "<image>" stands for one image: a `vision_depth`-block vision
     encoder on 8 px patches with learned position embeddings for a 4x4 grid (resampled to each image's), each 2x2
     window one visual token (an image of 16 to 48 px a side gives 2 to 9, by its size), and a `num_layers`-deep
     GLM-4 decoder 128 wide with 8 heads (GQA, 4 kv heads), multimodal RoPE on half of each head's dimensions. With
     `moe`, a `Glm4vMoeForConditionalGeneration` (GLM-4.5V's kind): its decoder rotates dimension i with i + d/2, and
-    its layers after the first are mixtures of 4 routed experts (2 per token, in 2 groups) and a shared one."""
+    its layers after the first are mixtures of 4 routed experts (2 per token, in 2 groups) and a shared one. With
+    `v46`, a `Glm46VForConditionalGeneration` (GLM-4.6V: GLM-4.1V's classes under a config whose text part is
+    GLM-4.1V's decoder, or with `moe` GLM-4.5V's, as GLM-4.6V-Flash and GLM-4.6V are) and a processor that writes
+    a video's times as GLM-4.6V's does ("2.0 seconds")."""
     from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig,
-                              Glm4vMoeForConditionalGeneration)
+                              Glm4vMoeForConditionalGeneration, Glm46VConfig, Glm46VForConditionalGeneration)
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
     from .models.glm4v import VISION_TOKENS, Glm4vImageTextProcessor
@@ -336,6 +339,10 @@ def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: b
                     n_group=2, topk_group=1, first_k_dense_replace=1, attention_bias=True)
     config_cls, model_cls = ((Glm4vMoeConfig, Glm4vMoeForConditionalGeneration) if moe
                              else (Glm4vConfig, Glm4vForConditionalGeneration))
+    if v46:  # its sub-configs are named by model type
+        config_cls, model_cls = Glm46VConfig, Glm46VForConditionalGeneration
+        text["model_type"] = "glm4v_moe_text" if moe else "glm4v_text"
+        vision["model_type"] = "glm4v_moe_vision" if moe else "glm4v_vision"
     config = config_cls(vision_config=vision, text_config=text, **ids)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -351,7 +358,7 @@ def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: b
     # its pixel limits count the two frames of a temporal patch: Qwen2-VL's tiny sizes, doubled
     images = Glm4vImageProcessorPil(size={"shortest_edge": 2 * 16 * 16, "longest_edge": 2 * 48 * 48}, patch_size=8,
                                     merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return model, Glm4vImageTextProcessor(images, tokenizer, alias="<image>")
+    return model, Glm4vImageTextProcessor(images, tokenizer, alias="<image>", decimal_seconds=v46)
 
 
 def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_norm: bool = False,

@@ -43,7 +43,8 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "InternVLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
              "Mistral3ForConditionalGeneration", "PaliGemmaForConditionalGeneration", "AyaVisionForConditionalGeneration",
-             "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "DeepseekVLForConditionalGeneration",
+             "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "Glm46VForConditionalGeneration",
+             "DeepseekVLForConditionalGeneration",
              "DeepseekVLHybridForConditionalGeneration", "JanusForConditionalGeneration",
              "Cohere2VisionForConditionalGeneration")
 

@@ -1,5 +1,6 @@
-"""Pruning on a stock transformers GLM-4.1V (`Glm4vForConditionalGeneration`) and GLM-4.5V
-(`Glm4vMoeForConditionalGeneration`), on images.
+"""Pruning on a stock transformers GLM-4.1V (`Glm4vForConditionalGeneration`), GLM-4.5V
+(`Glm4vMoeForConditionalGeneration`) and GLM-4.6V (`Glm46VForConditionalGeneration`: GLM-4.1V's model classes with
+GLM-4.1V's decoder, GLM-4.6V-Flash, or GLM-4.5V's mixture of experts, GLM-4.6V), on images and videos.
 
 GLM-4.1V's vision encoder is Qwen2-VL's in shape: each image on its own patch grid, 2D rotary positions, whole
 2x2 merge windows (a 2x2 convolution, then a merger, turns each into one visual token), multimodal RoPE in the
@@ -19,8 +20,11 @@ counts as an image. As in the stock model, a call holds images or videos, not bo
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
-from transformers import Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration
+from transformers import Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration, Glm46VForConditionalGeneration
 from transformers.vision_utils import get_vision_position_ids
 
 from .qwen2_vl import Qwen2VLAdapter, Qwen2VLImageTextProcessor, Qwen2VLRunner
@@ -34,9 +38,9 @@ VISION_TOKENS = {"image_start_token_id": "<|begin_of_image|>", "image_end_token_
 
 
 def glm4v_adapter(model) -> Glm4vAdapter | None:
-    """The adapter for a transformers Glm4vForConditionalGeneration or Glm4vMoeForConditionalGeneration, or None for
-    any other model."""
-    stock = (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration)
+    """The adapter for a transformers Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration or
+    Glm46VForConditionalGeneration, or None for any other model."""
+    stock = (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration, Glm46VForConditionalGeneration)
     return Glm4vAdapter(model) if type(model) in stock else None
 
 
@@ -132,11 +136,17 @@ class Glm4vImageTextProcessor(Qwen2VLImageTextProcessor):
     image, consecutive frames paired into temporal patches (`Qwen2VLImageTextProcessor.videos`). Returns input_ids and
     attention_mask (left-padded), pixel_values and image_grid_thw, pixel_values_videos and video_grid_thw, and
     mm_token_type_ids (1 on image tokens, 2 on the <|image|> tokens inside a video). `alias`, if given, is a shorter
-    word for an image's placeholder."""
+    word for an image's placeholder. With `decimal_seconds` (GLM-4.6V; `from_pretrained` sets it for a glm46v
+    folder) a patch's time is written as `Glm46VProcessor` writes it, to a tenth of a second and " seconds" after."""
 
     image_token, video_token = "<|image|>", "<|video|>"
     image_placeholder = "<|begin_of_image|><|image|><|end_of_image|>"
     video_placeholder = "<|begin_of_video|><|video|><|end_of_video|>"
+
+    def __init__(self, image_processor, tokenizer, chat_template: str | None = None, alias: str | None = None,
+                 decimal_seconds: bool = False):
+        super().__init__(image_processor, tokenizer, chat_template, alias)
+        self.decimal_seconds = decimal_seconds
 
     def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True, fps=None):
         texts, images, videos = self._given(text, images, videos)
@@ -158,19 +168,25 @@ class Glm4vImageTextProcessor(Qwen2VLImageTextProcessor):
 
     def _frames(self, rates: list[float], grids: torch.Tensor) -> list[str]:
         """Each video's text: per temporal patch, its image block and its first frame's time (frame k at k / fps),
-        in whole seconds."""
+        in whole seconds (GLM-4.6V: to a tenth, "2.5 seconds")."""
         tp = self.image_processor.temporal_patch_size
         pads = [self.image_token * (h * w // self.merge_size**2) for _, h, w in grids.tolist()]
         start, end = self.image_placeholder.split(self.image_token)
-        return ["".join(f"{start}{pad}{end}{int(i * tp / rate)}" for i in range(t))
+
+        def time(seconds: float) -> str:
+            return f"{seconds:.1f} seconds" if self.decimal_seconds else str(int(seconds))
+
+        return ["".join(f"{start}{pad}{end}{time(i * tp / rate)}" for i in range(t))
                 for rate, pad, (t, _, _) in zip(rates, pads, grids.tolist())]
 
     @classmethod
     def from_pretrained(cls, path) -> Glm4vImageTextProcessor:
-        """From a GLM-4.1V or GLM-4.5V checkpoint folder: its tokenizer, preprocessor_config.json, and the chat
-        template of chat_template.jinja or chat_template.json where the folder has one (else the tokenizer's)."""
-        from transformers import AutoTokenizer
+        """From a GLM-4.1V, GLM-4.5V or GLM-4.6V checkpoint folder: its tokenizer, preprocessor_config.json, and the
+        chat template of chat_template.jinja or chat_template.json where the folder has one (else the tokenizer's);
+        a GLM-4.6V's writes videos' times to a tenth of a second."""
         from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
-        return cls(Glm4vImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                   cls.read_chat_template(path))
+        config = Path(path) / "config.json"
+        v46 = config.is_file() and json.loads(config.read_text()).get("model_type") == "glm46v"
+        return cls(Glm4vImageProcessorPil.from_pretrained(path), cls.read_tokenizer(path), cls.read_chat_template(path),
+                   decimal_seconds=v46)
