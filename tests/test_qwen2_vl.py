@@ -27,15 +27,16 @@ def tiny(version: str, **kwargs):
     """A tiny Qwen-VL of that version ("2", "2.5", "3", "3-moe"), or, for "glm4v" / "glm4v-moe", a tiny GLM-4.1V /
     GLM-4.5V: the same
     encoder in shape (2x2 merge windows, its own positions and ends) and the same kind of prompts and inputs."""
-    if version.startswith("glm4"):
-        return mv.testing.tiny_glm4v(moe=version.endswith("-moe"), v46=version.startswith("glm46v"), **kwargs)
+    if version.startswith("glm"):
+        return mv.testing.tiny_glm4v(moe=version.endswith("-moe"), v46=version.startswith("glm46v"),
+                                     ocr=version == "glm-ocr", **kwargs)
     return mv.testing.tiny_qwen2_vl(version=version, **kwargs)
 
 
 @pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe", "glm46v",
-                                        "glm46v-moe"],
+                                        "glm46v-moe", "glm-ocr"],
                 ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe", "glm4.1v", "glm4.5v",
-                     "glm4.6v-flash", "glm4.6v"])
+                     "glm4.6v-flash", "glm4.6v", "glm-ocr"])
 def qwen(request):
     return tiny(request.param, seed=2)
 
@@ -208,8 +209,8 @@ def stock_blocks_without(visual, pixels, grid_thw):
     drops at each block removed from the packed sequence (each temporal patch of a video attending within itself,
     as the stock cu_seqlens say, and the stock attention windows of Qwen2.5-VL, as its get_vision_window_index
     lays them out, among those left; Qwen3-VL's learned position embeddings resampled to the grid, and its DeepStack
-    mergers after their blocks; GLM-4.1V's norm and position embeddings after the patch embedding, and its norm and
-    2x2 convolution before the merger): (kept window indices, (K, D) tokens, [(K, D) DeepStack features per level])."""
+    mergers after their blocks; GLM-4.1V's norm and position embeddings after the patch embedding (GLM-OCR has
+    none), and its norm and 2x2 convolution before the merger): (kept window indices, (K, D) tokens, [(K, D) DeepStack features per level])."""
     cfg, m = visual.config, visual.spatial_merge_size
     grid = torch.tensor([grid_thw])
     hidden = visual.patch_embed(pixels)
@@ -250,7 +251,7 @@ def stock_blocks_without(visual, pixels, grid_thw):
     return alive, visual.merger(hidden), [torch.stack([deepstack[k][w] for w in alive.tolist()]) for k in sorted(deepstack)]
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3", "3.5", "glm4v"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "3.5", "glm4v", "glm-ocr"])
 def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_them(version, pictures):
     """After each block of a 3-block encoder (Qwen2.5-VL: the first two windowed) a test method drops whole merge
     windows: the tokens that leave it equal the stock blocks and merger run on the packed sequence with those
@@ -374,7 +375,7 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
 
 
 @pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe", "glm46v",
-                                     "glm46v-moe"])
+                                     "glm46v-moe", "glm-ocr"])
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
     """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE / GLM-4.1V checkpoint folder (saved model,
     tokenizer, image processor, chat template, where an image is its processor's placeholder) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under

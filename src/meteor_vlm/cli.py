@@ -30,6 +30,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "mistral3": "Mistral3ForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration",
                "aya_vision": "AyaVisionForConditionalGeneration", "glm4v": "Glm4vForConditionalGeneration",
                "glm4v_moe": "Glm4vMoeForConditionalGeneration", "glm46v": "Glm46VForConditionalGeneration",
+               "glm_ocr": "GlmOcrForConditionalGeneration",
                "deepseek_vl": "DeepseekVLForConditionalGeneration",
                "deepseek_vl_hybrid": "DeepseekVLHybridForConditionalGeneration", "janus": "JanusForConditionalGeneration"}
 
@@ -75,7 +76,7 @@ def _load(model_arg: str, llava: bool = False):
             from .models.qwen2_vl import Qwen2VLImageTextProcessor
 
             return model, Qwen2VLImageTextProcessor.from_pretrained(path)
-        if model_type in ("glm4v", "glm4v_moe", "glm46v"):  # likewise
+        if model_type in ("glm4v", "glm4v_moe", "glm46v", "glm_ocr"):  # likewise
             from .models.glm4v import Glm4vImageTextProcessor
 
             return model, Glm4vImageTextProcessor.from_pretrained(path)

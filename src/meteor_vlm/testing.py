@@ -307,7 +307,8 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"))
 
 
-def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: bool = False, v46: bool = False):
+def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: bool = False, v46: bool = False,
+               ocr: bool = False):
     """A tiny random stock transformers `Glm4vForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
     `models.glm4v.Glm4vImageTextProcessor` where "<image>" stands for one image: a `vision_depth`-block vision
     encoder on 8 px patches with learned position embeddings for a 4x4 grid (resampled to each image's), each 2x2
@@ -317,9 +318,12 @@ def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: b
     its layers after the first are mixtures of 4 routed experts (2 per token, in 2 groups) and a shared one. With
     `v46`, a `Glm46VForConditionalGeneration` (GLM-4.6V: GLM-4.1V's classes under a config whose text part is
     GLM-4.1V's decoder, or with `moe` GLM-4.5V's, as GLM-4.6V-Flash and GLM-4.6V are) and a processor that writes
-    a video's times as GLM-4.6V's does ("2.0 seconds")."""
+    a video's times as GLM-4.6V's does ("2.0 seconds"). With `ocr`, a `GlmOcrForConditionalGeneration` (GLM-OCR: the
+    encoder without a norm and learned positions after its patch embedding, per-head q/k norms in its attention;
+    the decoder's attention without biases)."""
     from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig,
-                              Glm4vMoeForConditionalGeneration, Glm46VConfig, Glm46VForConditionalGeneration)
+                              Glm4vMoeForConditionalGeneration, Glm46VConfig, Glm46VForConditionalGeneration,
+                              GlmOcrConfig, GlmOcrForConditionalGeneration)
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
     from .models.glm4v import VISION_TOKENS, Glm4vImageTextProcessor
@@ -343,6 +347,8 @@ def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: b
         config_cls, model_cls = Glm46VConfig, Glm46VForConditionalGeneration
         text["model_type"] = "glm4v_moe_text" if moe else "glm4v_text"
         vision["model_type"] = "glm4v_moe_vision" if moe else "glm4v_vision"
+    if ocr:
+        config_cls, model_cls = GlmOcrConfig, GlmOcrForConditionalGeneration
     config = config_cls(vision_config=vision, text_config=text, **ids)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -351,9 +357,13 @@ def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: b
     _peaked([*model.model.language_model.parameters(), *visual.merger.parameters()], seed)
     with torch.no_grad():  # norms and position embeddings that are not the identity and not all alike
         g = torch.Generator().manual_seed(seed)
-        for norm in (visual.post_conv_layernorm, visual.post_layernorm):
+        norms = [getattr(visual, "post_conv_layernorm", None), visual.post_layernorm]
+        norms += [n for block in visual.blocks for n in (getattr(block.attn, "q_norm", None),
+                                                         getattr(block.attn, "k_norm", None))]
+        for norm in filter(None, norms):
             norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
-        visual.embeddings.position_embedding.weight.normal_(0, 1.0, generator=g)
+        if hasattr(visual, "embeddings"):
+            visual.embeddings.position_embedding.weight.normal_(0, 1.0, generator=g)
     model.generation_config.suppress_tokens = list(ids.values())
     # its pixel limits count the two frames of a temporal patch: Qwen2-VL's tiny sizes, doubled
     images = Glm4vImageProcessorPil(size={"shortest_edge": 2 * 16 * 16, "longest_edge": 2 * 48 * 48}, patch_size=8,

@@ -1,6 +1,8 @@
 """Pruning on a stock transformers GLM-4.1V (`Glm4vForConditionalGeneration`), GLM-4.5V
-(`Glm4vMoeForConditionalGeneration`) and GLM-4.6V (`Glm46VForConditionalGeneration`: GLM-4.1V's model classes with
-GLM-4.1V's decoder, GLM-4.6V-Flash, or GLM-4.5V's mixture of experts, GLM-4.6V), on images and videos.
+(`Glm4vMoeForConditionalGeneration`), GLM-4.6V (`Glm46VForConditionalGeneration`: GLM-4.1V's model classes with
+GLM-4.1V's decoder, GLM-4.6V-Flash, or GLM-4.5V's mixture of experts, GLM-4.6V) and GLM-OCR
+(`GlmOcrForConditionalGeneration`: GLM-4.1V's kind of encoder without learned positions, per-head q/k norms in its
+attention), on images and videos.
 
 GLM-4.1V's vision encoder is Qwen2-VL's in shape: each image on its own patch grid, 2D rotary positions, whole
 2x2 merge windows (a 2x2 convolution, then a merger, turns each into one visual token), multimodal RoPE in the
@@ -24,7 +26,8 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration, Glm46VForConditionalGeneration
+from transformers import (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration, Glm46VForConditionalGeneration,
+                          GlmOcrForConditionalGeneration)
 from transformers.vision_utils import get_vision_position_ids
 
 from .qwen2_vl import Qwen2VLAdapter, Qwen2VLImageTextProcessor, Qwen2VLRunner
@@ -38,17 +41,19 @@ VISION_TOKENS = {"image_start_token_id": "<|begin_of_image|>", "image_end_token_
 
 
 def glm4v_adapter(model) -> Glm4vAdapter | None:
-    """The adapter for a transformers Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration or
-    Glm46VForConditionalGeneration, or None for any other model."""
-    stock = (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration, Glm46VForConditionalGeneration)
+    """The adapter for a transformers Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration,
+    Glm46VForConditionalGeneration or GlmOcrForConditionalGeneration, or None for any other model."""
+    stock = (Glm4vForConditionalGeneration, Glm4vMoeForConditionalGeneration, Glm46VForConditionalGeneration,
+             GlmOcrForConditionalGeneration)
     return Glm4vAdapter(model) if type(model) in stock else None
 
 
 class Glm4vRunner(Qwen2VLRunner):
     """GLM-4.1V's vision encoder walked as Qwen2-VL's (`Qwen2VLRunner`: a token is one 2x2 merge window, its
     patches side by side), with its own ends: the patch embedding, its RMSNorm and the learned position
-    embeddings the stock encoder samples at each patch of the grid; and, at the end, its RMSNorm, the 2x2
-    convolution over each window's patches and the merger."""
+    embeddings the stock encoder samples at each patch of the grid (GLM-OCR's encoder has neither: its patches
+    enter block 0 as embedded); and, at the end, its RMSNorm, the 2x2 convolution over each window's patches and
+    the merger."""
 
     kind = "glm4v"
 
@@ -59,10 +64,11 @@ class Glm4vRunner(Qwen2VLRunner):
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         B, P, _ = pixel_values.shape
         visual = self.module
-        x = visual.post_conv_layernorm(visual.patch_embed(pixel_values.reshape(B * P, -1)))
-        grids = torch.tensor([self.grid_thw] * B, device=pixel_values.device)
-        ids = get_vision_position_ids(grids, self.merge).to(x.device)  # (B * P, 2): each patch's row and column
-        x = visual.embeddings(x, [P] * B, grids, ids[:, 0], ids[:, 1])
+        x = visual.patch_embed(pixel_values.reshape(B * P, -1))
+        if hasattr(visual, "embeddings"):  # GLM-4.1V's norm and learned positions (not GLM-OCR's)
+            grids = torch.tensor([self.grid_thw] * B, device=pixel_values.device)
+            ids = get_vision_position_ids(grids, self.merge).to(x.device)  # (B * P, 2): each patch's row and column
+            x = visual.embeddings(visual.post_conv_layernorm(x), [P] * B, grids, ids[:, 0], ids[:, 1])
         return x.reshape(B, P // self.window, -1)
 
     def finalize(self, x: torch.Tensor) -> torch.Tensor:

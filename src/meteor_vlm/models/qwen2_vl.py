@@ -139,10 +139,13 @@ class Qwen2VLRunner(ExpertRunner):
         return tuple(f[index] for f in self._rotary_cache[key])
 
     def _qkv(self, i: int, h: torch.Tensor, grid: torch.Tensor):
-        """Block i's rotated queries, keys and values of the (B, L, D) patches h: (B, H, L, d) each."""
+        """Block i's rotated queries, keys and values of the (B, L, D) patches h: (B, H, L, d) each (queries and
+        keys through the attention's per-head norms first, where it has them: GLM-OCR's)."""
         attn = self.blocks[i].attn
         B, L, _ = h.shape
         q, k, v = attn.qkv(self.blocks[i].norm1(h)).view(B, L, 3, attn.num_heads, -1).unbind(2)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = self._rotary(grid)
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
