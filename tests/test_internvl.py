@@ -21,8 +21,9 @@ PROMPTS = ["<image> what is in the image ?", "<image> <image> how many red circl
 IMAGES = [1, 2, 1]  # images per prompt
 
 
-@pytest.fixture(scope="module", params=[{}, {"qk_norm": True}, {"decoder": "qwen3"}, {"decoder": "qwen3_moe"}],
-                ids=["internvl", "internvl-qknorm", "internvl-qwen3", "internvl-qwen3-moe"])
+@pytest.fixture(scope="module", params=[{}, {"qk_norm": True}, {"decoder": "qwen3"}, {"decoder": "qwen3_moe"},
+                                        {"decoder": "qwen3", "qianfan": True}],
+                ids=["internvl", "internvl-qknorm", "internvl-qwen3", "internvl-qwen3-moe", "qianfan-ocr"])
 def internvl(request):
     return mv.testing.tiny_internvl(seed=2, **request.param)
 
@@ -56,7 +57,7 @@ def stock_tower_without(model, pixels):
     g = round((hidden.shape[1] - 1) ** 0.5)
     window_of = torch.arange(g * g).view(g // 2, 2, g // 2, 2).permute(0, 2, 1, 3).reshape(-1, 4)  # its 4 patches
     alive, patches = torch.arange(g * g // 4), torch.arange(g * g)  # the patches left, in the grid's row-major order
-    for b, block in enumerate(tower.encoder.layer):
+    for b, block in enumerate(tower.layers if hasattr(tower, "layers") else tower.encoder.layer):  # Qianfan-OCR's
         hidden = block(hidden)
         alive = survivors(alive, b, 3)
         left = torch.isin(patches, window_of[alive].flatten())
@@ -253,17 +254,20 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
             "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} a{% endif %}")
 
 
-def test_meteor_ask_and_speed_run_an_internvl_checkpoint_folder(tmp_path, capsys, tile_pictures):
+@pytest.mark.parametrize("qianfan", [False, True], ids=["internvl", "qianfan-ocr"])
+def test_meteor_ask_and_speed_run_an_internvl_checkpoint_folder(tmp_path, capsys, tile_pictures, qianfan):
     """A transformers InternVL checkpoint folder (saved model, tokenizer, image processor, chat template) runs under
     `meteor ask` (the answer greedy generate gives on the chat template's prompt under the same method; ToMe merges
-    windows in every tile) and `meteor speed`; the processor read back from the folder gives the same inputs."""
+    windows in every tile) and `meteor speed`; the processor read back from the folder gives the same inputs. A
+    Qianfan-OCR folder likewise, its chat template writing an image as "<image>"."""
     from meteor_vlm.cli import main
     from meteor_vlm.models.internvl import InternVLImageTextProcessor
 
-    model, processor = mv.testing.tiny_internvl(seed=3)
+    model, processor = mv.testing.tiny_internvl(seed=3, qianfan=qianfan)
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    InternVLImageTextProcessor(processor.image_processor, processor.tokenizer, 4, TEMPLATE).save_pretrained(ckpt)
+    template = TEMPLATE.replace("<IMG_CONTEXT>", "<image>") if qianfan else TEMPLATE
+    InternVLImageTextProcessor(processor.image_processor, processor.tokenizer, 4, template).save_pretrained(ckpt)
     loaded = InternVLImageTextProcessor.from_pretrained(ckpt)
     tile_pictures[1].save(tmp_path / "img.png")
     prompt = loaded.apply_chat_template([{"role": "user", "content": [{"type": "image"},

@@ -25,7 +25,8 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
                "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
-               "internvl": "InternVLForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+               "internvl": "InternVLForConditionalGeneration", "qianfan_ocr": "QianfanOCRForConditionalGeneration",
+               "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
                "mistral3": "Mistral3ForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration",
                "aya_vision": "AyaVisionForConditionalGeneration", "glm4v": "Glm4vForConditionalGeneration",
@@ -80,7 +81,7 @@ def _load(model_arg: str, llava: bool = False):
             from .models.glm4v import Glm4vImageTextProcessor
 
             return model, Glm4vImageTextProcessor.from_pretrained(path)
-        if model_type == "internvl":  # likewise
+        if model_type in ("internvl", "qianfan_ocr"):  # likewise
             from .models.internvl import InternVLImageTextProcessor
 
             return model, InternVLImageTextProcessor.from_pretrained(path)

@@ -372,15 +372,18 @@ def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: b
 
 
 def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_norm: bool = False,
-                  decoder: str = "qwen2"):
+                  decoder: str = "qwen2", qianfan: bool = False):
     """A tiny random stock transformers `InternVLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
     `models.internvl.InternVLImageTextProcessor` where "<image>" stands for one image: a `vision_depth`-block
     InternViT (CLS, layer scale; `qk_norm`: RMS-normed queries and keys, as the 6B InternViT) on 32 px tiles of
     8 px patches, each 2x2 window folded into one visual token (4 per tile), tiles cut as InternVL cuts them (1
     to 4 by the image's aspect, plus a thumbnail when there are several), and a `num_layers`-deep Qwen2 decoder
     with 8 heads (GQA, 4 kv heads); `decoder="qwen3"`: a Qwen3 one instead (per-head q/k norms, as InternVL3.5's);
-    `decoder="qwen3_moe"`: a Qwen3-MoE one (InternVL3.5-30B-A3B's kind: 4 experts, 2 per token, layer 1 dense)."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    `decoder="qwen3_moe"`: a Qwen3-MoE one (InternVL3.5-30B-A3B's kind: 4 experts, 2 per token, layer 1 dense).
+    With `qianfan`, a `QianfanOCRForConditionalGeneration` (Qianfan-OCR: the ViT's blocks in a list of their own, with
+    stochastic depth up to 0.1, inert at inference, biased attention)."""
+    from transformers import (InternVLConfig, InternVLForConditionalGeneration, QianfanOCRConfig,
+                              QianfanOCRForConditionalGeneration)
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     from .models.internvl import IMAGE_TOKENS, InternVLImageTextProcessor
@@ -399,11 +402,15 @@ def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
                     mlp_only_layers=[1])
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[2])
-    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_id, image_seq_length=4,
-                            downsample_ratio=0.5, tie_word_embeddings=False)
+    config_cls, model_cls = InternVLConfig, InternVLForConditionalGeneration
+    if qianfan:
+        config_cls, model_cls = QianfanOCRConfig, QianfanOCRForConditionalGeneration
+        vision.update(model_type="qianfan_ocr_vision", attention_bias=True, drop_path_rate=0.1)
+    config = config_cls(vision_config=vision, text_config=text, image_token_id=image_id, image_seq_length=4,
+                        downsample_ratio=0.5, tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters()], seed)
     model.generation_config.suppress_tokens = [tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
     images = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, max_patches=4, image_mean=[0.5] * 3,

@@ -40,7 +40,7 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "LlavaNextVideoForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
              "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
              "Qwen3VLMoeForConditionalGeneration", "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
-             "InternVLForConditionalGeneration",
+             "InternVLForConditionalGeneration", "QianfanOCRForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
              "Mistral3ForConditionalGeneration", "PaliGemmaForConditionalGeneration", "AyaVisionForConditionalGeneration",
              "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "Glm46VForConditionalGeneration",

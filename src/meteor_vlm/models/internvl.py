@@ -1,5 +1,6 @@
-"""Pruning on a stock transformers InternVL (`InternVLForConditionalGeneration`: the "-hf" InternVL2.5 and InternVL3
-checkpoints).
+"""Pruning on a stock transformers InternVL (`InternVLForConditionalGeneration`: the "-hf" InternVL2.5, InternVL3 and
+InternVL3.5 checkpoints) and Qianfan-OCR (`QianfanOCRForConditionalGeneration`: InternVL's model with its ViT's blocks
+in a list of their own and a Qwen3 decoder).
 
 InternVL cuts an image into 448 px tiles (and a thumbnail), encodes each with its ViT (InternViT, with CLS), and
 folds every 2x2 window of patches into one visual token (its pixel shuffle) before the projector: 256 tokens per
@@ -20,7 +21,7 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import InternVLForConditionalGeneration
+from transformers import InternVLForConditionalGeneration, QianfanOCRForConditionalGeneration
 
 from . import runtime
 from .adapters import Layout, StockAdapter, StockProcessor, token_runs, tower_depth
@@ -34,8 +35,11 @@ IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")  # an image's start, end and
 
 
 def internvl_adapter(model) -> InternVLAdapter | None:
-    """The adapter for a transformers InternVLForConditionalGeneration, or None for any other model."""
-    return InternVLAdapter(model) if type(model) is InternVLForConditionalGeneration else None
+    """The adapter for a transformers InternVLForConditionalGeneration or QianfanOCRForConditionalGeneration (its
+    InternViT's blocks in `.layers`, with stochastic depth, which does nothing at inference), or None for any other
+    model."""
+    stock = (InternVLForConditionalGeneration, QianfanOCRForConditionalGeneration)
+    return InternVLAdapter(model) if type(model) in stock else None
 
 
 class InternVLRunner(PixelShuffleWindows, ExpertRunner):
@@ -50,7 +54,7 @@ class InternVLRunner(PixelShuffleWindows, ExpertRunner):
 
     def __init__(self, tower, spec: ExpertSpec, depth: int, scale: int, final_norm: bool):
         super().__init__(tower, spec)
-        self._blocks = tower.encoder.layer[:depth]
+        self._blocks = (tower.layers if hasattr(tower, "layers") else tower.encoder.layer)[:depth]  # Qianfan-OCR's
         self.scale, self.window = scale, scale * scale
         self.final_norm = final_norm
 
@@ -206,16 +210,17 @@ class InternVLImageTextProcessor(StockProcessor):
     @classmethod
     def from_pretrained(cls, path) -> InternVLImageTextProcessor:
         """From an InternVL "-hf" checkpoint folder: its tokenizer, preprocessor_config.json, image_seq_length
-        from processor_config.json (256 without one) and its chat template (chat_template.jinja or .json)."""
-        from transformers import AutoTokenizer
+        from processor_config.json (256 without one) and its chat template (chat_template.jinja or .json). From a
+        Qianfan-OCR folder, whose chat template writes an image as `image_placeholder_token` (processor_config.json;
+        "<image>" without one), that word stands for an image (`alias`)."""
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
         path = Path(path)
-        length = 256
-        if (path / "processor_config.json").is_file():
-            length = json.loads((path / "processor_config.json").read_text()).get("image_seq_length", length)
-        return cls(GotOcr2ImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path), length,
-                   cls.read_chat_template(path))
+        settings, config = ({} if not (path / name).is_file() else json.loads((path / name).read_text())
+                            for name in ("processor_config.json", "config.json"))
+        alias = settings.get("image_placeholder_token", "<image>") if config.get("model_type") == "qianfan_ocr" else None
+        return cls(GotOcr2ImageProcessorPil.from_pretrained(path), cls.read_tokenizer(path),
+                   settings.get("image_seq_length", 256), cls.read_chat_template(path), alias=alias)
 
     def save_pretrained(self, path) -> None:
         """The tokenizer, preprocessor_config.json, processor_config.json and chat_template.jinja (if any)."""
