@@ -1,10 +1,11 @@
-"""Stock transformers Mistral 3 (`Mistral3ForConditionalGeneration`), and a LLaVA with a Pixtral tower (Pixtral-12B's
-kind: no merge), under every method: the oracles the project's own
+"""Stock transformers Mistral 3 (`Mistral3ForConditionalGeneration`), a LLaVA with a Pixtral tower (Pixtral-12B's
+kind: no merge) and LightOnOCR (`LightOnOcrForConditionalGeneration`: Mistral 3's tower and projector under other
+names, a Qwen3 decoder, no row breaks in its prompts), under every method: the oracles the project's own
 model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached, beams), on images of three
 sizes (each its own patch grid and token count); and 2x2 windows dropped inside its Pixtral ViT == the stock blocks
 run without them, merged by the model's own projector."""
 
-KINDS = ["mistral3", "llava-pixtral"]
+KINDS = ["mistral3", "llava-pixtral", "lighton-ocr"]
 
 import pytest
 import torch
@@ -23,9 +24,14 @@ PROMPTS = ["[IMG] what is in the image ?", "[IMG] [IMG] how many red circle are 
 SIZES = [(64, 64), (64, 32), (64, 64), (40, 64)]  # (width, height) of each picture: 16, 8, 16 and 12 tokens
 
 
+def tiny(kind: str, seed: int):
+    """A tiny model of that kind (`mv.testing.tiny_mistral3`)."""
+    return mv.testing.tiny_mistral3(seed=seed, llava=kind == "llava-pixtral", lighton=kind == "lighton-ocr")
+
+
 @pytest.fixture(scope="module", params=KINDS)
 def mistral3(request):
-    return mv.testing.tiny_mistral3(seed=2, llava=request.param == "llava-pixtral")
+    return tiny(request.param, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,8 @@ def stock_tower_without(model, pixels, size):
     """(kept windows, (K, D) projected tokens) of one image: the stock Pixtral blocks on the patches left, the windows
     `survivors` drops at each block removed, then the stock projector over the grid with the dropped windows'
     patches zero-filled (Mistral 3's norm, 2x2 merger and MLP; LLaVA's MLP on each patch, a window of one)."""
-    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    tower = getattr(model.model, "vision_encoder", None) or model.model.vision_tower  # LightOnOCR's names, or the others'
+    projector = getattr(model.model, "vision_projection", None) or model.model.multi_modal_projector
     p, m = tower.config.patch_size, getattr(model.config, "spatial_merge_size", 1)
     rows, cols = size[0] // p, size[1] // p
     hidden = tower.ln_pre(tower.patch_conv(pixels[None, :, : size[0], : size[1]]).flatten(2).transpose(1, 2))[0]
@@ -138,7 +145,7 @@ def test_every_method_obeys_the_batch_and_cache_oracles(mistral3, pictures, make
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_beam_search_keeps_each_prompts_images_with_its_rows(pictures, kind):
-    model, processor = mv.testing.tiny_mistral3(seed=2, llava=kind == "llava-pixtral")
+    model, processor = tiny(kind, seed=2)
     inputs = inputs_for(processor, pictures, which=(0, 1))
     check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
@@ -168,6 +175,25 @@ def test_bad_inputs_are_refused(mistral3, pictures):
     assert "forward" not in vars(model)
 
 
+def test_the_lighton_ocr_processor_writes_an_image_as_its_own_processor_does(pictures):
+    """LightOnOCR's prompts: each image one image token per visual token (its merged grid's rows times columns), no
+    row breaks or image end, as `LightOnOcrProcessor.replace_image_token` writes them; Mistral 3's keep them."""
+    from types import SimpleNamespace
+
+    from transformers.models.lighton_ocr.processing_lighton_ocr import LightOnOcrProcessor
+
+    _, processor = tiny("lighton-ocr", seed=2)
+    inputs = inputs_for(processor, pictures, which=(1,))
+    stock = SimpleNamespace(image_token="[IMG]", effective_patch_size=16)
+    written = [LightOnOcrProcessor.replace_image_token(stock, {"image_sizes": inputs["image_sizes"].tolist()}, k)
+               for k in range(2)]
+    want = PROMPTS[1].replace("[IMG]", "{}").format(*written)
+    assert inputs["input_ids"][0].tolist() == processor.tokenizer(want)["input_ids"]
+    assert [w.count("[IMG]") for w in written] == [8, 16]
+    _, mistral = tiny("mistral3", seed=2)
+    assert "[IMG_BREAK]" in mistral.tokenizer.decode(inputs_for(mistral, pictures, which=(1,))["input_ids"][0])
+
+
 TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}[IMG]"
             "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} a{% endif %}")
 
@@ -179,11 +205,11 @@ def test_meteor_ask_and_speed_run_a_mistral3_checkpoint_folder(tmp_path, capsys,
     image's 16 tokens; a heatmap) and `meteor speed`; the processor read back from the folder gives the same inputs."""
     from meteor_vlm.models.mistral3 import PixtralImageTextProcessor
 
-    model, processor = mv.testing.tiny_mistral3(seed=3, llava=kind == "llava-pixtral")
+    model, processor = tiny(kind, seed=3)
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     PixtralImageTextProcessor(processor.image_processor, processor.tokenizer, processor.patch_size,
-                              processor.spatial_merge_size, TEMPLATE).save_pretrained(ckpt)
+                              processor.spatial_merge_size, TEMPLATE, row_breaks=processor.row_breaks).save_pretrained(ckpt)
     loaded = PixtralImageTextProcessor.from_pretrained(ckpt)
     pictures[0].save(tmp_path / "img.png")
     prompt = loaded.apply_chat_template([{"role": "user", "content": [{"type": "image"},

@@ -28,7 +28,8 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "internvl": "InternVLForConditionalGeneration", "qianfan_ocr": "QianfanOCRForConditionalGeneration",
                "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
-               "mistral3": "Mistral3ForConditionalGeneration", "paligemma": "PaliGemmaForConditionalGeneration",
+               "mistral3": "Mistral3ForConditionalGeneration", "lighton_ocr": "LightOnOcrForConditionalGeneration",
+               "paligemma": "PaliGemmaForConditionalGeneration",
                "aya_vision": "AyaVisionForConditionalGeneration", "glm4v": "Glm4vForConditionalGeneration",
                "glm4v_moe": "Glm4vMoeForConditionalGeneration", "glm46v": "Glm46VForConditionalGeneration",
                "glm_ocr": "GlmOcrForConditionalGeneration",
@@ -94,7 +95,7 @@ def _load(model_arg: str, llava: bool = False):
 
             return model, LlavaNextVideoImageTextProcessor.from_pretrained(path)
         vision_type = (fields.get("vision_config") or {}).get("model_type")
-        if model_type == "mistral3" or vision_type == "pixtral":  # PixtralProcessor needs torchvision (also Pixtral-12B)
+        if model_type in ("mistral3", "lighton_ocr") or vision_type == "pixtral":  # PixtralProcessor needs torchvision
             from .models.mistral3 import PixtralImageTextProcessor
 
             return model, PixtralImageTextProcessor.from_pretrained(path)

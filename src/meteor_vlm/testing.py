@@ -645,15 +645,18 @@ def tiny_cohere2_vision(seed: int = 0, num_layers: int = 6, vision_depth: int = 
     return model, Cohere2VisionProcessor(images, tokenizer)
 
 
-def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, llava: bool = False):
+def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, llava: bool = False, lighton: bool = False):
     """A tiny random stock transformers `Mistral3ForConditionalGeneration` (CPU, fp32, eval mode, SDPA): a Pixtral ViT
     on 8 px patches of images whose longer side is 64 px (each side a multiple of 16 px), each 2x2 window of patches
     one visual token (16 for a square image), a `vision_depth`-block tower and a `num_layers`-deep Mistral decoder
     with 8 heads (GQA, 4 kv heads), and `models.mistral3.PixtralImageTextProcessor` (transformers' PixtralProcessor
     without torchvision): write `[IMG]` where an image goes. With `llava`, a `LlavaForConditionalGeneration` with that
     Pixtral tower on 16 px patches instead (Pixtral-12B's kind: no merge, each patch one visual token, LLaVA's
-    projector), the same token counts."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, Mistral3Config, Mistral3ForConditionalGeneration
+    projector), the same token counts. With `lighton`, a `LightOnOcrForConditionalGeneration` (LightOnOCR: Mistral 3's
+    tower and projector under its own names, a Qwen3 decoder) and a processor that writes an image as one `[IMG]`
+    per visual token, without row breaks, as `LightOnOcrProcessor` does."""
+    from transformers import (LightOnOcrConfig, LightOnOcrForConditionalGeneration, LlavaConfig,
+                              LlavaForConditionalGeneration, Mistral3Config, Mistral3ForConditionalGeneration)
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     from .models.mistral3 import IMAGE_TOKENS, PixtralImageTextProcessor
@@ -671,18 +674,24 @@ def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, lla
     if llava:
         config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1, image_token_id=image_token,
                              vision_feature_select_strategy="full")
+    elif lighton:
+        text.update(model_type="qwen3", head_dim=8)
+        config = LightOnOcrConfig(vision_config=vision, text_config=text, spatial_merge_size=merge,
+                                  image_token_id=image_token, tie_word_embeddings=False)
     else:
         config = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=merge, vision_feature_layer=-1,
                                 image_token_index=image_token)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = (LlavaForConditionalGeneration if llava else Mistral3ForConditionalGeneration)(config).eval()
-    _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters(),
-             *model.lm_head.parameters()], seed)
+    model = (LlavaForConditionalGeneration if llava else LightOnOcrForConditionalGeneration if lighton
+             else Mistral3ForConditionalGeneration)(config).eval()
+    projector = model.model.vision_projection if lighton else model.model.multi_modal_projector
+    _peaked([*model.model.language_model.parameters(), *projector.parameters(), *model.lm_head.parameters()], seed)
     model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS))
     images = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 16, "width": 16},
                                       image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return model, PixtralImageTextProcessor(images, tokenizer, patch_size=patch, spatial_merge_size=merge)
+    return model, PixtralImageTextProcessor(images, tokenizer, patch_size=patch, spatial_merge_size=merge,
+                                            row_breaks=not lighton)
 
 
 def tiny_paligemma(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, version: int = 1):

@@ -19,25 +19,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlavaForConditionalGeneration, Mistral3ForConditionalGeneration
+from transformers import LightOnOcrForConditionalGeneration, LlavaForConditionalGeneration, Mistral3ForConditionalGeneration
 from transformers.models.pixtral.modeling_pixtral import apply_rotary_pos_emb
 
 from .adapters import Layout, StockAdapter, StockProcessor, encode_by_grid, tower_depth
 from .experts import ExpertRunner, ExpertSpec
 from .vlm import VisualTokens, fuse_and_prune, run_expert
 
-__all__ = ["Mistral3Adapter", "LlavaPixtralAdapter", "Mistral3Runner", "PixtralImageTextProcessor", "mistral3_adapter",
-           "IMAGE_TOKENS"]
+__all__ = ["Mistral3Adapter", "LlavaPixtralAdapter", "LightOnOcrAdapter", "Mistral3Runner", "PixtralImageTextProcessor",
+           "mistral3_adapter", "IMAGE_TOKENS"]
 
 EXPERT = "vision"
 IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")  # one visual token, a row's end, the image's end
 
 
 def mistral3_adapter(model) -> Mistral3Adapter | None:
-    """The adapter for a transformers Mistral3ForConditionalGeneration, or a LlavaForConditionalGeneration with a
-    Pixtral tower; None for any other model."""
+    """The adapter for a transformers Mistral3ForConditionalGeneration, a LightOnOcrForConditionalGeneration, or a
+    LlavaForConditionalGeneration with a Pixtral tower; None for any other model."""
     if type(model) is Mistral3ForConditionalGeneration:
         return Mistral3Adapter(model)
+    if type(model) is LightOnOcrForConditionalGeneration:
+        return LightOnOcrAdapter(model)
     if type(model) is LlavaForConditionalGeneration and model.config.vision_config.model_type == "pixtral":
         return LlavaPixtralAdapter(model)
     return None
@@ -141,13 +143,18 @@ class Mistral3Adapter(StockAdapter):
 
     IMAGE_INPUTS = ("pixel_values", "image_sizes")
     PER_IMAGE_INPUTS = ("pixel_values", "image_sizes")
+    TOWER, PROJECTOR = "vision_tower", "multi_modal_projector"  # where the model keeps them
 
     def __init__(self, model):
         self._setup(model, model.config.spatial_merge_size)
 
+    @property
+    def projector(self):
+        return getattr(self.model.model, self.PROJECTOR)
+
     def _setup(self, model, merge: int) -> None:
-        tower = model.model.vision_tower
-        depth = tower_depth(model.config.vision_feature_layer, tower.config.num_hidden_layers)
+        tower = getattr(model.model, self.TOWER)
+        depth = tower_depth(getattr(model.config, "vision_feature_layer", -1), tower.config.num_hidden_layers)
         spec = ExpertSpec(EXPERT, Mistral3Runner.kind, 0, {})
         self._locate(model, [Mistral3Runner(tower, spec, merge, depth)])
         self.patch = tower.config.patch_size
@@ -180,7 +187,7 @@ class Mistral3Adapter(StockAdapter):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(..., N, m*m*D) kept windows -> (..., N, text width): each patch RMS-normed, the window's patches
         concatenated channel by channel (the merger's unfold order) and merged, then the MLP."""
-        projector = self.model.model.multi_modal_projector
+        projector = self.projector
         window = self.runners[0].window
         patches = projector.norm(features.unflatten(-1, (window, -1)))
         merged = projector.patch_merger.merging_layer(patches.transpose(-1, -2).flatten(-2))
@@ -225,7 +232,15 @@ class LlavaPixtralAdapter(Mistral3Adapter):
         self._setup(model, 1)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(features)
+        return self.projector(features)
+
+
+class LightOnOcrAdapter(Mistral3Adapter):
+    """A `LightOnOcrForConditionalGeneration` (LightOnOCR): Mistral 3's tower and projector, kept under other names
+    (`vision_encoder`, `vision_projection`), read whole, in front of a Qwen3 decoder. Its prompts write an image
+    as one image token per window, without row breaks (`PixtralImageTextProcessor(row_breaks=False)`)."""
+
+    TOWER, PROJECTOR = "vision_encoder", "vision_projection"
 
 
 class PixtralImageTextProcessor(StockProcessor):
@@ -233,24 +248,33 @@ class PixtralImageTextProcessor(StockProcessor):
     (`PixtralImageProcessorPil`, each image resized to fit `size["longest_edge"]` with sides in multiples of
     patch_size * spatial_merge_size, padded to the batch's largest) and each `[IMG]` of the text expanded into the
     image's rows of `[IMG]` tokens, each row ended by `[IMG_BREAK]` and the last by `[IMG_END]`. Returns input_ids,
-    attention_mask (left padding), pixel_values and image_sizes."""
+    attention_mask (left padding), pixel_values and image_sizes. Without `row_breaks` (LightOnOCR's
+    `LightOnOcrProcessor`), each `image_token` becomes one of it per visual token and nothing else; `image_token`
+    is the word that stands for an image in the text and for each of its visual tokens after ("[IMG]" by default;
+    a LightOnOCR tokenizer's own `image_token` in `from_pretrained`)."""
 
     def __init__(self, image_processor, tokenizer, patch_size: int = 14, spatial_merge_size: int = 2,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, row_breaks: bool = True, image_token: str = IMAGE_TOKENS[0]):
         self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template
         self.patch_size, self.spatial_merge_size = patch_size, spatial_merge_size
-        self.image_token = IMAGE_TOKENS[0]
+        self.image_token, self.row_breaks = image_token, row_breaks
 
     @classmethod
     def from_pretrained(cls, path) -> PixtralImageTextProcessor:
-        """The processor of a Mistral 3 checkpoint folder (processor_config.json's patch and merge sizes)."""
-        from transformers import AutoTokenizer
+        """The processor of a Mistral 3 checkpoint folder (processor_config.json's patch and merge sizes); of a
+        LightOnOCR one (config.json's model_type "lighton_ocr"), without row breaks and with its tokenizer's image
+        token."""
         from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
         path = Path(path)
-        extra = json.loads((path / "processor_config.json").read_text()) if (path / "processor_config.json").is_file() else {}
-        return cls(PixtralImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                   extra.get("patch_size", 14), extra.get("spatial_merge_size", 2), cls.read_chat_template(path))
+        extra, config = ({} if not (path / name).is_file() else json.loads((path / name).read_text())
+                         for name in ("processor_config.json", "config.json"))
+        tokenizer = cls.read_tokenizer(path)
+        lighton = config.get("model_type") == "lighton_ocr"
+        token = (getattr(tokenizer, "image_token", None) or IMAGE_TOKENS[0]) if lighton else IMAGE_TOKENS[0]
+        return cls(PixtralImageProcessorPil.from_pretrained(path), tokenizer, extra.get("patch_size", 14),
+                   extra.get("spatial_merge_size", 2), cls.read_chat_template(path), row_breaks=not lighton,
+                   image_token=token)
 
     def save_pretrained(self, path) -> None:
         super().save_pretrained(path)
@@ -276,6 +300,9 @@ class PixtralImageTextProcessor(StockProcessor):
                         raise ValueError(f"the prompts hold more {self.image_token} than the {len(rows)} image(s) given")
                     h, w = rows[k]
                     k += 1
+                    if not self.row_breaks:
+                        pieces.append(self.image_token * (h * w) + part)
+                        continue
                     pieces.append(" ".join([" ".join([IMAGE_TOKENS[0]] * w + [IMAGE_TOKENS[1]])] * h)[: -len(IMAGE_TOKENS[1])]
                                   + IMAGE_TOKENS[2] + part)
                 expanded.append("".join(pieces))
