@@ -26,14 +26,16 @@ def test_cls_row_and_received_attention_equal_eager_map(tiny, images):
             torch.testing.assert_close(ctx.received_attention(), maps[i].mean((1, 2))[:, 1:], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3", "gemma3_text", "gemma2", "cohere2", "glm4"])
+@pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3", "gemma3_text", "gemma2", "cohere2", "glm4", "lfm2"])
 def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder):
     """On the project's Llama, a Qwen2 (biased q/k/v), a Qwen3 (per-head q/k norms before RoPE), a Gemma 3 text
     decoder (its own attention scale, local and global layers at different RoPE bases; a window longer than the
     sequence, which attention_rows does not apply) and a Gemma 2 (its attention logits soft-capped, here at 1 so
     that the cap binds) and a Cohere 2 (Aya Vision's: neighbouring dimensions rotated together, on its sliding
-    layers only) and a GLM-4 (GLM-4.1V's decoder: neighbouring dimensions, half of each head rotated); and the keys `key_states` gives (DART's) are the ones the layer's attention computes before
-    RoPE."""
+    layers only) and a GLM-4 (GLM-4.1V's decoder: neighbouring dimensions, half of each head rotated) and an LFM2
+    (LFM2-VL's: its own names for the norms, `operator_norm` before the mixer and `q_layernorm` / `k_layernorm`;
+    short convolutions at layers 1 and 2, attention at 0 and 3); and the keys `key_states` gives (DART's) are the
+    ones the layer's attention computes before RoPE."""
     model, _ = tiny
     lm_sdpa = model.language_model
     cfg = lm_sdpa.config.__class__(**lm_sdpa.config.to_dict())
@@ -47,6 +49,8 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
                                                         "partial_rotary_factor": 0.5})
         if decoder == "gemma2":
             extra.update(attn_logit_softcapping=1.0, query_pre_attn_scalar=1)
+        if decoder == "lfm2":
+            extra = dict(layer_types=["full_attention", "conv", "conv", "full_attention"], block_auto_adjust_ff_dim=False)
         cfg = AutoConfig.for_model(decoder, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                    num_attention_heads=8, num_key_value_heads=4, head_dim=16, **extra)
     cfg._attn_implementation = "eager"
@@ -56,14 +60,16 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
         lm.load_state_dict(lm_sdpa.state_dict())
     else:  # norms that are not the identity
         for name, weights in lm.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
+            if name.endswith(("q_norm.weight", "k_norm.weight", "q_layernorm.weight", "k_layernorm.weight",
+                          "operator_norm.weight", "ffn_norm.weight")):
                 weights.data.uniform_(0.5, 1.5)
     g = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, 13, cfg.hidden_size, generator=g)
     keys = {}  # each layer's keys before RoPE, as its attention computed them
-    for i, block in enumerate(lm.model.layers):
-        attn = block.self_attn
-        source = getattr(attn, "k_norm", None) or attn.k_proj
+    attending = [i for i, block in enumerate(lm.model.layers) if hasattr(block, "self_attn")]  # the maps are theirs
+    for i in attending:
+        attn = lm.model.layers[i].self_attn
+        source = getattr(attn, "k_norm", None) or getattr(attn, "k_layernorm", None) or attn.k_proj
         source.register_forward_hook(lambda module, args, k, i=i: keys.__setitem__(i, k.flatten(2)))
     with torch.no_grad():
         out = lm(inputs_embeds=embeds, output_attentions=True, output_hidden_states=True)
@@ -76,7 +82,7 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
             ctx = LLMLayerContext(layer, cfg.num_hidden_layers, lm.model.layers[layer], h, valid, valid, pos, pe,
                                   torch.tensor([12, 12]), valid, torch.tensor([13, 13]))
             rows = ctx.attention_rows(torch.tensor([[12, 5], [12, 7]]))  # (B, H, 2, T)
-            want = out.attentions[layer]
+            want = out.attentions[attending.index(layer)]
             torch.testing.assert_close(rows[:, :, 0], want[:, :, 12], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(rows[0, :, 1], want[0, :, 5], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(rows[1, :, 1], want[1, :, 7], atol=1e-5, rtol=1e-4)

@@ -94,17 +94,27 @@ def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
     windows' image tokens masked from layer 0 on."""
     model, processor = mistral3
     inputs = inputs_for(processor, pictures, which=(0, 1))
-    images = {k: inputs[k] for k in ("pixel_values", "image_sizes")}
+    assert_windows_dropped_per_image(
+        model, inputs, ("pixel_values", "image_sizes"), [16, 8, 16],
+        lambda image: stock_tower_without(model, inputs["pixel_values"][image], inputs["image_sizes"][image].tolist()),
+        lambda embeds, drop: masked_decoder_logits(model.model.language_model, model.lm_head, embeds,
+                                                   inputs["attention_mask"].bool(), drop, 0))
+
+
+def assert_windows_dropped_per_image(model, inputs, image_keys, spans, stock_tower_without, reference):
+    """`DropWindows(3)` inside the tower of a stock VLM whose images each have their own grid (`spans`: each image's
+    unpruned tokens, in order): image k's tokens equal `stock_tower_without(k)`'s (kept windows, their tokens), and
+    the logits on the text equal `reference(embeds, drop)`, the stock decoder on the stock embeddings with each kept
+    window's tokens at its image token, the dropped windows' columns listed per sample in `drop`."""
     with torch.no_grad():
-        tokens = adapt(model).encode_images(images, DropWindows(3))
+        tokens = adapt(model).encode_images({k: inputs[k] for k in image_keys}, DropWindows(3))
         ids = inputs["input_ids"]
         is_img = ids == model.config.image_token_id
         embeds = model.get_input_embeddings()(ids)
-        spans = [16, 8, 16]
         drop, k = [[] for _ in ids], 0
         columns = list(zip(*is_img.nonzero(as_tuple=True)))
         for image, span in enumerate(spans):
-            alive, want = stock_tower_without(model, inputs["pixel_values"][image], inputs["image_sizes"][image].tolist())
+            alive, want = stock_tower_without(image)
             assert 0 < len(alive) < span
             assert tokens.grid_index[image, : len(alive)].tolist() == alive.tolist()
             torch.testing.assert_close(tokens.features[image, : len(alive)], want, atol=1e-5, rtol=1e-5)
@@ -115,11 +125,10 @@ def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
                 else:
                     drop[r].append(int(c))
             k += span
-        reference = masked_decoder_logits(model.model.language_model, model.lm_head, embeds,
-                                          inputs["attention_mask"].bool(), drop, 0)
+        want = reference(embeds, drop)
     got = pruned_logits(model, inputs, DropWindows(3))
     text = inputs["attention_mask"].bool() & ~is_img
-    torch.testing.assert_close(got[text], reference[text], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layer", [0, 3])

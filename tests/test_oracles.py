@@ -7,7 +7,7 @@ import torch
 
 import meteor_vlm as mv
 from meteor_vlm.methods.base import PruningMethod
-from meteor_vlm.models.runtime import LLMLayerContext
+from meteor_vlm.models.runtime import RECURRENT_LAYERS, LLMLayerContext
 
 from .conftest import make_inputs
 
@@ -148,18 +148,24 @@ def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None,
 
 
 def first_attention_layer(config, layer: int) -> int:
-    """The first layer at or after `layer` that a decoder's config does not make a linear-attention one."""
+    """The first layer at or after `layer` that a decoder's config does not make a recurrent one (Qwen3.5's
+    linear-attention layers, LFM2's convolutions)."""
     kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return next(i for i in range(layer, len(kinds)) if kinds[i] != "linear_attention")
+    return next(i for i in range(layer, len(kinds)) if kinds[i] not in RECURRENT_LAYERS)
+
+
+def has_recurrent_layers(config) -> bool:
+    """Whether a decoder's config makes some of its layers recurrent (`RECURRENT_LAYERS`)."""
+    return any(kind in RECURRENT_LAYERS for kind in getattr(config, "layer_types", None) or ())
 
 
 def dropped_decoder_logits(lm, lm_head, embeds, valid, drop, layer, positions):
     """(B, T, V) logits of a stock transformers decoder backbone `lm` (its own forward, masks and cache-free
     layers) with the columns listed per sample in `drop` removed from the sequence before `layer`: each sample
     alone, unpadded, its real columns through layers 0 .. layer - 1, then its columns but the dropped ones, at
-    their (multimodal) `positions` (3, B, T), through the stock decoder cut to layers layer .. N - 1 (the
-    oracle of a decoder whose linear-attention layers read their input as a sequence, where masking a token
-    is not removing it). Logits of the removed and padded columns are zeros."""
+    their `positions` ((B, T), or (3, B, T) multimodal; None: counted over the real tokens), through the stock
+    decoder cut to layers layer .. N - 1 (the oracle of a decoder whose recurrent layers read their input as a
+    sequence, where masking a token is not removing it). Logits of the removed and padded columns are zeros."""
     B, T, _ = embeds.shape
     cfg, layers = lm.config, lm.layers
     kinds, depth = list(cfg.layer_types), cfg.num_hidden_layers
@@ -167,13 +173,20 @@ def dropped_decoder_logits(lm, lm_head, embeds, valid, drop, layer, positions):
     with torch.no_grad():
         for b in range(B):
             cols = valid[b].nonzero()[:, 0]
-            h, pos = embeds[b : b + 1, cols], positions[:, b : b + 1, cols]
+            if positions is None:
+                pos = torch.arange(len(cols))[None]
+            else:
+                pos = positions[b : b + 1, cols] if positions.dim() == 2 else positions[:, b : b + 1, cols]
+            h = embeds[b : b + 1, cols]
             if layer > 0:
-                h = lm(inputs_embeds=h, position_ids=pos, use_cache=False, output_hidden_states=True).hidden_states[layer]
+                h = lm(inputs_embeds=h, position_ids=pos, attention_mask=torch.ones(h.shape[:2], dtype=torch.long),
+                       use_cache=False, output_hidden_states=True).hidden_states[layer]
             kept = torch.tensor([int(c) not in set(drop[b]) for c in cols])
             lm.layers, cfg.num_hidden_layers, cfg.layer_types = layers[layer:], depth - layer, kinds[layer:]
             try:
-                tail = lm(inputs_embeds=h[:, kept], position_ids=pos[:, :, kept], use_cache=False).last_hidden_state
+                # an explicit mask: given none, transformers reads the kept positions' gaps as packed sequences
+                tail = lm(inputs_embeds=h[:, kept], position_ids=pos[..., kept], use_cache=False,
+                          attention_mask=torch.ones(1, int(kept.sum()), dtype=torch.long)).last_hidden_state
             finally:
                 lm.layers, cfg.num_hidden_layers, cfg.layer_types = layers, depth, kinds
             out[b, cols[kept]] = lm_head(tail)[0]

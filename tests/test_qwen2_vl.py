@@ -15,7 +15,8 @@ from meteor_vlm.models.adapters import adapt
 
 from .test_llava import assert_noop_is_the_stock_model
 from .test_oracles import (DropAt, DropWindows, check_batch_and_cache, check_beams_against_the_stock_model,
-                          dropped_decoder_logits, first_attention_layer, masked_decoder_logits, survivors)
+                          dropped_decoder_logits, first_attention_layer, has_recurrent_layers, masked_decoder_logits,
+                          survivors)
 
 PROMPTS = ["<image> what is in the image ?", "how many red circle are there ? <image> and <image> on the left",
            "<image> describe the shape ?"]
@@ -89,7 +90,7 @@ def decoder_reference(model, embeds, valid, drop, layer, positions, residuals=No
     decoder with linear-attention layers (Qwen3.5), removed from the sequence before `layer`
     (`dropped_decoder_logits`: there removing a token is not masking it)."""
     lm = model.model.language_model
-    if "linear_attention" in (getattr(lm.config, "layer_types", None) or ()):
+    if has_recurrent_layers(lm.config):
         assert not residuals
         return dropped_decoder_logits(lm, model.lm_head, embeds, valid, drop, layer, positions)
     return masked_decoder_logits(lm, model.lm_head, embeds, valid, drop, layer, positions=positions, residuals=residuals)

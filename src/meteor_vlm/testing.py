@@ -11,8 +11,8 @@ from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
-           "tiny_gemma3", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision", "tiny_mistral3", "tiny_paligemma",
-           "random_images", "TINY_WORDS", "TINY_EXPERTS"]
+           "tiny_gemma3", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision", "tiny_mistral3",
+           "tiny_paligemma", "tiny_lfm2_vl", "TinyLfm2VlProcessor", "random_images", "TINY_WORDS", "TINY_EXPERTS"]
 
 TINY_WORDS = (
     "what is in the image ? describe color shape how many are there a an of red green blue yellow circle "
@@ -692,6 +692,98 @@ def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, lla
                                       image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return model, PixtralImageTextProcessor(images, tokenizer, patch_size=patch, spatial_merge_size=merge,
                                             row_breaks=not lighton)
+
+
+class TinyLfm2VlProcessor:
+    """What transformers' `Lfm2VlProcessor` (which needs torchvision) writes for images whose sides are already
+    multiples of 16 px, each one tile (no resizing, tiling or thumbnail): each image's 8 px patches flattened as
+    SigLIP2's processor flattens them (rows of (row, column, channel)), padded to `max_patches`, with
+    spatial_shapes and pixel_attention_mask; each "<image>" in a prompt becomes <|image_start|>, one "<image>" per
+    2x2 window of patches, <|image_end|>. For the tests' tiny LFM2-VL (`tiny_lfm2_vl`); input_ids left-padded."""
+
+    image_token, start_token, end_token = "<image>", "<|image_start|>", "<|image_end|>"
+
+    def __init__(self, tokenizer, patch_size: int = 8, factor: int = 2, max_patches: int = 64):
+        self.tokenizer, self.patch_size, self.factor, self.max_patches = tokenizer, patch_size, factor, max_patches
+        self.tokenizer.padding_side = "left"
+
+    def __call__(self, images=None, text=(), return_tensors="pt", padding=True):
+        from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
+
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [im for group in images or [] for im in (group if isinstance(group, (list, tuple)) else [group])]
+        if sum(t.count(self.image_token) for t in texts) != len(images):
+            raise ValueError(f"the prompts hold {sum(t.count(self.image_token) for t in texts)} {self.image_token} "
+                             f"for {len(images)} images")
+        side, p = self.patch_size * self.factor, self.patch_size
+        pixels, shapes, masks, counts = [], [], [], iter([])
+        for im in images:
+            if im.width % side or im.height % side:
+                raise ValueError(f"an image of {im.width}x{im.height} px: its sides must be multiples of {side} px")
+            chw = (np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+            patches = convert_image_to_patches(chw, p)
+            pad = np.zeros((self.max_patches - len(patches), patches.shape[1]), dtype=np.float32)
+            pixels.append(np.concatenate([patches, pad]))
+            masks.append(np.arange(self.max_patches) < len(patches))
+            shapes.append([im.height // p, im.width // p])
+        counts = iter(h * w // self.factor**2 for h, w in shapes)
+        written = []
+        for t in texts:
+            parts = t.split(self.image_token)
+            written.append(parts[0] + "".join(self.start_token + self.image_token * next(counts) + self.end_token + part
+                                              for part in parts[1:]))
+        out = dict(self.tokenizer(written, return_tensors="pt", padding=True))
+        if images:
+            out.update(pixel_values=torch.tensor(np.stack(pixels)), spatial_shapes=torch.tensor(shapes),
+                       pixel_attention_mask=torch.tensor(np.stack(masks)))
+        return out
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def batch_decode(self, ids, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+
+def tiny_lfm2_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, layernorm: bool = True):
+    """A tiny random stock transformers `Lfm2VlForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
+    `TinyLfm2VlProcessor`: a `vision_depth`-block SigLIP2 NaFlex ViT on 8 px patches (position embeddings for a
+    4x4 grid, resized to each image's), each 2x2 window of patches one visual token (an image of 16 to 64 px a side,
+    multiples of 16, gives 1 to 16), the projector's LayerNorm and MLP, and a `num_layers`-deep LFM2 decoder 64 wide
+    with 8 heads (GQA, 4 kv heads), its layers 2 and 5 attention layers (per-head q/k norms), the others short causal
+    convolutions (kernel 3). `layernorm=False`: a projector without its LayerNorm (`projector_use_layernorm`, as
+    LFM2-VL-450M's)."""
+    from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", TinyLfm2VlProcessor.start_token,
+                                                                TinyLfm2VlProcessor.end_token]})
+    vision = dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth,
+                  num_attention_heads=4, num_patches=16, patch_size=8, vision_use_head=False)
+    kinds = ["full_attention" if i % 3 == 2 else "conv" for i in range(num_layers)]  # as LFM2-350M begins: 2, 5
+    text = dict(model_type="lfm2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, layer_types=kinds,
+                conv_L_cache=3, block_auto_adjust_ff_dim=False, max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    config = Lfm2VlConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                          projector_hidden_size=48, downsample_factor=2, tie_word_embeddings=False,
+                          projector_use_layernorm=layernorm)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Lfm2VlForConditionalGeneration(config).eval()
+    lm = model.model.language_model
+    _peaked([*lm.parameters(), *model.model.multi_modal_projector.parameters(), *model.lm_head.parameters()], seed)
+    with torch.no_grad():  # norms that are not the identity, position embeddings not all alike
+        g = torch.Generator().manual_seed(seed)
+        for layer in lm.layers:
+            attn = getattr(layer, "self_attn", None)
+            for norm in (layer.operator_norm, layer.ffn_norm, *((attn.q_layernorm, attn.k_layernorm) if attn else ())):
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
+        model.model.vision_tower.embeddings.position_embedding.weight.normal_(0, 1.0, generator=g)
+    model.generation_config.suppress_tokens = tokenizer.convert_tokens_to_ids(
+        ["<image>", TinyLfm2VlProcessor.start_token, TinyLfm2VlProcessor.end_token])
+    return model, TinyLfm2VlProcessor(tokenizer)
 
 
 def tiny_paligemma(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, version: int = 1):

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import runtime
 
 __all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "encode_by_grid", "items_in_prompt_order",
-           "tower_depth", "token_runs"]
+           "one_run_per_item", "tower_depth", "token_runs"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
              "VipLlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
@@ -47,7 +47,7 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "Glm46VForConditionalGeneration",
              "GlmOcrForConditionalGeneration", "DeepseekVLForConditionalGeneration",
              "DeepseekVLHybridForConditionalGeneration", "JanusForConditionalGeneration",
-             "Cohere2VisionForConditionalGeneration")
+             "Cohere2VisionForConditionalGeneration", "Lfm2VlForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here (output_* only when not true:
@@ -67,6 +67,7 @@ def adapt(model, method_name: str = "a pruning method"):
     from .glm4v import glm4v_adapter
     from .idefics3 import idefics3_adapter
     from .internvl import internvl_adapter
+    from .lfm2_vl import lfm2_vl_adapter
     from .llava import llava_adapter
     from .mistral3 import mistral3_adapter
     from .paligemma import paligemma_adapter
@@ -78,7 +79,7 @@ def adapt(model, method_name: str = "a pruning method"):
     adapter = (mistral3_adapter(model) or llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
                or idefics3_adapter(model) or gemma3_adapter(model) or paligemma_adapter(model)
                or aya_vision_adapter(model) or glm4v_adapter(model) or deepseek_vl_adapter(model)
-               or cohere2_vision_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
+               or cohere2_vision_adapter(model) or lfm2_vl_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
@@ -105,6 +106,14 @@ class Layout:
     extra_offset: torch.Tensor | None = None
     extra: torch.Tensor | None = None
     mixed: object | None = None
+
+
+def one_run_per_item(counts: list[int], device) -> Layout:
+    """The layout of items (images, tiles) each shown as one run of image tokens in prompt order, its tokens in grid
+    order (Mistral 3's images, LFM2-VL's tiles): item k's token g at offset g of its run; `counts` each item's."""
+    span = torch.tensor(counts, device=device)
+    grid = torch.arange(int(span.max()), device=device).expand(len(span), -1)
+    return Layout(torch.arange(len(span), device=device), grid.masked_fill(grid >= span[:, None], -1), span)
 
 
 def items_in_prompt_order(is_video: list[bool], counts: list[int], first_video: int) -> list[int]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import LightOnOcrForConditionalGeneration, LlavaForConditionalGeneration, Mistral3ForConditionalGeneration
 from transformers.models.pixtral.modeling_pixtral import apply_rotary_pos_emb
 
-from .adapters import Layout, StockAdapter, StockProcessor, encode_by_grid, tower_depth
+from .adapters import Layout, StockAdapter, StockProcessor, encode_by_grid, one_run_per_item, tower_depth
 from .experts import ExpertRunner, ExpertSpec
 from .vlm import VisualTokens, fuse_and_prune, run_expert
 
@@ -214,10 +214,7 @@ class Mistral3Adapter(StockAdapter):
 
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         """Image k's window g at offset g among its `[IMG]` tokens (the row breaks are text)."""
-        counts = torch.tensor(self._counts(self._grids(images)), device=images["pixel_values"].device)
-        grid = torch.arange(int(counts.max()), device=counts.device).expand(len(counts), -1)
-        return Layout(torch.arange(len(counts), device=counts.device), grid.masked_fill(grid >= counts[:, None], -1),
-                      counts)
+        return one_run_per_item(self._counts(self._grids(images)), images["pixel_values"].device)
 
 
 class LlavaPixtralAdapter(Mistral3Adapter):

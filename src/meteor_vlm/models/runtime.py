@@ -34,6 +34,8 @@ from .. import ops
 __all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "LLMMerge", "prefill", "decode", "compact", "at_columns",
            "generation_inputs", "decode_new_tokens", "images_for_expanded_rows"]
 
+RECURRENT_LAYERS = ("linear_attention", "conv")  # layer types that read their input as a sequence, with no keys
+
 
 @dataclass
 class DecoderParts:
@@ -48,9 +50,10 @@ class DecoderParts:
     than only within the window (Gemma 3's: the window AND (causal OR the blocks)). Adapters set it. nope_layers:
     the layers whose attention rotates nothing (Cohere 2's full-attention layers): they get the identity rotation
     (cos 1, sin 0), which their own attention ignores and `LLMLayerContext.attention_rows` applies as none.
-    A "linear_attention" layer (Qwen3.5's gated delta rule: a causal convolution and a recurrent state in place of
-    attention) takes no attention mask and no positions: it gets the real tokens' (B, T) mask, which zeroes the
-    padding's inputs, and its cache holds states, not keys (`scoring_layer`: where hooks asked before it run)."""
+    A recurrent layer (`RECURRENT_LAYERS`: Qwen3.5's "linear_attention", the gated delta rule, a causal convolution
+    and a recurrent state in place of attention; LFM2's "conv", a short causal convolution) takes no attention mask
+    and no positions: it gets the real tokens' (B, T) mask, which zeroes the padding's inputs, and its cache holds
+    states, not keys (`scoring_layer`: where hooks asked before it run)."""
 
     embed_tokens: nn.Module
     layers: nn.ModuleList
@@ -69,8 +72,9 @@ class DecoderParts:
     def of(cls, causal_lm: nn.Module) -> DecoderParts:
         """Locate the parts of a transformers *ForCausalLM with a `.model` backbone (Llama, Qwen2, Mistral...)."""
         backbone = getattr(causal_lm, "model", None)
-        needed = ("embed_tokens", "layers", "rotary_emb", "norm")
-        if backbone is None or not all(hasattr(backbone, n) for n in needed) or not hasattr(causal_lm, "lm_head"):
+        needed = ("embed_tokens", "layers", "rotary_emb")
+        normed = backbone is not None and (hasattr(backbone, "norm") or hasattr(backbone, "embedding_norm"))  # LFM2's
+        if not normed or not all(hasattr(backbone, n) for n in needed) or not hasattr(causal_lm, "lm_head"):
             raise ValueError(
                 f"unsupported language model class {type(causal_lm).__name__}: expected a Llama-style "
                 "*ForCausalLM with .model.{embed_tokens,layers,rotary_emb,norm} and .lm_head"
@@ -92,7 +96,8 @@ class DecoderParts:
             raise ValueError("the config has sliding-window layers but no sliding_window")
         types = tuple(types[: len(lm.layers)])
         cohere2 = getattr(cfg, "model_type", None) == "cohere2"
-        return cls(lm.embed_tokens, lm.layers, lm.rotary_emb, lm.norm, lm_head, types,
+        final_norm = lm.norm if hasattr(lm, "norm") else lm.embedding_norm  # LFM2's, applied last despite its name
+        return cls(lm.embed_tokens, lm.layers, lm.rotary_emb, final_norm, lm_head, types,
                    window if "sliding_attention" in types else None, getattr(cfg, "attn_logit_softcapping", None),
                    getattr(cfg, "final_logit_softcapping", None),
                    nope_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if cohere2 else ())
@@ -115,13 +120,14 @@ class DecoderParts:
         return out
 
     def is_linear(self, i: int) -> bool:
-        """Whether layer i mixes tokens by a recurrence (a "linear_attention" layer) rather than attention."""
-        return bool(self.layer_types) and self.layer_types[i] == "linear_attention"
+        """Whether layer i mixes tokens by a recurrence or a convolution (a "linear_attention" layer, Qwen3.5's; a
+        "conv" layer, LFM2's short causal convolution) rather than attention."""
+        return bool(self.layer_types) and self.layer_types[i] in RECURRENT_LAYERS
 
     def scoring_layer(self, i: int) -> int:
-        """The layer before which a hook asked for before layer i runs: i itself, or, where layer i is a
-        linear-attention layer (it has no attention to score tokens with, and every LLM-stage method scores with
-        one), the first attention layer after it. Dropping there leaves the tokens in the recurrent layers between,
+        """The layer before which a hook asked for before layer i runs: i itself, or, where layer i is a recurrent
+        layer (`is_linear`: it has no attention to score tokens with, and every LLM-stage method scores with one),
+        the first attention layer after it. Dropping there leaves the tokens in the recurrent layers between,
         which costs a little saving and nothing else. ValueError when no attention layer is at or after i."""
         j = i
         while j < len(self.layers) and self.is_linear(j):
@@ -129,7 +135,7 @@ class DecoderParts:
         if j == len(self.layers):
             full = [k for k in range(len(self.layers)) if not self.is_linear(k)]
             raise ValueError(f"LLM layer {i} has no attention layer at or after it to prune before (layers {i} to "
-                             f"{len(self.layers) - 1} are linear-attention ones); the attention layers are {full}")
+                             f"{len(self.layers) - 1} are recurrent ones, with no attention); the attention layers are {full}")
         return j
 
     def window(self, i: int) -> int | None:
@@ -186,7 +192,7 @@ def get_state(cache) -> CacheState | None:
 class LLMLayerContext:
     """What a method sees before LLM layer `layer_idx` during prefill.
 
-    layer: the layer the method scores with and drops before: layer `layer_idx`, or, where that is a linear-attention
+    layer: the layer the method scores with and drops before: layer `layer_idx`, or, where that is a recurrent
     layer, the first attention layer after it (`DecoderParts.scoring_layer`), whose input `hidden` is then.
     hidden: (B, T, D) the layer's input; valid: (B, T) real tokens; visual: (B, T) visual tokens;
     positions: (B, T) RoPE positions; query_index: (B,) column of the text query token (the last
@@ -213,8 +219,8 @@ class LLMLayerContext:
         before RoPE: the key projection, and the attention's per-head key norm where it has one (Qwen3's
         `k_norm`)."""
         attn = self.layer.self_attn
-        k = attn.k_proj(self.layer.input_layernorm(self.hidden) if normed is None else normed)
-        return _head_norm(attn, "k_norm", k)
+        k = attn.k_proj(_input_norm(self.layer)(self.hidden) if normed is None else normed)
+        return _head_norm(attn, "k", k)
 
     def attention_rows(self, query_index: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head attention of a few query rows over all current tokens, from this layer's own q/k.
@@ -231,13 +237,13 @@ class LLMLayerContext:
             (B, H, Q, T) float32 probabilities.
         """
         attn = self.layer.self_attn
-        normed = self.layer.input_layernorm(self.hidden)
+        normed = _input_norm(self.layer)(self.hidden)
         B, T, _ = normed.shape
         hd = attn.head_dim
         cos, sin = self.position_embeddings
         k = self.key_states(normed).view(B, T, -1, hd).transpose(1, 2)
         rows = ops.gather_tokens(normed, query_index)
-        q = _head_norm(attn, "q_norm", _queries(attn, rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)
+        q = _head_norm(attn, "q", _queries(attn, rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)
         qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)
         rotate = _apply_rotary_of(type(attn))  # it rotates a pair; the second here is one head, not a copy of all
         q, k = rotate(q, q[:, :1], qc, qs)[0], rotate(k, k[:, :1], cos, sin)[0]
@@ -289,10 +295,17 @@ def place_merged(answer: LLMMerge, hidden: torch.Tensor, valid: torch.Tensor, vi
     return hidden, keep | placed
 
 
-def _head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """(..., heads * head_dim) projected queries or keys through the attention's per-head norm `name` (q_norm /
-    k_norm: Qwen3's RMSNorm over each head's dims, before RoPE), or as they are where it has none."""
-    norm = getattr(attn, name, None)
+def _input_norm(layer: nn.Module) -> nn.Module:
+    """A decoder layer's norm before its token mixer: `input_layernorm`, or LFM2's `operator_norm`."""
+    norm = getattr(layer, "input_layernorm", None)
+    return norm if norm is not None else layer.operator_norm
+
+
+def _head_norm(attn: nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
+    """(..., heads * head_dim) projected queries (`which` "q") or keys ("k") through the attention's per-head norm
+    (Qwen3's `q_norm` / `k_norm`, LFM2's `q_layernorm` / `k_layernorm`: an RMSNorm over each head's dims, before
+    RoPE), or as they are where it has none."""
+    norm = getattr(attn, f"{which}_norm", None) or getattr(attn, f"{which}_layernorm", None)
     if norm is None:
         return x
     return norm(x.view(*x.shape[:-1], -1, attn.head_dim)).flatten(-2)
