@@ -89,14 +89,17 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
             torch.testing.assert_close(ctx.key_states(), keys[layer], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["glm4.1v", "glm4.5v", "qwen3.5"])
+@pytest.mark.parametrize("kind", ["glm4.1v", "glm4.5v", "qwen3.5", "paddleocr-vl"])
 def test_multimodal_attention_rows_equal_eager_map_rows_at_multimodal_positions(kind):
     """GLM-4.1V's decoder (its rotary embedding interleaves cos and sin over the first half of each head),
     GLM-4.5V's (the first half of each head, dimension i with i + d/2) and Qwen3.5's (interleaved multimodal RoPE on
     half of each head; its query projection also holds each head's output gate; attention layers 2 and 5, between
-    linear-attention ones), at multimodal positions that repeat and jump: the rows equal its eager attention map's."""
+    linear-attention ones) and PaddleOCR-VL's (Ernie 4.5 with multimodal RoPE), at multimodal positions that repeat
+    and jump: the rows equal its eager attention map's."""
     if kind == "qwen3.5":
         model, _ = mv.testing.tiny_qwen2_vl(seed=1, version="3.5")
+    elif kind == "paddleocr-vl":
+        model, _ = mv.testing.tiny_paddleocr_vl(seed=1)
     else:
         model, _ = mv.testing.tiny_glm4v(seed=1, moe=kind == "glm4.5v")
     lm = model.model.language_model

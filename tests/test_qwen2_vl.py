@@ -28,6 +28,8 @@ def tiny(version: str, **kwargs):
     """A tiny Qwen-VL of that version ("2", "2.5", "3", "3-moe"), or, for "glm4v" / "glm4v-moe", a tiny GLM-4.1V /
     GLM-4.5V: the same
     encoder in shape (2x2 merge windows, its own positions and ends) and the same kind of prompts and inputs."""
+    if version == "paddleocr":
+        return mv.testing.tiny_paddleocr_vl(**kwargs)
     if version.startswith("glm"):
         return mv.testing.tiny_glm4v(moe=version.endswith("-moe"), v46=version.startswith("glm46v"),
                                      ocr=version == "glm-ocr", **kwargs)
@@ -35,9 +37,9 @@ def tiny(version: str, **kwargs):
 
 
 @pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe", "glm46v",
-                                        "glm46v-moe", "glm-ocr"],
+                                        "glm46v-moe", "glm-ocr", "paddleocr"],
                 ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe", "glm4.1v", "glm4.5v",
-                     "glm4.6v-flash", "glm4.6v", "glm-ocr"])
+                     "glm4.6v-flash", "glm4.6v", "glm-ocr", "paddleocr-vl"])
 def qwen(request):
     return tiny(request.param, seed=2)
 
@@ -252,7 +254,33 @@ def stock_blocks_without(visual, pixels, grid_thw):
     return alive, visual.merger(hidden), [torch.stack([deepstack[k][w] for w in alive.tolist()]) for k in sorted(deepstack)]
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3", "3.5", "glm4v", "glm-ocr"])
+def paddle_blocks_without(model, pixels, grid_thw):
+    """`stock_blocks_without` for PaddleOCR-VL's encoder, whose patches come row-major: the stock embeddings, then
+    the stock blocks on the patches of the windows left (with their stock 2D rotary positions), the windows
+    `survivors` drops at each block removed, the final norm, and the stock projector over the grid with the dropped
+    windows' patches zero-filled: (kept windows, (K, D) tokens, [])."""
+    visual = model.model.visual
+    tower, m = visual.vision_model, visual.config.spatial_merge_size
+    _, h, w = grid_thw
+    grid = torch.tensor([grid_thw])
+    hidden = tower.embeddings(pixels[None], grid_thw=grid)  # (h*w, D), row-major
+    cos, sin = tower.encoder.rotary_pos_emb(hidden, get_vision_position_ids(grid, 1))
+    window_of = torch.arange(h * w).view(h // m, m, w // m, m).permute(0, 2, 1, 3).reshape(-1, m * m)
+    alive, patches = torch.arange(h * w // m**2), torch.arange(h * w)
+    for b, block in enumerate(tower.encoder.layers):
+        cu = torch.tensor([0, len(patches)], dtype=torch.int32)
+        hidden = block(hidden, cu_seqlens=cu, position_embeddings=(cos[patches], sin[patches]))
+        alive = survivors(alive, b, 4)
+        left = torch.isin(patches, window_of[alive].flatten())
+        hidden, patches = hidden[left], patches[left]
+    full = hidden.new_zeros(h * w, hidden.shape[-1])
+    full[patches] = tower.post_layernorm(hidden)
+    return alive, model.model.projector(full, grid)[alive], []
+
+
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "3.5", "glm4v", "glm-ocr", "paddleocr"])
+
+
 def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_them(version, pictures):
     """After each block of a 3-block encoder (Qwen2.5-VL: the first two windowed) a test method drops whole merge
     windows: the tokens that leave it equal the stock blocks and merger run on the packed sequence with those
@@ -271,8 +299,12 @@ def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_t
         ib, it = is_img.nonzero(as_tuple=True)
         first = 0
         for i, g in enumerate(inputs["image_grid_thw"].tolist()):
-            alive, want, deepstack = stock_blocks_without(visual, inputs["pixel_values"][starts[i]:starts[i + 1]], g)
+            pixels = inputs["pixel_values"][starts[i]:starts[i + 1]]
+            alive, want, deepstack = (paddle_blocks_without(model, pixels, g) if version == "paddleocr"
+                                      else stock_blocks_without(visual, pixels, g))
             got = tokens.features[i][tokens.mask[i]]
+            if version == "paddleocr":  # its tower hands on the kept windows' patches; the projector comes after
+                got = target.project(got)
             assert tokens.grid_index[i][tokens.mask[i]].tolist() == alive.tolist()
             assert 0 < len(alive) < g[1] * g[2] // 4
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -329,12 +361,13 @@ def test_windowed_blocks_attend_within_their_windows_with_a_per_token_bias():
 def test_proportional_attention_makes_a_merged_window_act_as_its_duplicates(qwen, block):
     """A block run with one window present three times (at its own grid position) equals, for every window, the
     block run on one copy with log(3) added to the attention logits of its four patches."""
-    from meteor_vlm.models.qwen2_vl import Qwen2VLRunner
-
     model, _ = qwen
-    runner = Qwen2VLRunner(model.model.visual, adapt(model).runners[0].spec, (1, 8, 8))  # 4 x 4 windows
+    described = adapt(model).runners[0]
+    runner = type(described)(model.model.visual, described.spec, (1, 8, 8))  # 4 x 4 windows
+    first = runner.blocks[0]
+    width = (first.norm1 if hasattr(first, "norm1") else first.layer_norm1).weight.shape[0]  # PaddleOCR-VL's name
     grid = torch.tensor([[0, 1, 5, 6, 10], [2, 3, 4, 9, 15]])
-    x = torch.randn(2, 5, runner.window * runner.module.patch_embed.embed_dim, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 5, runner.window * width, generator=torch.Generator().manual_seed(1))
     dup, dup_grid = torch.cat([x, x[:, 1:2].expand(-1, 2, -1)], 1), torch.cat([grid, grid[:, 1:2].expand(-1, 2)], 1)
     size = torch.ones(2, 5)
     size[:, 1] = 3
@@ -376,7 +409,7 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
 
 
 @pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe", "glm46v",
-                                     "glm46v-moe", "glm-ocr"])
+                                     "glm46v-moe", "glm-ocr", "paddleocr"])
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
     """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE / GLM-4.1V checkpoint folder (saved model,
     tokenizer, image processor, chat template, where an image is its processor's placeholder) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
@@ -420,9 +453,13 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
     assert main(["speed", "--model", str(ckpt), "--samples", "1", "--new-tokens", "2", "--methods",
                  "unpruned,fastv:k1-r0.5"]) == 0
     assert "fastv:k1-r0.5" in capsys.readouterr().out
-    assert main(["speed", "--model", str(ckpt), "--video", "4", "--samples", "1", "--new-tokens", "2", "--methods",
-                 "unpruned,meteor:e0.5-l3"]) == 0  # a video of 4 frames: 2 temporal patches
-    assert "a video of 4 frames" in capsys.readouterr().out
+    video = ["speed", "--model", str(ckpt), "--video", "4", "--samples", "1", "--new-tokens", "2", "--methods",
+             "unpruned,meteor:e0.5-l3"]
+    if version == "paddleocr":  # it takes no videos
+        assert main(video) == 2 and "PaddleOCR-VL takes no videos" in capsys.readouterr().err
+    else:
+        assert main(video) == 0  # a video of 4 frames: 2 temporal patches
+        assert "a video of 4 frames" in capsys.readouterr().out
     assert main(["ask", str(tmp_path / "img.png"), "what ?", "--model", str(ckpt), "--method", "tome:keep0.5",
                  "--heatmap", str(heat)]) == 0
     assert "stage 1 (in the experts): 3" in capsys.readouterr().out

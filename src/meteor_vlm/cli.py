@@ -25,6 +25,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
                "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+               "paddleocr_vl": "PaddleOCRVLForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "qianfan_ocr": "QianfanOCRForConditionalGeneration",
                "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
@@ -78,6 +79,10 @@ def _load(model_arg: str, llava: bool = False):
             from .models.qwen2_vl import Qwen2VLImageTextProcessor
 
             return model, Qwen2VLImageTextProcessor.from_pretrained(path)
+        if model_type == "paddleocr_vl":  # its processor's image processor for 4D patches, without torchvision
+            from .models.paddleocr_vl import PaddleOCRVLImageTextProcessor
+
+            return model, PaddleOCRVLImageTextProcessor.from_pretrained(path)
         if model_type in ("glm4v", "glm4v_moe", "glm46v", "glm_ocr"):  # likewise
             from .models.glm4v import Glm4vImageTextProcessor
 

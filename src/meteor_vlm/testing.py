@@ -12,7 +12,7 @@ from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
            "tiny_gemma3", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision", "tiny_mistral3",
-           "tiny_paligemma", "tiny_lfm2_vl", "TinyLfm2VlProcessor", "random_images", "TINY_WORDS", "TINY_EXPERTS"]
+           "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "TinyLfm2VlProcessor", "random_images", "TINY_WORDS", "TINY_EXPERTS"]
 
 TINY_WORDS = (
     "what is in the image ? describe color shape how many are there a an of red green blue yellow circle "
@@ -305,6 +305,43 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                       temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"))
+
+
+def tiny_paddleocr_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 2):
+    """A tiny random stock transformers `PaddleOCRVLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
+    `models.paddleocr_vl.PaddleOCRVLImageTextProcessor` where "<image>" stands for one image: a `vision_depth`-block
+    SigLIP ViT on 8 px patches (learned position embeddings for a 4x4 grid, resampled to each image's; 2D rotary
+    positions), each 2x2 window one visual token (an image of 16 to 48 px a side gives 2 to 9, by its size), the
+    projector's per-patch norm and MLP, and a `num_layers`-deep Ernie 4.5 decoder with 8 heads (GQA, 4 kv heads)
+    and multimodal RoPE."""
+    from transformers import PaddleOCRVLConfig, PaddleOCRVLForConditionalGeneration
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import PaddleOCRVLImageProcessorPil
+
+    from .models.paddleocr_vl import PaddleOCRVLImageTextProcessor
+
+    tokens = ("<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>")
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *tokens]})
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
+                  image_size=32, patch_size=8, spatial_merge_size=2)
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=8, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+    config = PaddleOCRVLConfig(vision_config=vision, text_config=text, image_token_id=ids[1], vision_start_token_id=ids[0])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = PaddleOCRVLForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.projector.parameters(),
+             *model.lm_head.parameters()], seed)
+    with torch.no_grad():  # position embeddings not all alike
+        model.model.visual.vision_model.embeddings.position_embedding.weight.normal_(
+            0, 1.0, generator=torch.Generator().manual_seed(seed))
+    model.generation_config.suppress_tokens = ids
+    images = PaddleOCRVLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
+                                          temporal_patch_size=1, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, PaddleOCRVLImageTextProcessor(images, tokenizer, alias="<image>")
 
 
 def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: bool = False, v46: bool = False,

@@ -47,7 +47,8 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "Glm46VForConditionalGeneration",
              "GlmOcrForConditionalGeneration", "DeepseekVLForConditionalGeneration",
              "DeepseekVLHybridForConditionalGeneration", "JanusForConditionalGeneration",
-             "Cohere2VisionForConditionalGeneration", "Lfm2VlForConditionalGeneration")
+             "Cohere2VisionForConditionalGeneration", "Lfm2VlForConditionalGeneration",
+             "PaddleOCRVLForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here (output_* only when not true:
@@ -70,6 +71,7 @@ def adapt(model, method_name: str = "a pruning method"):
     from .lfm2_vl import lfm2_vl_adapter
     from .llava import llava_adapter
     from .mistral3 import mistral3_adapter
+    from .paddleocr_vl import paddleocr_vl_adapter
     from .paligemma import paligemma_adapter
     from .qwen2_vl import qwen2_vl_adapter
     from .vlm import MultiEncoderVLM
@@ -79,7 +81,8 @@ def adapt(model, method_name: str = "a pruning method"):
     adapter = (mistral3_adapter(model) or llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
                or idefics3_adapter(model) or gemma3_adapter(model) or paligemma_adapter(model)
                or aya_vision_adapter(model) or glm4v_adapter(model) or deepseek_vl_adapter(model)
-               or cohere2_vision_adapter(model) or lfm2_vl_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
+               or cohere2_vision_adapter(model) or lfm2_vl_adapter(model)
+               or paddleocr_vl_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")

@@ -342,7 +342,7 @@ class Qwen2VLAdapter(StockAdapter):
         extra = {"second_per_grid_ts": seconds} if seconds is not None else {}
         grids = {k: images.get(g) if images.get(k) is not None else None for k, g in self._KINDS}
         positions, _ = self.model.model.get_rope_index(input_ids, kinds, grids["pixel_values"],
-                                                       grids["pixel_values_videos"], attention_mask=attention_mask,
+                                                       grids.get("pixel_values_videos"), attention_mask=attention_mask,
                                                        **extra)
         return positions.permute(1, 2, 0)
 
