@@ -213,7 +213,8 @@ def stock_blocks_without(visual, pixels, grid_thw):
     as the stock cu_seqlens say, and the stock attention windows of Qwen2.5-VL, as its get_vision_window_index
     lays them out, among those left; Qwen3-VL's learned position embeddings resampled to the grid, and its DeepStack
     mergers after their blocks; GLM-4.1V's norm and position embeddings after the patch embedding (GLM-OCR has
-    none), and its norm and 2x2 convolution before the merger): (kept window indices, (K, D) tokens, [(K, D) DeepStack features per level])."""
+    none), and its norm and 2x2 convolution before the merger): (kept window indices, (K, D) tokens, [(K, D)
+    DeepStack features per level])."""
     cfg, m = visual.config, visual.spatial_merge_size
     grid = torch.tensor([grid_thw])
     hidden = visual.patch_embed(pixels)

@@ -12,7 +12,8 @@ from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
            "tiny_gemma3", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision", "tiny_mistral3",
-           "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "TinyLfm2VlProcessor", "random_images", "TINY_WORDS", "TINY_EXPERTS"]
+           "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "TinyLfm2VlProcessor", "random_images", "TINY_WORDS",
+           "TINY_EXPERTS"]
 
 TINY_WORDS = (
     "what is in the image ? describe color shape how many are there a an of red green blue yellow circle "
@@ -249,8 +250,8 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     experts, 2 per token, and a shared one in every layer)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen3_5Config, Qwen3_5ForConditionalGeneration,
-                              Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
-                              Qwen3VLMoeForConditionalGeneration)
+                              Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from .models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens

@@ -135,7 +135,8 @@ class DecoderParts:
         if j == len(self.layers):
             full = [k for k in range(len(self.layers)) if not self.is_linear(k)]
             raise ValueError(f"LLM layer {i} has no attention layer at or after it to prune before (layers {i} to "
-                             f"{len(self.layers) - 1} are recurrent ones, with no attention); the attention layers are {full}")
+                             f"{len(self.layers) - 1} are recurrent ones, with no attention); the attention layers "
+                             f"are {full}")
         return j
 
     def window(self, i: int) -> int | None:
