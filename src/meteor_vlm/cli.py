@@ -25,7 +25,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
                "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
-               "paddleocr_vl": "PaddleOCRVLForConditionalGeneration",
+               "paddleocr_vl": "PaddleOCRVLForConditionalGeneration", "video_llama_3": "VideoLlama3ForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "qianfan_ocr": "QianfanOCRForConditionalGeneration",
                "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
@@ -83,6 +83,10 @@ def _load(model_arg: str, llava: bool = False):
             from .models.paddleocr_vl import PaddleOCRVLImageTextProcessor
 
             return model, PaddleOCRVLImageTextProcessor.from_pretrained(path)
+        if model_type == "video_llama_3":  # its own processor needs torchvision (videos)
+            from .models.paddleocr_vl import VideoLlama3ImageTextProcessor
+
+            return model, VideoLlama3ImageTextProcessor.from_pretrained(path)
         if model_type in ("glm4v", "glm4v_moe", "glm46v", "glm_ocr"):  # likewise
             from .models.glm4v import Glm4vImageTextProcessor
 

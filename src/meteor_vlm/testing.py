@@ -12,7 +12,8 @@ from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
            "tiny_gemma3", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision", "tiny_mistral3",
-           "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "TinyLfm2VlProcessor", "random_images", "TINY_WORDS",
+           "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "tiny_video_llama3",
+           "TinyLfm2VlProcessor", "random_images", "TINY_WORDS",
            "TINY_EXPERTS"]
 
 TINY_WORDS = (
@@ -343,6 +344,39 @@ def tiny_paddleocr_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 2)
     images = PaddleOCRVLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                           temporal_patch_size=1, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return model, PaddleOCRVLImageTextProcessor(images, tokenizer, alias="<image>")
+
+
+def tiny_video_llama3(seed: int = 0, num_layers: int = 6, vision_depth: int = 2):
+    """A tiny random stock transformers `VideoLlama3ForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
+    `models.paddleocr_vl.VideoLlama3ImageTextProcessor` where "<image>" stands for one image: a `vision_depth`-block
+    SigLIP ViT on 8 px patches with 2D rotary positions, every patch one visual token (an image of 16 to 48 px a
+    side gives 4 to 36), the projector MLP and a `num_layers`-deep Qwen2 decoder with 8 heads (GQA, 4 kv heads)."""
+    from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration
+    from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import VideoLlama3ImageProcessorPil
+
+    from .models.qwen2_vl import add_vision_tokens
+    from .models.paddleocr_vl import VideoLlama3ImageTextProcessor
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    ids = add_vision_tokens(tokenizer)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
+                  patch_size=8)
+    text = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    config = VideoLlama3Config(vision_config=vision, text_config=text, image_token_id=ids["image_token_id"],
+                               video_token_id=ids["video_token_id"])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = VideoLlama3ForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.projector.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = [ids[k] for k in ("image_token_id", "video_token_id",
+                                                                "vision_start_token_id", "vision_end_token_id")]
+    images = VideoLlama3ImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, image_mean=[0.5] * 3,
+                                          image_std=[0.5] * 3)
+    return model, VideoLlama3ImageTextProcessor(images, tokenizer, alias="<image>")
 
 
 def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: bool = False, v46: bool = False,

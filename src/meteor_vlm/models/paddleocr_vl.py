@@ -1,5 +1,5 @@
 """Pruning on a stock transformers PaddleOCR-VL (`PaddleOCRVLForConditionalGeneration`: PaddleOCR-VL-0.9B), on
-images.
+images; and on VideoLLaMA3's images (`VideoLlama3ForConditionalGeneration`), whose encoder is the same kind.
 
 PaddleOCR-VL is Qwen2-VL's layout with its own encoder: each image on its own patch grid (`image_grid_thw`), a SigLIP
 ViT with learned position embeddings resampled to the grid and 2D rotary positions in its attention, each image
@@ -17,18 +17,22 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from transformers import PaddleOCRVLForConditionalGeneration
+from transformers import PaddleOCRVLForConditionalGeneration, VideoLlama3ForConditionalGeneration
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from .experts import ExpertRunner, ExpertSpec
 from .qwen2_vl import Qwen2VLAdapter, Qwen2VLImageTextProcessor
 from .vlm import fuse_and_prune
 
-__all__ = ["PaddleOCRVLAdapter", "PaddleOCRRunner", "PaddleOCRVLImageTextProcessor", "paddleocr_vl_adapter"]
+__all__ = ["PaddleOCRVLAdapter", "PaddleOCRRunner", "PaddleOCRVLImageTextProcessor", "paddleocr_vl_adapter",
+           "VideoLlama3Adapter", "VideoLlama3Runner", "VideoLlama3ImageTextProcessor"]
 
 
 def paddleocr_vl_adapter(model) -> PaddleOCRVLAdapter | None:
-    """The adapter for a transformers PaddleOCRVLForConditionalGeneration, or None for any other model."""
+    """The adapter for a transformers PaddleOCRVLForConditionalGeneration or VideoLlama3ForConditionalGeneration, or
+    None for any other model."""
+    if type(model) is VideoLlama3ForConditionalGeneration:
+        return VideoLlama3Adapter(model)
     return PaddleOCRVLAdapter(model) if type(model) is PaddleOCRVLForConditionalGeneration else None
 
 
@@ -43,7 +47,10 @@ class PaddleOCRRunner(ExpertRunner):
 
     def __init__(self, visual, spec: ExpertSpec, grid_thw: tuple[int, int, int] | None = None):
         super().__init__(visual.vision_model, spec)
-        self.merge = visual.config.spatial_merge_size
+        self._setup(visual.config.spatial_merge_size, grid_thw)
+
+    def _setup(self, merge: int, grid_thw) -> None:
+        self.merge = merge
         self.window = self.merge**2
         self.grid_thw = None if grid_thw is None else tuple(int(v) for v in grid_thw)
         self.fixed_grid = self.grid_thw is not None
@@ -89,11 +96,15 @@ class PaddleOCRRunner(ExpertRunner):
     def _tokens(self, h: torch.Tensor) -> torch.Tensor:
         return h.reshape(h.shape[0], h.shape[1] // self.window, -1)
 
+    @property
+    def rotary_pos_emb(self):
+        return self.module.encoder.rotary_pos_emb
+
     def _rotation(self, grid: torch.Tensor, like: torch.Tensor):
         """(cos, sin), (B, L, d) each: the 2D rotary embedding of the patches of the windows in `grid` (B, N)."""
         if grid.device not in self._rotary:
             ids = get_vision_position_ids(torch.tensor([self.grid_thw], device=grid.device), 1)  # (row, col), row-major
-            self._rotary[grid.device] = self.module.encoder.rotary_pos_emb(like, ids)
+            self._rotary[grid.device] = self.rotary_pos_emb(like, ids)
         patches = self._window_patches(grid.device)[grid].flatten(1)
         return tuple(f[patches].to(like.dtype) for f in self._rotary[grid.device])
 
@@ -177,4 +188,85 @@ class PaddleOCRVLImageTextProcessor(Qwen2VLImageTextProcessor):
         from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import PaddleOCRVLImageProcessorPil
 
         return cls(PaddleOCRVLImageProcessorPil.from_pretrained(path), cls.read_tokenizer(path),
+                   cls.read_chat_template(path))
+
+
+class VideoLlama3Runner(PaddleOCRRunner):
+    """VideoLLaMA3's SigLIP ViT on still images: PaddleOCR-VL's kind of encoder (2D rotary positions in its attention,
+    its patches row-major) without learned position embeddings, each image merged by 1 (every patch one visual
+    token; the encoder's rotary embedding on itself)."""
+
+    kind = "video_llama_3"
+
+    def __init__(self, visual, spec: ExpertSpec, grid_thw: tuple[int, int, int] | None = None):
+        ExpertRunner.__init__(self, visual, spec)
+        self._setup(1, grid_thw)
+
+    @property
+    def rotary_pos_emb(self):
+        return self.module.rotary_pos_emb
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, C*p*p) each image's patches, row-major -> (B, h*w, D): the patch embedding."""
+        B, P = pixel_values.shape[:2]
+        return self.module.embeddings(pixel_values.flatten(0, 1)).view(B, P, -1)
+
+
+class VideoLlama3Adapter(PaddleOCRVLAdapter):
+    """A `VideoLlama3ForConditionalGeneration` on images (VideoLLaMA3-2B, -7B): `VideoLlama3Runner`, every patch one
+    visual token (image_merge_sizes 1, as its processor gives them), its projector MLP on each kept one, and a Qwen2
+    decoder with 1D RoPE (kept tokens at their unpruned positions). Its videos (merged 2x2 and compressed across
+    frames) are refused."""
+
+    IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_merge_sizes", "mm_token_type_ids")
+    PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_merge_sizes")
+
+    RUNNER = VideoLlama3Runner
+
+    @staticmethod
+    def visual_of(model):
+        return model.model.vision_model
+
+    def _grids(self, images: dict) -> tuple[torch.Tensor, int]:
+        merges = images.get("image_merge_sizes")
+        if merges is not None and bool((torch.as_tensor(merges) != 1).any()):
+            raise ValueError(f"image_merge_sizes {torch.as_tensor(merges).tolist()}: VideoLLaMA3's images are merged by "
+                             "1 (its processor's), only those are supported")
+        return super()._grids(images)
+
+    def _counts(self, grids: torch.Tensor) -> list[int]:
+        return grids.prod(-1).tolist()
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.projector(features)
+
+    def rope_positions(self, input_ids, attention_mask, images: dict | None):
+        return None  # 1D RoPE: the running count of real tokens
+
+    def forward(self, method, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                logits_to_keep=0, query_positions=None, **kwargs):
+        if any(kwargs.get(k) is not None for k in ("pixel_values_videos", "video_grid_thw", "video_merge_sizes")):
+            raise ValueError("VideoLLaMA3's videos are not supported while a pruning method is attached (its images are)")
+        return super().forward(method, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
+                               query_positions, **kwargs)
+
+
+class VideoLlama3ImageTextProcessor(Qwen2VLImageTextProcessor):
+    """What transformers' `VideoLlama3Processor` (which needs torchvision, for videos) does for still images: a
+    tokenizer and `VideoLlama3ImageProcessorPil` (each image's patches row-major, merged by 1); each "<|image_pad|>"
+    in a prompt becomes one per patch of the next image. Returns input_ids, attention_mask (left-padded),
+    pixel_values, image_grid_thw and image_merge_sizes. Videos are refused."""
+
+    def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True, fps=None):
+        if videos or fps is not None:
+            raise ValueError("VideoLlama3ImageTextProcessor takes images only")
+        out = super().__call__(images=images, text=text, return_tensors=return_tensors, padding=padding)
+        return {k: v for k, v in out.items() if k != "mm_token_type_ids"}  # the stock model takes none
+
+    @classmethod
+    def from_pretrained(cls, path) -> VideoLlama3ImageTextProcessor:
+        """From a VideoLLaMA3 checkpoint folder: its tokenizer, preprocessor_config.json and chat template."""
+        from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import VideoLlama3ImageProcessorPil
+
+        return cls(VideoLlama3ImageProcessorPil.from_pretrained(path), cls.read_tokenizer(path),
                    cls.read_chat_template(path))

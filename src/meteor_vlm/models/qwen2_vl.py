@@ -236,8 +236,13 @@ class Qwen2VLAdapter(StockAdapter):
     RUNNER = Qwen2VLRunner
 
     def __init__(self, model: Qwen2VLForConditionalGeneration):
-        self._locate(model, [self.RUNNER(model.model.visual, ExpertSpec(EXPERT, self.RUNNER.kind, 0, {}))])
+        self._locate(model, [self.RUNNER(self.visual_of(model), ExpertSpec(EXPERT, self.RUNNER.kind, 0, {}))])
         self.video_token_id = model.config.video_token_id
+
+    @staticmethod
+    def visual_of(model):
+        """The model's vision encoder (`model.model.visual`)."""
+        return model.model.visual
 
     def _grids(self, images: dict) -> tuple[torch.Tensor, int]:
         """(items, 3) the grids of every image, then every video, and how many are images."""
@@ -301,7 +306,7 @@ class Qwen2VLAdapter(StockAdapter):
         with the method's stage-1 pruning: (items, most tokens, D), empty slots after an item's last token. The
         items of one grid are encoded together (`Qwen2VLRunner`)."""
         grids = self._grids(images)[0]
-        visual = self.model.model.visual
+        visual = self.visual_of(self.model)
         pixels = torch.cat([images[k] for k, _ in self._KINDS if images.get(k) is not None]).to(visual.dtype)
         starts = [0, *grids.prod(-1).cumsum(0).tolist()]
 
