@@ -16,8 +16,8 @@ from meteor_vlm.models.adapters import adapt
 from .test_gemma3 import IMAGES, NOOPS, PRUNING
 from .test_internvl import assert_ask_and_speed_run_the_folder
 from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
-from .test_oracles import (DropAt, DropWindows, check_batch_and_cache, check_beams_against_the_stock_model,
-                           masked_decoder_logits, survivors)
+from .test_oracles import (DropWindows, assert_drop_at_layer_equals_masking, check_batch_and_cache,
+                           check_beams_against_the_stock_model, masked_decoder_logits, survivors)
 
 PROMPTS = ["[IMG] what is in the image ?", "[IMG] [IMG] how many red circle are there in the image on the left ?",
            "describe [IMG] what is it ?"]
@@ -135,13 +135,7 @@ def assert_windows_dropped_per_image(model, inputs, image_keys, spans, stock_tow
 def test_dropping_at_llm_layer_equals_masking_keys(mistral3, pictures, layer):
     model, processor = mistral3
     inputs = inputs_for(processor, pictures, which=(0, 1))
-    vis = inputs["input_ids"] == model.config.image_token_id
-    drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
-    got = pruned_logits(model, inputs, DropAt(layer, drop))
-    want = masked_decoder_logits(model.model.language_model, model.lm_head, stock_embeds(model, inputs),
-                                 inputs["attention_mask"].bool(), drop, layer)
-    text = inputs["attention_mask"].bool() & ~vis
-    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+    assert_drop_at_layer_equals_masking(model, inputs, stock_embeds(model, inputs), layer)
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))

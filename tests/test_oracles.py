@@ -147,6 +147,20 @@ def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None,
         return lm_head(lm.norm(h))
 
 
+def assert_drop_at_layer_equals_masking(model, inputs, embeds, layer):
+    """`DropAt(layer)` dropping every third image token of sample 0 and every other one of sample 1 of a stock VLM:
+    its logits on the text equal the stock decoder run on `embeds` (the stock model's input embeddings) with those
+    columns' keys masked from `layer` on."""
+    vis = inputs["input_ids"] == model.config.image_token_id
+    drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
+    with DropAt(layer, drop)(model), torch.no_grad():
+        got = model(**inputs, use_cache=False).logits
+    want = masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
+                                 drop, layer)
+    text = inputs["attention_mask"].bool() & ~vis
+    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+
+
 def first_attention_layer(config, layer: int) -> int:
     """The first layer at or after `layer` that a decoder's config does not make a recurrent one (Qwen3.5's
     linear-attention layers, LFM2's convolutions)."""

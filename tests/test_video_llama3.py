@@ -10,8 +10,8 @@ import meteor_vlm as mv
 
 from .test_gemma3 import NOOPS, PRUNING
 from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
-from .test_oracles import (DropAt, DropWindows, check_batch_and_cache, check_beams_against_the_stock_model,
-                           masked_decoder_logits, survivors)
+from .test_oracles import (DropWindows, assert_drop_at_layer_equals_masking, check_batch_and_cache,
+                           check_beams_against_the_stock_model, masked_decoder_logits, survivors)
 from .test_qwen2_vl import PROMPTS, SIZES, qwen_inputs
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_merge_sizes")
@@ -50,13 +50,7 @@ def test_pruning_nothing_equals_the_stock_model_and_the_block_restores_it(vl3, p
 def test_dropping_at_llm_layer_equals_masking_keys(vl3, pictures, layer):
     model, processor = vl3
     inputs = qwen_inputs(processor, pictures, which=(0, 1))
-    vis = inputs["input_ids"] == model.config.image_token_id
-    drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
-    got = pruned_logits(model, inputs, DropAt(layer, drop))
-    want = masked_decoder_logits(model.model.language_model, model.lm_head, stock_embeds(model, inputs),
-                                 inputs["attention_mask"].bool(), drop, layer)
-    text = inputs["attention_mask"].bool() & ~vis
-    torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
+    assert_drop_at_layer_equals_masking(model, inputs, stock_embeds(model, inputs), layer)
 
 
 def stock_tower_without(model, pixels, grid_thw):

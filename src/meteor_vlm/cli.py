@@ -26,6 +26,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
                "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
                "paddleocr_vl": "PaddleOCRVLForConditionalGeneration", "video_llama_3": "VideoLlama3ForConditionalGeneration",
+               "ovis2": "Ovis2ForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "qianfan_ocr": "QianfanOCRForConditionalGeneration",
                "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",

@@ -12,7 +12,7 @@ from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
            "tiny_gemma3", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision", "tiny_mistral3",
-           "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "tiny_video_llama3",
+           "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "tiny_video_llama3", "tiny_ovis2",
            "TinyLfm2VlProcessor", "random_images", "TINY_WORDS",
            "TINY_EXPERTS"]
 
@@ -377,6 +377,43 @@ def tiny_video_llama3(seed: int = 0, num_layers: int = 6, vision_depth: int = 2)
     images = VideoLlama3ImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, image_mean=[0.5] * 3,
                                           image_std=[0.5] * 3)
     return model, VideoLlama3ImageTextProcessor(images, tokenizer, alias="<image>")
+
+
+def tiny_ovis2(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, tokenize: str = "softmax"):
+    """A tiny random stock transformers `Ovis2ForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and transformers'
+    `Ovis2Processor` with the PIL image processor ("<image>" per image): 32 px tiles of 8 px patches (a large image is
+    its whole and a grid of up to 4 crops), a `vision_depth`-block AIMv2 ViT, each 2x2 window one visual token (4 per
+    tile) through the visual head (`tokenize`: "softmax" or "st_argmax") and a 64-row visual table, and a
+    `num_layers`-deep Qwen2 decoder with 8 heads (GQA, 4 kv heads)."""
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration, Ovis2Processor
+    from transformers.models.ovis2.image_processing_pil_ovis2 import Ovis2ImageProcessorPil
+
+    markers = ("<IMG_ATOM>", "<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>")
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *markers]})
+    ids = tokenizer.convert_tokens_to_ids(list(markers))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
+                  image_size=32, patch_size=8, hidden_stride=2, vocab_size=64, tokenize_function=tokenize)
+    text = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    config = Ovis2Config(vision_config=vision, text_config=text, image_token_id=ids[0], visual_indicator_token_ids=ids[1:],
+                         hidden_size=64, vocab_size=len(tokenizer), tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Ovis2ForConditionalGeneration(config).eval()
+    tower = model.model.vision_tower
+    _peaked([*model.model.language_model.parameters(), *tower.head_linear.parameters(), *model.lm_head.parameters()],
+            seed)
+    with torch.no_grad():  # a visual table as large as words
+        model.model.visual_embeddings_table.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(seed))
+    model.generation_config.suppress_tokens = ids
+    images = Ovis2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=4,
+                                    image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Ovis2Processor(images, tokenizer, image_seq_length=4)
+    tokenizer.padding_side = "left"
+    return model, processor
 
 
 def tiny_glm4v(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, moe: bool = False, v46: bool = False,

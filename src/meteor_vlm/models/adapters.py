@@ -48,7 +48,7 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "GlmOcrForConditionalGeneration", "DeepseekVLForConditionalGeneration",
              "DeepseekVLHybridForConditionalGeneration", "JanusForConditionalGeneration",
              "Cohere2VisionForConditionalGeneration", "Lfm2VlForConditionalGeneration",
-             "PaddleOCRVLForConditionalGeneration", "VideoLlama3ForConditionalGeneration")
+             "PaddleOCRVLForConditionalGeneration", "VideoLlama3ForConditionalGeneration", "Ovis2ForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here (output_* only when not true:
@@ -71,6 +71,7 @@ def adapt(model, method_name: str = "a pruning method"):
     from .lfm2_vl import lfm2_vl_adapter
     from .llava import llava_adapter
     from .mistral3 import mistral3_adapter
+    from .ovis2 import ovis2_adapter
     from .paddleocr_vl import paddleocr_vl_adapter
     from .paligemma import paligemma_adapter
     from .qwen2_vl import qwen2_vl_adapter
@@ -82,7 +83,7 @@ def adapt(model, method_name: str = "a pruning method"):
                or idefics3_adapter(model) or gemma3_adapter(model) or paligemma_adapter(model)
                or aya_vision_adapter(model) or glm4v_adapter(model) or deepseek_vl_adapter(model)
                or cohere2_vision_adapter(model) or lfm2_vl_adapter(model)
-               or paddleocr_vl_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
+               or paddleocr_vl_adapter(model) or ovis2_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
@@ -390,6 +391,11 @@ class StockAdapter:
                     delattr(model, k)
 
     # ---- the prompt ----------------------------------------------------------------------------
+    def embed_text(self, input_ids: torch.Tensor, with_images: bool) -> torch.Tensor:
+        """(B, T, D) the embeddings of the prompt's tokens (its image tokens' overwritten after): the decoder's
+        (Ovis2 embeds its image indicators with its visual table where images are given)."""
+        return self.decoder.embed_tokens(input_ids)
+
     def splice(self, input_ids, attention_mask, visual, layout: Layout | None, positions=None,
                images: dict | None = None):
         """Text embeddings with each kept visual token at its image-token column (and each extra token of the
@@ -410,7 +416,7 @@ class StockAdapter:
         if int(per_sample.sum()) != int(span.sum()) or (len(span) and bool((ib[first] != ib[first + span - 1]).any())):
             raise ValueError(f"the prompts hold {per_sample.tolist()} image tokens but the {len(span)} image(s) given "
                              f"need {span.tolist()} (the processor expands each image placeholder to them)")
-        embeds = self.decoder.embed_tokens(input_ids.masked_fill(is_img, 0))
+        embeds = self.embed_text(input_ids.masked_fill(is_img, 0), layout is not None)
         mask = attention_mask.bool()
         positions = runtime.positions_from_mask(mask) if positions is None else positions.long()
         placed = torch.zeros_like(is_img)
