@@ -76,12 +76,20 @@ def test_patches_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
     patches' image tokens masked from layer 0 on."""
     model, processor = vl3
     inputs = qwen_inputs(processor, pictures, which=(0,))
+    assert_one_images_tokens_dropped(model, inputs, IMAGE_KEYS, 24, lambda: stock_tower_without(
+        model, inputs["pixel_values"], inputs["image_grid_thw"][0].tolist()))
+
+
+def assert_one_images_tokens_dropped(model, inputs, image_keys, tokens, stock_tower_without):
+    """`DropWindows(4)` inside the tower of a stock Qwen-VL-like model on a prompt with one image of `tokens` tokens:
+    the tokens that leave it equal `stock_tower_without()`'s (kept grid indices, their tokens), and the logits on the
+    text equal the stock decoder with the dropped tokens' columns masked from layer 0 on."""
     with torch.no_grad():
-        tokens = mv.models.adapters.adapt(model).encode_images({k: inputs[k] for k in IMAGE_KEYS}, DropWindows(4))
-        alive, want = stock_tower_without(model, inputs["pixel_values"], inputs["image_grid_thw"][0].tolist())
-        kept = tokens.mask[0]
-        assert 0 < len(alive) < 24 and tokens.grid_index[0][kept].tolist() == alive.tolist()
-        torch.testing.assert_close(tokens.features[0][kept], want, atol=1e-5, rtol=1e-5)
+        visual = mv.models.adapters.adapt(model).encode_images({k: inputs[k] for k in image_keys}, DropWindows(4))
+        alive, want = stock_tower_without()
+        kept = visual.mask[0] if visual.mask is not None else torch.ones_like(visual.grid_index[0], dtype=torch.bool)
+        assert 0 < len(alive) < tokens and visual.grid_index[0][kept].tolist() == alive.tolist()
+        torch.testing.assert_close(visual.features[0][kept], want, atol=1e-5, rtol=1e-5)
         is_img = inputs["input_ids"] == model.config.image_token_id
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         cols = is_img[0].nonzero()[:, 0]
@@ -90,8 +98,7 @@ def test_patches_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
         reference = masked_decoder_logits(model.model.language_model, model.lm_head, embeds,
                                           inputs["attention_mask"].bool(), drop, 0)
     got = pruned_logits(model, inputs, DropWindows(4))
-    text = ~is_img
-    torch.testing.assert_close(got[text], reference[text], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[~is_img], reference[~is_img], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))

@@ -248,8 +248,11 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     attention layers with gated outputs, partial rotary (half of each 16-wide head) and per-head q/k norms, the others
     linear-attention layers: a causal convolution and the gated delta rule, 2 key and 4 value heads 8 wide).
     `version="3.5-moe"`: Qwen3.5's with a mixture-of-experts decoder, `Qwen3_5MoeForConditionalGeneration` (4 routed
-    experts, 2 per token, and a shared one in every layer)."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+    experts, 2 per token, and a shared one in every layer). `version="ov1.5"`: a `LlavaOnevision15ForConditionalGeneration`
+    (LLaVA-OneVision-1.5: a RICE ViT, a CLS per image with its own rotary angles, Qwen2-VL's merge windows, a Qwen3
+    decoder with 1D RoPE; still images only)."""
+    from transformers import (LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration, Qwen2_5_VLConfig,
+                              Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen3_5Config, Qwen3_5ForConditionalGeneration,
                               Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, Qwen3VLConfig,
                               Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
@@ -257,8 +260,9 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
 
     from .models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens
 
-    if version not in ("2", "2.5", "3", "3-moe", "3.5", "3.5-moe"):
-        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5', '3', '3-moe', '3.5' or '3.5-moe'")
+    if version not in ("2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "ov1.5"):
+        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5', '3', '3-moe', '3.5', '3.5-moe' or "
+                         "'ov1.5'")
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     ids = add_vision_tokens(tokenizer)
@@ -287,6 +291,10 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
         text["rope_parameters"]["partial_rotary_factor"] = 0.5
     if version == "3.5-moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    if version == "ov1.5":
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                      patch_size=8, spatial_merge_size=2, in_channels=3)
+        text.update(model_type="qwen3", head_dim=8)
     if version == "3-moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
                     mlp_only_layers=[1])
@@ -295,17 +303,24 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                              "3": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
                              "3-moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration),
                              "3.5": (Qwen3_5Config, Qwen3_5ForConditionalGeneration),
-                             "3.5-moe": (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration)}[version]
+                             "3.5-moe": (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration),
+                             "ov1.5": (LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration)}[version]
     config = config_cls(vision_config=vision, text_config=text, **ids)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
+    if version == "ov1.5":  # CLS's rotary angles and embedding as large as the patches' (not near zero)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            model.model.visual.cls_embeddings.class_pos_emb.normal_(0, 1.0, generator=g)
+            model.model.visual.cls_embeddings.class_embedding.normal_(0, 1.0, generator=g)
     mergers = [model.model.visual.merger, *getattr(model.model.visual, "deepstack_merger_list", [])]
     _peaked([*model.model.language_model.parameters(), *(p for m in mergers for p in m.parameters())], seed)
     model.generation_config.suppress_tokens = [ids[k] for k in ("image_token_id", "video_token_id",
                                                                 "vision_start_token_id", "vision_end_token_id")]
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
-                                      temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+                                      temporal_patch_size=1 if version == "ov1.5" else 2, image_mean=[0.5] * 3,
+                                      image_std=[0.5] * 3)
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"))
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+from transformers import (LlavaOnevision15ForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2VLForConditionalGeneration,
                           Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration,
                           Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
@@ -62,6 +63,8 @@ def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
     """The adapter for a transformers Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
     Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration, Qwen3_5ForConditionalGeneration or
     Qwen3_5MoeForConditionalGeneration, or None for any other model."""
+    if type(model) is LlavaOnevision15ForConditionalGeneration:
+        return LlavaOnevision15Adapter(model)
     if type(model) in (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration,
                        Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration):
         return Qwen3VLAdapter(model)
@@ -566,3 +569,83 @@ class Qwen2VLImageTextProcessor(StockProcessor):
     def _expand(cls, text: str, token: str, counts) -> str:
         """Each `token` repeated the next of `counts` times."""
         return cls._fill(text, token, (token * n for n in counts))
+
+
+class LlavaOnevision15Runner(Qwen2VLRunner):
+    """LLaVA-OneVision-1.5's RICE ViT on still images: Qwen2-VL's window tokens (each 2x2 merge window's patches side
+    by side, in the processor's order) with a CLS in front, as the encoder prepends one to each image: tokens are
+    (B, 1 + N, m*m*D), the CLS row first (its D values, then zeros), its own rotary angles (`class_pos_emb`). The
+    blocks run on CLS and the kept windows' patches; the pre-norm comes before block 0; `finalize` drops CLS and runs
+    the merger (each patch normed, the window's patches through an MLP) on each kept window."""
+
+    kind, has_cls = "llava_onevision1_5", True
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.merger.linear_fc2.out_features
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        B, P, _ = pixel_values.shape
+        visual = self.module
+        patches = visual.patch_embed(pixel_values.reshape(B * P, -1)).reshape(B, P, -1)
+        cls = visual.cls_embeddings.class_embedding.to(patches.dtype).expand(B, 1, -1)
+        return self._tokens(visual.pre_layernorm(torch.cat([cls, patches], 1)))
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        B, n = x.shape[0], x.shape[1] - 1
+        D = x.shape[-1] // self.window
+        return torch.cat([x[:, :1, :D], x[:, 1:].reshape(B, n * self.window, D)], 1)
+
+    def _tokens(self, h: torch.Tensor) -> torch.Tensor:
+        B, L, D = h.shape
+        cls = torch.cat([h[:, :1], h.new_zeros(B, 1, (self.window - 1) * D)], -1)
+        return torch.cat([cls, h[:, 1:].reshape(B, (L - 1) // self.window, -1)], 1)
+
+    def _rotary(self, grid: torch.Tensor):
+        """(cos, sin), (B, 1 + N * m*m, d) each: CLS's angles, then those of the patches of the windows in `grid`."""
+        cos, sin = super()._rotary(grid)
+        embeddings = self.module.cls_embeddings
+        angles = torch.cat([embeddings.class_pos_emb, embeddings.class_pos_emb], -1).to(cos.dtype)  # (1, d)
+        first = angles.expand(cos.shape[0], 1, -1)
+        return torch.cat([first.cos(), cos], 1), torch.cat([first.sin(), sin], 1)
+
+    def run_attention(self, i, x, bias=None, grid=None):
+        if self.grid_thw[0] != 1:
+            raise ValueError("LLaVA-OneVision-1.5's videos are not supported (a CLS per frame)")
+        block, h = self.blocks[i], self._patches(x)
+        q, k, v = self._qkv(i, h, grid)
+        mask = None
+        if bias is not None:  # CLS's, then each window's on each of its patches
+            mask = torch.cat([bias[:, :1], bias[:, 1:].repeat_interleave(self.window, 1)], 1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
+                                             scale=block.attn.scaling)
+        return self._tokens(h + block.attn.proj(out.transpose(1, 2).flatten(2))), k
+
+    def finalize(self, x):
+        B, N = x.shape[0], x.shape[1] - 1
+        return self.module.merger(x[:, 1:].reshape(B * N * self.window, -1)).view(B, N, -1)
+
+
+class LlavaOnevision15Adapter(Qwen2VLAdapter):
+    """`LlavaOnevision15ForConditionalGeneration` (LLaVA-OneVision-1.5) on images: Qwen2-VL's adapter with
+    `LlavaOnevision15Runner` (a CLS per image, which stage-1 methods that read CLS attention use) and a Qwen3 decoder
+    with 1D RoPE (kept tokens at their unpruned positions). Its videos (a CLS per frame) are refused."""
+
+    IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+    PIXEL_INPUTS = ("pixel_values",)
+    PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+    _KINDS = (("pixel_values", "image_grid_thw"),)
+
+    RUNNER = LlavaOnevision15Runner
+
+    def rope_positions(self, input_ids, attention_mask, images: dict | None):
+        return None  # its decoder rotates by 1D positions: the running count of real tokens
+
+    def forward(self, method, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                logits_to_keep=0, query_positions=None, **kwargs):
+        if kwargs.get("pixel_values_videos") is not None:
+            raise ValueError("LLaVA-OneVision-1.5's videos are not supported while a pruning method is attached "
+                             "(its images are)")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values_videos", "video_grid_thw")}
+        return super().forward(method, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
+                               query_positions, **kwargs)
