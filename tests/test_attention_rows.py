@@ -26,7 +26,8 @@ def test_cls_row_and_received_attention_equal_eager_map(tiny, images):
             torch.testing.assert_close(ctx.received_attention(), maps[i].mean((1, 2))[:, 1:], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3", "gemma3_text", "gemma2", "cohere2", "glm4", "lfm2"])
+@pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3", "gemma3_text", "gemma2", "cohere2", "glm4", "lfm2",
+                                     "exaone4"])
 def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder):
     """On the project's Llama, a Qwen2 (biased q/k/v), a Qwen3 (per-head q/k norms before RoPE), a Gemma 3 text
     decoder (its own attention scale, local and global layers at different RoPE bases; a window longer than the
@@ -49,6 +50,8 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
                                                         "partial_rotary_factor": 0.5})
         if decoder == "gemma2":
             extra.update(attn_logit_softcapping=1.0, query_pre_attn_scalar=1)
+        if decoder == "exaone4":  # post-norm layers, q/k norms, no rotation on its full-attention layers
+            extra = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)
         if decoder == "lfm2":
             extra = dict(layer_types=["full_attention", "conv", "conv", "full_attention"], block_auto_adjust_ff_dim=False)
         cfg = AutoConfig.for_model(decoder, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -1,7 +1,9 @@
-"""Stock transformers LLaVA-OneVision-1.5 (`LlavaOnevision15ForConditionalGeneration`: a RICE ViT with a CLS per image
-and Qwen2-VL's merge windows, a Qwen3 decoder with 1D RoPE) on images, under every method: no-op == stock model,
-drop == mask, batch == one by one, cached == uncached, beams; windows dropped inside the ViT == the stock blocks run
-on CLS and the patches left; its videos refused."""
+"""Stock transformers VLMs with a Qwen2-VL-style encoder before a decoder with 1D RoPE, on images: LLaVA-OneVision-1.5
+(`LlavaOnevision15ForConditionalGeneration`: a RICE ViT with a CLS per image, a Qwen3 decoder) and EXAONE 4.5
+(`Exaone4_5_ForConditionalGeneration`: Qwen2.5-VL's windowed encoder with grouped key and value heads, an EXAONE 4
+decoder, post-norm, sliding layers rotated and full ones not), under every method: no-op == stock model, drop ==
+mask, batch == one by one, cached == uncached, beams; windows dropped inside the ViT == the stock blocks run without
+them; their videos refused."""
 
 import pytest
 import torch
@@ -12,15 +14,15 @@ from .test_gemma3 import NOOPS, PRUNING
 from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
 from .test_oracles import (assert_drop_at_layer_equals_masking, check_batch_and_cache,
                            check_beams_against_the_stock_model, survivors)
-from .test_qwen2_vl import SIZES, qwen_inputs
+from .test_qwen2_vl import SIZES, qwen_inputs, stock_blocks_without
 from .test_video_llama3 import assert_one_images_tokens_dropped
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
 
-@pytest.fixture(scope="module")
-def ov15():
-    return mv.testing.tiny_qwen2_vl(version="ov1.5", seed=2)
+@pytest.fixture(scope="module", params=["ov1.5", "exaone4.5"], ids=["llava-onevision-1.5", "exaone4.5"])
+def ov15(request):
+    return mv.testing.tiny_qwen2_vl(version=request.param, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,12 @@ def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
     dropped windows' image tokens masked from layer 0 on."""
     model, processor = ov15
     inputs = qwen_inputs(processor, pictures, which=(0,))
-    assert_one_images_tokens_dropped(model, inputs, IMAGE_KEYS, 6, lambda: stock_tower_without(
-        model, inputs["pixel_values"], inputs["image_grid_thw"][0].tolist()))
+    grid = inputs["image_grid_thw"][0].tolist()
+    if hasattr(model.model.visual, "cls_embeddings"):  # LLaVA-OneVision-1.5
+        stock = lambda: stock_tower_without(model, inputs["pixel_values"], grid)  # noqa: E731
+    else:  # EXAONE 4.5: Qwen2.5-VL's windowed encoder
+        stock = lambda: stock_blocks_without(model.model.visual, inputs["pixel_values"], grid)[:2]  # noqa: E731
+    assert_one_images_tokens_dropped(model, inputs, IMAGE_KEYS, 6, stock)
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))

@@ -250,8 +250,11 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     `version="3.5-moe"`: Qwen3.5's with a mixture-of-experts decoder, `Qwen3_5MoeForConditionalGeneration` (4 routed
     experts, 2 per token, and a shared one in every layer). `version="ov1.5"`: a `LlavaOnevision15ForConditionalGeneration`
     (LLaVA-OneVision-1.5: a RICE ViT, a CLS per image with its own rotary angles, Qwen2-VL's merge windows, a Qwen3
-    decoder with 1D RoPE; still images only)."""
-    from transformers import (LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration, Qwen2_5_VLConfig,
+    decoder with 1D RoPE; still images only). `version="exaone4.5"`: an `Exaone4_5_ForConditionalGeneration` (EXAONE 4.5:
+    Qwen2.5-VL's windowed encoder with 2 key and value heads for its 4, an EXAONE 4 decoder with 1D RoPE, two sliding
+    layers (window 8) to each full one; still images only)."""
+    from transformers import (Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, LlavaOnevision15Config,
+                              LlavaOnevision15ForConditionalGeneration, Qwen2_5_VLConfig,
                               Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen3_5Config, Qwen3_5ForConditionalGeneration,
                               Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, Qwen3VLConfig,
@@ -260,9 +263,9 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
 
     from .models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens
 
-    if version not in ("2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "ov1.5"):
-        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5', '3', '3-moe', '3.5', '3.5-moe' or "
-                         "'ov1.5'")
+    if version not in ("2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "ov1.5", "exaone4.5"):
+        raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5', '3', '3-moe', '3.5', '3.5-moe', "
+                         "'ov1.5' or 'exaone4.5'")
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     ids = add_vision_tokens(tokenizer)
@@ -291,6 +294,13 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
         text["rope_parameters"]["partial_rotary_factor"] = 0.5
     if version == "3.5-moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    if version == "exaone4.5":
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, num_key_value_heads=2,
+                      out_hidden_size=64, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                      window_size=32, fullatt_block_indexes=[vision_depth - 1])
+        text.update(model_type="exaone4", head_dim=8, sliding_window=8,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * (num_layers // 3))
+        text.pop("rope_parameters")
     if version == "ov1.5":
         vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
                       patch_size=8, spatial_merge_size=2, in_channels=3)
@@ -304,7 +314,8 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                              "3-moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration),
                              "3.5": (Qwen3_5Config, Qwen3_5ForConditionalGeneration),
                              "3.5-moe": (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration),
-                             "ov1.5": (LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration)}[version]
+                             "ov1.5": (LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration),
+                             "exaone4.5": (Exaone4_5_Config, Exaone4_5_ForConditionalGeneration)}[version]
     config = config_cls(vision_config=vision, text_config=text, **ids)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -321,7 +332,8 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
                                       temporal_patch_size=1 if version == "ov1.5" else 2, image_mean=[0.5] * 3,
                                       image_std=[0.5] * 3)
-    return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"))
+    return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"),
+                                            token_types=version != "exaone4.5")
 
 
 def tiny_paddleocr_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 2):

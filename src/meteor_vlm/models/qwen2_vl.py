@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import (LlavaOnevision15ForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2VLForConditionalGeneration,
+from transformers import (Exaone4_5_ForConditionalGeneration, LlavaOnevision15ForConditionalGeneration,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
                           Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration,
                           Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
@@ -65,6 +65,8 @@ def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
     Qwen3_5MoeForConditionalGeneration, or None for any other model."""
     if type(model) is LlavaOnevision15ForConditionalGeneration:
         return LlavaOnevision15Adapter(model)
+    if type(model) is Exaone4_5_ForConditionalGeneration:
+        return Exaone45Adapter(model)
     if type(model) in (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration,
                        Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration):
         return Qwen3VLAdapter(model)
@@ -146,7 +148,13 @@ class Qwen2VLRunner(ExpertRunner):
         keys through the attention's per-head norms first, where it has them: GLM-OCR's)."""
         attn = self.blocks[i].attn
         B, L, _ = h.shape
-        q, k, v = attn.qkv(self.blocks[i].norm1(h)).view(B, L, 3, attn.num_heads, -1).unbind(2)
+        qkv = attn.qkv(self.blocks[i].norm1(h))
+        if hasattr(attn, "kv_dim"):  # EXAONE 4.5's grouped heads: fewer key and value heads, each for a group
+            q, k, v = qkv.split([attn.q_dim, attn.kv_dim, attn.kv_dim], -1)
+            q, k, v = (t.view(B, L, -1, attn.head_dim) for t in (q, k, v))
+            k, v = (t.repeat_interleave(attn.num_key_value_groups, 2) for t in (k, v))
+        else:
+            q, k, v = qkv.view(B, L, 3, attn.num_heads, -1).unbind(2)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = self._rotary(grid)
@@ -448,16 +456,17 @@ class Qwen2VLImageTextProcessor(StockProcessor):
     end, T the mean time of its frames (frame k at k / fps; 2 fps without `fps`), as Qwen3-VL's processor writes
     it, and no `second_per_grid_ts` is returned. `image_placeholder` /
     `video_placeholder` are what stand for one image / video in a prompt written by hand, and `alias`, if given,
-    a shorter word for an image (the tests' tiny models write "<image>")."""
+    a shorter word for an image (the tests' tiny models write "<image>"). Without `token_types`, no mm_token_type_ids
+    (for a model whose forward takes none, as EXAONE 4.5's)."""
 
     image_token, video_token = "<|image_pad|>", "<|video_pad|>"
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
     video_placeholder = "<|vision_start|><|video_pad|><|vision_end|>"
 
     def __init__(self, image_processor, tokenizer, chat_template: str | None = None, alias: str | None = None,
-                 timestamps: bool = False):
+                 timestamps: bool = False, token_types: bool = True):
         self.image_processor, self.tokenizer, self.alias = image_processor, tokenizer, alias
-        self.timestamps = timestamps
+        self.timestamps, self.token_types = timestamps, token_types
         self.merge_size = image_processor.merge_size
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         if self.image_token not in tokenizer.get_vocab():
@@ -540,8 +549,9 @@ class Qwen2VLImageTextProcessor(StockProcessor):
             texts = [self._expand(t, token, counts) for t in texts]
         out = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
         ids = out["input_ids"]
-        out["mm_token_type_ids"] = ((ids == self.tokenizer.convert_tokens_to_ids(self.image_token)).int()
-                                    + 2 * (ids == self.tokenizer.convert_tokens_to_ids(self.video_token)).int())
+        if self.token_types:  # not for a model whose forward takes none (EXAONE 4.5's)
+            out["mm_token_type_ids"] = ((ids == self.tokenizer.convert_tokens_to_ids(self.image_token)).int()
+                                        + 2 * (ids == self.tokenizer.convert_tokens_to_ids(self.video_token)).int())
         return {**out, **pixels}
 
     def _timestamped(self, texts: list[str], frames: list[int], rates: list[float], grids: torch.Tensor) -> list[str]:
@@ -644,8 +654,17 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
     def forward(self, method, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
                 logits_to_keep=0, query_positions=None, **kwargs):
         if kwargs.get("pixel_values_videos") is not None:
-            raise ValueError("LLaVA-OneVision-1.5's videos are not supported while a pruning method is attached "
-                             "(its images are)")
+            raise ValueError(f"{type(self.model).__name__}'s videos are not supported while a pruning method is "
+                             "attached (its images are)")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values_videos", "video_grid_thw")}
         return super().forward(method, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
                                query_positions, **kwargs)
+
+
+class Exaone45Adapter(LlavaOnevision15Adapter):
+    """`Exaone4_5_ForConditionalGeneration` (EXAONE 4.5) on images: Qwen2.5-VL's windowed encoder with grouped key and
+    value heads (`Qwen2VLRunner`, which repeats them per group as its attention does), an EXAONE 4 decoder with 1D
+    RoPE and sliding-window layers. Its videos are refused, as LLaVA-OneVision-1.5's."""
+
+    RUNNER = Qwen2VLRunner
+

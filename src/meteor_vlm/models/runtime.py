@@ -88,19 +88,22 @@ class DecoderParts:
         else every layer sliding where it has a `sliding_window` (Mistral), else every layer full. The runtime hands
         every layer its own mask, causal but for the blocks an adapter gives (`prefill(blocks=)`), so a config's
         `use_bidirectional_attention` (PaliGemma sets it, and builds its prefix's mask itself) changes nothing here.
-        A Cohere 2 decoder (Aya Vision's) rotates queries and keys on its sliding layers only."""
+        A Cohere 2 decoder (Aya Vision's) rotates queries and keys on its sliding layers only, as does an EXAONE 4
+        with sliding layers (EXAONE 4.5's)."""
         cfg = getattr(lm, "config", None)
         window = getattr(cfg, "sliding_window", None)
         types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * len(lm.layers)
         if "sliding_attention" in types and not window:
             raise ValueError("the config has sliding-window layers but no sliding_window")
         types = tuple(types[: len(lm.layers)])
-        cohere2 = getattr(cfg, "model_type", None) == "cohere2"
+        # Cohere 2 rotates on its sliding layers only, and so does EXAONE 4 where it has sliding layers
+        nope = getattr(cfg, "model_type", None) == "cohere2" or (getattr(cfg, "model_type", None) == "exaone4"
+                                                                  and "sliding_attention" in types)
         final_norm = lm.norm if hasattr(lm, "norm") else lm.embedding_norm  # LFM2's, applied last despite its name
         return cls(lm.embed_tokens, lm.layers, lm.rotary_emb, final_norm, lm_head, types,
                    window if "sliding_attention" in types else None, getattr(cfg, "attn_logit_softcapping", None),
                    getattr(cfg, "final_logit_softcapping", None),
-                   nope_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if cohere2 else ())
+                   nope_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if nope else ())
 
     def layer_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A boolean attention mask as the layers take it: itself for SDPA, or, on a decoder whose layers run eager
@@ -297,9 +300,15 @@ def place_merged(answer: LLMMerge, hidden: torch.Tensor, valid: torch.Tensor, vi
 
 
 def _input_norm(layer: nn.Module) -> nn.Module:
-    """A decoder layer's norm before its token mixer: `input_layernorm`, or LFM2's `operator_norm`."""
-    norm = getattr(layer, "input_layernorm", None)
-    return norm if norm is not None else layer.operator_norm
+    """A decoder layer's norm before its token mixer: `input_layernorm`, LFM2's `operator_norm`, or none (the
+    identity) in a post-norm layer (EXAONE 4's norms come after its attention and its MLP)."""
+    for name in ("input_layernorm", "operator_norm"):
+        norm = getattr(layer, name, None)
+        if norm is not None:
+            return norm
+    if hasattr(layer, "post_feedforward_layernorm"):
+        return nn.Identity()
+    raise ValueError(f"{type(layer).__name__} has no norm before its attention that the runtime knows")
 
 
 def _head_norm(attn: nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
