@@ -410,7 +410,7 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
 
 
 @pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe", "glm46v",
-                                     "glm46v-moe", "glm-ocr", "paddleocr"])
+                                     "glm46v-moe", "glm-ocr", "paddleocr", "exaone4.5"])
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
     """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE / GLM-4.1V checkpoint folder (saved model,
     tokenizer, image processor, chat template, where an image is its processor's placeholder) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
@@ -437,7 +437,8 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
     inputs = loaded(images=[picture], text=[prompt])
     mine = processor(images=[picture], text=["<image> what is in the image ? a"])
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
-    assert int(inputs["mm_token_type_ids"].sum()) == 6  # 48 x 32 px: 6 x 4 patches of 8 px, 2 x 2 merged
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 6  # 48 x 32 px: 6 x 4 patches, 2 x 2
+    assert ("mm_token_type_ids" in inputs) == (version != "exaone4.5")  # EXAONE 4.5's forward takes none
     heat = tmp_path / "heat.png"
     assert main(["ask", str(tmp_path / "img.png"), "what is in the image ?", "--model", str(ckpt), "--method",
                  "fastv:k1-r0.5", "--max-new-tokens", "3", "--heatmap", str(heat)]) == 0
@@ -458,6 +459,8 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
              "unpruned,meteor:e0.5-l3"]
     if version == "paddleocr":  # it takes no videos
         assert main(video) == 2 and "PaddleOCR-VL takes no videos" in capsys.readouterr().err
+    elif version == "exaone4.5":  # its videos are not supported under a method
+        assert main(video) == 2 and "videos are not supported" in capsys.readouterr().err
     else:
         assert main(video) == 0  # a video of 4 frames: 2 temporal patches
         assert "a video of 4 frames" in capsys.readouterr().out

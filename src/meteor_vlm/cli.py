@@ -26,7 +26,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
                "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
                "paddleocr_vl": "PaddleOCRVLForConditionalGeneration", "video_llama_3": "VideoLlama3ForConditionalGeneration",
-               "ovis2": "Ovis2ForConditionalGeneration",
+               "ovis2": "Ovis2ForConditionalGeneration", "exaone4_5": "Exaone4_5_ForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "qianfan_ocr": "QianfanOCRForConditionalGeneration",
                "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
@@ -76,7 +76,7 @@ def _load(model_arg: str, llava: bool = False):
         cls = getattr(transformers, STOCK_TYPES[model_type])
         model = cls.from_pretrained(path, attn_implementation="sdpa").eval()
         # Qwen-VL's AutoProcessor needs torchvision for videos
-        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
+        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "exaone4_5"):
             from .models.qwen2_vl import Qwen2VLImageTextProcessor
 
             return model, Qwen2VLImageTextProcessor.from_pretrained(path)

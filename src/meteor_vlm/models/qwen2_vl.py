@@ -475,15 +475,17 @@ class Qwen2VLImageTextProcessor(StockProcessor):
 
     @classmethod
     def from_pretrained(cls, path) -> Qwen2VLImageTextProcessor:
-        """From a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense or MoE) checkpoint folder: its tokenizer,
-        preprocessor_config.json, and the chat template of chat_template.jinja or chat_template.json where the folder
-        has one (else the tokenizer's); a Qwen3-VL's or Qwen3.5's writes each video's temporal patches with their times."""
+        """From a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense or MoE) or EXAONE 4.5 checkpoint folder: its
+        tokenizer, preprocessor_config.json, and the chat template of chat_template.jinja or chat_template.json where
+        the folder has one (else the tokenizer's); a Qwen3-VL's or Qwen3.5's writes each video's temporal patches with
+        their times; an EXAONE 4.5's returns no mm_token_type_ids (its forward takes none)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         config = Path(path) / "config.json"
-        qwen3 = config.is_file() and json.loads(config.read_text()).get("model_type") in QWEN3_TYPES
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
         return cls(Qwen2VLImageProcessorPil.from_pretrained(path), cls.read_tokenizer(path),
-                   cls.read_chat_template(path), timestamps=qwen3)
+                   cls.read_chat_template(path), timestamps=model_type in QWEN3_TYPES,
+                   token_types=model_type != "exaone4_5")
 
     def videos(self, videos) -> dict:
         """pixel_values_videos and video_grid_thw for videos given as lists of frames (see the class docstring):
