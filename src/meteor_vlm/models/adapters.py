@@ -269,6 +269,7 @@ class StockAdapter:
     PER_IMAGE_INPUTS: tuple[str, ...] = ("pixel_values",)  # indexed by image (generate must not repeat them by row)
     WHOLE_IMAGE_TILE: int = 0  # which of an image's tiles shows all of it (LLaVA-NeXT's base tile; InternVL, Idefics3: -1)
     video_token_id: int | None = None  # the prompt's video token, on models whose adapter takes videos
+    VIDEO_INPUTS_REFUSED: tuple[str, ...] = ()  # a model's video inputs its adapter does not take (refused by name)
 
     def _locate(self, model, runners: list, language_model=None) -> None:
         """Sets what every stock adapter holds, read from a transformers VLM with `model.lm_head`, a config with
@@ -450,6 +451,9 @@ class StockAdapter:
         from .vlm import prefill_stats
 
         images = {k: kwargs.pop(k, None) for k in self.IMAGE_INPUTS}
+        if any(kwargs.get(k) is not None for k in self.VIDEO_INPUTS_REFUSED):
+            raise ValueError(f"{type(self.model).__name__}'s videos are not supported while a pruning method is "
+                             "attached (its images are)")
         runtime.refuse_layer_outputs(kwargs, f"a {type(self.model).__name__} while a pruning method is attached")
         unknown = [k for k, v in kwargs.items() if k not in _HARMLESS and v is not None and v is not False]
         if unknown:

@@ -164,7 +164,19 @@ class PaddleOCRVLAdapter(Qwen2VLAdapter):
         return fuse_and_prune([tokens], [self.project(tokens.features)], self.expert_names, method)
 
 
-class PaddleOCRVLImageTextProcessor(Qwen2VLImageTextProcessor):
+class _ImagesOnly(Qwen2VLImageTextProcessor):
+    """A Qwen2-VL-style processor for a model whose adapter takes images only: videos (and a frame rate) refused
+    with `NO_VIDEOS`."""
+
+    NO_VIDEOS = "this processor takes images only"
+
+    def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True, fps=None):
+        if videos or fps is not None:
+            raise ValueError(self.NO_VIDEOS)
+        return super().__call__(images=images, text=text, return_tensors=return_tensors, padding=padding)
+
+
+class PaddleOCRVLImageTextProcessor(_ImagesOnly):
     """What transformers' `PaddleOCRVLProcessor` does: a tokenizer and `PaddleOCRVLImageProcessorPil` (each image's
     patches row-major, (patches, C, p, p)); each "<|IMAGE_PLACEHOLDER|>" in a prompt, one per image as the chat
     template writes it between <|IMAGE_START|> and <|IMAGE_END|>, becomes one per merged visual token of the next
@@ -174,13 +186,7 @@ class PaddleOCRVLImageTextProcessor(Qwen2VLImageTextProcessor):
     image_token = "<|IMAGE_PLACEHOLDER|>"
     video_token = "<|video_pad|>"  # none is written: videos are refused
     image_placeholder = "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"
-
-    def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True, fps=None):
-        if videos or fps is not None:
-            raise ValueError("PaddleOCR-VL takes no videos")
-        out = super().__call__(images=images, text=text, return_tensors=return_tensors, padding=padding)
-        image = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        return {**out, "mm_token_type_ids": (out["input_ids"] == image).int()}  # its tokenizer has no video token
+    NO_VIDEOS = "PaddleOCR-VL takes no videos"
 
     @classmethod
     def from_pretrained(cls, path) -> PaddleOCRVLImageTextProcessor:
@@ -220,6 +226,7 @@ class VideoLlama3Adapter(PaddleOCRVLAdapter):
 
     IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_merge_sizes", "mm_token_type_ids")
     PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "image_merge_sizes")
+    VIDEO_INPUTS_REFUSED = ("pixel_values_videos", "video_grid_thw", "video_merge_sizes")
 
     RUNNER = VideoLlama3Runner
 
@@ -243,25 +250,16 @@ class VideoLlama3Adapter(PaddleOCRVLAdapter):
     def rope_positions(self, input_ids, attention_mask, images: dict | None):
         return None  # 1D RoPE: the running count of real tokens
 
-    def forward(self, method, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                logits_to_keep=0, query_positions=None, **kwargs):
-        if any(kwargs.get(k) is not None for k in ("pixel_values_videos", "video_grid_thw", "video_merge_sizes")):
-            raise ValueError("VideoLLaMA3's videos are not supported while a pruning method is attached (its images are)")
-        return super().forward(method, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
-                               query_positions, **kwargs)
 
-
-class VideoLlama3ImageTextProcessor(Qwen2VLImageTextProcessor):
+class VideoLlama3ImageTextProcessor(_ImagesOnly):
     """What transformers' `VideoLlama3Processor` (which needs torchvision, for videos) does for still images: a
     tokenizer and `VideoLlama3ImageProcessorPil` (each image's patches row-major, merged by 1); each "<|image_pad|>"
     in a prompt becomes one per patch of the next image. Returns input_ids, attention_mask (left-padded),
-    pixel_values, image_grid_thw and image_merge_sizes. Videos are refused."""
+    pixel_values, image_grid_thw and image_merge_sizes (no mm_token_type_ids: the stock model takes none). Videos
+    are refused."""
 
-    def __call__(self, images=None, text=(), videos=None, return_tensors="pt", padding=True, fps=None):
-        if videos or fps is not None:
-            raise ValueError("VideoLlama3ImageTextProcessor takes images only")
-        out = super().__call__(images=images, text=text, return_tensors=return_tensors, padding=padding)
-        return {k: v for k, v in out.items() if k != "mm_token_type_ids"}  # the stock model takes none
+    TOKEN_TYPES = False
+    NO_VIDEOS = "VideoLlama3ImageTextProcessor takes images only"
 
     @classmethod
     def from_pretrained(cls, path) -> VideoLlama3ImageTextProcessor:

@@ -463,10 +463,13 @@ class Qwen2VLImageTextProcessor(StockProcessor):
     image_placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
     video_placeholder = "<|vision_start|><|video_pad|><|vision_end|>"
 
+    TOKEN_TYPES = True  # whether the processor returns mm_token_type_ids, unless told
+
     def __init__(self, image_processor, tokenizer, chat_template: str | None = None, alias: str | None = None,
-                 timestamps: bool = False, token_types: bool = True):
+                 timestamps: bool = False, token_types: bool | None = None):
         self.image_processor, self.tokenizer, self.alias = image_processor, tokenizer, alias
-        self.timestamps, self.token_types = timestamps, token_types
+        self.timestamps = timestamps
+        self.token_types = type(self).TOKEN_TYPES if token_types is None else token_types
         self.merge_size = image_processor.merge_size
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         if self.image_token not in tokenizer.get_vocab():
@@ -552,8 +555,10 @@ class Qwen2VLImageTextProcessor(StockProcessor):
         out = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
         ids = out["input_ids"]
         if self.token_types:  # not for a model whose forward takes none (EXAONE 4.5's)
-            out["mm_token_type_ids"] = ((ids == self.tokenizer.convert_tokens_to_ids(self.image_token)).int()
-                                        + 2 * (ids == self.tokenizer.convert_tokens_to_ids(self.video_token)).int())
+            vocab = self.tokenizer.get_vocab()
+            out["mm_token_type_ids"] = (ids == vocab[self.image_token]).int()
+            if self.video_token in vocab:  # (PaddleOCR-VL's tokenizer has none)
+                out["mm_token_type_ids"] += 2 * (ids == vocab[self.video_token]).int()
         return {**out, **pixels}
 
     def _timestamped(self, texts: list[str], frames: list[int], rates: list[float], grids: torch.Tensor) -> list[str]:
@@ -647,20 +652,12 @@ class LlavaOnevision15Adapter(Qwen2VLAdapter):
     PIXEL_INPUTS = ("pixel_values",)
     PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
     _KINDS = (("pixel_values", "image_grid_thw"),)
+    VIDEO_INPUTS_REFUSED = ("pixel_values_videos", "video_grid_thw")
 
     RUNNER = LlavaOnevision15Runner
 
     def rope_positions(self, input_ids, attention_mask, images: dict | None):
         return None  # its decoder rotates by 1D positions: the running count of real tokens
-
-    def forward(self, method, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                logits_to_keep=0, query_positions=None, **kwargs):
-        if kwargs.get("pixel_values_videos") is not None:
-            raise ValueError(f"{type(self.model).__name__}'s videos are not supported while a pruning method is "
-                             "attached (its images are)")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values_videos", "video_grid_thw")}
-        return super().forward(method, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
-                               query_positions, **kwargs)
 
 
 class Exaone45Adapter(LlavaOnevision15Adapter):

@@ -620,19 +620,20 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
     new_block = (tri[None] & new_valid[:, None, :]) | eye[None]  # (B, q, q)
     h = embeds
     for i, layer in enumerate(parts.layers):
-        past = state.key_valid[i][:, None, :].expand(B, q, -1)
-        window = parts.window(i)
-        block = new_block
-        if window is not None:  # keys less than `window` positions behind each new token
-            past = past & (pos[:, :, None] - state.key_positions[i][:, None, :] < window)
-            block = block & ((pos[:, :, None] - pos[:, None, :] < window) | eye[None])
-        mask = parts.layer_mask(torch.cat([past, block], dim=-1).unsqueeze(1), h.dtype)
-        if parts.is_linear(i):  # its state holds only real tokens; padding among new ones is zeroed
+        if parts.is_linear(i):  # no keys: its state holds only real tokens; padding among new ones is zeroed
             mask = None if new_valid.all() else new_valid
+        else:
+            past = state.key_valid[i][:, None, :].expand(B, q, -1)
+            window = parts.window(i)
+            block = new_block
+            if window is not None:  # keys less than `window` positions behind each new token
+                past = past & (pos[:, :, None] - state.key_positions[i][:, None, :] < window)
+                block = block & ((pos[:, :, None] - pos[:, None, :] < window) | eye[None])
+            mask = parts.layer_mask(torch.cat([past, block], dim=-1).unsqueeze(1), h.dtype)
+            state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)
+            state.key_positions[i] = torch.cat([state.key_positions[i], pos], dim=1)
         h = layer(h, attention_mask=mask, position_ids=pos, **{cache_arg(type(layer)): cache}, use_cache=True,
                   position_embeddings=pe[i])
-        state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)
-        state.key_positions[i] = torch.cat([state.key_positions[i], pos], dim=1)
     _match_cache(state, cache)
     state.next_position = state.next_position + new_valid.long().sum(1)
     return parts.norm(h)
