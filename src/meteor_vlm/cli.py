@@ -30,6 +30,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "internvl": "InternVLForConditionalGeneration", "qianfan_ocr": "QianfanOCRForConditionalGeneration",
                "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
+               "gemma4": "Gemma4ForConditionalGeneration",
                "mistral3": "Mistral3ForConditionalGeneration", "lighton_ocr": "LightOnOcrForConditionalGeneration",
                "paligemma": "PaliGemmaForConditionalGeneration",
                "aya_vision": "AyaVisionForConditionalGeneration", "glm4v": "Glm4vForConditionalGeneration",
@@ -45,7 +46,8 @@ def _load(model_arg: str, llava: bool = False):
     checkpoint folder (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a
     LLaVA-NeXT-Video one (`LlavaNextVideoImageTextProcessor`), a
     Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
-    an Idefics3 / SmolVLM one (`models.idefics3.load_processor`), a Gemma 3 one (its own AutoProcessor) or a Mistral 3
+    an Idefics3 / SmolVLM one (`models.idefics3.load_processor`), a Gemma 3 one (its own AutoProcessor), a Gemma 4 one
+    (`Gemma4ImageTextProcessor`) or a Mistral 3
     one (`PixtralImageTextProcessor`) or an Aya Vision one (`models.aya_vision.load_processor`) or a GLM-4.1V / GLM-4.5V
     one (`Glm4vImageTextProcessor`) or a DeepSeek-VL / DeepSeek-VL hybrid / Janus one (`models.deepseek_vl.load_processor`)."""
     import meteor_vlm as mv
@@ -92,6 +94,10 @@ def _load(model_arg: str, llava: bool = False):
             from .models.glm4v import Glm4vImageTextProcessor
 
             return model, Glm4vImageTextProcessor.from_pretrained(path)
+        if model_type == "gemma4":  # likewise (videos)
+            from .models.gemma4 import Gemma4ImageTextProcessor
+
+            return model, Gemma4ImageTextProcessor.from_pretrained(path)
         if model_type in ("internvl", "qianfan_ocr"):  # likewise
             from .models.internvl import InternVLImageTextProcessor
 

@@ -11,8 +11,8 @@ from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
-           "tiny_gemma3", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision", "tiny_mistral3",
-           "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "tiny_video_llama3", "tiny_ovis2",
+           "tiny_gemma3", "tiny_gemma4", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision",
+           "tiny_mistral3", "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "tiny_video_llama3", "tiny_ovis2",
            "TinyLfm2VlProcessor", "random_images", "TINY_WORDS",
            "TINY_EXPERTS"]
 
@@ -958,6 +958,57 @@ def tiny_paligemma(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, ve
              *model.lm_head.parameters()], seed)
     model.generation_config.suppress_tokens = [processor.image_token_id]
     return model, processor
+
+
+def tiny_gemma4(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, per_layer: bool = True,
+                shared_layers: int = 2, bidirectional: bool = True, k_eq_v: bool = False, moe: bool = False,
+                sliding_window: int = 8):
+    """A tiny random stock transformers `Gemma4ForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and the
+    project's `Gemma4ImageTextProcessor` with transformers' PIL image processor (images resized to at most 70
+    visual tokens, the smallest budget it takes): a `vision_depth`-block Gemma 4 ViT of 4 px patches, each 2x2
+    window averaged into one visual token, and a `num_layers`-deep Gemma 4 decoder with 8 heads (GQA, 4 kv heads) of
+    8 dims on its sliding layers (window `sliding_window` tokens, shorter than an image's run) and 16 on its full
+    ones, [sliding, sliding, full] over and over, the last one full, output logits soft-capped at 30.
+    `per_layer`: per-layer embeddings of 8 dims (E2B's and E4B's kind); `shared_layers`: that many last layers reuse
+    the keys and values of the last earlier layer of their kind; `bidirectional`: an image's tokens see each other
+    both ways on the sliding layers (use_bidirectional_attention "vision"); `k_eq_v`: the full layers' values are
+    their keys, with one kv head (31B's kind); `moe`: a mixture of 4 experts (top 2) beside each layer's MLP
+    (26B A4B's kind)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from .models.gemma4 import PROMPT_TOKENS, Gemma4ImageTextProcessor
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(PROMPT_TOKENS)})
+    ids = tokenizer.convert_tokens_to_ids(list(PROMPT_TOKENS))
+    pattern = ["sliding_attention", "sliding_attention", "full_attention"]
+    types = [pattern[i % 3] for i in range(num_layers)]
+    types[-1] = "full_attention"
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=8, global_head_dim=16,
+                sliding_window=sliding_window, layer_types=types, max_position_embeddings=512,
+                hidden_size_per_layer_input=8 if per_layer else 0, vocab_size_per_layer_input=len(tokenizer),
+                num_kv_shared_layers=shared_layers, final_logit_softcapping=30.0,
+                use_bidirectional_attention="vision" if bidirectional else None, attention_k_eq_v=k_eq_v,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    if k_eq_v:
+        text["num_global_key_value_heads"] = 1
+    if moe:
+        text.update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, boi_token_id=ids[0],
+                          eoi_token_id=ids[1], image_token_id=ids[2])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.embed_vision.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = ids
+    images = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=2)
+    return model, Gemma4ImageTextProcessor(images, tokenizer)
 
 
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

@@ -252,7 +252,8 @@ def sample_video(image, frames: int, side: int = VIDEO_SIDE) -> list:
 def _image_side(processor) -> int:
     """Side of the synthetic images to draw for a processor: its largest input size (for LLaVA-NeXT's tiles, the
     side of its largest square grid, so a square image fills it as a large photo would), at least 128; for
-    Qwen2-VL, which takes any size, QWEN_SIDE (its processor may still resize within its min and max pixels); for
+    Qwen2-VL, which takes any size, QWEN_SIDE (its processor may still resize within its min and max pixels), and
+    for Gemma 4 (which resizes every image to its budget of visual tokens); for
     InternVL, two tiles a side (2 x 2 tiles and a thumbnail); for Idefics3 and SmolVLM, the longest side their
     processor scales an image to; for Gemma 3, the side it resizes every image to (Mistral 3: the longest it takes);
     for LLaVA-OneVision, at most
@@ -261,8 +262,8 @@ def _image_side(processor) -> int:
     sizes = getattr(processor, "experts", None)
     if sizes:
         return max(128, max(s.image_size for s in sizes))
-    if hasattr(processor.image_processor, "merge_size"):
-        return QWEN_SIDE
+    if hasattr(processor.image_processor, "merge_size") or hasattr(processor.image_processor, "max_soft_tokens"):
+        return QWEN_SIDE  # Gemma 4's too takes any size (and resizes it to its budget of visual tokens)
     if hasattr(processor.image_processor, "max_patches"):  # InternVL's tiles: a square image of two tiles a side
         return max(128, 2 * processor.image_processor.size["height"])
     if hasattr(processor.image_processor, "max_image_size"):  # Idefics3 / SmolVLM: the side it scales images to

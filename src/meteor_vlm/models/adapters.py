@@ -8,8 +8,8 @@ exactly as it was afterwards; a target may also have `check_method(method)`, ask
 VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaNextVideoAdapter` / `LlavaOnevisionAdapter`
 (`models/llava.py`), `Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter`
 (`models/internvl.py`), `Idefics3Adapter` (`models/idefics3.py`, for Idefics3 and SmolVLM), `Gemma3Adapter`
-(`models/gemma3.py`), `Mistral3Adapter` / `LlavaPixtralAdapter` (`models/mistral3.py`) or `PaliGemmaAdapter`
-(`models/paligemma.py`), which patch that one instance while the block runs.
+(`models/gemma3.py`), `Gemma4Adapter` (`models/gemma4.py`), `Mistral3Adapter` / `LlavaPixtralAdapter`
+(`models/mistral3.py`) or `PaliGemmaAdapter` (`models/paligemma.py`), which patch that one instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
 shares (placing each kept token at its own image token's column, with that column's unpruned RoPE
@@ -42,8 +42,8 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "Qwen3VLMoeForConditionalGeneration", "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
              "InternVLForConditionalGeneration", "QianfanOCRForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
-             "Mistral3ForConditionalGeneration", "LightOnOcrForConditionalGeneration", "PaliGemmaForConditionalGeneration",
-             "AyaVisionForConditionalGeneration",
+             "Gemma4ForConditionalGeneration", "Mistral3ForConditionalGeneration", "LightOnOcrForConditionalGeneration",
+             "PaliGemmaForConditionalGeneration", "AyaVisionForConditionalGeneration",
              "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "Glm46VForConditionalGeneration",
              "GlmOcrForConditionalGeneration", "DeepseekVLForConditionalGeneration",
              "DeepseekVLHybridForConditionalGeneration", "JanusForConditionalGeneration",
@@ -65,6 +65,7 @@ def adapt(model, method_name: str = "a pruning method"):
     from .cohere2_vision import cohere2_vision_adapter
     from .deepseek_vl import deepseek_vl_adapter
     from .gemma3 import gemma3_adapter
+    from .gemma4 import gemma4_adapter
     from .glm4v import glm4v_adapter
     from .idefics3 import idefics3_adapter
     from .internvl import internvl_adapter
@@ -80,8 +81,8 @@ def adapt(model, method_name: str = "a pruning method"):
     if isinstance(model, (MultiEncoderVLM, StockAdapter)):
         return model
     adapter = (mistral3_adapter(model) or llava_adapter(model) or qwen2_vl_adapter(model) or internvl_adapter(model)
-               or idefics3_adapter(model) or gemma3_adapter(model) or paligemma_adapter(model)
-               or aya_vision_adapter(model) or glm4v_adapter(model) or deepseek_vl_adapter(model)
+               or idefics3_adapter(model) or gemma3_adapter(model) or gemma4_adapter(model)
+               or paligemma_adapter(model) or aya_vision_adapter(model) or glm4v_adapter(model) or deepseek_vl_adapter(model)
                or cohere2_vision_adapter(model) or lfm2_vl_adapter(model)
                or paddleocr_vl_adapter(model) or ovis2_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
@@ -492,9 +493,11 @@ class StockAdapter:
             query_col = (torch.searchsorted(input_col.contiguous(), qpos[:, None].contiguous(), right=True) - 1)[:, 0]
             if blocks is not None:  # the spliced columns' blocks
                 blocks = torch.where(input_col >= 0, blocks.gather(1, input_col.clamp_min(0)), -1)
+            spliced_ids = input_ids.gather(1, input_col.clamp_min(0))
             hidden, cols, kept = runtime.prefill(parts, embeds, valid, is_vis, query_col, cache if use_cache else None,
                                                  method.llm_layers(self.num_llm_layers), method.prune_llm, positions,
-                                                 self.layer_residuals(visual, vis_index), blocks)
+                                                 self.layer_residuals(visual, vis_index), blocks,
+                                                 parts.layer_inputs(spliced_ids, embeds, is_vis | ~valid))
             survivors = torch.where(cols >= 0, vis_index.gather(1, cols.clamp_min(0)), -1)
             unpruned = self.encoder_tokens(images) if images is not None else []
             image_owner = list(dict(zip(layout.tile_image.tolist(), owner)).values()) if layout is not None else []

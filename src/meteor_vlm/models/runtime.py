@@ -53,7 +53,11 @@ class DecoderParts:
     A recurrent layer (`RECURRENT_LAYERS`: Qwen3.5's "linear_attention", the gated delta rule, a causal convolution
     and a recurrent state in place of attention; LFM2's "conv", a short causal convolution) takes no attention mask
     and no positions: it gets the real tokens' (B, T) mask, which zeroes the padding's inputs, and its cache holds
-    states, not keys (`scoring_layer`: where hooks asked before it run)."""
+    states, not keys (`scoring_layer`: where hooks asked before it run). blocks_on_full: whether the blocks reach the
+    full-attention layers too (Gemma 3's) or only the sliding ones (Gemma 4's). kv_sources: per layer, the earlier
+    layer whose keys and values it reuses (Gemma 4's KV-shared last layers: the last layer of their kind before them,
+    handed on in `shared_kv_states`), None for a layer with its own. per_layer: the backbone whose per-layer inputs
+    each layer also takes (Gemma 4's per-layer embeddings, `layer_inputs`), or None."""
 
     embed_tokens: nn.Module
     layers: nn.ModuleList
@@ -67,6 +71,9 @@ class DecoderParts:
     blocks_over_window: bool = False
     nope_layers: tuple[int, ...] = ()
     logit_scale: float | None = None  # a factor on the head's logits (Cohere's), where the stock model applies one
+    blocks_on_full: bool = True
+    kv_sources: tuple[int | None, ...] = ()
+    per_layer: nn.Module | None = None
 
     @classmethod
     def of(cls, causal_lm: nn.Module) -> DecoderParts:
@@ -100,10 +107,25 @@ class DecoderParts:
         nope = getattr(cfg, "model_type", None) == "cohere2" or (getattr(cfg, "model_type", None) == "exaone4"
                                                                   and "sliding_attention" in types)
         final_norm = lm.norm if hasattr(lm, "norm") else lm.embedding_norm  # LFM2's, applied last despite its name
+        gemma4 = getattr(cfg, "model_type", None) == "gemma4_text"
         return cls(lm.embed_tokens, lm.layers, lm.rotary_emb, final_norm, lm_head, types,
                    window if "sliding_attention" in types else None, getattr(cfg, "attn_logit_softcapping", None),
                    getattr(cfg, "final_logit_softcapping", None),
-                   nope_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if nope else ())
+                   nope_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if nope else (),
+                   blocks_on_full=not gemma4, kv_sources=_kv_sources(getattr(cfg, "kv_sharing_modes", None), types),
+                   per_layer=lm if getattr(cfg, "hidden_size_per_layer_input", None) else None)
+
+    def layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor,
+                     visual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, T, layers, P) what each layer takes per token besides the hidden states (Gemma 4's per-layer
+        embeddings: the token's own, from input_ids, and a projection of its input embedding `embeds`), or None on a
+        decoder without. `visual` (B, T) bool: columns whose own embedding is the pad token's (visual tokens and
+        padding, as the stock model gives them)."""
+        if self.per_layer is None:
+            return None
+        if visual is not None:
+            input_ids = input_ids.masked_fill(visual, self.per_layer.config.pad_token_id)
+        return self.per_layer.project_per_layer_inputs(embeds, self.per_layer.get_per_layer_inputs(input_ids, embeds))
 
     def layer_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A boolean attention mask as the layers take it: itself for SDPA, or, on a decoder whose layers run eager
@@ -164,6 +186,24 @@ class DecoderParts:
         return out
 
 
+def _kv_sources(modes, types: tuple[str, ...]) -> tuple[int | None, ...]:
+    """Per layer, the layer whose keys and values it reuses (a "reuse" layer of Gemma 4's `kv_sharing_modes`: the
+    last layer of its kind that stores them), None for the others; () without sharing."""
+    if not modes or "reuse" not in modes:
+        return ()
+    stored, out = {}, []
+    for i, (mode, kind) in enumerate(zip(modes, types)):
+        if mode == "reuse":
+            if kind not in stored:
+                raise ValueError(f"layer {i} reuses the keys of an earlier {kind} layer, but none stores them")
+            out.append(stored[kind])
+        else:
+            out.append(None)
+            if mode == "store":
+                stored[kind] = i
+    return tuple(out)
+
+
 @functools.cache
 def _takes_layer_type(rotary_cls: type) -> bool:
     return "layer_type" in inspect.signature(rotary_cls.forward).parameters
@@ -204,6 +244,8 @@ class LLMLayerContext:
     (methods that want only the text after the first image, like METEOR's "text" query, restrict it);
     llm_visual_tokens: (B,) visual tokens that entered the LLM (before any stage-3 drop). With multimodal RoPE
     (Qwen2-VL), positions holds each token's first (temporal) component, a text token's own position.
+    shared_keys: on a layer that reuses an earlier layer's keys (Gemma 4's KV-shared layers, `DecoderParts.kv_sources`),
+    those keys, (B, KV_heads, T, head_dim) with RoPE applied, for the current columns; None elsewhere.
     """
 
     layer_idx: int
@@ -217,12 +259,17 @@ class LLMLayerContext:
     query_index: torch.Tensor
     text_query_mask: torch.Tensor
     llm_visual_tokens: torch.Tensor
+    shared_keys: torch.Tensor | None = None
 
     def key_states(self, normed: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, KV_heads * head_dim) this layer's keys of its normed input (`normed`, if the caller has it),
         before RoPE: the key projection, and the attention's per-head key norm where it has one (Qwen3's
-        `k_norm`)."""
+        `k_norm`). On a layer that reuses an earlier layer's keys (`shared_keys`), those keys, RoPE undone."""
         attn = self.layer.self_attn
+        if self.shared_keys is not None:
+            cos, sin = self.position_embeddings
+            k = _rotate_one(type(attn), self.shared_keys, cos, -sin)  # the inverse rotation
+            return k.transpose(1, 2).flatten(2)
         k = attn.k_proj(_input_norm(self.layer)(self.hidden) if normed is None else normed)
         return _head_norm(attn, "k", k)
 
@@ -245,12 +292,14 @@ class LLMLayerContext:
         B, T, _ = normed.shape
         hd = attn.head_dim
         cos, sin = self.position_embeddings
-        k = self.key_states(normed).view(B, T, -1, hd).transpose(1, 2)
         rows = ops.gather_tokens(normed, query_index)
         q = _head_norm(attn, "q", _queries(attn, rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)
         qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)
-        rotate = _apply_rotary_of(type(attn))  # it rotates a pair; the second here is one head, not a copy of all
-        q, k = rotate(q, q[:, :1], qc, qs)[0], rotate(k, k[:, :1], cos, sin)[0]
+        q = _rotate_one(type(attn), q, qc, qs)
+        if self.shared_keys is not None:
+            k = self.shared_keys.to(q.dtype)
+        else:
+            k = _rotate_one(type(attn), self.key_states(normed).view(B, T, -1, hd).transpose(1, 2), cos, sin)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         cols = torch.arange(T, device=normed.device)
         key_mask = self.valid[:, None, :] & (cols[None, None, :] <= query_index[:, :, None])
@@ -351,6 +400,15 @@ def _apply_rotary_of(attention_cls: type) -> Callable:
     return getattr(sys.modules.get(attention_cls.__module__), "apply_rotary_pos_emb", _apply_rotary)
 
 
+def _rotate_one(attention_cls: type, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, d) x rotated as the attention class's module rotates its queries and keys: its
+    `apply_rotary_pos_emb` rotates a pair (q, k) in most modules, one tensor in Gemma 4's."""
+    rotate = _apply_rotary_of(attention_cls)
+    if next(iter(inspect.signature(rotate).parameters)) == "x":  # one tensor (Gemma 4's)
+        return rotate(x, cos, sin)
+    return rotate(x, x[:, :1], cos, sin)[0]  # a pair; the second here is one head, not a copy of all
+
+
 def positions_from_mask(valid: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE positions of a (left-)padded batch: running count of real tokens (padding gets 0)."""
     pos = valid.long().cumsum(1) - 1
@@ -436,6 +494,7 @@ def prefill(
     positions: torch.Tensor | None = None,
     residuals: list[torch.Tensor] | None = None,
     blocks: torch.Tensor | None = None,
+    layer_inputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     """Run all decoder layers on a full sequence, letting `hook` drop visual tokens before chosen layers.
 
@@ -454,6 +513,11 @@ def prefill(
             visual token's features from a vision block, zeros elsewhere); they leave with their tokens.
         blocks: (B, T) long, tokens that see each other both ways (Gemma 3: an image's tokens) share an id >= 0;
             -1 elsewhere. None: every layer causal.
+        layer_inputs: (B, T, layers, P) what each layer takes per token besides its hidden states
+            (`DecoderParts.layer_inputs`, Gemma 4's per-layer embeddings); they leave with their tokens.
+    Where a layer reuses an earlier layer's keys and values (`DecoderParts.kv_sources`), those leave with their
+    tokens too: dropping at a layer after the one that made them masks them from there on, and the cache (which
+    holds them once, in the earlier layer) keeps, for the reusing layer, which of them it still sees.
     Returns:
         hidden (B, T', D) after the final norm, cols (B, T') the original column of each output
         (-1 for padding), and {layer: (B,) visual tokens kept from that layer on}.
@@ -476,8 +540,9 @@ def prefill(
     windows = [parts.window(i) for i in range(len(parts.layers))]
 
     def attention_inputs():  # per layer (cos, sin), and the masks by window, for the columns now present
-        masks = {w: parts.layer_mask(prefill_mask(valid, _text_positions(pos), blocks, w, parts.blocks_over_window),
-                                     h.dtype) for w in dict.fromkeys(windows)}
+        masks = {w: parts.layer_mask(prefill_mask(valid, _text_positions(pos),
+                                                  blocks if w is not None or parts.blocks_on_full else None, w,
+                                                  parts.blocks_over_window), h.dtype) for w in dict.fromkeys(windows)}
         return parts.position_embeddings(h, _rope_ids(pos)), masks
 
     pe, masks = attention_inputs()
@@ -487,12 +552,16 @@ def prefill(
     asked: dict[int, list[int]] = {}  # the layer each hook runs before, and the layers it was asked for there
     for i in sorted(hook_layers) if hook is not None else ():
         asked.setdefault(parts.scoring_layer(i), []).append(i)
+    shared: dict = {}  # the keys and values a layer stores for later ones to reuse, by kind of layer (Gemma 4's)
+    made_at: dict[int, torch.Tensor] = {}  # the columns present when a layer that stores them ran
     for i, layer in enumerate(parts.layers):
+        source = parts.kv_sources[i] if parts.kv_sources else None
         for wanted in asked.get(i, ()):
             qidx = (cols == query_col[:, None]).long().argmax(1)
             text_q = valid & ~visual & (cols <= query_col[:, None])
             ctx = LLMLayerContext(wanted, len(parts.layers), layer, h, valid, visual, _text_positions(pos), pe[i], qidx,
-                                  text_q, entered)
+                                  text_q, entered,
+                                  None if source is None else shared[parts.layer_types[i]][0])
             keep = hook(ctx)
             if isinstance(keep, LLMMerge):
                 h, keep = place_merged(keep, h, valid, visual)
@@ -500,9 +569,17 @@ def prefill(
                 if (~keep & valid & ~visual).any():
                     raise ValueError(f"layer {i}: a method tried to drop text tokens; only visual tokens may be dropped")
                 residuals, n = residuals or [], len(residuals or [])
-                extra = [] if blocks is None else [blocks]
-                valid, h, pos, visual, cols, *rest = compact(keep & valid, h, pos, visual, cols, *residuals, *extra)
-                residuals, blocks = rest[:n], (rest[n] if blocks is not None else None)
+                extra = ([] if blocks is None else [blocks]) + ([] if layer_inputs is None else [layer_inputs])
+                kv = [t.transpose(1, 2) for pair in shared.values() for t in pair]  # (B, T, heads, d) each
+                valid, h, pos, visual, cols, *rest = compact(keep & valid, h, pos, visual, cols, *residuals, *extra,
+                                                             *kv)
+                residuals, rest = rest[:n], rest[n:]
+                if blocks is not None:
+                    blocks, rest = rest[0], rest[1:]
+                if layer_inputs is not None:
+                    layer_inputs, rest = rest[0], rest[1:]
+                shared = {kind: (rest[2 * j].transpose(1, 2), rest[2 * j + 1].transpose(1, 2))
+                          for j, kind in enumerate(shared)}
                 cols = cols.masked_fill(~valid, -1)
                 pe, masks = attention_inputs()
                 kept[i] = (visual & valid).sum(1)
@@ -513,24 +590,32 @@ def prefill(
             **{cache_arg(type(layer)): cache},
             use_cache=cache is not None,
             position_embeddings=pe[i],
+            **_layer_extras(type(layer), layer_inputs, i, shared),
         )
         if residuals and i < len(residuals):
             h = h + residuals[i].to(h.dtype)
-        key_valid.append(valid)
-        key_positions.append(_text_positions(pos))
+        if source is None:
+            made_at[i] = cols
+            key_valid.append(valid)
+            key_positions.append(_text_positions(pos))
+        else:  # its keys are those its source cached: which of them it still sees
+            seen = (made_at[source][:, :, None] == cols[:, None, :]) & (cols >= 0)[:, None, :]
+            key_valid.append(key_valid[source] & seen.any(-1))
+            key_positions.append(key_positions[source])
     if cache is not None:
         state = CacheState(key_valid, nxt, seen=0, key_positions=key_positions)
-        _match_cache(state, cache)
+        _match_cache(state, cache, parts.kv_sources)
         setattr(cache, _STATE_ATTR, state)
     return parts.norm(h), cols, kept
 
 
-def _match_cache(state: CacheState, cache) -> None:
+def _match_cache(state: CacheState, cache, kv_sources: tuple[int | None, ...] = ()) -> None:
     """Keep, per layer, as many key columns in `state` as the cache holds (a sliding-window cache layer keeps only
-    its last keys; the others keep all)."""
+    its last keys; the others keep all); a layer that reuses another's keys (`kv_sources`) as many as that one's."""
     layers = getattr(cache, "layers", None)
     for i, kv in enumerate(state.key_valid):
-        keys = getattr(layers[i], "keys", None) if layers is not None and i < len(layers) else None
+        j = kv_sources[i] if kv_sources and kv_sources[i] is not None else i
+        keys = getattr(layers[j], "keys", None) if layers is not None and j < len(layers) else None
         if keys is not None and keys.dim() >= 2 and keys.shape[-2] < kv.shape[1]:
             n = keys.shape[-2]
             state.key_valid[i] = kv[:, kv.shape[1] - n :]
@@ -594,18 +679,38 @@ def images_for_expanded_rows(image_rows: torch.Tensor, batch_size: int, expand_s
 
 
 @functools.cache
+def _takes(module_cls: type, name: str) -> bool:
+    return name in inspect.signature(module_cls.forward).parameters
+
+
+def _layer_extras(layer_cls: type, layer_inputs: torch.Tensor | None, i: int, shared: dict) -> dict:
+    """What a decoder layer takes besides the usual arguments: its per-layer input (Gemma 4's, from (B, T, layers, P)
+    `layer_inputs`) and the dict through which layers hand on keys and values to reuse (Gemma 4's `shared_kv_states`:
+    its storing layers write it even where none reuses them)."""
+    extras = {}
+    if layer_inputs is not None:
+        extras["per_layer_input"] = layer_inputs[:, :, i]
+    if _takes(layer_cls, "shared_kv_states"):
+        extras["shared_kv_states"] = shared
+    return extras
+
+
 def cache_arg(module_cls: type) -> str:
     """The keyword a transformers module takes its KV cache by: `cache` from transformers 5.24 on,
     `past_key_values` before (the old name still works there, with a deprecation warning)."""
-    return "cache" if "cache" in inspect.signature(module_cls.forward).parameters else "past_key_values"
+    return "cache" if _takes(module_cls, "cache") else "past_key_values"
 
 
-def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, cache) -> torch.Tensor:
+def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, cache,
+           layer_inputs: torch.Tensor | None = None) -> torch.Tensor:
     """Run new tokens through all layers against a cache filled by `prefill` (possibly pruned).
 
     Args:
         embeds: (B, q, D) embeddings of the new tokens; new_valid: (B, q) bool.
         cache: the DynamicCache that prefill filled (it carries a CacheState).
+        layer_inputs: (B, q, layers, P) the new tokens' per-layer inputs (`DecoderParts.layer_inputs`), if any.
+        A layer that reuses an earlier layer's keys (`DecoderParts.kv_sources`) sees that layer's cached keys and the
+        new ones, masked as prefill left them for it.
     Returns:
         (B, q, D) hidden states after the final norm.
     """
@@ -619,6 +724,7 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
     eye = torch.eye(q, dtype=torch.bool, device=embeds.device)
     new_block = (tri[None] & new_valid[:, None, :]) | eye[None]  # (B, q, q)
     h = embeds
+    shared: dict = {}
     for i, layer in enumerate(parts.layers):
         if parts.is_linear(i):  # no keys: its state holds only real tokens; padding among new ones is zeroed
             mask = None if new_valid.all() else new_valid
@@ -633,8 +739,8 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
             state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)
             state.key_positions[i] = torch.cat([state.key_positions[i], pos], dim=1)
         h = layer(h, attention_mask=mask, position_ids=pos, **{cache_arg(type(layer)): cache}, use_cache=True,
-                  position_embeddings=pe[i])
-    _match_cache(state, cache)
+                  position_embeddings=pe[i], **_layer_extras(type(layer), layer_inputs, i, shared))
+    _match_cache(state, cache, parts.kv_sources)
     state.next_position = state.next_position + new_valid.long().sum(1)
     return parts.norm(h)
 
@@ -642,6 +748,7 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
 def decode_new_tokens(parts: DecoderParts, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:
     """`decode` for a model's forward after the prefill: input_ids (B, q) are the new tokens only, the bool
     attention_mask may span the whole sequence; the cache's state counts them as seen. Returns (B, q, D)."""
-    hidden = decode(parts, parts.embed_tokens(input_ids), attention_mask[:, -input_ids.shape[1] :], cache)
+    embeds = parts.embed_tokens(input_ids)
+    hidden = decode(parts, embeds, attention_mask[:, -input_ids.shape[1] :], cache, parts.layer_inputs(input_ids, embeds))
     get_state(cache).seen += input_ids.shape[1]
     return hidden
