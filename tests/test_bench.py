@@ -1328,7 +1328,7 @@ def test_speed_on_a_stock_qwen2_vl(tmp_path, capsys, monkeypatch):
     assert "--video runs on Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision / InternVL only" in capsys.readouterr().err
     assert main(["speed", "--model", "tiny", "--video", "4", "--samples", "1"]) == 2
     assert ("videos run on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / LLaVA-OneVision / LLaVA-NeXT-Video / "
-            "InternVL model only, not with a MultiEncoderProcessor" in capsys.readouterr().err)
+            "InternVL / Gemma 4 model only, not with a MultiEncoderProcessor" in capsys.readouterr().err)
     assert main(["speed", "--qwen2-vl", "--model", "tiny"]) == 2
     assert ("--qwen2-vl / --qwen2.5-vl / --qwen3-vl / --internvl / --smolvlm / --onevision / --gemma3 need --shape"
             in capsys.readouterr().err)

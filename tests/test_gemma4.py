@@ -4,6 +4,8 @@ layers, image tokens seeing each other both ways on the sliding ones), batch == 
 beams; windows dropped inside its ViT == the stock blocks run without them, pooled and embedded as the stock model
 does; its videos and audio refused."""
 
+import re
+
 import pytest
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -24,6 +26,9 @@ PROMPTS = ["<|image|> what is in the image ?",
 IMAGES = [1, 2, 1]  # images per prompt
 SIZES = [(48, 48), (64, 32), (32, 64), (48, 48)]  # two images of one grid, two of others
 IMAGE_KEYS = ("pixel_values", "image_position_ids")
+VIDEO_KEYS = ("pixel_values_videos", "video_position_ids", "num_frames_per_video")
+VIDEO_PROMPTS = ["<|image|> what is in the image ?", "<|video|> then <|image|> how many red circle are there ?",
+                 "describe <|video|> what is it ?"]
 VARIANTS = {"e2b": {}, "31b": dict(per_layer=False, shared_layers=0, k_eq_v=True),
             "moe": dict(moe=True, per_layer=False, bidirectional=False, shared_layers=3)}
 
@@ -45,11 +50,16 @@ def inputs_for(processor, pictures, which=(0, 1, 2)):
 
 
 def tower_tokens(model, inputs) -> tuple:
-    """Each image's visual tokens as the adapter's unpruned tower gives them, (tokens, text width) each."""
+    """Each image's visual tokens as the adapter's unpruned tower gives them, (tokens, text width) each, then each
+    video's (its frames' one after another)."""
+    given = {k: inputs[k] for k in (*IMAGE_KEYS, *VIDEO_KEYS) if k in inputs}
     with torch.no_grad():
-        visual = adapt(model).encode_images({k: inputs[k] for k in IMAGE_KEYS}, mv.NoPruning())
-    counts = adapt(model).encoder_tokens(inputs)
-    return tuple(visual.features[i, :n] for i, n in enumerate(counts))
+        visual = adapt(model).encode_images(given, mv.NoPruning())
+    tiles = [visual.features[i, :n] for i, n in enumerate(adapt(model).encoder_tokens(given))]
+    frames = inputs["num_frames_per_video"].tolist() if "num_frames_per_video" in inputs else []
+    images = len(tiles) - sum(frames)
+    starts = [images + sum(frames[:v]) for v in range(len(frames) + 1)]
+    return tuple(tiles[:images]) + tuple(torch.cat(tiles[starts[v]:starts[v + 1]]) for v in range(len(frames)))
 
 
 def stock_on_tower_tokens(model, inputs):
@@ -59,22 +69,40 @@ def stock_on_tower_tokens(model, inputs):
     (`test_the_unpruned_tower_gives_the_stock_models_visual_tokens`), which a random model's logits amplify past the
     oracles' tolerance, so the oracles compare the decoders on the same tokens."""
     pos = (inputs["attention_mask"].long().cumsum(1) - 1).clamp_min(0)
-    rest = {k: v for k, v in inputs.items() if k not in IMAGE_KEYS}
-    encoded = {"image": BaseModelOutputWithPooling(pooler_output=tower_tokens(model, inputs))}
+    rest = {k: v for k, v in inputs.items() if k not in (*IMAGE_KEYS, *VIDEO_KEYS[:2])}
+    tokens = tower_tokens(model, inputs)
+    images = len(inputs["pixel_values"]) if "pixel_values" in inputs else 0
+    encoded = {"image": BaseModelOutputWithPooling(pooler_output=tokens[:images])} if images else {}
+    if "pixel_values_videos" in inputs:
+        encoded["video"] = BaseModelOutputWithPooling(pooler_output=tokens[images:])
     with torch.no_grad():
         return model(**rest, position_ids=pos, use_cache=False, mm_encoder_outputs=encoded).logits
 
 
 def stock_embeds(model, inputs, tokens=None):
-    """(B, T, D) the stock model's input embeddings: each image's visual tokens (the stock tower's, or `tokens`) at
-    its image tokens."""
+    """(B, T, D) the stock model's input embeddings: each image's visual tokens (the stock tower's, or `tokens`: each
+    image's, then each video's) at its image tokens, each video's at its video tokens."""
     with torch.no_grad():
         ids = inputs["input_ids"]
-        embeds = model.get_input_embeddings()(ids.masked_fill(ids == model.config.image_token_id,
-                                                              model.config.text_config.pad_token_id))
+        image, video = ids == model.config.image_token_id, ids == model.config.video_token_id
+        embeds = model.get_input_embeddings()(ids.masked_fill(image | video, model.config.text_config.pad_token_id))
         if tokens is None:
             tokens = model.model.get_image_features(inputs["pixel_values"], inputs["image_position_ids"]).pooler_output
-        return embeds.masked_scatter((ids == model.config.image_token_id)[..., None].expand_as(embeds), torch.cat(tokens))
+        images = int(image.any()) and len(inputs["pixel_values"])
+        for where, part in ((image, tokens[:images]), (video, tokens[images:])):
+            if len(part):
+                embeds = embeds.masked_scatter(where[..., None].expand_as(embeds), torch.cat(part))
+        return embeds
+
+
+def video_inputs(processor, pictures, which=(0, 1, 2)):
+    """Prompts with images and videos: an image; a video of 3 frames, then an image; a video of 2 frames (frames of
+    another grid than the images')."""
+    frames = [im.resize((64, 32)) for im in mv.testing.random_images(3, seed=9)]
+    items = [([pictures[0]], []), ([pictures[1]], [frames]), ([], [frames[:2]])]
+    return processor(images=[im for i in which for im in items[i][0]] or None,
+                     videos=[v for i in which for v in items[i][1]] or None,
+                     text=[VIDEO_PROMPTS[i] for i in which], fps=2)
 
 
 def stock_decoder_logits(model, inputs, embeds, drop=(), layer=0):
@@ -100,7 +128,8 @@ def stock_decoder_logits(model, inputs, embeds, drop=(), layer=0):
     with torch.no_grad():
         per_layer = None
         if cfg.hidden_size_per_layer_input:
-            own = ids.masked_fill(ids == model.config.image_token_id, cfg.pad_token_id)
+            visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
+            own = ids.masked_fill(visual, cfg.pad_token_id)
             per_layer = lm.project_per_layer_inputs(embeds, lm.get_per_layer_inputs(own, embeds))
         shared, h = {}, embeds
         for i, block in enumerate(lm.layers):
@@ -126,7 +155,7 @@ def test_the_tiny_models_exercise_what_gemma4_adds(pictures, variant):
     inputs = inputs_for(processor, pictures)
     cfg = model.config.get_text_config()
     assert inputs["input_ids"].shape[1] > 4 * cfg.sliding_window
-    assert len({tuple(adapt(model)._grids(inputs)[i].tolist()) for i in range(4)}) == 3
+    assert len({tuple(g) for g in adapt(model)._tiles(inputs)[0].tolist()}) == 3
     assert ("reuse" in cfg.kv_sharing_modes) == (variant != "31b")
     assert bool(cfg.hidden_size_per_layer_input) == (variant == "e2b")
     real = inputs["attention_mask"].bool()
@@ -184,7 +213,7 @@ def test_dropping_equals_masking_on_the_other_kinds(pictures, variant):
 
 
 def assert_drop_is_masking(model, inputs, layer):
-    vis = inputs["input_ids"] == model.config.image_token_id
+    vis = (inputs["input_ids"] == model.config.image_token_id) | (inputs["input_ids"] == model.config.video_token_id)
     drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
     got = pruned_logits(model, inputs, DropAt(layer, drop))
     want = stock_decoder_logits(model, inputs, stock_embeds(model, inputs, tower_tokens(model, inputs)), drop, layer)
@@ -273,12 +302,14 @@ def test_meteor_stage1_keeps_its_share_of_every_image(gemma4, pictures):
     assert [s["stage1_tokens"] for s in method.stats] == [32, 28 + 28, 32]  # half of 55 rounds to 28
 
 
-def test_bad_inputs_videos_and_audio_are_refused(gemma4, pictures):
+def test_bad_inputs_and_audio_are_refused(gemma4, pictures):
     model, processor = gemma4
     inputs = inputs_for(processor, pictures, which=(0,))
-    for key in ("pixel_values_videos", "input_features"):
-        with pytest.raises(ValueError, match="videos are not supported"):
-            pruned_logits(model, {**inputs, key: inputs["pixel_values"]}, mv.FastV())
+    with pytest.raises(ValueError, match="videos are not supported"):  # the stock adapter's words for its audio
+        pruned_logits(model, {**inputs, "input_features": inputs["pixel_values"]}, mv.FastV())
+    with pytest.raises(ValueError, match="needs num_frames_per_video"):
+        pruned_logits(model, {**inputs, "pixel_values_videos": inputs["pixel_values"],
+                              "video_position_ids": inputs["image_position_ids"]}, mv.FastV())
     shuffled = inputs["image_position_ids"].clone()
     shuffled[0, :2] = shuffled[0, [1, 0]]
     with pytest.raises(ValueError, match="not a row-major grid"):
@@ -288,22 +319,26 @@ def test_bad_inputs_videos_and_audio_are_refused(gemma4, pictures):
     short = {**inputs, "mm_token_type_ids": inputs["mm_token_type_ids"][:, 1:]}
     with pytest.raises(ValueError, match="mm_token_type_ids .* must have the shape of input_ids"):
         pruned_logits(model, short, mv.FastV())
-    with pytest.raises(ValueError, match="takes images only"):
-        processor(videos=[[pictures[0]]], text=[PROMPTS[0]])
-    with pytest.raises(ValueError, match="hold 2 <|image|> tokens for 1 images"):
+    with pytest.raises(ValueError, match=re.escape("hold 0 <|video|> tokens for 1 videos")):
+        processor(videos=[[pictures[0]]], text=["what is it ?"])
+    with pytest.raises(ValueError, match="frames of one size"):
+        processor(videos=[[pictures[0], pictures[1]]], text=["<|video|>"])
+    with pytest.raises(ValueError, match=re.escape("hold 2 <|image|> tokens for 1 images")):
         processor(images=[pictures[0]], text=[PROMPTS[1]])
     assert "forward" not in vars(model)
 
 
 TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|image|>"
-            "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} a{% endif %}")
+            "{% elif c['type'] == 'video' %}<|video|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+            "{% if add_generation_prompt %} a{% endif %}")
 
 
 def test_meteor_ask_and_speed_run_a_gemma4_checkpoint_folder(tmp_path, capsys, pictures):
     """A transformers Gemma 4 checkpoint folder (saved model, tokenizer, image processor, chat template) runs under
     `meteor ask` (the answer greedy generate gives on the chat template's prompt under the same method; ToMe keeps
     half of the image's 64 tokens; a heatmap) and `meteor speed`, with `Gemma4ImageTextProcessor` read back from the
-    folder, which gives the same inputs."""
+    folder, which gives the same inputs; `meteor speed --video` runs it on videos."""
+    from meteor_vlm.cli import main
     from meteor_vlm.models.gemma4 import Gemma4ImageTextProcessor
 
     model, processor = mv.testing.tiny_gemma4(seed=3)
@@ -318,6 +353,10 @@ def test_meteor_ask_and_speed_run_a_gemma4_checkpoint_folder(tmp_path, capsys, p
     mine = processor(images=[pictures[0]], text=["<|image|>what is in the image ? a"])
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
     assert_ask_and_speed_run_the_folder(model, processor, inputs, ckpt, tmp_path, capsys, tokens=64)
+    assert loaded.video_soft_tokens == 70
+    assert main(["speed", "--model", str(ckpt), "--samples", "1", "--new-tokens", "2", "--video", "2", "--methods",
+                 "unpruned,fastv:k1-r0.5"]) == 0
+    assert "a video of 2 frames" in capsys.readouterr().out
 
 
 def test_attention_rows_and_keys_on_layers_that_reuse_earlier_keys():
@@ -364,3 +403,66 @@ def test_attention_rows_and_keys_on_layers_that_reuse_earlier_keys():
             torch.testing.assert_close(rows[1, :, 1], want[1, :, 7], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(ctx.key_states(), keys[layer if source is None else source], atol=1e-5,
                                        rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", list(NOOPS.values()), ids=list(NOOPS))
+def test_videos_beside_images_pruning_nothing_equal_the_stock_model(gemma4, pictures, make):
+    """A prompt with an image, one with a video and then an image, one with a video: every method at keep-all settings
+    equals the stock model (its videos through its own `get_video_features` path's inputs); `stats` count a video as
+    one item, its frames' tokens summed."""
+    model, processor = gemma4
+    inputs = video_inputs(processor, pictures)
+    method = make()
+    image_tokens = assert_noop_is_the_stock_model(model, inputs, method, stock_on_tower_tokens, pruned_logits)
+    assert [s["images"] for s in method.stats] == [1, 2, 1]
+    assert image_tokens == [s["encoder_tokens"] for s in method.stats] == [64, 3 * 55 + 55, 2 * 55]
+
+
+def test_the_unpruned_tower_gives_the_stock_models_video_tokens(gemma4, pictures):
+    model, processor = gemma4
+    inputs = video_inputs(processor, pictures)
+    with torch.no_grad():
+        stock = model.model.get_video_features(*(inputs[k] for k in VIDEO_KEYS)).pooler_output
+    mine = tower_tokens(model, inputs)[2:]
+    assert [len(t) for t in mine] == [len(t) for t in stock] == [165, 110]
+    for a, b in zip(mine, stock):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [2, 4])
+def test_dropping_video_tokens_at_llm_layer_equals_masking_keys(gemma4, pictures, layer):
+    model, processor = gemma4
+    assert_drop_is_masking(model, video_inputs(processor, pictures, which=(1, 2)), layer)
+
+
+def video_types_grown(batch, ids):
+    return {**types_grown(batch, ids), **{k: batch[k] for k in VIDEO_KEYS}}
+
+
+@pytest.mark.parametrize("make", [PRUNING["meteor"], PRUNING["fastv"], PRUNING["tome"]], ids=["meteor", "fastv", "tome"])
+def test_videos_obey_the_batch_and_cache_oracles(gemma4, pictures, make):
+    model, processor = gemma4
+    check_batch_and_cache(model, make(), lambda which: video_inputs(processor, pictures, which), video_types_grown,
+                          [*model.generation_config.suppress_tokens, processor.tokenizer.eos_token_id])
+
+
+def test_beam_search_keeps_each_prompts_videos_with_its_rows(pictures):
+    model, processor = mv.testing.tiny_gemma4(seed=2)
+    inputs = video_inputs(processor, pictures, which=(1, 2))
+    check_beams_against_the_stock_model(model, inputs, mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
+
+
+def test_a_video_is_written_frame_by_frame_with_its_times(gemma4, pictures):
+    """As `Gemma4Processor.replace_video_token` writes it: each frame's "mm:ss" time (frame k at k / fps seconds)
+    before its `<|image>`, its tokens, `<image|>`, the frames separated by spaces; types 2 on its tokens."""
+    _, processor = gemma4
+    frames = [pictures[0].resize((64, 32))] * 3
+    inputs = processor(videos=[frames], text=["a <|video|> b"], fps=0.5)
+    n = int(inputs["mm_token_type_ids"].eq(2).sum()) // 3
+    one = "<|image>" + "<|video|>" * n + "<image|>"
+    want = processor.tokenizer(f"a 00:00 {one} 00:02 {one} 00:04 {one} b", return_tensors="pt")["input_ids"]
+    assert n == 55 and torch.equal(inputs["input_ids"], want)
+    assert processor.written_video(3, 2, 0.05) == ("00:00 <|image><|video|><|video|><image|> 00:20 "
+                                                   "<|image><|video|><|video|><image|> 00:40 <|image><|video|><|video|><image|>")
+    assert processor.written_video(2, 1, 1 / 75).startswith("00:00 <|image><|video|><image|> 01:15 ")
+    assert inputs["num_frames_per_video"].tolist() == [3] and len(inputs["pixel_values_videos"]) == 3

@@ -964,8 +964,8 @@ def tiny_gemma4(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, per_l
                 shared_layers: int = 2, bidirectional: bool = True, k_eq_v: bool = False, moe: bool = False,
                 sliding_window: int = 8):
     """A tiny random stock transformers `Gemma4ForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and the
-    project's `Gemma4ImageTextProcessor` with transformers' PIL image processor (images resized to at most 70
-    visual tokens, the smallest budget it takes): a `vision_depth`-block Gemma 4 ViT of 4 px patches, each 2x2
+    project's `Gemma4ImageTextProcessor` with transformers' PIL image processor (images, and video frames, resized to
+    at most 70 visual tokens, the smallest budget it takes): a `vision_depth`-block Gemma 4 ViT of 4 px patches, each 2x2
     window averaged into one visual token, and a `num_layers`-deep Gemma 4 decoder with 8 heads (GQA, 4 kv heads) of
     8 dims on its sliding layers (window `sliding_window` tokens, shorter than an image's run) and 16 on its full
     ones, [sliding, sliding, full] over and over, the last one full, output logits soft-capped at 30.
@@ -977,11 +977,11 @@ def tiny_gemma4(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, per_l
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-    from .models.gemma4 import PROMPT_TOKENS, Gemma4ImageTextProcessor
+    from .models.gemma4 import PROMPT_TOKENS, VIDEO_TOKEN, Gemma4ImageTextProcessor
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(PROMPT_TOKENS)})
-    ids = tokenizer.convert_tokens_to_ids(list(PROMPT_TOKENS))
+    tokenizer.add_special_tokens({"additional_special_tokens": [*PROMPT_TOKENS, VIDEO_TOKEN]})
+    ids = tokenizer.convert_tokens_to_ids([*PROMPT_TOKENS, VIDEO_TOKEN])
     pattern = ["sliding_attention", "sliding_attention", "full_attention"]
     types = [pattern[i % 3] for i in range(num_layers)]
     types[-1] = "full_attention"
@@ -1000,7 +1000,7 @@ def tiny_gemma4(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, per_l
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
                   num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
     config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, boi_token_id=ids[0],
-                          eoi_token_id=ids[1], image_token_id=ids[2])
+                          eoi_token_id=ids[1], image_token_id=ids[2], video_token_id=ids[3])
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(config).eval()

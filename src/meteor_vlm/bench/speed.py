@@ -281,7 +281,8 @@ def _prompts(processor, samples, video_frames: int = 0) -> dict:
     """The model's inputs for synthetic samples' questions (no answers): the project's processor and prompt
     template, or a stock VLM processor's `stock_prompt` (its chat template where it has one); with
     `video_frames`, each question asked of a `sample_video` of its image (the project's Qwen-VL, GLM-4.1V,
-    LLaVA-OneVision, LLaVA-NeXT-Video and InternVL processors only)."""
+    LLaVA-OneVision, LLaVA-NeXT-Video, InternVL and Gemma 4 processors only)."""
+    from ..models.gemma4 import Gemma4ImageTextProcessor
     from ..models.internvl import InternVLImageTextProcessor
     from ..models.llava import LlavaNextVideoImageTextProcessor, LlavaOnevisionImageTextProcessor
     from ..models.processor import MultiEncoderProcessor
@@ -290,9 +291,10 @@ def _prompts(processor, samples, video_frames: int = 0) -> dict:
 
     if video_frames:
         onevision = isinstance(processor, (LlavaOnevisionImageTextProcessor, LlavaNextVideoImageTextProcessor))
-        if not (onevision or isinstance(processor, (Qwen2VLImageTextProcessor, InternVLImageTextProcessor))):
+        takes = (Qwen2VLImageTextProcessor, InternVLImageTextProcessor, Gemma4ImageTextProcessor)
+        if not (onevision or isinstance(processor, takes)):
             raise ValueError("videos run on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / LLaVA-OneVision / "
-                             f"LLaVA-NeXT-Video / InternVL model only, not with a {type(processor).__name__}")
+                             f"LLaVA-NeXT-Video / InternVL / Gemma 4 model only, not with a {type(processor).__name__}")
         return dict(processor(videos=[sample_video(s.image, video_frames) for s in samples],
                               text=[stock_prompt(processor, s.question, video=True) for s in samples],
                               **(dict(return_tensors="pt", padding=True) if onevision else {})))
