@@ -667,17 +667,21 @@ def check_right_padding(model, left_in: dict, left_logits: torch.Tensor) -> None
 
 def check_beams_against_the_stock_model(model, inputs, method):
     """Beam search (3 beams) on a stock VLM whose prompts hold several images or tiles: pruning nothing, it equals
-    the stock model's (each prompt's images follow its repeated rows); under `method`, with the KV cache it
-    equals recomputation without it."""
-    beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False)
+    the stock model's (each prompt's images follow its repeated rows), sequences and scores; under `method`, with the
+    KV cache it equals recomputation without it."""
+    beams = dict(max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False, return_dict_in_generate=True,
+                 output_scores=True)
     with torch.no_grad():
         stock = model.generate(**inputs, **beams)
         with mv.NoPruning()(model):
-            assert torch.equal(model.generate(**inputs, **beams), stock)
+            same = model.generate(**inputs, **beams)
         with method(model):
             cached = model.generate(**inputs, **beams)
             uncached = model.generate(**inputs, **beams, use_cache=False, query_positions=inputs["input_ids"].shape[1] - 1)
-    assert torch.equal(cached, uncached)
+    # the beams' scores too: a prompt given another prompt's image may still pick the same words
+    for got, want in ((same, stock), (cached, uncached)):
+        assert torch.equal(got.sequences, want.sequences)
+        torch.testing.assert_close(got.sequences_scores, want.sequences_scores, atol=1e-4, rtol=1e-4)
     assert "_expand_inputs_for_generation" not in vars(model)
 
 
