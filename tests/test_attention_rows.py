@@ -27,7 +27,7 @@ def test_cls_row_and_received_attention_equal_eager_map(tiny, images):
 
 
 @pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3", "gemma3_text", "gemma2", "cohere2", "glm4", "lfm2",
-                                     "exaone4"])
+                                     "exaone4", "llama4_text"])
 def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder):
     """On the project's Llama, a Qwen2 (biased q/k/v), a Qwen3 (per-head q/k norms before RoPE), a Gemma 3 text
     decoder (its own attention scale, local and global layers at different RoPE bases; a window longer than the
@@ -35,8 +35,9 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
     that the cap binds) and a Cohere 2 (Aya Vision's: neighbouring dimensions rotated together, on its sliding
     layers only) and a GLM-4 (GLM-4.1V's decoder: neighbouring dimensions, half of each head rotated) and an LFM2
     (LFM2-VL's: its own names for the norms, `operator_norm` before the mixer and `q_layernorm` / `k_layernorm`;
-    short convolutions at layers 1 and 2, attention at 0 and 3); and the keys `key_states` gives (DART's) are the
-    ones the layer's attention computes before RoPE."""
+    short convolutions at layers 1 and 2, attention at 0 and 3) and a Llama 4 (complex RoPE, a q/k norm after it,
+    chunked layers, a layer without RoPE whose queries are scaled by the column's temperature); and the keys
+    `key_states` gives (DART's) are the ones the layer's attention computes before RoPE."""
     model, _ = tiny
     lm_sdpa = model.language_model
     cfg = lm_sdpa.config.__class__(**lm_sdpa.config.to_dict())
@@ -52,6 +53,10 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
             extra.update(attn_logit_softcapping=1.0, query_pre_attn_scalar=1)
         if decoder == "exaone4":  # post-norm layers, q/k norms, no rotation on its full-attention layers
             extra = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)
+        if decoder == "llama4_text":  # complex RoPE on neighbouring dimensions, then a weightless q/k norm; layer 3
+            # rotates nothing and scales its queries by a factor of the column (it binds from column 3 on here)
+            extra = dict(no_rope_layers=[1, 1, 1, 0], attention_chunk_size=16, floor_scale=4, attn_scale=0.5,
+                         num_local_experts=2, interleave_moe_layer_step=2, intermediate_size_mlp=128)
         if decoder == "lfm2":
             extra = dict(layer_types=["full_attention", "conv", "conv", "full_attention"], block_auto_adjust_ff_dim=False)
         cfg = AutoConfig.for_model(decoder, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

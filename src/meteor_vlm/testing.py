@@ -11,7 +11,7 @@ from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
-           "tiny_gemma3", "tiny_gemma4", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision",
+           "tiny_gemma3", "tiny_gemma4", "tiny_llama4", "TinyLlama4Processor", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision",
            "tiny_mistral3", "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "tiny_video_llama3", "tiny_ovis2",
            "TinyLfm2VlProcessor", "random_images", "TINY_WORDS",
            "TINY_EXPERTS"]
@@ -1009,6 +1009,92 @@ def tiny_gemma4(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, per_l
     model.generation_config.suppress_tokens = ids
     images = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=2)
     return model, Gemma4ImageTextProcessor(images, tokenizer)
+
+
+LLAMA4_TOKENS = ("<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>",
+                 "<|tile_y_separator|>")
+
+
+class TinyLlama4Processor:
+    """What transformers' `Llama4Processor` (whose image processor needs torchvision) gives for images cut into a
+    chosen grid of tiles: each image resized to rows x cols tiles of `tile` px (its `tiles` entry, (1, 1) by default),
+    those tiles row by row and then the whole image resized to one tile (a one-tile image: that tile alone), pixels
+    scaled to [-1, 1]; each "<|image|>" in a prompt becomes the stock processor's writing of the image
+    (`Llama4Processor._prompt_split_image`: <|image_start|>, each tile's run of `tokens` <|patch|> with tile
+    separators, <|image|> and the whole-image tile's run, <|image_end|>). For the tests' tiny Llama 4 (`tiny_llama4`);
+    input_ids left-padded."""
+
+    image_token = "<|image|>"
+
+    def __init__(self, tokenizer, tile: int = 32, tokens: int = 16):
+        self.tokenizer, self.tile, self.tokens = tokenizer, tile, tokens
+        self.tokenizer.padding_side = "left"
+
+    def __call__(self, images=None, text=(), tiles=None, return_tensors="pt", padding=True):
+        from transformers.models.llama4.processing_llama4 import Llama4Processor
+
+        texts = [text] if isinstance(text, str) else list(text)
+        images = list(images or [])
+        tiles = list(tiles) if tiles is not None else [(1, 1)] * len(images)
+        if sum(t.count(self.image_token) for t in texts) != len(images) or len(tiles) != len(images):
+            raise ValueError("one <|image|> and one (rows, cols) per image")
+        pixels, written = [], []
+        for im, (rows, cols) in zip(images, tiles):
+            big = self._scaled(im.resize((cols * self.tile, rows * self.tile)))
+            if rows * cols > 1:
+                pixels += [big[:, r * self.tile:(r + 1) * self.tile, c * self.tile:(c + 1) * self.tile]
+                           for r in range(rows) for c in range(cols)]
+            pixels.append(self._scaled(im.resize((self.tile, self.tile))))
+            written.append(Llama4Processor._prompt_split_image(None, (rows, cols), self.tokens))
+        shown = iter(written)
+        texts = [t.split(self.image_token)[0] + "".join(next(shown) + part for part in t.split(self.image_token)[1:])
+                 for t in texts]
+        out = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
+        if images:
+            out["pixel_values"] = torch.stack(pixels)
+        return out
+
+    @staticmethod
+    def _scaled(im) -> torch.Tensor:
+        return torch.tensor(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def batch_decode(self, ids, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+
+def tiny_llama4(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, attention_chunk_size: int = 16):
+    """A tiny random stock transformers `Llama4ForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and
+    `TinyLlama4Processor`: a `vision_depth`-block Llama 4 ViT on 32 px tiles of 4 px patches, each 2x2 window folded
+    into one visual token (16 per tile), and a `num_layers`-deep Llama 4 decoder with 8 heads (GQA, 4 kv heads):
+    layers 3, 7, ... rotate nothing and attend to the whole prompt, the others rotate (complex RoPE, then a q/k norm)
+    within chunks of `attention_chunk_size` positions (shorter than the tests' prompts); every other layer a mixture
+    of 4 experts with a shared one."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(LLAMA4_TOKENS)})
+    ids = tokenizer.convert_tokens_to_ids(list(LLAMA4_TOKENS))
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32, intermediate_size_mlp=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                attention_chunk_size=attention_chunk_size, max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = dict(hidden_size=32, num_hidden_layers=vision_depth, num_attention_heads=4, intermediate_size=128,
+                  image_size=32, patch_size=4, pixel_shuffle_ratio=0.5, projector_input_dim=64,
+                  projector_output_dim=64, vision_output_dim=64,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config = Llama4Config(text_config=text, vision_config=vision, boi_token_index=ids[0], eoi_token_index=ids[1],
+                          image_token_index=ids[3])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(config).eval()
+    _peaked([*model.language_model.parameters(), *model.multi_modal_projector.parameters()], seed)
+    model.generation_config.suppress_tokens = ids
+    return model, TinyLlama4Processor(tokenizer)
 
 
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

@@ -8,8 +8,9 @@ exactly as it was afterwards; a target may also have `check_method(method)`, ask
 VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaNextVideoAdapter` / `LlavaOnevisionAdapter`
 (`models/llava.py`), `Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter`
 (`models/internvl.py`), `Idefics3Adapter` (`models/idefics3.py`, for Idefics3 and SmolVLM), `Gemma3Adapter`
-(`models/gemma3.py`), `Gemma4Adapter` (`models/gemma4.py`), `Mistral3Adapter` / `LlavaPixtralAdapter`
-(`models/mistral3.py`) or `PaliGemmaAdapter` (`models/paligemma.py`), which patch that one instance while the block runs.
+(`models/gemma3.py`), `Gemma4Adapter` (`models/gemma4.py`), `Llama4Adapter` (`models/llama4.py`), `Mistral3Adapter`
+/ `LlavaPixtralAdapter` (`models/mistral3.py`) or `PaliGemmaAdapter` (`models/paligemma.py`), which patch that one
+instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
 shares (placing each kept token at its own image token's column, with that column's unpruned RoPE
@@ -33,7 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import runtime
 
 __all__ = ["adapt", "SUPPORTED", "Layout", "StockAdapter", "StockProcessor", "encode_by_grid", "items_in_prompt_order",
-           "one_run_per_item", "tower_depth", "token_runs"]
+           "one_run_per_item", "tiles_layout", "tower_depth", "token_runs"]
 
 SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGeneration",
              "VipLlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
@@ -42,7 +43,7 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "Qwen3VLMoeForConditionalGeneration", "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
              "InternVLForConditionalGeneration", "QianfanOCRForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "Gemma3ForConditionalGeneration",
-             "Gemma4ForConditionalGeneration", "Mistral3ForConditionalGeneration", "LightOnOcrForConditionalGeneration",
+             "Gemma4ForConditionalGeneration", "Llama4ForConditionalGeneration", "Mistral3ForConditionalGeneration", "LightOnOcrForConditionalGeneration",
              "PaliGemmaForConditionalGeneration", "AyaVisionForConditionalGeneration",
              "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "Glm46VForConditionalGeneration",
              "GlmOcrForConditionalGeneration", "DeepseekVLForConditionalGeneration",
@@ -70,6 +71,7 @@ def adapt(model, method_name: str = "a pruning method"):
     from .idefics3 import idefics3_adapter
     from .internvl import internvl_adapter
     from .lfm2_vl import lfm2_vl_adapter
+    from .llama4 import llama4_adapter
     from .llava import llava_adapter
     from .mistral3 import mistral3_adapter
     from .ovis2 import ovis2_adapter
@@ -84,7 +86,8 @@ def adapt(model, method_name: str = "a pruning method"):
                or idefics3_adapter(model) or gemma3_adapter(model) or gemma4_adapter(model)
                or paligemma_adapter(model) or aya_vision_adapter(model) or glm4v_adapter(model) or deepseek_vl_adapter(model)
                or cohere2_vision_adapter(model) or lfm2_vl_adapter(model)
-               or paddleocr_vl_adapter(model) or ovis2_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
+               or paddleocr_vl_adapter(model) or ovis2_adapter(model)
+               or llama4_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
@@ -119,6 +122,16 @@ def one_run_per_item(counts: list[int], device) -> Layout:
     span = torch.tensor(counts, device=device)
     grid = torch.arange(int(span.max()), device=device).expand(len(span), -1)
     return Layout(torch.arange(len(span), device=device), grid.masked_fill(grid >= span[:, None], -1), span)
+
+
+def tiles_layout(counts: list[int], n: int, device) -> Layout:
+    """The layout of images cut into tiles of `n` visual tokens each, image k's `counts[k]` tiles one after another
+    (InternVL's, Llama 4's): tile t of an image holds the image tokens t*n .. t*n + n - 1 of its span."""
+    tile_image = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    first = torch.cat([torch.zeros(1, dtype=torch.long, device=device), tile_image.new_tensor(counts).cumsum(0)])
+    within = torch.arange(len(tile_image), device=device) - first[tile_image]
+    return Layout(tile_image, within[:, None] * n + torch.arange(n, device=device),
+                  torch.tensor(counts, device=device) * n)
 
 
 def items_in_prompt_order(is_video: list[bool], counts: list[int], first_video: int) -> list[int]:
@@ -272,10 +285,10 @@ class StockAdapter:
     video_token_id: int | None = None  # the prompt's video token, on models whose adapter takes videos
     VIDEO_INPUTS_REFUSED: tuple[str, ...] = ()  # a model's video inputs its adapter does not take (refused by name)
 
-    def _locate(self, model, runners: list, language_model=None) -> None:
-        """Sets what every stock adapter holds, read from a transformers VLM with `model.lm_head`, a config with
-        text_config and image_token_id (a `rank_table` attribute, if the config has one, is METEOR's) and its
-        decoder `language_model` (by default `model.model.language_model`)."""
+    def _locate(self, model, runners: list, language_model=None, lm_head=None) -> None:
+        """Sets what every stock adapter holds, read from a transformers VLM with `model.lm_head` (or `lm_head`), a
+        config with text_config and image_token_id (a `rank_table` attribute, if the config has one, is METEOR's) and
+        its decoder `language_model` (by default `model.model.language_model`)."""
         cfg = model.config
         self.model, self.runners = model, runners
         self.expert_names = [r.spec.name for r in runners]
@@ -283,7 +296,7 @@ class StockAdapter:
         self.config = SimpleNamespace(fusion="post", text_config=cfg.text_config, rank_table=getattr(cfg, "rank_table", None))
         self.image_token_id = cfg.image_token_id
         lm = model.model.language_model if language_model is None else language_model
-        self.decoder = runtime.DecoderParts.of_backbone(lm, model.lm_head)
+        self.decoder = runtime.DecoderParts.of_backbone(lm, model.lm_head if lm_head is None else lm_head)
 
     @property
     def device(self) -> torch.device:
@@ -315,6 +328,16 @@ class StockAdapter:
         span = self.layout({**images, **(context or {})}, input_ids).span
         rows = self.visual_columns(input_ids, images).nonzero(as_tuple=True)[0][span.cumsum(0) - span]  # their prompts
         return self.take_images(images, runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size))
+
+    def expand_tiles(self, images: dict, input_ids: torch.Tensor, expand_size: int) -> dict:
+        """`expand_images` for a model whose pixel_values hold every image's tiles, image after image (the layout's
+        tile_image): every prompt's tiles `expand_size` times, the copies of a prompt one after another."""
+        layout = self.layout(images, input_ids)
+        span = layout.span
+        rows = (input_ids == self.image_token_id).nonzero(as_tuple=True)[0][span.cumsum(0) - span]
+        order = runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size)
+        tiles = torch.cat([(layout.tile_image == i).nonzero()[:, 0] for i in order.tolist()])
+        return {"pixel_values": images["pixel_values"][tiles]}
 
     def placed_features(self, visual, layout: Layout, vi: torch.Tensor, vj: torch.Tensor) -> torch.Tensor:
         """(K, D) what the LLM gets for the kept tokens (vi, vj) of `visual` that the layout places: by default their

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 from transformers import InternVLForConditionalGeneration, QianfanOCRForConditionalGeneration
 
-from . import runtime
-from .adapters import Layout, StockAdapter, StockProcessor, token_runs, tower_depth
+from .adapters import Layout, StockAdapter, StockProcessor, tiles_layout, token_runs, tower_depth
 from .experts import ExpertRunner, ExpertSpec, PixelShuffleWindows
 from .vlm import fuse_and_prune, run_expert
 
@@ -164,21 +163,11 @@ class InternVLAdapter(StockAdapter):
         if input_ids is None:
             raise ValueError("InternVL's layout needs the prompt (each image's tiles are read from its tokens)")
         counts = self.tiles_per_image(input_ids, pixels.shape[0])
-        n, dev = self.tokens_per_tile, pixels.device
-        tile_image = torch.repeat_interleave(torch.arange(len(counts), device=dev), torch.tensor(counts, device=dev))
-        first = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), tile_image.new_tensor(counts).cumsum(0)])
-        within = torch.arange(len(tile_image), device=dev) - first[tile_image]
-        slot = within[:, None] * n + torch.arange(n, device=dev)
-        return Layout(tile_image, slot, torch.tensor(counts, device=dev) * n)
+        return tiles_layout(counts, self.tokens_per_tile, images["pixel_values"].device)
 
     def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int, context: dict | None = None) -> dict:
         """Every prompt's tiles `expand_size` times, the copies of a prompt one after another."""
-        layout = self.layout(images, input_ids)
-        span = layout.span
-        rows = (input_ids == self.image_token_id).nonzero(as_tuple=True)[0][span.cumsum(0) - span]
-        order = runtime.images_for_expanded_rows(rows, input_ids.shape[0], expand_size)
-        tiles = torch.cat([(layout.tile_image == i).nonzero()[:, 0] for i in order.tolist()])
-        return {"pixel_values": images["pixel_values"][tiles]}
+        return self.expand_tiles(images, input_ids, expand_size)
 
 
 class InternVLImageTextProcessor(StockProcessor):

@@ -57,7 +57,9 @@ class DecoderParts:
     full-attention layers too (Gemma 3's) or only the sliding ones (Gemma 4's). kv_sources: per layer, the earlier
     layer whose keys and values it reuses (Gemma 4's KV-shared last layers: the last layer of their kind before them,
     handed on in `shared_kv_states`), None for a layer with its own. per_layer: the backbone whose per-layer inputs
-    each layer also takes (Gemma 4's per-layer embeddings, `layer_inputs`), or None."""
+    each layer also takes (Gemma 4's per-layer embeddings, `layer_inputs`), or None. attention_chunk: on a
+    "chunked_attention" layer (Llama 4's), a query sees only the keys of its own chunk of C positions (position // C
+    equal, counted in the unpruned positions, as transformers' chunked masks count real tokens), C this."""
 
     embed_tokens: nn.Module
     layers: nn.ModuleList
@@ -74,6 +76,7 @@ class DecoderParts:
     blocks_on_full: bool = True
     kv_sources: tuple[int | None, ...] = ()
     per_layer: nn.Module | None = None
+    attention_chunk: int | None = None
 
     @classmethod
     def of(cls, causal_lm: nn.Module) -> DecoderParts:
@@ -102,6 +105,9 @@ class DecoderParts:
         types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * len(lm.layers)
         if "sliding_attention" in types and not window:
             raise ValueError("the config has sliding-window layers but no sliding_window")
+        chunk = getattr(cfg, "attention_chunk_size", None) if "chunked_attention" in types else None
+        if "chunked_attention" in types and not chunk:
+            raise ValueError("the config has chunked-attention layers but no attention_chunk_size")
         types = tuple(types[: len(lm.layers)])
         # Cohere 2 rotates on its sliding layers only, and so does EXAONE 4 where it has sliding layers
         nope = getattr(cfg, "model_type", None) == "cohere2" or (getattr(cfg, "model_type", None) == "exaone4"
@@ -113,7 +119,7 @@ class DecoderParts:
                    getattr(cfg, "final_logit_softcapping", None),
                    nope_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if nope else (),
                    blocks_on_full=not gemma4, kv_sources=_kv_sources(getattr(cfg, "kv_sharing_modes", None), types),
-                   per_layer=lm if getattr(cfg, "hidden_size_per_layer_input", None) else None)
+                   per_layer=lm if getattr(cfg, "hidden_size_per_layer_input", None) else None, attention_chunk=chunk)
 
     def layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor,
                      visual: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -167,6 +173,10 @@ class DecoderParts:
     def window(self, i: int) -> int | None:
         """Layer i's sliding window, or None for a full-attention layer."""
         return self.sliding_window if self.layer_types and self.layer_types[i] == "sliding_attention" else None
+
+    def chunk(self, i: int) -> int | None:
+        """Layer i's attention chunk (`attention_chunk`) on a chunked-attention layer, else None."""
+        return self.attention_chunk if self.layer_types and self.layer_types[i] == "chunked_attention" else None
 
     def position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (cos, sin) for `position_ids`: one rotary embedding for all, or, for a rotary embedding that
@@ -291,15 +301,22 @@ class LLMLayerContext:
         normed = _input_norm(self.layer)(self.hidden)
         B, T, _ = normed.shape
         hd = attn.head_dim
-        cos, sin = self.position_embeddings
+        pe = self.position_embeddings
         rows = ops.gather_tokens(normed, query_index)
         q = _head_norm(attn, "q", _queries(attn, rows)).view(B, rows.shape[1], -1, hd).transpose(1, 2)
-        qc, qs = ops.gather_tokens(cos, query_index), ops.gather_tokens(sin, query_index)
-        q = _rotate_one(type(attn), q, qc, qs)
+        pe_rows = ops.gather_tokens(pe, query_index) if torch.is_tensor(pe) else tuple(
+            ops.gather_tokens(t, query_index) for t in pe)
+        q = _rotated(attn, q, pe_rows)
         if self.shared_keys is not None:
             k = self.shared_keys.to(q.dtype)
         else:
-            k = _rotate_one(type(attn), self.key_states(normed).view(B, T, -1, hd).transpose(1, 2), cos, sin)
+            k = _rotated(attn, self.key_states(normed).view(B, T, -1, hd).transpose(1, 2), pe)
+        if hasattr(attn, "qk_norm"):  # Llama 4's: after RoPE, on its rotating layers
+            q, k = attn.qk_norm(q), attn.qk_norm(k)
+        if getattr(attn, "attn_temperature_tuning", False) and not attn.use_rope:  # Llama 4's NoPE layers
+            # the layer's own factor, by column (it counts the columns before a query, not its position)
+            scale = torch.log1p(torch.floor((query_index.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0
+            q = (q * scale[:, None, :, None]).to(q.dtype)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         cols = torch.arange(T, device=normed.device)
         key_mask = self.valid[:, None, :] & (cols[None, None, :] <= query_index[:, :, None])
@@ -409,6 +426,19 @@ def _rotate_one(attention_cls: type, x: torch.Tensor, cos: torch.Tensor, sin: to
     return rotate(x, x[:, :1], cos, sin)[0]  # a pair; the second here is one head, not a copy of all
 
 
+def _rotated(attn: nn.Module, x: torch.Tensor, pe) -> torch.Tensor:
+    """(B, H, T, d) queries or keys x rotated as attention module `attn` rotates them by its position embeddings `pe`
+    for those T rows: (cos, sin) through its module's own rotation (`_rotate_one`), or Llama 4's complex frequencies
+    (B, T, d/2) on neighbouring dimensions; none on a layer that does not rotate (Llama 4's NoPE layers)."""
+    if not getattr(attn, "use_rope", True):
+        return x
+    if torch.is_tensor(pe) and pe.is_complex():
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * pe[:, None]).flatten(-2).type_as(x)
+    cos, sin = pe
+    return _rotate_one(type(attn), x, cos, sin)
+
+
 def positions_from_mask(valid: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE positions of a (left-)padded batch: running count of real tokens (padding gets 0)."""
     pos = valid.long().cumsum(1) - 1
@@ -434,18 +464,21 @@ def _text_positions(positions: torch.Tensor) -> torch.Tensor:
 
 
 def prefill_mask(valid: torch.Tensor, positions: torch.Tensor | None = None, blocks: torch.Tensor | None = None,
-                 window: int | None = None, blocks_over_window: bool = False) -> torch.Tensor:
+                 window: int | None = None, blocks_over_window: bool = False, chunk: int | None = None) -> torch.Tensor:
     """(B, 1, T, T) bool: each row sees the real keys before it, and with `blocks` (B, T) long also those of its own
     block after it (a block id >= 0: Gemma 3's tokens of one image see each other); with a sliding `window`, only
     keys less than `window` positions ((B, T) `positions`) behind it, as transformers' sliding-window masks count,
-    except, with `blocks_over_window`, a row's own block, seen whole (PaliGemma 2). A row always sees itself, so
-    padded rows stay finite."""
+    except, with `blocks_over_window`, a row's own block, seen whole (PaliGemma 2); with a `chunk` C, only keys of its
+    own chunk (position // C equal; Llama 4's chunked layers, which have no blocks). A row always sees itself, so padded
+    rows stay finite."""
     T = valid.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=valid.device)
     sees = causal[None] & valid[:, None, :]
     if window is not None:
         sees = sees & (positions[:, :, None] - positions[:, None, :] < window)
+    if chunk is not None:
+        sees = sees & (positions[:, :, None] // chunk == positions[:, None, :] // chunk)
     if blocks is not None:
         block = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0) & valid[:, None, :]
         if window is not None and not blocks_over_window:
@@ -537,12 +570,13 @@ def prefill(
     nxt = (pos[:, -1] if pos.dim() == 2 else pos[:, -1].amax(-1)) + 1
     blocks = None if blocks is None else blocks.masked_fill(~valid, -1)
     h = embeds
-    windows = [parts.window(i) for i in range(len(parts.layers))]
+    windows = [(parts.window(i), parts.chunk(i)) for i in range(len(parts.layers))]
 
-    def attention_inputs():  # per layer (cos, sin), and the masks by window, for the columns now present
-        masks = {w: parts.layer_mask(prefill_mask(valid, _text_positions(pos),
-                                                  blocks if w is not None or parts.blocks_on_full else None, w,
-                                                  parts.blocks_over_window), h.dtype) for w in dict.fromkeys(windows)}
+    def attention_inputs():  # per layer (cos, sin), and the masks by window and chunk, for the columns now present
+        masks = {(w, c): parts.layer_mask(prefill_mask(valid, _text_positions(pos),
+                                                       blocks if w is not None or parts.blocks_on_full else None, w,
+                                                       parts.blocks_over_window, c), h.dtype)
+                 for w, c in dict.fromkeys(windows)}
         return parts.position_embeddings(h, _rope_ids(pos)), masks
 
     pe, masks = attention_inputs()
@@ -730,11 +764,14 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
             mask = None if new_valid.all() else new_valid
         else:
             past = state.key_valid[i][:, None, :].expand(B, q, -1)
-            window = parts.window(i)
+            window, chunk = parts.window(i), parts.chunk(i)
             block = new_block
             if window is not None:  # keys less than `window` positions behind each new token
                 past = past & (pos[:, :, None] - state.key_positions[i][:, None, :] < window)
                 block = block & ((pos[:, :, None] - pos[:, None, :] < window) | eye[None])
+            if chunk is not None:  # keys of each new token's own chunk
+                past = past & (pos[:, :, None] // chunk == state.key_positions[i][:, None, :] // chunk)
+                block = block & ((pos[:, :, None] // chunk == pos[:, None, :] // chunk) | eye[None])
             mask = parts.layer_mask(torch.cat([past, block], dim=-1).unsqueeze(1), h.dtype)
             state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)
             state.key_positions[i] = torch.cat([state.key_positions[i], pos], dim=1)
