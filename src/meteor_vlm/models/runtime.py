@@ -13,7 +13,11 @@ What it keeps straight after tokens are dropped at layer L:
   (Mistral, Gemma 3's local layers) also masks keys a window or more behind the query, counted in the
   unpruned positions, and tokens of one image may see each other both ways (Gemma 3's image blocks);
 - the KV cache holds, per layer, only the tokens that layer saw; a per-layer key-validity mask and the
-  next RoPE position travel with the cache so decoding after pruning stays correct.
+  next RoPE position travel with the cache so decoding after pruning stays correct;
+- a chunked-attention layer (Llama 4's) masks keys of another chunk of positions; what a layer takes besides its
+  hidden states (Gemma 4's per-layer embeddings) leaves with its tokens, and a layer that reuses an earlier layer's
+  keys and values (Gemma 4's last layers) sees them compacted with the hidden states, and masked against the cache
+  by what its source layer cached.
 
 It works on any Llama-style causal LM (Llama, Qwen2, Qwen3, Gemma 3, ...) located by `DecoderParts`.
 """
@@ -178,10 +182,10 @@ class DecoderParts:
         """Layer i's attention chunk (`attention_chunk`) on a chunked-attention layer, else None."""
         return self.attention_chunk if self.layer_types and self.layer_types[i] == "chunked_attention" else None
 
-    def position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (cos, sin) for `position_ids`: one rotary embedding for all, or, for a rotary embedding that
-        takes a `layer_type` (Gemma 3: local and global layers rotate at different bases), one per kind of layer;
-        the identity rotation on `nope_layers`."""
+    def position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor) -> list:
+        """Each layer's (cos, sin) for `position_ids` (Llama 4's: complex frequencies): one rotary embedding for all,
+        or, for a rotary embedding that takes a `layer_type` (Gemma 3: local and global layers rotate at different
+        bases), one per kind of layer; the identity rotation on `nope_layers`."""
         if not _takes_layer_type(type(self.rotary_emb)):
             pe = self.rotary_emb(h, position_ids=position_ids)
             out = [pe] * len(self.layers)
@@ -570,13 +574,13 @@ def prefill(
     nxt = (pos[:, -1] if pos.dim() == 2 else pos[:, -1].amax(-1)) + 1
     blocks = None if blocks is None else blocks.masked_fill(~valid, -1)
     h = embeds
-    windows = [(parts.window(i), parts.chunk(i)) for i in range(len(parts.layers))]
+    mask_kinds = [(parts.window(i), parts.chunk(i)) for i in range(len(parts.layers))]
 
     def attention_inputs():  # per layer (cos, sin), and the masks by window and chunk, for the columns now present
         masks = {(w, c): parts.layer_mask(prefill_mask(valid, _text_positions(pos),
                                                        blocks if w is not None or parts.blocks_on_full else None, w,
                                                        parts.blocks_over_window, c), h.dtype)
-                 for w, c in dict.fromkeys(windows)}
+                 for w, c in dict.fromkeys(mask_kinds)}
         return parts.position_embeddings(h, _rope_ids(pos)), masks
 
     pe, masks = attention_inputs()
@@ -619,7 +623,7 @@ def prefill(
                 kept[i] = (visual & valid).sum(1)
         h = layer(
             h,
-            attention_mask=valid if parts.is_linear(i) else masks[windows[i]],
+            attention_mask=valid if parts.is_linear(i) else masks[mask_kinds[i]],
             position_ids=_text_positions(pos),
             **{cache_arg(type(layer)): cache},
             use_cache=cache is not None,
