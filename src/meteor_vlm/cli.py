@@ -30,7 +30,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "internvl": "InternVLForConditionalGeneration", "qianfan_ocr": "QianfanOCRForConditionalGeneration",
                "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
-               "gemma4": "Gemma4ForConditionalGeneration",
+               "gemma4": "Gemma4ForConditionalGeneration", "hunyuan_vl": "HunYuanVLForConditionalGeneration",
                "mistral3": "Mistral3ForConditionalGeneration", "lighton_ocr": "LightOnOcrForConditionalGeneration",
                "paligemma": "PaliGemmaForConditionalGeneration",
                "aya_vision": "AyaVisionForConditionalGeneration", "glm4v": "Glm4vForConditionalGeneration",
@@ -604,11 +604,11 @@ def cmd_ask(args) -> int:
     print(f"  stage 3 (in the LLM):     {s['stage3'] or 'off'}")
     print(f"  layer-averaged:           {s['layer_avg_tokens']:.1f}")
     if args.heatmap:
-        if "image_grid_thw" in inputs:  # Qwen2-VL: its grid of merged tokens, as the processor resized the image
+        if getattr(target, "image_grid", None) is not None:  # Mistral 3, Gemma 4, HunYuanVL: each image's own grid
+            grids = {target.expert_names[0]: target.image_grid(inputs, 0)}
+        elif "image_grid_thw" in inputs:  # Qwen2-VL: its grid of merged tokens, as the processor resized the image
             _, rows, cols = inputs["image_grid_thw"][0].tolist()
             grids = {target.expert_names[0]: (rows // processor.merge_size, cols // processor.merge_size)}
-        elif getattr(target, "image_grid", None) is not None:  # Mistral 3: each image's own grid
-            grids = {target.expert_names[0]: target.image_grid(inputs, 0)}
         else:
             grids = {r.spec.name: r.grid() for r in target.runners}  # a tiled image: the grid of the tile drawn
         # of a tiled image (LLaVA-NeXT, InternVL, Idefics3), the tile that shows all of it

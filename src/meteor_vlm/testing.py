@@ -11,7 +11,8 @@ from .models.processor import MultiEncoderProcessor, build_word_tokenizer
 from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
-           "tiny_gemma3", "tiny_gemma4", "tiny_llama4", "TinyLlama4Processor", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision",
+           "tiny_gemma3", "tiny_gemma4", "tiny_llama4", "TinyLlama4Processor", "tiny_hunyuan_vl",
+           "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision",
            "tiny_mistral3", "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "tiny_video_llama3", "tiny_ovis2",
            "TinyLfm2VlProcessor", "random_images", "TINY_WORDS",
            "TINY_EXPERTS"]
@@ -1095,6 +1096,44 @@ def tiny_llama4(seed: int = 0, num_layers: int = 6, vision_depth: int = 2, atten
     _peaked([*model.language_model.parameters(), *model.multi_modal_projector.parameters()], seed)
     model.generation_config.suppress_tokens = ids
     return model, TinyLlama4Processor(tokenizer)
+
+
+HUNYUAN_VL_TOKENS = ("<hy_image>", "<hy_image_start>", "<hy_image_end>", "<hy_newline>")
+
+
+def tiny_hunyuan_vl(seed: int = 0, num_layers: int = 4, vision_depth: int = 2):
+    """A tiny random stock transformers `HunYuanVLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and
+    transformers' `HunYuanVLProcessor` with the PIL image processor (images resized within 16 x 16 to 64 x 64 4 px
+    patches, sides in whole 2x2 windows; "<hy_image_start><hy_image><hy_image_end>" stands for an image): a
+    `vision_depth`-block ViT, each 2x2 window merged into one visual token with a newline after each row and a begin and
+    end token around the image, and a `num_layers`-deep HunYuan decoder with 8 heads (GQA, 4 kv heads) rotating by
+    four multimodal RoPE axes, then normalising queries and keys."""
+    from transformers import HunYuanVLConfig, HunYuanVLForConditionalGeneration, HunYuanVLProcessor
+    from transformers.models.hunyuan_vl.image_processing_pil_hunyuan_vl import HunYuanVLImageProcessorPil
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(HUNYUAN_VL_TOKENS)})
+    tokenizer._set_model_specific_special_tokens(special_tokens=dict(zip(
+        ("image_token", "image_start_token", "image_end_token"), HUNYUAN_VL_TOKENS)))
+    ids = tokenizer.convert_tokens_to_ids(list(HUNYUAN_VL_TOKENS))
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2, 2]},
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
+                  patch_size=4, spatial_merge_size=2, max_image_size=32, text_hidden_size=64, out_hidden_size=64)
+    config = HunYuanVLConfig(text_config=text, vision_config=vision, image_token_id=ids[0], im_start_id=ids[1],
+                             im_end_id=ids[2], im_newline_id=ids[3])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = HunYuanVLForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.vision_tower.patch_merger.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = ids
+    images = HunYuanVLImageProcessorPil(patch_size=4, merge_size=2,
+                                        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    return model, HunYuanVLProcessor(images, tokenizer)
 
 
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

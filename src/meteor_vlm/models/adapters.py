@@ -8,9 +8,9 @@ exactly as it was afterwards; a target may also have `check_method(method)`, ask
 VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaNextVideoAdapter` / `LlavaOnevisionAdapter`
 (`models/llava.py`), `Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter`
 (`models/internvl.py`), `Idefics3Adapter` (`models/idefics3.py`, for Idefics3 and SmolVLM), `Gemma3Adapter`
-(`models/gemma3.py`), `Gemma4Adapter` (`models/gemma4.py`), `Llama4Adapter` (`models/llama4.py`), `Mistral3Adapter`
-/ `LlavaPixtralAdapter` (`models/mistral3.py`) or `PaliGemmaAdapter` (`models/paligemma.py`), which patch that one
-instance while the block runs.
+(`models/gemma3.py`), `Gemma4Adapter` (`models/gemma4.py`), `Llama4Adapter` (`models/llama4.py`),
+`HunYuanVLAdapter` (`models/hunyuan_vl.py`), `Mistral3Adapter` / `LlavaPixtralAdapter` (`models/mistral3.py`) or
+`PaliGemmaAdapter` (`models/paligemma.py`), among others, which patch that one instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
 shares (placing each kept token at its own image token's column, with that column's unpruned RoPE
@@ -49,7 +49,8 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "GlmOcrForConditionalGeneration", "DeepseekVLForConditionalGeneration",
              "DeepseekVLHybridForConditionalGeneration", "JanusForConditionalGeneration",
              "Cohere2VisionForConditionalGeneration", "Lfm2VlForConditionalGeneration",
-             "PaddleOCRVLForConditionalGeneration", "VideoLlama3ForConditionalGeneration", "Ovis2ForConditionalGeneration")
+             "PaddleOCRVLForConditionalGeneration", "VideoLlama3ForConditionalGeneration", "Ovis2ForConditionalGeneration",
+             "HunYuanVLForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here (output_* only when not true:
@@ -68,6 +69,7 @@ def adapt(model, method_name: str = "a pruning method"):
     from .gemma3 import gemma3_adapter
     from .gemma4 import gemma4_adapter
     from .glm4v import glm4v_adapter
+    from .hunyuan_vl import hunyuan_vl_adapter
     from .idefics3 import idefics3_adapter
     from .internvl import internvl_adapter
     from .lfm2_vl import lfm2_vl_adapter
@@ -87,7 +89,7 @@ def adapt(model, method_name: str = "a pruning method"):
                or paligemma_adapter(model) or aya_vision_adapter(model) or glm4v_adapter(model) or deepseek_vl_adapter(model)
                or cohere2_vision_adapter(model) or lfm2_vl_adapter(model)
                or paddleocr_vl_adapter(model) or ovis2_adapter(model)
-               or llama4_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
+               or llama4_adapter(model) or hunyuan_vl_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
@@ -102,7 +104,7 @@ class Layout:
     within its image's span, of each of the tile's tokens by grid index (-1: a token the image does not show,
     e.g. cut off by LLaVA-NeXT's unpadding, or an empty slot); span: (num_images,) image tokens per image;
     extra_image, extra_offset: (M,) image tokens that are no patch (LLaVA-NeXT's row ends), and extra: (D,)
-    their embedding; mixed: what an adapter's `placed_features` needs for images whose tokens mix several patches
+    their embedding, or (M, D) each one's (HunYuanVL's begin, newline and end tokens); mixed: what an adapter's `placed_features` needs for images whose tokens mix several patches
     (LLaVA-OneVision's interpolated grids and pooled video frames; there slot gives each token's place to the patch
     nearest to it), or None.
     """
@@ -284,6 +286,7 @@ class StockAdapter:
     WHOLE_IMAGE_TILE: int = 0  # which of an image's tiles shows all of it (LLaVA-NeXT's base tile; InternVL, Idefics3: -1)
     video_token_id: int | None = None  # the prompt's video token, on models whose adapter takes videos
     VIDEO_INPUTS_REFUSED: tuple[str, ...] = ()  # a model's video inputs its adapter does not take (refused by name)
+    ROPE_AXES: int = 3  # multimodal RoPE's axes, the last of a caller's position_ids (HunYuanVL: 4, the first text's)
 
     def _locate(self, model, runners: list, language_model=None, lm_head=None) -> None:
         """Sets what every stock adapter holds, read from a transformers VLM with `model.lm_head` (or `lm_head`), a
@@ -504,7 +507,8 @@ class StockAdapter:
             visual = self.encode_images(images, method) if images is not None else None
             layout = self.layout(images, input_ids) if images is not None else None
             if position_ids is not None and position_ids.dim() == 3:  # multimodal RoPE as transformers has it:
-                position_ids = position_ids[-3:].permute(1, 2, 0)  # (3, B, T), or (4, B, T) with text positions first
+                # (3, B, T), or (4, B, T) with text positions first (HunYuanVL's four axes: all of them)
+                position_ids = position_ids[-self.ROPE_AXES:].permute(1, 2, 0)
             positions = position_ids if position_ids is not None else self.rope_positions(input_ids, attention_mask, images)
             embeds, valid, is_vis, vis_index, positions, input_col, owner = self.splice(
                 input_ids, attention_mask, visual, layout, positions, images)

@@ -317,6 +317,8 @@ class LLMLayerContext:
             k = _rotated(attn, self.key_states(normed).view(B, T, -1, hd).transpose(1, 2), pe)
         if hasattr(attn, "qk_norm"):  # Llama 4's: after RoPE, on its rotating layers
             q, k = attn.qk_norm(q), attn.qk_norm(k)
+        if hasattr(attn, "query_layernorm"):  # HunYuan's: per-head norms after RoPE
+            q, k = attn.query_layernorm(q), attn.key_layernorm(k)
         if getattr(attn, "attn_temperature_tuning", False) and not attn.use_rope:  # Llama 4's NoPE layers
             # the layer's own factor, by column (it counts the columns before a query, not its position)
             scale = torch.log1p(torch.floor((query_index.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0
