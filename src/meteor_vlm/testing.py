@@ -12,7 +12,7 @@ from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
            "tiny_gemma3", "tiny_gemma4", "tiny_llama4", "TinyLlama4Processor", "tiny_hunyuan_vl",
-           "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision",
+           "tiny_ernie45_vl", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision",
            "tiny_mistral3", "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "tiny_video_llama3", "tiny_ovis2",
            "TinyLfm2VlProcessor", "random_images", "TINY_WORDS",
            "TINY_EXPERTS"]
@@ -1134,6 +1134,50 @@ def tiny_hunyuan_vl(seed: int = 0, num_layers: int = 4, vision_depth: int = 2):
     images = HunYuanVLImageProcessorPil(patch_size=4, merge_size=2,
                                         size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
     return model, HunYuanVLProcessor(images, tokenizer)
+
+
+ERNIE45_VL_TOKENS = ("<|IMAGE_PLACEHOLDER|>", "<|IMAGE_START|>", "<|IMAGE_END|>", "<|VIDEO_PLACEHOLDER|>",
+                     "<|VIDEO_START|>", "<|VIDEO_END|>")
+
+
+def tiny_ernie45_vl(seed: int = 0, num_layers: int = 4, vision_depth: int = 2):
+    """A tiny random stock transformers `Ernie4_5_VLMoeForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and
+    `Ernie45VLImageTextProcessor` with transformers' PIL image processor (images resized within 8 x 8 to 16 x 16 2x2
+    windows of 4 px patches; "<image>" stands for an image): a `vision_depth`-block ViT with 2D RoPE, each 2x2 window
+    resampled into one visual token, and a `num_layers`-deep decoder with 8 heads (GQA, 4 kv heads) and multimodal
+    RoPE whose layers after the first send text and visual tokens (`moe_mm_token_type_ids`) to separate mixtures of 4
+    experts (top 2, one shared expert)."""
+    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
+    from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
+        Ernie4_5_VLMoeImageProcessorPil,
+    )
+
+    from .models.ernie4_5_vl import Ernie45VLImageTextProcessor
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(ERNIE45_VL_TOKENS)})
+    ids = dict(zip(ERNIE45_VL_TOKENS, tokenizer.convert_tokens_to_ids(list(ERNIE45_VL_TOKENS))))
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                moe_intermediate_size=[32, 16], moe_k=2, moe_num_experts=4, moe_num_shared_experts=1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  spatial_merge_size=2, rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    config = Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, image_token_id=ids["<|IMAGE_PLACEHOLDER|>"],
+                                  image_start_token_id=ids["<|IMAGE_START|>"], image_end_token_id=ids["<|IMAGE_END|>"],
+                                  video_token_id=ids["<|VIDEO_PLACEHOLDER|>"],
+                                  video_start_token_id=ids["<|VIDEO_START|>"], video_end_token_id=ids["<|VIDEO_END|>"])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Ernie4_5_VLMoeForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.resampler_model.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = list(ids.values())
+    images = Ernie4_5_VLMoeImageProcessorPil(patch_size=4, merge_size=2,
+                                             size={"shortest_edge": 8 * 8 * 16, "longest_edge": 16 * 16 * 16})
+    return model, Ernie45VLImageTextProcessor(images, tokenizer, alias="<image>")
 
 
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

@@ -9,8 +9,9 @@ VLM gets a `StockAdapter`: `LlavaAdapter` / `LlavaNextAdapter` / `LlavaNextVideo
 (`models/llava.py`), `Qwen2VLAdapter` / `Qwen3VLAdapter` (`models/qwen2_vl.py`), `InternVLAdapter`
 (`models/internvl.py`), `Idefics3Adapter` (`models/idefics3.py`, for Idefics3 and SmolVLM), `Gemma3Adapter`
 (`models/gemma3.py`), `Gemma4Adapter` (`models/gemma4.py`), `Llama4Adapter` (`models/llama4.py`),
-`HunYuanVLAdapter` (`models/hunyuan_vl.py`), `Mistral3Adapter` / `LlavaPixtralAdapter` (`models/mistral3.py`) or
-`PaliGemmaAdapter` (`models/paligemma.py`), among others, which patch that one instance while the block runs.
+`HunYuanVLAdapter` (`models/hunyuan_vl.py`), `Ernie45VLAdapter` (`models/ernie4_5_vl.py`), `Mistral3Adapter` /
+`LlavaPixtralAdapter` (`models/mistral3.py`) or `PaliGemmaAdapter` (`models/paligemma.py`), among others, which
+patch that one instance while the block runs.
 
 A stock model's prompt holds one image token per visual token; `StockAdapter` does what every such model
 shares (placing each kept token at its own image token's column, with that column's unpruned RoPE
@@ -50,7 +51,7 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "DeepseekVLHybridForConditionalGeneration", "JanusForConditionalGeneration",
              "Cohere2VisionForConditionalGeneration", "Lfm2VlForConditionalGeneration",
              "PaddleOCRVLForConditionalGeneration", "VideoLlama3ForConditionalGeneration", "Ovis2ForConditionalGeneration",
-             "HunYuanVLForConditionalGeneration")
+             "HunYuanVLForConditionalGeneration", "Ernie4_5_VLMoeForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here (output_* only when not true:
@@ -66,6 +67,7 @@ def adapt(model, method_name: str = "a pruning method"):
     from .aya_vision import aya_vision_adapter
     from .cohere2_vision import cohere2_vision_adapter
     from .deepseek_vl import deepseek_vl_adapter
+    from .ernie4_5_vl import ernie45_vl_adapter
     from .gemma3 import gemma3_adapter
     from .gemma4 import gemma4_adapter
     from .glm4v import glm4v_adapter
@@ -89,7 +91,8 @@ def adapt(model, method_name: str = "a pruning method"):
                or paligemma_adapter(model) or aya_vision_adapter(model) or glm4v_adapter(model) or deepseek_vl_adapter(model)
                or cohere2_vision_adapter(model) or lfm2_vl_adapter(model)
                or paddleocr_vl_adapter(model) or ovis2_adapter(model)
-               or llama4_adapter(model) or hunyuan_vl_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
+               or llama4_adapter(model) or hunyuan_vl_adapter(model)
+               or ernie45_vl_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")
@@ -359,6 +362,12 @@ class StockAdapter:
         `token_type_ids` among them)."""
         return None
 
+    def token_inputs(self, images: dict) -> dict[str, torch.Tensor]:
+        """{keyword: (B, T) tensor over the prompt's columns} per-token inputs the decoder's layers take (ERNIE 4.5 VL's
+        `moe_mm_token_type_ids`), read from the forward's image inputs `images`; none by default. Columns past a
+        shorter one's end (tokens generate added) get 0."""
+        return {}
+
     def check_method(self, method) -> None:
         """ValueError if this model cannot run `method` (asked when the method is attached, before its setup)."""
 
@@ -503,6 +512,11 @@ class StockAdapter:
             if use_cache and cache is None:
                 cache = DynamicCache(config=self.config.text_config)
             blocks = self.attention_blocks(input_ids, images)
+            token_inputs = self.token_inputs(images)
+            for name, values in token_inputs.items():  # generate without a cache grows the prompt, not these
+                if values.shape[0] != input_ids.shape[0] or values.shape[1] > input_ids.shape[1]:
+                    raise ValueError(f"{name} {tuple(values.shape)} does not fit input_ids {tuple(input_ids.shape)}")
+                token_inputs[name] = torch.nn.functional.pad(values, (0, input_ids.shape[1] - values.shape[1]))
             images = images if pixels is not None else None
             visual = self.encode_images(images, method) if images is not None else None
             layout = self.layout(images, input_ids) if images is not None else None
@@ -521,10 +535,11 @@ class StockAdapter:
             if blocks is not None:  # the spliced columns' blocks
                 blocks = torch.where(input_col >= 0, blocks.gather(1, input_col.clamp_min(0)), -1)
             spliced_ids = input_ids.gather(1, input_col.clamp_min(0))
+            per_token = {k: v.gather(1, input_col.clamp_min(0)) for k, v in token_inputs.items()}
             hidden, cols, kept = runtime.prefill(parts, embeds, valid, is_vis, query_col, cache if use_cache else None,
                                                  method.llm_layers(self.num_llm_layers), method.prune_llm, positions,
                                                  self.layer_residuals(visual, vis_index), blocks,
-                                                 parts.layer_inputs(spliced_ids, embeds, is_vis | ~valid))
+                                                 parts.layer_inputs(spliced_ids, embeds, is_vis | ~valid), per_token)
             survivors = torch.where(cols >= 0, vis_index.gather(1, cols.clamp_min(0)), -1)
             unpruned = self.encoder_tokens(images) if images is not None else []
             image_owner = list(dict(zip(layout.tile_image.tolist(), owner)).values()) if layout is not None else []

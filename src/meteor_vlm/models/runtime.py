@@ -15,9 +15,9 @@ What it keeps straight after tokens are dropped at layer L:
 - the KV cache holds, per layer, only the tokens that layer saw; a per-layer key-validity mask and the
   next RoPE position travel with the cache so decoding after pruning stays correct;
 - a chunked-attention layer (Llama 4's) masks keys of another chunk of positions; what a layer takes besides its
-  hidden states (Gemma 4's per-layer embeddings) leaves with its tokens, and a layer that reuses an earlier layer's
-  keys and values (Gemma 4's last layers) sees them compacted with the hidden states, and masked against the cache
-  by what its source layer cached.
+  hidden states (Gemma 4's per-layer embeddings, ERNIE 4.5 VL's modality types) leaves with its tokens, and a layer
+  that reuses an earlier layer's keys and values (Gemma 4's last layers) sees them compacted with the hidden states,
+  and masked against the cache by what its source layer cached.
 
 It works on any Llama-style causal LM (Llama, Qwen2, Qwen3, Gemma 3, ...) located by `DecoderParts`.
 """
@@ -237,6 +237,7 @@ class CacheState:
     next_position: torch.Tensor
     seen: int
     key_positions: list[torch.Tensor] | None = None
+    token_inputs: tuple[str, ...] = ()  # the per-token inputs the layers took in prefill (new tokens get zeros)
 
 
 _STATE_ATTR = "_meteor_state"
@@ -534,6 +535,7 @@ def prefill(
     residuals: list[torch.Tensor] | None = None,
     blocks: torch.Tensor | None = None,
     layer_inputs: torch.Tensor | None = None,
+    token_inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     """Run all decoder layers on a full sequence, letting `hook` drop visual tokens before chosen layers.
 
@@ -554,6 +556,9 @@ def prefill(
             -1 elsewhere. None: every layer causal.
         layer_inputs: (B, T, layers, P) what each layer takes per token besides its hidden states
             (`DecoderParts.layer_inputs`, Gemma 4's per-layer embeddings); they leave with their tokens.
+        token_inputs: {keyword: (B, T) tensor} per-token inputs every layer takes by that keyword (ERNIE 4.5 VL's
+            `moe_mm_token_type_ids`, which experts a token goes to); they leave with their tokens, and decoding gives
+            new tokens zeros (text).
     Where a layer reuses an earlier layer's keys and values (`DecoderParts.kv_sources`), those leave with their
     tokens too: dropping at a layer after the one that made them masks them from there on, and the cache (which
     holds them once, in the earlier layer) keeps, for the reusing layer, which of them it still sees.
@@ -610,6 +615,7 @@ def prefill(
                     raise ValueError(f"layer {i}: a method tried to drop text tokens; only visual tokens may be dropped")
                 residuals, n = residuals or [], len(residuals or [])
                 extra = ([] if blocks is None else [blocks]) + ([] if layer_inputs is None else [layer_inputs])
+                extra += list((token_inputs or {}).values())
                 kv = [t.transpose(1, 2) for pair in shared.values() for t in pair]  # (B, T, heads, d) each
                 valid, h, pos, visual, cols, *rest = compact(keep & valid, h, pos, visual, cols, *residuals, *extra,
                                                              *kv)
@@ -618,6 +624,8 @@ def prefill(
                     blocks, rest = rest[0], rest[1:]
                 if layer_inputs is not None:
                     layer_inputs, rest = rest[0], rest[1:]
+                if token_inputs:
+                    token_inputs, rest = dict(zip(token_inputs, rest)), rest[len(token_inputs):]
                 shared = {kind: (rest[2 * j].transpose(1, 2), rest[2 * j + 1].transpose(1, 2))
                           for j, kind in enumerate(shared)}
                 cols = cols.masked_fill(~valid, -1)
@@ -631,6 +639,7 @@ def prefill(
             use_cache=cache is not None,
             position_embeddings=pe[i],
             **_layer_extras(type(layer), layer_inputs, i, shared),
+            **(token_inputs or {}),
         )
         if residuals and i < len(residuals):
             h = h + residuals[i].to(h.dtype)
@@ -643,7 +652,7 @@ def prefill(
             key_valid.append(key_valid[source] & seen.any(-1))
             key_positions.append(key_positions[source])
     if cache is not None:
-        state = CacheState(key_valid, nxt, seen=0, key_positions=key_positions)
+        state = CacheState(key_valid, nxt, seen=0, key_positions=key_positions, token_inputs=tuple(token_inputs or ()))
         _match_cache(state, cache, parts.kv_sources)
         setattr(cache, _STATE_ATTR, state)
     return parts.norm(h), cols, kept
@@ -782,7 +791,8 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
             state.key_valid[i] = torch.cat([state.key_valid[i], new_valid], dim=1)
             state.key_positions[i] = torch.cat([state.key_positions[i], pos], dim=1)
         h = layer(h, attention_mask=mask, position_ids=pos, **{cache_arg(type(layer)): cache}, use_cache=True,
-                  position_embeddings=pe[i], **_layer_extras(type(layer), layer_inputs, i, shared))
+                  position_embeddings=pe[i], **_layer_extras(type(layer), layer_inputs, i, shared),
+                  **{name: torch.zeros_like(new_valid, dtype=torch.long) for name in state.token_inputs})
     _match_cache(state, cache, parts.kv_sources)
     state.next_position = state.next_position + new_valid.long().sum(1)
     return parts.norm(h)
