@@ -31,7 +31,7 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
                "gemma4": "Gemma4ForConditionalGeneration", "hunyuan_vl": "HunYuanVLForConditionalGeneration",
-               "ernie4_5_vl_moe": "Ernie4_5_VLMoeForConditionalGeneration",
+               "ernie4_5_vl_moe": "Ernie4_5_VLMoeForConditionalGeneration", "ovis2_5": "Ovis2_5ForConditionalGeneration",
                "mistral3": "Mistral3ForConditionalGeneration", "lighton_ocr": "LightOnOcrForConditionalGeneration",
                "paligemma": "PaliGemmaForConditionalGeneration",
                "aya_vision": "AyaVisionForConditionalGeneration", "glm4v": "Glm4vForConditionalGeneration",
@@ -95,6 +95,10 @@ def _load(model_arg: str, llava: bool = False):
             from .models.glm4v import Glm4vImageTextProcessor
 
             return model, Glm4vImageTextProcessor.from_pretrained(path)
+        if model_type == "ovis2_5":  # likewise (videos)
+            from .models.ovis2_5 import Ovis25ImageTextProcessor
+
+            return model, Ovis25ImageTextProcessor.from_pretrained(path)
         if model_type == "ernie4_5_vl_moe":  # likewise (videos)
             from .models.ernie4_5_vl import Ernie45VLImageTextProcessor
 

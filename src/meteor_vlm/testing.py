@@ -12,7 +12,7 @@ from .models.vlm import MultiEncoderVLM, MultiEncoderVLMConfig
 
 __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm4v", "tiny_internvl", "tiny_idefics3",
            "tiny_gemma3", "tiny_gemma4", "tiny_llama4", "TinyLlama4Processor", "tiny_hunyuan_vl",
-           "tiny_ernie45_vl", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision",
+           "tiny_ernie45_vl", "tiny_ovis2_5", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision",
            "tiny_mistral3", "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "tiny_video_llama3", "tiny_ovis2",
            "TinyLfm2VlProcessor", "random_images", "TINY_WORDS",
            "TINY_EXPERTS"]
@@ -1178,6 +1178,48 @@ def tiny_ernie45_vl(seed: int = 0, num_layers: int = 4, vision_depth: int = 2):
     images = Ernie4_5_VLMoeImageProcessorPil(patch_size=4, merge_size=2,
                                              size={"shortest_edge": 8 * 8 * 16, "longest_edge": 16 * 16 * 16})
     return model, Ernie45VLImageTextProcessor(images, tokenizer, alias="<image>")
+
+
+OVIS2_5_TOKENS = ("<image>", "<ovis_image_start>", "<ovis_image_end>", "<video>", "<ovis_video_start>",
+                  "<ovis_video_end>")
+
+
+def tiny_ovis2_5(seed: int = 0, num_layers: int = 4, vision_depth: int = 2, windowed: bool = True):
+    """A tiny random stock transformers `Ovis2_5ForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and
+    `Ovis25ImageTextProcessor` with transformers' PIL image processor (images resized within 8 x 8 to 16 x 16 2x2
+    windows of 4 px patches): a `vision_depth`-block ViT whose first block attends within attention windows of 2 x 2
+    merge windows (without `windowed`, as in Ovis2.5's own configs, the whole image; the others always), its visual
+    head over a 64-word visual vocabulary, and a
+    `num_layers`-deep Qwen3 decoder with 8 heads (GQA, 4 kv heads)."""
+    from transformers import Ovis2_5Config, Ovis2_5ForConditionalGeneration
+    from transformers.models.ovis2_5.image_processing_pil_ovis2_5 import Ovis2_5ImageProcessorPil
+
+    from .models.ovis2_5 import Ovis25ImageTextProcessor
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(OVIS2_5_TOKENS)})
+    ids = dict(zip(OVIS2_5_TOKENS, tokenizer.convert_tokens_to_ids(list(OVIS2_5_TOKENS))))
+    text = dict(model_type="qwen3", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
+                  patch_size=4, image_size=32, window_size=16, spatial_merge_size=2, vocab_size=64,
+                  num_visual_indicator_tokens=4,
+                  layer_types=["window_attention" if windowed else "full_attention"] + ["full_attention"] * (vision_depth - 1))
+    config = Ovis2_5Config(text_config=text, vision_config=vision, image_token_id=ids["<image>"],
+                           image_start_token_id=ids["<ovis_image_start>"], image_end_token_id=ids["<ovis_image_end>"],
+                           video_token_id=ids["<video>"], video_start_token_id=ids["<ovis_video_start>"],
+                           video_end_token_id=ids["<ovis_video_end>"])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Ovis2_5ForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters(),
+             *model.lm_head.parameters()], seed)
+    model.generation_config.suppress_tokens = list(ids.values())
+    images = Ovis2_5ImageProcessorPil(patch_size=4, merge_size=2,
+                                      size={"shortest_edge": 8 * 8 * 16, "longest_edge": 16 * 16 * 16})
+    return model, Ovis25ImageTextProcessor(images, tokenizer)
 
 
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

@@ -51,7 +51,8 @@ SUPPORTED = ("meteor_vlm.MultiEncoderVLM", "transformers' LlavaForConditionalGen
              "DeepseekVLHybridForConditionalGeneration", "JanusForConditionalGeneration",
              "Cohere2VisionForConditionalGeneration", "Lfm2VlForConditionalGeneration",
              "PaddleOCRVLForConditionalGeneration", "VideoLlama3ForConditionalGeneration", "Ovis2ForConditionalGeneration",
-             "HunYuanVLForConditionalGeneration", "Ernie4_5_VLMoeForConditionalGeneration")
+             "HunYuanVLForConditionalGeneration", "Ernie4_5_VLMoeForConditionalGeneration",
+             "Ovis2_5ForConditionalGeneration")
 
 _OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # keyword arguments generate or a caller may pass that change nothing here (output_* only when not true:
@@ -79,6 +80,7 @@ def adapt(model, method_name: str = "a pruning method"):
     from .llava import llava_adapter
     from .mistral3 import mistral3_adapter
     from .ovis2 import ovis2_adapter
+    from .ovis2_5 import ovis2_5_adapter
     from .paddleocr_vl import paddleocr_vl_adapter
     from .paligemma import paligemma_adapter
     from .qwen2_vl import qwen2_vl_adapter
@@ -92,7 +94,7 @@ def adapt(model, method_name: str = "a pruning method"):
                or cohere2_vision_adapter(model) or lfm2_vl_adapter(model)
                or paddleocr_vl_adapter(model) or ovis2_adapter(model)
                or llama4_adapter(model) or hunyuan_vl_adapter(model)
-               or ernie45_vl_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
+               or ernie45_vl_adapter(model) or ovis2_5_adapter(model))  # Mistral 3's first: it takes Pixtral LLaVAs
     if adapter is not None:
         return adapter
     raise ValueError(f"unsupported model class {type(model).__name__}: {method_name} runs on {', '.join(SUPPORTED)}")

@@ -179,7 +179,7 @@ class Qwen2VLRunner(ExpertRunner):
         """Block i's attention for (B, H, L, d) rotated queries, keys and values: one SDPA over each image's
         patches, or, in Qwen2.5-VL's windowed blocks, one over each attention window's kept patches (windows
         padded into one batch), the work the stock encoder does. bias: (B, N) per token, or None."""
-        scale = self.blocks[i].attn.scaling
+        scale = self._attention_of(i).scaling
         bias = None if bias is None else bias.repeat_interleave(self.window, 1).to(q.dtype)  # (B, L) per patch
         groups = self.attention_groups(i, grid)
         if groups is None:
@@ -223,7 +223,11 @@ class Qwen2VLRunner(ExpertRunner):
 
     def query_key(self, i, x, grid=None):
         q, k, _ = self._qkv(i, self._patches(x), grid)
-        return q, k, self.blocks[i].attn.scaling
+        return q, k, self._attention_of(i).scaling
+
+    def _attention_of(self, i: int):
+        """Block i's attention module (`attn` in Qwen2-VL's blocks)."""
+        return self.blocks[i].attn
 
     def finalize(self, x):
         """The merger on each kept window's patches: (B, N, m*m*D) -> (B, N, out_dim)."""
