@@ -15,11 +15,7 @@ from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_log
 from .test_oracles import (DropAt, DropWindows, check_batch_and_cache, check_beams_against_the_stock_model,
                            masked_decoder_logits, survivors)
 
-PROMPTS = ["<image> what is in the image ?", "a <image> then <image> how many red circle are there ?",
-           "describe <image> what is it ?"]
-IMAGES = [1, 2, 1]
-SIZES = [(64, 64), (64, 32), (32, 64), (48, 48)]
-IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+from .test_ernie45_vl import IMAGE_KEYS, IMAGES, SIZES, inputs_for, types_grown  # the same prompts and pictures
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +26,6 @@ def ovis():
 @pytest.fixture(scope="module")
 def pictures():
     return [im.resize(size) for im, size in zip(mv.testing.random_images(4, seed=5), SIZES)]
-
-
-def inputs_for(processor, pictures, which=(0, 1, 2)):
-    starts = [sum(IMAGES[:i]) for i in range(len(IMAGES))]
-    return processor(images=[pictures[starts[i] + j] for i in which for j in range(IMAGES[i])],
-                     text=[PROMPTS[i] for i in which])
 
 
 def stock_embeds(model, inputs):
@@ -113,11 +103,6 @@ def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
         kept = visual.mask[0] if visual.mask is not None else torch.ones_like(visual.grid_index[0], dtype=torch.bool)
         assert 0 < len(alive) < 64 and visual.grid_index[0][kept].tolist() == alive.tolist()
         torch.testing.assert_close(visual.features[0][kept], want, atol=1e-5, rtol=1e-5)
-
-
-def types_grown(batch, ids):
-    grown = torch.zeros_like(ids[:, batch["input_ids"].shape[1]:])
-    return {**{k: batch[k] for k in IMAGE_KEYS}, "mm_token_type_ids": torch.cat([batch["mm_token_type_ids"], grown], 1)}
 
 
 @pytest.mark.parametrize("make", list(PRUNING.values()), ids=list(PRUNING))
