@@ -109,9 +109,9 @@ class Layout:
     within its image's span, of each of the tile's tokens by grid index (-1: a token the image does not show,
     e.g. cut off by LLaVA-NeXT's unpadding, or an empty slot); span: (num_images,) image tokens per image;
     extra_image, extra_offset: (M,) image tokens that are no patch (LLaVA-NeXT's row ends), and extra: (D,)
-    their embedding, or (M, D) each one's (HunYuanVL's begin, newline and end tokens); mixed: what an adapter's `placed_features` needs for images whose tokens mix several patches
-    (LLaVA-OneVision's interpolated grids and pooled video frames; there slot gives each token's place to the patch
-    nearest to it), or None.
+    their embedding, or (M, D) each one's (HunYuanVL's begin, newline and end tokens); mixed: what an adapter's
+    `placed_features` needs for images whose tokens mix several patches (LLaVA-OneVision's interpolated grids and
+    pooled video frames; there slot gives each token's place to the patch nearest to it), or None.
     """
 
     tile_image: torch.Tensor
