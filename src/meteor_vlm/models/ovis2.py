@@ -8,7 +8,8 @@ a softmax) that weighs the rows of a visual embedding table. Inside the ViT a to
 kept windows' visual tokens as the model would. In the prompt a tile is a run of `<IMG_ATOM>` tokens between its
 indicator tokens (`<IMG_START>`, `<IMG_GRID>`, `<IMG_COL>`, `<IMG_ROW>`, `<IMG_END>`), which the model embeds with
 the last rows of its visual table rather than its text embeddings: the adapter does the same (`embed_text`).
-`stats` count tiles as images. Its processor (`Ovis2Processor` with the PIL image processor) loads as it is.
+Which tiles make an image is read from the prompt (a whole image's tile follows its start indicator), so `stats`
+count images, and `kept_grid` has an entry per tile. Its processor (`Ovis2Processor` with the PIL image processor) loads as it is.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Ovis2ForConditionalGeneration
 
-from .adapters import StockAdapter, one_run_per_item
+from .adapters import StockAdapter, tiles_layout, token_runs
 from .experts import ExpertSpec
 from .idefics3 import Idefics3Runner
 from .vlm import fuse_and_prune, run_expert
@@ -135,9 +136,32 @@ class Ovis2Adapter(StockAdapter):
         tokens = self.encode_expert(0, images, method)
         return fuse_and_prune([tokens], [self.project(tokens.features)], self.expert_names, method)
 
+    def tiles_per_image(self, input_ids: torch.Tensor, tiles: int) -> list[int]:
+        """The tiles of each image, in row-major order over the batch: each run of image tokens is a tile, and an
+        image's first tile (the whole image) follows its start indicator, which no other tile follows (Ovis2Processor
+        writes <IMG_START>, the whole image's run, <IMG_GRID>, the crops' runs between <IMG_COL> and <IMG_ROW>,
+        <IMG_END>). ValueError unless the runs are one tile's tokens each and add up to `tiles`."""
+        rows, starts, ends, _ = token_runs(input_ids, self.image_token_id)
+        n = self.tokens_per_tile
+        if bool(((ends - starts) != n).any()) or len(starts) != tiles or not tiles or bool((starts == 0).any()):
+            raise ValueError(f"the prompts' runs of image tokens {(ends - starts).tolist()} are not {n} tokens for each "
+                             f"of the {tiles} tiles given, each after an indicator token")
+        before = input_ids[rows, starts - 1]  # the indicator before each tile
+        first = before == before[0]  # the start indicator, which the batch's first tile follows
+        image = first.long().cumsum(0) - 1
+        return torch.bincount(image, minlength=int(image.max()) + 1).tolist()
+
     def layout(self, images: dict, input_ids: torch.Tensor | None = None):
-        """Tile k's window g at offset g of the k-th run of image tokens (the indicators are text)."""
-        return one_run_per_item([self.tokens_per_tile] * len(images["pixel_values"]), images["pixel_values"].device)
+        """Tile t of an image (the whole image first, then its crops) holds the image tokens t*N .. t*N + N - 1 of
+        its runs (N tokens per tile; the indicators between them are text)."""
+        if input_ids is None:
+            raise ValueError("Ovis2's layout needs the prompt (each image's tiles are read from its tokens)")
+        counts = self.tiles_per_image(input_ids, len(images["pixel_values"]))
+        return tiles_layout(counts, self.tokens_per_tile, images["pixel_values"].device)
+
+    def expand_images(self, images: dict, input_ids: torch.Tensor, expand_size: int, context: dict | None = None) -> dict:
+        """Every prompt's tiles `expand_size` times, the copies of a prompt one after another."""
+        return self.expand_tiles(images, input_ids, expand_size)
 
     def embed_text(self, input_ids: torch.Tensor, with_images: bool) -> torch.Tensor:
         """The text embeddings, the indicator tokens' from the visual table's last rows where images are given (as
