@@ -21,8 +21,7 @@ import torch
 from transformers import Ernie4_5_VLMoeForConditionalGeneration
 
 from .paddleocr_vl import _ImagesOnly
-from .qwen2_vl import Qwen2VLAdapter, Qwen2VLRunner
-from .vlm import fuse_and_prune
+from .qwen2_vl import Qwen2VLImagesAdapter, Qwen2VLRunner
 
 __all__ = ["Ernie45VLAdapter", "Ernie45VLRunner", "Ernie45VLImageTextProcessor", "ernie45_vl_adapter"]
 
@@ -48,15 +47,12 @@ class Ernie45VLRunner(Qwen2VLRunner):
         return self.module.ln(x.reshape(B, N, self.window, -1)).reshape(B, N, -1)
 
 
-class Ernie45VLAdapter(Qwen2VLAdapter):
+class Ernie45VLAdapter(Qwen2VLImagesAdapter):
     """Qwen2-VL's adapter with `Ernie45VLRunner`, ERNIE's resampler on each kept window, and its
     `moe_mm_token_type_ids` handed to every decoder layer with the tokens (images only)."""
 
     IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "moe_mm_token_type_ids")
-    PIXEL_INPUTS = ("pixel_values",)
-    PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
     VIDEO_INPUTS_REFUSED = ("pixel_values_videos", "video_grid_thw")
-    _KINDS = (("pixel_values", "image_grid_thw"),)
 
     RUNNER = Ernie45VLRunner
 
@@ -71,11 +67,6 @@ class Ernie45VLAdapter(Qwen2VLAdapter):
         resampler = self.model.model.resampler_model
         spatial = resampler.spatial_linear(features)
         return resampler.after_norm(resampler.mlp(resampler.temporal_linear(torch.cat([spatial, spatial], -1))))
-
-    def encode_images(self, images: dict, method):
-        """Every image's kept windows, through the resampler, then stage 2."""
-        tokens = self.encode_expert(0, images, method)
-        return fuse_and_prune([tokens], [self.project(tokens.features)], self.expert_names, method)
 
     def token_inputs(self, images: dict) -> dict[str, torch.Tensor]:
         """The processor's moe_mm_token_type_ids, where given (without, the stock model sends every token to the text

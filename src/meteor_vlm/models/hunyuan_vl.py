@@ -84,7 +84,6 @@ class HunYuanVLAdapter(PaddleOCRVLAdapter):
     """Qwen2-VL's adapter with `HunYuanVLRunner`, HunYuanVL's merger on each kept window, the begin, newline and end
     tokens of each image as extra tokens, and its four-axis multimodal RoPE positions (images only)."""
 
-    IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
     RUNNER = HunYuanVLRunner
 
     def __init__(self, model):

@@ -25,8 +25,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from .adapters import Layout
 from .paddleocr_vl import _ImagesOnly
-from .qwen2_vl import Qwen2VLAdapter, Qwen2VLRunner
-from .vlm import fuse_and_prune
+from .qwen2_vl import Qwen2VLImagesAdapter, Qwen2VLRunner
 
 __all__ = ["Ovis25Adapter", "Ovis25Runner", "Ovis25ImageTextProcessor", "ovis2_5_adapter"]
 
@@ -101,15 +100,11 @@ class Ovis25Runner(Qwen2VLRunner):
         return x
 
 
-class Ovis25Adapter(Qwen2VLAdapter):
+class Ovis25Adapter(Qwen2VLImagesAdapter):
     """Qwen2-VL's adapter with `Ovis25Runner`, Ovis2.5's visual head and table on each kept window, each image's
     tokens in its encoder's window order, and its start and end tokens embedded from the visual table (images only)."""
 
-    IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
-    PIXEL_INPUTS = ("pixel_values",)
-    PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
     VIDEO_INPUTS_REFUSED = ("pixel_values_videos", "video_grid_thw")
-    _KINDS = (("pixel_values", "image_grid_thw"),)
 
     RUNNER = Ovis25Runner
 
@@ -125,10 +120,6 @@ class Ovis25Adapter(Qwen2VLAdapter):
         probs = torch.softmax(head.norm(head.linear(features)), dim=-1, dtype=torch.float32).to(features.dtype)
         probs = F.pad(probs, (0, head.num_visual_indicator_tokens))
         return projector.visual_embeddings_table(probs)
-
-    def encode_images(self, images: dict, method):
-        tokens = self.encode_expert(0, images, method)
-        return fuse_and_prune([tokens], [self.project(tokens.features)], self.expert_names, method)
 
     def layout(self, images: dict, input_ids: torch.Tensor | None = None) -> Layout:
         """Image k's window g at the place its encoder's window order gives it among the k-th run of image tokens."""

@@ -21,8 +21,7 @@ from transformers import PaddleOCRVLForConditionalGeneration, VideoLlama3ForCond
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from .experts import ExpertRunner, ExpertSpec
-from .qwen2_vl import Qwen2VLAdapter, Qwen2VLImageTextProcessor
-from .vlm import fuse_and_prune
+from .qwen2_vl import Qwen2VLImagesAdapter, Qwen2VLImageTextProcessor
 
 __all__ = ["PaddleOCRVLAdapter", "PaddleOCRRunner", "PaddleOCRVLImageTextProcessor", "paddleocr_vl_adapter",
            "VideoLlama3Adapter", "VideoLlama3Runner", "VideoLlama3ImageTextProcessor"]
@@ -142,13 +141,8 @@ class PaddleOCRRunner(ExpertRunner):
         return self.module.post_layernorm(x.reshape(B, N, self.window, -1)).reshape(B, N, -1)
 
 
-class PaddleOCRVLAdapter(Qwen2VLAdapter):
+class PaddleOCRVLAdapter(Qwen2VLImagesAdapter):
     """Qwen2-VL's adapter with `PaddleOCRRunner` and PaddleOCR-VL's projector on each kept window (images only)."""
-
-    IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
-    PIXEL_INPUTS = ("pixel_values",)
-    PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
-    _KINDS = (("pixel_values", "image_grid_thw"),)
 
     RUNNER = PaddleOCRRunner
 
@@ -157,11 +151,6 @@ class PaddleOCRVLAdapter(Qwen2VLAdapter):
         projector = self.model.model.projector
         patches = projector.pre_norm(features.unflatten(-1, (self.runners[0].window, -1))).flatten(-2)
         return projector.linear_2(projector.act(projector.linear_1(patches)))
-
-    def encode_images(self, images: dict, method):
-        """Every image's kept windows, projected into the LLM's width, then stage 2."""
-        tokens = self.encode_expert(0, images, method)
-        return fuse_and_prune([tokens], [self.project(tokens.features)], self.expert_names, method)
 
 
 class _ImagesOnly(Qwen2VLImageTextProcessor):

@@ -311,10 +311,15 @@ class Qwen2VLAdapter(StockAdapter):
         """The merged visual tokens of each image, then each video (none are pruned before the encoder's end)."""
         return self._counts(self._grids(images)[0])
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., N, out_dim) the encoder's kept tokens -> (..., N, text width): as they are (Qwen2-VL's merger is the
+        runner's `finalize`); models whose projector comes after the encoder's output override it."""
+        return features
+
     def encode_images(self, images: dict, method):
-        """The encoder's merged tokens of every image and video, then stage 2."""
+        """The encoder's merged tokens of every image and video, through `project`, then stage 2."""
         tokens = self.encode_expert(0, images, method)
-        return fuse_and_prune([tokens], [tokens.features], self.expert_names, method)
+        return fuse_and_prune([tokens], [self.project(tokens.features)], self.expert_names, method)
 
     def encode_expert(self, index: int, images: dict, method) -> VisualTokens:
         """The one expert's merged tokens of every image, then every video (their pixels and grids in `images`),
@@ -647,15 +652,21 @@ class LlavaOnevision15Runner(Qwen2VLRunner):
         return self.module.merger(x[:, 1:].reshape(B * N * self.window, -1)).view(B, N, -1)
 
 
-class LlavaOnevision15Adapter(Qwen2VLAdapter):
-    """`LlavaOnevision15ForConditionalGeneration` (LLaVA-OneVision-1.5) on images: Qwen2-VL's adapter with
-    `LlavaOnevision15Runner` (a CLS per image, which stage-1 methods that read CLS attention use) and a Qwen3 decoder
-    with 1D RoPE (kept tokens at their unpruned positions). Its videos (a CLS per frame) are refused."""
+class Qwen2VLImagesAdapter(Qwen2VLAdapter):
+    """Qwen2-VL's adapter on a model it takes images of, not videos (their inputs, where the model has them, refused
+    by name in `VIDEO_INPUTS_REFUSED`)."""
 
     IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
     PIXEL_INPUTS = ("pixel_values",)
     PER_IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
     _KINDS = (("pixel_values", "image_grid_thw"),)
+
+
+class LlavaOnevision15Adapter(Qwen2VLImagesAdapter):
+    """`LlavaOnevision15ForConditionalGeneration` (LLaVA-OneVision-1.5) on images: Qwen2-VL's adapter with
+    `LlavaOnevision15Runner` (a CLS per image, which stage-1 methods that read CLS attention use) and a Qwen3 decoder
+    with 1D RoPE (kept tokens at their unpruned positions). Its videos (a CLS per frame) are refused."""
+
     VIDEO_INPUTS_REFUSED = ("pixel_values_videos", "video_grid_thw")
 
     RUNNER = LlavaOnevision15Runner
