@@ -26,8 +26,9 @@ KINDS = {"clip": dict(tower="clip"), "siglip": dict(tower="siglip"), "next": dic
          "onevision-interpolated": dict(onevision=True, max_tiles=1),
          # a Mistral decoder whose every layer attends within 12 tokens: an image's 16 and the prompts cross it
          "mistral": dict(tower="clip", decoder="mistral"),
-         # Granite Vision's reading: LLaVA-NeXT tiles, a SigLIP tower read at several layers, concatenated
-         "next-layers": dict(tower="siglip", anyres=True, feature_layers=[-2, -4, -1]),
+         # Granite Vision: LLaVA-NeXT tiles, a SigLIP tower read at several layers, concatenated, a Granite decoder
+         # (its embeddings scaled, image tokens' too; its blocks' outputs scaled)
+         "next-layers": dict(tower="siglip", anyres=True, feature_layers=[-2, -4, -1], decoder="granite"),
          # ViP-LLaVA: a CLIP tower read at layers [-2, -3, 1] without CLS, a LayerNorm in the projector
          "vip": dict(vip=True)}
 

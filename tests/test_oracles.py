@@ -115,7 +115,8 @@ def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None,
     left-padded columns, the columns listed per sample in `drop` masked as keys from `layer` on; `positions`:
     the rotary embedding's position ids (default: the running count of real tokens); `residuals`: (B, T, D)
     tensors added to the hidden states after layers 0, 1, ... (Qwen3-VL's DeepStack). A layer its config makes
-    sliding (Mistral) gets transformers' own sliding-window mask."""
+    sliding (Mistral) gets transformers' own sliding-window mask. A backbone that scales its input embeddings
+    (Granite's `embedding_multiplier`) scales `embeds` as its forward does."""
     from transformers.masking_utils import create_sliding_window_causal_mask
 
     B, T, _ = embeds.shape
@@ -133,7 +134,7 @@ def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None,
         sliding = (create_sliding_window_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=valid.long(),
                                                      cache=None, position_ids=pos)
                    if "sliding_attention" in kinds else None)
-        h = embeds
+        h = embeds * getattr(lm, "embedding_multiplier", 1.0)
         for i, block in enumerate(lm.layers):
             if i == layer and replace is not None:
                 h = replace(h)

@@ -137,7 +137,9 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     base tile alone, and `max_tiles` tiles' worth of high-resolution patches at most (`vision_aspect_ratio`
     "anyres_max_9"; an image with more has its grid shrunk by interpolation). `pinpoints`: the (height, width)
     grids of tiles, in pixels, instead of those three. `decoder="mistral"`: a Mistral decoder instead of the Llama,
-    every layer attending within a sliding window of 12 tokens (shorter than one image's tokens). With `video`
+    every layer attending within a sliding window of 12 tokens (shorter than one image's tokens); `decoder="granite"`:
+    a Granite decoder (Granite Vision's: its input embeddings, visual tokens' too, times 12, each block's output times
+    0.22 before the residual, its own attention scale). With `video`
     ("average" or "max", its `spatial_pool_mode`), a `LlavaNextVideoForConditionalGeneration` and
     `models.llava.LlavaNextVideoImageTextProcessor`: LLaVA-NeXT's images, and videos whose 32 px frames' 4 x 4 patches
     are pooled over 2 x 2 windows (4 tokens a frame) before the projector. `feature_layers`: the tower layers whose
@@ -151,8 +153,8 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
 
     if tower not in ("clip", "siglip"):
         raise ValueError(f"unknown tower {tower!r}; choose 'clip' or 'siglip'")
-    if decoder not in ("llama", "mistral"):
-        raise ValueError(f"unknown decoder {decoder!r}; choose 'llama' or 'mistral'")
+    if decoder not in ("llama", "mistral", "granite"):
+        raise ValueError(f"unknown decoder {decoder!r}; choose 'llama', 'mistral' or 'granite'")
     if onevision:
         tower, anyres = "siglip", True
     if vip and (tower != "clip" or anyres or onevision or video is not None):
@@ -172,11 +174,15 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         from transformers import SiglipVisionConfig
 
         vision_config = SiglipVisionConfig(**vision)
-    text = (LlamaConfig if decoder == "llama" else MistralConfig)(
+    from transformers import GraniteConfig
+
+    text = {"llama": LlamaConfig, "mistral": MistralConfig, "granite": GraniteConfig}[decoder](
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        **({"sliding_window": 12} if decoder == "mistral" else {}))
+        **({"sliding_window": 12} if decoder == "mistral" else {}),
+        **({"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.125,
+            "logits_scaling": 8.0} if decoder == "granite" else {}))
     strategy = "default" if tower == "clip" else "full"
     pinpoints = pinpoints or [[32, 64], [64, 32], [64, 64]]
     config_cls, model_cls = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else (LlavaConfig,

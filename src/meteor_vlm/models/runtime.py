@@ -63,7 +63,9 @@ class DecoderParts:
     handed on in `shared_kv_states`), None for a layer with its own. per_layer: the backbone whose per-layer inputs
     each layer also takes (Gemma 4's per-layer embeddings, `layer_inputs`), or None. attention_chunk: on a
     "chunked_attention" layer (Llama 4's), a query sees only the keys of its own chunk of C positions (position // C
-    equal, counted in the unpruned positions, as transformers' chunked masks count real tokens), C this."""
+    equal, counted in the unpruned positions, as transformers' chunked masks count real tokens), C this.
+    embed_scale: the factor the backbone multiplies its input embeddings by, visual tokens' too (Granite's and
+    HyperCLOVAX's `embedding_multiplier`), or None; `prefill` and `decode` apply it to what they are given."""
 
     embed_tokens: nn.Module
     layers: nn.ModuleList
@@ -81,6 +83,7 @@ class DecoderParts:
     kv_sources: tuple[int | None, ...] = ()
     per_layer: nn.Module | None = None
     attention_chunk: int | None = None
+    embed_scale: float | None = None
 
     @classmethod
     def of(cls, causal_lm: nn.Module) -> DecoderParts:
@@ -123,7 +126,8 @@ class DecoderParts:
                    getattr(cfg, "final_logit_softcapping", None),
                    nope_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if nope else (),
                    blocks_on_full=not gemma4, kv_sources=_kv_sources(getattr(cfg, "kv_sharing_modes", None), types),
-                   per_layer=lm if getattr(cfg, "hidden_size_per_layer_input", None) else None, attention_chunk=chunk)
+                   per_layer=lm if getattr(cfg, "hidden_size_per_layer_input", None) else None, attention_chunk=chunk,
+                   embed_scale=getattr(lm, "embedding_multiplier", None))
 
     def layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor,
                      visual: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -136,6 +140,10 @@ class DecoderParts:
         if visual is not None:
             input_ids = input_ids.masked_fill(visual, self.per_layer.config.pad_token_id)
         return self.per_layer.project_per_layer_inputs(embeds, self.per_layer.get_per_layer_inputs(input_ids, embeds))
+
+    def scaled(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Input embeddings as the first layer takes them: times `embed_scale` where the backbone scales them."""
+        return embeds if self.embed_scale is None else embeds * self.embed_scale
 
     def layer_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A boolean attention mask as the layers take it: itself for SDPA, or, on a decoder whose layers run eager
@@ -580,7 +588,7 @@ def prefill(
     # temporal positions in Qwen2.5-VL can exceed)
     nxt = (pos[:, -1] if pos.dim() == 2 else pos[:, -1].amax(-1)) + 1
     blocks = None if blocks is None else blocks.masked_fill(~valid, -1)
-    h = embeds
+    h = parts.scaled(embeds)
     mask_kinds = [(parts.window(i), parts.chunk(i)) for i in range(len(parts.layers))]
 
     def attention_inputs():  # per layer (cos, sin), and the masks by window and chunk, for the columns now present
@@ -772,7 +780,7 @@ def decode(parts: DecoderParts, embeds: torch.Tensor, new_valid: torch.Tensor, c
     tri = torch.ones(q, q, dtype=torch.bool, device=embeds.device).tril()
     eye = torch.eye(q, dtype=torch.bool, device=embeds.device)
     new_block = (tri[None] & new_valid[:, None, :]) | eye[None]  # (B, q, q)
-    h = embeds
+    h = parts.scaled(embeds)
     shared: dict = {}
     for i, layer in enumerate(parts.layers):
         if parts.is_linear(i):  # no keys: its state holds only real tokens; padding among new ones is zeroed
