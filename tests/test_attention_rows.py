@@ -27,7 +27,8 @@ def test_cls_row_and_received_attention_equal_eager_map(tiny, images):
 
 
 @pytest.mark.parametrize("decoder", ["project", "qwen2", "qwen3", "gemma3_text", "gemma2", "cohere2", "glm4", "lfm2",
-                                     "exaone4", "llama4_text"])
+                                     "exaone4", "llama4_text", "granite", "phi3", "olmo2", "phi", "stablelm", "apertus",
+                                     "ministral3", "gpt_oss"])
 def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder):
     """On the project's Llama, a Qwen2 (biased q/k/v), a Qwen3 (per-head q/k norms before RoPE), a Gemma 3 text
     decoder (its own attention scale, local and global layers at different RoPE bases; a window longer than the
@@ -36,7 +37,12 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
     layers only) and a GLM-4 (GLM-4.1V's decoder: neighbouring dimensions, half of each head rotated) and an LFM2
     (LFM2-VL's: its own names for the norms, `operator_norm` before the mixer and `q_layernorm` / `k_layernorm`;
     short convolutions at layers 1 and 2, attention at 0 and 3) and a Llama 4 (complex RoPE, a q/k norm after it,
-    chunked layers, a layer without RoPE whose queries are scaled by the column's temperature); and the keys
+    chunked layers, a layer without RoPE whose queries are scaled by the column's temperature) and a Granite (its own
+    attention scale) and a Phi-3 (one fused q/k/v projection) and an OLMo 2 (post-norm; q/k norms over all heads
+    together) and a Phi (a quarter of each head rotated, LayerNorms over each head's queries and keys, its final norm
+    `final_layernorm`) and a StableLM (a quarter rotated, a LayerNorm per head) and an Apertus (its norm before the
+    attention `attention_layernorm`) and a Ministral 3 (its queries scaled by their positions, here from position 4
+    on) and a GPT-OSS (a learned sink per head that takes a share of each softmax; sliding layers); and the keys
     `key_states` gives (DART's) are the ones the layer's attention computes before RoPE."""
     model, _ = tiny
     lm_sdpa = model.language_model
@@ -59,28 +65,53 @@ def test_llm_attention_rows_equal_eager_map_rows_with_rope_and_gqa(tiny, decoder
                          num_local_experts=2, interleave_moe_layer_step=2, intermediate_size_mlp=128)
         if decoder == "lfm2":
             extra = dict(layer_types=["full_attention", "conv", "conv", "full_attention"], block_auto_adjust_ff_dim=False)
-        cfg = AutoConfig.for_model(decoder, vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        if decoder == "granite":
+            extra = dict(attention_multiplier=0.5, embedding_multiplier=3.0, residual_multiplier=0.5)
+        if decoder in ("phi", "stablelm"):
+            extra = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                         **({"qk_layernorm": True} if decoder == "phi" else {"use_qk_layernorm": True}))
+        if decoder == "gpt_oss":
+            extra = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        if decoder == "ministral3":
+            extra = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.5,
+                                          "original_max_position_embeddings": 4})
+        if decoder == "phi3":
+            extra = dict(pad_token_id=0)
+        width = 128 if decoder in ("phi", "stablelm") else 64  # their heads are width / heads wide, whatever head_dim
+        cfg = AutoConfig.for_model(decoder, vocab_size=64, hidden_size=width, intermediate_size=128, num_hidden_layers=4,
                                    num_attention_heads=8, num_key_value_heads=4, head_dim=16, **extra)
     cfg._attn_implementation = "eager"
     torch.manual_seed(1)
-    lm = AutoModelForCausalLM.from_config(cfg)
+    lm = AutoModelForCausalLM.from_config(cfg).eval()
     if decoder == "project":
         lm.load_state_dict(lm_sdpa.state_dict())
     else:  # norms that are not the identity
         for name, weights in lm.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight", "q_layernorm.weight", "k_layernorm.weight",
-                          "operator_norm.weight", "ffn_norm.weight")):
+                              "operator_norm.weight", "ffn_norm.weight", "attention_layernorm.weight",
+                              "self_attn.sinks")) or (
+                    ".k_layernorm.norms." in name or ".q_layernorm.norms." in name):
                 weights.data.uniform_(0.5, 1.5)
     g = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, 13, cfg.hidden_size, generator=g)
     keys = {}  # each layer's keys before RoPE, as its attention computed them
     attending = [i for i, block in enumerate(lm.model.layers) if hasattr(block, "self_attn")]  # the maps are theirs
+    hooks = []
     for i in attending:
         attn = lm.model.layers[i].self_attn
-        source = getattr(attn, "k_norm", None) or getattr(attn, "k_layernorm", None) or attn.k_proj
-        source.register_forward_hook(lambda module, args, k, i=i: keys.__setitem__(i, k.flatten(2)))
+        source = getattr(attn, "k_norm", None) or getattr(attn, "k_layernorm", None) or getattr(attn, "k_proj", None)
+        if source is None:  # a fused projection: its key heads follow the query heads
+            q_width, k_width = cfg.num_attention_heads * attn.head_dim, cfg.num_key_value_heads * attn.head_dim
+            hooks.append(attn.qkv_proj.register_forward_hook(
+                lambda module, args, qkv, i=i: keys.__setitem__(i, qkv[..., q_width: q_width + k_width])))
+        else:  # (B, T, width), or per head: (B, T, heads, head_dim), or heads first (Gemma 3's, Phi's), T = 13
+            hooks.append(source.register_forward_hook(lambda module, args, k, i=i: keys.__setitem__(
+                i, (k.transpose(1, 2) if k.dim() == 4 and k.shape[1] != 13 else k).flatten(2))))
     with torch.no_grad():
         out = lm(inputs_embeds=embeds, output_attentions=True, output_hidden_states=True)
+        for hook in hooks:  # what the runtime computes below runs the same modules
+            hook.remove()
         pos = torch.arange(13).expand(2, -1)
         parts = DecoderParts.of(lm)
         for layer in (0, 3):

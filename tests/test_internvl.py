@@ -22,8 +22,9 @@ IMAGES = [1, 2, 1]  # images per prompt
 
 
 @pytest.fixture(scope="module", params=[{}, {"qk_norm": True}, {"decoder": "qwen3"}, {"decoder": "qwen3_moe"},
-                                        {"decoder": "qwen3", "qianfan": True}],
-                ids=["internvl", "internvl-qknorm", "internvl-qwen3", "internvl-qwen3-moe", "qianfan-ocr"])
+                                        {"decoder": "gpt_oss"}, {"decoder": "qwen3", "qianfan": True}],
+                ids=["internvl", "internvl-qknorm", "internvl-qwen3", "internvl-qwen3-moe", "internvl-gpt-oss",
+                     "qianfan-ocr"])
 def internvl(request):
     return mv.testing.tiny_internvl(seed=2, **request.param)
 

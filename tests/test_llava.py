@@ -29,6 +29,8 @@ KINDS = {"clip": dict(tower="clip"), "siglip": dict(tower="siglip"), "next": dic
          # Granite Vision: LLaVA-NeXT tiles, a SigLIP tower read at several layers, concatenated, a Granite decoder
          # (its embeddings scaled, image tokens' too; its blocks' outputs scaled)
          "next-layers": dict(tower="siglip", anyres=True, feature_layers=[-2, -4, -1], decoder="granite"),
+         # LLaVA-Phi-3: a Phi-3 decoder, one fused q/k/v projection
+         "phi3": dict(tower="clip", decoder="phi3"),
          # ViP-LLaVA: a CLIP tower read at layers [-2, -3, 1] without CLS, a LayerNorm in the projector
          "vip": dict(vip=True)}
 

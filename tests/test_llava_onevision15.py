@@ -1,7 +1,9 @@
 """Stock transformers VLMs with a Qwen2-VL-style encoder before a decoder with 1D RoPE, on images: LLaVA-OneVision-1.5
-(`LlavaOnevision15ForConditionalGeneration`: a RICE ViT with a CLS per image, a Qwen3 decoder) and EXAONE 4.5
+(`LlavaOnevision15ForConditionalGeneration`: a RICE ViT with a CLS per image, a Qwen3 decoder), EXAONE 4.5
 (`Exaone4_5_ForConditionalGeneration`: Qwen2.5-VL's windowed encoder with grouped key and value heads, an EXAONE 4
-decoder, post-norm, sliding layers rotated and full ones not), under every method: no-op == stock model, drop ==
+decoder, post-norm, sliding layers rotated and full ones not) and HyperCLOVA X Vision V2
+(`HyperCLOVAXVisionV2ForConditionalGeneration`: Qwen2.5-VL's windowed encoder, a linear projector after it, a Granite-like
+decoder scaling its input embeddings and its blocks' outputs, logits scaled by the head), under every method: no-op == stock model, drop ==
 mask, batch == one by one, cached == uncached, beams; windows dropped inside the ViT == the stock blocks run without
 them; their videos refused."""
 
@@ -20,7 +22,7 @@ from .test_video_llama3 import assert_one_images_tokens_dropped
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
 
-@pytest.fixture(scope="module", params=["ov1.5", "exaone4.5"], ids=["llava-onevision-1.5", "exaone4.5"])
+@pytest.fixture(scope="module", params=["ov1.5", "exaone4.5", "hcx"], ids=["llava-onevision-1.5", "exaone4.5", "hcx"])
 def ov15(request):
     return mv.testing.tiny_qwen2_vl(version=request.param, seed=2)
 
@@ -84,10 +86,13 @@ def test_windows_dropped_inside_the_vit_equal_the_stock_blocks_run_without_them(
     model, processor = ov15
     inputs = qwen_inputs(processor, pictures, which=(0,))
     grid = inputs["image_grid_thw"][0].tolist()
-    if hasattr(model.model.visual, "cls_embeddings"):  # LLaVA-OneVision-1.5
+    visual = getattr(model.model, "visual", None) or model.model.vision_model
+    if hasattr(visual, "cls_embeddings"):  # LLaVA-OneVision-1.5
         stock = lambda: stock_tower_without(model, inputs["pixel_values"], grid)  # noqa: E731
-    else:  # EXAONE 4.5: Qwen2.5-VL's windowed encoder
-        stock = lambda: stock_blocks_without(model.model.visual, inputs["pixel_values"], grid)[:2]  # noqa: E731
+    else:  # EXAONE 4.5, HyperCLOVA X: Qwen2.5-VL's windowed encoder (HyperCLOVA X's projector after it)
+        def stock():
+            alive, tokens = stock_blocks_without(visual, inputs["pixel_values"], grid)[:2]
+            return alive, model.model.projector(tokens) if hasattr(model.model, "projector") else tokens
     assert_one_images_tokens_dropped(model, inputs, IMAGE_KEYS, 6, stock)
 
 

@@ -1,11 +1,12 @@
 """Stock transformers Mistral 3 (`Mistral3ForConditionalGeneration`), a LLaVA with a Pixtral tower (Pixtral-12B's
 kind: no merge) and LightOnOCR (`LightOnOcrForConditionalGeneration`: Mistral 3's tower and projector under other
-names, a Qwen3 decoder, no row breaks in its prompts), under every method: the oracles the project's own
+names, a Qwen3 decoder, no row breaks in its prompts) and Ministral 3 (Mistral 3 with a Ministral 3 decoder: YaRN, its
+queries scaled by their positions), under every method: the oracles the project's own
 model obeys (no-op == stock model, drop == mask, batch == one by one, cached == uncached, beams), on images of three
 sizes (each its own patch grid and token count); and 2x2 windows dropped inside its Pixtral ViT == the stock blocks
 run without them, merged by the model's own projector."""
 
-KINDS = ["mistral3", "llava-pixtral", "lighton-ocr"]
+KINDS = ["mistral3", "llava-pixtral", "lighton-ocr", "ministral3"]
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ SIZES = [(64, 64), (64, 32), (64, 64), (40, 64)]  # (width, height) of each pict
 
 def tiny(kind: str, seed: int):
     """A tiny model of that kind (`mv.testing.tiny_mistral3`)."""
-    return mv.testing.tiny_mistral3(seed=seed, llava=kind == "llava-pixtral", lighton=kind == "lighton-ocr")
+    return mv.testing.tiny_mistral3(seed=seed, llava=kind == "llava-pixtral", lighton=kind == "lighton-ocr",
+                                    ministral=kind == "ministral3")
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -116,7 +116,8 @@ def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None,
     the rotary embedding's position ids (default: the running count of real tokens); `residuals`: (B, T, D)
     tensors added to the hidden states after layers 0, 1, ... (Qwen3-VL's DeepStack). A layer its config makes
     sliding (Mistral) gets transformers' own sliding-window mask. A backbone that scales its input embeddings
-    (Granite's `embedding_multiplier`) scales `embeds` as its forward does."""
+    (Granite's `embedding_multiplier`) scales `embeds` as its forward does; a decoder that runs eager attention
+    (GPT-OSS's) gets the same masks made additive."""
     from transformers.masking_utils import create_sliding_window_causal_mask
 
     B, T, _ = embeds.shape
@@ -134,6 +135,9 @@ def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None,
         sliding = (create_sliding_window_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=valid.long(),
                                                      cache=None, position_ids=pos)
                    if "sliding_attention" in kinds else None)
+        if sliding is not None and sliding.dtype != torch.bool:  # an eager decoder's: 0 where a key is seen
+            sliding = sliding == 0
+        eager = cfg._attn_implementation == "eager"
         h = embeds * getattr(lm, "embedding_multiplier", 1.0)
         for i, block in enumerate(lm.layers):
             if i == layer and replace is not None:
@@ -142,10 +146,21 @@ def masked_decoder_logits(lm, lm_head, embeds, valid, drop, layer, replace=None,
             mask = ((causal[None] & keys[:, None, :]) | eye[None]).unsqueeze(1)
             if kinds[i] == "sliding_attention":
                 mask = (sliding & keys[:, None, None, :]) | eye
+            if eager:
+                mask = torch.zeros(mask.shape, dtype=h.dtype).masked_fill(~mask, torch.finfo(h.dtype).min)
             h = block(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
             if residuals is not None and i < len(residuals):
                 h = h + residuals[i]
         return lm_head(lm.norm(h))
+
+
+def stock_head(model):
+    """The stock model's output head: `lm_head`, times the text config's `logits_scaling` on a model whose forward
+    multiplies its logits by it (HyperCLOVA X Vision V2's)."""
+    if type(model).__name__ == "HyperCLOVAXVisionV2ForConditionalGeneration":
+        scale = model.config.text_config.logits_scaling
+        return lambda hidden: model.lm_head(hidden) * scale
+    return model.lm_head
 
 
 def assert_drop_at_layer_equals_masking(model, inputs, embeds, layer):
@@ -156,8 +171,8 @@ def assert_drop_at_layer_equals_masking(model, inputs, embeds, layer):
     drop = [vis[0].nonzero()[::3, 0].tolist(), vis[1].nonzero()[1::2, 0].tolist()]
     with DropAt(layer, drop)(model), torch.no_grad():
         got = model(**inputs, use_cache=False).logits
-    want = masked_decoder_logits(model.model.language_model, model.lm_head, embeds, inputs["attention_mask"].bool(),
-                                 drop, layer)
+    want = masked_decoder_logits(model.model.language_model, stock_head(model), embeds,
+                                 inputs["attention_mask"].bool(), drop, layer)
     text = inputs["attention_mask"].bool() & ~vis
     torch.testing.assert_close(got[text], want[text], atol=1e-5, rtol=1e-5)
 

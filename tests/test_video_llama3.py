@@ -11,7 +11,7 @@ import meteor_vlm as mv
 from .test_gemma3 import NOOPS, PRUNING
 from .test_llava import assert_noop_is_the_stock_model, pruned_logits, stock_logits
 from .test_oracles import (DropWindows, assert_drop_at_layer_equals_masking, check_batch_and_cache,
-                           check_beams_against_the_stock_model, masked_decoder_logits, survivors)
+                           check_beams_against_the_stock_model, masked_decoder_logits, stock_head, survivors)
 from .test_qwen2_vl import PROMPTS, SIZES, qwen_inputs
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_merge_sizes")
@@ -95,7 +95,7 @@ def assert_one_images_tokens_dropped(model, inputs, image_keys, tokens, stock_to
         cols = is_img[0].nonzero()[:, 0]
         embeds[0, cols[alive]] = want
         drop = [[int(c) for g, c in enumerate(cols) if g not in alive.tolist()]]
-        reference = masked_decoder_logits(model.model.language_model, model.lm_head, embeds,
+        reference = masked_decoder_logits(model.model.language_model, stock_head(model), embeds,
                                           inputs["attention_mask"].bool(), drop, 0)
     got = pruned_logits(model, inputs, DropWindows(4))
     torch.testing.assert_close(got[~is_img], reference[~is_img], atol=1e-5, rtol=1e-5)

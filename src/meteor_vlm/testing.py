@@ -139,7 +139,8 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     grids of tiles, in pixels, instead of those three. `decoder="mistral"`: a Mistral decoder instead of the Llama,
     every layer attending within a sliding window of 12 tokens (shorter than one image's tokens); `decoder="granite"`:
     a Granite decoder (Granite Vision's: its input embeddings, visual tokens' too, times 12, each block's output times
-    0.22 before the residual, its own attention scale). With `video`
+    0.22 before the residual, its own attention scale); `decoder="phi3"`: a Phi-3 decoder (LLaVA-Phi-3's: one fused
+    q/k/v projection). With `video`
     ("average" or "max", its `spatial_pool_mode`), a `LlavaNextVideoForConditionalGeneration` and
     `models.llava.LlavaNextVideoImageTextProcessor`: LLaVA-NeXT's images, and videos whose 32 px frames' 4 x 4 patches
     are pooled over 2 x 2 windows (4 tokens a frame) before the projector. `feature_layers`: the tower layers whose
@@ -153,8 +154,8 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
 
     if tower not in ("clip", "siglip"):
         raise ValueError(f"unknown tower {tower!r}; choose 'clip' or 'siglip'")
-    if decoder not in ("llama", "mistral", "granite"):
-        raise ValueError(f"unknown decoder {decoder!r}; choose 'llama', 'mistral' or 'granite'")
+    if decoder not in ("llama", "mistral", "granite", "phi3"):
+        raise ValueError(f"unknown decoder {decoder!r}; choose 'llama', 'mistral', 'granite' or 'phi3'")
     if onevision:
         tower, anyres = "siglip", True
     if vip and (tower != "clip" or anyres or onevision or video is not None):
@@ -174,9 +175,9 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         from transformers import SiglipVisionConfig
 
         vision_config = SiglipVisionConfig(**vision)
-    from transformers import GraniteConfig
+    from transformers import GraniteConfig, Phi3Config
 
-    text = {"llama": LlamaConfig, "mistral": MistralConfig, "granite": GraniteConfig}[decoder](
+    text = {"llama": LlamaConfig, "mistral": MistralConfig, "granite": GraniteConfig, "phi3": Phi3Config}[decoder](
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -259,8 +260,12 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     (LLaVA-OneVision-1.5: a RICE ViT, a CLS per image with its own rotary angles, Qwen2-VL's merge windows, a Qwen3
     decoder with 1D RoPE; still images only). `version="exaone4.5"`: an `Exaone4_5_ForConditionalGeneration` (EXAONE 4.5:
     Qwen2.5-VL's windowed encoder with 2 key and value heads for its 4, an EXAONE 4 decoder with 1D RoPE, two sliding
-    layers (window 8) to each full one; still images only)."""
-    from transformers import (Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, LlavaOnevision15Config,
+    layers (window 8) to each full one; still images only). `version="hcx"`: a `HyperCLOVAXVisionV2ForConditionalGeneration`
+    (HyperCLOVA X SEED Think: EXAONE 4.5's kind of encoder with as many key and value heads as query heads, a linear
+    projector after its merger, a HyperCLOVA X decoder with 1D RoPE: Granite's, its input embeddings times 4, its blocks'
+    outputs times 0.5, its own attention scale; the head's logits times 2; still images only)."""
+    from transformers import (Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, HyperCLOVAXVisionV2Config,
+                              HyperCLOVAXVisionV2ForConditionalGeneration, LlavaOnevision15Config,
                               LlavaOnevision15ForConditionalGeneration, Qwen2_5_VLConfig,
                               Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen3_5Config, Qwen3_5ForConditionalGeneration,
@@ -270,9 +275,9 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
 
     from .models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens
 
-    if version not in ("2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "ov1.5", "exaone4.5"):
+    if version not in ("2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "ov1.5", "exaone4.5", "hcx"):
         raise ValueError(f"unknown Qwen-VL version {version!r}; choose '2', '2.5', '3', '3-moe', '3.5', '3.5-moe', "
-                         "'ov1.5' or 'exaone4.5'")
+                         "'ov1.5', 'exaone4.5' or 'hcx'")
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     ids = add_vision_tokens(tokenizer)
@@ -308,6 +313,13 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
         text.update(model_type="exaone4", head_dim=8, sliding_window=8,
                     layer_types=["sliding_attention", "sliding_attention", "full_attention"] * (num_layers // 3))
         text.pop("rope_parameters")
+    if version == "hcx":
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=48,
+                      patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=32,
+                      fullatt_block_indexes=[vision_depth - 1])
+        text.update(model_type="hyperclovax", head_dim=8, embedding_multiplier=4.0, residual_multiplier=0.5,
+                    attention_multiplier=0.25, logits_scaling=2.0)
+        text.pop("rope_parameters")
     if version == "ov1.5":
         vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
                       patch_size=8, spatial_merge_size=2, in_channels=3)
@@ -322,7 +334,10 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                              "3.5": (Qwen3_5Config, Qwen3_5ForConditionalGeneration),
                              "3.5-moe": (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration),
                              "ov1.5": (LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration),
-                             "exaone4.5": (Exaone4_5_Config, Exaone4_5_ForConditionalGeneration)}[version]
+                             "exaone4.5": (Exaone4_5_Config, Exaone4_5_ForConditionalGeneration),
+                             "hcx": (HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration)}[version]
+    if version == "hcx":
+        vision["model_type"] = "qwen2_5_vl_vision"
     config = config_cls(vision_config=vision, text_config=text, **ids)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -332,7 +347,9 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
             g = torch.Generator().manual_seed(seed)
             model.model.visual.cls_embeddings.class_pos_emb.normal_(0, 1.0, generator=g)
             model.model.visual.cls_embeddings.class_embedding.normal_(0, 1.0, generator=g)
-    mergers = [model.model.visual.merger, *getattr(model.model.visual, "deepstack_merger_list", [])]
+    visual = model.model.vision_model if version == "hcx" else model.model.visual
+    mergers = [visual.merger, *getattr(visual, "deepstack_merger_list", []), *([model.model.projector]
+                                                                              if version == "hcx" else [])]
     _peaked([*model.model.language_model.parameters(), *(p for m in mergers for p in m.parameters())], seed)
     model.generation_config.suppress_tokens = [ids[k] for k in ("image_token_id", "video_token_id",
                                                                 "vision_start_token_id", "vision_end_token_id")]
@@ -340,7 +357,7 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                                       temporal_patch_size=1 if version == "ov1.5" else 2, image_mean=[0.5] * 3,
                                       image_std=[0.5] * 3)
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"),
-                                            token_types=version != "exaone4.5")
+                                            token_types=version not in ("exaone4.5", "hcx"))
 
 
 def tiny_paddleocr_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 2):
@@ -522,7 +539,10 @@ def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_
     8 px patches, each 2x2 window folded into one visual token (4 per tile), tiles cut as InternVL cuts them (1
     to 4 by the image's aspect, plus a thumbnail when there are several), and a `num_layers`-deep Qwen2 decoder
     with 8 heads (GQA, 4 kv heads); `decoder="qwen3"`: a Qwen3 one instead (per-head q/k norms, as InternVL3.5's);
-    `decoder="qwen3_moe"`: a Qwen3-MoE one (InternVL3.5-30B-A3B's kind: 4 experts, 2 per token, layer 1 dense).
+    `decoder="qwen3_moe"`: a Qwen3-MoE one (InternVL3.5-30B-A3B's kind: 4 experts, 2 per token, layer 1 dense);
+    `decoder="gpt_oss"`: a GPT-OSS one (InternVL3.5-GPT-OSS-20B-A4B's kind: learned attention sinks, here drawn large
+    enough to matter, every other layer attending within 8 tokens, 4 experts, 2 per token; eager attention, as the
+    stock GPT-OSS has no SDPA).
     With `qianfan`, a `QianfanOCRForConditionalGeneration` (Qianfan-OCR: the ViT's blocks in a list of their own, with
     stochastic depth up to 0.1, inert at inference, biased attention)."""
     from transformers import (InternVLConfig, InternVLForConditionalGeneration, QianfanOCRConfig,
@@ -535,8 +555,8 @@ def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *IMAGE_TOKENS]})
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=4,
                   image_size=32, patch_size=8, use_qk_norm=qk_norm, layer_scale_init_value=0.5)
-    if decoder not in ("qwen2", "qwen3", "qwen3_moe"):
-        raise ValueError(f"unknown decoder {decoder!r}; choose 'qwen2', 'qwen3' or 'qwen3_moe'")
+    if decoder not in ("qwen2", "qwen3", "qwen3_moe", "gpt_oss"):
+        raise ValueError(f"unknown decoder {decoder!r}; choose 'qwen2', 'qwen3', 'qwen3_moe' or 'gpt_oss'")
     text = dict(model_type=decoder, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                 num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -544,6 +564,9 @@ def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_
     if decoder == "qwen3_moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
                     mlp_only_layers=[1])
+    if decoder == "gpt_oss":
+        text.update(num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[2])
     config_cls, model_cls = InternVLConfig, InternVLForConditionalGeneration
     if qianfan:
@@ -551,10 +574,14 @@ def tiny_internvl(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, qk_
         vision.update(model_type="qianfan_ocr_vision", attention_bias=True, drop_path_rate=0.1)
     config = config_cls(vision_config=vision, text_config=text, image_token_id=image_id, image_seq_length=4,
                         downsample_ratio=0.5, tie_word_embeddings=False)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "eager" if decoder == "gpt_oss" else "sdpa"
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _peaked([*model.model.language_model.parameters(), *model.model.multi_modal_projector.parameters()], seed)
+    if decoder == "gpt_oss":  # sinks that take a good share of each softmax
+        g = torch.Generator().manual_seed(seed)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.sinks.data = torch.randn(layer.self_attn.sinks.shape, generator=g) * 2
     model.generation_config.suppress_tokens = [tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKENS]
     images = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, max_patches=4, image_mean=[0.5] * 3,
                                       image_std=[0.5] * 3)
@@ -788,7 +815,8 @@ def tiny_cohere2_vision(seed: int = 0, num_layers: int = 6, vision_depth: int = 
     return model, Cohere2VisionProcessor(images, tokenizer)
 
 
-def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, llava: bool = False, lighton: bool = False):
+def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, llava: bool = False, lighton: bool = False,
+                  ministral: bool = False):
     """A tiny random stock transformers `Mistral3ForConditionalGeneration` (CPU, fp32, eval mode, SDPA): a Pixtral ViT
     on 8 px patches of images whose longer side is 64 px (each side a multiple of 16 px), each 2x2 window of patches
     one visual token (16 for a square image), a `vision_depth`-block tower and a `num_layers`-deep Mistral decoder
@@ -797,7 +825,9 @@ def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, lla
     Pixtral tower on 16 px patches instead (Pixtral-12B's kind: no merge, each patch one visual token, LLaVA's
     projector), the same token counts. With `lighton`, a `LightOnOcrForConditionalGeneration` (LightOnOCR: Mistral 3's
     tower and projector under its own names, a Qwen3 decoder) and a processor that writes an image as one `[IMG]`
-    per visual token, without row breaks, as `LightOnOcrProcessor` does."""
+    per visual token, without row breaks, as `LightOnOcrProcessor` does. With `ministral`, Mistral 3 with a Ministral 3
+    decoder (Ministral 3's: YaRN RoPE, and queries scaled by 1 + 0.5 log(1 + floor(position / 8)), which binds from
+    position 8 on here; from 16384 in the real ones)."""
     from transformers import (LightOnOcrConfig, LightOnOcrForConditionalGeneration, LlavaConfig,
                               LlavaForConditionalGeneration, Mistral3Config, Mistral3ForConditionalGeneration)
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
@@ -822,6 +852,10 @@ def tiny_mistral3(seed: int = 0, num_layers: int = 6, vision_depth: int = 3, lla
         config = LightOnOcrConfig(vision_config=vision, text_config=text, spatial_merge_size=merge,
                                   image_token_id=image_token, tie_word_embeddings=False)
     else:
+        if ministral:
+            text.update(model_type="ministral3", rope_parameters={
+                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 8,
+                "llama_4_scaling_beta": 0.5, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
         config = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=merge, vision_feature_layer=-1,
                                 image_token_index=image_token)
     config._attn_implementation = "sdpa"

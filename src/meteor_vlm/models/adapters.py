@@ -379,8 +379,9 @@ class StockAdapter:
         """Replace this instance's forward, prepare_inputs_for_generation and _expand_inputs_for_generation while
         the block runs, and run its attention as SDPA (the runtime hands the language model's layers boolean masks,
         the vision blocks additive ones): a model loaded with eager or flash attention is switched to SDPA inside
-        the block and back after it. A decoder that soft-caps its attention logits (Gemma 2), which SDPA cannot,
-        runs eager attention instead, on additive masks (`runtime.DecoderParts.layer_mask`)."""
+        the block and back after it. A decoder that soft-caps its attention logits (Gemma 2) or has learned sinks
+        (GPT-OSS), which SDPA cannot do, runs eager attention instead, on additive masks
+        (`runtime.DecoderParts.layer_mask`, `runtime.attention_implementation`)."""
         model = self.model
         attention = [(c, c._attn_implementation) for c in attention_configs(model.config)]
         saved = {k: vars(model)[k] for k in ("forward", "prepare_inputs_for_generation", "_expand_inputs_for_generation")
@@ -418,7 +419,7 @@ class StockAdapter:
         model._expand_inputs_for_generation = expand_inputs_for_generation
         try:
             for config, _ in attention:  # the text config after its parent: its own setting stands
-                config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+                config._attn_implementation = runtime.attention_implementation(config)
             yield
         finally:
             for config, implementation in attention:

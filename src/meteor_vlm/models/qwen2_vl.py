@@ -21,13 +21,15 @@ a prompt may hold images and videos in any order. Inside
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import (Exaone4_5_ForConditionalGeneration, LlavaOnevision15ForConditionalGeneration,
+from transformers import (Exaone4_5_ForConditionalGeneration, HyperCLOVAXVisionV2ForConditionalGeneration,
+                          LlavaOnevision15ForConditionalGeneration,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
                           Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration,
                           Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
@@ -67,6 +69,8 @@ def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
         return LlavaOnevision15Adapter(model)
     if type(model) is Exaone4_5_ForConditionalGeneration:
         return Exaone45Adapter(model)
+    if type(model) is HyperCLOVAXVisionV2ForConditionalGeneration:
+        return HyperClovaXVisionV2Adapter(model)
     if type(model) in (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration,
                        Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration):
         return Qwen3VLAdapter(model)
@@ -682,3 +686,20 @@ class Exaone45Adapter(LlavaOnevision15Adapter):
 
     RUNNER = Qwen2VLRunner
 
+
+class HyperClovaXVisionV2Adapter(Exaone45Adapter):
+    """`HyperCLOVAXVisionV2ForConditionalGeneration` (HyperCLOVA X SEED Think 32B) on images: Qwen2.5-VL's windowed
+    encoder (`model.model.vision_model`), a linear projector after its merger, and a HyperCLOVA X decoder (Granite's
+    kind: its input embeddings, visual tokens' too, and its blocks' outputs scaled) with 1D RoPE; the stock head
+    multiplies the logits by the text config's `logits_scaling`, and so does the adapter's. Its videos are refused."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.decoder = dataclasses.replace(self.decoder, logit_scale=model.config.text_config.logits_scaling)
+
+    @staticmethod
+    def visual_of(model):
+        return model.model.vision_model
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.projector(features)

@@ -38,6 +38,21 @@ from .. import ops
 __all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "LLMMerge", "prefill", "decode", "compact", "at_columns",
            "generation_inputs", "decode_new_tokens", "images_for_expanded_rows"]
 
+# decoders whose attention has learned sinks (GPT-OSS's), which SDPA has no way to take: they run eager attention
+SINK_TYPES = ("gpt_oss",)
+
+
+def attention_implementation(config) -> str:
+    """The attention a pruned model's modules run under `config` (a VLM's config or one of its sub-configs): eager where
+    the attention soft-caps its logits (Gemma 2) or has learned sinks (GPT-OSS), neither of which SDPA can do; SDPA
+    everywhere else (the runtime hands the layers boolean masks)."""
+    eager = getattr(config, "attn_logit_softcapping", None) or getattr(config, "model_type", None) in SINK_TYPES
+    return "eager" if eager else "sdpa"
+
+
+# a backbone's norm after its last layer: most name it `norm`; LFM2 `embedding_norm` (applied last despite its name),
+# Phi `final_layernorm`
+FINAL_NORMS = ("norm", "embedding_norm", "final_layernorm")
 RECURRENT_LAYERS = ("linear_attention", "conv")  # layer types that read their input as a sequence, with no keys
 
 
@@ -65,7 +80,9 @@ class DecoderParts:
     "chunked_attention" layer (Llama 4's), a query sees only the keys of its own chunk of C positions (position // C
     equal, counted in the unpruned positions, as transformers' chunked masks count real tokens), C this.
     embed_scale: the factor the backbone multiplies its input embeddings by, visual tokens' too (Granite's and
-    HyperCLOVAX's `embedding_multiplier`), or None; `prefill` and `decode` apply it to what they are given."""
+    HyperCLOVAX's `embedding_multiplier`), or None; `prefill` and `decode` apply it to what they are given. sinks:
+    whether the layers' attention has learned sinks (GPT-OSS's, a logit per head that takes a share of each softmax),
+    which SDPA cannot take either: such layers run eager attention on additive masks too."""
 
     embed_tokens: nn.Module
     layers: nn.ModuleList
@@ -84,13 +101,14 @@ class DecoderParts:
     per_layer: nn.Module | None = None
     attention_chunk: int | None = None
     embed_scale: float | None = None
+    sinks: bool = False
 
     @classmethod
     def of(cls, causal_lm: nn.Module) -> DecoderParts:
         """Locate the parts of a transformers *ForCausalLM with a `.model` backbone (Llama, Qwen2, Mistral...)."""
         backbone = getattr(causal_lm, "model", None)
         needed = ("embed_tokens", "layers", "rotary_emb")
-        normed = backbone is not None and (hasattr(backbone, "norm") or hasattr(backbone, "embedding_norm"))  # LFM2's
+        normed = backbone is not None and any(hasattr(backbone, n) for n in FINAL_NORMS)
         if not normed or not all(hasattr(backbone, n) for n in needed) or not hasattr(causal_lm, "lm_head"):
             raise ValueError(
                 f"unsupported language model class {type(causal_lm).__name__}: expected a Llama-style "
@@ -119,7 +137,9 @@ class DecoderParts:
         # Cohere 2 rotates on its sliding layers only, and so does EXAONE 4 where it has sliding layers
         nope = getattr(cfg, "model_type", None) == "cohere2" or (getattr(cfg, "model_type", None) == "exaone4"
                                                                   and "sliding_attention" in types)
-        final_norm = lm.norm if hasattr(lm, "norm") else lm.embedding_norm  # LFM2's, applied last despite its name
+        final_norm = next((getattr(lm, n) for n in FINAL_NORMS if hasattr(lm, n)), None)
+        if final_norm is None:
+            raise ValueError(f"{type(lm).__name__} has no final norm that the runtime knows (one of {FINAL_NORMS})")
         gemma4 = getattr(cfg, "model_type", None) == "gemma4_text"
         return cls(lm.embed_tokens, lm.layers, lm.rotary_emb, final_norm, lm_head, types,
                    window if "sliding_attention" in types else None, getattr(cfg, "attn_logit_softcapping", None),
@@ -127,7 +147,8 @@ class DecoderParts:
                    nope_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if nope else (),
                    blocks_on_full=not gemma4, kv_sources=_kv_sources(getattr(cfg, "kv_sharing_modes", None), types),
                    per_layer=lm if getattr(cfg, "hidden_size_per_layer_input", None) else None, attention_chunk=chunk,
-                   embed_scale=getattr(lm, "embedding_multiplier", None))
+                   embed_scale=getattr(lm, "embedding_multiplier", None),
+                   sinks=any(hasattr(getattr(layer, "self_attn", None), "sinks") for layer in lm.layers))
 
     def layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor,
                      visual: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -147,8 +168,9 @@ class DecoderParts:
 
     def layer_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A boolean attention mask as the layers take it: itself for SDPA, or, on a decoder whose layers run eager
-        attention (a soft-capped one), 0 where a key is seen and the dtype's lowest value where it is not."""
-        if self.attn_softcap is None:
+        attention (a soft-capped one, one with sinks), 0 where a key is seen and the dtype's lowest value where it is
+        not."""
+        if self.attn_softcap is None and not self.sinks:
             return mask
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
@@ -293,7 +315,7 @@ class LLMLayerContext:
             cos, sin = self.position_embeddings
             k = _rotate_one(type(attn), self.shared_keys, cos, -sin)  # the inverse rotation
             return k.transpose(1, 2).flatten(2)
-        k = attn.k_proj(_input_norm(self.layer)(self.hidden) if normed is None else normed)
+        k = _projection(attn, "k", _input_norm(self.layer)(self.hidden) if normed is None else normed)
         return _head_norm(attn, "k", k)
 
     def attention_rows(self, query_index: torch.Tensor, query_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -328,6 +350,11 @@ class LLMLayerContext:
             q, k = attn.qk_norm(q), attn.qk_norm(k)
         if hasattr(attn, "query_layernorm"):  # HunYuan's: per-head norms after RoPE
             q, k = attn.query_layernorm(q), attn.key_layernorm(k)
+        beta = (getattr(getattr(attn, "config", None), "rope_parameters", None) or {}).get("llama_4_scaling_beta")
+        if beta:  # Ministral 3's queries, scaled by their positions (from its `original_max_position_embeddings` on)
+            at = ops.gather_tokens(self.positions, query_index).float()
+            span = attn.config.rope_parameters["original_max_position_embeddings"]
+            q = (q * (1 + beta * torch.log1p(torch.floor(at / span)))[:, None, :, None]).to(q.dtype)
         if getattr(attn, "attn_temperature_tuning", False) and not attn.use_rope:  # Llama 4's NoPE layers
             # the layer's own factor, by column (it counts the columns before a query, not its position)
             scale = torch.log1p(torch.floor((query_index.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0
@@ -335,7 +362,8 @@ class LLMLayerContext:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         cols = torch.arange(T, device=normed.device)
         key_mask = self.valid[:, None, :] & (cols[None, None, :] <= query_index[:, :, None])
-        out = ops.attention_rows(q, k, attn.scaling, key_mask, getattr(attn, "attn_logit_softcapping", None))
+        out = ops.attention_rows(q, k, attn.scaling, key_mask, getattr(attn, "attn_logit_softcapping", None),
+                                 getattr(attn, "sinks", None))
         if query_valid is not None:
             out = out * query_valid[:, None, :, None]
         return out
@@ -381,9 +409,10 @@ def place_merged(answer: LLMMerge, hidden: torch.Tensor, valid: torch.Tensor, vi
 
 
 def _input_norm(layer: nn.Module) -> nn.Module:
-    """A decoder layer's norm before its token mixer: `input_layernorm`, LFM2's `operator_norm`, or none (the
-    identity) in a post-norm layer (EXAONE 4's norms come after its attention and its MLP)."""
-    for name in ("input_layernorm", "operator_norm"):
+    """A decoder layer's norm before its token mixer: `input_layernorm`, LFM2's `operator_norm`, Apertus's
+    `attention_layernorm`, or none (the identity) in a post-norm layer (EXAONE 4's and OLMo 2's norms come after
+    their attention and their MLP)."""
+    for name in ("input_layernorm", "operator_norm", "attention_layernorm"):
         norm = getattr(layer, name, None)
         if norm is not None:
             return norm
@@ -393,19 +422,38 @@ def _input_norm(layer: nn.Module) -> nn.Module:
 
 
 def _head_norm(attn: nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
-    """(..., heads * head_dim) projected queries (`which` "q") or keys ("k") through the attention's per-head norm
-    (Qwen3's `q_norm` / `k_norm`, LFM2's `q_layernorm` / `k_layernorm`: an RMSNorm over each head's dims, before
-    RoPE), or as they are where it has none."""
+    """(..., heads * head_dim) projected queries (`which` "q") or keys ("k") through the attention's norm of them
+    before RoPE (Qwen3's `q_norm` / `k_norm`, LFM2's `q_layernorm` / `k_layernorm`: an RMSNorm over each head's dims;
+    OLMo 2's over all heads' together, its weight as wide as the projection; StableLM's a LayerNorm per head), or as they
+    are where it has none."""
     norm = getattr(attn, f"{which}_norm", None) or getattr(attn, f"{which}_layernorm", None)
     if norm is None:
         return x
-    return norm(x.view(*x.shape[:-1], -1, attn.head_dim)).flatten(-2)
+    weight = getattr(norm, "weight", None)
+    if weight is not None and weight.shape[-1] == x.shape[-1] != attn.head_dim:
+        return norm(x)
+    heads = x.view(*x.shape[:-1], -1, attn.head_dim)
+    if isinstance(getattr(norm, "norms", None), nn.ModuleList):  # one norm per head, heads first (StableLM's)
+        return norm(heads.transpose(-2, -3)).transpose(-2, -3).flatten(-2)
+    return norm(heads).flatten(-2)
+
+
+def _projection(attn: nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
+    """The attention's query (`which` "q") or key ("k") projection of x: its `q_proj` / `k_proj`, or that part of a
+    fused `qkv_proj` (Phi-3's: all query heads, then the key heads, then the value heads)."""
+    fused = getattr(attn, "qkv_proj", None)
+    if fused is None:
+        return getattr(attn, f"{which}_proj")(x)
+    cfg = attn.config
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    q, k, _ = fused(x).split([cfg.num_attention_heads * attn.head_dim, kv * attn.head_dim, kv * attn.head_dim], -1)
+    return q if which == "q" else k
 
 
 def _queries(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(..., heads * head_dim) the attention's query projection of x, without the output gate that a gated
     attention's projection (Qwen3.5's, Qwen3-Next's: twice as wide, each head's query then its gate) also holds."""
-    q = attn.q_proj(x)
+    q = _projection(attn, "q", x)
     heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
     if heads is not None and q.shape[-1] == 2 * heads * attn.head_dim:
         q = q.view(*q.shape[:-1], heads, 2 * attn.head_dim)[..., : attn.head_dim].flatten(-2)
@@ -443,7 +491,8 @@ def _rotate_one(attention_cls: type, x: torch.Tensor, cos: torch.Tensor, sin: to
 
 def _rotated(attn: nn.Module, x: torch.Tensor, pe) -> torch.Tensor:
     """(B, H, T, d) queries or keys x rotated as attention module `attn` rotates them by its position embeddings `pe`
-    for those T rows: (cos, sin) through its module's own rotation (`_rotate_one`), or Llama 4's complex frequencies
+    for those T rows: (cos, sin) through its module's own rotation (`_rotate_one`; on the first `rotary_ndims` of each
+    head where the module rotates only those), or Llama 4's complex frequencies
     (B, T, d/2) on neighbouring dimensions; none on a layer that does not rotate (Llama 4's NoPE layers)."""
     if not getattr(attn, "use_rope", True):
         return x
@@ -451,6 +500,9 @@ def _rotated(attn: nn.Module, x: torch.Tensor, pe) -> torch.Tensor:
         pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
         return torch.view_as_real(pairs * pe[:, None]).flatten(-2).type_as(x)
     cos, sin = pe
+    n = getattr(attn, "rotary_ndims", None)  # Phi's, StableLM's: the first n dimensions of each head rotate, the rest not
+    if n is not None and n < x.shape[-1]:
+        return torch.cat([_rotate_one(type(attn), x[..., :n], cos, sin), x[..., n:]], dim=-1)
     return _rotate_one(type(attn), x, cos, sin)
 
 

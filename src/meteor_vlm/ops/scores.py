@@ -63,6 +63,7 @@ def attention_rows(
     scale: float,
     key_mask: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of a few query rows over all keys, without the full N x N map.
 
@@ -73,17 +74,22 @@ def attention_rows(
         key_mask: (B, N) or (B, Q, N) bool, True where a key may be attended to.
         softcap: where the layer soft-caps its attention logits (Gemma 2), the cap c: logits become
             c * tanh(logits / c) before the softmax.
+        sinks: (H,) where the layer has learned attention sinks (GPT-OSS), each head's sink logit: a column that takes
+            its share of the softmax but is no key (the rows then sum to less than 1).
     Returns:
         (B, H, Q, N) attention probabilities in float32; masked keys get 0.
     """
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    if key_mask is None:
-        return torch.softmax(logits, dim=-1)
-    m = key_mask.bool()
-    m = m[:, None, None, :] if m.dim() == 2 else m[:, None, :, :]
-    return torch.softmax(logits.masked_fill(~m, float("-inf")), dim=-1).nan_to_num(0.0)  # a row with no key: 0
+    if key_mask is not None:
+        m = key_mask.bool()
+        m = m[:, None, None, :] if m.dim() == 2 else m[:, None, :, :]
+        logits = logits.masked_fill(~m, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no key: 0
 
 
 def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
