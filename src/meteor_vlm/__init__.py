@@ -13,6 +13,7 @@ from .calibration import calibrate, load_rank_table, save_rank_table
 from .default import has_default, load_default
 from .methods import DART, DivPrune, EvoPrune, FastV, Meteor, NoPruning, PruMerge, PruningMethod, PyramidDrop, SparseVLM, ToMe, VisionZip
 from .models import ExpertSpec, MultiEncoderProcessor, MultiEncoderVLM, MultiEncoderVLMConfig
+from .oracles import verify
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "load_default",
     "load_rank_table",
     "methods",
+    "verify",
     "ops",
     "save_rank_table",
     "testing",

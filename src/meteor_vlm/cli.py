@@ -628,6 +628,19 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from meteor_vlm.oracles import format_checks, verify
+
+    device, dtype = _device_dtype(args)
+    model, processor = _load(args.model, llava=True)  # a stock VLM's folder too
+    model = model.to(device, dtype)
+    methods = [n.strip() for n in args.methods.split(",") if n.strip()]
+    rows = verify(model, processor, methods, samples=args.samples, new_tokens=args.new_tokens, seed=args.seed,
+                  tolerance=args.tolerance)
+    print(format_checks(rows))
+    return 1 if any(r["passed"] is False for r in rows) else 0
+
+
 def cmd_compare(args) -> int:
     from meteor_vlm.bench.report import compare_rows
 
@@ -869,6 +882,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=_EVAL_SEED, help="held-out split (default: the bench's)")
     sp.add_argument("--out", type=_folder, help="folder for speed.json")
     sp.set_defaults(fn=cmd_speed)
+
+    v = sub.add_parser("verify", help="the oracles on your model: pruning nothing = the model, batch = prompts alone, "
+                                      "cached = uncached (exit status 1 if one fails)")
+    v.add_argument("--model", default="default", help=f"{_EMBEDDED_HELP}, 'tiny' or a local model directory")
+    v.add_argument("--methods", default="fastv:k2-r0.5,meteor:e0.5-l50",
+                   help="comma-separated method names (see `meteor methods`) to check under")
+    v.add_argument("--samples", type=int, default=3, help="prompts in the batch (synthetic samples, at least 2)")
+    v.add_argument("--new-tokens", type=int, default=4, help="greedy steps compared with and without the KV cache")
+    v.add_argument("--seed", type=int, default=_EVAL_SEED, help="seed of the synthetic samples")
+    v.add_argument("--tolerance", type=float,
+                   help="largest logit difference allowed, relative to the largest logit (default: 1e-3 in float32, "
+                        "5e-2 in bfloat16 / float16)")
+    v.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="the model's dtype for the run")
+    v.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    v.set_defaults(fn=cmd_verify)
 
     c = sub.add_parser("compare", help="two rows of a bench's results.json against each other, with 95%% intervals")
     c.add_argument("results", help="a results.json (or its folder) written by meteor bench")
