@@ -410,7 +410,7 @@ TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] =
 
 
 @pytest.mark.parametrize("version", ["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe", "glm46v",
-                                     "glm46v-moe", "glm-ocr", "paddleocr", "exaone4.5"])
+                                     "glm46v-moe", "glm-ocr", "paddleocr", "exaone4.5", "ov1.5", "hcx"])
 def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys, version):
     """A transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE / GLM-4.1V checkpoint folder (saved model,
     tokenizer, image processor, chat template, where an image is its processor's placeholder) runs under `meteor ask` (the answer greedy generate gives on the chat template's prompt under
@@ -438,7 +438,8 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
     mine = processor(images=[picture], text=["<image> what is in the image ? a"])
     assert inputs.keys() == mine.keys() and all(torch.equal(inputs[k], mine[k]) for k in inputs)
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 6  # 48 x 32 px: 6 x 4 patches, 2 x 2
-    assert ("mm_token_type_ids" in inputs) == (version != "exaone4.5")  # EXAONE 4.5's forward takes none
+    # EXAONE 4.5's forward takes none, nor LLaVA-OneVision-1.5's or HyperCLOVA X's (EXAONE 4.5's processor)
+    assert ("mm_token_type_ids" in inputs) == (version not in ("exaone4.5", "ov1.5", "hcx"))
     heat = tmp_path / "heat.png"
     assert main(["ask", str(tmp_path / "img.png"), "what is in the image ?", "--model", str(ckpt), "--method",
                  "fastv:k1-r0.5", "--max-new-tokens", "3", "--heatmap", str(heat)]) == 0
@@ -459,7 +460,7 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
              "unpruned,meteor:e0.5-l3"]
     if version == "paddleocr":  # it takes no videos
         assert main(video) == 2 and "PaddleOCR-VL takes no videos" in capsys.readouterr().err
-    elif version == "exaone4.5":  # its videos are not supported under a method
+    elif version in ("exaone4.5", "ov1.5", "hcx"):  # their videos are not supported under a method
         assert main(video) == 2 and "videos are not supported" in capsys.readouterr().err
     else:
         assert main(video) == 0  # a video of 4 frames: 2 temporal patches
@@ -469,6 +470,31 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
     assert "stage 1 (in the experts): 3" in capsys.readouterr().out
     with pytest.raises(ValueError, match=re.escape(f"hold 1 {processor.image_token} tokens for 2 images")):
         loaded(images=[picture, picture], text=[prompt])
+
+
+def test_the_processor_writes_the_image_token_its_tokenizer_names():
+    """A tokenizer that names its own image token (`tokenizer.image_token`, as EXAONE 4.5's processor reads it, for the
+    models whose processor is that one): the processor writes that token, one per merged visual token, and its
+    placeholder holds it; the inputs are the default token's with the ids swapped."""
+    from meteor_vlm.models.qwen2_vl import Qwen2VLImageTextProcessor
+
+    _, processor = tiny("hcx", seed=1)
+    tokenizer = processor.tokenizer
+    picture = mv.testing.random_images(1, seed=9)[0].resize((48, 32))
+    default = processor(images=[picture], text=[f"{processor.image_placeholder} what ?"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|IMAGE_PAD|>"]})
+    tokenizer.image_token = "<|IMAGE_PAD|>"
+    try:
+        named = Qwen2VLImageTextProcessor(processor.image_processor, tokenizer, token_types=False)
+    finally:
+        del tokenizer.image_token
+    assert named.image_token == "<|IMAGE_PAD|>" and "<|IMAGE_PAD|>" in named.image_placeholder
+    assert processor.image_token == "<|image_pad|>"  # the class's default is left alone
+    got = named(images=[picture], text=[f"{named.image_placeholder} what ?"])
+    own, old = tokenizer.convert_tokens_to_ids(["<|IMAGE_PAD|>", "<|image_pad|>"])
+    assert int((got["input_ids"] == own).sum()) == 6 and not (got["input_ids"] == old).any()
+    assert torch.equal(got["input_ids"], default["input_ids"].masked_fill(default["input_ids"] == old, own))
+    assert torch.equal(got["pixel_values"], default["pixel_values"])
 
 
 def video_frames(n: int, size=(48, 32), seed: int = 11):

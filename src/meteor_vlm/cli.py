@@ -27,6 +27,8 @@ STOCK_TYPES = {"llava": "LlavaForConditionalGeneration", "vipllava": "VipLlavaFo
                "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
                "paddleocr_vl": "PaddleOCRVLForConditionalGeneration", "video_llama_3": "VideoLlama3ForConditionalGeneration",
                "ovis2": "Ovis2ForConditionalGeneration", "exaone4_5": "Exaone4_5_ForConditionalGeneration",
+               "llava_onevision1_5": "LlavaOnevision15ForConditionalGeneration",
+               "hyperclovax_vision_v2": "HyperCLOVAXVisionV2ForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "qianfan_ocr": "QianfanOCRForConditionalGeneration",
                "idefics3": "Idefics3ForConditionalGeneration",
                "smolvlm": "SmolVLMForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
@@ -46,7 +48,8 @@ def _load(model_arg: str, llava: bool = False):
     or a path: a MultiEncoderVLM checkpoint or, where `llava` allows it, a transformers LLaVA / LLaVA-NeXT
     checkpoint folder (SDPA attention, its own AutoProcessor), a LLaVA-OneVision one (`LlavaOnevisionImageTextProcessor`), a
     LLaVA-NeXT-Video one (`LlavaNextVideoImageTextProcessor`), a
-    Qwen2-VL / Qwen2.5-VL one (its `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 / EXAONE 4.5 / LLaVA-OneVision-1.5 / HyperCLOVA X Vision V2 one (its
+    `Qwen2VLImageTextProcessor`), an InternVL one (`InternVLImageTextProcessor`) or
     an Idefics3 / SmolVLM one (`models.idefics3.load_processor`), a Gemma 3 one (its own AutoProcessor), a Gemma 4 one
     (`Gemma4ImageTextProcessor`) or a Mistral 3
     one (`PixtralImageTextProcessor`) or an Aya Vision one (`models.aya_vision.load_processor`) or a GLM-4.1V / GLM-4.5V
@@ -79,7 +82,8 @@ def _load(model_arg: str, llava: bool = False):
         cls = getattr(transformers, STOCK_TYPES[model_type])
         model = cls.from_pretrained(path, attn_implementation="sdpa").eval()
         # Qwen-VL's AutoProcessor needs torchvision for videos
-        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "exaone4_5"):
+        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "exaone4_5",
+                          "llava_onevision1_5", "hyperclovax_vision_v2"):
             from .models.qwen2_vl import Qwen2VLImageTextProcessor
 
             return model, Qwen2VLImageTextProcessor.from_pretrained(path)

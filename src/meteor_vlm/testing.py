@@ -357,7 +357,7 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                                       temporal_patch_size=1 if version == "ov1.5" else 2, image_mean=[0.5] * 3,
                                       image_std=[0.5] * 3)
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"),
-                                            token_types=version not in ("exaone4.5", "hcx"))
+                                            token_types=version not in ("exaone4.5", "hcx", "ov1.5"))
 
 
 def tiny_paddleocr_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 2):

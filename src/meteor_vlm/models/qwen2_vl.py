@@ -59,6 +59,8 @@ def add_vision_tokens(tokenizer) -> dict[str, int]:
 
 
 QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # prompts that write each video's patches with times
+# models whose transformers processor is EXAONE 4.5's: Qwen2-VL's images, no mm_token_type_ids
+EXAONE_PROCESSOR_TYPES = ("exaone4_5", "llava_onevision1_5", "hyperclovax_vision_v2")
 
 
 def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
@@ -482,6 +484,12 @@ class Qwen2VLImageTextProcessor(StockProcessor):
                  timestamps: bool = False, token_types: bool | None = None):
         self.image_processor, self.tokenizer, self.alias = image_processor, tokenizer, alias
         self.timestamps = timestamps
+        for kind in ("image", "video"):  # a tokenizer that names its own (as EXAONE 4.5's processor reads them)
+            own = getattr(tokenizer, f"{kind}_token", None)
+            default = getattr(type(self), f"{kind}_token")
+            if isinstance(own, str) and own != default:
+                setattr(self, f"{kind}_token", own)
+                setattr(self, f"{kind}_placeholder", getattr(type(self), f"{kind}_placeholder").replace(default, own))
         self.token_types = type(self).TOKEN_TYPES if token_types is None else token_types
         self.merge_size = image_processor.merge_size
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -494,14 +502,15 @@ class Qwen2VLImageTextProcessor(StockProcessor):
         """From a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense or MoE) or EXAONE 4.5 checkpoint folder: its
         tokenizer, preprocessor_config.json, and the chat template of chat_template.jinja or chat_template.json where
         the folder has one (else the tokenizer's); a Qwen3-VL's or Qwen3.5's writes each video's temporal patches with
-        their times; an EXAONE 4.5's returns no mm_token_type_ids (its forward takes none)."""
+        their times; an EXAONE 4.5's, LLaVA-OneVision-1.5's or HyperCLOVA X Vision V2's (whose transformers processor is
+        EXAONE 4.5's) returns no mm_token_type_ids (their forwards take none)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         config = Path(path) / "config.json"
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
         return cls(Qwen2VLImageProcessorPil.from_pretrained(path), cls.read_tokenizer(path),
                    cls.read_chat_template(path), timestamps=model_type in QWEN3_TYPES,
-                   token_types=model_type != "exaone4_5")
+                   token_types=model_type not in EXAONE_PROCESSOR_TYPES)
 
     def videos(self, videos) -> dict:
         """pixel_values_videos and video_grid_thw for videos given as lists of frames (see the class docstring):
