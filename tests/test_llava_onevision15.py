@@ -3,9 +3,10 @@
 (`Exaone4_5_ForConditionalGeneration`: Qwen2.5-VL's windowed encoder with grouped key and value heads, an EXAONE 4
 decoder, post-norm, sliding layers rotated and full ones not) and HyperCLOVA X Vision V2
 (`HyperCLOVAXVisionV2ForConditionalGeneration`: Qwen2.5-VL's windowed encoder, a linear projector after it, a Granite-like
-decoder scaling its input embeddings and its blocks' outputs, logits scaled by the head), under every method: no-op == stock model, drop ==
+decoder scaling its input embeddings and its blocks' outputs, logits scaled by the head), under every method (the
+last two's videos: `test_qwen2_vl.py`): no-op == stock model, drop ==
 mask, batch == one by one, cached == uncached, beams; windows dropped inside the ViT == the stock blocks run without
-them; their videos refused."""
+them; LLaVA-OneVision-1.5's videos refused."""
 
 import pytest
 import torch
@@ -110,8 +111,10 @@ def test_beam_search_keeps_each_prompts_images_with_its_rows(ov15, pictures):
                                         mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
-def test_videos_are_refused(ov15, pictures):
-    model, processor = ov15
+def test_llava_onevision15_videos_are_refused(pictures):
+    """LLaVA-OneVision-1.5's videos (a CLS per frame) are refused; EXAONE 4.5's and HyperCLOVA X's run
+    (`test_qwen2_vl.py`'s video oracles)."""
+    model, processor = mv.testing.tiny_qwen2_vl(version="ov1.5", seed=2)
     inputs = qwen_inputs(processor, pictures, which=(0,))
     with pytest.raises(ValueError, match="videos are not supported"):
         pruned_logits(model, {**inputs, "pixel_values_videos": inputs["pixel_values"],

@@ -44,8 +44,8 @@ def qwen(request):
     return tiny(request.param, seed=2)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5"],
-                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5", "exaone4.5", "hcx"],
+                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "exaone4.5", "hcx"])
 def qwen_video(request):
     """The models that take videos beside images in one call (GLM-4.1V's take one kind per call: `glm4v_video`)."""
     return tiny(request.param, seed=2)
@@ -162,8 +162,10 @@ PRUNING = {"fastv": lambda: mv.FastV(layer=2, ratio=0.6), "pyramiddrop": lambda:
 def grown_inputs(batch, ids):
     """The image and video inputs of `batch` to run its prompts grown to `ids` without cache: the token types
     grown with text for the generated tokens, as the stock model reads them."""
-    kinds = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids[:, batch["input_ids"].shape[1]:])], 1)
     keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    if "mm_token_type_ids" not in batch:  # a model whose forward takes none (EXAONE 4.5's, HyperCLOVA X's)
+        return {k: batch[k] for k in keys if k in batch}
+    kinds = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids[:, batch["input_ids"].shape[1]:])], 1)
     return {**{k: batch[k] for k in keys if k in batch}, "mm_token_type_ids": kinds}
 
 
@@ -460,7 +462,7 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
              "unpruned,meteor:e0.5-l3"]
     if version == "paddleocr":  # it takes no videos
         assert main(video) == 2 and "PaddleOCR-VL takes no videos" in capsys.readouterr().err
-    elif version in ("exaone4.5", "ov1.5", "hcx"):  # their videos are not supported under a method
+    elif version == "ov1.5":  # its videos (a CLS per frame) are not supported under a method
         assert main(video) == 2 and "videos are not supported" in capsys.readouterr().err
     else:
         assert main(video) == 0  # a video of 4 frames: 2 temporal patches
@@ -530,7 +532,10 @@ def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen_video):
     first = three["pixel_values_videos"][:24].view(24, 3, 2, -1)
     assert torch.equal(first[:, :, 0], image["pixel_values"].view(24, 3, 2, -1)[:, :, 0])
     assert not torch.equal(first[:, :, 1], first[:, :, 0])  # frames a and b side by side
-    assert (three["mm_token_type_ids"] == 2).sum() == 12 and (three["mm_token_type_ids"] == 1).sum() == 0
+    video_tokens = int((three["input_ids"] == processor.tokenizer.convert_tokens_to_ids(processor.video_token)).sum())
+    assert video_tokens == 12
+    if processor.token_types:  # not for EXAONE 4.5's or HyperCLOVA X's, whose forwards take none
+        assert (three["mm_token_type_ids"] == 2).sum() == 12 and (three["mm_token_type_ids"] == 1).sum() == 0
     with pytest.raises(ValueError, match="hold 1 <\\|video_pad\\|> tokens for 0 videos"):
         processor(text=[processor.video_placeholder])
     if processor.timestamps:  # Qwen3-VL: each temporal patch at the mean time of its frames, as its processor has it

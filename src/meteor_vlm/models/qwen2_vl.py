@@ -688,19 +688,25 @@ class LlavaOnevision15Adapter(Qwen2VLImagesAdapter):
         return None  # its decoder rotates by 1D positions: the running count of real tokens
 
 
-class Exaone45Adapter(LlavaOnevision15Adapter):
-    """`Exaone4_5_ForConditionalGeneration` (EXAONE 4.5) on images: Qwen2.5-VL's windowed encoder with grouped key and
-    value heads (`Qwen2VLRunner`, which repeats them per group as its attention does), an EXAONE 4 decoder with 1D
-    RoPE and sliding-window layers. Its videos are refused, as LLaVA-OneVision-1.5's."""
+class Exaone45Adapter(Qwen2VLAdapter):
+    """`Exaone4_5_ForConditionalGeneration` (EXAONE 4.5) on images and videos: Qwen2.5-VL's windowed encoder with
+    grouped key and value heads (`Qwen2VLRunner`, which repeats them per group as its attention does), an EXAONE 4
+    decoder with 1D RoPE (a video's tokens, like an image's, at their running positions) and sliding-window layers. Its
+    forward takes no mm_token_type_ids and no second_per_grid_ts (1D RoPE spaces nothing by time)."""
 
-    RUNNER = Qwen2VLRunner
+    IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    PER_IMAGE_INPUTS = IMAGE_INPUTS
+
+    def rope_positions(self, input_ids, attention_mask, images: dict | None):
+        return None  # its decoder rotates by 1D positions: the running count of real tokens
 
 
 class HyperClovaXVisionV2Adapter(Exaone45Adapter):
     """`HyperCLOVAXVisionV2ForConditionalGeneration` (HyperCLOVA X SEED Think 32B) on images: Qwen2.5-VL's windowed
     encoder (`model.model.vision_model`), a linear projector after its merger, and a HyperCLOVA X decoder (Granite's
     kind: its input embeddings, visual tokens' too, and its blocks' outputs scaled) with 1D RoPE; the stock head
-    multiplies the logits by the text config's `logits_scaling`, and so does the adapter's. Its videos are refused."""
+    multiplies the logits by the text config's `logits_scaling`, and so does the adapter's. Its videos run as EXAONE
+    4.5's (the stock model encodes them as images of their grids, through the same projector)."""
 
     def __init__(self, model):
         super().__init__(model)
