@@ -98,3 +98,16 @@ def test_meteor_verify_runs_a_checkpoint_folder_and_says_so_in_its_exit_status(t
     assert "FAIL" in capsys.readouterr().out
     assert main(["verify", "--model", ckpt, "--samples", "1"]) == 2
     assert "samples must be >= 2" in capsys.readouterr().err
+
+
+def test_meteor_verify_loads_a_folder_whose_decoder_has_no_sdpa(tmp_path, capsys):
+    """An InternVL with a GPT-OSS decoder (InternVL3.5-GPT-OSS's kind): transformers refuses to load it with SDPA, so
+    the commands load it with its own attention (eager for the decoder), and every check passes."""
+    from meteor_vlm.cli import main
+
+    model, processor = mv.testing.tiny_internvl(seed=2, decoder="gpt_oss")
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    assert main(["verify", "--model", str(tmp_path / "ckpt"), "--samples", "2", "--new-tokens", "2", "--methods",
+                 "fastv:k1-r0.5"]) == 0
+    assert "3 passed, 0 failed, 0 refused" in capsys.readouterr().out

@@ -80,7 +80,12 @@ def _load(model_arg: str, llava: bool = False):
         import transformers
 
         cls = getattr(transformers, STOCK_TYPES[model_type])
-        model = cls.from_pretrained(path, attn_implementation="sdpa").eval()
+        try:
+            model = cls.from_pretrained(path, attn_implementation="sdpa").eval()
+        except ValueError as e:  # a part without SDPA (GPT-OSS's decoder, InternVL3.5-GPT-OSS's): its own default
+            if "scaled_dot_product_attention" not in str(e):
+                raise
+            model = cls.from_pretrained(path).eval()
         # Qwen-VL's AutoProcessor needs torchvision for videos
         if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "exaone4_5",
                           "llava_onevision1_5", "hyperclovax_vision_v2"):
