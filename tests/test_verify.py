@@ -38,6 +38,16 @@ def test_a_processor_that_takes_each_prompts_images_as_a_list_gets_them_so():
     assert len(rows) == 3 and all(r["passed"] for r in rows)
 
 
+def test_a_processor_that_pads_on_the_right_is_compared_at_each_prompts_last_token(granite_vision):
+    model, processor = granite_vision
+    processor.tokenizer.padding_side = "right"
+    try:
+        rows = mv.verify(model, processor, methods=["fastv:k2-r0.5"], new_tokens=2)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    assert len(rows) == 3 and all(r["passed"] for r in rows)
+
+
 def test_a_runtime_without_the_decoders_embedding_scale_fails_the_first_check(granite_vision, monkeypatch):
     monkeypatch.setattr(runtime.DecoderParts, "scaled", lambda self, embeds: embeds)
     rows = verify(*granite_vision, methods=["fastv:k2-r0.5"])

@@ -5,7 +5,7 @@ differ from them in a way no tiny config has (a decoder setting, a dtype, a proc
 questions of the model at hand, on a few synthetic samples written through its processor (and chat template):
 
 - pruning nothing (`NoPruning`) gives the logits of the unmodified model, on a left-padded batch;
-- under each method, the batch gives each prompt's logits as that prompt alone does (its last column's);
+- under each method, the batch gives each prompt's logits as that prompt alone does (at its last token);
 - under each method, greedy `generate` with the KV cache gives the logits and tokens of `generate` without it.
 
 Each check compares logits: the largest difference against a tolerance relative to the largest logit (float32:
@@ -55,6 +55,16 @@ def _real_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.float()[mask.bool()]
 
 
+def _last_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, V) each row's logits at its last real token (the last column under left padding, wherever under right)."""
+    last = mask.long().cumsum(1).argmax(1)  # the first column where the count of real tokens is reached
+    return logits[torch.arange(len(last), device=logits.device), last].float()
+
+
+def _number(x: float | None) -> str:
+    return "" if x is None else f"{x:.2e}"
+
+
 @torch.no_grad()
 def verify(model, processor, methods: Sequence[str] = DEFAULT_METHODS, samples: int = 3, new_tokens: int = 4,
            seed: int = synth.EVAL_SEED, image_size: int | None = None, tolerance: float | None = None) -> list[dict]:
@@ -67,7 +77,8 @@ def verify(model, processor, methods: Sequence[str] = DEFAULT_METHODS, samples: 
     experts) gives a row that is neither passed nor failed (passed None) with the reason. samples: prompts in the
     batch (at least 2, from different families, so their lengths differ and the batch is padded); new_tokens: the
     greedy steps compared; image_size: the synthetic images' side (default: what `meteor speed` draws for the
-    processor, 336 px for one it cannot read that from); tolerance: the relative bound (default by the model's dtype: float32 1e-3, half precision 5e-2).
+    processor, 336 px for one it cannot read that from); tolerance: the relative bound (default by the model's dtype:
+    float32 1e-3, half precision 5e-2).
     """
     from .bench.speed import _image_side
     from .methods import NoPruning
@@ -83,9 +94,8 @@ def verify(model, processor, methods: Sequence[str] = DEFAULT_METHODS, samples: 
             image_size = _image_side(processor)
         except AttributeError:  # a processor without the image processor `meteor speed` reads the side from
             image_size = 336
-    size = image_size
     per = -(-samples // len(synth.FAMILIES))
-    drawn = synth.make_split(seed=seed, per_family=per, image_size=size)[:samples]
+    drawn = synth.make_split(seed=seed, per_family=per, image_size=image_size)[:samples]
     batch = _inputs(model, processor, drawn)
     mask = batch["attention_mask"]
     rows = []
@@ -105,8 +115,9 @@ def verify(model, processor, methods: Sequence[str] = DEFAULT_METHODS, samples: 
         method = make_method(name)
         try:
             with method(model):
-                last = model(**batch, use_cache=False).logits[:, -1].float()
-                alone = torch.cat([model(**a, use_cache=False).logits[:, -1].float() for a in alone_inputs])
+                last = _last_logits(model(**batch, use_cache=False).logits, mask)
+                alone = torch.cat([_last_logits(model(**a, use_cache=False).logits, a["attention_mask"])
+                                   for a in alone_inputs])
                 stats = method.stats[:samples]
                 cached = model.generate(**batch, **steps)
                 uncached = model.generate(**batch, **steps, use_cache=False)
@@ -131,8 +142,7 @@ def format_checks(rows: list[dict]) -> str:
     cells = [head]
     for r in rows:
         result = "refused" if r["passed"] is None else "pass" if r["passed"] else "FAIL"
-        num = (lambda x: "" if x is None else f"{x:.2e}")
-        cells.append((r["check"], r["method"], num(r["max_diff"]), num(r["bound"]), result, r["detail"]))
+        cells.append((r["check"], r["method"], _number(r["max_diff"]), _number(r["bound"]), result, r["detail"]))
     widths = [max(len(c[i]) for c in cells) for i in range(len(head) - 1)]
     lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(head) - 1)) + "  " + c[-1] for c in cells]
     failed = sum(r["passed"] is False for r in rows)
