@@ -147,8 +147,9 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     hidden states LLaVA concatenates as each patch's features (`vision_feature_layer` a list, as Granite Vision's).
     `vip`: a `VipLlavaForConditionalGeneration` (ViP-LLaVA: the CLIP tower read at `feature_layers`, [-2, -3, 1]
     unless given, each without CLS, and a projector that LayerNorms their concatenation) with the same processor."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, MistralConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
+    from transformers import (CLIPVisionConfig, GraniteConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor,
+                              MistralConfig, Phi3Config)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -175,8 +176,6 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
         from transformers import SiglipVisionConfig
 
         vision_config = SiglipVisionConfig(**vision)
-    from transformers import GraniteConfig, Phi3Config
-
     text = {"llama": LlamaConfig, "mistral": MistralConfig, "granite": GraniteConfig, "phi3": Phi3Config}[decoder](
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
@@ -260,10 +259,11 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     (LLaVA-OneVision-1.5: a RICE ViT, a CLS per image with its own rotary angles, Qwen2-VL's merge windows, a Qwen3
     decoder with 1D RoPE; still images only). `version="exaone4.5"`: an `Exaone4_5_ForConditionalGeneration` (EXAONE 4.5:
     Qwen2.5-VL's windowed encoder with 2 key and value heads for its 4, an EXAONE 4 decoder with 1D RoPE, two sliding
-    layers (window 8) to each full one; still images only). `version="hcx"`: a `HyperCLOVAXVisionV2ForConditionalGeneration`
+    layers (window 8) to each full one; images and videos). `version="hcx"`: a `HyperCLOVAXVisionV2ForConditionalGeneration`
     (HyperCLOVA X SEED Think: EXAONE 4.5's kind of encoder with as many key and value heads as query heads, a linear
     projector after its merger, a HyperCLOVA X decoder with 1D RoPE: Granite's, its input embeddings times 4, its blocks'
-    outputs times 0.5, its own attention scale; the head's logits times 2; still images only)."""
+    outputs times 0.5, its own attention scale; the head's logits times 2; images and videos). The processors of
+    "ov1.5", "exaone4.5" and "hcx" return no mm_token_type_ids, as their models' own (EXAONE 4.5's) do not."""
     from transformers import (Exaone4_5_Config, Exaone4_5_ForConditionalGeneration, HyperCLOVAXVisionV2Config,
                               HyperCLOVAXVisionV2ForConditionalGeneration, LlavaOnevision15Config,
                               LlavaOnevision15ForConditionalGeneration, Qwen2_5_VLConfig,
