@@ -3,10 +3,10 @@
 (`Exaone4_5_ForConditionalGeneration`: Qwen2.5-VL's windowed encoder with grouped key and value heads, an EXAONE 4
 decoder, post-norm, sliding layers rotated and full ones not) and HyperCLOVA X Vision V2
 (`HyperCLOVAXVisionV2ForConditionalGeneration`: Qwen2.5-VL's windowed encoder, a linear projector after it, a Granite-like
-decoder scaling its input embeddings and its blocks' outputs, logits scaled by the head), under every method (the
-last two's videos: `test_qwen2_vl.py`): no-op == stock model, drop ==
+decoder scaling its input embeddings and its blocks' outputs, logits scaled by the head), under every method (their
+videos: `test_qwen2_vl.py`): no-op == stock model, drop ==
 mask, batch == one by one, cached == uncached, beams; windows dropped inside the ViT == the stock blocks run without
-them; LLaVA-OneVision-1.5's videos refused."""
+them, and on LLaVA-OneVision-1.5's videos frame by frame (their other oracles: `test_qwen2_vl.py`)."""
 
 import pytest
 import torch
@@ -111,12 +111,34 @@ def test_beam_search_keeps_each_prompts_images_with_its_rows(ov15, pictures):
                                         mv.Meteor.preset("stage1+3", encoder_keep=0.5, lam=3.0))
 
 
-def test_llava_onevision15_videos_are_refused(pictures):
-    """LLaVA-OneVision-1.5's videos (a CLS per frame) are refused; EXAONE 4.5's and HyperCLOVA X's run
-    (`test_qwen2_vl.py`'s video oracles)."""
+def test_a_llava_onevision15_videos_frames_pruned_in_the_vit_equal_the_stock_tower_frame_by_frame():
+    """LLaVA-OneVision-1.5's encoder gives each frame of a video its own CLS and attends within the frame: windows
+    dropped after each block of a 2-frame video equal, frame by frame, the stock blocks run on that frame's CLS and
+    the windows left, the frames' tokens one after another at their places in the video (frame k's window w its
+    token k * 6 + w), and the logits = the stock decoder with the dropped windows' video tokens masked from layer 0."""
+    from .test_oracles import DropWindows, masked_decoder_logits, stock_head
+    from .test_qwen2_vl import video_frames
+
     model, processor = mv.testing.tiny_qwen2_vl(version="ov1.5", seed=2)
-    inputs = qwen_inputs(processor, pictures, which=(0,))
-    with pytest.raises(ValueError, match="videos are not supported"):
-        pruned_logits(model, {**inputs, "pixel_values_videos": inputs["pixel_values"],
-                              "video_grid_thw": inputs["image_grid_thw"]}, mv.FastV())
-    assert "forward" not in vars(model)
+    inputs = processor(videos=[video_frames(2)], text=[f"{processor.video_placeholder} what is it ?"])
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    patches, windows = h * w, h * w // 4
+    assert t == 2
+    with torch.no_grad():
+        tokens = mv.models.adapters.adapt(model).encode_expert(
+            0, {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw")}, DropWindows(4))
+        stock = [stock_tower_without(model, inputs["pixel_values_videos"][k * patches:(k + 1) * patches], [1, h, w])
+                 for k in range(t)]
+        alive = torch.cat([kept + k * windows for k, (kept, _) in enumerate(stock)])
+        want = torch.cat([features for _, features in stock])
+        assert 0 < len(alive) < t * windows and tokens.grid_index[0][tokens.mask[0]].tolist() == alive.tolist()
+        torch.testing.assert_close(tokens.features[0][tokens.mask[0]], want, atol=1e-5, rtol=1e-5)
+        is_vis = inputs["input_ids"] == model.config.video_token_id
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        cols = is_vis[0].nonzero()[:, 0]
+        embeds[0, cols[alive]] = want
+        drop = [[int(c) for g, c in enumerate(cols.tolist()) if g not in alive.tolist()]]
+        reference = masked_decoder_logits(model.model.language_model, stock_head(model), embeds,
+                                          inputs["attention_mask"].bool(), drop, 0)
+    got = pruned_logits(model, inputs, DropWindows(4))
+    torch.testing.assert_close(got[~is_vis], reference[~is_vis], atol=1e-5, rtol=1e-5)

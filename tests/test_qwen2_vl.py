@@ -44,8 +44,9 @@ def qwen(request):
     return tiny(request.param, seed=2)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5", "exaone4.5", "hcx"],
-                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "exaone4.5", "hcx"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5", "exaone4.5", "hcx", "ov1.5"],
+                ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "exaone4.5", "hcx",
+                     "llava-onevision-1.5"])
 def qwen_video(request):
     """The models that take videos beside images in one call (GLM-4.1V's take one kind per call: `glm4v_video`)."""
     return tiny(request.param, seed=2)
@@ -462,8 +463,6 @@ def test_meteor_ask_and_speed_run_a_qwen2_vl_checkpoint_folder(tmp_path, capsys,
              "unpruned,meteor:e0.5-l3"]
     if version == "paddleocr":  # it takes no videos
         assert main(video) == 2 and "PaddleOCR-VL takes no videos" in capsys.readouterr().err
-    elif version == "ov1.5":  # its videos (a CLS per frame) are not supported under a method
-        assert main(video) == 2 and "videos are not supported" in capsys.readouterr().err
     else:
         assert main(video) == 0  # a video of 4 frames: 2 temporal patches
         assert "a video of 4 frames" in capsys.readouterr().out
@@ -521,6 +520,12 @@ def test_the_processor_pairs_a_videos_frames_into_temporal_patches(qwen_video):
     prompt gets one video token per merged token, typed 2."""
     _, processor = qwen_video
     a, b, c = video_frames(3)
+    if processor.image_processor.temporal_patch_size == 1:  # LLaVA-OneVision-1.5's: each frame a temporal patch
+        three = processor(videos=[[a, b, c]], text=[processor.video_placeholder])
+        frames = [processor(images=[f], text=["<image>"])["pixel_values"] for f in (a, b, c)]
+        assert three["video_grid_thw"].tolist() == [[3, 4, 6]] and torch.equal(three["pixel_values_videos"],
+                                                                                torch.cat(frames))
+        return
     same = processor(videos=[[a, a]], text=[processor.video_placeholder])
     image = processor(images=[a], text=["<image>"])
     assert torch.equal(same["pixel_values_videos"], image["pixel_values"])
@@ -619,12 +624,14 @@ def test_beam_search_keeps_each_prompts_videos_and_images_with_its_rows(qwen_vid
 def test_video_tokens_that_do_not_match_the_videos_are_refused(qwen_video):
     model, processor = qwen_video
     inputs = video_inputs(processor, which=(0, 2))
+    first = int(inputs["video_grid_thw"][0].prod())  # the first video's patches (48; 72 a frame per temporal patch)
     fewer = {**inputs, "video_grid_thw": inputs["video_grid_thw"][:1],
-             "pixel_values_videos": inputs["pixel_values_videos"][:48]}
+             "pixel_values_videos": inputs["pixel_values_videos"][:first]}
     with pytest.raises(ValueError, match="more videos than the 1 image\\(s\\) and 1 video\\(s\\) given"):
         logits(model, fewer, mv.FastV())
     short = {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:-1]}
-    with pytest.raises(ValueError, match="pixel_values_videos hold 79 patches but video_grid_thw"):
+    held = inputs["pixel_values_videos"].shape[0] - 1
+    with pytest.raises(ValueError, match=f"pixel_values_videos hold {held} patches but video_grid_thw"):
         logits(model, short, mv.FastV())
 
 

@@ -257,7 +257,7 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
     `version="3.5-moe"`: Qwen3.5's with a mixture-of-experts decoder, `Qwen3_5MoeForConditionalGeneration` (4 routed
     experts, 2 per token, and a shared one in every layer). `version="ov1.5"`: a `LlavaOnevision15ForConditionalGeneration`
     (LLaVA-OneVision-1.5: a RICE ViT, a CLS per image with its own rotary angles, Qwen2-VL's merge windows, a Qwen3
-    decoder with 1D RoPE; still images only). `version="exaone4.5"`: an `Exaone4_5_ForConditionalGeneration` (EXAONE 4.5:
+    decoder with 1D RoPE; a video's frames each a temporal patch with a CLS of its own). `version="exaone4.5"`: an `Exaone4_5_ForConditionalGeneration` (EXAONE 4.5:
     Qwen2.5-VL's windowed encoder with 2 key and value heads for its 4, an EXAONE 4 decoder with 1D RoPE, two sliding
     layers (window 8) to each full one; images and videos). `version="hcx"`: a `HyperCLOVAXVisionV2ForConditionalGeneration`
     (HyperCLOVA X SEED Think: EXAONE 4.5's kind of encoder with as many key and value heads as query heads, a linear

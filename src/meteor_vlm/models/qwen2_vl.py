@@ -610,8 +610,28 @@ class Qwen2VLImageTextProcessor(StockProcessor):
         return cls._fill(text, token, (token * n for n in counts))
 
 
+def _frames_as_items(tokens: VisualTokens, frames: list[int], per_frame: list[int]) -> VisualTokens:
+    """`tokens` with one row per frame (item i's `frames[i]` frames in a row, `per_frame[i]` slots each) as one row per
+    item: its frames' slots one after another, each frame's grid indices offset by the tokens of the frames before it."""
+    rows = torch.repeat_interleave(torch.arange(len(frames)), torch.tensor(frames)).tolist()
+    width = max(t * n for t, n in zip(frames, per_frame))
+    D, dev = tokens.features.shape[-1], tokens.features.device
+    features = tokens.features.new_zeros(len(frames), width, D)
+    grid = torch.zeros(len(frames), width, dtype=torch.long, device=dev)
+    size = torch.ones(len(frames), width, device=dev)
+    valid = torch.zeros(len(frames), width, dtype=torch.bool, device=dev)
+    seen = [0] * len(frames)
+    for r, item in enumerate(rows):
+        n, k = per_frame[item], seen[item]
+        at = slice(k * n, (k + 1) * n)
+        features[item, at], size[item, at] = tokens.features[r, :n], tokens.size[r, :n]
+        grid[item, at], valid[item, at] = tokens.grid_index[r, :n] + k * n, tokens.mask[r, :n]
+        seen[item] += 1
+    return VisualTokens(features, torch.zeros_like(grid), grid, size, valid=None if bool(valid.all()) else valid)
+
+
 class LlavaOnevision15Runner(Qwen2VLRunner):
-    """LLaVA-OneVision-1.5's RICE ViT on still images: Qwen2-VL's window tokens (each 2x2 merge window's patches side
+    """LLaVA-OneVision-1.5's RICE ViT on still images (and a video's frames, each as one): Qwen2-VL's window tokens (each 2x2 merge window's patches side
     by side, in the processor's order) with a CLS in front, as the encoder prepends one to each image: tokens are
     (B, 1 + N, m*m*D), the CLS row first (its D values, then zeros), its own rotary angles (`class_pos_emb`). The
     blocks run on CLS and the kept windows' patches; the pre-norm comes before block 0; `finalize` drops CLS and runs
@@ -649,8 +669,8 @@ class LlavaOnevision15Runner(Qwen2VLRunner):
         return torch.cat([first.cos(), cos], 1), torch.cat([first.sin(), sin], 1)
 
     def run_attention(self, i, x, bias=None, grid=None):
-        if self.grid_thw[0] != 1:
-            raise ValueError("LLaVA-OneVision-1.5's videos are not supported (a CLS per frame)")
+        if self.grid_thw[0] != 1:  # its adapter encodes a video's frames as images
+            raise ValueError("LlavaOnevision15Runner walks one frame at a time (a CLS per frame)")
         block, h = self.blocks[i], self._patches(x)
         q, k, v = self._qkv(i, h, grid)
         mask = None
@@ -675,30 +695,43 @@ class Qwen2VLImagesAdapter(Qwen2VLAdapter):
     _KINDS = (("pixel_values", "image_grid_thw"),)
 
 
-class LlavaOnevision15Adapter(Qwen2VLImagesAdapter):
-    """`LlavaOnevision15ForConditionalGeneration` (LLaVA-OneVision-1.5) on images: Qwen2-VL's adapter with
-    `LlavaOnevision15Runner` (a CLS per image, which stage-1 methods that read CLS attention use) and a Qwen3 decoder
-    with 1D RoPE (kept tokens at their unpruned positions). Its videos (a CLS per frame) are refused."""
-
-    VIDEO_INPUTS_REFUSED = ("pixel_values_videos", "video_grid_thw")
-
-    RUNNER = LlavaOnevision15Runner
-
-    def rope_positions(self, input_ids, attention_mask, images: dict | None):
-        return None  # its decoder rotates by 1D positions: the running count of real tokens
-
-
-class Exaone45Adapter(Qwen2VLAdapter):
-    """`Exaone4_5_ForConditionalGeneration` (EXAONE 4.5) on images and videos: Qwen2.5-VL's windowed encoder with
-    grouped key and value heads (`Qwen2VLRunner`, which repeats them per group as its attention does), an EXAONE 4
-    decoder with 1D RoPE (a video's tokens, like an image's, at their running positions) and sliding-window layers. Its
-    forward takes no mm_token_type_ids and no second_per_grid_ts (1D RoPE spaces nothing by time)."""
+class Qwen2VL1DAdapter(Qwen2VLAdapter):
+    """Qwen2-VL's adapter on a model whose decoder rotates by 1D positions (kept tokens, a video's too, at their
+    unpruned running positions) and whose forward takes images and videos without mm_token_type_ids or
+    second_per_grid_ts (EXAONE 4.5's processor's inputs)."""
 
     IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
     PER_IMAGE_INPUTS = IMAGE_INPUTS
 
     def rope_positions(self, input_ids, attention_mask, images: dict | None):
         return None  # its decoder rotates by 1D positions: the running count of real tokens
+
+
+class LlavaOnevision15Adapter(Qwen2VL1DAdapter):
+    """`LlavaOnevision15ForConditionalGeneration` (LLaVA-OneVision-1.5) on images and videos: Qwen2-VL's adapter with
+    `LlavaOnevision15Runner` (a CLS per image, which stage-1 methods that read CLS attention use) and a Qwen3 decoder
+    with 1D RoPE. Its encoder gives each frame (temporal patch) of a video a CLS of its own and attends within the
+    frame, so a video is encoded as its frames, each an image of the video's grid (stage 1 keeps its share of each),
+    their kept tokens then put back together in frame order as the video's."""
+
+    RUNNER = LlavaOnevision15Runner
+
+    def encode_expert(self, index: int, images: dict, method) -> VisualTokens:
+        grids = self._grids(images)[0]
+        frames = grids[:, 0].tolist()
+        if all(t == 1 for t in frames):
+            return super().encode_expert(index, images, method)
+        pixels = torch.cat([images[k] for k, _ in self._KINDS if images.get(k) is not None])
+        one = grids.clone()
+        one[:, 0] = 1
+        as_images = {"pixel_values": pixels, "image_grid_thw": one.repeat_interleave(grids[:, 0], 0)}
+        tokens = super().encode_expert(index, as_images, method)  # one row per frame, items in order
+        return _frames_as_items(tokens, frames, self._counts(one))
+
+class Exaone45Adapter(Qwen2VL1DAdapter):
+    """`Exaone4_5_ForConditionalGeneration` (EXAONE 4.5) on images and videos: Qwen2.5-VL's windowed encoder with
+    grouped key and value heads (`Qwen2VLRunner`, which repeats them per group as its attention does), an EXAONE 4
+    decoder with 1D RoPE and sliding-window layers."""
 
 
 class HyperClovaXVisionV2Adapter(Exaone45Adapter):
