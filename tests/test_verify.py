@@ -48,6 +48,16 @@ def test_a_processor_that_pads_on_the_right_is_compared_at_each_prompts_last_tok
     assert len(rows) == 3 and all(r["passed"] for r in rows)
 
 
+def test_videos_are_checked_where_the_processor_takes_them():
+    """`video_frames`: each question asked of a video of its image (a Qwen2.5-VL: temporal patches, its multimodal
+    positions); every check passes, and the first says it ran on videos."""
+    model, processor = mv.testing.tiny_qwen2_vl(seed=2, version="2.5")
+    rows = mv.verify(model, processor, methods=["tome:keep0.5"], new_tokens=2, video_frames=4, image_size=64)
+    assert len(rows) == 3 and all(r["passed"] for r in rows) and "a video of 4 frames each" in rows[0]["detail"]
+    inputs = mv.oracles._inputs(model, processor, mv.synth.make_split(seed=1, per_family=1, image_size=64)[:2], 4)
+    assert "pixel_values_videos" in inputs and "pixel_values" not in inputs
+
+
 def test_a_runtime_without_the_decoders_embedding_scale_fails_the_first_check(granite_vision, monkeypatch):
     monkeypatch.setattr(runtime.DecoderParts, "scaled", lambda self, embeds: embeds)
     rows = verify(*granite_vision, methods=["fastv:k2-r0.5"])
@@ -90,6 +100,10 @@ def test_bad_settings_get_clear_errors(granite_vision):
         verify(*granite_vision, new_tokens=0)
     with pytest.raises(ValueError, match="unknown method"):
         verify(*granite_vision, methods=["fastv:nope"])
+    with pytest.raises(ValueError, match="video_frames must be >= 0"):
+        verify(*granite_vision, video_frames=-1)
+    with pytest.raises(ValueError, match="videos run on"):  # a LLaVA-NeXT's processor takes none here
+        verify(*granite_vision, video_frames=2)
 
 
 def test_meteor_verify_runs_a_checkpoint_folder_and_says_so_in_its_exit_status(tmp_path, capsys, granite_vision,

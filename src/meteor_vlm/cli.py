@@ -645,7 +645,7 @@ def cmd_verify(args) -> int:
     model = model.to(device, dtype)
     methods = [n.strip() for n in args.methods.split(",") if n.strip()]
     rows = verify(model, processor, methods, samples=args.samples, new_tokens=args.new_tokens, seed=args.seed,
-                  tolerance=args.tolerance)
+                  tolerance=args.tolerance, video_frames=args.video)
     print(format_checks(rows))
     return 1 if any(r["passed"] is False for r in rows) else 0
 
@@ -900,6 +900,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", type=int, default=3, help="prompts in the batch (synthetic samples, at least 2)")
     v.add_argument("--new-tokens", type=int, default=4, help="greedy steps compared with and without the KV cache")
     v.add_argument("--seed", type=int, default=_EVAL_SEED, help="seed of the synthetic samples")
+    v.add_argument("--video", type=int, default=0, metavar="FRAMES",
+                   help="ask each question of a video of that many frames of its image instead (as meteor speed "
+                        "--video: Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / LLaVA-OneVision / LLaVA-NeXT-Video / "
+                        "InternVL / Gemma 4 and the other models read through their processors)")
     v.add_argument("--tolerance", type=float,
                    help="largest logit difference allowed, relative to the largest logit (default: 1e-3 in float32, "
                         "5e-2 in bfloat16 / float16)")

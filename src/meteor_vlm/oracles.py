@@ -30,15 +30,16 @@ DEFAULT_METHODS = ("fastv:k2-r0.5", "meteor:e0.5-l50")  # one that prunes in the
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 
-def _inputs(model, processor, samples) -> dict:
-    """The batch's inputs through the processor and its chat template (`meteor speed`'s prompts); a processor that
-    takes a batch's images as one list per prompt (Gemma 3's) gets them so."""
+def _inputs(model, processor, samples, video_frames: int = 0) -> dict:
+    """The batch's inputs through the processor and its chat template (`meteor speed`'s prompts: with `video_frames`,
+    each question asked of a video of that many frames of its image); a processor that takes a batch's images as one
+    list per prompt (Gemma 3's) gets them so."""
     from .bench.speed import _prompts, stock_prompt
 
     try:
-        return inputs_to_model(model, _prompts(processor, samples))
+        return inputs_to_model(model, _prompts(processor, samples, video_frames))
     except ValueError:
-        if len(samples) == 1 or not hasattr(processor, "apply_chat_template"):
+        if len(samples) == 1 or video_frames or not hasattr(processor, "apply_chat_template"):
             raise
     return inputs_to_model(model, dict(processor(images=[[s.image] for s in samples],
                                                  text=[stock_prompt(processor, s.question) for s in samples],
@@ -67,7 +68,8 @@ def _number(x: float | None) -> str:
 
 @torch.no_grad()
 def verify(model, processor, methods: Sequence[str] = DEFAULT_METHODS, samples: int = 3, new_tokens: int = 4,
-           seed: int = synth.EVAL_SEED, image_size: int | None = None, tolerance: float | None = None) -> list[dict]:
+           seed: int = synth.EVAL_SEED, image_size: int | None = None, tolerance: float | None = None,
+           video_frames: int = 0) -> list[dict]:
     """Run the oracles on `model` (the project's model or a stock transformers VLM the adapters take) and its
     `processor`; returns one row per check: check, method, max_diff (the largest logit difference), bound (the
     tolerance times the largest logit, at least 1), passed, detail.
@@ -78,7 +80,8 @@ def verify(model, processor, methods: Sequence[str] = DEFAULT_METHODS, samples: 
     batch (at least 2, from different families, so their lengths differ and the batch is padded); new_tokens: the
     greedy steps compared; image_size: the synthetic images' side (default: what `meteor speed` draws for the
     processor, 336 px for one it cannot read that from); tolerance: the relative bound (default by the model's dtype:
-    float32 1e-3, half precision 5e-2).
+    float32 1e-3, half precision 5e-2); video_frames: ask each question of a video of that many frames of its image
+    instead (as `meteor speed --video`: the models whose processors here take videos).
     """
     from .bench.speed import _image_side
     from .methods import NoPruning
@@ -87,6 +90,8 @@ def verify(model, processor, methods: Sequence[str] = DEFAULT_METHODS, samples: 
         raise ValueError(f"samples must be >= 2 (a batch to compare with its prompts alone), got {samples}")
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    if video_frames < 0:
+        raise ValueError(f"video_frames must be >= 0, got {video_frames}")
     names = resolve_methods(list(methods))
     tol = TOLERANCE.get(model.dtype, 5e-2) if tolerance is None else tolerance
     if image_size is None:
@@ -96,7 +101,7 @@ def verify(model, processor, methods: Sequence[str] = DEFAULT_METHODS, samples: 
             image_size = 336
     per = -(-samples // len(synth.FAMILIES))
     drawn = synth.make_split(seed=seed, per_family=per, image_size=image_size)[:samples]
-    batch = _inputs(model, processor, drawn)
+    batch = _inputs(model, processor, drawn, video_frames)
     mask = batch["attention_mask"]
     rows = []
 
@@ -106,9 +111,10 @@ def verify(model, processor, methods: Sequence[str] = DEFAULT_METHODS, samples: 
     ref = _real_logits(stock, mask)
     rows.append(_row("pruning nothing = the unmodified model", "unpruned",
                      (_real_logits(same, mask) - ref).abs().max().item(), ref.abs().max().item(), tol,
-                     f"{int(mask.sum())} tokens in a batch of {samples}, padded to {mask.shape[1]}"))
+                     f"{int(mask.sum())} tokens in a batch of {samples}, padded to {mask.shape[1]}"
+                     + (f"; a video of {video_frames} frames each" if video_frames else "")))
 
-    alone_inputs = [_inputs(model, processor, [s]) for s in drawn]
+    alone_inputs = [_inputs(model, processor, [s], video_frames) for s in drawn]
     steps = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
                  output_logits=True)
     for name in names:
