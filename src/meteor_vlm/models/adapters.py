@@ -418,8 +418,10 @@ class StockAdapter:
         model.prepare_inputs_for_generation = prepare_inputs_for_generation
         model._expand_inputs_for_generation = expand_inputs_for_generation
         try:
+            text = getattr(model.config, "text_config", None)
             for config, _ in attention:  # the text config after its parent: its own setting stands
-                config._attn_implementation = runtime.attention_implementation(config)
+                config._attn_implementation = runtime.attention_implementation(
+                    config, sinks=self.decoder.sinks and config is text)
             yield
         finally:
             for config, implementation in attention:

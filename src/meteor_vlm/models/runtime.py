@@ -38,16 +38,12 @@ from .. import ops
 __all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "LLMMerge", "prefill", "decode", "compact", "at_columns",
            "generation_inputs", "decode_new_tokens", "images_for_expanded_rows"]
 
-# decoders whose attention has learned sinks (GPT-OSS's), which SDPA has no way to take: they run eager attention
-SINK_TYPES = ("gpt_oss",)
-
-
-def attention_implementation(config) -> str:
+def attention_implementation(config, sinks: bool = False) -> str:
     """The attention a pruned model's modules run under `config` (a VLM's config or one of its sub-configs): eager where
-    the attention soft-caps its logits (Gemma 2) or has learned sinks (GPT-OSS), neither of which SDPA can do; SDPA
-    everywhere else (the runtime hands the layers boolean masks)."""
-    eager = getattr(config, "attn_logit_softcapping", None) or getattr(config, "model_type", None) in SINK_TYPES
-    return "eager" if eager else "sdpa"
+    the attention soft-caps its logits (Gemma 2) or, `sinks`, has learned sinks (GPT-OSS's: the config of a decoder
+    whose `DecoderParts.sinks` is set), neither of which SDPA can do; SDPA everywhere else (the runtime hands the
+    layers boolean masks)."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) or sinks else "sdpa"
 
 
 # a backbone's norm after its last layer: most name it `norm`; LFM2 `embedding_norm` (applied last despite its name),
