@@ -901,9 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--new-tokens", type=int, default=4, help="greedy steps compared with and without the KV cache")
     v.add_argument("--seed", type=int, default=_EVAL_SEED, help="seed of the synthetic samples")
     v.add_argument("--video", type=int, default=0, metavar="FRAMES",
-                   help="ask each question of a video of that many frames of its image instead (as meteor speed "
-                        "--video: Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4.1V / LLaVA-OneVision / LLaVA-NeXT-Video / "
-                        "InternVL / Gemma 4 and the other models read through their processors)")
+                   help="ask each question of a video of that many frames of its image instead, on a model whose "
+                        "processor here takes videos (as meteor speed --video: the Qwen-VL family and the models read "
+                        "with its processor, GLM-4.1V, LLaVA-OneVision, LLaVA-NeXT-Video, InternVL, Gemma 4)")
     v.add_argument("--tolerance", type=float,
                    help="largest logit difference allowed, relative to the largest logit (default: 1e-3 in float32, "
                         "5e-2 in bfloat16 / float16)")
