@@ -135,3 +135,26 @@ def test_meteor_verify_loads_a_folder_whose_decoder_has_no_sdpa(tmp_path, capsys
     assert main(["verify", "--model", str(tmp_path / "ckpt"), "--samples", "2", "--new-tokens", "2", "--methods",
                  "fastv:k1-r0.5"]) == 0
     assert "3 passed, 0 failed, 0 refused" in capsys.readouterr().out
+
+
+def test_a_stock_vlm_whose_decoder_no_test_covers_is_pointed_to_verify():
+    """A LLaVA with an OLMo 2 decoder (post-norm, q/k norms over all heads: the runtime scores it, but no oracle suite
+    runs on it): attaching a method warns that its decoder is untested and names `meteor verify`, which passes here."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    from meteor_vlm.models.runtime import TESTED_DECODERS, UntestedDecoderWarning
+
+    base, processor = mv.testing.tiny_llava(seed=1)
+    t = base.config.text_config
+    text = AutoConfig.for_model("olmo2", vocab_size=t.vocab_size, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                                pad_token_id=t.pad_token_id, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id)
+    config = type(base.config)(vision_config=base.config.vision_config, text_config=text,
+                               image_token_id=base.config.image_token_id, vision_feature_layer=-2,
+                               vision_feature_select_strategy="default")
+    config._attn_implementation = "sdpa"
+    model = LlavaForConditionalGeneration(config).eval()
+    assert "olmo2" not in TESTED_DECODERS and "llama" in TESTED_DECODERS
+    with pytest.warns(UntestedDecoderWarning, match="'olmo2' decoder is not among those .*meteor verify"):
+        rows = mv.verify(model, processor, methods=["fastv:k1-r0.5"], samples=2, new_tokens=1)
+    assert len(rows) == 3 and all(r["passed"] for r in rows)

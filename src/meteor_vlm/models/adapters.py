@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -305,6 +306,12 @@ class StockAdapter:
         self.image_token_id = cfg.image_token_id
         lm = model.model.language_model if language_model is None else language_model
         self.decoder = runtime.DecoderParts.of_backbone(lm, model.lm_head if lm_head is None else lm_head)
+        decoder_type = getattr(cfg.text_config, "model_type", None)
+        if decoder_type not in runtime.TESTED_DECODERS:
+            warnings.warn(f"{type(model).__name__}'s {decoder_type!r} decoder is not among those the project's tests run "
+                          "their oracles on: check the runtime on this model with `meteor verify --model PATH` (or "
+                          "`mv.verify(model, processor)`) before trusting its numbers", runtime.UntestedDecoderWarning,
+                          stacklevel=3)
 
     @property
     def device(self) -> torch.device:

@@ -38,6 +38,20 @@ from .. import ops
 __all__ = ["DecoderParts", "CacheState", "LLMLayerContext", "LLMMerge", "prefill", "decode", "compact", "at_columns",
            "generation_inputs", "decode_new_tokens", "images_for_expanded_rows"]
 
+# the decoders (text configs' model_type) whose stock VLMs the tests run every oracle on, beside a tiny vision tower;
+# a stock VLM with another decoder gets an `UntestedDecoderWarning` that points to `meteor verify`
+TESTED_DECODERS = frozenset({
+    "llama", "mistral", "ministral3", "qwen2", "qwen3", "qwen3_moe", "gpt_oss", "granite", "hyperclovax", "phi3",
+    "exaone4", "cohere2", "lfm2", "gemma", "gemma2", "gemma3_text", "gemma4_text", "llama4_text", "qwen2_vl_text",
+    "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text", "qwen3_5_text", "qwen3_5_moe_text", "glm4v_text",
+    "glm4v_moe_text", "glm_ocr_text", "paddleocr_vl_text", "hunyuan_vl_text", "ernie4_5_vl_moe_text"})
+
+
+class UntestedDecoderWarning(UserWarning):
+    """A stock VLM whose decoder is not in `TESTED_DECODERS`: the runtime may still run it right (most Llama-style
+    decoders do), but no test has shown it; `meteor verify` asks the model itself."""
+
+
 def attention_implementation(config, sinks: bool = False) -> str:
     """The attention a pruned model's modules run under `config` (a VLM's config or one of its sub-configs): eager where
     the attention soft-caps its logits (Gemma 2) or, `sinks`, has learned sinks (GPT-OSS's: the config of a decoder
