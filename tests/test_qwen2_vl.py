@@ -30,6 +30,8 @@ def tiny(version: str, **kwargs):
     encoder in shape (2x2 merge windows, its own positions and ends) and the same kind of prompts and inputs."""
     if version == "paddleocr":
         return mv.testing.tiny_paddleocr_vl(**kwargs)
+    if version == "omni":
+        return mv.testing.tiny_qwen2_5_omni_thinker(**kwargs)
     if version.startswith("glm"):
         return mv.testing.tiny_glm4v(moe=version.endswith("-moe"), v46=version.startswith("glm46v"),
                                      ocr=version == "glm-ocr", **kwargs)
@@ -37,9 +39,9 @@ def tiny(version: str, **kwargs):
 
 
 @pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5", "3.5-moe", "glm4v", "glm4v-moe", "glm46v",
-                                        "glm46v-moe", "glm-ocr", "paddleocr"],
+                                        "glm46v-moe", "glm-ocr", "paddleocr", "omni"],
                 ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe", "glm4.1v", "glm4.5v",
-                     "glm4.6v-flash", "glm4.6v", "glm-ocr", "paddleocr-vl"])
+                     "glm4.6v-flash", "glm4.6v", "glm-ocr", "paddleocr-vl", "qwen2.5-omni"])
 def qwen(request):
     return tiny(request.param, seed=2)
 
@@ -83,9 +85,18 @@ def stock_reference(model, inputs, drop, layer):
         embeds = embeds.masked_scatter(is_img.expand_as(embeds), torch.cat(out.pooler_output))
         residuals = [torch.zeros_like(embeds).masked_scatter(is_img.expand_as(embeds), torch.cat(list(level)))
                      for level in getattr(out, "deepstack_features", None) or []]
-        positions, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"],
-                                                  attention_mask=inputs["attention_mask"])
+        positions = stock_positions(model, inputs)
     return decoder_reference(model, embeds, inputs["attention_mask"].bool(), drop, layer, positions, residuals)
+
+
+def stock_positions(model, inputs) -> torch.Tensor:
+    """(3, B, T) the stock model's multimodal RoPE positions of a prompt with images, from its own `get_rope_index`
+    (Qwen2.5-Omni's thinker: its own signature, each image found by the vision-start token before it)."""
+    if "mm_token_type_ids" in inputs:
+        return model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+                                          attention_mask=inputs["attention_mask"])[0]
+    return model.model.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], None,
+                                      attention_mask=inputs["attention_mask"])[0]
 
 
 def decoder_reference(model, embeds, valid, drop, layer, positions, residuals=None):
@@ -282,9 +293,7 @@ def paddle_blocks_without(model, pixels, grid_thw):
     return alive, model.model.projector(full, grid)[alive], []
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3", "3.5", "glm4v", "glm-ocr", "paddleocr"])
-
-
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "3.5", "glm4v", "glm-ocr", "paddleocr", "omni"])
 def test_windows_dropped_inside_the_encoder_equal_the_stock_blocks_run_without_them(version, pictures):
     """After each block of a 3-block encoder (Qwen2.5-VL: the first two windowed) a test method drops whole merge
     windows: the tokens that leave it equal the stock blocks and merger run on the packed sequence with those
@@ -331,9 +340,12 @@ def assert_windows_dropped_are_masked(model, inputs, embeds, drop, vis, residual
     """Under `DropWindows(4)` the logits on the text equal the stock language model run on `embeds` with the
     `drop` columns masked from layer 0 on, at the stock multimodal positions of the prompts (`residuals` added
     after its first layers)."""
-    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                              inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-                                              attention_mask=inputs["attention_mask"])
+    if "mm_token_type_ids" in inputs:
+        positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                  inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+                                                  attention_mask=inputs["attention_mask"])
+    else:  # Qwen2.5-Omni's thinker, on images
+        positions = stock_positions(model, inputs)
     want = decoder_reference(model, embeds, inputs["attention_mask"].bool(), drop, 0, positions, residuals)
     got = logits(model, inputs, DropWindows(4))
     text = inputs["attention_mask"].bool() & ~vis
@@ -398,8 +410,7 @@ def test_given_multimodal_position_ids_are_read_as_transformers_passes_them(qwen
     """position_ids given as (3, B, T) (what the stock model computes) give the same logits as none given."""
     model, processor = qwen
     inputs = qwen_inputs(processor, pictures)
-    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
-                                              attention_mask=inputs["attention_mask"])
+    positions = stock_positions(model, inputs)
     method = mv.FastV(layer=2, ratio=0.5)
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(logits(model, inputs, method, position_ids=positions)[real], logits(model, inputs, method)[real],
@@ -794,3 +805,22 @@ def test_glm4v_stage1_keeps_its_share_of_each_temporal_patch_and_refuses_images_
         logits(model, both, mv.FastV())
     with pytest.raises(ValueError, match="needs video_grid_thw"):
         logits(model, {k: v for k, v in inputs.items() if k != "video_grid_thw"}, mv.FastV())
+
+
+def test_the_qwen2_5_omni_thinker_takes_its_generates_audio_flag_and_refuses_audio_and_videos(pictures):
+    """Qwen2.5-Omni's `generate` hands its thinker `use_audio_in_video`: while False, greedy generate pruning nothing
+    equals the stock thinker's; True, audio and videos are refused while a method is attached."""
+    model, processor = tiny("omni", seed=2)
+    inputs = qwen_inputs(processor, pictures, which=(0, 1))
+    steps = dict(max_new_tokens=3, do_sample=False, use_audio_in_video=False)
+    with torch.no_grad():
+        stock = model.generate(**inputs, **steps)
+        with mv.NoPruning()(model):
+            assert torch.equal(model.generate(**inputs, **steps), stock)
+    with pytest.raises(ValueError, match="unexpected inputs .*use_audio_in_video"):
+        logits(model, {**inputs, "use_audio_in_video": True}, mv.FastV())
+    for refused in ({"input_features": torch.zeros(1, 16, 20)},
+                    {"pixel_values_videos": inputs["pixel_values"], "video_grid_thw": inputs["image_grid_thw"]}):
+        with pytest.raises(ValueError, match=f"videos are not supported .*{next(iter(refused))}"):
+            logits(model, {**inputs, **refused}, mv.FastV())
+    assert "forward" not in vars(model)

@@ -14,7 +14,7 @@ __all__ = ["tiny_model", "tiny_config", "tiny_llava", "tiny_qwen2_vl", "tiny_glm
            "tiny_gemma3", "tiny_gemma4", "tiny_llama4", "TinyLlama4Processor", "tiny_hunyuan_vl",
            "tiny_ernie45_vl", "tiny_ovis2_5", "tiny_aya_vision", "tiny_deepseek_vl", "tiny_janus", "tiny_cohere2_vision",
            "tiny_mistral3", "tiny_paligemma", "tiny_lfm2_vl", "tiny_paddleocr_vl", "tiny_video_llama3", "tiny_ovis2",
-           "TinyLfm2VlProcessor", "random_images", "TINY_WORDS",
+           "TinyLfm2VlProcessor", "tiny_qwen2_5_omni_thinker", "random_images", "TINY_WORDS",
            "TINY_EXPERTS"]
 
 TINY_WORDS = (
@@ -358,6 +358,45 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
                                       image_std=[0.5] * 3)
     return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", timestamps=version.startswith("3"),
                                             token_types=version not in ("exaone4.5", "hcx", "ov1.5"))
+
+
+def tiny_qwen2_5_omni_thinker(seed: int = 0, num_layers: int = 6, vision_depth: int = 2):
+    """A tiny random stock transformers `Qwen2_5OmniThinkerForConditionalGeneration` (Qwen2.5-Omni's thinker: CPU,
+    fp32, eval mode, SDPA) and a `models.qwen2_vl.Qwen2VLImageTextProcessor` for its images ("<image>" one image, no
+    token types): Qwen2.5-VL's windowed encoder (attention windows of 2x2 visual tokens in its blocks but the last;
+    separate q/k/v projections) on 8 px patches, 2x2 merged, a `num_layers`-deep decoder with multimodal RoPE (its
+    own `get_rope_index`, which finds an image by the vision-start token before it) and a one-layer audio tower."""
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .models.qwen2_vl import Qwen2VLImageTextProcessor, add_vision_tokens
+
+    tokenizer = build_word_tokenizer(TINY_WORDS)
+    ids = add_vision_tokens(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|AUDIO|>"]})
+    vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=32,
+                  fullatt_block_indexes=[vision_depth - 1])
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+    audio = dict(d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, output_dim=64,
+                 num_mel_bins=16, max_source_positions=100, n_window=10)
+    config = Qwen2_5OmniThinkerConfig(vision_config=vision, text_config=text, audio_config=audio,
+                                      image_token_index=ids["image_token_id"], video_token_index=ids["video_token_id"],
+                                      vision_start_token_id=ids["vision_start_token_id"],
+                                      vision_end_token_id=ids["vision_end_token_id"],
+                                      audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
+    _peaked([*model.model.language_model.parameters(), *model.model.visual.merger.parameters()], seed)
+    model.generation_config.suppress_tokens = [ids[k] for k in ("image_token_id", "video_token_id",
+                                                                "vision_start_token_id", "vision_end_token_id")]
+    images = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=48 * 48, patch_size=8, merge_size=2,
+                                      temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return model, Qwen2VLImageTextProcessor(images, tokenizer, alias="<image>", token_types=False)
 
 
 def tiny_paddleocr_vl(seed: int = 0, num_layers: int = 6, vision_depth: int = 2):

@@ -292,6 +292,7 @@ class StockAdapter:
     WHOLE_IMAGE_TILE: int = 0  # which of an image's tiles shows all of it (LLaVA-NeXT's base tile; InternVL, Idefics3: -1)
     video_token_id: int | None = None  # the prompt's video token, on models whose adapter takes videos
     VIDEO_INPUTS_REFUSED: tuple[str, ...] = ()  # a model's video inputs its adapter does not take (refused by name)
+    FLAGS: tuple[str, ...] = ()  # other keywords the stock forward takes, accepted while False or None (generate checks)
     ROPE_AXES: int = 3  # multimodal RoPE's axes, the last of a caller's position_ids (HunYuanVL: 4, the first text's)
 
     def _locate(self, model, runners: list, language_model=None, lm_head=None) -> None:
@@ -408,7 +409,8 @@ class StockAdapter:
         # generate() checks its keyword arguments against the forward's signature: name the image inputs in it
         signature = inspect.signature(forward)
         params = list(signature.parameters.values())
-        images = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in self.IMAGE_INPUTS]
+        images = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None)
+                  for k in self.IMAGE_INPUTS + self.FLAGS]
         forward.__signature__ = signature.replace(parameters=params[:-1] + images + params[-1:])
         def expand_inputs_for_generation(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
             per_image = {k: model_kwargs.pop(k) for k in adapter.PER_IMAGE_INPUTS if model_kwargs.get(k) is not None}
@@ -499,9 +501,10 @@ class StockAdapter:
         from .vlm import prefill_stats
 
         images = {k: kwargs.pop(k, None) for k in self.IMAGE_INPUTS}
-        if any(kwargs.get(k) is not None for k in self.VIDEO_INPUTS_REFUSED):
+        refused = [k for k in self.VIDEO_INPUTS_REFUSED if kwargs.get(k) is not None]
+        if refused:
             raise ValueError(f"{type(self.model).__name__}'s videos are not supported while a pruning method is "
-                             "attached (its images are)")
+                             f"attached (its images are; given {refused}: audio, where the model takes it, neither)")
         runtime.refuse_layer_outputs(kwargs, f"a {type(self.model).__name__} while a pruning method is attached")
         unknown = [k for k, v in kwargs.items() if k not in _HARMLESS and v is not None and v is not False]
         if unknown:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import (Exaone4_5_ForConditionalGeneration, HyperCLOVAXVisionV2ForConditionalGeneration,
-                          LlavaOnevision15ForConditionalGeneration,
+                          LlavaOnevision15ForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration,
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
                           Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration,
                           Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
@@ -73,6 +73,8 @@ def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
         return Exaone45Adapter(model)
     if type(model) is HyperCLOVAXVisionV2ForConditionalGeneration:
         return HyperClovaXVisionV2Adapter(model)
+    if type(model) is Qwen2_5OmniThinkerForConditionalGeneration:
+        return Qwen25OmniThinkerAdapter(model)
     if type(model) in (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration,
                        Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration):
         return Qwen3VLAdapter(model)
@@ -154,13 +156,22 @@ class Qwen2VLRunner(ExpertRunner):
         keys through the attention's per-head norms first, where it has them: GLM-OCR's)."""
         attn = self.blocks[i].attn
         B, L, _ = h.shape
-        qkv = attn.qkv(self.blocks[i].norm1(h))
+        normed = self.blocks[i].norm1(h)
+        if not hasattr(attn, "qkv"):  # Qwen2.5-Omni's: separate projections
+            q, k, v = (p(normed).view(B, L, attn.num_heads, -1) for p in (attn.q, attn.k, attn.v))
+            return self._rotated_heads(q, k, v, attn, grid)
+        qkv = attn.qkv(normed)
         if hasattr(attn, "kv_dim"):  # EXAONE 4.5's grouped heads: fewer key and value heads, each for a group
             q, k, v = qkv.split([attn.q_dim, attn.kv_dim, attn.kv_dim], -1)
             q, k, v = (t.view(B, L, -1, attn.head_dim) for t in (q, k, v))
             k, v = (t.repeat_interleave(attn.num_key_value_groups, 2) for t in (k, v))
         else:
             q, k, v = qkv.view(B, L, 3, attn.num_heads, -1).unbind(2)
+        return self._rotated_heads(q, k, v, attn, grid)
+
+    def _rotated_heads(self, q, k, v, attn, grid):
+        """(B, L, H, d) queries, keys and values -> (B, H, L, d) each, queries and keys through the attention's
+        per-head norms where it has them (GLM-OCR's), then rotated."""
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = self._rotary(grid)
@@ -751,3 +762,21 @@ class HyperClovaXVisionV2Adapter(Exaone45Adapter):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.projector(features)
+
+
+class Qwen25OmniThinkerAdapter(Qwen2VLImagesAdapter):
+    """`Qwen2_5OmniThinkerForConditionalGeneration` (the thinker of Qwen2.5-Omni 3B and 7B, `model.thinker` of a
+    `Qwen2_5OmniForConditionalGeneration`, whose `generate` runs it) on images: Qwen2.5-VL's windowed encoder (its
+    attention's projections apart) and a Qwen2.5-VL-like decoder with multimodal RoPE, the positions from its own
+    `get_rope_index`. Its videos and audio are refused (`use_audio_in_video` is taken while False)."""
+
+    IMAGE_INPUTS = ("pixel_values", "image_grid_thw")
+    VIDEO_INPUTS_REFUSED = ("pixel_values_videos", "video_grid_thw", "input_features", "feature_attention_mask")
+    FLAGS = ("use_audio_in_video",)  # Qwen2.5-Omni's generate hands it to its thinker's
+
+    def rope_positions(self, input_ids, attention_mask, images: dict | None):
+        if images is None:
+            return None
+        positions, _ = self.model.model.get_rope_index(input_ids, images.get("image_grid_thw"), None,
+                                                       attention_mask=attention_mask)
+        return positions.permute(1, 2, 0)

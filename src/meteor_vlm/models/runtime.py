@@ -44,7 +44,7 @@ TESTED_DECODERS = frozenset({
     "llama", "mistral", "ministral3", "qwen2", "qwen3", "qwen3_moe", "gpt_oss", "granite", "hyperclovax", "phi3",
     "exaone4", "cohere2", "lfm2", "gemma", "gemma2", "gemma3_text", "gemma4_text", "llama4_text", "qwen2_vl_text",
     "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text", "qwen3_5_text", "qwen3_5_moe_text", "glm4v_text",
-    "glm4v_moe_text", "glm_ocr_text", "paddleocr_vl_text", "hunyuan_vl_text", "ernie4_5_vl_moe_text"})
+    "glm4v_moe_text", "glm_ocr_text", "paddleocr_vl_text", "hunyuan_vl_text", "ernie4_5_vl_moe_text", "qwen2_5_omni_text"})
 
 
 class UntestedDecoderWarning(UserWarning):
