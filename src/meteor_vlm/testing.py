@@ -239,6 +239,19 @@ def tiny_llava(seed: int = 0, tower: str = "clip", num_layers: int = 6, anyres: 
     return model, processor
 
 
+def _qwen25_parts(tokenizer, num_layers: int, vision_depth: int) -> tuple[dict, dict]:
+    """The tiny Qwen2.5-VL-style (vision, text) configs: the encoder on 8 px patches, 2x2 merged, attention windows
+    of 2x2 visual tokens in its blocks but the last; a decoder with 8 heads (GQA, 4 kv heads) and multimodal RoPE."""
+    vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=32,
+                  fullatt_block_indexes=[vision_depth - 1])
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+    return vision, text
+
+
 def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision_depth: int = 2):
     """A tiny random stock transformers `Qwen2VLForConditionalGeneration` (CPU, fp32, eval mode, SDPA) and a
     `models.qwen2_vl.Qwen2VLImageTextProcessor` where "<image>" stands for one image: a `vision_depth`-block
@@ -281,16 +294,11 @@ def tiny_qwen2_vl(seed: int = 0, num_layers: int = 6, version: str = "2", vision
 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     ids = add_vision_tokens(tokenizer)
+    windowed, text = _qwen25_parts(tokenizer, num_layers, vision_depth)
     vision = dict(depth=vision_depth, embed_dim=32, hidden_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3, mlp_ratio=2)
     if version == "2.5":
-        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
-                      patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=32,
-                      fullatt_block_indexes=[vision_depth - 1])
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+        vision = windowed
     if version in ("3", "3-moe", "3.5", "3.5-moe"):
         vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
                       patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
@@ -374,13 +382,7 @@ def tiny_qwen2_5_omni_thinker(seed: int = 0, num_layers: int = 6, vision_depth: 
     tokenizer = build_word_tokenizer(TINY_WORDS)
     ids = add_vision_tokens(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|AUDIO|>"]})
-    vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
-                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=32,
-                  fullatt_block_indexes=[vision_depth - 1])
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                num_attention_heads=8, num_key_value_heads=4, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+    vision, text = _qwen25_parts(tokenizer, num_layers, vision_depth)
     audio = dict(d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, output_dim=64,
                  num_mel_bins=16, max_source_positions=100, n_window=10)
     config = Qwen2_5OmniThinkerConfig(vision_config=vision, text_config=text, audio_config=audio,
