@@ -90,11 +90,12 @@ def stock_reference(model, inputs, drop, layer):
 
 
 def stock_positions(model, inputs) -> torch.Tensor:
-    """(3, B, T) the stock model's multimodal RoPE positions of a prompt with images, from its own `get_rope_index`
-    (Qwen2.5-Omni's thinker: its own signature, each image found by the vision-start token before it)."""
+    """(3, B, T) the stock model's multimodal RoPE positions of a prompt with images and videos, from its own
+    `get_rope_index` (Qwen2.5-Omni's thinker, on images: its own signature, each image found by the vision-start token
+    before it)."""
     if "mm_token_type_ids" in inputs:
-        return model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
-                                          attention_mask=inputs["attention_mask"])[0]
+        return model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
+                                          inputs.get("video_grid_thw"), attention_mask=inputs["attention_mask"])[0]
     return model.model.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"], None,
                                       attention_mask=inputs["attention_mask"])[0]
 
@@ -340,12 +341,7 @@ def assert_windows_dropped_are_masked(model, inputs, embeds, drop, vis, residual
     """Under `DropWindows(4)` the logits on the text equal the stock language model run on `embeds` with the
     `drop` columns masked from layer 0 on, at the stock multimodal positions of the prompts (`residuals` added
     after its first layers)."""
-    if "mm_token_type_ids" in inputs:
-        positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                                  inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-                                                  attention_mask=inputs["attention_mask"])
-    else:  # Qwen2.5-Omni's thinker, on images
-        positions = stock_positions(model, inputs)
+    positions = stock_positions(model, inputs)
     want = decoder_reference(model, embeds, inputs["attention_mask"].bool(), drop, 0, positions, residuals)
     got = logits(model, inputs, DropWindows(4))
     text = inputs["attention_mask"].bool() & ~vis

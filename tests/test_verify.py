@@ -33,7 +33,8 @@ def test_every_check_passes_on_a_stock_vlm_and_on_the_projects_model(granite_vis
 
 
 def test_a_processor_that_takes_each_prompts_images_as_a_list_gets_them_so():
-    """Gemma 3's processor refuses a batch's images as one flat list: `verify` hands them one list per prompt."""
+    """Gemma 3's processor refuses a batch's images as one flat list: the prompts `verify` writes (`meteor speed`'s)
+    hand them one list per prompt."""
     rows = mv.verify(*mv.testing.tiny_gemma3(seed=2), methods=["fastv:k1-r0.5"], samples=2, new_tokens=1)
     assert len(rows) == 3 and all(r["passed"] for r in rows)
 

@@ -86,11 +86,9 @@ def _load(model_arg: str, llava: bool = False):
             if "scaled_dot_product_attention" not in str(e):
                 raise
             model = cls.from_pretrained(path).eval()
-        # Qwen-VL's AutoProcessor needs torchvision for videos
-        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "exaone4_5",
-                          "llava_onevision1_5", "hyperclovax_vision_v2"):
-            from .models.qwen2_vl import Qwen2VLImageTextProcessor
+        from .models.qwen2_vl import PROCESSOR_TYPES, Qwen2VLImageTextProcessor
 
+        if model_type in PROCESSOR_TYPES:  # Qwen-VL's AutoProcessor needs torchvision for videos
             return model, Qwen2VLImageTextProcessor.from_pretrained(path)
         if model_type == "paddleocr_vl":  # its processor's image processor for 4D patches, without torchvision
             from .models.paddleocr_vl import PaddleOCRVLImageTextProcessor

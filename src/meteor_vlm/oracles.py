@@ -32,18 +32,10 @@ TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, tor
 
 def _inputs(model, processor, samples, video_frames: int = 0) -> dict:
     """The batch's inputs through the processor and its chat template (`meteor speed`'s prompts: with `video_frames`,
-    each question asked of a video of that many frames of its image); a processor that takes a batch's images as one
-    list per prompt (Gemma 3's) gets them so."""
-    from .bench.speed import _prompts, stock_prompt
+    each question asked of a video of that many frames of its image)."""
+    from .bench.speed import _prompts
 
-    try:
-        return inputs_to_model(model, _prompts(processor, samples, video_frames))
-    except ValueError:
-        if len(samples) == 1 or video_frames or not hasattr(processor, "apply_chat_template"):
-            raise
-    return inputs_to_model(model, dict(processor(images=[[s.image] for s in samples],
-                                                 text=[stock_prompt(processor, s.question) for s in samples],
-                                                 return_tensors="pt", padding=True)))
+    return inputs_to_model(model, _prompts(processor, samples, video_frames))
 
 
 def _row(check: str, method: str, diff: float, scale: float, tol: float, detail: str = "", same: bool = True) -> dict:

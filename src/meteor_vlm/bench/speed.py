@@ -300,5 +300,10 @@ def _prompts(processor, samples, video_frames: int = 0) -> dict:
                               **(dict(return_tensors="pt", padding=True) if onevision else {})))
     if isinstance(processor, MultiEncoderProcessor):
         return encode_samples(processor, samples, with_answers=False)
-    return dict(processor(images=[s.image for s in samples], text=[stock_prompt(processor, s.question) for s in samples],
-                          return_tensors="pt", padding=True))
+    text = [stock_prompt(processor, s.question) for s in samples]
+    try:
+        return dict(processor(images=[s.image for s in samples], text=text, return_tensors="pt", padding=True))
+    except ValueError:  # a processor that takes a batch's images as one list per prompt (Gemma 3's)
+        if len(samples) == 1:
+            raise
+    return dict(processor(images=[[s.image] for s in samples], text=text, return_tensors="pt", padding=True))

@@ -61,6 +61,8 @@ def add_vision_tokens(tokenizer) -> dict[str, int]:
 QWEN3_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # prompts that write each video's patches with times
 # models whose transformers processor is EXAONE 4.5's: Qwen2-VL's images, no mm_token_type_ids
 EXAONE_PROCESSOR_TYPES = ("exaone4_5", "llava_onevision1_5", "hyperclovax_vision_v2")
+# the checkpoint model_types `Qwen2VLImageTextProcessor.from_pretrained` reads
+PROCESSOR_TYPES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_TYPES, *EXAONE_PROCESSOR_TYPES)
 
 
 def qwen2_vl_adapter(model) -> Qwen2VLAdapter | None:
